@@ -1,0 +1,417 @@
+//! The engine's configuration: every limit the server enforces, with its unit and default.
+//!
+//! Owns: the [`Config`] tree, its defaults and its validation. The same struct is read from
+//! `wse.toml`, overlaid by `WSE_*` environment variables and command-line flags (in the binary),
+//! and printed by `wse-server --print-config`. The TOML key, the struct field and (where one
+//! exists) the metric share the name.
+//!
+//! Never: reads files or the environment (the binary does), or changes after the shards start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol limit (protocol.md §3): topics longer than this are refused. Bytes.
+pub const TOPIC_LEN_MAX: usize = 1024;
+/// Protocol limit (protocol.md §1): tokens larger than this are refused without parsing. Bytes.
+pub const TOKEN_LEN_MAX: usize = 8 * 1024;
+/// Protocol limit (protocol.md §8): presence data larger than this is refused. Bytes.
+pub const PRESENCE_DATA_MAX: usize = 4 * 1024;
+/// Largest number of shards a server may run; the per-topic shard-interest set is a fixed bitset
+/// of this many bits.
+pub const SHARDS_MAX: usize = 256;
+/// Granularity of every per-connection deadline (ping, idle, handshake, close). The per-shard
+/// timer wheel advances in steps of this size, so deadlines fire up to one tick late.
+pub const TIMER_TICK: Duration = Duration::from_millis(50);
+/// The WSE protocol version this server speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The whole configuration. `Config::default()` is the embedded laptop configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub protocol: ProtocolConfig,
+    pub auth: AuthConfig,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+}
+
+/// Listener, threads and lifecycle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Number of shards (one thread per core). 0 = every online core.
+    pub cores: usize,
+    /// WebSocket listener address; every shard binds it with SO_REUSEPORT.
+    pub listen: SocketAddr,
+    /// Pin shard N to core N (mod the online cores).
+    pub pin_threads: bool,
+    /// Opt-in RFC 6455 conformance route: data messages on this path are echoed back, without
+    /// auth and without the WSE protocol. Off when unset.
+    pub echo_path: Option<String>,
+    /// Most live WebSocket connections across all shards. Past it a new connection is upgraded
+    /// and closed with 1013 (try again later), and counted in `wse_rejected_total{reason="max_connections"}`.
+    pub max_connections: usize,
+    /// How long a graceful shutdown (SIGTERM/SIGINT) waits for connections to take their close
+    /// frame before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Close code sent to every connection on graceful shutdown; clients reconnect on 4xxx.
+    pub shutdown_close_code: u16,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            cores: 0,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5007)),
+            pin_threads: true,
+            echo_path: None,
+            max_connections: 1_000_000,
+            drain_timeout: Duration::from_secs(10),
+            shutdown_close_code: 4300,
+        }
+    }
+}
+
+/// Memory and abuse limits. Each says what happens when it is reached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest inbound message (after reassembly of fragments), bytes. Past it: error
+    /// `MESSAGE_TOO_LARGE` and close 1009.
+    pub max_message_size: usize,
+    /// Largest HTTP upgrade request, bytes. Past it: HTTP 431 and the socket is closed.
+    pub max_handshake_bytes: usize,
+    /// Time a client has to complete the HTTP upgrade. Past it the socket is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections per shard still in the HTTP upgrade (slowloris guard). Past it a new socket
+    /// gets HTTP 503 and is closed.
+    pub max_pending_handshakes: usize,
+    /// Bytes queued for one connection that it has not read yet. Past it the connection is
+    /// evicted with close 4413 (it reconnects and recovers) rather than silently losing messages.
+    pub max_outbound_queue_bytes: usize,
+    /// Topics one connection may be subscribed to. Past it: `SUBSCRIPTION_LIMIT` in `failed_topics`.
+    pub max_subscriptions_per_connection: usize,
+    /// Application events (client messages of unknown type) buffered per shard for the event
+    /// stream. Past it the oldest is dropped and counted in `wse_app_events_dropped_total`.
+    pub app_event_queue_capacity: usize,
+    /// Time a closing connection has to answer our close frame (and to read what we sent)
+    /// before its socket is closed anyway.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    /// Entries in each cross-shard queue (one per ordered pair of shards).
+    pub fabric_queue_capacity: usize,
+    /// Entries a shard holds back for one destination whose queue is full. Past it new entries
+    /// are dropped and counted in `wse_dropped_total{reason="fabric_overflow"}`.
+    pub fabric_overflow_max: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size: 1 << 20,
+            max_handshake_bytes: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 4096,
+            max_outbound_queue_bytes: 4 << 20,
+            max_subscriptions_per_connection: 1000,
+            app_event_queue_capacity: 65_536,
+            close_timeout: Duration::from_secs(5),
+            fabric_queue_capacity: 16_384,
+            fabric_overflow_max: 1_000_000,
+        }
+    }
+}
+
+/// WSE protocol timing and rate limits (protocol.md §4, §6, §7).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// Interval between the server's JSON text pings to each connection.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection with no inbound frame for this long is closed with 4408 (clients reconnect).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Inbound token bucket size per connection, messages.
+    pub rate_limit_capacity: u32,
+    /// Inbound token bucket refill per connection, messages per second.
+    pub rate_limit_refill: u32,
+    /// Messages dropped by the rate limit within one `rate_limit_abuse_window` after which the
+    /// connection is closed with 4429.
+    pub rate_limit_abuse_drops: u32,
+    /// Window over which rate-limit drops are counted for the 4429 decision.
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_abuse_window: Duration,
+    /// Per-connection JSON sends larger than this are sent `C:`+zlib compressed, bytes.
+    pub compression_threshold: usize,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            rate_limit_capacity: 100_000,
+            rate_limit_refill: 10_000,
+            rate_limit_abuse_drops: 100_000,
+            rate_limit_abuse_window: Duration::from_secs(10),
+            compression_threshold: 1024,
+        }
+    }
+}
+
+/// JWT algorithms accepted; the algorithm is pinned here, never taken from the token header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    #[default]
+    HS256,
+    RS256,
+    ES256,
+}
+
+/// Connection authentication (protocol.md §1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require a valid JWT on every connection. Off: connections are anonymous (user id =
+    /// connection id), which is only fit for development.
+    pub enabled: bool,
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret, at least 32 bytes.
+    pub secret: Option<String>,
+    /// RS256/ES256 public key, PEM file.
+    pub public_key_file: Option<PathBuf>,
+    /// Previous HS256 secret, still accepted during a key rotation.
+    pub previous_secret: Option<String>,
+    /// Previous RS256/ES256 public key (PEM file), still accepted during a key rotation.
+    pub previous_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Accepted `aud` values (the token's `aud` may be a string or an array), when non-empty.
+    pub audience: Vec<String>,
+    /// Required `kid` header, when set.
+    pub kid: Option<String>,
+    /// Cookie that carries the token (first token source; then `Authorization: Bearer`, then `?token=`).
+    pub cookie_name: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Topics (globs) a connection may publish to when its token has no `wse_publish` claim,
+    /// and what anonymous connections may publish to when auth is off. Empty = none.
+    pub default_publish: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            algorithm: JwtAlgorithm::HS256,
+            secret: None,
+            public_key_file: None,
+            previous_secret: None,
+            previous_public_key_file: None,
+            issuer: None,
+            audience: Vec::new(),
+            kid: None,
+            cookie_name: "access_token".to_owned(),
+            leeway: Duration::from_secs(30),
+            default_publish: Vec::new(),
+        }
+    }
+}
+
+/// The control plane: HTTP server API, health and metrics on their own listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Serve the control plane at all.
+    pub enabled: bool,
+    /// Control listener; keep it on a private address.
+    pub listen: SocketAddr,
+    /// Key required (as `Authorization: Bearer <key>` or `X-API-Key`) by the `/api/v1/` routes.
+    /// Unset: those routes answer 403. `/health` and `/metrics` need no key.
+    pub api_key: Option<String>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 5008)),
+            api_key: None,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `wse_shards=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// A configuration that cannot run, with the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot: ranges, relations between fields, required companions.
+    ///
+    /// # Errors
+    /// The first problem found, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.cores > SHARDS_MAX {
+            return Err(bad("server.cores", format!("at most {SHARDS_MAX}")));
+        }
+        if s.max_connections == 0 {
+            return Err(bad("server.max_connections", "must be at least 1"));
+        }
+        if !(4000..=4999).contains(&s.shutdown_close_code) {
+            return Err(bad(
+                "server.shutdown_close_code",
+                "must be in 4000..=4999 so clients reconnect",
+            ));
+        }
+        if let Some(p) = &s.echo_path
+            && !p.starts_with('/')
+        {
+            return Err(bad("server.echo_path", "must start with '/'"));
+        }
+        let l = &self.limits;
+        if l.max_message_size < 1024 || l.max_message_size > 64 << 20 {
+            return Err(bad("limits.max_message_size", "must be 1 KiB..=64 MiB"));
+        }
+        if l.max_handshake_bytes < 1024 {
+            return Err(bad("limits.max_handshake_bytes", "must be at least 1024"));
+        }
+        if l.handshake_timeout < TIMER_TICK || l.close_timeout < TIMER_TICK {
+            return Err(bad(
+                "limits.handshake_timeout",
+                "timeouts must be at least the timer tick (50ms)",
+            ));
+        }
+        if l.max_pending_handshakes == 0 {
+            return Err(bad("limits.max_pending_handshakes", "must be at least 1"));
+        }
+        if l.max_outbound_queue_bytes < 64 * 1024 {
+            return Err(bad("limits.max_outbound_queue_bytes", "must be at least 64 KiB"));
+        }
+        if l.fabric_queue_capacity < 64 {
+            return Err(bad("limits.fabric_queue_capacity", "must be at least 64"));
+        }
+        let p = &self.protocol;
+        if p.ping_interval < TIMER_TICK {
+            return Err(bad("protocol.ping_interval", "must be at least 50ms"));
+        }
+        if p.idle_timeout <= p.ping_interval {
+            return Err(bad(
+                "protocol.idle_timeout",
+                "must be longer than protocol.ping_interval",
+            ));
+        }
+        if p.rate_limit_capacity == 0 || p.rate_limit_refill == 0 {
+            return Err(bad("protocol.rate_limit_capacity", "capacity and refill must be positive"));
+        }
+        if p.rate_limit_abuse_window < Duration::from_secs(1) {
+            return Err(bad("protocol.rate_limit_abuse_window", "must be at least 1s"));
+        }
+        let a = &self.auth;
+        if a.enabled {
+            match a.algorithm {
+                JwtAlgorithm::HS256 => match &a.secret {
+                    None => return Err(bad("auth.secret", "required for HS256")),
+                    Some(s) if s.len() < 32 => {
+                        return Err(bad("auth.secret", "must be at least 32 bytes"));
+                    }
+                    Some(_) => {}
+                },
+                JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                    if a.public_key_file.is_none() {
+                        return Err(bad("auth.public_key_file", "required for RS256/ES256"));
+                    }
+                }
+            }
+            if let Some(s) = &a.previous_secret
+                && s.len() < 32
+            {
+                return Err(bad("auth.previous_secret", "must be at least 32 bytes"));
+            }
+        }
+        if a.cookie_name.is_empty() {
+            return Err(bad("auth.cookie_name", "must not be empty"));
+        }
+        if self.control.api_key.as_deref().is_some_and(|k| k.len() < 16) {
+            return Err(bad("control.api_key", "must be at least 16 characters"));
+        }
+        Ok(())
+    }
+
+    /// The shard count this configuration asks for, resolving 0 to the online cores.
+    pub fn shard_count(&self) -> usize {
+        if self.server.cores == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.server.cores
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_round_trips_through_toml_shape() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        let back: Config = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn idle_must_exceed_ping() {
+        let mut c = Config::default();
+        c.protocol.idle_timeout = c.protocol.ping_interval;
+        assert_eq!(c.validate().unwrap_err().key, "protocol.idle_timeout");
+    }
+
+    #[test]
+    fn hs256_needs_a_long_secret() {
+        let mut c = Config::default();
+        c.auth.enabled = true;
+        assert_eq!(c.validate().unwrap_err().key, "auth.secret");
+        c.auth.secret = Some("short".into());
+        assert_eq!(c.validate().unwrap_err().key, "auth.secret");
+        c.auth.secret = Some("x".repeat(32));
+        c.validate().unwrap();
+    }
+}
