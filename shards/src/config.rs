@@ -322,7 +322,10 @@ impl Config {
             return Err(bad("limits.max_pending_handshakes", "must be at least 1"));
         }
         if l.max_outbound_queue_bytes < 64 * 1024 {
-            return Err(bad("limits.max_outbound_queue_bytes", "must be at least 64 KiB"));
+            return Err(bad(
+                "limits.max_outbound_queue_bytes",
+                "must be at least 64 KiB",
+            ));
         }
         if l.fabric_queue_capacity < 64 {
             return Err(bad("limits.fabric_queue_capacity", "must be at least 64"));
@@ -338,10 +341,16 @@ impl Config {
             ));
         }
         if p.rate_limit_capacity == 0 || p.rate_limit_refill == 0 {
-            return Err(bad("protocol.rate_limit_capacity", "capacity and refill must be positive"));
+            return Err(bad(
+                "protocol.rate_limit_capacity",
+                "capacity and refill must be positive",
+            ));
         }
         if p.rate_limit_abuse_window < Duration::from_secs(1) {
-            return Err(bad("protocol.rate_limit_abuse_window", "must be at least 1s"));
+            return Err(bad(
+                "protocol.rate_limit_abuse_window",
+                "must be at least 1s",
+            ));
         }
         let a = &self.auth;
         if a.enabled {
@@ -368,7 +377,12 @@ impl Config {
         if a.cookie_name.is_empty() {
             return Err(bad("auth.cookie_name", "must not be empty"));
         }
-        if self.control.api_key.as_deref().is_some_and(|k| k.len() < 16) {
+        if self
+            .control
+            .api_key
+            .as_deref()
+            .is_some_and(|k| k.len() < 16)
+        {
             return Err(bad("control.api_key", "must be at least 16 characters"));
         }
         Ok(())

@@ -1,7 +1,32 @@
 //! wse-shards: the per-core engine of wse-server.
+//!
+//! Reading order, outside in:
+//! - [`server`]: boot and stop; the handle the binary and embedders hold.
+//! - [`runtime`]: a shard's thread, its io_uring runtime and loop (the only I/O code), and
+//!   [`accept`] for the listeners.
+//! - [`shard`]: one core's state and the rules tying connections, topics and the fabric together.
+//! - [`conn`]: one connection's state machine; [`codec`] and [`handshake`] below it (RFC 6455),
+//!   [`protocol`] (WSE messages), [`auth`], [`ratelimit`].
+//! - [`topics`], [`fabric`], [`timer`], [`metrics`]: the shard's building blocks.
+//!
+//! Everything below `runtime` is sans-IO: bytes and a clock in, bytes and events out.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod auth;
 pub mod codec;
 pub mod config;
+pub mod conn;
+pub mod fabric;
 pub mod handshake;
+pub mod metrics;
+pub mod protocol;
+pub mod ratelimit;
+pub mod runtime;
+pub mod server;
+pub mod shard;
+pub mod timer;
+pub mod topics;
+
+pub use config::Config;
+pub use server::{PublishError, Server, StartError};

@@ -1,0 +1,875 @@
+//! One WebSocket connection, sans-IO: bytes and a clock in; frames to send, deadlines and
+//! [`ConnEvent`]s for the shard out.
+//!
+//! Owns: the connection's phase, its partial input, its outbound queue, its rate limit and its
+//! identity. Never: touches sockets, topics of other connections, or other shards. What needs
+//! shard state (subscriptions, publications, application events) leaves as a [`ConnEvent`].
+//!
+//! Phases (each variant holds only what is valid in it):
+//!
+//! ```text
+//! Handshake ──upgrade + auth──▶ Live ──close sent──▶ Closing ──close received──▶ Closed
+//!     │   └──echo path──────▶ Echo ──┘                  │                           ▲
+//!     └──bad request / timeout / auth failure ──────────┴───────────────────────────┘
+//! ```
+//!
+//! Calling order (the shard's side): [`Conn::handle_bytes`] for every read, [`Conn::handle_eof`]
+//! when the peer is gone, [`Conn::handle_timeout`] when [`Conn::poll_timeout`] is due; after each
+//! call, drain [`Conn::out`] to the socket and, once [`Conn::wants_shutdown`], close the write side.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::IoSlice;
+use std::num::NonZeroU64;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use serde_json::value::RawValue;
+
+use crate::auth::{Acl, Authenticator, Identity};
+use crate::codec::{self, Decoder, FrameError, Message, OpCode, Role};
+use crate::config::Config;
+use crate::handshake::{self, Outcome};
+use crate::metrics::{DropReason, RejectReason, ShardMetrics};
+use crate::protocol::{self, ClientMessage, Clock, FailedTopic, Wire};
+use crate::ratelimit::{RateLimits, TokenBucket, Verdict};
+use crate::shard::Admission;
+
+/// A connection's identity across the server: `[shard:8][serial:24][slab key:32]`, shown as 16
+/// hex digits. The shard is recoverable from the id, so commands find their connection without a
+/// global table; the serial (never 0, so the id is never 0) tells a reused slab key from its
+/// previous occupant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId(NonZeroU64);
+
+impl ConnId {
+    pub fn new(shard: usize, serial: u32, key: u32) -> Self {
+        debug_assert!(shard < 256);
+        let serial = u64::from(serial & 0xff_ffff).max(1);
+        let v = ((shard as u64) << 56) | (serial << 32) | u64::from(key);
+        Self(NonZeroU64::new(v).expect("serial is at least 1"))
+    }
+    pub fn shard(self) -> usize {
+        (self.0.get() >> 56) as usize
+    }
+    pub fn key(self) -> u32 {
+        self.0.get() as u32
+    }
+    /// Parses the 16-hex-digit form.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(s, 16)
+            .ok()
+            .and_then(NonZeroU64::new)
+            .map(Self)
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// What a connection asks of its shard.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// The upgrade completed and the connection counts as live.
+    Upgraded,
+    /// Subscribe to `topics` (already validated and permitted; may include topics it is already
+    /// on). `failed` go back in the acknowledgement as they are.
+    Subscribe {
+        topics: Vec<String>,
+        failed: Vec<FailedTopic>,
+    },
+    Unsubscribe {
+        topics: Vec<String>,
+    },
+    /// Publish `body` (a complete publication frame text) to `topic`.
+    Publish {
+        topic: String,
+        body: Bytes,
+        ack: bool,
+    },
+    /// An application message for the event stream.
+    App {
+        t: String,
+        payload: Bytes,
+    },
+    /// The connection left the live phase: drop its subscriptions.
+    Left,
+}
+
+/// What a connection may use while handling input; borrowed from its shard for one call.
+pub struct Cx<'a> {
+    pub clock: Clock,
+    pub cfg: &'a Config,
+    pub rate: &'a RateLimits,
+    pub auth: Option<&'a Authenticator>,
+    pub default_publish: &'a Acl,
+    pub admission: &'a Admission,
+    pub metrics: &'a ShardMetrics,
+    pub events: &'a mut Vec<ConnEvent>,
+    /// This tick's ping frame, built by the first connection that needs it.
+    pub ping: &'a mut Option<Bytes>,
+}
+
+impl Cx<'_> {
+    fn ping_frame(&mut self) -> Bytes {
+        let clock = self.clock;
+        self.ping
+            .get_or_insert_with(|| codec::encode_frame(OpCode::Text, &protocol::ping(&clock)))
+            .clone()
+    }
+}
+
+/// Frames waiting for the socket, oldest first. The front frame may be partly written.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// The front frame has been partly written and must be finished before anything else.
+    front_started: bool,
+}
+
+impl OutQueue {
+    pub fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+    /// Bytes queued and not yet written.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn frames(&self) -> usize {
+        self.frames.len()
+    }
+    /// Fills `iov` with the next frames to write; returns how many.
+    pub fn slices<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, f) in iov.iter_mut().zip(&self.frames) {
+            *slot = IoSlice::new(f);
+            n += 1;
+        }
+        n
+    }
+    /// Drops `n` written bytes from the front.
+    pub fn advance(&mut self, mut n: usize) {
+        debug_assert!(n <= self.bytes);
+        self.bytes -= n;
+        while n > 0 {
+            let front = self.frames.front_mut().expect("advance past the queue");
+            if n >= front.len() {
+                n -= front.len();
+                self.frames.pop_front();
+                self.front_started = false;
+            } else {
+                front.advance(n);
+                self.front_started = true;
+                n = 0;
+            }
+        }
+        if self.frames.is_empty() {
+            // Idle connections keep no buffer.
+            self.frames = VecDeque::new();
+        }
+    }
+    /// Drops everything not yet started; keeps a partly written front frame so the stream
+    /// stays well-formed. Returns the bytes dropped.
+    fn discard_unsent(&mut self) -> usize {
+        let keep = usize::from(self.front_started);
+        let dropped: usize = self.frames.iter().skip(keep).map(Bytes::len).sum();
+        self.frames.truncate(keep);
+        self.bytes -= dropped;
+        dropped
+    }
+}
+
+/// The state of a live WSE connection; only reachable through a successful authentication.
+#[derive(Debug)]
+struct Session {
+    identity: Identity,
+    rate: TokenBucket,
+    /// Topics this connection is subscribed to (names shared with the shard's topic table).
+    subs: Vec<Arc<str>>,
+    /// Per-connection sends go as `M:` MessagePack (`?format=msgpack`).
+    msgpack: bool,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Reading the HTTP upgrade request into `Conn::inbuf`.
+    Handshake,
+    Live {
+        decoder: Decoder,
+        session: Box<Session>,
+    },
+    /// The conformance echo route: RFC 6455 only, no WSE protocol.
+    Echo { decoder: Decoder },
+    /// Our close frame is queued; waiting for the peer's.
+    Closing { decoder: Decoder, deadline: Instant },
+    /// Nothing more will be read or queued; once the queue is written, the write side is shut and
+    /// the socket is released at EOF or at `deadline`.
+    Closed { deadline: Instant },
+}
+
+/// What to do after a message: carry on, or close with a code.
+enum Next {
+    Continue,
+    Close(u16, &'static str),
+    /// The peer sent a close frame (which we have answered).
+    PeerClosed,
+}
+
+pub struct Conn {
+    id: ConnId,
+    phase: Phase,
+    /// Bytes of an incomplete request or frame, kept until more arrive; no heap when empty.
+    inbuf: Vec<u8>,
+    pub out: OutQueue,
+    accepted_at: Instant,
+    last_rx: Instant,
+    next_ping: Instant,
+    /// Counted against `server.max_connections`; released exactly once by the shard.
+    pub admitted: bool,
+}
+
+impl Conn {
+    pub fn new(id: ConnId, now: Instant) -> Self {
+        Self {
+            id,
+            phase: Phase::Handshake,
+            inbuf: Vec::new(),
+            out: OutQueue::default(),
+            accepted_at: now,
+            last_rx: now,
+            next_ping: now,
+            admitted: false,
+        }
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    pub fn user_id(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Live { session, .. } => Some(&session.identity.user_id),
+            _ => None,
+        }
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.phase, Phase::Handshake)
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.phase, Phase::Live { .. })
+    }
+
+    /// Closed and everything queued is written: the shard shuts the write side.
+    pub fn wants_shutdown(&self) -> bool {
+        matches!(self.phase, Phase::Closed { .. }) && self.out.is_empty()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed { .. })
+    }
+
+    /// The live connection's subscriptions, for the shard to maintain.
+    pub fn subs_mut(&mut self) -> Option<&mut Vec<Arc<str>>> {
+        match &mut self.phase {
+            Phase::Live { session, .. } => Some(&mut session.subs),
+            _ => None,
+        }
+    }
+
+    /// Hands over the subscription list (when leaving the live phase).
+    pub fn take_subs(&mut self) -> Vec<Arc<str>> {
+        self.subs_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// When this connection next needs [`Conn::handle_timeout`].
+    pub fn poll_timeout(&self, cfg: &Config) -> Instant {
+        let idle = self.last_rx + cfg.protocol.idle_timeout;
+        match &self.phase {
+            Phase::Handshake => self.accepted_at + cfg.limits.handshake_timeout,
+            Phase::Live { .. } => idle.min(self.next_ping),
+            Phase::Echo { .. } => idle,
+            Phase::Closing { deadline, .. } | Phase::Closed { deadline } => *deadline,
+        }
+    }
+
+    /// Handles bytes read from the socket.
+    pub fn handle_bytes(&mut self, data: &mut [u8], cx: &mut Cx<'_>) {
+        self.last_rx = cx.clock.now;
+        match self.phase {
+            Phase::Handshake => self.handle_request_bytes(data, cx),
+            Phase::Closed { .. } => {}
+            _ => self.handle_frame_bytes(data, cx),
+        }
+    }
+
+    /// The peer closed the connection or the socket failed: nothing more can be written.
+    pub fn handle_eof(&mut self, cx: &mut Cx<'_>) {
+        self.out.discard_unsent();
+        self.out = OutQueue::default();
+        self.enter_closed(cx.clock.now, cx);
+    }
+
+    /// Runs whatever deadline is due.
+    pub fn handle_timeout(&mut self, cx: &mut Cx<'_>) {
+        let now = cx.clock.now;
+        match &self.phase {
+            Phase::Handshake => {
+                if now >= self.accepted_at + cx.cfg.limits.handshake_timeout {
+                    cx.metrics.rejected(RejectReason::HandshakeTimeout).inc();
+                    self.phase = Phase::Closed { deadline: now };
+                }
+            }
+            Phase::Live { .. } | Phase::Echo { .. } => {
+                if now >= self.last_rx + cx.cfg.protocol.idle_timeout {
+                    self.close(4408, "idle timeout", cx);
+                } else if self.is_live() && now >= self.next_ping {
+                    let ping = cx.ping_frame();
+                    self.queue(ping, cx);
+                    self.next_ping = now + cx.cfg.protocol.ping_interval;
+                }
+            }
+            Phase::Closing { deadline, .. } => {
+                if now >= *deadline {
+                    self.phase = Phase::Closed { deadline: now };
+                }
+            }
+            Phase::Closed { .. } => {}
+        }
+    }
+
+    /// Starts a server-initiated close: the close frame is queued and the peer has
+    /// `limits.close_timeout` to answer. A connection still in the upgrade is just dropped.
+    pub fn close(&mut self, code: u16, reason: &str, cx: &mut Cx<'_>) {
+        let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
+        let phase = std::mem::replace(&mut self.phase, Phase::Closed { deadline });
+        match phase {
+            Phase::Live { decoder, .. } | Phase::Echo { decoder } => {
+                cx.events.push(ConnEvent::Left);
+                cx.metrics.closed_with(code);
+                self.queue(codec::encode_close(code, reason), cx);
+                self.phase = Phase::Closing { decoder, deadline };
+            }
+            Phase::Handshake => {
+                self.phase = Phase::Closed {
+                    deadline: cx.clock.now,
+                }
+            }
+            other @ (Phase::Closing { .. } | Phase::Closed { .. }) => self.phase = other,
+        }
+    }
+
+    /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
+    /// late anyway) and it is closed with 4413 so it reconnects and recovers.
+    pub fn evict(&mut self, cx: &mut Cx<'_>) {
+        self.out.discard_unsent();
+        cx.metrics.dropped(DropReason::SlowConsumer).inc();
+        self.close(4413, "slow consumer", cx);
+    }
+
+    /// Queues a shared publication frame. `false` when it does not fit under
+    /// `limits.max_outbound_queue_bytes` (the caller evicts).
+    #[must_use]
+    pub fn push_delivery(&mut self, frame: Bytes, max_queue: usize) -> bool {
+        if !self.is_live() {
+            return true;
+        }
+        if self.out.bytes() + frame.len() > max_queue {
+            return false;
+        }
+        self.out.push(frame);
+        true
+    }
+
+    /// Queues a per-connection JSON message (MessagePack or compressed as negotiated).
+    pub fn send_json(&mut self, json: Vec<u8>, cx: &mut Cx<'_>) {
+        let msgpack = matches!(&self.phase, Phase::Live { session, .. } if session.msgpack);
+        let (wire, bytes) =
+            protocol::encode_for_connection(json, msgpack, cx.cfg.protocol.compression_threshold);
+        let op = match wire {
+            Wire::Text => OpCode::Text,
+            Wire::Binary => OpCode::Binary,
+        };
+        self.queue(codec::encode_frame(op, &bytes), cx);
+    }
+
+    fn queue(&mut self, frame: Bytes, cx: &mut Cx<'_>) {
+        cx.metrics.messages_out_total.inc();
+        self.out.push(frame);
+    }
+
+    fn send_text(&mut self, json: &[u8], cx: &mut Cx<'_>) {
+        self.queue(codec::encode_frame(OpCode::Text, json), cx);
+    }
+
+    fn send_error(&mut self, code: &str, message: &str, recoverable: bool, cx: &mut Cx<'_>) {
+        let json = protocol::error(code, message, recoverable, &cx.clock);
+        self.send_json(json, cx);
+    }
+
+    fn enter_closed(&mut self, now: Instant, cx: &mut Cx<'_>) {
+        if matches!(self.phase, Phase::Live { .. }) {
+            cx.events.push(ConnEvent::Left);
+        }
+        if !matches!(self.phase, Phase::Closed { .. }) {
+            self.phase = Phase::Closed { deadline: now };
+        }
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // The upgrade
+    // --------------------------------------------------------------------------------------------
+
+    fn handle_request_bytes(&mut self, data: &[u8], cx: &mut Cx<'_>) {
+        self.inbuf.extend_from_slice(data);
+        match handshake::parse(&self.inbuf, cx.cfg.limits.max_handshake_bytes) {
+            Outcome::Partial => {}
+            Outcome::Reject(r) => {
+                cx.metrics.rejected(RejectReason::BadHandshake).inc();
+                self.inbuf = Vec::new();
+                self.queue(Bytes::from(handshake::response_reject(&r)), cx);
+                self.phase = Phase::Closed {
+                    deadline: cx.clock.now + cx.cfg.limits.close_timeout,
+                };
+            }
+            Outcome::Upgrade { request, consumed } => {
+                let mut rest = self.inbuf.split_off(consumed);
+                self.inbuf = Vec::new();
+                let accept = handshake::accept_key(&request.key);
+                self.queue(Bytes::from(handshake::response_101(&accept)), cx);
+                if cx.cfg.server.echo_path.as_deref() == Some(request.path.as_str()) {
+                    cx.events.push(ConnEvent::Upgraded);
+                    self.phase = Phase::Echo {
+                        decoder: Decoder::new(Role::Server),
+                    };
+                } else {
+                    self.start_session(&request, cx);
+                }
+                if !rest.is_empty() && !self.is_closed() {
+                    self.handle_frame_bytes(&mut rest, cx);
+                }
+            }
+        }
+    }
+
+    fn start_session(&mut self, request: &handshake::UpgradeRequest, cx: &mut Cx<'_>) {
+        let id = self.id.to_string();
+        let identity = match cx.auth {
+            None => Ok(Identity::anonymous(&id, cx.default_publish)),
+            Some(auth) => {
+                let query = request.query.as_deref();
+                match auth.extract_token(
+                    request.cookie.as_deref(),
+                    request.authorization.as_deref(),
+                    query,
+                ) {
+                    None => Err(crate::auth::AuthError::Missing),
+                    Some(token) => auth.verify(&token),
+                }
+            }
+        };
+        // Every outcome below is a WebSocket connection now: clients treat HTTP errors as network
+        // failures and retry forever, so refusals travel as an error frame and a close code.
+        let decoder = Decoder::new(Role::Server);
+        let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
+        let identity = match identity {
+            Ok(identity) => identity,
+            Err(e) => {
+                cx.metrics.auth_failures_total.inc();
+                cx.metrics.closed_with(4401);
+                let message = format!("Authentication failed: {e}");
+                self.send_text(&protocol::error(e.code(), &message, false, &cx.clock), cx);
+                self.queue(codec::encode_close(4401, "Authentication failed"), cx);
+                self.phase = Phase::Closing { decoder, deadline };
+                return;
+            }
+        };
+        if !cx.admission.try_admit() {
+            cx.metrics.rejected(RejectReason::MaxConnections).inc();
+            cx.metrics.closed_with(1013);
+            self.queue(codec::encode_close(1013, "server at connection limit"), cx);
+            self.phase = Phase::Closing { decoder, deadline };
+            return;
+        }
+        self.admitted = true;
+        cx.events.push(ConnEvent::Upgraded);
+        let ready = protocol::server_ready(&id, &identity.user_id, false, &cx.clock);
+        self.send_text(&ready, cx);
+        cx.metrics
+            .handshake_latency
+            .observe(cx.clock.now.saturating_duration_since(self.accepted_at));
+        let msgpack = request
+            .query
+            .as_deref()
+            .and_then(|q| handshake::query_param(q, "format"))
+            .is_some_and(|f| f == "msgpack");
+        let auto: Vec<String> = identity
+            .auto_subscribe
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        self.next_ping = cx.clock.now + cx.cfg.protocol.ping_interval;
+        self.phase = Phase::Live {
+            decoder,
+            session: Box::new(Session {
+                identity,
+                rate: TokenBucket::new(cx.rate, cx.clock.wall_ms),
+                subs: Vec::new(),
+                msgpack,
+            }),
+        };
+        if !auto.is_empty() {
+            let topics = auto
+                .iter()
+                .map(|t| std::borrow::Cow::Borrowed(t.as_str()))
+                .collect();
+            self.request_subscribe(topics, cx);
+        }
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Frames
+    // --------------------------------------------------------------------------------------------
+
+    fn handle_frame_bytes(&mut self, data: &mut [u8], cx: &mut Cx<'_>) {
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        let buf: &mut [u8] = if inbuf.is_empty() {
+            data
+        } else {
+            inbuf.extend_from_slice(data);
+            &mut inbuf
+        };
+        let max = cx.cfg.limits.max_message_size;
+        let mut next = Next::Continue;
+        let result = match &mut self.phase {
+            Phase::Live { decoder, session } => {
+                let out = &mut self.out;
+                let id = self.id;
+                decoder.decode(buf, max, |m| {
+                    next = session.handle(id, m, out, cx);
+                    cont(&next)
+                })
+            }
+            Phase::Echo { decoder } => {
+                let out = &mut self.out;
+                decoder.decode(buf, max, |m| {
+                    next = echo(m, out, cx);
+                    cont(&next)
+                })
+            }
+            Phase::Closing { decoder, .. } => decoder.decode(buf, max, |m| {
+                if matches!(m, Message::Close(_)) {
+                    next = Next::PeerClosed;
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            }),
+            Phase::Handshake | Phase::Closed { .. } => Ok(buf.len()),
+        };
+        match result {
+            Ok(consumed) => {
+                let rest = &buf[consumed..];
+                if !rest.is_empty() && matches!(next, Next::Continue) {
+                    // Keep the incomplete frame for the next read.
+                    let mut kept = Vec::with_capacity(rest.len().max(256));
+                    kept.extend_from_slice(rest);
+                    self.inbuf = kept;
+                }
+            }
+            Err(e) => next = self.frame_error(&e, cx),
+        }
+        match next {
+            Next::Continue => {}
+            Next::Close(code, reason) => self.close(code, reason, cx),
+            Next::PeerClosed => {
+                let now = cx.clock.now;
+                self.enter_closed(now + cx.cfg.limits.close_timeout, cx);
+            }
+        }
+    }
+
+    /// A protocol violation: say why where the protocol has a message for it, then close.
+    fn frame_error(&mut self, e: &FrameError, cx: &mut Cx<'_>) -> Next {
+        if let FrameError::MessageTooLarge { .. } = e
+            && self.is_live()
+        {
+            self.send_error("MESSAGE_TOO_LARGE", &e.to_string(), false, cx);
+        }
+        let code = e.close_code();
+        let reason = match code {
+            1007 => "invalid UTF-8",
+            1009 => "message too large",
+            _ => "protocol error",
+        };
+        if matches!(self.phase, Phase::Closing { .. }) {
+            let now = cx.clock.now;
+            self.enter_closed(now, cx);
+            return Next::Continue;
+        }
+        Next::Close(code, reason)
+    }
+
+    fn request_subscribe(&mut self, topics: Vec<std::borrow::Cow<'_, str>>, cx: &mut Cx<'_>) {
+        if let Phase::Live { session, .. } = &mut self.phase {
+            session.request_subscribe(topics, cx);
+        }
+    }
+}
+
+fn cont(next: &Next) -> ControlFlow<()> {
+    match next {
+        Next::Continue => ControlFlow::Continue(()),
+        _ => ControlFlow::Break(()),
+    }
+}
+
+/// The conformance route: every data message straight back, control frames per the RFC.
+fn echo(m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
+    cx.metrics.messages_out_total.inc();
+    match m {
+        Message::Text(t) => out.push(codec::encode_frame(OpCode::Text, t.as_bytes())),
+        Message::Binary(b) => out.push(codec::encode_frame(OpCode::Binary, b)),
+        Message::Ping(p) => out.push(codec::encode_frame(OpCode::Pong, p)),
+        Message::Pong(_) => {}
+        Message::Close(c) => return reply_close(c, out),
+    }
+    Next::Continue
+}
+
+/// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
+fn reply_close(c: Option<codec::CloseFrame<'_>>, out: &mut OutQueue) -> Next {
+    let frame = match c {
+        Some(c) => codec::encode_close(c.code, ""),
+        None => codec::encode_frame(OpCode::Close, &[]),
+    };
+    out.push(frame);
+    Next::PeerClosed
+}
+
+impl Session {
+    /// One complete message of a live connection.
+    fn handle(&mut self, id: ConnId, m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
+        let payload: &[u8] = match m {
+            Message::Ping(p) => {
+                out.push(codec::encode_frame(OpCode::Pong, p));
+                return Next::Continue;
+            }
+            Message::Pong(_) => return Next::Continue,
+            Message::Close(c) => {
+                cx.metrics.closed_with(c.map_or(1005, |c| c.code));
+                return reply_close(c, out);
+            }
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(b) => b,
+        };
+        cx.metrics.messages_in_total.inc();
+        cx.metrics.bytes_in_total.add(payload.len() as u64);
+        let mut s = SessionOut {
+            id,
+            session: self,
+            out,
+        };
+        if let Some(next) = s.charge(cx) {
+            return next;
+        }
+        let json = match protocol::binary_to_json(payload, cx.cfg.limits.max_message_size) {
+            Ok(json) => json,
+            Err(e) => {
+                s.error(e.code(), &e.to_string(), cx);
+                return Next::Continue;
+            }
+        };
+        match protocol::parse_client_message(&json) {
+            Ok(ClientMessage::Batch(items)) => s.batch(&items, cx),
+            Ok(msg) => s.dispatch(msg, &json, cx),
+            Err(e) => {
+                s.error(e.code(), &e.to_string(), cx);
+                Next::Continue
+            }
+        }
+    }
+
+    /// Splits requested topics into acceptable ones and refusals, and asks the shard.
+    fn request_subscribe(&mut self, topics: Vec<std::borrow::Cow<'_, str>>, cx: &mut Cx<'_>) {
+        let max = cx.cfg.limits.max_subscriptions_per_connection;
+        let mut accepted: Vec<String> = Vec::new();
+        let mut failed = Vec::new();
+        let mut adding = 0usize;
+        for topic in topics {
+            let refusal = if let Some(p) = protocol::topic_problem(&topic) {
+                Some(p.to_owned())
+            } else if !self.identity.subscribe.permits(&topic) {
+                Some("FORBIDDEN".to_owned())
+            } else if accepted.iter().any(|t| *t == *topic) {
+                None
+            } else if self.subs.iter().any(|s| **s == *topic) {
+                accepted.push(topic.to_string());
+                continue;
+            } else if self.subs.len() + adding >= max {
+                Some("SUBSCRIPTION_LIMIT".to_owned())
+            } else {
+                adding += 1;
+                accepted.push(topic.to_string());
+                continue;
+            };
+            if let Some(reason) = refusal {
+                failed.push(FailedTopic {
+                    topic: topic.into_owned(),
+                    reason,
+                });
+            }
+        }
+        cx.events.push(ConnEvent::Subscribe {
+            topics: accepted,
+            failed,
+        });
+    }
+}
+
+/// A session and its connection's outbound queue, borrowed together for one message.
+struct SessionOut<'s> {
+    id: ConnId,
+    session: &'s mut Session,
+    out: &'s mut OutQueue,
+}
+
+impl SessionOut<'_> {
+    /// Applies the rate limit to one message; `Some` when it must not be processed.
+    fn charge(&mut self, cx: &mut Cx<'_>) -> Option<Next> {
+        match self.session.rate.check(cx.rate, cx.clock.wall_ms) {
+            Verdict::Allow => None,
+            Verdict::AllowAndWarn {
+                remaining,
+                current_rate,
+            } => {
+                let warn =
+                    protocol::rate_limit_warning(current_rate, cx.rate.refill_per_sec, remaining);
+                self.json(warn, cx);
+                None
+            }
+            Verdict::Drop { notify } => {
+                cx.metrics.rate_limited_total.inc();
+                cx.metrics.dropped(DropReason::RateLimited).inc();
+                if notify {
+                    self.error("RATE_LIMITED", "Rate limit exceeded", cx);
+                }
+                Some(Next::Continue)
+            }
+            Verdict::Abuse => {
+                cx.metrics.rate_limited_total.inc();
+                Some(Next::Close(4429, "rate limit exceeded"))
+            }
+        }
+    }
+
+    fn batch(&mut self, items: &[&RawValue], cx: &mut Cx<'_>) -> Next {
+        for (i, item) in items.iter().enumerate() {
+            // The frame paid for the first item.
+            if i > 0
+                && let Some(next) = self.charge(cx)
+            {
+                match next {
+                    Next::Continue => continue,
+                    other => return other,
+                }
+            }
+            let json = item.get().as_bytes();
+            match protocol::parse_client_message(json) {
+                Ok(ClientMessage::Batch(_)) => self.error("INVALID_MESSAGE", "nested batch", cx),
+                Ok(msg) => {
+                    let next = self.dispatch(msg, json, cx);
+                    if !matches!(next, Next::Continue) {
+                        return next;
+                    }
+                }
+                Err(e) => self.error(e.code(), &e.to_string(), cx),
+            }
+        }
+        Next::Continue
+    }
+
+    fn dispatch(&mut self, msg: ClientMessage<'_>, json: &[u8], cx: &mut Cx<'_>) -> Next {
+        match msg {
+            ClientMessage::Hello { protocol_version } => {
+                let hello = protocol::server_hello(
+                    &self.id.to_string(),
+                    protocol_version,
+                    false,
+                    cx.cfg,
+                    &cx.clock,
+                );
+                self.json(hello, cx);
+            }
+            ClientMessage::Ping { timestamp } => {
+                // Always compact text: the Python client's watchdog only reads text frames.
+                let pong = protocol::pong(timestamp, &cx.clock);
+                cx.metrics.messages_out_total.inc();
+                self.out.push(codec::encode_frame(OpCode::Text, &pong));
+            }
+            ClientMessage::Pong => {}
+            ClientMessage::Subscribe(s) => self.session.request_subscribe(s.topics, cx),
+            ClientMessage::Unsubscribe { topics } => {
+                let topics = topics.into_iter().map(|t| t.into_owned()).collect();
+                cx.events.push(ConnEvent::Unsubscribe { topics });
+            }
+            ClientMessage::Publish {
+                topic,
+                event,
+                data,
+                ack,
+            } => {
+                if let Some(problem) = protocol::topic_problem(&topic) {
+                    self.error("INVALID_MESSAGE", problem, cx);
+                } else if !self.session.identity.publish.permits(&topic) {
+                    let msg = format!("not allowed to publish to '{topic}'");
+                    self.error("FORBIDDEN", &msg, cx);
+                } else {
+                    cx.events.push(ConnEvent::Publish {
+                        topic: topic.into_owned(),
+                        body: protocol::publication(&event, data),
+                        ack,
+                    });
+                }
+            }
+            ClientMessage::Batch(_) => unreachable!("batches are unpacked by the caller"),
+            ClientMessage::App { t } => cx.events.push(ConnEvent::App {
+                t: t.into_owned(),
+                payload: Bytes::copy_from_slice(json),
+            }),
+        }
+        Next::Continue
+    }
+
+    fn json(&mut self, json: Vec<u8>, cx: &mut Cx<'_>) {
+        let (wire, bytes) = protocol::encode_for_connection(
+            json,
+            self.session.msgpack,
+            cx.cfg.protocol.compression_threshold,
+        );
+        let op = match wire {
+            Wire::Text => OpCode::Text,
+            Wire::Binary => OpCode::Binary,
+        };
+        cx.metrics.messages_out_total.inc();
+        self.out.push(codec::encode_frame(op, &bytes));
+    }
+
+    fn error(&mut self, code: &str, message: &str, cx: &mut Cx<'_>) {
+        let json = protocol::error(code, message, true, &cx.clock);
+        self.json(json, cx);
+    }
+}

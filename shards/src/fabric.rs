@@ -1,0 +1,279 @@
+//! The cross-core fabric: an N×N grid of single-producer single-consumer queues between
+//! participants (every shard, the control plane, and a reserved slot for the cluster core).
+//!
+//! Owns: the queues, the per-destination overflow that keeps a sender from ever blocking, and the
+//! doorbells. Never: interprets messages (the shard does).
+//!
+//! Sending: [`Endpoint::send`] appends to the destination's queue, or to a local overflow deque
+//! when the queue is full (and past `overflow_max`, drops and counts). [`Endpoint::flush`], once
+//! per loop turn, moves overflow into the queues and rings the doorbell of each destination that
+//! got something this turn: a doorbell is the destination runtime's waker, which only makes a
+//! syscall when that runtime is parked, so a busy peer costs one atomic per turn.
+//!
+//! Ordering: FIFO per ordered pair of participants; nothing across pairs.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
+use std::task::Waker;
+
+use bytes::Bytes;
+
+use crate::conn::ConnId;
+
+/// Cross-core traffic: one enum, every variant says who sends it, who receives it, and what
+/// losing it costs.
+#[derive(Debug)]
+pub enum FabricMsg {
+    /// Publisher's shard (or the control plane) → the topic's owner shard: a publication to
+    /// sequence and fan out. `body` is the JSON frame text without recovery stamps. `ack` names
+    /// the connection waiting for a `publish_ack`. Lost: the publication never happens.
+    Publish {
+        topic: Arc<str>,
+        body: Bytes,
+        ack: Option<ConnId>,
+    },
+    /// Owner → a shard with subscribers: a sequenced publication, framed once. Lost: those
+    /// subscribers miss one message (counted as a drop).
+    Deliver { topic: Arc<str>, frame: Bytes },
+    /// Owner → the publisher's shard: the publication `offset` of `topic` was sequenced; send the
+    /// `publish_ack` to `conn`. Lost: the client waits for an ack that never comes.
+    PublishAcked {
+        conn: ConnId,
+        topic: Arc<str>,
+        offset: u64,
+    },
+    /// A shard → the topic's owner: the shard gained (`on`) or lost its first/last local
+    /// subscriber. Lost: deliveries to that shard start or stop wrongly.
+    Interest {
+        topic: Arc<str>,
+        shard: u16,
+        on: bool,
+    },
+    /// Owner → the shard that sent `Interest { on: true }`: registered; publications sequenced
+    /// from now on reach that shard, so pending subscribe acknowledgements may go out.
+    InterestAck { topic: Arc<str> },
+}
+
+// Every queue slot is this size; keep it within one cache line.
+const _: () = assert!(std::mem::size_of::<FabricMsg>() <= 64);
+
+/// The wakers of every participant, set once each participant's runtime exists.
+#[derive(Debug)]
+pub struct Doorbells {
+    slots: Vec<OnceLock<Waker>>,
+}
+
+impl Doorbells {
+    pub fn new(participants: usize) -> Arc<Self> {
+        Arc::new(Self {
+            slots: (0..participants).map(|_| OnceLock::new()).collect(),
+        })
+    }
+    /// Registers participant `id`'s waker. Set once.
+    pub fn register(&self, id: usize, waker: Waker) {
+        let _ = self.slots[id].set(waker);
+    }
+    pub fn ring(&self, id: usize) {
+        if let Some(w) = self.slots[id].get() {
+            w.wake_by_ref();
+        }
+    }
+    pub fn is_registered(&self, id: usize) -> bool {
+        self.slots[id].get().is_some()
+    }
+}
+
+/// One destination as seen by a sender.
+struct Outbox {
+    queue: rtrb::Producer<FabricMsg>,
+    /// Entries that did not fit in `queue`; moved over in order before anything newer.
+    overflow: VecDeque<FabricMsg>,
+    /// Something was pushed since the last doorbell.
+    rung: bool,
+}
+
+/// One participant's ends of the grid.
+pub struct Endpoint {
+    me: usize,
+    outboxes: Vec<Option<Outbox>>,
+    inboxes: Vec<Option<rtrb::Consumer<FabricMsg>>>,
+    doorbells: Arc<Doorbells>,
+    overflow_max: usize,
+}
+
+/// Builds the full grid: `participants` endpoints, a queue for every ordered pair.
+pub fn grid(participants: usize, capacity: usize, overflow_max: usize) -> Vec<Endpoint> {
+    let doorbells = Doorbells::new(participants);
+    let mut eps: Vec<Endpoint> = (0..participants)
+        .map(|me| Endpoint {
+            me,
+            outboxes: (0..participants).map(|_| None).collect(),
+            inboxes: (0..participants).map(|_| None).collect(),
+            doorbells: doorbells.clone(),
+            overflow_max,
+        })
+        .collect();
+    for from in 0..participants {
+        for to in 0..participants {
+            if from == to {
+                continue;
+            }
+            let (p, c) = rtrb::RingBuffer::new(capacity);
+            eps[from].outboxes[to] = Some(Outbox {
+                queue: p,
+                overflow: VecDeque::new(),
+                rung: false,
+            });
+            eps[to].inboxes[from] = Some(c);
+        }
+    }
+    eps
+}
+
+/// What [`Endpoint::send`] did with an entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    Queued,
+    /// Dropped: the destination's overflow is full.
+    Dropped,
+}
+
+impl Endpoint {
+    pub fn id(&self) -> usize {
+        self.me
+    }
+
+    pub fn doorbells(&self) -> &Arc<Doorbells> {
+        &self.doorbells
+    }
+
+    /// Queues `msg` for `to`. Never blocks; see the module docs for the overflow policy.
+    ///
+    /// # Panics
+    /// When sending to itself: local work never goes through the fabric.
+    pub fn send(&mut self, to: usize, msg: FabricMsg) -> Sent {
+        let max = self.overflow_max;
+        let out = self.outboxes[to].as_mut().expect("no queue to self");
+        out.rung = true;
+        if out.overflow.is_empty() {
+            match out.queue.push(msg) {
+                Ok(()) => return Sent::Queued,
+                Err(rtrb::PushError::Full(m)) => {
+                    out.overflow.push_back(m);
+                    return Sent::Queued;
+                }
+            }
+        }
+        if out.overflow.len() >= max {
+            return Sent::Dropped;
+        }
+        out.overflow.push_back(msg);
+        Sent::Queued
+    }
+
+    /// Moves held-back entries into their queues and rings the doorbells of destinations that
+    /// received anything since the last flush. Returns the entries still held back.
+    pub fn flush(&mut self) -> usize {
+        let mut held = 0;
+        for (to, out) in self.outboxes.iter_mut().enumerate() {
+            let Some(out) = out else { continue };
+            while let Some(m) = out.overflow.pop_front() {
+                if let Err(rtrb::PushError::Full(m)) = out.queue.push(m) {
+                    out.overflow.push_front(m);
+                    break;
+                }
+            }
+            held += out.overflow.len();
+            if out.rung {
+                out.rung = false;
+                self.doorbells.ring(to);
+            }
+        }
+        held
+    }
+
+    /// Hands every queued inbound entry to `f`, at most `per_source` from each sender so one busy
+    /// sender cannot starve the others within a turn. Returns how many were handled.
+    pub fn receive(&mut self, per_source: usize, mut f: impl FnMut(usize, FabricMsg)) -> usize {
+        let mut n = 0;
+        for (from, inbox) in self.inboxes.iter_mut().enumerate() {
+            let Some(inbox) = inbox else { continue };
+            let ready = inbox.slots().min(per_source);
+            if ready == 0 {
+                continue;
+            }
+            let Ok(chunk) = inbox.read_chunk(ready) else {
+                continue;
+            };
+            for m in chunk {
+                f(from, m);
+            }
+            n += ready;
+        }
+        n
+    }
+
+    /// Entries waiting in this participant's inbound queues.
+    pub fn inbound_depth(&self) -> usize {
+        self.inboxes.iter().flatten().map(|c| c.slots()).sum()
+    }
+
+    /// Entries held back for full destination queues.
+    pub fn overflow_depth(&self) -> usize {
+        self.outboxes
+            .iter()
+            .flatten()
+            .map(|o| o.overflow.len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver(n: u8) -> FabricMsg {
+        FabricMsg::Deliver {
+            topic: Arc::from("t"),
+            frame: Bytes::from(vec![n]),
+        }
+    }
+
+    #[test]
+    fn fifo_per_pair_with_overflow_and_drop() {
+        let mut eps = grid(2, 2, 3);
+        let (a, b) = eps.split_at_mut(1);
+        let (a, b) = (&mut a[0], &mut b[0]);
+        let results: Vec<Sent> = (0..6).map(|i| a.send(1, deliver(i))).collect();
+        // 2 in the queue, 3 held back, the 6th dropped.
+        assert_eq!(results.iter().filter(|r| **r == Sent::Dropped).count(), 1);
+        assert_eq!(a.overflow_depth(), 3);
+        let mut got = Vec::new();
+        let collect = |got: &mut Vec<u8>, b: &mut Endpoint| {
+            b.receive(usize::MAX, |from, m| {
+                assert_eq!(from, 0);
+                if let FabricMsg::Deliver { frame, .. } = m {
+                    got.push(frame[0]);
+                }
+            })
+        };
+        collect(&mut got, b);
+        a.flush();
+        collect(&mut got, b);
+        a.flush();
+        collect(&mut got, b);
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        assert_eq!(a.overflow_depth(), 0);
+    }
+
+    #[test]
+    fn per_source_bound() {
+        let mut eps = grid(3, 16, 16);
+        for i in 0..5 {
+            eps[0].send(2, deliver(i));
+            eps[1].send(2, deliver(i));
+        }
+        assert_eq!(eps[2].receive(2, |_, _| {}), 4);
+        assert_eq!(eps[2].inbound_depth(), 6);
+    }
+}

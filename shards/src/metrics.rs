@@ -1,0 +1,202 @@
+//! Per-shard counters and gauges, written by their shard only and read by the control plane.
+//!
+//! Owns: the figures `/metrics` and `/health` report. Never: aggregates (the control plane sums
+//! shards at scrape time) or formats.
+//!
+//! Each [`Counter`] has exactly one writer, its shard, so an increment is a plain load and store
+//! (no locked read-modify-write on the hot path); readers on other threads see a recent value.
+//! The struct is cache-line aligned so shards never share a line.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A single-writer counter or gauge.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning shard may call this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// Sets a gauge. Only the owning shard may call this.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a message or connection was dropped; the `reason` label of `wse_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A subscriber's outbound queue overflowed; it was evicted with 4413.
+    SlowConsumer,
+    /// A cross-shard queue and its overflow were full.
+    FabricOverflow,
+    /// The inbound rate limit dropped a client message.
+    RateLimited,
+    /// The application event queue was full; the oldest event was dropped.
+    AppEventOverflow,
+    /// A message for a connection that had already gone.
+    ConnectionGone,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::SlowConsumer,
+        DropReason::FabricOverflow,
+        DropReason::RateLimited,
+        DropReason::AppEventOverflow,
+        DropReason::ConnectionGone,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::FabricOverflow => "fabric_overflow",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::AppEventOverflow => "app_event_overflow",
+            DropReason::ConnectionGone => "connection_gone",
+        }
+    }
+}
+
+/// Why a connection attempt was refused; the `reason` label of `wse_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Over `server.max_connections` (closed with 1013 after the upgrade).
+    MaxConnections,
+    /// Over `limits.max_pending_handshakes` (HTTP 503).
+    PendingHandshakes,
+    /// Not a valid WebSocket upgrade (HTTP 4xx).
+    BadHandshake,
+    /// The upgrade did not complete within `limits.handshake_timeout`.
+    HandshakeTimeout,
+    /// `accept` failed for lack of file descriptors.
+    FdLimit,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 5] = [
+        RejectReason::MaxConnections,
+        RejectReason::PendingHandshakes,
+        RejectReason::BadHandshake,
+        RejectReason::HandshakeTimeout,
+        RejectReason::FdLimit,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::MaxConnections => "max_connections",
+            RejectReason::PendingHandshakes => "pending_handshakes",
+            RejectReason::BadHandshake => "bad_handshake",
+            RejectReason::HandshakeTimeout => "handshake_timeout",
+            RejectReason::FdLimit => "fd_limit",
+        }
+    }
+}
+
+/// Close codes we count separately in `wse_closes_total{code}`; others count as `other`.
+pub const COUNTED_CLOSE_CODES: [u16; 12] = [
+    1000, 1001, 1002, 1007, 1009, 1011, 1013, 4300, 4401, 4408, 4413, 4429,
+];
+
+/// Upper bounds (seconds) of the handshake latency histogram buckets.
+pub const HANDSHAKE_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+];
+
+/// A fixed-bucket latency histogram with single-writer buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts; the last slot is +Inf.
+    pub buckets: [Counter; HANDSHAKE_BUCKETS.len() + 1],
+    pub sum_micros: Counter,
+    pub count: Counter,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = HANDSHAKE_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(HANDSHAKE_BUCKETS.len());
+        self.buckets[i].inc();
+        self.sum_micros.add(d.as_micros() as u64);
+        self.count.inc();
+    }
+}
+
+/// Everything one shard reports.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    /// Gauge: WebSocket connections past the upgrade and not yet released.
+    pub connections: Counter,
+    /// Gauge: sockets still in the HTTP upgrade.
+    pub handshakes_pending: Counter,
+    pub connections_accepted_total: Counter,
+    pub connections_closed_total: Counter,
+    /// Inbound data messages (after reassembly), and their bytes.
+    pub messages_in_total: Counter,
+    pub bytes_in_total: Counter,
+    /// Frames queued to connections (any kind), and bytes written to sockets.
+    pub messages_out_total: Counter,
+    pub bytes_out_total: Counter,
+    /// Topic publications queued to subscribers (one per subscriber per publication).
+    pub deliveries_total: Counter,
+    /// Publications sequenced by this shard as a topic owner.
+    pub publications_total: Counter,
+    pub auth_failures_total: Counter,
+    /// Inbound messages dropped by the rate limit.
+    pub rate_limited_total: Counter,
+    /// Client messages of application types, queued for the event stream.
+    pub app_events_total: Counter,
+    /// Gauge: application events waiting in this shard's queue.
+    pub app_event_queue_depth: Counter,
+    /// Gauge: cross-shard entries waiting in this shard's inbound queues (sampled each turn).
+    pub fabric_inbound_depth: Counter,
+    /// Gauge: entries held back because a destination's queue was full.
+    pub fabric_overflow_depth: Counter,
+    /// Gauge: bytes queued to this shard's connections and not yet written.
+    pub outbound_queued_bytes: Counter,
+    pub dropped: [Counter; DropReason::ALL.len()],
+    pub rejected: [Counter; RejectReason::ALL.len()],
+    /// By [`COUNTED_CLOSE_CODES`], the last slot for any other code.
+    pub closes: [Counter; COUNTED_CLOSE_CODES.len() + 1],
+    /// Accept to `server_ready` queued.
+    pub handshake_latency: Histogram,
+}
+
+impl ShardMetrics {
+    pub fn dropped(&self, reason: DropReason) -> &Counter {
+        &self.dropped[DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0)]
+    }
+    pub fn rejected(&self, reason: RejectReason) -> &Counter {
+        &self.rejected[RejectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0)]
+    }
+    pub fn closed_with(&self, code: u16) {
+        let i = COUNTED_CLOSE_CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(COUNTED_CLOSE_CODES.len());
+        self.closes[i].inc();
+    }
+}

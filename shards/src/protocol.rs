@@ -1,0 +1,829 @@
+//! The WSE JSON layer (protocol.md §2–§7), sans-IO: inbound message bytes in, typed messages out;
+//! outbound messages as compact JSON bytes with the field order the clients expect.
+//!
+//! Owns: message shapes and their encodings (`C:` zlib, `M:` MessagePack). Never: decides what to
+//! do with a message (the connection does), reads a clock (callers pass [`Clock`]).
+
+use std::borrow::Cow;
+use std::io::{Read, Write};
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::{Config, PROTOCOL_VERSION, TOPIC_LEN_MAX};
+
+/// The server version reported in `server_hello`.
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Deepest nesting accepted in an inbound MessagePack message.
+pub const MSGPACK_DEPTH_MAX: usize = 64;
+
+/// The time as the protocol layer needs it: monotonic for deadlines, wall for timestamps.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub now: Instant,
+    /// Milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+}
+
+impl Clock {
+    /// Reads both clocks. Only the I/O layer calls this; everything below takes a `Clock`.
+    pub fn read() -> Self {
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            now: Instant::now(),
+            wall_ms,
+        }
+    }
+
+    /// `2026-11-22T04:17:12.065Z`.
+    pub fn iso(&self) -> String {
+        iso8601(self.wall_ms)
+    }
+}
+
+/// Formats Unix milliseconds as ISO 8601 UTC with millisecond precision.
+pub fn iso8601(wall_ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(wall_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+// ------------------------------------------------------------------------------------------------
+// Inbound
+// ------------------------------------------------------------------------------------------------
+
+/// Why an inbound message could not be understood; sent back as an `error` event.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    #[error("message is not valid JSON")]
+    NotJson,
+    #[error("message has no type ('t')")]
+    NoType,
+    #[error("compressed message could not be inflated")]
+    BadCompression,
+    #[error("message inflates past the size limit")]
+    InflatedTooLarge,
+    #[error("MessagePack message could not be decoded")]
+    BadMsgpack,
+    #[error("encrypted frames are not enabled on this server")]
+    EncryptionNotEnabled,
+    #[error("invalid {0} payload")]
+    BadPayload(&'static str),
+}
+
+impl InboundError {
+    /// The WSE error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InboundError::BadPayload("subscription_update") => "INVALID_SUBSCRIPTION",
+            _ => "INVALID_MESSAGE",
+        }
+    }
+}
+
+/// Turns a binary frame into JSON bytes: `C:` inflates (capped at `max_len`), `M:` converts
+/// MessagePack (depth-capped), anything else is taken as JSON.
+///
+/// # Errors
+/// A payload that cannot be decoded.
+pub fn binary_to_json(payload: &[u8], max_len: usize) -> Result<Cow<'_, [u8]>, InboundError> {
+    if let Some(z) = payload.strip_prefix(b"C:") {
+        let mut out = Vec::new();
+        let mut dec = flate2::read::ZlibDecoder::new(z).take(max_len as u64 + 1);
+        dec.read_to_end(&mut out)
+            .map_err(|_| InboundError::BadCompression)?;
+        if out.len() > max_len {
+            return Err(InboundError::InflatedTooLarge);
+        }
+        return Ok(Cow::Owned(out));
+    }
+    if let Some(m) = payload.strip_prefix(b"M:") {
+        let mut de = rmp_serde::Deserializer::new(m);
+        de.set_max_depth(MSGPACK_DEPTH_MAX);
+        let v = serde_json::Value::deserialize(&mut de).map_err(|_| InboundError::BadMsgpack)?;
+        return serde_json::to_vec(&v)
+            .map(Cow::Owned)
+            .map_err(|_| InboundError::BadMsgpack);
+    }
+    if payload.starts_with(b"E:") {
+        return Err(InboundError::EncryptionNotEnabled);
+    }
+    Ok(Cow::Borrowed(payload))
+}
+
+/// A parsed client message, borrowing the message bytes.
+#[derive(Debug)]
+pub enum ClientMessage<'a> {
+    Hello {
+        protocol_version: u32,
+    },
+    /// `{"t":"ping","p":{"timestamp":<ms>}}`; the timestamp is echoed verbatim.
+    Ping {
+        timestamp: Option<&'a RawValue>,
+    },
+    /// The client's answer to our ping: activity only.
+    Pong,
+    Subscribe(Subscription<'a>),
+    Unsubscribe {
+        topics: Vec<Cow<'a, str>>,
+    },
+    Publish {
+        topic: Cow<'a, str>,
+        event: Cow<'a, str>,
+        data: &'a RawValue,
+        ack: bool,
+    },
+    /// `{"t":"batch","p":{"messages":[...]}}`: each element is a message of its own.
+    Batch(Vec<&'a RawValue>),
+    /// Any other type: an application event for the event stream.
+    App {
+        t: Cow<'a, str>,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Subscription<'a> {
+    pub topics: Vec<Cow<'a, str>>,
+    pub recover: bool,
+    /// `{"<topic>": {"epoch": "..", "offset": n}}`, passed through to recovery.
+    pub recovery: Option<&'a RawValue>,
+    /// Presence data for this subscription (protocol.md §8).
+    pub presence: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    t: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "type")]
+    type_: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    p: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct HelloPayload {
+    #[serde(default)]
+    protocol_version: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct PingPayload<'a> {
+    #[serde(borrow, default)]
+    timestamp: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct SubscriptionPayload<'a> {
+    #[serde(borrow, default)]
+    action: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    topics: Option<Vec<Cow<'a, str>>>,
+    #[serde(default)]
+    recover: Option<bool>,
+    #[serde(borrow, default)]
+    recovery: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    presence: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct PublishPayload<'a> {
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    #[serde(borrow, default)]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    ack: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct BatchPayload<'a> {
+    #[serde(borrow)]
+    messages: Vec<&'a RawValue>,
+}
+
+fn null_raw() -> &'static RawValue {
+    serde_json::from_str("null").expect("null is JSON")
+}
+
+fn empty_object_raw() -> &'static RawValue {
+    serde_json::from_str("{}").expect("{} is JSON")
+}
+
+/// Parses one inbound JSON message (the legacy `WSE{`, `S{`, `U{` prefixes are accepted).
+///
+/// # Errors
+/// Not JSON, no type, or a known type with a malformed payload.
+pub fn parse_client_message(json: &[u8]) -> Result<ClientMessage<'_>, InboundError> {
+    let json = strip_legacy_prefix(json);
+    let env: Envelope<'_> = serde_json::from_slice(json).map_err(|_| InboundError::NotJson)?;
+    let t = env.t.or(env.type_).ok_or(InboundError::NoType)?;
+    // An absent payload reads as an empty object.
+    let p = env.p.or(env.payload).unwrap_or_else(|| empty_object_raw());
+    match t.as_ref() {
+        "client_hello" => {
+            let h: HelloPayload = parse_payload(p, "client_hello")?;
+            let v = h
+                .protocol_version
+                .and_then(|v| v.as_u64())
+                .map_or(PROTOCOL_VERSION, |v| v.min(u64::from(u32::MAX)) as u32);
+            Ok(ClientMessage::Hello {
+                protocol_version: v,
+            })
+        }
+        "ping" | "PING" => {
+            let p: PingPayload<'_> = parse_payload(p, "ping")?;
+            Ok(ClientMessage::Ping {
+                timestamp: p.timestamp,
+            })
+        }
+        "PONG" | "pong" => Ok(ClientMessage::Pong),
+        "subscription_update" | "subscription" | "subscribe" | "unsubscribe" => {
+            let s: SubscriptionPayload<'_> = parse_payload(p, "subscription_update")?;
+            let action = match t.as_ref() {
+                "subscribe" | "unsubscribe" => t.clone(),
+                _ => s.action.unwrap_or(Cow::Borrowed("subscribe")),
+            };
+            let topics = s
+                .topics
+                .ok_or(InboundError::BadPayload("subscription_update"))?;
+            match action.as_ref() {
+                "subscribe" => Ok(ClientMessage::Subscribe(Subscription {
+                    topics,
+                    recover: s.recover.unwrap_or(false),
+                    recovery: s.recovery,
+                    presence: s.presence,
+                })),
+                "unsubscribe" => Ok(ClientMessage::Unsubscribe { topics }),
+                _ => Err(InboundError::BadPayload("subscription_update")),
+            }
+        }
+        "publish" => {
+            let p: PublishPayload<'_> = parse_payload(p, "publish")?;
+            Ok(ClientMessage::Publish {
+                topic: p.topic,
+                event: p.event.unwrap_or(Cow::Borrowed("publication")),
+                data: p.data.unwrap_or_else(|| null_raw()),
+                ack: p.ack.unwrap_or(false),
+            })
+        }
+        "batch" => {
+            let b: BatchPayload<'_> = parse_payload(p, "batch")?;
+            Ok(ClientMessage::Batch(b.messages))
+        }
+        _ => Ok(ClientMessage::App { t }),
+    }
+}
+
+fn parse_payload<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    what: &'static str,
+) -> Result<T, InboundError> {
+    serde_json::from_str(raw.get()).map_err(|_| InboundError::BadPayload(what))
+}
+
+fn strip_legacy_prefix(json: &[u8]) -> &[u8] {
+    if json.starts_with(b"WSE{") {
+        &json[3..]
+    } else if json.starts_with(b"S{") || json.starts_with(b"U{") {
+        &json[1..]
+    } else {
+        json
+    }
+}
+
+/// Why a topic name is refused, or `None` when it is acceptable (protocol.md §3).
+pub fn topic_problem(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("empty topic")
+    } else if topic.len() > TOPIC_LEN_MAX {
+        Some("topic longer than 1024 bytes")
+    } else if topic.chars().any(char::is_control) {
+        Some("topic contains control characters")
+    } else {
+        None
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Outbound
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct Out<'a, P: Serialize> {
+    c: &'a str,
+    t: &'a str,
+    p: P,
+    v: u32,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("our own message types serialise")
+}
+
+#[derive(Serialize)]
+struct Features {
+    compression: bool,
+    encryption: bool,
+    batching: bool,
+    priority_queue: bool,
+    circuit_breaker: bool,
+    rust_transport: bool,
+    rust_jwt: bool,
+    recovery: bool,
+}
+
+/// `server_ready`: always the first frame on a connection (protocol.md §2).
+pub fn server_ready(connection_id: &str, user_id: &str, recovery: bool, clock: &Clock) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Details<'a> {
+        version: u32,
+        features: Features,
+        connection_id: &'a str,
+        server_time: &'a str,
+        user_id: &'a str,
+    }
+    #[derive(Serialize)]
+    struct P<'a> {
+        message: &'a str,
+        details: Details<'a>,
+    }
+    #[derive(Serialize)]
+    struct Ready<'a> {
+        c: &'a str,
+        t: &'a str,
+        p: P<'a>,
+        id: String,
+        ts: &'a str,
+        seq: u64,
+        v: u32,
+    }
+    let now = clock.iso();
+    to_json(&Ready {
+        c: "WSE",
+        t: "server_ready",
+        p: P {
+            message: "Connection established",
+            details: Details {
+                version: PROTOCOL_VERSION,
+                features: Features {
+                    compression: true,
+                    encryption: false,
+                    batching: true,
+                    priority_queue: true,
+                    circuit_breaker: true,
+                    rust_transport: true,
+                    rust_jwt: true,
+                    recovery,
+                },
+                connection_id,
+                server_time: &now,
+                user_id,
+            },
+        },
+        id: uuid::Uuid::now_v7().to_string(),
+        ts: &now,
+        seq: 1,
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// `server_hello`: the answer to every `client_hello` (protocol.md §2).
+pub fn server_hello(
+    connection_id: &str,
+    protocol_version: u32,
+    recovery: bool,
+    cfg: &Config,
+    clock: &Clock,
+) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct HelloFeatures {
+        compression: bool,
+        recovery: bool,
+        cluster: bool,
+        batching: bool,
+        priority_queue: bool,
+        msgpack: bool,
+        encryption: bool,
+    }
+    #[derive(Serialize)]
+    struct Limits {
+        max_message_size: usize,
+        rate_limit_capacity: u32,
+        rate_limit_refill: u32,
+        max_queue_size: usize,
+    }
+    #[derive(Serialize)]
+    struct P<'a> {
+        server_version: &'a str,
+        protocol_version: u32,
+        features: HelloFeatures,
+        limits: Limits,
+        ping_interval: u64,
+        connection_id: &'a str,
+        server_time: String,
+    }
+    to_json(&Out {
+        c: "WSE",
+        t: "server_hello",
+        p: P {
+            server_version: SERVER_VERSION,
+            protocol_version: protocol_version.min(PROTOCOL_VERSION),
+            features: HelloFeatures {
+                compression: true,
+                recovery,
+                cluster: false,
+                batching: true,
+                priority_queue: true,
+                msgpack: true,
+                encryption: false,
+            },
+            limits: Limits {
+                max_message_size: cfg.limits.max_message_size,
+                rate_limit_capacity: cfg.protocol.rate_limit_capacity,
+                rate_limit_refill: cfg.protocol.rate_limit_refill,
+                max_queue_size: cfg.limits.max_outbound_queue_bytes,
+            },
+            ping_interval: cfg.protocol.ping_interval.as_millis() as u64,
+            connection_id,
+            server_time: clock.iso(),
+        },
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// The server's ping: compact text with `"t":"ping"` in the first 25 characters (the Python
+/// client's liveness watchdog looks there).
+pub fn ping(clock: &Clock) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct P {
+        server_time: String,
+    }
+    #[derive(Serialize)]
+    struct Ping<'a> {
+        c: &'a str,
+        t: &'a str,
+        p: P,
+    }
+    to_json(&Ping {
+        c: "WSE",
+        t: "ping",
+        p: P {
+            server_time: clock.iso(),
+        },
+    })
+}
+
+/// The answer to a client ping: compact text with `"t":"PONG"` in the first 25 characters.
+pub fn pong(client_timestamp: Option<&RawValue>, clock: &Clock) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct P<'a> {
+        client_timestamp: &'a RawValue,
+        server_timestamp: u64,
+        latency: u64,
+    }
+    let client = client_timestamp.unwrap_or_else(|| null_raw());
+    // Latency is only meaningful when the client sent a plausible epoch-milliseconds stamp.
+    let latency = serde_json::from_str::<f64>(client.get())
+        .ok()
+        .filter(|ts| *ts > 0.0 && *ts <= clock.wall_ms as f64)
+        .map_or(0, |ts| clock.wall_ms - ts as u64);
+    to_json(&Out {
+        c: "WSE",
+        t: "PONG",
+        p: P {
+            client_timestamp: client,
+            server_timestamp: clock.wall_ms,
+            latency,
+        },
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// An `error` event (protocol.md §10). `recoverable: false` only when the connection is about to
+/// be closed.
+pub fn error(code: &str, message: &str, recoverable: bool, clock: &Clock) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct P<'a> {
+        code: &'a str,
+        message: &'a str,
+        recoverable: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after: Option<f64>,
+        timestamp: String,
+    }
+    let retry_after = (code == "RATE_LIMITED").then_some(1.0);
+    to_json(&Out {
+        c: "WSE",
+        t: "error",
+        p: P {
+            code,
+            message,
+            recoverable,
+            retry_after,
+            timestamp: clock.iso(),
+        },
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// `rate_limit_warning` (protocol.md §7).
+pub fn rate_limit_warning(current_rate: u32, limit: u32, remaining: u32) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct P {
+        current_rate: u32,
+        limit: u32,
+        remaining: u32,
+        retry_after: f64,
+    }
+    to_json(&Out {
+        c: "WSE",
+        t: "rate_limit_warning",
+        p: P {
+            current_rate,
+            limit,
+            remaining,
+            retry_after: 1.0,
+        },
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// A topic refused in a subscription, with why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FailedTopic {
+    pub topic: String,
+    pub reason: String,
+}
+
+/// The `subscription_update` acknowledgement (protocol.md §3). `success` is true when no topic
+/// failed (the TS client confirms topics only then).
+pub fn subscription_ack(
+    action: &str,
+    success_topics: &[&str],
+    failed_topics: &[FailedTopic],
+) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct P<'a> {
+        action: &'a str,
+        success: bool,
+        success_topics: &'a [&'a str],
+        failed_topics: &'a [FailedTopic],
+    }
+    to_json(&Out {
+        c: "WSE",
+        t: "subscription_update",
+        p: P {
+            action,
+            success: failed_topics.is_empty(),
+            success_topics,
+            failed_topics,
+        },
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// `publish_ack` for a client publish with `ack: true`: the publication's per-topic offset.
+pub fn publish_ack(topic: &str, offset: u64) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct P<'a> {
+        topic: &'a str,
+        offset: u64,
+    }
+    to_json(&Out {
+        c: "WSE",
+        t: "publish_ack",
+        p: P { topic, offset },
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// The frame text every subscriber of a topic receives: `{"c":"U","t":<event>,"p":<data>,"v":1}`.
+/// Built once per publication.
+pub fn publication(event: &str, data: &RawValue) -> Bytes {
+    let mut b = BytesMut::with_capacity(event.len() + data.get().len() + 32);
+    b.put_slice(b"{\"c\":\"U\",\"t\":");
+    serde_json::to_writer((&mut b).writer(), event).expect("a str serialises");
+    b.put_slice(b",\"p\":");
+    b.put_slice(data.get().as_bytes());
+    b.put_slice(b",\"v\":1}");
+    b.freeze()
+}
+
+/// How a per-connection JSON message goes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    Text,
+    Binary,
+}
+
+/// Encodes a per-connection send (protocol.md §6): `M:` MessagePack on msgpack connections,
+/// else `C:` zlib when over `compression_threshold`, else plain text.
+pub fn encode_for_connection(
+    json: Vec<u8>,
+    msgpack: bool,
+    compression_threshold: usize,
+) -> (Wire, Vec<u8>) {
+    if msgpack
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json)
+        && let Ok(packed) = rmp_serde::to_vec_named(&v)
+    {
+        let mut out = Vec::with_capacity(packed.len() + 2);
+        out.extend_from_slice(b"M:");
+        out.extend_from_slice(&packed);
+        return (Wire::Binary, out);
+    }
+    if json.len() > compression_threshold {
+        let mut out = Vec::with_capacity(json.len() / 2 + 2);
+        out.extend_from_slice(b"C:");
+        let mut enc = flate2::write::ZlibEncoder::new(out, flate2::Compression::fast());
+        if enc.write_all(&json).is_ok()
+            && let Ok(out) = enc.finish()
+        {
+            return (Wire::Binary, out);
+        }
+    }
+    (Wire::Text, json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock() -> Clock {
+        Clock {
+            now: Instant::now(),
+            wall_ms: 1_795_321_032_951,
+        }
+    }
+
+    #[test]
+    fn iso_format() {
+        assert_eq!(iso8601(1_795_321_032_951), "2026-11-22T04:17:12.951Z");
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn ping_and_pong_carry_their_type_in_the_first_25_chars() {
+        let c = clock();
+        let ping = String::from_utf8(ping(&c)).unwrap();
+        assert!(ping[..25].contains(r#""t":"ping""#), "{ping}");
+        let ts: &RawValue = serde_json::from_str("1795321032900").unwrap();
+        let pong = String::from_utf8(pong(Some(ts), &c)).unwrap();
+        assert!(pong[..25].contains(r#""t":"PONG""#), "{pong}");
+        assert_eq!(
+            pong,
+            r#"{"c":"WSE","t":"PONG","p":{"client_timestamp":1795321032900,"server_timestamp":1795321032951,"latency":51},"v":1}"#
+        );
+    }
+
+    #[test]
+    fn server_ready_shape() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&server_ready("c1", "alice", false, &clock())).unwrap();
+        assert_eq!(v["t"], "server_ready");
+        assert_eq!(v["p"]["details"]["connection_id"], "c1");
+        assert_eq!(v["p"]["details"]["user_id"], "alice");
+        assert_eq!(v["p"]["details"]["features"]["recovery"], false);
+        assert_eq!(v["seq"], 1);
+        let text = String::from_utf8(server_ready("c1", "a", false, &clock())).unwrap();
+        assert!(text.starts_with(r#"{"c":"WSE","t":"server_ready","p":{"message""#));
+    }
+
+    #[test]
+    fn parses_what_the_python_client_sends() {
+        let hello = br#"{"c":"WSE","t":"client_hello","p":{"client_version":"2.0.7","protocol_version":1,"features":{}},"id":"x","ts":"y","v":1,"pri":10}"#;
+        assert!(matches!(
+            parse_client_message(hello),
+            Ok(ClientMessage::Hello {
+                protocol_version: 1
+            })
+        ));
+        let sub = br#"{"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":["a","b"]},"id":"x","seq":2}"#;
+        match parse_client_message(sub).unwrap() {
+            ClientMessage::Subscribe(s) => assert_eq!(s.topics, vec!["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        let ping = br#"{"c":"WSE","t":"ping","p":{"timestamp":123},"v":1}"#;
+        match parse_client_message(ping).unwrap() {
+            ClientMessage::Ping { timestamp } => assert_eq!(timestamp.unwrap().get(), "123"),
+            other => panic!("{other:?}"),
+        }
+        let publish = br#"{"c":"U","t":"publish","p":{"topic":"T","event":"chat","data":{"x":[1,2]},"ack":true}}"#;
+        match parse_client_message(publish).unwrap() {
+            ClientMessage::Publish {
+                topic,
+                event,
+                data,
+                ack,
+            } => {
+                assert_eq!(
+                    (topic.as_ref(), event.as_ref(), data.get(), ack),
+                    ("T", "chat", r#"{"x":[1,2]}"#, true)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_client_message(br#"U{"t":"custom","p":{}}"#),
+            Ok(ClientMessage::App { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_messages() {
+        assert_eq!(
+            parse_client_message(b"not json").unwrap_err(),
+            InboundError::NotJson
+        );
+        assert_eq!(
+            parse_client_message(b"{\"p\":{}}").unwrap_err(),
+            InboundError::NoType
+        );
+        assert_eq!(
+            parse_client_message(b"[1,2]").unwrap_err(),
+            InboundError::NotJson
+        );
+        let e =
+            parse_client_message(br#"{"t":"subscription_update","p":{"topics":"a"}}"#).unwrap_err();
+        assert_eq!(e.code(), "INVALID_SUBSCRIPTION");
+        let e = parse_client_message(br#"{"t":"publish","p":{"event":"x"}}"#).unwrap_err();
+        assert_eq!(e.code(), "INVALID_MESSAGE");
+    }
+
+    #[test]
+    fn publication_frame_text() {
+        let data: &RawValue = serde_json::from_str(r#"{"n":1}"#).unwrap();
+        assert_eq!(
+            &publication("chat\"msg", data)[..],
+            br#"{"c":"U","t":"chat\"msg","p":{"n":1},"v":1}"#
+        );
+    }
+
+    #[test]
+    fn binary_encodings_round_trip() {
+        let json = br#"{"t":"x","p":{"k":"v"}}"#.to_vec();
+        let (w, packed) = encode_for_connection(json.clone(), true, 1024);
+        assert_eq!(w, Wire::Binary);
+        let back: serde_json::Value =
+            serde_json::from_slice(&binary_to_json(&packed, 1 << 20).unwrap()).unwrap();
+        assert_eq!(back["p"]["k"], "v");
+        let big = format!(r#"{{"t":"x","p":"{}"}}"#, "a".repeat(5000)).into_bytes();
+        let (w, z) = encode_for_connection(big.clone(), false, 1024);
+        assert_eq!(w, Wire::Binary);
+        assert!(z.starts_with(b"C:") && z.len() < big.len());
+        assert_eq!(binary_to_json(&z, 1 << 20).unwrap().as_ref(), &big[..]);
+        assert_eq!(
+            binary_to_json(&z, 100).unwrap_err(),
+            InboundError::InflatedTooLarge
+        );
+        assert_eq!(
+            binary_to_json(b"C:garbage", 100).unwrap_err(),
+            InboundError::BadCompression
+        );
+        assert_eq!(
+            binary_to_json(b"E:xx", 100).unwrap_err(),
+            InboundError::EncryptionNotEnabled
+        );
+    }
+
+    #[test]
+    fn msgpack_depth_is_capped() {
+        // 100 nested one-element arrays.
+        let mut m = vec![0x91u8; 100];
+        m.push(0xc0);
+        let mut input = b"M:".to_vec();
+        input.extend_from_slice(&m);
+        assert_eq!(
+            binary_to_json(&input, 1 << 20).unwrap_err(),
+            InboundError::BadMsgpack
+        );
+    }
+
+    #[test]
+    fn topic_rules() {
+        assert!(topic_problem("chat:lobby").is_none());
+        assert!(topic_problem("").is_some());
+        assert!(topic_problem("a\nb").is_some());
+        assert!(topic_problem(&"x".repeat(1025)).is_some());
+        assert!(topic_problem(&"x".repeat(1024)).is_none());
+    }
+}

@@ -1,0 +1,252 @@
+//! Starting and stopping the engine: one thread per shard, the fabric between them, and the
+//! handle the control plane (or an embedding application) uses.
+//!
+//! Owns: boot order, the shard threads, the control plane's end of the fabric. Never: parses
+//! configuration files or flags (the binary does).
+//!
+//! Start-up binds every listener before any thread starts (so "address in use" fails `start`
+//! cleanly), then starts the shards and waits until each reports its runtime ready; a shard that
+//! fails is reported with the others stopped.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use crate::accept;
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::fabric::{self, Endpoint, FabricMsg, Sent};
+use crate::metrics::ShardMetrics;
+use crate::protocol;
+use crate::runtime::{self, Boot};
+use crate::shard::{Admission, Shared};
+use crate::topics::owner_of;
+
+/// Fabric participants besides the shards: the control plane, and a reserved slot for the
+/// cluster core (a later participant with its own thread).
+const EXTRA_PARTICIPANTS: usize = 2;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("shard {shard} failed to start: {source}")]
+    Shard { shard: usize, source: io::Error },
+}
+
+/// Why a publication was not accepted by the engine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("invalid topic: {0}")]
+    InvalidTopic(&'static str),
+    #[error("the owner shard's queue is full")]
+    Overloaded,
+}
+
+/// A running engine.
+pub struct Server {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
+    metrics: Vec<Arc<ShardMetrics>>,
+    control: Mutex<Endpoint>,
+    /// Reserved for the cluster core.
+    _cluster: Endpoint,
+    local_addr: SocketAddr,
+    started: Instant,
+}
+
+impl Server {
+    /// Validates `cfg`, binds the listeners and starts one shard per core.
+    ///
+    /// # Errors
+    /// Bad configuration, a listener that cannot bind, a shard runtime that cannot start.
+    pub fn start(cfg: Config) -> Result<Server, StartError> {
+        cfg.validate()?;
+        let shards = cfg.shard_count();
+        let auth = if cfg.auth.enabled {
+            Some(Arc::new(Authenticator::new(&cfg.auth)?))
+        } else {
+            None
+        };
+        let (local_addr, listeners) =
+            accept::bind_all(cfg.server.listen, shards, cfg.server.pin_threads).map_err(
+                |source| StartError::Bind {
+                    addr: cfg.server.listen,
+                    source,
+                },
+            )?;
+        let mut endpoints = fabric::grid(
+            shards + EXTRA_PARTICIPANTS,
+            cfg.limits.fabric_queue_capacity,
+            cfg.limits.fabric_overflow_max,
+        );
+        let cluster = endpoints.pop().expect("grid has the extra participants");
+        let control = endpoints.pop().expect("grid has the extra participants");
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let pin = cfg.server.pin_threads && !cores.is_empty();
+        let shared = Arc::new(Shared {
+            admission: Admission::new(cfg.server.max_connections),
+            cfg: Arc::new(cfg),
+            auth,
+            shutdown: Default::default(),
+            shards,
+        });
+        let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut threads = Vec::with_capacity(shards);
+        for (id, (fabric, listener)) in endpoints.into_iter().zip(listeners).enumerate() {
+            let boot = Boot {
+                id,
+                shared: shared.clone(),
+                fabric,
+                listener,
+                metrics: metrics[id].clone(),
+                core: pin.then(|| cores[id % cores.len()]),
+                ready: ready_tx.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("wse-shard-{id}"))
+                .spawn(move || runtime::run(boot))
+                .map_err(|source| StartError::Shard { shard: id, source })?;
+            threads.push(t);
+        }
+        let server = Server {
+            shared,
+            threads: Mutex::new(threads),
+            metrics,
+            control: Mutex::new(control),
+            _cluster: cluster,
+            local_addr,
+            started: Instant::now(),
+        };
+        for shard in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => {
+                    server.stop(Duration::from_secs(1));
+                    return Err(StartError::Shard { shard, source });
+                }
+                Err(_) => {
+                    server.stop(Duration::from_secs(1));
+                    return Err(StartError::Shard {
+                        shard,
+                        source: io::Error::other("shard thread exited during start-up"),
+                    });
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// The address the WebSocket listeners are bound to (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shared.shards
+    }
+
+    /// Per-shard metrics, in shard order.
+    pub fn metrics(&self) -> &[Arc<ShardMetrics>] {
+        &self.metrics
+    }
+
+    /// Live WebSocket connections across all shards.
+    pub fn connection_count(&self) -> usize {
+        self.shared.admission.live()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Publishes `{"c":"U","t":<event>,"p":<data>,"v":1}` to every subscriber of `topic`.
+    ///
+    /// # Errors
+    /// An invalid topic, or a full queue to the topic's owner shard.
+    pub fn publish(&self, topic: &str, event: &str, data: &RawValue) -> Result<(), PublishError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(PublishError::InvalidTopic(problem));
+        }
+        let body = protocol::publication(event, data);
+        self.publish_body(topic, body)
+    }
+
+    fn publish_body(&self, topic: &str, body: Bytes) -> Result<(), PublishError> {
+        let owner = owner_of(topic, self.shared.shards);
+        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = ep.send(
+            owner,
+            FabricMsg::Publish {
+                topic: Arc::from(topic),
+                body,
+                ack: None,
+            },
+        );
+        ep.flush();
+        match sent {
+            Sent::Queued => Ok(()),
+            Sent::Dropped => Err(PublishError::Overloaded),
+        }
+    }
+
+    /// Asks every shard to drain: stop accepting, close each connection with
+    /// `server.shutdown_close_code`, and exit once all are gone or `server.drain_timeout` passed.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        let ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        for shard in 0..self.shared.shards {
+            ep.doorbells().ring(shard);
+        }
+    }
+
+    /// Requests shutdown and waits up to `grace` beyond the drain timeout for the shards.
+    /// Returns whether every shard exited in time.
+    pub fn stop(&self, grace: Duration) -> bool {
+        self.shutdown();
+        let deadline = Instant::now() + self.shared.cfg.server.drain_timeout + grace;
+        let mut clean = true;
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                match t.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "shard failed");
+                        clean = false;
+                    }
+                    Err(_) => clean = false,
+                }
+            } else {
+                clean = false;
+            }
+        }
+        clean
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let running = !self.threads.get_mut().map(|t| t.is_empty()).unwrap_or(true);
+        if running {
+            self.stop(Duration::from_secs(1));
+        }
+    }
+}

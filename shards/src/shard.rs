@@ -1,0 +1,830 @@
+//! One shard: everything one core owns — its connections, its topic table, its timer wheel, its
+//! end of the fabric and its application event queue — and the rules that tie them together.
+//!
+//! Owns: connection slots, subscribe/publish routing, fan-out to local subscribers, pending
+//! subscribe acknowledgements, deadlines, drain. Never: reads sockets or clocks, or blocks; the
+//! I/O layer (`runtime`) feeds it bytes, readiness and the time, and calls [`Shard::flush`] once
+//! per loop turn, which writes each connection with pending output once (all its queued frames
+//! in one `writev`).
+//!
+//! Calling order per loop turn: any number of `accept` / `handle_bytes` / `handle_eof` /
+//! `release` / `handle_writable` (as I/O completes), then `handle_fabric`, `handle_timers`,
+//! `flush`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use slab::Slab;
+
+use crate::auth::{Acl, Authenticator};
+use crate::codec::{self, OpCode};
+use crate::config::Config;
+use crate::conn::{Conn, ConnEvent, ConnId, Cx};
+use crate::fabric::{Endpoint, FabricMsg, Sent};
+use crate::handshake;
+use crate::metrics::{DropReason, RejectReason, ShardMetrics};
+use crate::protocol::{self, Clock};
+use crate::ratelimit::RateLimits;
+use crate::timer::{Tick, TimerWheel};
+use crate::topics::{Change, ConnKey, Topics};
+
+/// Frames handed to one `writev`. Linux accepts 1024; 64 covers any realistic backlog per turn
+/// while keeping the slice array on the stack.
+const IOV_PER_WRITE: usize = 64;
+/// Cross-shard entries taken from one sender per turn, so one busy peer cannot starve others.
+const FABRIC_BATCH_PER_SOURCE: usize = 4096;
+/// Bytes of application events a shard holds for the event stream, whatever their count.
+pub const APP_EVENT_QUEUE_BYTES_MAX: usize = 64 << 20;
+
+/// The global cap on live connections (`server.max_connections`). Touched on upgrade and release
+/// only, never per message.
+#[derive(Debug)]
+pub struct Admission {
+    live: AtomicUsize,
+    max: usize,
+}
+
+impl Admission {
+    pub fn new(max: usize) -> Self {
+        Self {
+            live: AtomicUsize::new(0),
+            max,
+        }
+    }
+    /// Takes a place if one is free.
+    pub fn try_admit(&self) -> bool {
+        if self.live.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+    pub fn release(&self) {
+        let before = self.live.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "admission released more often than taken");
+    }
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+/// State every shard reads; built once at start.
+#[derive(Debug)]
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub auth: Option<Arc<Authenticator>>,
+    pub admission: Admission,
+    /// Set once by a shutdown request; every shard then drains.
+    pub shutdown: AtomicBool,
+    pub shards: usize,
+}
+
+/// The socket side of a connection, as the shard needs it.
+pub trait Transport {
+    /// One non-blocking `writev`.
+    ///
+    /// # Errors
+    /// `WouldBlock` when the socket buffer is full; anything else means the socket is dead.
+    fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// `shutdown(2)`; errors are irrelevant (the socket is going away either way).
+    fn shutdown(&self, how: Shutdown);
+}
+
+/// A client message of an application type, waiting for the event stream.
+#[derive(Debug, Clone)]
+pub struct AppEvent {
+    pub conn: ConnId,
+    pub user: Box<str>,
+    pub t: String,
+    pub payload: Bytes,
+}
+
+struct Slot<T> {
+    conn: Conn,
+    io: T,
+    /// The wheel tick of this connection's current timer entry.
+    armed: Option<Tick>,
+    /// Listed in `Shard::dirty`.
+    dirty: bool,
+    /// The socket returned `WouldBlock`; the I/O layer calls `handle_writable` when it drains.
+    write_blocked: bool,
+    /// `shutdown(Write)` done (after the final close frame).
+    write_shut: bool,
+    upgraded: bool,
+}
+
+/// A subscribe acknowledgement waiting for the owners of some of its topics.
+struct PendingAck {
+    conn: ConnId,
+    remaining: u32,
+    frame: Vec<u8>,
+}
+
+pub struct Shard<T: Transport> {
+    me: usize,
+    shared: Arc<Shared>,
+    cfg: Arc<Config>,
+    rate: RateLimits,
+    default_publish: Acl,
+    metrics: Arc<ShardMetrics>,
+    conns: Slab<Slot<T>>,
+    serial: u32,
+    topics: Topics,
+    timers: TimerWheel,
+    fabric: Endpoint,
+    /// Connections with output queued this turn (each listed once).
+    dirty: Vec<ConnKey>,
+    events: Vec<ConnEvent>,
+    inbox: Vec<(usize, FabricMsg)>,
+    expired: Vec<(u32, Tick)>,
+    evict: Vec<ConnKey>,
+    ping: Option<Bytes>,
+    pending_acks: HashMap<u64, PendingAck>,
+    next_request: u64,
+    app_events: VecDeque<AppEvent>,
+    app_event_bytes: usize,
+    handshakes: usize,
+    draining_until: Option<Instant>,
+}
+
+impl<T: Transport> Shard<T> {
+    pub fn new(
+        me: usize,
+        shared: Arc<Shared>,
+        fabric: Endpoint,
+        metrics: Arc<ShardMetrics>,
+        now: Instant,
+    ) -> Self {
+        let cfg = shared.cfg.clone();
+        let p = &cfg.protocol;
+        let rate = RateLimits {
+            capacity: p.rate_limit_capacity,
+            refill_per_sec: p.rate_limit_refill,
+            abuse_drops: p.rate_limit_abuse_drops,
+            abuse_window_ms: p.rate_limit_abuse_window.as_millis() as u64,
+        };
+        let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
+        Self {
+            me,
+            topics: Topics::new(me, shared.shards),
+            shared,
+            cfg,
+            rate,
+            default_publish,
+            metrics,
+            conns: Slab::new(),
+            serial: 0,
+            timers: TimerWheel::new(now),
+            fabric,
+            dirty: Vec::new(),
+            events: Vec::new(),
+            inbox: Vec::new(),
+            expired: Vec::new(),
+            evict: Vec::new(),
+            ping: None,
+            pending_acks: HashMap::new(),
+            next_request: 0,
+            app_events: VecDeque::new(),
+            app_event_bytes: 0,
+            handshakes: 0,
+            draining_until: None,
+        }
+    }
+
+    pub fn id(&self) -> usize {
+        self.me
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining_until.is_some()
+    }
+
+    /// Draining and either every connection is gone or the drain deadline has passed.
+    pub fn is_drained(&self, now: Instant) -> bool {
+        self.draining_until
+            .is_some_and(|until| self.conns.is_empty() || now >= until)
+    }
+
+    /// When the shard next needs `handle_timers`.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let t = self.timers.next_expiry();
+        match (t, self.draining_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether cross-shard entries are waiting (the loop should not park).
+    pub fn has_fabric_work(&self) -> bool {
+        self.fabric.inbound_depth() > 0 || self.fabric.overflow_depth() > 0
+    }
+
+    /// The socket of connection `key`.
+    pub fn socket(&self, key: ConnKey) -> Option<T>
+    where
+        T: Clone,
+    {
+        self.conns.get(key as usize).map(|s| s.io.clone())
+    }
+
+    /// The application events waiting for the event stream (oldest first).
+    pub fn app_events(&mut self) -> &mut VecDeque<AppEvent> {
+        &mut self.app_events
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Input from the I/O layer
+    // --------------------------------------------------------------------------------------------
+
+    /// Takes a freshly accepted socket. `None` when refused (too many handshakes in flight); the
+    /// refusal has been written and the socket should be dropped.
+    pub fn accept(&mut self, io: T, clock: Clock) -> Option<ConnKey> {
+        self.metrics.connections_accepted_total.inc();
+        if self.handshakes >= self.cfg.limits.max_pending_handshakes || self.is_draining() {
+            self.metrics.rejected(RejectReason::PendingHandshakes).inc();
+            let reply = handshake::response_reject(&handshake::Reject {
+                status: 503,
+                reason: "Service Unavailable",
+            });
+            let _ = io.write_vectored(&[IoSlice::new(&reply)]);
+            io.shutdown(Shutdown::Both);
+            return None;
+        }
+        let entry = self.conns.vacant_entry();
+        let key = entry.key() as ConnKey;
+        self.serial = self.serial.wrapping_add(1);
+        let conn = Conn::new(ConnId::new(self.me, self.serial, key), clock.now);
+        entry.insert(Slot {
+            conn,
+            io,
+            armed: None,
+            dirty: false,
+            write_blocked: false,
+            write_shut: false,
+            upgraded: false,
+        });
+        self.handshakes += 1;
+        self.metrics.handshakes_pending.set(self.handshakes as u64);
+        self.rearm(key);
+        Some(key)
+    }
+
+    /// Bytes read from connection `key`.
+    pub fn handle_bytes(&mut self, key: ConnKey, data: &mut [u8], clock: Clock) {
+        self.with_conn(key, clock, |c, cx| c.handle_bytes(data, cx));
+    }
+
+    /// The peer closed, or the socket failed.
+    pub fn handle_eof(&mut self, key: ConnKey, clock: Clock) {
+        self.with_conn(key, clock, |c, cx| c.handle_eof(cx));
+    }
+
+    /// The socket of `key` can take more bytes.
+    pub fn handle_writable(&mut self, key: ConnKey) {
+        if let Some(slot) = self.conns.get_mut(key as usize) {
+            slot.write_blocked = false;
+            mark_dirty(&mut self.dirty, slot, key);
+        }
+    }
+
+    /// The I/O task of `key` has finished: the slot and everything it holds go.
+    pub fn release(&mut self, key: ConnKey, clock: Clock) {
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|s| !s.conn.is_closed())
+        {
+            // Released without passing through Closed (socket error): tidy up as for EOF.
+            self.handle_eof(key, clock);
+        }
+        let Some(slot) = self.conns.try_remove(key as usize) else {
+            return;
+        };
+        if slot.conn.is_handshaking() {
+            self.handshakes -= 1;
+            self.metrics.handshakes_pending.set(self.handshakes as u64);
+        }
+        if slot.conn.admitted {
+            self.shared.admission.release();
+        }
+        if slot.upgraded {
+            self.metrics
+                .connections
+                .set(self.metrics.connections.get().saturating_sub(1));
+        }
+        self.metrics.connections_closed_total.inc();
+    }
+
+    /// Starts a graceful shutdown: every connection gets `code` and `drain_timeout` to go.
+    pub fn begin_drain(&mut self, clock: Clock) {
+        if self.draining_until.is_some() {
+            return;
+        }
+        self.draining_until = Some(clock.now + self.cfg.server.drain_timeout);
+        let code = self.cfg.server.shutdown_close_code;
+        let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k as ConnKey).collect();
+        for key in keys {
+            self.with_conn(key, clock, |c, cx| {
+                c.close(code, "server shutting down", cx)
+            });
+        }
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Once per loop turn
+    // --------------------------------------------------------------------------------------------
+
+    /// Handles what other shards and the control plane sent. Returns how many entries.
+    pub fn handle_fabric(&mut self, clock: Clock) -> usize {
+        let mut inbox = std::mem::take(&mut self.inbox);
+        let n = self
+            .fabric
+            .receive(FABRIC_BATCH_PER_SOURCE, |from, m| inbox.push((from, m)));
+        for (from, m) in inbox.drain(..) {
+            self.handle_fabric_msg(from, m, clock);
+        }
+        self.inbox = inbox;
+        self.evict_pending(clock);
+        n
+    }
+
+    /// Runs due deadlines: pings, idle closes, handshake and close timeouts.
+    pub fn handle_timers(&mut self, clock: Clock) {
+        self.ping = None;
+        let mut expired = std::mem::take(&mut self.expired);
+        self.timers.expire(clock.now, &mut expired);
+        for (key, tick) in expired.drain(..) {
+            let Some(slot) = self.conns.get_mut(key as usize) else {
+                continue;
+            };
+            if slot.armed != Some(tick) {
+                continue; // stale: re-armed since
+            }
+            slot.armed = None;
+            if slot.conn.is_closed() {
+                // Past the close deadline: stop waiting for the peer's FIN.
+                if clock.now >= slot.conn.poll_timeout(&self.cfg) {
+                    slot.io.shutdown(Shutdown::Both);
+                } else {
+                    self.rearm(key);
+                }
+                continue;
+            }
+            self.with_conn(key, clock, |c, cx| c.handle_timeout(cx));
+        }
+        self.expired = expired;
+    }
+
+    /// Writes every connection with queued output (one `writev` each), shuts down the write side
+    /// of finished connections, and pushes cross-shard entries. Keys whose socket is full are
+    /// added to `blocked`: the I/O layer waits for them to drain and calls `handle_writable`.
+    pub fn flush(&mut self, blocked: &mut Vec<ConnKey>, clock: Clock) {
+        let mut broken = Vec::new();
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(slot) = self.conns.get_mut(key as usize) else {
+                continue;
+            };
+            slot.dirty = false;
+            if slot.write_blocked {
+                continue;
+            }
+            match write_out(slot, &self.metrics) {
+                Ok(()) => {
+                    if slot.conn.wants_shutdown() && !slot.write_shut {
+                        slot.write_shut = true;
+                        slot.io.shutdown(Shutdown::Write);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    slot.write_blocked = true;
+                    blocked.push(key);
+                }
+                Err(_) => broken.push(key),
+            }
+        }
+        for key in broken {
+            self.handle_eof(key, clock);
+            if let Some(slot) = self.conns.get(key as usize) {
+                slot.io.shutdown(Shutdown::Both);
+            }
+        }
+        let held = self.fabric.flush();
+        let m = &self.metrics;
+        m.fabric_overflow_depth.set(held as u64);
+        m.fabric_inbound_depth
+            .set(self.fabric.inbound_depth() as u64);
+        m.app_event_queue_depth.set(self.app_events.len() as u64);
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Connection events
+    // --------------------------------------------------------------------------------------------
+
+    /// Runs `f` on connection `key` with a context borrowed from the shard, then applies what
+    /// the connection asked for.
+    fn with_conn(&mut self, key: ConnKey, clock: Clock, f: impl FnOnce(&mut Conn, &mut Cx<'_>)) {
+        let Some(slot) = self.conns.get_mut(key as usize) else {
+            return;
+        };
+        let was_handshaking = slot.conn.is_handshaking();
+        let mut cx = Cx {
+            clock,
+            cfg: &self.cfg,
+            rate: &self.rate,
+            auth: self.shared.auth.as_deref(),
+            default_publish: &self.default_publish,
+            admission: &self.shared.admission,
+            metrics: &self.metrics,
+            events: &mut self.events,
+            ping: &mut self.ping,
+        };
+        f(&mut slot.conn, &mut cx);
+        if was_handshaking && !slot.conn.is_handshaking() {
+            self.handshakes -= 1;
+            self.metrics.handshakes_pending.set(self.handshakes as u64);
+        }
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
+            self.handle_event(key, ev, clock);
+        }
+        self.events = events;
+        if let Some(slot) = self.conns.get_mut(key as usize)
+            && (!slot.conn.out.is_empty() || slot.conn.is_closed())
+        {
+            mark_dirty(&mut self.dirty, slot, key);
+        }
+        self.rearm(key);
+    }
+
+    fn handle_event(&mut self, key: ConnKey, ev: ConnEvent, clock: Clock) {
+        match ev {
+            ConnEvent::Upgraded => {
+                if let Some(slot) = self.conns.get_mut(key as usize) {
+                    slot.upgraded = true;
+                    self.metrics.connections.inc();
+                }
+            }
+            ConnEvent::Subscribe { topics, failed } => self.subscribe(key, topics, failed, clock),
+            ConnEvent::Unsubscribe { topics } => self.unsubscribe(key, topics, clock),
+            ConnEvent::Publish { topic, body, ack } => {
+                let origin = self.conns.get(key as usize).map(|s| s.conn.id());
+                self.route_publication(&topic, body, origin.filter(|_| ack), clock);
+            }
+            ConnEvent::App { t, payload } => self.push_app_event(key, t, payload),
+            ConnEvent::Left => self.leave_all(key),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        key: ConnKey,
+        topics: Vec<String>,
+        failed: Vec<protocol::FailedTopic>,
+        clock: Clock,
+    ) {
+        let Some(slot) = self.conns.get_mut(key as usize) else {
+            return;
+        };
+        let conn_id = slot.conn.id();
+        let Some(subs) = slot.conn.subs_mut() else {
+            return; // closed since it asked
+        };
+        let mut pending = Vec::new();
+        for topic in &topics {
+            let (name, added, change) = self.topics.subscribe(topic, key);
+            if added {
+                subs.push(name);
+            }
+            if let Change::Interest { owner, on } = change {
+                send(
+                    &mut self.fabric,
+                    &self.metrics,
+                    owner,
+                    FabricMsg::Interest {
+                        topic: Arc::from(topic.as_str()),
+                        shard: self.me as u16,
+                        on,
+                    },
+                );
+            }
+            if !self.topics.get(topic).is_some_and(|t| t.is_live()) {
+                pending.push(topic.as_str());
+            }
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let frame = protocol::subscription_ack("subscribe", &names, &failed);
+        if pending.is_empty() {
+            self.send_json(key, frame, clock);
+            return;
+        }
+        // The acknowledgement waits until every owner has registered this shard's interest, so
+        // a publication made after the client sees it is guaranteed to reach the client.
+        let id = self.next_request;
+        self.next_request += 1;
+        for topic in &pending {
+            if let Some(t) = self.topics.get_mut(topic) {
+                t.waiters.push(id);
+            }
+        }
+        self.pending_acks.insert(
+            id,
+            PendingAck {
+                conn: conn_id,
+                remaining: pending.len() as u32,
+                frame,
+            },
+        );
+    }
+
+    fn unsubscribe(&mut self, key: ConnKey, topics: Vec<String>, clock: Clock) {
+        let Some(subs) = self
+            .conns
+            .get_mut(key as usize)
+            .and_then(|s| s.conn.subs_mut())
+        else {
+            return;
+        };
+        let mut changes = Vec::new();
+        for topic in &topics {
+            if let Some(i) = subs.iter().position(|s| **s == **topic) {
+                subs.swap_remove(i);
+                changes.push((topic, self.topics.unsubscribe(topic, key)));
+            }
+        }
+        for (topic, change) in changes {
+            self.announce(topic, change);
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let frame = protocol::subscription_ack("unsubscribe", &names, &[]);
+        self.send_json(key, frame, clock);
+    }
+
+    /// The connection left the live phase: it is no longer a subscriber anywhere.
+    fn leave_all(&mut self, key: ConnKey) {
+        let Some(slot) = self.conns.get_mut(key as usize) else {
+            return;
+        };
+        let subs = slot.conn.take_subs();
+        for topic in subs {
+            let change = self.topics.unsubscribe(&topic, key);
+            self.announce(&topic, change);
+        }
+    }
+
+    fn announce(&mut self, topic: &str, change: Change) {
+        if let Change::Interest { owner, on } = change {
+            send(
+                &mut self.fabric,
+                &self.metrics,
+                owner,
+                FabricMsg::Interest {
+                    topic: Arc::from(topic),
+                    shard: self.me as u16,
+                    on,
+                },
+            );
+        }
+    }
+
+    fn push_app_event(&mut self, key: ConnKey, t: String, payload: Bytes) {
+        let Some(slot) = self.conns.get(key as usize) else {
+            return;
+        };
+        let ev = AppEvent {
+            conn: slot.conn.id(),
+            user: slot.conn.user_id().unwrap_or_default().into(),
+            t,
+            payload,
+        };
+        self.metrics.app_events_total.inc();
+        self.app_event_bytes += ev.payload.len();
+        self.app_events.push_back(ev);
+        while self.app_events.len() > self.cfg.limits.app_event_queue_capacity
+            || self.app_event_bytes > APP_EVENT_QUEUE_BYTES_MAX
+        {
+            let Some(old) = self.app_events.pop_front() else {
+                break;
+            };
+            self.app_event_bytes -= old.payload.len();
+            self.metrics.dropped(DropReason::AppEventOverflow).inc();
+        }
+    }
+
+    /// Queues a per-connection JSON message to `key`.
+    fn send_json(&mut self, key: ConnKey, json: Vec<u8>, clock: Clock) {
+        self.with_conn(key, clock, |c, cx| c.send_json(json, cx));
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Publications
+    // --------------------------------------------------------------------------------------------
+
+    /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
+    pub fn route_publication(
+        &mut self,
+        topic: &str,
+        body: Bytes,
+        ack: Option<ConnId>,
+        clock: Clock,
+    ) {
+        let owner = self.topics.owner_of(topic);
+        if owner == self.me {
+            self.sequence(topic, &body, ack, clock);
+        } else {
+            send(
+                &mut self.fabric,
+                &self.metrics,
+                owner,
+                FabricMsg::Publish {
+                    topic: Arc::from(topic),
+                    body,
+                    ack,
+                },
+            );
+        }
+    }
+
+    /// Owner side: numbers a publication, frames it once, queues it to local subscribers and
+    /// sends one entry to each other shard with subscribers.
+    fn sequence(&mut self, topic: &str, body: &[u8], ack: Option<ConnId>, clock: Clock) {
+        let frame = codec::encode_frame(OpCode::Text, body);
+        self.metrics.publications_total.inc();
+        let t = self.topics.sequence(topic);
+        let offset = t.published;
+        let name = t.name.clone();
+        for shard in t.interested.iter() {
+            send(
+                &mut self.fabric,
+                &self.metrics,
+                shard,
+                FabricMsg::Deliver {
+                    topic: name.clone(),
+                    frame: frame.clone(),
+                },
+            );
+        }
+        self.deliver_local(topic, &frame);
+        self.topics.release_if_unused(topic);
+        if let Some(conn) = ack {
+            if conn.shard() == self.me {
+                self.send_publish_ack(conn, topic, offset, clock);
+            } else {
+                send(
+                    &mut self.fabric,
+                    &self.metrics,
+                    conn.shard(),
+                    FabricMsg::PublishAcked {
+                        conn,
+                        topic: name,
+                        offset,
+                    },
+                );
+            }
+        }
+        self.evict_pending(clock);
+    }
+
+    /// Queues `frame` to every live local subscriber of `topic`; overflowing ones are listed for
+    /// eviction (done after the loop, since evicting changes the topic table).
+    fn deliver_local(&mut self, topic: &str, frame: &Bytes) {
+        let Some(t) = self.topics.get(topic) else {
+            return;
+        };
+        if !t.is_live() {
+            // Sequenced before this shard's subscription took effect.
+            return;
+        }
+        let max = self.cfg.limits.max_outbound_queue_bytes;
+        for &key in &t.subscribers {
+            let Some(slot) = self.conns.get_mut(key as usize) else {
+                debug_assert!(false, "subscriber {key} has no slot");
+                continue;
+            };
+            if slot.conn.push_delivery(frame.clone(), max) {
+                self.metrics.deliveries_total.inc();
+                self.metrics.messages_out_total.inc();
+                mark_dirty(&mut self.dirty, slot, key);
+            } else {
+                self.evict.push(key);
+            }
+        }
+    }
+
+    fn evict_pending(&mut self, clock: Clock) {
+        while let Some(key) = self.evict.pop() {
+            self.with_conn(key, clock, |c, cx| c.evict(cx));
+        }
+    }
+
+    fn send_publish_ack(&mut self, conn: ConnId, topic: &str, offset: u64, clock: Clock) {
+        if self
+            .conns
+            .get(conn.key() as usize)
+            .is_some_and(|s| s.conn.id() == conn)
+        {
+            self.send_json(conn.key(), protocol::publish_ack(topic, offset), clock);
+        } else {
+            self.metrics.dropped(DropReason::ConnectionGone).inc();
+        }
+    }
+
+    fn handle_fabric_msg(&mut self, from: usize, m: FabricMsg, clock: Clock) {
+        match m {
+            FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
+            FabricMsg::Deliver { topic, frame } => {
+                // A private copy per shard: cloning the sender's buffer for every local subscriber
+                // would bounce its reference count between cores.
+                let local = Bytes::copy_from_slice(&frame);
+                drop(frame);
+                self.deliver_local(&topic, &local);
+            }
+            FabricMsg::PublishAcked {
+                conn,
+                topic,
+                offset,
+            } => self.send_publish_ack(conn, &topic, offset, clock),
+            FabricMsg::Interest { topic, shard, on } => {
+                self.topics.set_interest(&topic, usize::from(shard), on);
+                if on {
+                    send(
+                        &mut self.fabric,
+                        &self.metrics,
+                        from,
+                        FabricMsg::InterestAck { topic },
+                    );
+                }
+            }
+            FabricMsg::InterestAck { topic } => {
+                for id in self.topics.confirm(&topic) {
+                    let Some(p) = self.pending_acks.get_mut(&id) else {
+                        continue;
+                    };
+                    p.remaining -= 1;
+                    if p.remaining == 0 {
+                        let p = self.pending_acks.remove(&id).expect("present");
+                        if self
+                            .conns
+                            .get(p.conn.key() as usize)
+                            .is_some_and(|s| s.conn.id() == p.conn)
+                        {
+                            self.send_json(p.conn.key(), p.frame, clock);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Arms the connection's timer when its next deadline is earlier than the armed one.
+    fn rearm(&mut self, key: ConnKey) {
+        let Some(slot) = self.conns.get_mut(key as usize) else {
+            return;
+        };
+        let at = slot.conn.poll_timeout(&self.cfg);
+        let wanted = self.timers.arm_tick_for(at);
+        if slot.armed.is_some_and(|t| t <= wanted) {
+            return;
+        }
+        slot.armed = Some(self.timers.arm(key, at));
+    }
+}
+
+fn mark_dirty<T>(dirty: &mut Vec<ConnKey>, slot: &mut Slot<T>, key: ConnKey) {
+    if !slot.dirty {
+        slot.dirty = true;
+        dirty.push(key);
+    }
+}
+
+fn send(fabric: &mut Endpoint, metrics: &ShardMetrics, to: usize, m: FabricMsg) {
+    if fabric.send(to, m) == Sent::Dropped {
+        metrics.dropped(DropReason::FabricOverflow).inc();
+    }
+}
+
+/// Writes as much of the slot's queue as the socket takes.
+fn write_out<T: Transport>(slot: &mut Slot<T>, metrics: &ShardMetrics) -> io::Result<()> {
+    while !slot.conn.out.is_empty() {
+        let mut iov = [IoSlice::new(&[]); IOV_PER_WRITE];
+        let n = slot.conn.out.slices(&mut iov);
+        match slot.io.write_vectored(&iov[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                metrics.bytes_out_total.add(written as u64);
+                slot.conn.out.advance(written);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
