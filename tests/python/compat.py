@@ -1,0 +1,83 @@
+"""Drives wse-server with the published Python wse-client (2.5.1), unmodified.
+
+Usage: compat.py URL TOKEN STAY_SECONDS
+
+Protocol with the test that runs it (lines on stdout):
+  READY <connection_id>   connected and server_ready seen
+  SUBSCRIBED              the subscription was acknowledged -> the test publishes "headline"
+  GOT headline <json>     received it
+  STAYED <seconds>        connected for STAY_SECONDS more  -> the test publishes "late"
+  GOT late <json>
+  STATS <json>            the client's own statistics (reconnect_count must be 0)
+Exit 0 when every step worked; non-zero with a message on stderr otherwise.
+"""
+
+import asyncio
+import json
+import sys
+import time
+
+from wse_client import AsyncWSEClient
+
+
+def say(*parts):
+    print(*parts, flush=True)
+
+
+async def wait_for_event(client, event_type, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no {event_type!r} event within {timeout}s")
+        event = await client.recv(timeout=left)
+        if event.type == event_type:
+            return event
+
+
+async def wait_subscribed(client, topic, timeout):
+    # The client consumes subscription_update internally; its position table and topic set
+    # are what an application sees.
+    deadline = time.monotonic() + timeout
+    while topic not in client.subscribed_topics:
+        if time.monotonic() > deadline:
+            raise TimeoutError("subscription not recorded")
+        await asyncio.sleep(0.05)
+
+
+async def main(url, token, stay):
+    async with AsyncWSEClient(url, token=token) as client:
+        if not client.is_ready:
+            raise RuntimeError("server_ready not seen")
+        conn_id = client.get_stats()["connection_id"]
+        say("READY", conn_id)
+        if client.recovery_enabled:
+            raise RuntimeError("recovery advertised but not enabled")
+        if not await client.subscribe(["news"]):
+            raise RuntimeError("subscribe send failed")
+        await wait_subscribed(client, "news", 10)
+        say("SUBSCRIBED")
+        ev = await wait_for_event(client, "headline", 20)
+        say("GOT headline", json.dumps(ev.payload))
+        # Stay connected well past the client's 40 s liveness watchdog.
+        start = time.monotonic()
+        while time.monotonic() - start < stay:
+            try:
+                ev = await client.recv(timeout=1.0)
+            except Exception:
+                pass
+        say("STAYED", round(time.monotonic() - start, 1))
+        ev = await wait_for_event(client, "late", 20)
+        say("GOT late", json.dumps(ev.payload))
+        stats = client.get_stats()
+        say("STATS", json.dumps({k: stats[k] for k in ("connection_id", "reconnect_count", "state", "is_ready")}))
+        if stats["reconnect_count"] != 0 or stats["connection_id"] != conn_id:
+            raise RuntimeError(f"the client reconnected: {stats}")
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    except Exception as exc:  # report, then fail the test
+        print(f"compat.py: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)

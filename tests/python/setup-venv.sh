@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates the Python venv the wire-compatibility tests use: the published wse-client 2.5.1,
+# unmodified, on Python >= 3.12 (found on PATH or via pyenv). Idempotent and safe to run
+# concurrently (a lock serialises installs).
+#   WSE_PY_VENV  where the venv goes (default: <repo>/target/py-venv)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="${WSE_PY_VENV:-$here/../../target/py-venv}"
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+if "$venv/bin/python" -c 'import wse_client, sys; sys.exit(wse_client.__version__ != "2.5.1")' 2>/dev/null; then
+  exit 0
+fi
+py=""
+for c in python3.13 python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3; do
+  if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+    py="$(command -v "$c")"; break
+  fi
+done
+[ -n "$py" ] || { echo "setup-venv.sh: need Python >= 3.12 (wse-client requires it)" >&2; exit 2; }
+rm -rf "$venv"
+"$py" -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1"
+"$venv/bin/python" -c 'import wse_client; print("wse-client", wse_client.__version__)' >&2
