@@ -376,6 +376,9 @@ impl Conn {
     /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
     /// late anyway) and it is closed with 4413 so it reconnects and recovers.
     pub fn evict(&mut self, cx: &mut Cx<'_>) {
+        if !self.is_live() {
+            return; // already on its way out
+        }
         self.out.discard_unsent();
         cx.metrics.dropped(DropReason::SlowConsumer).inc();
         self.close(4413, "slow consumer", cx);
@@ -546,31 +549,59 @@ impl Conn {
     // --------------------------------------------------------------------------------------------
 
     fn handle_frame_bytes(&mut self, data: &mut [u8], cx: &mut Cx<'_>) {
+        // Frames are decoded straight from the read buffer; only the bytes of an incomplete
+        // frame are kept, and appended to (not copied again) until the frame is whole.
         let mut inbuf = std::mem::take(&mut self.inbuf);
-        let buf: &mut [u8] = if inbuf.is_empty() {
-            data
+        let (result, next) = if inbuf.is_empty() {
+            self.decode(data, cx)
         } else {
             inbuf.extend_from_slice(data);
-            &mut inbuf
+            self.decode(&mut inbuf, cx)
         };
+        let next = match result {
+            Ok(consumed) if matches!(next, Next::Continue) => {
+                if inbuf.is_empty() {
+                    if consumed < data.len() {
+                        self.inbuf = data[consumed..].to_vec();
+                    }
+                } else {
+                    inbuf.drain(..consumed);
+                    if !inbuf.is_empty() {
+                        self.inbuf = inbuf;
+                    }
+                }
+                next
+            }
+            Ok(_) => next,
+            Err(e) => self.frame_error(&e, cx),
+        };
+        match next {
+            Next::Continue => {}
+            Next::Close(code, reason) => self.close(code, reason, cx),
+            Next::PeerClosed => {
+                let now = cx.clock.now;
+                self.enter_closed(now + cx.cfg.limits.close_timeout, cx);
+            }
+        }
+    }
+
+    /// Runs the phase's decoder over `buf`: bytes consumed (or the violation) and what next.
+    fn decode(&mut self, buf: &mut [u8], cx: &mut Cx<'_>) -> (Result<usize, FrameError>, Next) {
         let max = cx.cfg.limits.max_message_size;
         let mut next = Next::Continue;
+        let out = &mut self.out;
         let result = match &mut self.phase {
             Phase::Live { decoder, session } => {
-                let out = &mut self.out;
                 let id = self.id;
                 decoder.decode(buf, max, |m| {
                     next = session.handle(id, m, out, cx);
                     cont(&next)
                 })
             }
-            Phase::Echo { decoder } => {
-                let out = &mut self.out;
-                decoder.decode(buf, max, |m| {
-                    next = echo(m, out, cx);
-                    cont(&next)
-                })
-            }
+            Phase::Echo { decoder } => decoder.decode(buf, max, |m| {
+                next = echo(m, out, cx);
+                cont(&next)
+            }),
             Phase::Closing { decoder, .. } => decoder.decode(buf, max, |m| {
                 if matches!(m, Message::Close(_)) {
                     next = Next::PeerClosed;
@@ -580,26 +611,7 @@ impl Conn {
             }),
             Phase::Handshake | Phase::Closed { .. } => Ok(buf.len()),
         };
-        match result {
-            Ok(consumed) => {
-                let rest = &buf[consumed..];
-                if !rest.is_empty() && matches!(next, Next::Continue) {
-                    // Keep the incomplete frame for the next read.
-                    let mut kept = Vec::with_capacity(rest.len().max(256));
-                    kept.extend_from_slice(rest);
-                    self.inbuf = kept;
-                }
-            }
-            Err(e) => next = self.frame_error(&e, cx),
-        }
-        match next {
-            Next::Continue => {}
-            Next::Close(code, reason) => self.close(code, reason, cx),
-            Next::PeerClosed => {
-                let now = cx.clock.now;
-                self.enter_closed(now + cx.cfg.limits.close_timeout, cx);
-            }
-        }
+        (result, next)
     }
 
     /// A protocol violation: say why where the protocol has a message for it, then close.
@@ -703,35 +715,24 @@ impl Session {
         }
     }
 
-    /// Splits requested topics into acceptable ones and refusals, and asks the shard.
+    /// Splits requested topics into acceptable ones (valid and permitted) and refusals, and
+    /// asks the shard, which applies the subscription limit.
     fn request_subscribe(&mut self, topics: Vec<std::borrow::Cow<'_, str>>, cx: &mut Cx<'_>) {
-        let max = cx.cfg.limits.max_subscriptions_per_connection;
         let mut accepted: Vec<String> = Vec::new();
         let mut failed = Vec::new();
-        let mut adding = 0usize;
         for topic in topics {
-            let refusal = if let Some(p) = protocol::topic_problem(&topic) {
-                Some(p.to_owned())
+            let reason = if let Some(p) = protocol::topic_problem(&topic) {
+                p
             } else if !self.identity.subscribe.permits(&topic) {
-                Some("FORBIDDEN".to_owned())
-            } else if accepted.iter().any(|t| *t == *topic) {
-                None
-            } else if self.subs.iter().any(|s| **s == *topic) {
-                accepted.push(topic.to_string());
-                continue;
-            } else if self.subs.len() + adding >= max {
-                Some("SUBSCRIPTION_LIMIT".to_owned())
+                "FORBIDDEN"
             } else {
-                adding += 1;
-                accepted.push(topic.to_string());
+                accepted.push(topic.into_owned());
                 continue;
             };
-            if let Some(reason) = refusal {
-                failed.push(FailedTopic {
-                    topic: topic.into_owned(),
-                    reason,
-                });
-            }
+            failed.push(FailedTopic {
+                topic: topic.into_owned(),
+                reason: reason.to_owned(),
+            });
         }
         cx.events.push(ConnEvent::Subscribe {
             topics: accepted,

@@ -488,9 +488,10 @@ impl<T: Transport> Shard<T> {
         &mut self,
         key: ConnKey,
         topics: Vec<String>,
-        failed: Vec<protocol::FailedTopic>,
+        mut failed: Vec<protocol::FailedTopic>,
         clock: Clock,
     ) {
+        let max = self.cfg.limits.max_subscriptions_per_connection;
         let Some(slot) = self.conns.get_mut(key as usize) else {
             return;
         };
@@ -499,7 +500,18 @@ impl<T: Transport> Shard<T> {
             return; // closed since it asked
         };
         let mut pending = Vec::new();
+        let mut succeeded = Vec::with_capacity(topics.len());
         for topic in &topics {
+            // The limit is applied here, against the live list, so pipelined requests cannot
+            // add up past it.
+            if subs.len() >= max && !subs.iter().any(|s| **s == **topic) {
+                failed.push(protocol::FailedTopic {
+                    topic: topic.clone(),
+                    reason: "SUBSCRIPTION_LIMIT".to_owned(),
+                });
+                continue;
+            }
+            succeeded.push(topic.as_str());
             let (name, added, change) = self.topics.subscribe(topic, key);
             if added {
                 subs.push(name);
@@ -520,8 +532,7 @@ impl<T: Transport> Shard<T> {
                 pending.push(topic.as_str());
             }
         }
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let frame = protocol::subscription_ack("subscribe", &names, &failed);
+        let frame = protocol::subscription_ack("subscribe", &succeeded, &failed);
         if pending.is_empty() {
             self.send_json(key, frame, clock);
             return;
@@ -704,19 +715,21 @@ impl<T: Transport> Shard<T> {
             return;
         }
         let max = self.cfg.limits.max_outbound_queue_bytes;
+        let mut delivered = 0;
         for &key in &t.subscribers {
             let Some(slot) = self.conns.get_mut(key as usize) else {
                 debug_assert!(false, "subscriber {key} has no slot");
                 continue;
             };
             if slot.conn.push_delivery(frame.clone(), max) {
-                self.metrics.deliveries_total.inc();
-                self.metrics.messages_out_total.inc();
+                delivered += 1;
                 mark_dirty(&mut self.dirty, slot, key);
             } else {
                 self.evict.push(key);
             }
         }
+        self.metrics.deliveries_total.add(delivered);
+        self.metrics.messages_out_total.add(delivered);
     }
 
     fn evict_pending(&mut self, clock: Clock) {
