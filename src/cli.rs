@@ -1,10 +1,26 @@
 //! Command line, environment and config file: one effective [`Config`].
 //!
 //! Precedence: flags > `WSE_*` environment variables > the `--config` TOML file > defaults.
+//!
+//! Every leaf of [`Config`] has one flag, and each flag's clap id is its dotted TOML key
+//! (`protocol.idle_timeout`), so the help can show each default straight from
+//! `Config::default()` and a test can check that no key lacks a flag.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
+use clap::builder::{
+    BoolishValueParser, OsStringValueParser, PossibleValuesParser, TypedValueParser,
+};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
+use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser};
 use wse_shards::Config;
+use wse_shards::config::JwtAlgorithm;
 
 /// What the command line asked for.
 #[derive(Debug)]
@@ -28,11 +44,1298 @@ pub struct CliError(pub String);
 /// # Errors
 /// Unreadable or invalid file, invalid value, invalid combination.
 pub fn parse() -> Result<Options, CliError> {
-    todo!()
+    parse_from(std::env::args_os())
 }
 
-/// The configuration as TOML, every key present.
+/// [`parse`] with explicit arguments (the first is the program name); `WSE_*` variables still
+/// come from the process environment. `--help` and `--version` print and exit the process.
+///
+/// # Errors
+/// As [`parse`]; clap's usage errors come back flattened to one line too.
+pub fn parse_from<I, T>(args: I) -> Result<Options, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let matches = command()
+        .try_get_matches_from(&args)
+        .map_err(|e| usage_error(e, &args))?;
+    let matches = without_defaults(matches);
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| usage_error(e, &args))?;
+    // An empty WSE_CONFIG means no file, like every other empty optional value.
+    let config_file = cli.config.filter(|p| !p.as_os_str().is_empty());
+    let mut config = match &config_file {
+        Some(path) => load_file(path)?,
+        None => Config::default(),
+    };
+    cli.flags.apply(&mut config);
+    config.validate().map_err(|e| CliError(e.to_string()))?;
+    Ok(Options {
+        config,
+        print_config: cli.print_config,
+        config_file,
+    })
+}
+
+/// The configuration as TOML, every key present except unset optional keys: TOML has no null,
+/// so those are omitted (reading the file back leaves them unset) and listed in the header
+/// comment instead. `toml::from_str::<Config>(&render_toml(cfg))` gives back `cfg`.
 pub fn render_toml(cfg: &Config) -> String {
-    let _ = cfg;
-    todo!()
+    let body = toml::to_string_pretty(cfg)
+        .expect("every Config field has a TOML representation (no maps with non-string keys)");
+    let mut out =
+        String::from("# wse-server effective configuration (wse-server --print-config).\n");
+    let unset = unset_keys(cfg);
+    if !unset.is_empty() {
+        out.push_str("# Unset optional keys, omitted below:\n");
+        for key in unset {
+            let _ = writeln!(out, "#   {key}");
+        }
+    }
+    out.push('\n');
+    out.push_str(&body);
+    out
+}
+
+const AFTER_HELP: &str = "\
+Every flag can also be given as the WSE_* environment variable shown with it.
+Precedence: flags > WSE_* environment > --config file > defaults.
+Booleans take a value (true/false, yes/no, on/off, 1/0); lists are comma-separated;
+durations are like 25s, 1500ms, 1m30s. An empty value unsets an optional setting
+(--echo-path '') or empties a list (--auth-audience '').";
+
+/// The flags; each field of the section structs is `Option` so that an absent flag (and absent
+/// variable) leaves the file's value, or the default, in place.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wse-server",
+    version,
+    about = "Thread-per-core WSE WebSocket messaging server",
+    after_help = AFTER_HELP,
+    max_term_width = 100
+)]
+struct Cli {
+    /// TOML configuration file; flags and WSE_* variables override what it sets.
+    #[arg(long, env = "WSE_CONFIG", value_name = "FILE", value_parser = optional_path())]
+    config: Option<PathBuf>,
+
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+
+    #[command(flatten)]
+    flags: Flags,
+}
+
+#[derive(Debug, Args)]
+struct Flags {
+    #[command(flatten)]
+    server: ServerFlags,
+    #[command(flatten)]
+    limits: LimitsFlags,
+    #[command(flatten)]
+    protocol: ProtocolFlags,
+    #[command(flatten)]
+    auth: AuthFlags,
+    #[command(flatten)]
+    control: ControlFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+/// `[server]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Server")]
+struct ServerFlags {
+    /// Number of shards, one thread per core; 0 = every online core.
+    #[arg(
+        id = "server.cores",
+        long = "cores",
+        env = "WSE_CORES",
+        value_name = "N"
+    )]
+    cores: Option<usize>,
+
+    /// WebSocket listener address, host:port; every shard binds it with SO_REUSEPORT.
+    #[arg(
+        id = "server.listen",
+        long = "listen",
+        env = "WSE_LISTEN",
+        value_name = "ADDR"
+    )]
+    listen: Option<std::net::SocketAddr>,
+
+    /// Pin shard N to core N (mod the online cores).
+    #[arg(
+        id = "server.pin_threads",
+        long = "pin-threads",
+        env = "WSE_PIN_THREADS",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new()
+    )]
+    pin_threads: Option<bool>,
+
+    /// Opt-in RFC 6455 conformance route: data messages on this path are echoed back, without
+    /// auth and without the WSE protocol; empty = off.
+    #[arg(
+        id = "server.echo_path",
+        long = "echo-path",
+        env = "WSE_ECHO_PATH",
+        value_name = "PATH"
+    )]
+    echo_path: Option<String>,
+
+    /// Most live WebSocket connections across all shards, connections; past it a new one is
+    /// closed with 1013.
+    #[arg(
+        id = "server.max_connections",
+        long = "max-connections",
+        env = "WSE_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    max_connections: Option<usize>,
+
+    /// Time a graceful shutdown (SIGTERM/SIGINT) waits for connections to take their close
+    /// frame, duration.
+    #[arg(
+        id = "server.drain_timeout",
+        long = "drain-timeout",
+        env = "WSE_DRAIN_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    drain_timeout: Option<Duration>,
+
+    /// Close code sent to every connection on graceful shutdown, 4000..=4999 (clients reconnect).
+    #[arg(
+        id = "server.shutdown_close_code",
+        long = "shutdown-close-code",
+        env = "WSE_SHUTDOWN_CLOSE_CODE",
+        value_name = "CODE"
+    )]
+    shutdown_close_code: Option<u16>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Limits")]
+struct LimitsFlags {
+    /// Largest inbound message after reassembly of fragments, bytes; past it: error
+    /// MESSAGE_TOO_LARGE and close 1009.
+    #[arg(
+        id = "limits.max_message_size",
+        long = "max-message-size",
+        env = "WSE_MAX_MESSAGE_SIZE",
+        value_name = "BYTES"
+    )]
+    max_message_size: Option<usize>,
+
+    /// Largest HTTP upgrade request, bytes; past it: HTTP 431.
+    #[arg(
+        id = "limits.max_handshake_bytes",
+        long = "max-handshake-bytes",
+        env = "WSE_MAX_HANDSHAKE_BYTES",
+        value_name = "BYTES"
+    )]
+    max_handshake_bytes: Option<usize>,
+
+    /// Time a client has to complete the HTTP upgrade, duration.
+    #[arg(
+        id = "limits.handshake_timeout",
+        long = "handshake-timeout",
+        env = "WSE_HANDSHAKE_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    handshake_timeout: Option<Duration>,
+
+    /// Connections per shard still in the HTTP upgrade (slowloris guard); past it: HTTP 503.
+    #[arg(
+        id = "limits.max_pending_handshakes",
+        long = "max-pending-handshakes",
+        env = "WSE_MAX_PENDING_HANDSHAKES",
+        value_name = "N"
+    )]
+    max_pending_handshakes: Option<usize>,
+
+    /// Bytes queued for one connection that it has not read yet, bytes; past it the connection
+    /// is evicted with close 4413.
+    #[arg(
+        id = "limits.max_outbound_queue_bytes",
+        long = "max-outbound-queue-bytes",
+        env = "WSE_MAX_OUTBOUND_QUEUE_BYTES",
+        value_name = "BYTES"
+    )]
+    max_outbound_queue_bytes: Option<usize>,
+
+    /// Topics one connection may be subscribed to; past it: SUBSCRIPTION_LIMIT.
+    #[arg(
+        id = "limits.max_subscriptions_per_connection",
+        long = "max-subscriptions-per-connection",
+        env = "WSE_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        value_name = "N"
+    )]
+    max_subscriptions_per_connection: Option<usize>,
+
+    /// Application events buffered per shard for the event stream, events; past it the oldest
+    /// is dropped.
+    #[arg(
+        id = "limits.app_event_queue_capacity",
+        long = "app-event-queue-capacity",
+        env = "WSE_APP_EVENT_QUEUE_CAPACITY",
+        value_name = "N"
+    )]
+    app_event_queue_capacity: Option<usize>,
+
+    /// Time a closing connection has to answer our close frame before its socket is closed,
+    /// duration.
+    #[arg(
+        id = "limits.close_timeout",
+        long = "close-timeout",
+        env = "WSE_CLOSE_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    close_timeout: Option<Duration>,
+
+    /// Entries in each cross-shard queue (one per ordered pair of shards), entries.
+    #[arg(
+        id = "limits.fabric_queue_capacity",
+        long = "fabric-queue-capacity",
+        env = "WSE_FABRIC_QUEUE_CAPACITY",
+        value_name = "N"
+    )]
+    fabric_queue_capacity: Option<usize>,
+
+    /// Entries a shard holds back for one destination whose queue is full, entries; past it new
+    /// entries are dropped.
+    #[arg(
+        id = "limits.fabric_overflow_max",
+        long = "fabric-overflow-max",
+        env = "WSE_FABRIC_OVERFLOW_MAX",
+        value_name = "N"
+    )]
+    fabric_overflow_max: Option<usize>,
+}
+
+/// `[protocol]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Protocol")]
+struct ProtocolFlags {
+    /// Interval between the server's JSON text pings to each connection, duration.
+    #[arg(
+        id = "protocol.ping_interval",
+        long = "ping-interval",
+        env = "WSE_PING_INTERVAL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    ping_interval: Option<Duration>,
+
+    /// A connection with no inbound frame for this long is closed with 4408, duration; must
+    /// be longer than --ping-interval.
+    #[arg(
+        id = "protocol.idle_timeout",
+        long = "idle-timeout",
+        env = "WSE_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    idle_timeout: Option<Duration>,
+
+    /// Inbound token bucket size per connection, messages.
+    #[arg(
+        id = "protocol.rate_limit_capacity",
+        long = "rate-limit-capacity",
+        env = "WSE_RATE_LIMIT_CAPACITY",
+        value_name = "MESSAGES"
+    )]
+    rate_limit_capacity: Option<u32>,
+
+    /// Inbound token bucket refill per connection, messages per second.
+    #[arg(
+        id = "protocol.rate_limit_refill",
+        long = "rate-limit-refill",
+        env = "WSE_RATE_LIMIT_REFILL",
+        value_name = "RATE"
+    )]
+    rate_limit_refill: Option<u32>,
+
+    /// Messages dropped by the rate limit within one --rate-limit-abuse-window after which the
+    /// connection is closed with 4429, messages.
+    #[arg(
+        id = "protocol.rate_limit_abuse_drops",
+        long = "rate-limit-abuse-drops",
+        env = "WSE_RATE_LIMIT_ABUSE_DROPS",
+        value_name = "MESSAGES"
+    )]
+    rate_limit_abuse_drops: Option<u32>,
+
+    /// Window over which rate-limit drops are counted for the 4429 decision, duration.
+    #[arg(
+        id = "protocol.rate_limit_abuse_window",
+        long = "rate-limit-abuse-window",
+        env = "WSE_RATE_LIMIT_ABUSE_WINDOW",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    rate_limit_abuse_window: Option<Duration>,
+
+    /// JSON sends larger than this are sent C:+zlib compressed, bytes.
+    #[arg(
+        id = "protocol.compression_threshold",
+        long = "compression-threshold",
+        env = "WSE_COMPRESSION_THRESHOLD",
+        value_name = "BYTES"
+    )]
+    compression_threshold: Option<usize>,
+}
+
+/// `[auth]`. Every flag carries the `auth-` prefix: `--issuer` or `--leeway` alone would not
+/// say what they belong to.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Authentication")]
+struct AuthFlags {
+    /// Require a valid JWT on every connection; false = anonymous connections, fit only for
+    /// development.
+    #[arg(
+        id = "auth.enabled",
+        long = "auth-enabled",
+        env = "WSE_AUTH_ENABLED",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new()
+    )]
+    enabled: Option<bool>,
+
+    /// JWT algorithm accepted; pinned here, never taken from the token header.
+    #[arg(
+        id = "auth.algorithm",
+        long = "auth-algorithm",
+        env = "WSE_AUTH_ALGORITHM",
+        value_name = "ALG",
+        ignore_case = true,
+        value_parser = PossibleValuesParser::new(["HS256", "RS256", "ES256"]).map(|s| algorithm(&s))
+    )]
+    algorithm: Option<JwtAlgorithm>,
+
+    /// HS256 shared secret, at least 32 bytes (prefer the variable or the file: flags show in
+    /// the process list).
+    #[arg(
+        id = "auth.secret",
+        long = "auth-secret",
+        env = "WSE_AUTH_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    secret: Option<String>,
+
+    /// RS256/ES256 public key, PEM file.
+    #[arg(
+        id = "auth.public_key_file",
+        long = "auth-public-key-file",
+        env = "WSE_AUTH_PUBLIC_KEY_FILE",
+        value_name = "FILE",
+        value_parser = optional_path()
+    )]
+    public_key_file: Option<PathBuf>,
+
+    /// Previous HS256 secret, still accepted during a key rotation, at least 32 bytes.
+    #[arg(
+        id = "auth.previous_secret",
+        long = "auth-previous-secret",
+        env = "WSE_AUTH_PREVIOUS_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    previous_secret: Option<String>,
+
+    /// Previous RS256/ES256 public key (PEM file), still accepted during a key rotation.
+    #[arg(
+        id = "auth.previous_public_key_file",
+        long = "auth-previous-public-key-file",
+        env = "WSE_AUTH_PREVIOUS_PUBLIC_KEY_FILE",
+        value_name = "FILE",
+        value_parser = optional_path()
+    )]
+    previous_public_key_file: Option<PathBuf>,
+
+    /// Required `iss` claim, when set.
+    #[arg(
+        id = "auth.issuer",
+        long = "auth-issuer",
+        env = "WSE_AUTH_ISSUER",
+        value_name = "ISS"
+    )]
+    issuer: Option<String>,
+
+    /// Accepted `aud` values, comma-separated; empty = any.
+    #[arg(
+        id = "auth.audience",
+        long = "auth-audience",
+        env = "WSE_AUTH_AUDIENCE",
+        value_name = "AUD,...",
+        value_delimiter = ','
+    )]
+    audience: Option<Vec<String>>,
+
+    /// Required `kid` header, when set.
+    #[arg(
+        id = "auth.kid",
+        long = "auth-kid",
+        env = "WSE_AUTH_KID",
+        value_name = "KID"
+    )]
+    kid: Option<String>,
+
+    /// Cookie that carries the token (first token source; then Authorization: Bearer, then
+    /// ?token=).
+    #[arg(
+        id = "auth.cookie_name",
+        long = "auth-cookie-name",
+        env = "WSE_AUTH_COOKIE_NAME",
+        value_name = "NAME"
+    )]
+    cookie_name: Option<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf`, duration.
+    #[arg(
+        id = "auth.leeway",
+        long = "auth-leeway",
+        env = "WSE_AUTH_LEEWAY",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    leeway: Option<Duration>,
+
+    /// Topic globs a connection may publish to when its token has no wse_publish claim (and
+    /// anonymous connections when auth is off), comma-separated; empty = none.
+    #[arg(
+        id = "auth.default_publish",
+        long = "auth-default-publish",
+        env = "WSE_AUTH_DEFAULT_PUBLISH",
+        value_name = "GLOB,...",
+        value_delimiter = ','
+    )]
+    default_publish: Option<Vec<String>>,
+}
+
+/// `[control]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Control plane")]
+struct ControlFlags {
+    /// Serve the control plane (HTTP server API, health, metrics) at all.
+    #[arg(
+        id = "control.enabled",
+        long = "control-enabled",
+        env = "WSE_CONTROL_ENABLED",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new()
+    )]
+    enabled: Option<bool>,
+
+    /// Control listener address, host:port; keep it on a private address.
+    #[arg(
+        id = "control.listen",
+        long = "control-listen",
+        env = "WSE_CONTROL_LISTEN",
+        value_name = "ADDR"
+    )]
+    listen: Option<std::net::SocketAddr>,
+
+    /// Key required by the /api/v1/ routes, at least 16 characters; unset: they answer 403.
+    /// /health and /metrics need no key.
+    #[arg(
+        id = "control.api_key",
+        long = "api-key",
+        env = "WSE_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+}
+
+/// `[log]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Logging")]
+struct LogFlags {
+    /// tracing filter, e.g. info or wse_shards=debug,info; RUST_LOG overrides it.
+    #[arg(
+        id = "log.level",
+        long = "log-level",
+        env = "WSE_LOG_LEVEL",
+        value_name = "FILTER"
+    )]
+    level: Option<String>,
+}
+
+impl Flags {
+    /// Overlays every flag (or variable) that was given. The exhaustive destructuring makes a
+    /// new flag that is not applied a compile error.
+    fn apply(self, cfg: &mut Config) {
+        let Self {
+            server,
+            limits,
+            protocol,
+            auth,
+            control,
+            log,
+        } = self;
+
+        let ServerFlags {
+            cores,
+            listen,
+            pin_threads,
+            echo_path,
+            max_connections,
+            drain_timeout,
+            shutdown_close_code,
+        } = server;
+        let s = &mut cfg.server;
+        set(&mut s.cores, cores);
+        set(&mut s.listen, listen);
+        set(&mut s.pin_threads, pin_threads);
+        set_optional(&mut s.echo_path, echo_path);
+        set(&mut s.max_connections, max_connections);
+        set(&mut s.drain_timeout, drain_timeout);
+        set(&mut s.shutdown_close_code, shutdown_close_code);
+
+        let LimitsFlags {
+            max_message_size,
+            max_handshake_bytes,
+            handshake_timeout,
+            max_pending_handshakes,
+            max_outbound_queue_bytes,
+            max_subscriptions_per_connection,
+            app_event_queue_capacity,
+            close_timeout,
+            fabric_queue_capacity,
+            fabric_overflow_max,
+        } = limits;
+        let l = &mut cfg.limits;
+        set(&mut l.max_message_size, max_message_size);
+        set(&mut l.max_handshake_bytes, max_handshake_bytes);
+        set(&mut l.handshake_timeout, handshake_timeout);
+        set(&mut l.max_pending_handshakes, max_pending_handshakes);
+        set(&mut l.max_outbound_queue_bytes, max_outbound_queue_bytes);
+        set(
+            &mut l.max_subscriptions_per_connection,
+            max_subscriptions_per_connection,
+        );
+        set(&mut l.app_event_queue_capacity, app_event_queue_capacity);
+        set(&mut l.close_timeout, close_timeout);
+        set(&mut l.fabric_queue_capacity, fabric_queue_capacity);
+        set(&mut l.fabric_overflow_max, fabric_overflow_max);
+
+        let ProtocolFlags {
+            ping_interval,
+            idle_timeout,
+            rate_limit_capacity,
+            rate_limit_refill,
+            rate_limit_abuse_drops,
+            rate_limit_abuse_window,
+            compression_threshold,
+        } = protocol;
+        let p = &mut cfg.protocol;
+        set(&mut p.ping_interval, ping_interval);
+        set(&mut p.idle_timeout, idle_timeout);
+        set(&mut p.rate_limit_capacity, rate_limit_capacity);
+        set(&mut p.rate_limit_refill, rate_limit_refill);
+        set(&mut p.rate_limit_abuse_drops, rate_limit_abuse_drops);
+        set(&mut p.rate_limit_abuse_window, rate_limit_abuse_window);
+        set(&mut p.compression_threshold, compression_threshold);
+
+        let AuthFlags {
+            enabled,
+            algorithm,
+            secret,
+            public_key_file,
+            previous_secret,
+            previous_public_key_file,
+            issuer,
+            audience,
+            kid,
+            cookie_name,
+            leeway,
+            default_publish,
+        } = auth;
+        let a = &mut cfg.auth;
+        set(&mut a.enabled, enabled);
+        set(&mut a.algorithm, algorithm);
+        set_optional(&mut a.secret, secret);
+        set_optional(&mut a.public_key_file, public_key_file);
+        set_optional(&mut a.previous_secret, previous_secret);
+        set_optional(&mut a.previous_public_key_file, previous_public_key_file);
+        set_optional(&mut a.issuer, issuer);
+        set_list(&mut a.audience, audience);
+        set_optional(&mut a.kid, kid);
+        set(&mut a.cookie_name, cookie_name);
+        set(&mut a.leeway, leeway);
+        set_list(&mut a.default_publish, default_publish);
+
+        let ControlFlags {
+            enabled,
+            listen,
+            api_key,
+        } = control;
+        let c = &mut cfg.control;
+        set(&mut c.enabled, enabled);
+        set(&mut c.listen, listen);
+        set_optional(&mut c.api_key, api_key);
+
+        let LogFlags { level } = log;
+        set(&mut cfg.log.level, level);
+    }
+}
+
+fn set<T>(slot: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *slot = v;
+    }
+}
+
+/// An empty value unsets: the only way for a flag or variable to take back what the file set.
+fn set_optional<T: AsRef<OsStr>>(slot: &mut Option<T>, flag: Option<T>) {
+    if let Some(v) = flag {
+        *slot = (!v.as_ref().is_empty()).then_some(v);
+    }
+}
+
+/// Items are trimmed so that `a, b` works; empty items are dropped so that `''` empties the list.
+fn set_list(slot: &mut Vec<String>, flag: Option<Vec<String>>) {
+    if let Some(items) = flag {
+        *slot = items
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+}
+
+/// clap's `PathBuf` parser refuses the empty value, which here means "unset".
+fn optional_path() -> impl TypedValueParser<Value = PathBuf> {
+    OsStringValueParser::new().map(PathBuf::from)
+}
+
+/// Only called with one of the possible values (in any case).
+fn algorithm(name: &str) -> JwtAlgorithm {
+    match name.to_ascii_uppercase().as_str() {
+        "RS256" => JwtAlgorithm::RS256,
+        "ES256" => JwtAlgorithm::ES256,
+        _ => JwtAlgorithm::HS256,
+    }
+}
+
+/// The clap command. Each configuration flag gets its default from `Config::default()` so that
+/// the help shows it; [`without_defaults`] takes those values back out before the overlay.
+fn command() -> clap::Command {
+    let defaults = default_texts();
+    Cli::command().mut_args(|arg| {
+        let Some((key, default)) = defaults.get_key_value(arg.get_id().as_str()) else {
+            return arg;
+        };
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        let arg = arg.help(format!("{help} [config: {key}]"));
+        match default {
+            Some(text) => arg.default_value(text.as_str()),
+            None => arg,
+        }
+    })
+}
+
+/// Drops the values clap filled in from the defaults, so that a flag nobody gave does not
+/// override the file.
+fn without_defaults(mut matches: clap::ArgMatches) -> clap::ArgMatches {
+    let defaulted: Vec<String> = matches
+        .ids()
+        .map(|id| id.as_str().to_owned())
+        .filter(|id| {
+            id.contains('.') && matches.value_source(id) == Some(ValueSource::DefaultValue)
+        })
+        .collect();
+    for id in defaulted {
+        let _ = matches.try_clear_id(&id);
+    }
+    matches
+}
+
+/// Every dotted configuration key with its default as it would be typed on the command line,
+/// or `None` when it has none (unset, empty list). Static because clap without its `string`
+/// feature takes only `&'static str` defaults.
+fn default_texts() -> &'static BTreeMap<String, Option<String>> {
+    static TEXTS: OnceLock<BTreeMap<String, Option<String>>> = OnceLock::new();
+    TEXTS.get_or_init(|| {
+        let defaults =
+            serde_json::to_value(Config::default()).expect("the default configuration serialises");
+        let mut texts = BTreeMap::new();
+        for (section, fields) in defaults.as_object().into_iter().flatten() {
+            for (field, value) in fields.as_object().into_iter().flatten() {
+                let text = match value {
+                    serde_json::Value::Null => None,
+                    serde_json::Value::Array(items) if items.is_empty() => None,
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Array(items) => Some(
+                        items
+                            .iter()
+                            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                    other => Some(other.to_string()),
+                };
+                texts.insert(format!("{section}.{field}"), text);
+            }
+        }
+        texts
+    })
+}
+
+/// Dotted keys whose value is unset, which TOML cannot express.
+fn unset_keys(cfg: &Config) -> Vec<String> {
+    let value = serde_json::to_value(cfg).expect("the configuration serialises");
+    let mut keys = Vec::new();
+    if let Some(sections) = value.as_object() {
+        for (section, fields) in sections {
+            for (field, v) in fields.as_object().into_iter().flatten() {
+                if v.is_null() {
+                    keys.push(format!("{section}.{field}"));
+                }
+            }
+        }
+    }
+    keys
+}
+
+/// `--help` and `--version` exit here as clap would; every other clap error becomes one line
+/// (clap's own rendering spans several, with a usage block).
+fn usage_error(e: clap::Error, args: &[OsString]) -> CliError {
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect();
+    let joined = parts.join("; ");
+    let mut line = joined.strip_prefix("error: ").unwrap_or(&joined).to_owned();
+    if let Some(var) = env_source(&e, args) {
+        let _ = write!(line, " (from {var})");
+    }
+    CliError(line)
+}
+
+/// The variable a bad value came from when the flag is not on the command line: clap's message
+/// names only the flag, which misleads whoever set the variable.
+fn env_source(e: &clap::Error, args: &[OsString]) -> Option<String> {
+    let ContextValue::String(invalid) = e.get(ContextKind::InvalidArg)? else {
+        return None;
+    };
+    let long = invalid.strip_prefix("--")?.split([' ', '=']).next()?;
+    let flag = format!("--{long}");
+    let on_command_line = args.iter().skip(1).filter_map(|a| a.to_str()).any(|a| {
+        a == flag
+            || a.strip_prefix(flag.as_str())
+                .is_some_and(|rest| rest.starts_with('='))
+    });
+    if on_command_line {
+        return None;
+    }
+    let cmd = Cli::command();
+    let var = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?
+        .get_env()?;
+    std::env::var_os(var).map(|_| var.to_string_lossy().into_owned())
+}
+
+fn load_file(path: &Path) -> Result<Config, CliError> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError(format!("config file {name}: cannot read: {e}")))?;
+    toml::from_str::<Config>(&text).map_err(|e| {
+        CliError(format!(
+            "config file {name}: {}",
+            describe_toml_error(&text, &e)
+        ))
+    })
+}
+
+/// One line: where (line number and, when it can be told, the dotted key) and what. toml's own
+/// `Display` spans several lines with a source excerpt.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = flatten(e.message());
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let at = span.start.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line_no = text[..line_start].matches('\n').count() + 1;
+    match key_at(text, line_start, &text[line_start..line_end]) {
+        Some(key) => format!("line {line_no}: {key}: {message}"),
+        None => format!("line {line_no}: {message}"),
+    }
+}
+
+/// The dotted key assigned on `line`, qualified by the table header above it. `None` on a
+/// header line (the message names the table) or a continuation line of a multi-line value.
+fn key_at(text: &str, line_start: usize, line: &str) -> Option<String> {
+    let line = line.trim();
+    if line.starts_with('[') {
+        return None;
+    }
+    let key = clean_key(line.split_once('=')?.0);
+    if key.is_empty() {
+        return None;
+    }
+    let section = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        let inner = l.strip_prefix('[')?;
+        let end = inner.find(']')?;
+        Some(clean_key(&inner[..end]))
+    });
+    Some(match section {
+        Some(s) if !s.is_empty() => format!("{s}.{key}"),
+        _ => key,
+    })
+}
+
+fn clean_key(raw: &str) -> String {
+    raw.split('.')
+        .map(|part| part.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn flatten(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file in the temp dir, removed on drop; the pid and name keep parallel tests apart.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, contents: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("wse-cli-unit-{}-{name}.toml", std::process::id()));
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<Options, CliError> {
+        parse_from(std::iter::once("wse-server").chain(args.iter().copied()))
+    }
+
+    fn config(args: &[&str]) -> Config {
+        parse(args).unwrap().config
+    }
+
+    fn error(args: &[&str]) -> String {
+        let e = parse(args).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "error spans several lines: {e:?}");
+        e
+    }
+
+    #[test]
+    fn no_arguments_give_the_defaults() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.config, Config::default());
+        assert!(!o.print_config);
+        assert!(o.config_file.is_none());
+        assert!(parse(&["--print-config"]).unwrap().print_config);
+        assert!(parse(&["--config", ""]).unwrap().config_file.is_none());
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let f = TempFile::new(
+            "file_overrides_defaults",
+            "[server]\ncores = 3\nlisten = \"127.0.0.1:9000\"\n\n[protocol]\nidle_timeout = \"90s\"\n",
+        );
+        let o = parse(&["--config", f.path()]).unwrap();
+        assert_eq!(o.config_file.as_deref(), Some(f.0.as_path()));
+        let c = o.config;
+        assert_eq!(c.server.cores, 3);
+        assert_eq!(c.server.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.protocol.idle_timeout, Duration::from_secs(90));
+        assert_eq!(
+            c.protocol.ping_interval,
+            Config::default().protocol.ping_interval
+        );
+        assert_eq!(c.limits, Config::default().limits);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let f = TempFile::new(
+            "flags_override_file",
+            "[server]\ncores = 3\necho_path = \"/echo\"\n[protocol]\nidle_timeout = \"90s\"\n\
+             [auth]\naudience = [\"a\"]\n",
+        );
+        let c = config(&[
+            "--config",
+            f.path(),
+            "--cores",
+            "1",
+            "--idle-timeout=70s",
+            "--echo-path",
+            "",
+            "--auth-audience",
+            "",
+        ]);
+        assert_eq!(c.server.cores, 1);
+        assert_eq!(c.protocol.idle_timeout, Duration::from_secs(70));
+        assert_eq!(c.server.echo_path, None, "an empty value unsets");
+        assert!(c.auth.audience.is_empty(), "an empty value empties a list");
+    }
+
+    #[test]
+    fn every_section_is_reachable_by_flags() {
+        let secret = "s".repeat(32);
+        let c = config(&[
+            "--listen",
+            "127.0.0.1:7000",
+            "--pin-threads",
+            "false",
+            "--echo-path",
+            "/echo",
+            "--max-connections",
+            "10",
+            "--shutdown-close-code",
+            "4001",
+            "--max-message-size",
+            "2048",
+            "--max-outbound-queue-bytes",
+            "65536",
+            "--fabric-overflow-max",
+            "7",
+            "--ping-interval",
+            "1s",
+            "--rate-limit-capacity",
+            "5",
+            "--rate-limit-refill",
+            "6",
+            "--compression-threshold",
+            "0",
+            "--auth-enabled",
+            "true",
+            "--auth-secret",
+            &secret,
+            "--auth-algorithm",
+            "hs256",
+            "--auth-issuer",
+            "iss",
+            "--auth-kid",
+            "k1",
+            "--auth-cookie-name",
+            "tok",
+            "--auth-public-key-file",
+            "/keys/pub.pem",
+            "--control-enabled",
+            "false",
+            "--control-listen",
+            "127.0.0.1:7001",
+            "--api-key",
+            "0123456789abcdef",
+            "--log-level",
+            "debug",
+        ]);
+        assert_eq!(c.server.listen, "127.0.0.1:7000".parse().unwrap());
+        assert!(!c.server.pin_threads);
+        assert_eq!(c.server.echo_path.as_deref(), Some("/echo"));
+        assert_eq!(c.server.max_connections, 10);
+        assert_eq!(c.server.shutdown_close_code, 4001);
+        assert_eq!(c.limits.max_message_size, 2048);
+        assert_eq!(c.limits.max_outbound_queue_bytes, 65536);
+        assert_eq!(c.limits.fabric_overflow_max, 7);
+        assert_eq!(c.protocol.ping_interval, Duration::from_secs(1));
+        assert_eq!(c.protocol.rate_limit_capacity, 5);
+        assert_eq!(c.protocol.rate_limit_refill, 6);
+        assert_eq!(c.protocol.compression_threshold, 0);
+        assert!(c.auth.enabled);
+        assert_eq!(c.auth.secret.as_deref(), Some(secret.as_str()));
+        assert_eq!(c.auth.algorithm, JwtAlgorithm::HS256);
+        assert_eq!(c.auth.issuer.as_deref(), Some("iss"));
+        assert_eq!(c.auth.kid.as_deref(), Some("k1"));
+        assert_eq!(c.auth.cookie_name, "tok");
+        assert_eq!(
+            c.auth.public_key_file.as_deref(),
+            Some(Path::new("/keys/pub.pem"))
+        );
+        assert!(!c.control.enabled);
+        assert_eq!(c.control.listen, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(c.control.api_key.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(c.log.level, "debug");
+
+        let c = config(&["--auth-algorithm", "ES256"]);
+        assert_eq!(c.auth.algorithm, JwtAlgorithm::ES256);
+    }
+
+    #[test]
+    fn every_config_key_has_a_flag_and_a_variable() {
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let mut keys: Vec<String> = defaults
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(section, fields)| {
+                fields
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(move |field| format!("{section}.{field}"))
+            })
+            .collect();
+        keys.sort();
+        let cmd = command();
+        let mut ids: Vec<String> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_owned())
+            .filter(|id| id.contains('.'))
+            .collect();
+        ids.sort();
+        assert_eq!(ids, keys);
+
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version", "print-config"].contains(&long) {
+                continue;
+            }
+            let want = format!("WSE_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "--{long}"
+            );
+            let id = arg.get_id().as_str();
+            if id.contains('.') {
+                let help = arg.get_help().unwrap().to_string();
+                assert!(
+                    help.contains(&format!("[config: {id}]")),
+                    "--{long}: {help}"
+                );
+                assert!(arg.get_help_heading().is_some(), "--{long} has no heading");
+                let unset = matches!(
+                    defaults.pointer(&format!("/{}", id.replace('.', "/"))),
+                    Some(serde_json::Value::Null)
+                ) || id == "auth.audience"
+                    || id == "auth.default_publish";
+                assert_eq!(arg.get_default_values().is_empty(), unset, "--{long}");
+            }
+        }
+    }
+
+    #[test]
+    fn help_shows_units_and_defaults() {
+        let help = command().render_long_help().to_string();
+        for needle in [
+            "--max-message-size <BYTES>",
+            "bytes",
+            "messages per second",
+            "[default: 25s]",
+            "[default: 1048576]",
+            "[default: 0.0.0.0:5007]",
+            "[default: HS256]",
+            "[config: protocol.idle_timeout]",
+            "WSE_IDLE_TIMEOUT",
+            "Authentication:",
+            "Control plane:",
+        ] {
+            assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn lists_are_comma_separated_and_repeatable() {
+        let c = config(&[
+            "--auth-audience",
+            "a, b",
+            "--auth-audience",
+            "c",
+            "--auth-default-publish",
+            "news.*,chat.*",
+        ]);
+        assert_eq!(c.auth.audience, ["a", "b", "c"]);
+        assert_eq!(c.auth.default_publish, ["news.*", "chat.*"]);
+    }
+
+    #[test]
+    fn durations_use_humantime() {
+        let c = config(&[
+            "--idle-timeout",
+            "1m30s",
+            "--ping-interval",
+            "1500ms",
+            "--drain-timeout",
+            "2m",
+        ]);
+        assert_eq!(c.protocol.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.protocol.ping_interval, Duration::from_millis(1500));
+        assert_eq!(c.server.drain_timeout, Duration::from_secs(120));
+        let e = error(&["--idle-timeout", "soon"]);
+        assert!(e.contains("--idle-timeout"), "{e}");
+    }
+
+    #[test]
+    fn booleans_take_explicit_values() {
+        assert!(!config(&["--pin-threads", "false"]).server.pin_threads);
+        assert!(!config(&["--pin-threads=no"]).server.pin_threads);
+        assert!(config(&["--control-enabled", "on"]).control.enabled);
+        let e = error(&["--pin-threads"]);
+        assert!(e.contains("--pin-threads"), "{e}");
+        let e = error(&["--control-enabled", "maybe"]);
+        assert!(e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        let e = error(&["--idel-timeout", "5s"]);
+        assert!(e.contains("--idel-timeout"), "{e}");
+        assert!(e.contains("--idle-timeout"), "the suggestion survives: {e}");
+        let e = error(&["--cores", "many"]);
+        assert!(e.contains("--cores"), "{e}");
+        assert!(
+            !e.contains("(from WSE_"),
+            "the value came from the flag: {e}"
+        );
+        let e = error(&["--auth-algorithm", "none"]);
+        assert!(e.contains("HS256"), "{e}");
+    }
+
+    #[test]
+    fn validation_error_is_one_line_naming_the_key() {
+        let e = error(&["--idle-timeout", "10s", "--ping-interval", "20s"]);
+        assert_eq!(
+            e,
+            "protocol.idle_timeout: must be longer than protocol.ping_interval"
+        );
+        let e = error(&["--auth-enabled", "true"]);
+        assert!(e.starts_with("auth.secret: "), "{e}");
+        let e = error(&["--echo-path", "echo"]);
+        assert!(e.starts_with("server.echo_path: "), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_the_file_is_named() {
+        let f = TempFile::new(
+            "unknown_key",
+            "[server]\ncores = 2\n\n[protocol]\nidel_timeout = \"90s\"\n",
+        );
+        let e = error(&["--config", f.path()]);
+        assert!(e.starts_with(&format!("config file {}: ", f.path())), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("protocol.idel_timeout"), "{e}");
+        assert!(e.contains("unknown field `idel_timeout`"), "{e}");
+
+        let f = TempFile::new("unknown_section", "[protocl]\nidle_timeout = \"90s\"\n");
+        let e = error(&["--config", f.path()]);
+        assert!(e.contains("unknown field `protocl`"), "{e}");
+    }
+
+    #[test]
+    fn bad_files_give_one_line_errors() {
+        let f = TempFile::new("syntax", "[server]\ncores = = 2\n");
+        let e = error(&["--config", f.path()]);
+        assert!(e.contains("line 2"), "{e}");
+
+        let f = TempFile::new("wrong_type", "[server]\ncores = \"two\"\n");
+        let e = error(&["--config", f.path()]);
+        assert!(e.contains("server.cores"), "{e}");
+
+        let f = TempFile::new("bad_duration", "[protocol]\nidle_timeout = \"soon\"\n");
+        let e = error(&["--config", f.path()]);
+        assert!(e.contains("protocol.idle_timeout"), "{e}");
+
+        let f = TempFile::new("bad_address", "[control]\nlisten = \"localhost\"\n");
+        let e = error(&["--config", f.path()]);
+        assert!(e.contains("control.listen"), "{e}");
+
+        let f = TempFile::new("invalid_relation", "[protocol]\nidle_timeout = \"1s\"\n");
+        let e = error(&["--config", f.path()]);
+        assert!(e.starts_with("protocol.idle_timeout: "), "{e}");
+
+        let missing =
+            std::env::temp_dir().join(format!("wse-cli-unit-{}-missing.toml", std::process::id()));
+        let e = error(&["--config", missing.to_str().unwrap()]);
+        assert!(e.contains("cannot read"), "{e}");
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn render_toml_round_trips_defaults() {
+        let cfg = Config::default();
+        let text = render_toml(&cfg);
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), cfg);
+        assert!(text.contains("#   server.echo_path"), "{text}");
+        assert!(
+            text.contains("[protocol]\nping_interval = \"25s\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_toml_round_trips_everything_set() {
+        let mut cfg = Config::default();
+        cfg.server.cores = 4;
+        cfg.server.echo_path = Some("/echo".into());
+        cfg.server.drain_timeout = Duration::from_millis(1500);
+        cfg.limits.close_timeout = Duration::from_millis(250);
+        cfg.protocol.idle_timeout = Duration::from_secs(3661);
+        cfg.auth.enabled = true;
+        cfg.auth.algorithm = JwtAlgorithm::RS256;
+        cfg.auth.secret = Some("quote \" and\nnewline".into());
+        cfg.auth.public_key_file = Some("/keys/pub.pem".into());
+        cfg.auth.previous_secret = Some("p".repeat(40));
+        cfg.auth.previous_public_key_file = Some("old.pem".into());
+        cfg.auth.issuer = Some("iss".into());
+        cfg.auth.audience = vec!["a".into(), "b".into()];
+        cfg.auth.kid = Some("k".into());
+        cfg.auth.default_publish = vec!["news.*".into()];
+        cfg.control.api_key = Some("0123456789abcdef".into());
+        cfg.log.level = "wse_shards=debug,info".into();
+        let text = render_toml(&cfg);
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), cfg, "{text}");
+        assert!(!text.contains("Unset optional keys"), "{text}");
+
+        // Every key is present: the rendered table has the same keys as the JSON form,
+        // which keeps nulls.
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let json = serde_json::to_value(&cfg).unwrap();
+        for (section, fields) in json.as_object().unwrap() {
+            for field in fields.as_object().unwrap().keys() {
+                assert!(
+                    table[section].get(field).is_some(),
+                    "{section}.{field} missing"
+                );
+            }
+        }
+    }
 }
