@@ -59,7 +59,7 @@ pub struct Server {
     metrics: Vec<Arc<ShardMetrics>>,
     control: Mutex<Endpoint>,
     /// Reserved for the cluster core.
-    _cluster: Endpoint,
+    _cluster: Mutex<Endpoint>,
     local_addr: SocketAddr,
     started: Instant,
 }
@@ -124,7 +124,7 @@ impl Server {
             threads: Mutex::new(threads),
             metrics,
             control: Mutex::new(control),
-            _cluster: cluster,
+            _cluster: Mutex::new(cluster),
             local_addr,
             started: Instant::now(),
         };
