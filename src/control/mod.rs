@@ -1,0 +1,248 @@
+//! The control plane: health, metrics and the server API on their own listener and thread.
+//!
+//! Owns: the control listener, its thread ("wse-control") and the single-threaded tokio runtime
+//! axum serves on. Never: touches shard state; it reads the shards' metrics and hands
+//! publications to [`Server::publish`], which queues them to the owner shard over the fabric.
+//!
+//! Routes (every error is JSON `{"error":{"code":"...","message":"..."}}`):
+//! - `GET /health`: liveness and a summary; no key.
+//! - `GET /metrics`: Prometheus/OpenMetrics text, read from the shards at scrape time; no key.
+//! - `POST /api/v1/publish` (one publication or an array) and `POST /api/v1/publish/batch`
+//!   (`{"messages":[...]}`): need `control.api_key` (see [`publish`]).
+
+mod metrics;
+mod publish;
+#[cfg(test)]
+mod tests;
+
+use std::future::IntoFuture;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::sync::watch;
+use wse_shards::Server;
+use wse_shards::config::ControlConfig;
+
+/// How long `stop` lets in-flight requests finish before the remaining connections are dropped.
+/// axum's graceful shutdown alone would wait for a client that keeps a request open forever.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// The content type `prometheus_client::encoding::text` produces (it ends with `# EOF`).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The running control plane.
+pub struct ControlPlane {
+    local_addr: SocketAddr,
+    /// `true` asks the serving thread to stop. Dropping it (a `ControlPlane` dropped without
+    /// `stop`) stops the thread too, but nobody joins it then.
+    stop_tx: watch::Sender<bool>,
+    /// The "wse-control" thread; it owns the runtime, the listener and every connection, all
+    /// released when it returns.
+    thread: JoinHandle<()>,
+}
+
+/// Binds `cfg.listen` (synchronously, so an address in use fails here) and serves on a thread
+/// of its own ("wse-control") running a single-threaded tokio runtime.
+///
+/// # Errors
+/// The listener cannot bind, or the runtime or the thread cannot start.
+pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlane> {
+    let std_listener = std::net::TcpListener::bind(cfg.listen)?;
+    std_listener.set_nonblocking(true)?;
+    let local_addr = std_listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registering with the reactor needs the runtime's context; done here so it fails here.
+    let listener = {
+        let _context = runtime.enter();
+        tokio::net::TcpListener::from_std(std_listener)?
+    };
+    let app = router(server, cfg.api_key.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let thread = std::thread::Builder::new()
+        .name("wse-control".to_owned())
+        .spawn(move || runtime.block_on(serve(listener, app, stop_rx)))?;
+    Ok(ControlPlane {
+        local_addr,
+        stop_tx,
+        thread,
+    })
+}
+
+impl ControlPlane {
+    /// The bound address (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops serving and joins the thread: in-flight requests get up to [`STOP_GRACE`], then the
+    /// remaining connections are dropped.
+    pub fn stop(self) {
+        // An error means the thread has already gone; joining is all that is left.
+        let _ = self.stop_tx.send(true);
+        if self.thread.join().is_err() {
+            tracing::error!("the control plane thread panicked");
+        }
+    }
+}
+
+/// Serves until `stop` turns true (or its sender is dropped), then drains for at most
+/// [`STOP_GRACE`]. Returning drops the runtime, and with it every connection task still running.
+async fn serve(listener: tokio::net::TcpListener, app: Router, stop: watch::Receiver<bool>) {
+    let mut graceful = stop.clone();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = graceful.wait_for(|stop| *stop).await;
+        })
+        .into_future();
+    let mut server = std::pin::pin!(server);
+    let mut stop = stop;
+    tokio::select! {
+        // Only ends early on an error; axum's accept loop otherwise runs until the signal.
+        result = &mut server => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "control plane stopped");
+            }
+            return;
+        }
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+    if tokio::time::timeout(STOP_GRACE, server).await.is_err() {
+        tracing::warn!(
+            "control plane: requests still open {STOP_GRACE:?} after stop; dropping them"
+        );
+    }
+}
+
+/// What every handler shares.
+struct AppState {
+    server: Arc<Server>,
+    /// `control.api_key`; `None` disables the `/api/v1/` routes (403).
+    api_key: Option<String>,
+    /// Holds only [`metrics::ShardCollector`], which reads the shards at each scrape.
+    registry: Registry,
+}
+
+type Shared = Arc<AppState>;
+
+fn router(server: Arc<Server>, api_key: Option<String>) -> Router {
+    // Larger bodies are refused with 413 while being read (the `Bytes` extractor enforces it).
+    let body_limit = server.config().limits.max_message_size;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(metrics::ShardCollector::new(server.clone())));
+    let state: Shared = Arc::new(AppState {
+        server,
+        api_key,
+        registry,
+    });
+    // A route layer runs before the handler's extractors: an unauthorised body is never read.
+    let api = Router::new()
+        .route("/api/v1/publish", post(publish::publish))
+        .route("/api/v1/publish/batch", post(publish::publish_batch))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            publish::require_api_key,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(prometheus))
+        .merge(api)
+        .fallback(not_found)
+        // Must follow the routes: it applies to the routes already added.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn health(State(state): State<Shared>) -> Json<serde_json::Value> {
+    let server = &state.server;
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": server.uptime().as_secs_f64(),
+        "shards": server.shard_count(),
+        "connections": server.connection_count(),
+    }))
+}
+
+async fn prometheus(State(state): State<Shared>) -> Result<Response, ApiError> {
+    let mut text = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut text, &state.registry).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "SERVER_ERROR",
+            "cannot encode the metrics",
+        )
+    })?;
+    Ok(([(CONTENT_TYPE, OPENMETRICS)], text).into_response())
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        format!("no route for {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Every error the control plane answers: `{"error":{"code":"...","message":"..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    /// Stable, machine-readable; `message` is for people.
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn body(&self) -> serde_json::Value {
+        json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        let headers = response.headers_mut();
+        match self.status {
+            // RFC 9110 requires a challenge on 401.
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // Overload is transient: a shard's queue drains within milliseconds.
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
