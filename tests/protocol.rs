@@ -463,7 +463,18 @@ async fn idle_connections_are_pinged_then_closed_with_4408() {
         .unwrap();
     // A client that answers pings stays.
     let mut lively = connector(&wse, "lively").connect().await.unwrap();
-    let info = silent.expect_close(T).await.unwrap();
+    // The lively one must keep reading to answer pings, while the silent one is watched.
+    let keep_lively = async {
+        assert!(
+            lively
+                .recv_timeout(Duration::from_millis(2500))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    };
+    let (info, ()) = tokio::join!(silent.expect_close(T), keep_lively);
+    let info = info.unwrap();
     assert_eq!(info.code, 4408);
     let pings: Vec<_> = info
         .events_before

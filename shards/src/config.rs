@@ -99,7 +99,7 @@ pub struct LimitsConfig {
     /// Topics one connection may be subscribed to. Past it: `SUBSCRIPTION_LIMIT` in `failed_topics`.
     pub max_subscriptions_per_connection: usize,
     /// Application events (client messages of unknown type) buffered per shard for the event
-    /// stream. Past it the oldest is dropped and counted in `wse_app_events_dropped_total`.
+    /// stream. Past it the oldest is dropped and counted in `wse_dropped_total{reason="app_event_overflow"}`.
     pub app_event_queue_capacity: usize,
     /// Time a closing connection has to answer our close frame (and to read what we sent)
     /// before its socket is closed anyway.

@@ -223,7 +223,11 @@ enum Phase {
 /// What to do after a message: carry on, or close with a code.
 enum Next {
     Continue,
+    /// Close and wait for the peer's close frame (it did nothing wrong at the WebSocket level).
     Close(u16, &'static str),
+    /// Fail the connection (RFC 6455 §7.1.7): send the close frame and close at once, without
+    /// waiting for a peer that just broke the protocol.
+    Fail(u16, &'static str),
     /// The peer sent a close frame (which we have answered).
     PeerClosed,
 }
@@ -424,12 +428,12 @@ impl Conn {
         self.send_json(json, cx);
     }
 
-    fn enter_closed(&mut self, now: Instant, cx: &mut Cx<'_>) {
+    fn enter_closed(&mut self, deadline: Instant, cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Live { .. }) {
             cx.events.push(ConnEvent::Left);
         }
         if !matches!(self.phase, Phase::Closed { .. }) {
-            self.phase = Phase::Closed { deadline: now };
+            self.phase = Phase::Closed { deadline };
         }
     }
 
@@ -578,6 +582,7 @@ impl Conn {
         match next {
             Next::Continue => {}
             Next::Close(code, reason) => self.close(code, reason, cx),
+            Next::Fail(code, reason) => self.fail(code, reason, cx),
             Next::PeerClosed => {
                 let now = cx.clock.now;
                 self.enter_closed(now + cx.cfg.limits.close_timeout, cx);
@@ -632,7 +637,17 @@ impl Conn {
             self.enter_closed(now, cx);
             return Next::Continue;
         }
-        Next::Close(code, reason)
+        Next::Fail(code, reason)
+    }
+
+    /// Queues the close frame and goes straight to `Closed`.
+    fn fail(&mut self, code: u16, reason: &str, cx: &mut Cx<'_>) {
+        if matches!(self.phase, Phase::Live { .. } | Phase::Echo { .. }) {
+            cx.metrics.closed_with(code);
+            self.queue(codec::encode_close(code, reason), cx);
+        }
+        let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
+        self.enter_closed(deadline, cx);
     }
 
     fn request_subscribe(&mut self, topics: Vec<std::borrow::Cow<'_, str>>, cx: &mut Cx<'_>) {

@@ -13,6 +13,7 @@
 //! Ordering: FIFO per ordered pair of participants; nothing across pairs.
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, OnceLock};
 use std::task::Waker;
 
@@ -49,6 +50,9 @@ pub enum FabricMsg {
         shard: u16,
         on: bool,
     },
+    /// A shard over its connection budget → the least loaded shard: a freshly accepted socket
+    /// (no byte read yet) for it to serve. Lost: the socket is closed; the client reconnects.
+    Adopt { fd: OwnedFd },
     /// Owner → the shard that sent `Interest { on: true }`: registered; publications sequenced
     /// from now on reach that shard, so pending subscribe acknowledgements may go out.
     InterestAck { topic: Arc<str> },

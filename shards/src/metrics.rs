@@ -144,6 +144,10 @@ impl Histogram {
 pub struct ShardMetrics {
     /// Gauge: WebSocket connections past the upgrade and not yet released.
     pub connections: Counter,
+    /// Gauge: sockets this shard holds (any phase); what connection balancing compares.
+    pub sockets: Counter,
+    /// Fresh sockets this shard accepted and handed to a less loaded shard.
+    pub handed_off_total: Counter,
     /// Gauge: sockets still in the HTTP upgrade.
     pub handshakes_pending: Counter,
     pub connections_accepted_total: Counter,

@@ -141,6 +141,7 @@ pub fn run(boot: Boot) -> io::Result<()> {
 /// The shard's loop; returns once drained.
 fn drive(rt: &compio::runtime::Runtime, ctx: &Rc<Ctx>, shared: &Shared, listener: &Sock) {
     let mut blocked: Vec<ConnKey> = Vec::new();
+    let mut adopted = Vec::new();
     loop {
         let more_tasks = rt.run();
         let clock = Clock::read();
@@ -152,6 +153,7 @@ fn drive(rt: &compio::runtime::Runtime, ctx: &Rc<Ctx>, shared: &Shared, listener
                 shard.begin_drain(clock);
             }
             shard.handle_fabric(clock);
+            shard.take_adopted(&mut adopted);
             shard.handle_timers(clock);
             shard.flush(&mut blocked, clock);
             if shard.is_drained(clock.now) {
@@ -159,7 +161,10 @@ fn drive(rt: &compio::runtime::Runtime, ctx: &Rc<Ctx>, shared: &Shared, listener
             }
             (shard.next_deadline(), shard.has_fabric_work())
         };
-        let spawned = !blocked.is_empty();
+        let spawned = !blocked.is_empty() || !adopted.is_empty();
+        for fd in adopted.drain(..) {
+            adopt(ctx, fd);
+        }
         for key in blocked.drain(..) {
             if let Some(sock) = ctx.shard.borrow().socket(key) {
                 compio::runtime::spawn(wait_writable(ctx.clone(), key, sock)).detach();
@@ -188,7 +193,12 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: Sock) {
                 listener.as_fd(),
                 SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
             ) {
-                Ok(fd) => adopt(&ctx, fd),
+                Ok(fd) => {
+                    let here = ctx.shard.borrow_mut().place(fd);
+                    if let Some(fd) = here {
+                        adopt(&ctx, fd);
+                    }
+                }
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR | Errno::CONNABORTED) => {}
                 Err(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {

@@ -93,14 +93,15 @@ impl Server {
         let control = endpoints.pop().expect("grid has the extra participants");
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let pin = cfg.server.pin_threads && !cores.is_empty();
+        let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
         let shared = Arc::new(Shared {
             admission: Admission::new(cfg.server.max_connections),
             cfg: Arc::new(cfg),
             auth,
             shutdown: Default::default(),
             shards,
+            metrics: metrics.clone(),
         });
-        let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(shards);
         for (id, (fabric, listener)) in endpoints.into_iter().zip(listeners).enumerate() {
@@ -250,3 +251,9 @@ impl Drop for Server {
         }
     }
 }
+
+// The binary shares the handle with the control-plane thread.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Server>();
+};

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -40,6 +41,10 @@ const IOV_PER_WRITE: usize = 64;
 const FABRIC_BATCH_PER_SOURCE: usize = 4096;
 /// Bytes of application events a shard holds for the event stream, whatever their count.
 pub const APP_EVENT_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// A shard holding this many more sockets than the least loaded one hands fresh connections to
+/// it. The kernel spreads connections by hash (or, with SO_INCOMING_CPU, by the core that handled
+/// the packets, which on loopback is the client's), so imbalance is the rule for few clients.
+pub const BALANCE_SLACK: u64 = 8;
 
 /// The global cap on live connections (`server.max_connections`). Touched on upgrade and release
 /// only, never per message.
@@ -82,6 +87,9 @@ pub struct Shared {
     /// Set once by a shutdown request; every shard then drains.
     pub shutdown: AtomicBool,
     pub shards: usize,
+    /// Every shard's metrics, in shard order; a shard reads the others' socket gauges to
+    /// balance connections (on accept only).
+    pub metrics: Vec<Arc<ShardMetrics>>,
 }
 
 /// The socket side of a connection, as the shard needs it.
@@ -148,6 +156,12 @@ pub struct Shard<T: Transport> {
     next_request: u64,
     app_events: VecDeque<AppEvent>,
     app_event_bytes: usize,
+    /// Connections whose socket filled up outside `flush`, reported by the next `flush`.
+    blocked: Vec<ConnKey>,
+    /// Sockets other shards handed over, for the I/O layer to adopt.
+    adopted: Vec<OwnedFd>,
+    /// Sockets handed to each shard since the last flush (their gauges lag by a turn).
+    handed: Vec<u64>,
     handshakes: usize,
     draining_until: Option<Instant>,
 }
@@ -169,6 +183,7 @@ impl<T: Transport> Shard<T> {
             abuse_window_ms: p.rate_limit_abuse_window.as_millis() as u64,
         };
         let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
+        let shards = shared.shards;
         Self {
             me,
             topics: Topics::new(me, shared.shards),
@@ -191,6 +206,9 @@ impl<T: Transport> Shard<T> {
             next_request: 0,
             app_events: VecDeque::new(),
             app_event_bytes: 0,
+            blocked: Vec::new(),
+            adopted: Vec::new(),
+            handed: vec![0; shards],
             handshakes: 0,
             draining_until: None,
         }
@@ -245,6 +263,37 @@ impl<T: Transport> Shard<T> {
     // Input from the I/O layer
     // --------------------------------------------------------------------------------------------
 
+    /// Decides where a freshly accepted socket is served: `Some(fd)` here, `None` when it was
+    /// handed to a less loaded shard.
+    pub fn place(&mut self, fd: OwnedFd) -> Option<OwnedFd> {
+        if self.is_draining() || self.shared.shards == 1 {
+            return Some(fd);
+        }
+        let load = |s: usize, me: &Self| me.shared.metrics[s].sockets.get() + me.handed[s];
+        let mine = self.conns.len() as u64;
+        let (target, least) = (0..self.shared.shards)
+            .filter(|&s| s != self.me)
+            .map(|s| (s, load(s, self)))
+            .min_by_key(|&(_, l)| l)
+            .expect("more than one shard");
+        if mine <= least + BALANCE_SLACK {
+            return Some(fd);
+        }
+        match self.fabric.send(target, FabricMsg::Adopt { fd }) {
+            Sent::Queued => {
+                self.handed[target] += 1;
+                self.metrics.handed_off_total.inc();
+            }
+            Sent::Dropped => self.metrics.dropped(DropReason::FabricOverflow).inc(),
+        }
+        None
+    }
+
+    /// Sockets handed over by other shards since the last call, to be accepted here.
+    pub fn take_adopted(&mut self, into: &mut Vec<OwnedFd>) {
+        into.append(&mut self.adopted);
+    }
+
     /// Takes a freshly accepted socket. `None` when refused (too many handshakes in flight); the
     /// refusal has been written and the socket should be dropped.
     pub fn accept(&mut self, io: T, clock: Clock) -> Option<ConnKey> {
@@ -274,6 +323,7 @@ impl<T: Transport> Shard<T> {
         });
         self.handshakes += 1;
         self.metrics.handshakes_pending.set(self.handshakes as u64);
+        self.metrics.sockets.set(self.conns.len() as u64);
         self.rearm(key);
         Some(key)
     }
@@ -322,6 +372,7 @@ impl<T: Transport> Shard<T> {
                 .set(self.metrics.connections.get().saturating_sub(1));
         }
         self.metrics.connections_closed_total.inc();
+        self.metrics.sockets.set(self.conns.len() as u64);
     }
 
     /// Starts a graceful shutdown: every connection gets `code` and `drain_timeout` to go.
@@ -388,6 +439,7 @@ impl<T: Transport> Shard<T> {
     /// of finished connections, and pushes cross-shard entries. Keys whose socket is full are
     /// added to `blocked`: the I/O layer waits for them to drain and calls `handle_writable`.
     pub fn flush(&mut self, blocked: &mut Vec<ConnKey>, clock: Clock) {
+        blocked.append(&mut self.blocked);
         let mut broken = Vec::new();
         for key in std::mem::take(&mut self.dirty) {
             let Some(slot) = self.conns.get_mut(key as usize) else {
@@ -418,6 +470,7 @@ impl<T: Transport> Shard<T> {
             }
         }
         let held = self.fabric.flush();
+        self.handed.iter_mut().for_each(|h| *h = 0);
         let m = &self.metrics;
         m.fabric_overflow_depth.set(held as u64);
         m.fabric_inbound_depth
@@ -721,7 +774,21 @@ impl<T: Transport> Shard<T> {
                 debug_assert!(false, "subscriber {key} has no slot");
                 continue;
             };
-            if slot.conn.push_delivery(frame.clone(), max) {
+            let mut queued = slot.conn.push_delivery(frame.clone(), max);
+            if !queued && !slot.write_blocked {
+                // The cap measures what the socket will not take, not what one turn queued: write
+                // this connection now and only then decide whether it is slow.
+                match write_out(slot, &self.metrics) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        slot.write_blocked = true;
+                        self.blocked.push(key);
+                    }
+                    Err(_) => {} // the read side sees the failure and releases the slot
+                }
+                queued = slot.conn.push_delivery(frame.clone(), max);
+            }
+            if queued {
                 delivered += 1;
                 mark_dirty(&mut self.dirty, slot, key);
             } else {
@@ -765,6 +832,7 @@ impl<T: Transport> Shard<T> {
                 topic,
                 offset,
             } => self.send_publish_ack(conn, &topic, offset, clock),
+            FabricMsg::Adopt { fd } => self.adopted.push(fd),
             FabricMsg::Interest { topic, shard, on } => {
                 self.topics.set_interest(&topic, usize::from(shard), on);
                 if on {
