@@ -564,3 +564,41 @@ async fn graceful_shutdown_closes_with_4300_and_exits_zero() {
     // The listener is gone.
     assert!(tokio::net::TcpStream::connect(wse.ws).await.is_err());
 }
+
+#[tokio::test]
+async fn subscription_limit_holds_even_for_pipelined_requests() {
+    let wse = Wse::start(&["--cores", "2", "--max-subscriptions-per-connection", "3"]);
+    let mut c = connector(&wse, "greedy").connect().await.unwrap();
+    let ack = c.subscribe(&["a", "b"]).await.unwrap();
+    assert_eq!(ack.p["success"], true);
+    // Two requests in flight at once: together they must not pass the limit.
+    for topics in [json!(["c", "d"]), json!(["e", "a"])] {
+        c.send_json(&json!({"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":topics}}))
+            .await
+            .unwrap();
+    }
+    let mut ok = Vec::new();
+    let mut limited = Vec::new();
+    for _ in 0..2 {
+        let ack = c
+            .recv_until(|e| e.t == "subscription_update", T)
+            .await
+            .unwrap();
+        ok.extend(
+            ack.p["success_topics"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_owned()),
+        );
+        for f in ack.p["failed_topics"].as_array().unwrap() {
+            assert_eq!(f["reason"], "SUBSCRIPTION_LIMIT");
+            limited.push(f["topic"].as_str().unwrap().to_owned());
+        }
+    }
+    ok.sort();
+    limited.sort();
+    // "a" was already held (re-subscribing is free); one new topic fits.
+    assert_eq!(ok, vec!["a", "c"]);
+    assert_eq!(limited, vec!["d", "e"]);
+}

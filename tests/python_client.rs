@@ -65,11 +65,10 @@ async fn published_python_client_subscribes_receives_and_stays_connected() {
     });
     let mut transcript = Vec::new();
     let mut next = async || -> String {
-        let line = tokio::time::timeout(Duration::from_secs(90), rx.recv())
+        tokio::time::timeout(Duration::from_secs(90), rx.recv())
             .await
             .expect("compat.py went quiet")
-            .unwrap_or_default();
-        line
+            .unwrap_or_default()
     };
     let ready = next().await;
     transcript.push(ready.clone());

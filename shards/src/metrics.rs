@@ -173,8 +173,6 @@ pub struct ShardMetrics {
     pub fabric_inbound_depth: Counter,
     /// Gauge: entries held back because a destination's queue was full.
     pub fabric_overflow_depth: Counter,
-    /// Gauge: bytes queued to this shard's connections and not yet written.
-    pub outbound_queued_bytes: Counter,
     pub dropped: [Counter; DropReason::ALL.len()],
     pub rejected: [Counter; RejectReason::ALL.len()],
     /// By [`COUNTED_CLOSE_CODES`], the last slot for any other code.

@@ -52,14 +52,14 @@ const GAUGES: [(&str, &str, Field); 6] = [
         |m| &m.fabric_overflow_depth,
     ),
     (
-        "wse_outbound_queued_bytes",
-        "Bytes queued to the shard's connections and not yet written",
-        |m| &m.outbound_queued_bytes,
+        "wse_sockets",
+        "Sockets the shard holds in any phase (what connection balancing compares)",
+        |m| &m.sockets,
     ),
 ];
 
 /// Counters summed over shards: name (the encoder appends `_total`), help, field.
-const COUNTERS: [(&str, &str, Field); 11] = [
+const COUNTERS: [(&str, &str, Field); 12] = [
     (
         "wse_connections_accepted",
         "WebSocket connections accepted",
@@ -110,6 +110,11 @@ const COUNTERS: [(&str, &str, Field); 11] = [
         "wse_app_events",
         "Client messages of application types queued for the event stream",
         |m| &m.app_events_total,
+    ),
+    (
+        "wse_handed_off",
+        "Fresh sockets handed to a less loaded shard",
+        |m| &m.handed_off_total,
     ),
 ];
 
