@@ -139,6 +139,10 @@ struct Flags {
     #[command(flatten)]
     auth: AuthFlags,
     #[command(flatten)]
+    recovery: RecoveryFlags,
+    #[command(flatten)]
+    presence: PresenceFlags,
+    #[command(flatten)]
     control: ControlFlags,
     #[command(flatten)]
     log: LogFlags,
@@ -522,6 +526,105 @@ struct AuthFlags {
     default_publish: Option<Vec<String>>,
 }
 
+/// `[recovery]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Recovery")]
+struct RecoveryFlags {
+    /// Stamp publications (topic, epoch, offset) and keep their history for reconnecting clients.
+    #[arg(
+        id = "recovery.enabled",
+        long = "recovery-enabled",
+        env = "WSE_RECOVERY_ENABLED",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new()
+    )]
+    enabled: Option<bool>,
+
+    /// Publications remembered per topic, a power of two; older ones are forgotten first.
+    #[arg(
+        id = "recovery.buffer_size",
+        long = "recovery-buffer-size",
+        env = "WSE_RECOVERY_BUFFER_SIZE",
+        value_name = "N"
+    )]
+    buffer_size: Option<usize>,
+
+    /// Publications older than this are not replayed.
+    #[arg(
+        id = "recovery.ttl",
+        long = "recovery-ttl",
+        env = "WSE_RECOVERY_TTL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    ttl: Option<Duration>,
+
+    /// Most publications one recovery reply replays; a larger gap answers recovered: false.
+    #[arg(
+        id = "recovery.max_messages",
+        long = "recovery-max-messages",
+        env = "WSE_RECOVERY_MAX_MESSAGES",
+        value_name = "N"
+    )]
+    max_messages: Option<usize>,
+
+    /// Bytes of publication history across the server, split between shards and allocated at
+    /// start; when full, the oldest publications are overwritten.
+    #[arg(
+        id = "recovery.memory_budget",
+        long = "recovery-memory-budget",
+        env = "WSE_RECOVERY_MEMORY_BUDGET",
+        value_name = "BYTES"
+    )]
+    memory_budget: Option<usize>,
+
+    /// Topics with a history across the server (each costs buffer_size x 16 bytes, allocated at
+    /// start); past it the least recently published topic's history is dropped.
+    #[arg(
+        id = "recovery.max_topics",
+        long = "recovery-max-topics",
+        env = "WSE_RECOVERY_MAX_TOPICS",
+        value_name = "N"
+    )]
+    max_topics: Option<usize>,
+}
+
+/// `[presence]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Presence")]
+struct PresenceFlags {
+    /// Track topic members and send presence_join / presence_leave / presence_update.
+    #[arg(
+        id = "presence.enabled",
+        long = "presence-enabled",
+        env = "WSE_PRESENCE_ENABLED",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new()
+    )]
+    enabled: Option<bool>,
+
+    /// Largest presence data a member may attach, bytes; past it the subscription fails with
+    /// PRESENCE_DATA_TOO_LARGE.
+    #[arg(
+        id = "presence.max_data_size",
+        long = "presence-max-data-size",
+        env = "WSE_PRESENCE_MAX_DATA_SIZE",
+        value_name = "BYTES"
+    )]
+    max_data_size: Option<usize>,
+
+    /// Distinct users per topic, 0 = unlimited; past it the subscription fails with PRESENCE_LIMIT.
+    #[arg(
+        id = "presence.max_members",
+        long = "presence-max-members",
+        env = "WSE_PRESENCE_MAX_MEMBERS",
+        value_name = "N"
+    )]
+    max_members: Option<usize>,
+}
+
 /// `[control]`.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Control plane")]
@@ -581,6 +684,8 @@ impl Flags {
             limits,
             protocol,
             auth,
+            recovery,
+            presence,
             control,
             log,
         } = self;
@@ -675,6 +780,32 @@ impl Flags {
         set(&mut a.cookie_name, cookie_name);
         set(&mut a.leeway, leeway);
         set_list(&mut a.default_publish, default_publish);
+
+        let RecoveryFlags {
+            enabled,
+            buffer_size,
+            ttl,
+            max_messages,
+            memory_budget,
+            max_topics,
+        } = recovery;
+        let r = &mut cfg.recovery;
+        set(&mut r.enabled, enabled);
+        set(&mut r.buffer_size, buffer_size);
+        set(&mut r.ttl, ttl);
+        set(&mut r.max_messages, max_messages);
+        set(&mut r.memory_budget, memory_budget);
+        set(&mut r.max_topics, max_topics);
+
+        let PresenceFlags {
+            enabled,
+            max_data_size,
+            max_members,
+        } = presence;
+        let p = &mut cfg.presence;
+        set(&mut p.enabled, enabled);
+        set(&mut p.max_data_size, max_data_size);
+        set(&mut p.max_members, max_members);
 
         let ControlFlags {
             enabled,

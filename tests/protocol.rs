@@ -602,3 +602,35 @@ async fn subscription_limit_holds_even_for_pipelined_requests() {
     assert_eq!(ok, vec!["a", "c"]);
     assert_eq!(limited, vec!["d", "e"]);
 }
+
+#[tokio::test]
+async fn a_departed_subscriber_leaves_nothing_behind_for_its_slot_successor() {
+    let wse = Wse::start(&["--cores", "1"]);
+    let mut a = connector(&wse, "a").connect().await.unwrap();
+    a.subscribe(&["secret"]).await.unwrap();
+    let a_id = a.connection_id().to_owned();
+    a.close(1000, "bye").await.unwrap();
+    // The next connection reuses the slot (same slab key: the id's last 8 hex digits).
+    let mut b = None;
+    for i in 0..50 {
+        let c = connector(&wse, &format!("b{i}")).connect().await.unwrap();
+        if c.connection_id()[8..] == a_id[8..] {
+            b = Some(c);
+            break;
+        }
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = b.expect("the slot was never reused");
+    b.subscribe(&["public"]).await.unwrap();
+    wse.api_publish("secret", "leak", json!(1)).await;
+    wse.api_publish("public", "ok", json!(2)).await;
+    let ev = b
+        .recv_until(|e| e.t == "leak" || e.t == "ok", T)
+        .await
+        .unwrap();
+    assert_eq!(
+        ev.t, "ok",
+        "the slot's previous subscription leaked to its new occupant"
+    );
+}

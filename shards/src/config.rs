@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 pub const TOPIC_LEN_MAX: usize = 1024;
 /// Protocol limit (protocol.md §1): tokens larger than this are refused without parsing. Bytes.
 pub const TOKEN_LEN_MAX: usize = 8 * 1024;
-/// Protocol limit (protocol.md §8): presence data larger than this is refused. Bytes.
-pub const PRESENCE_DATA_MAX: usize = 4 * 1024;
+/// Largest `presence.max_data_size` the configuration accepts, bytes (the protocol's default is
+/// 4 KiB; presence data travels with every join and update).
+pub const PRESENCE_DATA_CEILING: usize = 64 * 1024;
 /// Largest number of shards a server may run; the per-topic shard-interest set is a fixed bitset
 /// of this many bits.
 pub const SHARDS_MAX: usize = 256;
@@ -36,6 +37,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub protocol: ProtocolConfig,
     pub auth: AuthConfig,
+    pub recovery: RecoveryConfig,
+    pub presence: PresenceConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
 }
@@ -227,6 +230,67 @@ impl Default for AuthConfig {
     }
 }
 
+/// Message recovery (protocol.md §5): every publication is stamped with its topic, the topic
+/// history's epoch and its offset, and kept in a bounded history on the topic's owner shard so
+/// reconnecting clients can replay what they missed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// Stamp publications and keep their history.
+    pub enabled: bool,
+    /// Publications remembered per topic (a power of two). Older ones are forgotten first.
+    pub buffer_size: usize,
+    /// Publications older than this are not replayed.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Most publications one recovery reply replays; a larger gap answers `recovered: false`.
+    pub max_messages: usize,
+    /// Bytes of publication history across the server, split evenly between shards,
+    /// allocated (and touched) at start. When full, the oldest publications are overwritten.
+    pub memory_budget: usize,
+    /// Topics with a history across the server, split evenly between shards. Each costs
+    /// `buffer_size` × 16 bytes, allocated at start; past it the least recently published
+    /// topic's history is dropped (its next publication starts a new epoch).
+    pub max_topics: usize,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            buffer_size: 256,
+            ttl: Duration::from_secs(300),
+            max_messages: 1000,
+            memory_budget: 64 << 20,
+            max_topics: 4096,
+        }
+    }
+}
+
+/// Presence (protocol.md §8): who is subscribed to a topic, with data they chose.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Track members and send `presence_join` / `presence_leave` / `presence_update`.
+    pub enabled: bool,
+    /// Largest presence data (JSON) a member may attach, bytes. Past it the subscription of that
+    /// topic fails with `PRESENCE_DATA_TOO_LARGE`.
+    pub max_data_size: usize,
+    /// Members (distinct users) per topic; 0 = unlimited. Past it the subscription of that topic
+    /// fails with `PRESENCE_LIMIT`.
+    pub max_members: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_data_size: 4096,
+            max_members: 0,
+        }
+    }
+}
+
 /// The control plane: HTTP server API, health and metrics on their own listener.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -351,6 +415,30 @@ impl Config {
                 "protocol.rate_limit_abuse_window",
                 "must be at least 1s",
             ));
+        }
+        let r = &self.recovery;
+        if r.enabled {
+            if !r.buffer_size.is_power_of_two() || r.buffer_size < 2 || r.buffer_size > 1 << 20 {
+                return Err(bad(
+                    "recovery.buffer_size",
+                    "must be a power of two in 2..=1048576",
+                ));
+            }
+            if r.max_messages == 0 {
+                return Err(bad("recovery.max_messages", "must be at least 1"));
+            }
+            if r.max_topics == 0 {
+                return Err(bad("recovery.max_topics", "must be at least 1"));
+            }
+            if r.memory_budget < 1 << 20 {
+                return Err(bad("recovery.memory_budget", "must be at least 1 MiB"));
+            }
+            if r.ttl < Duration::from_secs(1) {
+                return Err(bad("recovery.ttl", "must be at least 1s"));
+            }
+        }
+        if self.presence.max_data_size > PRESENCE_DATA_CEILING {
+            return Err(bad("presence.max_data_size", "must be at most 64 KiB"));
         }
         let a = &self.auth;
         if a.enabled {

@@ -82,9 +82,10 @@ pub enum ConnEvent {
     Upgraded,
     /// Subscribe to `topics` (already validated and permitted; may include topics it is already
     /// on). `failed` go back in the acknowledgement as they are.
-    Subscribe {
-        topics: Vec<String>,
-        failed: Vec<FailedTopic>,
+    Subscribe(SubscribeRequest),
+    /// New presence data (a JSON text) for every topic of the connection.
+    PresenceUpdate {
+        data: Bytes,
     },
     Unsubscribe {
         topics: Vec<String>,
@@ -100,8 +101,30 @@ pub enum ConnEvent {
         t: String,
         payload: Bytes,
     },
-    /// The connection left the live phase: drop its subscriptions.
-    Left,
+    /// The connection left the live phase: it is no longer subscribed to `subs` (handed over
+    /// here because the session that held them is gone).
+    Left {
+        subs: Vec<Arc<str>>,
+        user: Box<str>,
+    },
+}
+
+/// A live session as the shard sees it: who, and which topics it is on (or recovering).
+pub struct SessionMut<'a> {
+    pub user: &'a str,
+    pub subs: &'a mut Vec<Arc<str>>,
+    pub recovering: &'a mut Vec<Arc<str>>,
+}
+
+/// A subscription request, checked by the connection (topic syntax, ACL, data size).
+#[derive(Debug, Default)]
+pub struct SubscribeRequest {
+    pub topics: Vec<String>,
+    pub failed: Vec<FailedTopic>,
+    /// Topics to recover: (topic, the client's epoch if it parsed, its inclusive last offset).
+    pub recover: Vec<(String, Option<u32>, u64)>,
+    /// Presence data (JSON text) when presence is on.
+    pub presence: Option<Bytes>,
 }
 
 /// What a connection may use while handling input; borrowed from its shard for one call.
@@ -201,6 +224,9 @@ struct Session {
     subs: Vec<Arc<str>>,
     /// Per-connection sends go as `M:` MessagePack (`?format=msgpack`).
     msgpack: bool,
+    /// Topics whose replay is on its way: live frames of these are skipped meanwhile (they are
+    /// part of the replay, or were sequenced before the recovered position).
+    recovering: Vec<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -287,17 +313,42 @@ impl Conn {
         matches!(self.phase, Phase::Closed { .. })
     }
 
-    /// The live connection's subscriptions, for the shard to maintain.
-    pub fn subs_mut(&mut self) -> Option<&mut Vec<Arc<str>>> {
+    /// The parts of a live connection's session the shard maintains.
+    pub fn session_mut(&mut self) -> Option<SessionMut<'_>> {
         match &mut self.phase {
-            Phase::Live { session, .. } => Some(&mut session.subs),
+            Phase::Live { session, .. } => {
+                let s = &mut **session;
+                Some(SessionMut {
+                    user: &s.identity.user_id,
+                    subs: &mut s.subs,
+                    recovering: &mut s.recovering,
+                })
+            }
             _ => None,
         }
     }
 
-    /// Hands over the subscription list (when leaving the live phase).
-    pub fn take_subs(&mut self) -> Vec<Arc<str>> {
-        self.subs_mut().map(std::mem::take).unwrap_or_default()
+    /// Whether live frames of `topic` are held back for a replay in flight.
+    pub fn is_recovering(&self, topic: &str) -> bool {
+        match &self.phase {
+            Phase::Live { session, .. } => {
+                !session.recovering.is_empty() && session.recovering.iter().any(|t| &**t == topic)
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues a replay: complete frames, one buffer. `false` when it does not fit under the
+    /// outbound cap (the caller evicts: the client reconnects and asks again).
+    #[must_use]
+    pub fn push_replay(&mut self, topic: &str, frames: Bytes, max_queue: usize) -> bool {
+        if let Phase::Live { session, .. } = &mut self.phase {
+            session.recovering.retain(|t| &**t != topic);
+        }
+        if frames.is_empty() {
+            return true;
+        }
+        self.push_delivery(frames, max_queue)
     }
 
     /// When this connection next needs [`Conn::handle_timeout`].
@@ -361,20 +412,26 @@ impl Conn {
     pub fn close(&mut self, code: u16, reason: &str, cx: &mut Cx<'_>) {
         let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
         let phase = std::mem::replace(&mut self.phase, Phase::Closed { deadline });
-        match phase {
-            Phase::Live { decoder, .. } | Phase::Echo { decoder } => {
-                cx.events.push(ConnEvent::Left);
-                cx.metrics.closed_with(code);
-                self.queue(codec::encode_close(code, reason), cx);
-                self.phase = Phase::Closing { decoder, deadline };
+        let decoder = match phase {
+            Phase::Live { decoder, session } => {
+                cx.events.push(left(session));
+                decoder
             }
+            Phase::Echo { decoder } => decoder,
             Phase::Handshake => {
                 self.phase = Phase::Closed {
                     deadline: cx.clock.now,
-                }
+                };
+                return;
             }
-            other @ (Phase::Closing { .. } | Phase::Closed { .. }) => self.phase = other,
-        }
+            other @ (Phase::Closing { .. } | Phase::Closed { .. }) => {
+                self.phase = other;
+                return;
+            }
+        };
+        cx.metrics.closed_with(code);
+        self.queue(codec::encode_close(code, reason), cx);
+        self.phase = Phase::Closing { decoder, deadline };
     }
 
     /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
@@ -429,11 +486,13 @@ impl Conn {
     }
 
     fn enter_closed(&mut self, deadline: Instant, cx: &mut Cx<'_>) {
-        if matches!(self.phase, Phase::Live { .. }) {
-            cx.events.push(ConnEvent::Left);
+        if matches!(self.phase, Phase::Closed { .. }) {
+            return;
         }
-        if !matches!(self.phase, Phase::Closed { .. }) {
-            self.phase = Phase::Closed { deadline };
+        if let Phase::Live { session, .. } =
+            std::mem::replace(&mut self.phase, Phase::Closed { deadline })
+        {
+            cx.events.push(left(session));
         }
     }
 
@@ -514,7 +573,8 @@ impl Conn {
         }
         self.admitted = true;
         cx.events.push(ConnEvent::Upgraded);
-        let ready = protocol::server_ready(&id, &identity.user_id, false, &cx.clock);
+        let ready =
+            protocol::server_ready(&id, &identity.user_id, cx.cfg.recovery.enabled, &cx.clock);
         self.send_text(&ready, cx);
         cx.metrics
             .handshake_latency
@@ -537,6 +597,7 @@ impl Conn {
                 rate: TokenBucket::new(cx.rate, cx.clock.wall_ms),
                 subs: Vec::new(),
                 msgpack,
+                recovering: Vec::new(),
             }),
         };
         if !auto.is_empty() {
@@ -544,7 +605,11 @@ impl Conn {
                 .iter()
                 .map(|t| std::borrow::Cow::Borrowed(t.as_str()))
                 .collect();
-            self.request_subscribe(topics, cx);
+            let sub = protocol::Subscription {
+                topics,
+                ..Default::default()
+            };
+            self.request_subscribe(sub, cx);
         }
     }
 
@@ -650,10 +715,18 @@ impl Conn {
         self.enter_closed(deadline, cx);
     }
 
-    fn request_subscribe(&mut self, topics: Vec<std::borrow::Cow<'_, str>>, cx: &mut Cx<'_>) {
+    fn request_subscribe(&mut self, sub: protocol::Subscription<'_>, cx: &mut Cx<'_>) {
         if let Phase::Live { session, .. } = &mut self.phase {
-            session.request_subscribe(topics, cx);
+            session.request_subscribe(sub, cx);
         }
+    }
+}
+
+/// The event that hands a departing session's subscriptions to the shard.
+fn left(mut session: Box<Session>) -> ConnEvent {
+    ConnEvent::Left {
+        subs: std::mem::take(&mut session.subs),
+        user: session.identity.user_id.clone(),
     }
 }
 
@@ -730,30 +803,65 @@ impl Session {
         }
     }
 
-    /// Splits requested topics into acceptable ones (valid and permitted) and refusals, and
-    /// asks the shard, which applies the subscription limit.
-    fn request_subscribe(&mut self, topics: Vec<std::borrow::Cow<'_, str>>, cx: &mut Cx<'_>) {
-        let mut accepted: Vec<String> = Vec::new();
-        let mut failed = Vec::new();
-        for topic in topics {
+    /// Splits requested topics into acceptable ones (valid and permitted) and refusals, reads the
+    /// recovery positions and presence data, and asks the shard (which applies the subscription
+    /// limit).
+    fn request_subscribe(&mut self, sub: protocol::Subscription<'_>, cx: &mut Cx<'_>) {
+        let mut req = SubscribeRequest::default();
+        let presence = cx
+            .cfg
+            .presence
+            .enabled
+            .then(|| sub.presence.map_or("{}", |p| p.get()));
+        let presence_too_large = presence.is_some_and(|p| p.len() > cx.cfg.presence.max_data_size);
+        for topic in sub.topics {
             let reason = if let Some(p) = protocol::topic_problem(&topic) {
                 p
             } else if !self.identity.subscribe.permits(&topic) {
                 "FORBIDDEN"
+            } else if presence_too_large {
+                "PRESENCE_DATA_TOO_LARGE"
             } else {
-                accepted.push(topic.into_owned());
+                req.topics.push(topic.into_owned());
                 continue;
             };
-            failed.push(FailedTopic {
+            req.failed.push(FailedTopic {
                 topic: topic.into_owned(),
                 reason: reason.to_owned(),
             });
         }
-        cx.events.push(ConnEvent::Subscribe {
-            topics: accepted,
-            failed,
-        });
+        if sub.recover && cx.cfg.recovery.enabled {
+            req.recover = recovery_positions(sub.recovery, &req.topics);
+        }
+        req.presence = presence.map(|p| Bytes::copy_from_slice(p.as_bytes()));
+        cx.events.push(ConnEvent::Subscribe(req));
     }
+}
+
+/// The `{"<topic>": {"epoch": "..", "offset": n}}` map of a recovering subscribe, for the
+/// requested topics that have an offset. A missing or malformed epoch still recovers nothing
+/// (the reply then carries the current position, and the client re-baselines).
+fn recovery_positions(
+    raw: Option<&RawValue>,
+    topics: &[String],
+) -> Vec<(String, Option<u32>, u64)> {
+    let Some(map) = raw.and_then(|r| {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(r.get()).ok()
+    }) else {
+        return Vec::new();
+    };
+    topics
+        .iter()
+        .filter_map(|t| {
+            let pos = map.get(t)?;
+            let offset = pos.get("offset")?.as_u64()?;
+            let epoch = pos
+                .get("epoch")
+                .and_then(|e| e.as_str())
+                .and_then(protocol::parse_epoch);
+            Some((t.clone(), epoch, offset))
+        })
+        .collect()
 }
 
 /// A session and its connection's outbound queue, borrowed together for one message.
@@ -824,7 +932,7 @@ impl SessionOut<'_> {
                 let hello = protocol::server_hello(
                     &self.id.to_string(),
                     protocol_version,
-                    false,
+                    cx.cfg.recovery.enabled,
                     cx.cfg,
                     &cx.clock,
                 );
@@ -837,7 +945,25 @@ impl SessionOut<'_> {
                 self.out.push(codec::encode_frame(OpCode::Text, &pong));
             }
             ClientMessage::Pong => {}
-            ClientMessage::Subscribe(s) => self.session.request_subscribe(s.topics, cx),
+            ClientMessage::Subscribe(s) => self.session.request_subscribe(s, cx),
+            ClientMessage::PresenceUpdate { data } => {
+                if !cx.cfg.presence.enabled {
+                    self.error(
+                        "INVALID_MESSAGE",
+                        "presence is not enabled on this server",
+                        cx,
+                    );
+                } else if data.get().len() > cx.cfg.presence.max_data_size {
+                    self.error(
+                        "PRESENCE_DATA_TOO_LARGE",
+                        "presence data over presence.max_data_size",
+                        cx,
+                    );
+                } else {
+                    let data = Bytes::copy_from_slice(data.get().as_bytes());
+                    cx.events.push(ConnEvent::PresenceUpdate { data });
+                }
+            }
             ClientMessage::Unsubscribe { topics } => {
                 let topics = topics.into_iter().map(|t| t.into_owned()).collect();
                 cx.events.push(ConnEvent::Unsubscribe { topics });

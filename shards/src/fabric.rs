@@ -20,6 +20,7 @@ use std::task::Waker;
 use bytes::Bytes;
 
 use crate::conn::ConnId;
+use crate::protocol::RecoveryInfo;
 
 /// Cross-core traffic: one enum, every variant says who sends it, who receives it, and what
 /// losing it costs.
@@ -36,26 +37,155 @@ pub enum FabricMsg {
     /// Owner → a shard with subscribers: a sequenced publication, framed once. Lost: those
     /// subscribers miss one message (counted as a drop).
     Deliver { topic: Arc<str>, frame: Bytes },
-    /// Owner → the publisher's shard: the publication `offset` of `topic` was sequenced; send the
-    /// `publish_ack` to `conn`. Lost: the client waits for an ack that never comes.
+    /// Owner → the publisher's shard: the publication `offset` of `topic` was sequenced (in
+    /// history `epoch` when recovery is on); send the `publish_ack` to `conn`. Lost: the client
+    /// waits for an ack that never comes.
     PublishAcked {
         conn: ConnId,
         topic: Arc<str>,
         offset: u64,
+        epoch: Option<u32>,
     },
-    /// A shard → the topic's owner: the shard gained (`on`) or lost its first/last local
-    /// subscriber. Lost: deliveries to that shard start or stop wrongly.
-    Interest {
+    /// A shard → the topic's owner: a connection subscribes and needs the owner — to register
+    /// the shard's interest (its first local subscriber), to replay history, or to count a
+    /// presence member. Answered with `Joined`. Lost: the acknowledgement never comes.
+    Join(Box<JoinRequest>),
+    /// Owner → the shard that sent `Join`. Publications sequenced after it reach that shard;
+    /// the replayed frames precede them. Lost: the acknowledgement never comes, and the
+    /// connection skips the topic's live frames.
+    Joined(Box<JoinReply>),
+    /// A shard → the topic's owner: a connection left the topic; `interest_off` when it was the
+    /// shard's last subscriber, `user` when presence is on. Lost: the owner keeps sending to the
+    /// shard (which discards), or a presence member stays.
+    Leave {
         topic: Arc<str>,
         shard: u16,
-        on: bool,
+        interest_off: bool,
+        user: Option<Box<str>>,
     },
+    /// A shard → the topic's owner: a member's new presence data. Lost: the update is not seen.
+    PresenceUpdate(Box<PresenceUpdate>),
+    /// The control plane → a topic's owner: a question, answered through its reply slot.
+    /// Lost: the asker times out.
+    Query(Box<Query>),
     /// A shard over its connection budget → the least loaded shard: a freshly accepted socket
     /// (no byte read yet) for it to serve. Lost: the socket is closed; the client reconnects.
     Adopt { fd: OwnedFd },
-    /// Owner → the shard that sent `Interest { on: true }`: registered; publications sequenced
-    /// from now on reach that shard, so pending subscribe acknowledgements may go out.
-    InterestAck { topic: Arc<str> },
+}
+
+/// See [`FabricMsg::Join`].
+#[derive(Debug)]
+pub struct JoinRequest {
+    pub topic: Arc<str>,
+    pub shard: u16,
+    pub conn: ConnId,
+    /// The subscribe request this belongs to (per requesting shard).
+    pub request: u64,
+    /// Register the requesting shard's interest.
+    pub interest: bool,
+    /// Replay from this position: the client's epoch (if it parsed) and inclusive last offset.
+    pub recover: Option<(Option<u32>, u64)>,
+    /// Count a presence member: user id and data (JSON).
+    pub presence: Option<(Box<str>, Bytes)>,
+}
+
+/// See [`FabricMsg::Joined`].
+#[derive(Debug)]
+pub struct JoinReply {
+    pub topic: Arc<str>,
+    pub conn: ConnId,
+    pub request: u64,
+    /// This reply confirms the shard's interest.
+    pub interest: bool,
+    pub recovery: Option<RecoveryInfo>,
+    /// The replayed frames, concatenated.
+    pub frames: Bytes,
+    /// The presence join was refused (`PRESENCE_LIMIT`): the subscription of this topic fails.
+    pub refused: Option<&'static str>,
+}
+
+/// See [`FabricMsg::PresenceUpdate`].
+#[derive(Debug)]
+pub struct PresenceUpdate {
+    pub topic: Arc<str>,
+    pub user: Box<str>,
+    pub data: Bytes,
+}
+
+/// A question for a topic's owner.
+#[derive(Debug)]
+pub enum QueryKind {
+    /// The topic's presence members.
+    Presence { topic: Arc<str> },
+    /// The topic's presence totals.
+    PresenceStats { topic: Arc<str> },
+}
+
+/// An answer from a topic's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryAnswer {
+    /// (user id, connections, data JSON) per member.
+    Presence(Vec<(String, u32, String)>),
+    /// (users, connections).
+    PresenceStats(usize, u64),
+    /// Presence is off on this server.
+    PresenceDisabled,
+}
+
+/// See [`FabricMsg::Query`].
+#[derive(Debug)]
+pub struct Query {
+    pub kind: QueryKind,
+    pub reply: Arc<ReplySlot<QueryAnswer>>,
+}
+
+/// A one-shot answer: filled once by a shard, awaited by whoever asked (any runtime).
+#[derive(Debug)]
+pub struct ReplySlot<T> {
+    state: std::sync::Mutex<(Option<T>, Option<Waker>)>,
+}
+
+impl<T> ReplySlot<T> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: std::sync::Mutex::new((None, None)),
+        })
+    }
+
+    /// Fills the slot and wakes the asker.
+    pub fn complete(&self, value: T) {
+        let waker = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 = Some(value);
+            s.1.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The answer, once it is there.
+    pub fn wait(self: Arc<Self>) -> ReplyFuture<T> {
+        ReplyFuture(self)
+    }
+}
+
+/// Resolves when the shard answered.
+#[derive(Debug)]
+pub struct ReplyFuture<T>(Arc<ReplySlot<T>>);
+
+impl<T> std::future::Future for ReplyFuture<T> {
+    type Output = T;
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.0.take() {
+            Some(v) => std::task::Poll::Ready(v),
+            None => {
+                s.1 = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
+    }
 }
 
 // Every queue slot is this size; keep it within one cache line.

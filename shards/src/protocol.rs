@@ -148,6 +148,10 @@ pub enum ClientMessage<'a> {
     },
     /// `{"t":"batch","p":{"messages":[...]}}`: each element is a message of its own.
     Batch(Vec<&'a RawValue>),
+    /// `{"t":"presence_update","p":{"data":{..}}}`: new presence data for all the user's topics.
+    PresenceUpdate {
+        data: &'a RawValue,
+    },
     /// Any other type: an application event for the event stream.
     App {
         t: Cow<'a, str>,
@@ -212,6 +216,12 @@ struct PublishPayload<'a> {
     data: Option<&'a RawValue>,
     #[serde(default)]
     ack: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct PresencePayload<'a> {
+    #[serde(borrow)]
+    data: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -288,6 +298,10 @@ pub fn parse_client_message(json: &[u8]) -> Result<ClientMessage<'_>, InboundErr
         "batch" => {
             let b: BatchPayload<'_> = parse_payload(p, "batch")?;
             Ok(ClientMessage::Batch(b.messages))
+        }
+        "presence_update" => {
+            let u: PresencePayload<'_> = parse_payload(p, "presence_update")?;
+            Ok(ClientMessage::PresenceUpdate { data: u.data })
         }
         _ => Ok(ClientMessage::App { t }),
     }
@@ -574,20 +588,55 @@ pub struct FailedTopic {
     pub reason: String,
 }
 
+/// Where a topic's history stands for one connection, as the acknowledgement reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryInfo {
+    pub epoch: u32,
+    /// The inclusive last offset the connection has now (replayed or current).
+    pub offset: u64,
+    pub recovered: bool,
+    pub count: u32,
+}
+
 /// The `subscription_update` acknowledgement (protocol.md §3). `success` is true when no topic
-/// failed (the TS client confirms topics only then).
+/// failed (the TS client confirms topics only then). `recovery` lists the topics a recovery was
+/// asked for (omitted when empty).
 pub fn subscription_ack(
     action: &str,
     success_topics: &[&str],
     failed_topics: &[FailedTopic],
+    recovery: &[(String, RecoveryInfo)],
 ) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Info {
+        epoch: String,
+        offset: u64,
+        recovered: bool,
+        count: u32,
+    }
     #[derive(Serialize)]
     struct P<'a> {
         action: &'a str,
         success: bool,
         success_topics: &'a [&'a str],
         failed_topics: &'a [FailedTopic],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovery: Option<std::collections::BTreeMap<&'a str, Info>>,
     }
+    let recovery = (!recovery.is_empty()).then(|| {
+        recovery
+            .iter()
+            .map(|(t, r)| {
+                let info = Info {
+                    epoch: epoch_hex(r.epoch),
+                    offset: r.offset,
+                    recovered: r.recovered,
+                    count: r.count,
+                };
+                (t.as_str(), info)
+            })
+            .collect()
+    });
     to_json(&Out {
         c: "WSE",
         t: "subscription_update",
@@ -596,22 +645,82 @@ pub fn subscription_ack(
             success: failed_topics.is_empty(),
             success_topics,
             failed_topics,
+            recovery,
         },
         v: PROTOCOL_VERSION,
     })
 }
 
-/// `publish_ack` for a client publish with `ack: true`: the publication's per-topic offset.
-pub fn publish_ack(topic: &str, offset: u64) -> Vec<u8> {
+/// An epoch as the clients see it: 8 lowercase hex digits.
+pub fn epoch_hex(epoch: u32) -> String {
+    format!("{epoch:08x}")
+}
+
+/// Parses an epoch sent back by a client.
+pub fn parse_epoch(s: &str) -> Option<u32> {
+    (s.len() == 8)
+        .then(|| u32::from_str_radix(s, 16).ok())
+        .flatten()
+}
+
+/// `publish_ack` for a client publish with `ack: true`: the publication's per-topic offset, and
+/// the topic history's epoch when recovery is on.
+pub fn publish_ack(topic: &str, epoch: Option<u32>, offset: u64) -> Vec<u8> {
     #[derive(Serialize)]
     struct P<'a> {
         topic: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
         offset: u64,
     }
     to_json(&Out {
         c: "WSE",
         t: "publish_ack",
-        p: P { topic, offset },
+        p: P {
+            topic,
+            epoch: epoch.map(epoch_hex),
+            offset,
+        },
+        v: PROTOCOL_VERSION,
+    })
+}
+
+/// A publication frame's text with recovery stamps: `{"tp":<topic>,"e":"<epoch>","o":<offset>,`
+/// followed by the unstamped text after its opening brace (protocol.md §5: stamps before `c`).
+pub fn stamped(topic: &str, epoch: u32, offset: u64, body: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(body.first(), Some(&b'{'), "a publication is a JSON object");
+    let mut out = Vec::with_capacity(body.len() + topic.len() + 40);
+    out.extend_from_slice(b"{\"tp\":");
+    serde_json::to_writer(&mut out, topic).expect("a str serialises");
+    out.extend_from_slice(b",\"e\":\"");
+    out.extend_from_slice(epoch_hex(epoch).as_bytes());
+    out.extend_from_slice(b"\",\"o\":");
+    out.extend_from_slice(offset.to_string().as_bytes());
+    out.push(b',');
+    out.extend_from_slice(&body[1..]);
+    out
+}
+
+/// `presence_join` / `presence_leave` / `presence_update` for a topic's subscribers.
+pub fn presence_event(kind: &str, topic: &str, user_id: &str, data: &[u8]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct P<'a> {
+        topic: &'a str,
+        user_id: &'a str,
+        data: &'a RawValue,
+    }
+    let data: &RawValue = std::str::from_utf8(data)
+        .ok()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_else(|| empty_object_raw());
+    to_json(&Out {
+        c: "WSE",
+        t: kind,
+        p: P {
+            topic,
+            user_id,
+            data,
+        },
         v: PROTOCOL_VERSION,
     })
 }
@@ -767,6 +876,40 @@ mod tests {
         assert_eq!(e.code(), "INVALID_SUBSCRIPTION");
         let e = parse_client_message(br#"{"t":"publish","p":{"event":"x"}}"#).unwrap_err();
         assert_eq!(e.code(), "INVALID_MESSAGE");
+    }
+
+    #[test]
+    fn stamps_come_first_and_keep_the_body() {
+        let data: &RawValue = serde_json::from_str(r#"{"n":1}"#).unwrap();
+        let body = publication("tick", data);
+        let stamped = String::from_utf8(stamped("a\"b", 0xdead_beef, 42, &body)).unwrap();
+        assert_eq!(
+            stamped,
+            r#"{"tp":"a\"b","e":"deadbeef","o":42,"c":"U","t":"tick","p":{"n":1},"v":1}"#
+        );
+        assert_eq!(parse_epoch("deadbeef"), Some(0xdead_beef));
+        assert_eq!(parse_epoch("xyz"), None);
+        assert_eq!(epoch_hex(1), "00000001");
+    }
+
+    #[test]
+    fn ack_with_recovery_positions() {
+        let info = RecoveryInfo {
+            epoch: 0xab,
+            offset: 7,
+            recovered: true,
+            count: 3,
+        };
+        let ack = String::from_utf8(subscription_ack(
+            "subscribe",
+            &["t"],
+            &[],
+            &[("t".into(), info)],
+        ))
+        .unwrap();
+        assert!(ack.ends_with(r#""recovery":{"t":{"epoch":"000000ab","offset":7,"recovered":true,"count":3}}},"v":1}"#), "{ack}");
+        let plain = String::from_utf8(subscription_ack("subscribe", &["t"], &[], &[])).unwrap();
+        assert!(!plain.contains("recovery"));
     }
 
     #[test]

@@ -15,13 +15,16 @@
 //! quick unsubscribe/subscribe cannot confuse an old confirmation with the new request.
 //!
 //! Invariant: an entry exists iff it has local subscribers, or it is owned here and some shard is
-//! interested, or a confirmation is pending.
+//! interested, has history or has presence members, or a confirmation is pending.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use indexmap::IndexSet;
+
+use crate::presence::Members;
+use crate::recovery::RingId;
 
 use crate::config::SHARDS_MAX;
 
@@ -71,6 +74,11 @@ pub struct Topic {
     pub interested: ShardSet,
     /// Owner only: publications sequenced so far; the last one's offset.
     pub published: u64,
+    /// Owner only, with recovery: the topic's history ring and its epoch.
+    pub ring: Option<RingId>,
+    pub epoch: u32,
+    /// Owner only, with presence: the topic's members.
+    pub presence: Option<Box<Members>>,
 }
 
 impl Topic {
@@ -200,7 +208,8 @@ impl Topics {
         self.gc(name);
     }
 
-    fn entry(&mut self, name: &str) -> &mut Topic {
+    /// The topic, created if absent.
+    pub fn entry(&mut self, name: &str) -> &mut Topic {
         if !self.map.contains_key(name) {
             let name: Arc<str> = Arc::from(name);
             self.map.insert(
@@ -212,15 +221,24 @@ impl Topics {
                     waiters: Vec::new(),
                     interested: ShardSet::default(),
                     published: 0,
+                    ring: None,
+                    epoch: 0,
+                    presence: None,
                 },
             );
         }
         self.map.get_mut(name).expect("inserted above")
     }
 
-    fn gc(&mut self, name: &str) {
+    /// Drops the entry when nothing keeps it (see the module invariant; a history ring and
+    /// presence members keep it too).
+    pub fn gc(&mut self, name: &str) {
         let keep = self.map.get(name).is_some_and(|t| {
-            !t.subscribers.is_empty() || !t.interested.is_empty() || t.pending_confirms > 0
+            !t.subscribers.is_empty()
+                || !t.interested.is_empty()
+                || t.pending_confirms > 0
+                || t.ring.is_some()
+                || t.presence.as_ref().is_some_and(|p| !p.is_empty())
         });
         if !keep {
             self.map.remove(name);

@@ -10,6 +10,13 @@
 //! Calling order per loop turn: any number of `accept` / `handle_bytes` / `handle_eof` /
 //! `release` / `handle_writable` (as I/O completes), then `handle_fabric`, `handle_timers`,
 //! `flush`.
+//!
+//! The rules live in submodules: [`subscriptions`] (a subscriber's shard), [`owner`] (a topic's
+//! owner: sequencing, history, interest, presence) and [`publications`] (routing and fan-out).
+
+mod owner;
+mod publications;
+mod subscriptions;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -23,7 +30,6 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::auth::{Acl, Authenticator};
-use crate::codec::{self, OpCode};
 use crate::config::Config;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::fabric::{Endpoint, FabricMsg, Sent};
@@ -31,8 +37,9 @@ use crate::handshake;
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, Clock};
 use crate::ratelimit::RateLimits;
+use crate::recovery::History;
 use crate::timer::{Tick, TimerWheel};
-use crate::topics::{Change, ConnKey, Topics};
+use crate::topics::{ConnKey, Topics};
 
 /// Frames handed to one `writev`. Linux accepts 1024; 64 covers any realistic backlog per turn
 /// while keeping the slice array on the stack.
@@ -129,8 +136,11 @@ struct Slot<T> {
 /// A subscribe acknowledgement waiting for the owners of some of its topics.
 struct PendingAck {
     conn: ConnId,
+    /// Owner replies (or interest confirmations) still awaited.
     remaining: u32,
-    frame: Vec<u8>,
+    succeeded: Vec<String>,
+    failed: Vec<protocol::FailedTopic>,
+    recovery: Vec<(String, protocol::RecoveryInfo)>,
 }
 
 pub struct Shard<T: Transport> {
@@ -152,6 +162,8 @@ pub struct Shard<T: Transport> {
     expired: Vec<(u32, Tick)>,
     evict: Vec<ConnKey>,
     ping: Option<Bytes>,
+    /// The history of the topics this shard owns (recovery on).
+    history: Option<History>,
     pending_acks: HashMap<u64, PendingAck>,
     next_request: u64,
     app_events: VecDeque<AppEvent>,
@@ -184,6 +196,10 @@ impl<T: Transport> Shard<T> {
         };
         let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
         let shards = shared.shards;
+        let history = cfg
+            .recovery
+            .enabled
+            .then(|| History::new(&cfg.recovery, shards));
         Self {
             me,
             topics: Topics::new(me, shared.shards),
@@ -202,6 +218,7 @@ impl<T: Transport> Shard<T> {
             expired: Vec::new(),
             evict: Vec::new(),
             ping: None,
+            history,
             pending_acks: HashMap::new(),
             next_request: 0,
             app_events: VecDeque::new(),
@@ -400,8 +417,8 @@ impl<T: Transport> Shard<T> {
         let n = self
             .fabric
             .receive(FABRIC_BATCH_PER_SOURCE, |from, m| inbox.push((from, m)));
-        for (from, m) in inbox.drain(..) {
-            self.handle_fabric_msg(from, m, clock);
+        for (_, m) in inbox.drain(..) {
+            self.handle_fabric_msg(m, clock);
         }
         self.inbox = inbox;
         self.evict_pending(clock);
@@ -526,136 +543,15 @@ impl<T: Transport> Shard<T> {
                     self.metrics.connections.inc();
                 }
             }
-            ConnEvent::Subscribe { topics, failed } => self.subscribe(key, topics, failed, clock),
+            ConnEvent::Subscribe(req) => self.subscribe(key, req, clock),
+            ConnEvent::PresenceUpdate { data } => self.presence_update(key, data),
             ConnEvent::Unsubscribe { topics } => self.unsubscribe(key, topics, clock),
             ConnEvent::Publish { topic, body, ack } => {
                 let origin = self.conns.get(key as usize).map(|s| s.conn.id());
                 self.route_publication(&topic, body, origin.filter(|_| ack), clock);
             }
             ConnEvent::App { t, payload } => self.push_app_event(key, t, payload),
-            ConnEvent::Left => self.leave_all(key),
-        }
-    }
-
-    fn subscribe(
-        &mut self,
-        key: ConnKey,
-        topics: Vec<String>,
-        mut failed: Vec<protocol::FailedTopic>,
-        clock: Clock,
-    ) {
-        let max = self.cfg.limits.max_subscriptions_per_connection;
-        let Some(slot) = self.conns.get_mut(key as usize) else {
-            return;
-        };
-        let conn_id = slot.conn.id();
-        let Some(subs) = slot.conn.subs_mut() else {
-            return; // closed since it asked
-        };
-        let mut pending = Vec::new();
-        let mut succeeded = Vec::with_capacity(topics.len());
-        for topic in &topics {
-            // The limit is applied here, against the live list, so pipelined requests cannot
-            // add up past it.
-            if subs.len() >= max && !subs.iter().any(|s| **s == **topic) {
-                failed.push(protocol::FailedTopic {
-                    topic: topic.clone(),
-                    reason: "SUBSCRIPTION_LIMIT".to_owned(),
-                });
-                continue;
-            }
-            succeeded.push(topic.as_str());
-            let (name, added, change) = self.topics.subscribe(topic, key);
-            if added {
-                subs.push(name);
-            }
-            if let Change::Interest { owner, on } = change {
-                send(
-                    &mut self.fabric,
-                    &self.metrics,
-                    owner,
-                    FabricMsg::Interest {
-                        topic: Arc::from(topic.as_str()),
-                        shard: self.me as u16,
-                        on,
-                    },
-                );
-            }
-            if !self.topics.get(topic).is_some_and(|t| t.is_live()) {
-                pending.push(topic.as_str());
-            }
-        }
-        let frame = protocol::subscription_ack("subscribe", &succeeded, &failed);
-        if pending.is_empty() {
-            self.send_json(key, frame, clock);
-            return;
-        }
-        // The acknowledgement waits until every owner has registered this shard's interest, so
-        // a publication made after the client sees it is guaranteed to reach the client.
-        let id = self.next_request;
-        self.next_request += 1;
-        for topic in &pending {
-            if let Some(t) = self.topics.get_mut(topic) {
-                t.waiters.push(id);
-            }
-        }
-        self.pending_acks.insert(
-            id,
-            PendingAck {
-                conn: conn_id,
-                remaining: pending.len() as u32,
-                frame,
-            },
-        );
-    }
-
-    fn unsubscribe(&mut self, key: ConnKey, topics: Vec<String>, clock: Clock) {
-        let Some(subs) = self
-            .conns
-            .get_mut(key as usize)
-            .and_then(|s| s.conn.subs_mut())
-        else {
-            return;
-        };
-        let mut changes = Vec::new();
-        for topic in &topics {
-            if let Some(i) = subs.iter().position(|s| **s == **topic) {
-                subs.swap_remove(i);
-                changes.push((topic, self.topics.unsubscribe(topic, key)));
-            }
-        }
-        for (topic, change) in changes {
-            self.announce(topic, change);
-        }
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let frame = protocol::subscription_ack("unsubscribe", &names, &[]);
-        self.send_json(key, frame, clock);
-    }
-
-    /// The connection left the live phase: it is no longer a subscriber anywhere.
-    fn leave_all(&mut self, key: ConnKey) {
-        let Some(slot) = self.conns.get_mut(key as usize) else {
-            return;
-        };
-        let subs = slot.conn.take_subs();
-        for topic in subs {
-            let change = self.topics.unsubscribe(&topic, key);
-            self.announce(&topic, change);
-        }
-    }
-
-    fn announce(&mut self, topic: &str, change: Change) {
-        if let Change::Interest { owner, on } = change {
-            send(
-                &mut self.fabric,
-                &self.metrics,
-                owner,
-                FabricMsg::Interest {
-                    topic: Arc::from(topic),
-                    shard: self.me as u16,
-                    on,
-                },
-            );
+            ConnEvent::Left { subs, user } => self.leave_all(key, subs, Some(user)),
         }
     }
 
@@ -688,136 +584,7 @@ impl<T: Transport> Shard<T> {
         self.with_conn(key, clock, |c, cx| c.send_json(json, cx));
     }
 
-    // --------------------------------------------------------------------------------------------
-    // Publications
-    // --------------------------------------------------------------------------------------------
-
-    /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
-    pub fn route_publication(
-        &mut self,
-        topic: &str,
-        body: Bytes,
-        ack: Option<ConnId>,
-        clock: Clock,
-    ) {
-        let owner = self.topics.owner_of(topic);
-        if owner == self.me {
-            self.sequence(topic, &body, ack, clock);
-        } else {
-            send(
-                &mut self.fabric,
-                &self.metrics,
-                owner,
-                FabricMsg::Publish {
-                    topic: Arc::from(topic),
-                    body,
-                    ack,
-                },
-            );
-        }
-    }
-
-    /// Owner side: numbers a publication, frames it once, queues it to local subscribers and
-    /// sends one entry to each other shard with subscribers.
-    fn sequence(&mut self, topic: &str, body: &[u8], ack: Option<ConnId>, clock: Clock) {
-        let frame = codec::encode_frame(OpCode::Text, body);
-        self.metrics.publications_total.inc();
-        let t = self.topics.sequence(topic);
-        let offset = t.published;
-        let name = t.name.clone();
-        for shard in t.interested.iter() {
-            send(
-                &mut self.fabric,
-                &self.metrics,
-                shard,
-                FabricMsg::Deliver {
-                    topic: name.clone(),
-                    frame: frame.clone(),
-                },
-            );
-        }
-        self.deliver_local(topic, &frame);
-        self.topics.release_if_unused(topic);
-        if let Some(conn) = ack {
-            if conn.shard() == self.me {
-                self.send_publish_ack(conn, topic, offset, clock);
-            } else {
-                send(
-                    &mut self.fabric,
-                    &self.metrics,
-                    conn.shard(),
-                    FabricMsg::PublishAcked {
-                        conn,
-                        topic: name,
-                        offset,
-                    },
-                );
-            }
-        }
-        self.evict_pending(clock);
-    }
-
-    /// Queues `frame` to every live local subscriber of `topic`; overflowing ones are listed for
-    /// eviction (done after the loop, since evicting changes the topic table).
-    fn deliver_local(&mut self, topic: &str, frame: &Bytes) {
-        let Some(t) = self.topics.get(topic) else {
-            return;
-        };
-        if !t.is_live() {
-            // Sequenced before this shard's subscription took effect.
-            return;
-        }
-        let max = self.cfg.limits.max_outbound_queue_bytes;
-        let mut delivered = 0;
-        for &key in &t.subscribers {
-            let Some(slot) = self.conns.get_mut(key as usize) else {
-                debug_assert!(false, "subscriber {key} has no slot");
-                continue;
-            };
-            let mut queued = slot.conn.push_delivery(frame.clone(), max);
-            if !queued && !slot.write_blocked {
-                // The cap measures what the socket will not take, not what one turn queued: write
-                // this connection now and only then decide whether it is slow.
-                match write_out(slot, &self.metrics) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        slot.write_blocked = true;
-                        self.blocked.push(key);
-                    }
-                    Err(_) => {} // the read side sees the failure and releases the slot
-                }
-                queued = slot.conn.push_delivery(frame.clone(), max);
-            }
-            if queued {
-                delivered += 1;
-                mark_dirty(&mut self.dirty, slot, key);
-            } else {
-                self.evict.push(key);
-            }
-        }
-        self.metrics.deliveries_total.add(delivered);
-        self.metrics.messages_out_total.add(delivered);
-    }
-
-    fn evict_pending(&mut self, clock: Clock) {
-        while let Some(key) = self.evict.pop() {
-            self.with_conn(key, clock, |c, cx| c.evict(cx));
-        }
-    }
-
-    fn send_publish_ack(&mut self, conn: ConnId, topic: &str, offset: u64, clock: Clock) {
-        if self
-            .conns
-            .get(conn.key() as usize)
-            .is_some_and(|s| s.conn.id() == conn)
-        {
-            self.send_json(conn.key(), protocol::publish_ack(topic, offset), clock);
-        } else {
-            self.metrics.dropped(DropReason::ConnectionGone).inc();
-        }
-    }
-
-    fn handle_fabric_msg(&mut self, from: usize, m: FabricMsg, clock: Clock) {
+    fn handle_fabric_msg(&mut self, m: FabricMsg, clock: Clock) {
         match m {
             FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
             FabricMsg::Deliver { topic, frame } => {
@@ -831,38 +598,21 @@ impl<T: Transport> Shard<T> {
                 conn,
                 topic,
                 offset,
-            } => self.send_publish_ack(conn, &topic, offset, clock),
+                epoch,
+            } => self.send_publish_ack(conn, &topic, epoch, offset, clock),
+            FabricMsg::Join(j) => self.handle_join(*j, clock),
+            FabricMsg::Joined(r) => self.handle_joined(*r, clock),
+            FabricMsg::Leave {
+                topic,
+                shard,
+                interest_off,
+                user,
+            } => self.handle_leave(&topic, usize::from(shard), interest_off, user.as_deref()),
+            FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
+            FabricMsg::Query(q) => self.handle_query(*q),
             FabricMsg::Adopt { fd } => self.adopted.push(fd),
-            FabricMsg::Interest { topic, shard, on } => {
-                self.topics.set_interest(&topic, usize::from(shard), on);
-                if on {
-                    send(
-                        &mut self.fabric,
-                        &self.metrics,
-                        from,
-                        FabricMsg::InterestAck { topic },
-                    );
-                }
-            }
-            FabricMsg::InterestAck { topic } => {
-                for id in self.topics.confirm(&topic) {
-                    let Some(p) = self.pending_acks.get_mut(&id) else {
-                        continue;
-                    };
-                    p.remaining -= 1;
-                    if p.remaining == 0 {
-                        let p = self.pending_acks.remove(&id).expect("present");
-                        if self
-                            .conns
-                            .get(p.conn.key() as usize)
-                            .is_some_and(|s| s.conn.id() == p.conn)
-                        {
-                            self.send_json(p.conn.key(), p.frame, clock);
-                        }
-                    }
-                }
-            }
         }
+        self.evict_pending(clock);
     }
 
     /// Arms the connection's timer when its next deadline is earlier than the armed one.

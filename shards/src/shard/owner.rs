@@ -1,0 +1,229 @@
+//! A topic's owner: numbering publications (with recovery stamps and history), registering the
+//! interest of other shards, replaying history, keeping presence members, answering queries.
+//!
+//! Every publication and every join of a topic passes through its owner, in the order the owner
+//! handles them; that order is the topic's order on every shard.
+
+use bytes::Bytes;
+
+use super::{Shard, Transport, send};
+use crate::codec::{self, OpCode};
+use crate::conn::ConnId;
+use crate::fabric::{FabricMsg, JoinReply, JoinRequest, Query, QueryAnswer, QueryKind};
+use crate::presence::Joined;
+use crate::protocol::{self, Clock, RecoveryInfo};
+use crate::recovery::RingId;
+
+impl<T: Transport> Shard<T> {
+    /// Numbers a publication, frames it once (stamped and recorded when recovery is on), queues
+    /// it to local subscribers and sends one entry to each other shard with subscribers.
+    pub(super) fn sequence(&mut self, topic: &str, body: &[u8], ack: Option<ConnId>, clock: Clock) {
+        self.metrics.publications_total.inc();
+        let (frame, offset, epoch) = if self.history.is_some() {
+            let (ring, epoch, last) = self.ensure_ring(topic, clock.wall_ms);
+            let offset = last + 1;
+            self.topics.entry(topic).published = offset;
+            let frame =
+                codec::encode_frame(OpCode::Text, &protocol::stamped(topic, epoch, offset, body));
+            let history = self.history.as_mut().expect("checked above");
+            history.append(ring, offset, &frame, clock.wall_ms);
+            (frame, offset, Some(epoch))
+        } else {
+            let offset = self.topics.sequence(topic).published;
+            (codec::encode_frame(OpCode::Text, body), offset, None)
+        };
+        self.fan_out(topic, &frame);
+        self.topics.release_if_unused(topic);
+        if let Some(conn) = ack {
+            if conn.shard() == self.me {
+                self.send_publish_ack(conn, topic, epoch, offset, clock);
+            } else {
+                let topic = self
+                    .topics
+                    .get(topic)
+                    .map_or_else(|| topic.into(), |t| t.name.clone());
+                send(
+                    &mut self.fabric,
+                    &self.metrics,
+                    conn.shard(),
+                    FabricMsg::PublishAcked {
+                        conn,
+                        topic,
+                        offset,
+                        epoch,
+                    },
+                );
+            }
+        }
+        self.evict_pending(clock);
+    }
+
+    /// Sends `frame` to every shard interested in `topic` and queues it to local subscribers.
+    fn fan_out(&mut self, topic: &str, frame: &Bytes) {
+        if let Some(t) = self.topics.get(topic) {
+            let name = t.name.clone();
+            for shard in t.interested.iter() {
+                send(
+                    &mut self.fabric,
+                    &self.metrics,
+                    shard,
+                    FabricMsg::Deliver {
+                        topic: name.clone(),
+                        frame: frame.clone(),
+                    },
+                );
+            }
+        }
+        self.deliver_local(topic, frame);
+    }
+
+    /// The topic's history ring, opened (with a new epoch, offsets restarting at 1) if it has
+    /// none. Returns the ring, its epoch and the last offset.
+    fn ensure_ring(&mut self, topic: &str, now_ms: u64) -> (RingId, u32, u64) {
+        let history = self.history.as_mut().expect("recovery is on");
+        let t = self.topics.entry(topic);
+        if let Some(ring) = t.ring {
+            return (ring, t.epoch, t.published);
+        }
+        let (ring, epoch, evicted) = history.open(t.name.clone(), now_ms);
+        t.ring = Some(ring);
+        t.epoch = epoch;
+        t.published = 0;
+        if let Some(evicted) = evicted {
+            if let Some(old) = self.topics.get_mut(&evicted) {
+                old.ring = None;
+            }
+            self.topics.gc(&evicted);
+        }
+        (ring, epoch, 0)
+    }
+
+    /// A connection (on this shard or another) subscribes to a topic this shard owns.
+    pub(super) fn handle_join(&mut self, j: JoinRequest, clock: Clock) {
+        if j.interest {
+            self.topics
+                .set_interest(&j.topic, usize::from(j.shard), true);
+        }
+        let mut reply = JoinReply {
+            topic: j.topic.clone(),
+            conn: j.conn,
+            request: j.request,
+            interest: j.interest,
+            recovery: None,
+            frames: Bytes::new(),
+            refused: None,
+        };
+        if let (Some((epoch, after)), true) = (j.recover, self.history.is_some()) {
+            let (ring, current, last) = self.ensure_ring(&j.topic, clock.wall_ms);
+            let history = self.history.as_ref().expect("checked above");
+            let replay = history.replay(ring, epoch, after, last, clock.wall_ms);
+            reply.recovery = Some(RecoveryInfo {
+                epoch: current,
+                offset: last,
+                recovered: replay.recovered,
+                count: replay.count,
+            });
+            reply.frames = replay.frames;
+        }
+        let mut event = None;
+        if let Some((user, data)) = j.presence {
+            let max = self.cfg.presence.max_members;
+            let members = self
+                .topics
+                .entry(&j.topic)
+                .presence
+                .get_or_insert_with(Default::default);
+            match members.join(&user, data.clone(), max) {
+                Joined::New => event = Some(("presence_join", user, data)),
+                Joined::Again { data_changed: true } => {
+                    event = Some(("presence_update", user, data))
+                }
+                Joined::Again {
+                    data_changed: false,
+                } => {}
+                Joined::Full => reply.refused = Some("PRESENCE_LIMIT"),
+            }
+        }
+        // The reply goes first: the joining shard must be live before the presence event arrives.
+        let shard = usize::from(j.shard);
+        if shard == self.me {
+            self.handle_joined(reply, clock);
+        } else {
+            send(
+                &mut self.fabric,
+                &self.metrics,
+                shard,
+                FabricMsg::Joined(Box::new(reply)),
+            );
+        }
+        if let Some((kind, user, data)) = event {
+            let json = protocol::presence_event(kind, &j.topic, &user, &data);
+            self.fan_out(&j.topic, &codec::encode_frame(OpCode::Text, &json));
+        }
+        self.topics.gc(&j.topic);
+    }
+
+    /// A connection left a topic this shard owns.
+    pub(super) fn handle_leave(
+        &mut self,
+        topic: &str,
+        shard: usize,
+        interest_off: bool,
+        user: Option<&str>,
+    ) {
+        if interest_off {
+            self.topics.set_interest(topic, shard, false);
+        }
+        let left = user.and_then(|user| {
+            let members = self.topics.get_mut(topic)?.presence.as_mut()?;
+            members.leave(user).map(|data| (user, data))
+        });
+        if let Some((user, data)) = left {
+            let json = protocol::presence_event("presence_leave", topic, user, &data);
+            self.fan_out(topic, &codec::encode_frame(OpCode::Text, &json));
+        }
+        self.topics.gc(topic);
+    }
+
+    /// A member of a topic this shard owns has new data.
+    pub(super) fn handle_presence_update(&mut self, topic: &str, user: &str, data: Bytes) {
+        let changed = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.presence.as_mut())
+            .is_some_and(|m| m.update(user, data.clone()));
+        if changed {
+            let json = protocol::presence_event("presence_update", topic, user, &data);
+            self.fan_out(topic, &codec::encode_frame(OpCode::Text, &json));
+        }
+    }
+
+    /// Answers a question about a topic this shard owns.
+    pub(super) fn handle_query(&mut self, q: Query) {
+        let presence_on = self.cfg.presence.enabled;
+        let members = |topic: &str| self.topics.get(topic).and_then(|t| t.presence.as_deref());
+        let answer = match (&q.kind, presence_on) {
+            (_, false) => QueryAnswer::PresenceDisabled,
+            (QueryKind::Presence { topic }, true) => QueryAnswer::Presence(
+                members(topic)
+                    .map(|m| {
+                        m.iter()
+                            .map(|(u, m)| {
+                                (
+                                    u.to_owned(),
+                                    m.connections,
+                                    String::from_utf8_lossy(&m.data).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            (QueryKind::PresenceStats { topic }, true) => {
+                let (users, conns) = members(topic).map_or((0, 0), |m| m.stats());
+                QueryAnswer::PresenceStats(users, conns)
+            }
+        };
+        q.reply.complete(answer);
+    }
+}

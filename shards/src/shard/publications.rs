@@ -1,0 +1,114 @@
+//! Routing publications to their topic's owner, and queueing frames to local subscribers.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Shard, Transport, mark_dirty, send, write_out};
+use crate::conn::ConnId;
+use crate::fabric::FabricMsg;
+use crate::metrics::DropReason;
+use crate::protocol::{self, Clock};
+
+impl<T: Transport> Shard<T> {
+    /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
+    pub fn route_publication(
+        &mut self,
+        topic: &str,
+        body: Bytes,
+        ack: Option<ConnId>,
+        clock: Clock,
+    ) {
+        let owner = self.topics.owner_of(topic);
+        if owner == self.me {
+            self.sequence(topic, &body, ack, clock);
+        } else {
+            send(
+                &mut self.fabric,
+                &self.metrics,
+                owner,
+                FabricMsg::Publish {
+                    topic: Arc::from(topic),
+                    body,
+                    ack,
+                },
+            );
+        }
+    }
+
+    /// Queues `frame` to every live local subscriber of `topic`; overflowing ones are listed for
+    /// eviction (done after the loop, since evicting changes the topic table).
+    pub(super) fn deliver_local(&mut self, topic: &str, frame: &Bytes) {
+        let Some(t) = self.topics.get(topic) else {
+            return;
+        };
+        if !t.is_live() {
+            // Sequenced before this shard's subscription took effect.
+            return;
+        }
+        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let mut delivered = 0;
+        for &key in &t.subscribers {
+            let Some(slot) = self.conns.get_mut(key as usize) else {
+                debug_assert!(false, "subscriber {key} has no slot");
+                continue;
+            };
+            if slot.conn.is_recovering(topic) {
+                // Part of the replay on its way (or older than the position it recovers to).
+                continue;
+            }
+            let mut queued = slot.conn.push_delivery(frame.clone(), max);
+            if !queued && !slot.write_blocked {
+                // The cap measures what the socket will not take, not what one turn queued: write
+                // this connection now and only then decide whether it is slow.
+                match write_out(slot, &self.metrics) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        slot.write_blocked = true;
+                        self.blocked.push(key);
+                    }
+                    Err(_) => {} // the read side sees the failure and releases the slot
+                }
+                queued = slot.conn.push_delivery(frame.clone(), max);
+            }
+            if queued {
+                delivered += 1;
+                mark_dirty(&mut self.dirty, slot, key);
+            } else {
+                self.evict.push(key);
+            }
+        }
+        self.metrics.deliveries_total.add(delivered);
+        self.metrics.messages_out_total.add(delivered);
+    }
+
+    pub(super) fn evict_pending(&mut self, clock: Clock) {
+        while let Some(key) = self.evict.pop() {
+            self.with_conn(key, clock, |c, cx| c.evict(cx));
+        }
+    }
+
+    pub(super) fn send_publish_ack(
+        &mut self,
+        conn: ConnId,
+        topic: &str,
+        epoch: Option<u32>,
+        offset: u64,
+        clock: Clock,
+    ) {
+        if self
+            .conns
+            .get(conn.key() as usize)
+            .is_some_and(|s| s.conn.id() == conn)
+        {
+            self.send_json(
+                conn.key(),
+                protocol::publish_ack(topic, epoch, offset),
+                clock,
+            );
+        } else {
+            self.metrics.dropped(DropReason::ConnectionGone).inc();
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The subscriber's side: applying a connection's subscribe and unsubscribe requests to the
+//! shard's topic table, asking topic owners for what only they can give (interest, replay,
+//! presence), and acknowledging once every answer is in.
+//!
+//! Invariant: a connection is in a topic's local subscriber set iff the topic is in its
+//! session's subscription list; both change together here, and nowhere else.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{PendingAck, Shard, Transport, send};
+use crate::conn::{SessionMut, SubscribeRequest};
+use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
+use crate::protocol::{self, Clock, FailedTopic};
+use crate::topics::{Change, ConnKey};
+
+impl<T: Transport> Shard<T> {
+    /// A connection asks to subscribe. Each topic is added to the local table at once; the
+    /// acknowledgement goes out when the owners of the topics that need them have answered.
+    pub(super) fn subscribe(&mut self, key: ConnKey, req: SubscribeRequest, clock: Clock) {
+        let max = self.cfg.limits.max_subscriptions_per_connection;
+        let presence_on = self.cfg.presence.enabled;
+        let Some(slot) = self.conns.get_mut(key as usize) else {
+            return;
+        };
+        let conn = slot.conn.id();
+        let Some(SessionMut {
+            user,
+            subs,
+            recovering,
+        }) = slot.conn.session_mut()
+        else {
+            return; // left since it asked
+        };
+        let user: Box<str> = user.into();
+        let request = self.next_request;
+        self.next_request += 1;
+        let mut ack = PendingAck {
+            conn,
+            remaining: 0,
+            succeeded: Vec::new(),
+            failed: req.failed,
+            recovery: Vec::new(),
+        };
+        let mut joins = Vec::new();
+        for topic in req.topics {
+            // Applied here, against the live list, so pipelined requests cannot pass it.
+            if subs.len() >= max && !subs.iter().any(|s| **s == *topic) {
+                ack.failed.push(FailedTopic {
+                    topic,
+                    reason: "SUBSCRIPTION_LIMIT".to_owned(),
+                });
+                continue;
+            }
+            let (name, added, change) = self.topics.subscribe(&topic, key);
+            if added {
+                subs.push(name.clone());
+            }
+            let interest = matches!(change, Change::Interest { on: true, .. });
+            let recover = req
+                .recover
+                .iter()
+                .find(|r| r.0 == topic)
+                .map(|r| (r.1, r.2));
+            let presence = (presence_on && added).then(|| {
+                let data = req
+                    .presence
+                    .clone()
+                    .unwrap_or_else(|| Bytes::from_static(b"{}"));
+                (user.clone(), data)
+            });
+            if recover.is_some() && !recovering.contains(&name) {
+                recovering.push(name.clone());
+            }
+            if interest || recover.is_some() || presence.is_some() {
+                ack.remaining += 1;
+                let owner = self.topics.owner_of(&topic);
+                joins.push((
+                    owner,
+                    JoinRequest {
+                        topic: name,
+                        shard: self.me as u16,
+                        conn,
+                        request,
+                        interest,
+                        recover,
+                        presence,
+                    },
+                ));
+            } else if let Some(t) = self.topics.get_mut(&topic)
+                && !t.is_live()
+            {
+                // Another connection's request is registering this shard's interest: wait for it.
+                t.waiters.push(request);
+                ack.remaining += 1;
+            }
+            ack.succeeded.push(topic);
+        }
+        if ack.remaining == 0 {
+            self.send_ack(key, ack, clock);
+            return;
+        }
+        self.pending_acks.insert(request, ack);
+        for (owner, join) in joins {
+            if owner == self.me {
+                self.handle_join(join, clock);
+            } else {
+                send(
+                    &mut self.fabric,
+                    &self.metrics,
+                    owner,
+                    FabricMsg::Join(Box::new(join)),
+                );
+            }
+        }
+    }
+
+    /// An owner answered a `Join`: confirm interest, queue the replay, count the answer.
+    pub(super) fn handle_joined(&mut self, r: JoinReply, clock: Clock) {
+        if r.interest {
+            for waiter in self.topics.confirm(&r.topic) {
+                self.ack_progress(waiter, clock);
+            }
+        }
+        let key = r.conn.key();
+        let max = self.cfg.limits.max_outbound_queue_bytes;
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == r.conn)
+        {
+            if r.refused.is_some() {
+                // No presence leave: the owner never counted this connection.
+                self.drop_subscription(key, &r.topic, None);
+            } else if r.recovery.is_some() {
+                let slot = self.conns.get_mut(key as usize).expect("checked");
+                let count = r.recovery.as_ref().map_or(0, |i| i.count);
+                if slot.conn.push_replay(&r.topic, r.frames, max) {
+                    self.metrics.deliveries_total.add(u64::from(count));
+                    super::mark_dirty(&mut self.dirty, slot, key);
+                } else {
+                    self.evict.push(key);
+                }
+            }
+        }
+        if let Some(p) = self.pending_acks.get_mut(&r.request) {
+            if let Some(info) = r.recovery {
+                p.recovery.push((r.topic.to_string(), info));
+            }
+            if let Some(reason) = r.refused {
+                p.succeeded.retain(|t| **t != *r.topic);
+                p.failed.push(FailedTopic {
+                    topic: r.topic.to_string(),
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+        self.ack_progress(r.request, clock);
+    }
+
+    /// One answer for `request` is in; sends the acknowledgement after the last.
+    fn ack_progress(&mut self, request: u64, clock: Clock) {
+        let Some(p) = self.pending_acks.get_mut(&request) else {
+            return;
+        };
+        debug_assert!(p.remaining > 0);
+        p.remaining -= 1;
+        if p.remaining > 0 {
+            return;
+        }
+        let p = self.pending_acks.remove(&request).expect("present");
+        let key = p.conn.key();
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == p.conn)
+        {
+            self.send_ack(key, p, clock);
+        }
+    }
+
+    fn send_ack(&mut self, key: ConnKey, p: PendingAck, clock: Clock) {
+        let names: Vec<&str> = p.succeeded.iter().map(String::as_str).collect();
+        let frame = protocol::subscription_ack("subscribe", &names, &p.failed, &p.recovery);
+        self.send_json(key, frame, clock);
+    }
+
+    /// A connection asks to unsubscribe; answered at once (leaving needs no owner's answer).
+    pub(super) fn unsubscribe(&mut self, key: ConnKey, topics: Vec<String>, clock: Clock) {
+        let Some(user) = self
+            .conns
+            .get_mut(key as usize)
+            .and_then(|s| s.conn.session_mut())
+            .map(|s| Box::<str>::from(s.user))
+        else {
+            return;
+        };
+        for topic in &topics {
+            self.drop_subscription(key, topic, Some(&user));
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let frame = protocol::subscription_ack("unsubscribe", &names, &[], &[]);
+        self.send_json(key, frame, clock);
+    }
+
+    /// The connection left the live phase: it is no longer a subscriber anywhere.
+    pub(super) fn leave_all(&mut self, key: ConnKey, subs: Vec<Arc<str>>, user: Option<Box<str>>) {
+        for topic in subs {
+            let change = self.topics.unsubscribe(&topic, key);
+            self.announce_leave(&topic, change, user.as_deref());
+        }
+    }
+
+    /// Removes one subscription of a live connection (if it has it); `user` asks for the
+    /// presence leave.
+    fn drop_subscription(&mut self, key: ConnKey, topic: &str, user: Option<&str>) {
+        let Some(SessionMut {
+            subs, recovering, ..
+        }) = self
+            .conns
+            .get_mut(key as usize)
+            .and_then(|s| s.conn.session_mut())
+        else {
+            return;
+        };
+        let Some(i) = subs.iter().position(|s| **s == *topic) else {
+            return;
+        };
+        subs.swap_remove(i);
+        recovering.retain(|t| **t != *topic);
+        let change = self.topics.unsubscribe(topic, key);
+        self.announce_leave(topic, change, user);
+    }
+
+    /// Tells the owner what a departure changes: the shard's interest, a presence member.
+    fn announce_leave(&mut self, topic: &str, change: Change, user: Option<&str>) {
+        let interest_off = matches!(change, Change::Interest { on: false, .. });
+        let user = user.filter(|_| self.cfg.presence.enabled);
+        let owner = self.topics.owner_of(topic);
+        if owner == self.me {
+            if user.is_some() {
+                self.handle_leave(topic, owner, false, user);
+            }
+        } else if interest_off || user.is_some() {
+            send(
+                &mut self.fabric,
+                &self.metrics,
+                owner,
+                FabricMsg::Leave {
+                    topic: Arc::from(topic),
+                    shard: self.me as u16,
+                    interest_off,
+                    user: user.map(Box::from),
+                },
+            );
+        }
+    }
+
+    /// New presence data for every topic of the connection.
+    pub(super) fn presence_update(&mut self, key: ConnKey, data: Bytes) {
+        let Some(SessionMut { user, subs, .. }) = self
+            .conns
+            .get_mut(key as usize)
+            .and_then(|s| s.conn.session_mut())
+        else {
+            return;
+        };
+        let user: Box<str> = user.into();
+        let topics: Vec<Arc<str>> = subs.clone();
+        for topic in topics {
+            let owner = self.topics.owner_of(&topic);
+            if owner == self.me {
+                self.handle_presence_update(&topic, &user, data.clone());
+            } else {
+                let update = crate::fabric::PresenceUpdate {
+                    topic,
+                    user: user.clone(),
+                    data: data.clone(),
+                };
+                send(
+                    &mut self.fabric,
+                    &self.metrics,
+                    owner,
+                    FabricMsg::PresenceUpdate(Box::new(update)),
+                );
+            }
+        }
+    }
+}
