@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -101,5 +101,149 @@ async fn published_python_client_subscribes_receives_and_stays_connected() {
     assert_eq!(
         stats["connection_id"],
         ready.strip_prefix("READY ").unwrap()
+    );
+}
+
+/// Drives `tests/python/recovery.py`: commands on its stdin, answers on its stdout.
+struct PyDriver {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    errors: std::thread::JoinHandle<String>,
+}
+
+impl PyDriver {
+    fn start(script: &str, args: &[String]) -> PyDriver {
+        let python = venv_python();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script);
+        let mut child = Command::new(python)
+            .arg(script)
+            .args(args)
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the Python script");
+        let stderr = child.stderr.take().unwrap();
+        let errors = std::thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        PyDriver {
+            child,
+            lines,
+            errors,
+        }
+    }
+
+    async fn expect(&mut self, prefix: &str) -> String {
+        match tokio::time::timeout(Duration::from_secs(90), self.lines.recv()).await {
+            Ok(Some(line)) if line.starts_with(prefix) => line,
+            other => {
+                let _ = self.child.kill();
+                panic!(
+                    "expected {prefix:?}, got {other:?}; python stderr: {}",
+                    self.stderr()
+                );
+            }
+        }
+    }
+
+    fn send(&mut self, command: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn stderr(&mut self) -> String {
+        let _ = self.child.kill();
+        std::mem::replace(&mut self.errors, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default()
+    }
+}
+
+async fn publish_ticks(wse: &Wse, seqs: std::ops::Range<u64>) {
+    for seq in seqs {
+        let (status, body) = wse.api_publish("feed", "tick", json!({"seq": seq})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn published_python_client_recovers_missed_messages_and_rebaselines_after_a_restart() {
+    let args = |port: &str| -> Vec<String> {
+        [
+            "--listen",
+            port,
+            "--control-listen",
+            "127.0.0.1:0",
+            "--cores",
+            "2",
+            "--recovery-enabled",
+            "true",
+            "--auth-enabled",
+            "true",
+            "--auth-secret",
+            support::SECRET,
+            "--api-key",
+            support::API_KEY,
+            "--drain-timeout",
+            "2s",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let start = |a: Vec<String>| Wse::start_raw(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut wse = start(args("127.0.0.1:0"));
+    let port = wse.ws.to_string();
+    let mut py = PyDriver::start("recovery.py", &[wse.url(), token("py", json!({}))]);
+    py.expect("READY").await;
+
+    publish_ticks(&wse, 0..50).await;
+    py.send("wait 50");
+    py.expect("GOT 50").await;
+
+    // Disconnected while 50 more are published: the client recovers them when it is back.
+    py.send("drop");
+    py.expect("DROPPED").await;
+    publish_ticks(&wse, 50..100).await;
+    py.send("wait 100");
+    py.expect("GOT 100").await;
+
+    // A restart loses the history: the client re-baselines on the new epoch and carries on.
+    wse.sigterm();
+    assert!(
+        wse.wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    let wse = start(args(&port));
+    py.send("wait_epoch_change");
+    py.expect("REBASELINED").await;
+    publish_ticks(&wse, 100..150).await;
+    py.send("wait 150");
+    py.expect("GOT 150").await;
+    py.send("check 150");
+    let ok = py.expect("OK").await;
+    assert!(
+        ok.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap()
+            >= 2
     );
 }

@@ -157,6 +157,9 @@ pub struct OutQueue {
     bytes: usize,
     /// The front frame has been partly written and must be finished before anything else.
     front_started: bool,
+    /// Bytes queued beyond the cap that the cap tolerates: a replay the client asked for (bounded
+    /// by `recovery.max_messages`) must not get it evicted. Shrinks as bytes are written.
+    allowance: usize,
 }
 
 impl OutQueue {
@@ -187,6 +190,7 @@ impl OutQueue {
     pub fn advance(&mut self, mut n: usize) {
         debug_assert!(n <= self.bytes);
         self.bytes -= n;
+        self.allowance = self.allowance.saturating_sub(n);
         while n > 0 {
             let front = self.frames.front_mut().expect("advance past the queue");
             if n >= front.len() {
@@ -204,6 +208,11 @@ impl OutQueue {
             self.frames = VecDeque::new();
         }
     }
+    /// Whether `len` more bytes fit under `max` (plus the allowance of a replay in progress).
+    fn fits(&self, len: usize, max: usize) -> bool {
+        self.bytes + len <= max + self.allowance
+    }
+
     /// Drops everything not yet started; keeps a partly written front frame so the stream
     /// stays well-formed. Returns the bytes dropped.
     fn discard_unsent(&mut self) -> usize {
@@ -338,17 +347,18 @@ impl Conn {
         }
     }
 
-    /// Queues a replay: complete frames, one buffer. `false` when it does not fit under the
-    /// outbound cap (the caller evicts: the client reconnects and asks again).
-    #[must_use]
-    pub fn push_replay(&mut self, topic: &str, frames: Bytes, max_queue: usize) -> bool {
-        if let Phase::Live { session, .. } = &mut self.phase {
-            session.recovering.retain(|t| &**t != topic);
+    /// Queues a replay: complete frames, one buffer. It is bounded by `recovery.max_messages`
+    /// and queued whatever the backlog (its bytes become an allowance over the cap while they
+    /// drain), since evicting a client for the replay it asked for would loop forever.
+    pub fn push_replay(&mut self, topic: &str, frames: Bytes) {
+        let Phase::Live { session, .. } = &mut self.phase else {
+            return;
+        };
+        session.recovering.retain(|t| &**t != topic);
+        if !frames.is_empty() {
+            self.out.allowance += frames.len();
+            self.out.push(frames);
         }
-        if frames.is_empty() {
-            return true;
-        }
-        self.push_delivery(frames, max_queue)
     }
 
     /// When this connection next needs [`Conn::handle_timeout`].
@@ -452,7 +462,7 @@ impl Conn {
         if !self.is_live() {
             return true;
         }
-        if self.out.bytes() + frame.len() > max_queue {
+        if !self.out.fits(frame.len(), max_queue) {
             return false;
         }
         self.out.push(frame);

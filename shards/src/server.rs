@@ -21,7 +21,9 @@ use serde_json::value::RawValue;
 use crate::accept;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
-use crate::fabric::{self, Endpoint, FabricMsg, Sent};
+use crate::fabric::{
+    self, Endpoint, FabricMsg, Query, QueryAnswer, QueryKind, ReplyFuture, ReplySlot, Sent,
+};
 use crate::metrics::ShardMetrics;
 use crate::protocol;
 use crate::runtime::{self, Boot};
@@ -50,6 +52,27 @@ pub enum PublishError {
     InvalidTopic(&'static str),
     #[error("the owner shard's queue is full")]
     Overloaded,
+}
+
+/// Why a question to the shards got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("invalid topic: {0}")]
+    InvalidTopic(&'static str),
+    #[error("presence is not enabled on this server")]
+    PresenceDisabled,
+    #[error("the owner shard's queue is full")]
+    Overloaded,
+}
+
+/// One member of a topic, as a presence query returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceMember {
+    pub user_id: String,
+    /// Connections of this user subscribed to the topic, across all shards.
+    pub connections: u32,
+    /// The member's data, JSON text.
+    pub data: String,
 }
 
 /// A running engine.
@@ -202,6 +225,65 @@ impl Server {
         match sent {
             Sent::Queued => Ok(()),
             Sent::Dropped => Err(PublishError::Overloaded),
+        }
+    }
+
+    /// The members of `topic` with their data and connection counts (asked of its owner shard).
+    ///
+    /// # Errors
+    /// An invalid topic, presence off, or a full queue to the owner.
+    pub async fn presence(&self, topic: &str) -> Result<Vec<PresenceMember>, QueryError> {
+        let kind = QueryKind::Presence {
+            topic: Arc::from(topic),
+        };
+        match self.query(topic, kind)?.await {
+            QueryAnswer::Presence(members) => Ok(members
+                .into_iter()
+                .map(|(user_id, connections, data)| PresenceMember {
+                    user_id,
+                    connections,
+                    data,
+                })
+                .collect()),
+            _ => Err(QueryError::PresenceDisabled),
+        }
+    }
+
+    /// `(users, connections)` of `topic`: constant time on its owner shard.
+    ///
+    /// # Errors
+    /// An invalid topic, presence off, or a full queue to the owner.
+    pub async fn presence_stats(&self, topic: &str) -> Result<(usize, u64), QueryError> {
+        let kind = QueryKind::PresenceStats {
+            topic: Arc::from(topic),
+        };
+        match self.query(topic, kind)?.await {
+            QueryAnswer::PresenceStats(users, conns) => Ok((users, conns)),
+            _ => Err(QueryError::PresenceDisabled),
+        }
+    }
+
+    fn query(&self, topic: &str, kind: QueryKind) -> Result<ReplyFuture<QueryAnswer>, QueryError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(QueryError::InvalidTopic(problem));
+        }
+        if !self.shared.cfg.presence.enabled {
+            return Err(QueryError::PresenceDisabled);
+        }
+        let reply = ReplySlot::new();
+        let owner = owner_of(topic, self.shared.shards);
+        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = ep.send(
+            owner,
+            FabricMsg::Query(Box::new(Query {
+                kind,
+                reply: reply.clone(),
+            })),
+        );
+        ep.flush();
+        match sent {
+            Sent::Queued => Ok(reply.wait()),
+            Sent::Dropped => Err(QueryError::Overloaded),
         }
     }
 

@@ -11,6 +11,7 @@
 //!   (`{"messages":[...]}`): need `control.api_key` (see [`publish`]).
 
 mod metrics;
+mod presence;
 mod publish;
 #[cfg(test)]
 mod tests;
@@ -151,6 +152,8 @@ fn router(server: Arc<Server>, api_key: Option<String>) -> Router {
     let api = Router::new()
         .route("/api/v1/publish", post(publish::publish))
         .route("/api/v1/publish/batch", post(publish::publish_batch))
+        .route("/api/v1/presence/{topic}", get(presence::members))
+        .route("/api/v1/presence/{topic}/stats", get(presence::stats))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             publish::require_api_key,

@@ -124,7 +124,6 @@ impl<T: Transport> Shard<T> {
             }
         }
         let key = r.conn.key();
-        let max = self.cfg.limits.max_outbound_queue_bytes;
         if self
             .conns
             .get(key as usize)
@@ -133,15 +132,11 @@ impl<T: Transport> Shard<T> {
             if r.refused.is_some() {
                 // No presence leave: the owner never counted this connection.
                 self.drop_subscription(key, &r.topic, None);
-            } else if r.recovery.is_some() {
+            } else if let Some(info) = &r.recovery {
                 let slot = self.conns.get_mut(key as usize).expect("checked");
-                let count = r.recovery.as_ref().map_or(0, |i| i.count);
-                if slot.conn.push_replay(&r.topic, r.frames, max) {
-                    self.metrics.deliveries_total.add(u64::from(count));
-                    super::mark_dirty(&mut self.dirty, slot, key);
-                } else {
-                    self.evict.push(key);
-                }
+                slot.conn.push_replay(&r.topic, r.frames);
+                self.metrics.deliveries_total.add(u64::from(info.count));
+                super::mark_dirty(&mut self.dirty, slot, key);
             }
         }
         if let Some(p) = self.pending_acks.get_mut(&r.request) {
