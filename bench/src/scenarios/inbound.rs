@@ -266,7 +266,8 @@ fn scrape(url: &str) -> Result<Scrape, String> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut body = String::new();
     s.read_to_string(&mut body).map_err(|e| e.to_string())?;
-    if !body.starts_with("HTTP/1.") || !body.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    let status = body.split_whitespace().nth(1);
+    if !body.starts_with("HTTP/1.") || status != Some("200") {
         return Err(format!(
             "{url}: {}",
             body.lines().next().unwrap_or("no response")

@@ -342,16 +342,19 @@ where
     Fut: Future<Output = R> + 'static,
 {
     let f = Arc::new(f);
-    (0..n)
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let handles = (0..n)
         .map(|i| {
             let f = f.clone();
             let tids = tids.clone();
+            let started = started_tx.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
                     if let Some(tid) = sys::current_tid() {
                         tids.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
                     }
+                    let _ = started.send(());
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -361,7 +364,12 @@ where
                 })
                 .expect("spawning a worker thread")
         })
-        .collect()
+        .collect();
+    // Every thread has registered its id before the caller starts measuring CPU.
+    for _ in 0..n {
+        let _ = started_rx.recv();
+    }
+    handles
 }
 
 /// Joins worker threads, re-raising a worker's panic.
