@@ -60,6 +60,13 @@ pub enum Command {
     },
     /// Print the main figures of two JSON results side by side with ratios (b/a).
     Compare { a: PathBuf, b: PathBuf },
+    /// Write the per-figure median of repeated runs' JSON results to `--out` (and print it).
+    Median {
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
 }
 
 /// What a command produced.
@@ -87,6 +94,15 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 &name(&a),
                 &name(&b),
             )));
+        }
+        Command::Median { out, runs } => {
+            let runs = runs
+                .iter()
+                .map(|p| Report::read_json(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let m = report::median(&runs);
+            m.write_json(&out)?;
+            return Ok(Outcome::Text(m.table()));
         }
         Command::ConnectStorm { common, args } => {
             scenarios::connect_storm::run(&Setup::new(common)?, &args)

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         | Command::Fanout { common, .. }
         | Command::Ping { common, .. }
         | Command::Inbound { common, .. } => common.json.clone(),
-        Command::Compare { .. } => None,
+        Command::Compare { .. } | Command::Median { .. } => None,
     };
     if let Err(e) = scenarios::install_signal_handlers() {
         eprintln!("wse-bench: {e:#}");

@@ -127,7 +127,9 @@ fn fmt_value(v: &Value) -> String {
 }
 
 fn fmt_f64(x: f64) -> String {
-    if x != 0.0 && x.abs() < 0.001 {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{x:.0}")
+    } else if x != 0.0 && x.abs() < 0.001 {
         format!("{x:.3e}")
     } else {
         format!("{x:.3}")
@@ -179,6 +181,47 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
     out
 }
 
+/// One report whose every numeric figure is the median over `runs` (repeats of the same
+/// scenario), so published figures are not one lucky or unlucky run on a noisy machine.
+/// Figures missing from some run are left out; notes are kept with their run number.
+///
+/// # Panics
+/// When `runs` is empty.
+pub fn median(runs: &[Report]) -> Report {
+    let first = runs.first().expect("median of no runs");
+    let mut out = first.clone();
+    out.steps.clear();
+    out.notes.clear();
+    out.partial = runs.iter().any(|r| r.partial);
+    out.results.retain(|k, v| {
+        let mut xs: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.results.get(k).and_then(Value::as_f64))
+            .collect();
+        if !v.is_number() {
+            return true;
+        }
+        if xs.len() != runs.len() {
+            return false;
+        }
+        xs.sort_by(f64::total_cmp);
+        let mid = xs.len() / 2;
+        let m = if xs.len() % 2 == 1 {
+            xs[mid]
+        } else {
+            (xs[mid - 1] + xs[mid]) / 2.0
+        };
+        *v = Value::from(m);
+        true
+    });
+    out.set("runs", runs.len());
+    for (i, r) in runs.iter().enumerate() {
+        out.notes
+            .extend(r.notes.iter().map(|n| format!("run {}: {n}", i + 1)));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +245,21 @@ mod tests {
         assert_eq!(back.results.keys().collect::<Vec<_>>(), ["zeta", "alpha"]);
         assert_eq!(back.notes, ["hello"]);
         assert!(r.table().contains("zeta"));
+    }
+
+    #[test]
+    fn median_per_figure() {
+        let runs = [
+            report(&[("x", 3.0), ("y", 10.0)]),
+            report(&[("x", 1.0)]),
+            report(&[("x", 2.0), ("y", 30.0)]),
+        ];
+        let m = median(&runs);
+        assert_eq!(m.number("x"), Some(2.0));
+        assert_eq!(m.number("y"), None);
+        assert_eq!(m.number("runs"), Some(3.0));
+        let m = median(&runs[..2]);
+        assert_eq!(m.number("x"), Some(2.0));
     }
 
     #[test]

@@ -88,6 +88,11 @@ pub fn run(setup: &Setup, args: &StormArgs) -> Report {
     report.set("connections_requested", n);
     report.set("connections_opened", all.opened);
     report.set("connections_failed", all.errors.total());
+    // Still handshaking when --open-timeout or Ctrl-C ended the storm.
+    report.set(
+        "connections_abandoned",
+        (n as u64).saturating_sub(all.opened + all.errors.total()),
+    );
     report.set("errors", all.errors.describe());
     report.set(
         "handshakes_per_s",

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 
 use super::{
     LoadCpu, Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached,
-    ser_duration, spawn_workers, stop_requested, wait_until,
+    ser_duration, sleep_with_progress, spawn_workers, stop_requested, wait_until,
 };
 use crate::clock;
 use crate::conn::{BlockingWriter, Conn, ConnError, is_type};
@@ -381,10 +381,9 @@ impl StepRunner<'_> {
                 break;
             }
             search.record(rate, passed);
+            self.note_errors(&result, report);
             if passed {
                 best = Some(result);
-            } else {
-                self.note_errors(&result, report);
             }
         }
         report.set("max_rate_per_s", search.best().unwrap_or(0));
@@ -399,6 +398,14 @@ impl StepRunner<'_> {
     }
 
     fn note_errors(&self, r: &StepResult, report: &mut Report) {
+        if r.loadgen.1 > 0.9 {
+            report.note(format!(
+                "at {}/s the busiest load-generator thread used {:.0}% of a core: the client may \
+                 be the bottleneck (add --threads or cores)",
+                r.rate,
+                r.loadgen.1 * 100.0
+            ));
+        }
         if r.publisher_errors.total() > 0 {
             report.note(format!(
                 "at {}/s publishers got errors: {} (rate limits are per connection: try more --publishers)",
@@ -446,11 +453,17 @@ impl StepRunner<'_> {
             let _ = p.cmds.send(measured);
         }
         let closes_before = Progress::get(&self.shared.progress.closed);
-        let mut complete = sleep_until_ns(measure_ns);
+        let progress = || {
+            format!(
+                "step at {rate}/s: {} deliveries received",
+                Progress::get(&self.shared.progress.messages)
+            )
+        };
+        let mut complete = sleep_until_ns(self.setup, measure_ns, progress);
         let server_before = self.setup.server_sample();
         let cpu = LoadCpu::start(self.tids);
         let window = Instant::now();
-        complete &= sleep_until_ns(end_ns);
+        complete &= sleep_until_ns(self.setup, end_ns, progress);
         // Publisher reports: the warm-up one is only waited for; the measured one counts.
         let mut sent = vec![0u64; self.args.topics.max(1)];
         let mut lag = Latency::default();
@@ -519,18 +532,11 @@ impl StepRunner<'_> {
     }
 }
 
-/// Sleeps until `ns` on the shared clock unless Ctrl-C; returns whether it got there.
-fn sleep_until_ns(ns: u64) -> bool {
-    loop {
-        if stop_requested() {
-            return false;
-        }
-        let now = clock::now_ns();
-        if now >= ns {
-            return true;
-        }
-        std::thread::sleep(Duration::from_nanos(ns - now).min(Duration::from_millis(50)));
-    }
+/// Sleeps until `ns` on the shared clock unless Ctrl-C, with progress lines; returns whether
+/// it got there.
+fn sleep_until_ns(setup: &Setup, ns: u64, progress: impl Fn() -> String) -> bool {
+    let d = Duration::from_nanos(ns.saturating_sub(clock::now_ns()));
+    sleep_with_progress(setup, d, progress)
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -93,12 +93,19 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
     setup.log(&format!(
         "{ready} connections subscribed in {open_s:.2}s; settling"
     ));
-    complete &= sleep_with_progress(setup, args.settle, || shared.progress_line(n));
+    if ready == 0 {
+        report.note("no connection could be opened: nothing to hold");
+        complete = false;
+    } else {
+        complete &= sleep_with_progress(setup, args.settle, || shared.progress_line(n));
+    }
     let rss_settled = setup.server_sample();
     let sock_settled = sys::sockstat();
     shared.set_phase(Phase::Measure);
     let cpu = LoadCpu::start(&tids.lock().unwrap_or_else(|e| e.into_inner()));
-    complete &= sleep_with_progress(setup, args.duration, || shared.progress_line(n));
+    if ready > 0 {
+        complete &= sleep_with_progress(setup, args.duration, || shared.progress_line(n));
+    }
     cpu.finish(&mut report, "");
     let rss_end = setup.server_sample();
     let sock_end = sys::sockstat();

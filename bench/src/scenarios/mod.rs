@@ -159,6 +159,13 @@ impl Setup {
     /// A fresh report stamped with the environment and this run's flags.
     pub fn report(&self, scenario: &'static str, args: &impl Serialize) -> Report {
         let mut r = Report::new(scenario, sys::Environment::read(self.nofile));
+        r.set(
+            "target",
+            match self.common.target {
+                TargetKind::Wse => "wse",
+                TargetKind::Upstream => "upstream",
+            },
+        );
         r.args = serde_json::json!({
             "common": self.common,
             "scenario": args,
