@@ -36,6 +36,8 @@ const HTTP_RESPONSE_MAX: usize = 16 * 1024;
 const MESSAGE_MAX: usize = 16 << 20;
 /// Decompressed size cap for `C:` messages.
 const INFLATE_MAX: u64 = 16 << 20;
+/// Longest a blocking write may wait for the server to take bytes.
+const BLOCKING_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Close code the load generator sends when it is done with a connection.
 const CLOSE_NORMAL: u16 = 1000;
 
@@ -371,6 +373,8 @@ impl Conn {
     pub fn into_blocking(self) -> io::Result<(BlockingWriter, BlockingReader)> {
         let stream = self.stream.into_std()?;
         stream.set_nonblocking(false)?;
+        // A server that stops reading must not hang a publisher (and so the run) forever.
+        stream.set_write_timeout(Some(BLOCKING_WRITE_TIMEOUT))?;
         let reader = BlockingReader {
             stream: stream.try_clone()?,
             rbuf: {

@@ -15,7 +15,6 @@
 //! - Each step (warm-up, measurement, each search step) has its own id in the stamp; messages of
 //!   another step are counted as `other_step`, never mixed in.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -596,7 +595,8 @@ async fn receive(
     thread: usize,
     shared: &Shared,
 ) -> ConnError {
-    let mut trackers: HashMap<(u32, u32), SeqTracker> = HashMap::new();
+    // One stream per publisher (and topic): few, so a linear scan beats hashing.
+    let mut trackers: Vec<((u32, u32), SeqTracker)> = Vec::new();
     let mut tracker_step = 0u32;
     let mut batch: Vec<(Stamp, usize)> = Vec::with_capacity(64);
     let mut unparsable = 0u64;
@@ -631,10 +631,15 @@ async fn receive(
                     s.deliveries.wrong_topic += 1;
                     continue;
                 }
-                let seen = trackers
-                    .entry((stamp.publisher, stamp.topic))
-                    .or_default()
-                    .observe(stamp.seq);
+                let key = (stamp.publisher, stamp.topic);
+                let i = match trackers.iter().position(|(k, _)| *k == key) {
+                    Some(i) => i,
+                    None => {
+                        trackers.push((key, SeqTracker::default()));
+                        trackers.len() - 1
+                    }
+                };
+                let seen = trackers[i].1.observe(stamp.seq);
                 s.deliveries.count(seen, len);
                 if matches!(seen, Seen::New { .. } | Seen::Late) {
                     s.latency.record_ns(now.saturating_sub(stamp.scheduled_ns));
