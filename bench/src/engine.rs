@@ -33,9 +33,17 @@ pub fn serve_metrics(listener: TcpListener, shards: Vec<Arc<ShardMetrics>>) {
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
-                let mut request = [0u8; 1024];
+                // Read the whole request head before answering: closing with unread request
+                // bytes would reset the connection under the client.
+                let mut request = [0u8; 4096];
+                let mut len = 0;
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-                let _ = stream.read(&mut request);
+                while len < request.len() && !request[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut request[len..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                }
                 let body = render(&shards);
                 let _ = write!(
                     stream,

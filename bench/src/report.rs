@@ -215,9 +215,17 @@ pub fn median(runs: &[Report]) -> Report {
         true
     });
     out.set("runs", runs.len());
+    // A note every run made is said once; the others say which run they come from.
     for (i, r) in runs.iter().enumerate() {
-        out.notes
-            .extend(r.notes.iter().map(|n| format!("run {}: {n}", i + 1)));
+        for n in &r.notes {
+            if runs.iter().all(|o| o.notes.contains(n)) {
+                if i == 0 {
+                    out.notes.push(n.clone());
+                }
+            } else {
+                out.notes.push(format!("run {}: {n}", i + 1));
+            }
+        }
     }
     out
 }
@@ -260,6 +268,12 @@ mod tests {
         assert_eq!(m.number("runs"), Some(3.0));
         let m = median(&runs[..2]);
         assert_eq!(m.number("x"), Some(2.0));
+        let mut noted = runs.clone();
+        for r in &mut noted {
+            r.note("everywhere");
+        }
+        noted[1].note("once");
+        assert_eq!(median(&noted).notes, ["everywhere", "run 2: once"]);
     }
 
     #[test]

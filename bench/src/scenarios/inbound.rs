@@ -263,7 +263,9 @@ fn scrape(url: &str) -> Result<Scrape, String> {
     let mut s = TcpStream::connect_timeout(&addr, METRICS_TIMEOUT).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(METRICS_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    // One write: `write!` on an unbuffered stream would send the request in pieces.
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut body = String::new();
     s.read_to_string(&mut body).map_err(|e| e.to_string())?;
     let status = body.split_whitespace().nth(1);
