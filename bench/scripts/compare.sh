@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Runs the wse-server vs upstream comparison suite end to end on this machine:
+#
+#   1. builds the release binaries (wse-server, wse-bench, the in-process engine example);
+#   2. for each repeat, for each target (wse-server, then the upstream peer), for each scenario:
+#      starts a fresh server pinned to CPU 0 (`taskset -c 0`), runs wse-bench pinned to CPU 1
+#      (`taskset -c 1`) with --server-pid, writes the JSON result, stops the server;
+#   3. writes per-scenario medians over the repeats and prints `wse-bench compare` tables
+#      (a = upstream, b = wse-server, so ratios read "wse-server / upstream").
+#
+# A fresh server per run keeps memory figures honest (no leftovers of the previous scenario)
+# and makes runs independent. Targets are interleaved within each repeat so slow drift on this
+# shared VM hits both alike. Expect about 8-10 minutes with the defaults.
+#
+# Environment (defaults in brackets):
+#   OUT          result directory [target/bench-results/<timestamp>]
+#   REPEATS      runs per scenario and target [3]
+#   TARGETS      which servers [wse upstream]
+#   SCENARIOS    which scenarios [connect-storm hold fanout fanout-max ping]
+#   WSE_SERVER   "binary" (target/release/wse-server) or "engine" (the in-process engine example,
+#                for when the binary is not usable yet) [binary]
+#   SECRET       HS256 secret shared by servers and load generator [upstream's default]
+#   STORM_N HOLD_N HOLD_S FANOUT_SUBS FANOUT_TOPICS FANOUT_RATE FANOUT_S PING_N PING_S
+#                scenario sizes [5000 5000 10s 1000 10 1000 10s 100 10s]
+#   SERVER_CPU BENCH_CPU   cores for taskset [0 1]
+#   UPSTREAM_PY  the upstream venv's python [/tmp/wse-peers/venv/bin/python]
+#   PEERS_DIR    where wse_upstream_server.py lives [<repo>/../shared/peers, else /work/shared/peers]
+#
+# The upstream peer accepts at most ~9,995 connections per process and has a listen backlog of
+# 128: keep STORM_N and HOLD_N under 9,000 for a like-for-like comparison.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+
+OUT=${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}
+REPEATS=${REPEATS:-3}
+TARGETS=${TARGETS:-"wse upstream"}
+SCENARIOS=${SCENARIOS:-"connect-storm hold fanout fanout-max ping"}
+WSE_SERVER=${WSE_SERVER:-binary}
+SECRET=${SECRET:-wse-peer-benchmark-secret-not-for-production-0123456789}
+STORM_N=${STORM_N:-5000}
+HOLD_N=${HOLD_N:-5000}
+HOLD_S=${HOLD_S:-10s}
+FANOUT_SUBS=${FANOUT_SUBS:-1000}
+FANOUT_TOPICS=${FANOUT_TOPICS:-10}
+FANOUT_RATE=${FANOUT_RATE:-1000}
+FANOUT_S=${FANOUT_S:-10s}
+PING_N=${PING_N:-100}
+PING_S=${PING_S:-10s}
+SERVER_CPU=${SERVER_CPU:-0}
+BENCH_CPU=${BENCH_CPU:-1}
+UPSTREAM_PY=${UPSTREAM_PY:-/tmp/wse-peers/venv/bin/python}
+if [[ -z ${PEERS_DIR:-} ]]; then
+    PEERS_DIR=$ROOT/../shared/peers
+    [[ -f $PEERS_DIR/wse_upstream_server.py ]] || PEERS_DIR=/work/shared/peers
+fi
+WS_PORT=${WS_PORT:-5407}
+CONTROL_PORT=${CONTROL_PORT:-5408}
+
+BENCH=$ROOT/target/release/wse-bench
+SERVER_PID=""
+SERVER_LOG=""
+
+log() { echo "[compare $(date +%H:%M:%S)] $*" >&2; }
+
+stop_server() {
+    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}
+trap stop_server EXIT
+
+wait_listening() {
+    local port=$1
+    for _ in $(seq 1 150); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            log "server exited during start-up; log: $SERVER_LOG"
+            tail -20 "$SERVER_LOG" >&2 || true
+            return 1
+        fi
+        sleep 0.1
+    done
+    log "server not listening on $port after 15 s; log: $SERVER_LOG"
+    return 1
+}
+
+# Starts target $1 pinned to SERVER_CPU; sets SERVER_PID, URL, METRICS_URL.
+start_server() {
+    local target=$1 tag=$2
+    SERVER_LOG=$OUT/logs/$tag.server.log
+    METRICS_URL=""
+    case $target in
+        wse)
+            if [[ $WSE_SERVER == engine ]]; then
+                taskset -c "$SERVER_CPU" "$ROOT/target/release/examples/engine" \
+                    --port "$WS_PORT" --cores 1 --secret "$SECRET" --metrics-port "$CONTROL_PORT" \
+                    >"$SERVER_LOG" 2>&1 &
+            else
+                taskset -c "$SERVER_CPU" "$ROOT/target/release/wse-server" \
+                    --cores 1 --listen "127.0.0.1:$WS_PORT" --control-listen "127.0.0.1:$CONTROL_PORT" \
+                    --auth-enabled true --auth-secret "$SECRET" --idle-timeout 3600s \
+                    >"$SERVER_LOG" 2>&1 &
+            fi
+            METRICS_URL=http://127.0.0.1:$CONTROL_PORT/metrics
+            ;;
+        upstream)
+            WSE_JWT_SECRET=$SECRET taskset -c "$SERVER_CPU" "$UPSTREAM_PY" \
+                "$PEERS_DIR/wse_upstream_server.py" "$WS_PORT" --publishers publisher \
+                --idle-timeout 3600 --max-connections 20000 >"$SERVER_LOG" 2>&1 &
+            ;;
+    esac
+    SERVER_PID=$!
+    URL=ws://127.0.0.1:$WS_PORT/wse
+    wait_listening "$WS_PORT"
+}
+
+# Runs scenario $1 against target $2 (repeat $3).
+run_one() {
+    local scenario=$1 target=$2 rep=$3
+    local tag=$scenario-$target-$rep
+    local -a args
+    case $scenario in
+        connect-storm) args=(connect-storm -n "$STORM_N") ;;
+        hold) args=(hold -n "$HOLD_N" --topics-per-conn 1 --duration "$HOLD_S") ;;
+        fanout)
+            args=(fanout --subscribers "$FANOUT_SUBS" --topics "$FANOUT_TOPICS" --rate "$FANOUT_RATE"
+                --duration "$FANOUT_S")
+            ;;
+        fanout-max)
+            args=(fanout --subscribers "$FANOUT_SUBS" --topics "$FANOUT_TOPICS" --rate max
+                --step-duration 3s --max-steps 8)
+            ;;
+        ping) args=(ping -n "$PING_N" --duration "$PING_S") ;;
+        inbound)
+            args=(inbound -n 100 --rate 100 --duration 10s)
+            [[ -n $METRICS_URL ]] && args+=(--metrics-url "$METRICS_URL")
+            ;;
+        *) log "unknown scenario $scenario"; return 1 ;;
+    esac
+    start_server "$target" "$tag"
+    log "$tag (server pid $SERVER_PID)"
+    # Rotating source addresses avoids TIME_WAIT collisions between back-to-back runs.
+    if ! taskset -c "$BENCH_CPU" "$BENCH" "${args[@]}" --url "$URL" --target "$target" \
+        --secret "$SECRET" --server-pid "$SERVER_PID" --source 127.0.0.2-127.0.0.250 \
+        --json "$OUT/runs/$tag.json" >"$OUT/logs/$tag.txt" 2>"$OUT/logs/$tag.err"; then
+        log "$tag failed; see $OUT/logs/$tag.err"
+    fi
+    stop_server
+}
+
+main() {
+    local started=$SECONDS
+    mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/median"
+    log "building release binaries"
+    cargo build --release -q -p wse-server -p wse-bench --bins --examples
+    [[ -x $UPSTREAM_PY ]] || { log "no upstream venv: run $PEERS_DIR/setup_upstream.sh"; exit 2; }
+    log "results in $OUT"
+    for rep in $(seq 1 "$REPEATS"); do
+        for scenario in $SCENARIOS; do
+            for target in $TARGETS; do
+                run_one "$scenario" "$target" "$rep"
+            done
+        done
+    done
+    for scenario in $SCENARIOS; do
+        for target in $TARGETS; do
+            local -a runs=()
+            for f in "$OUT"/runs/"$scenario-$target"-*.json; do
+                [[ -f $f ]] && runs+=("$f")
+            done
+            ((${#runs[@]})) || continue
+            "$BENCH" median -o "$OUT/median/$scenario-$target.json" "${runs[@]}" >/dev/null
+        done
+        if [[ -f $OUT/median/$scenario-upstream.json && -f $OUT/median/$scenario-wse.json ]]; then
+            echo
+            echo "### $scenario (median of $REPEATS; b/a = wse-server / upstream)"
+            "$BENCH" compare "$OUT/median/$scenario-upstream.json" "$OUT/median/$scenario-wse.json"
+        else
+            for target in $TARGETS; do
+                [[ -f $OUT/median/$scenario-$target.json ]] || continue
+                echo
+                echo "### $scenario on $target (median of $REPEATS)"
+                "$BENCH" median -o "$OUT/median/$scenario-$target.json" "$OUT"/runs/"$scenario-$target"-*.json
+            done
+        fi
+    done | tee "$OUT/summary.txt"
+    log "done in $((SECONDS - started)) s; summary: $OUT/summary.txt"
+}
+
+main "$@"

@@ -1,0 +1,229 @@
+//! Every scenario, tiny, against the real engine started in-process (HS256 auth on, one shard):
+//! the harness opens connections, measures, and reports sane figures. Each test gets a fresh
+//! server so one scenario's connections cannot affect another's figures.
+
+use std::net::{SocketAddr, TcpListener};
+
+use serde_json::Value;
+use wse_bench::cli::{Outcome, run_args};
+use wse_bench::engine;
+use wse_bench::report::Report;
+use wse_bench::scenarios::DEFAULT_SECRET;
+use wse_shards::Server;
+
+fn server() -> Server {
+    let cfg = engine::config(SocketAddr::from(([127, 0, 0, 1], 0)), 1, DEFAULT_SECRET);
+    Server::start(cfg).expect("engine starts")
+}
+
+fn run(server: &Server, scenario: &str, extra: &[&str]) -> Report {
+    let url = format!("ws://{}/wse", server.local_addr());
+    let pid = std::process::id().to_string();
+    let mut argv = vec![
+        "wse-bench",
+        scenario,
+        "--url",
+        &url,
+        "--threads",
+        "1",
+        "--quiet",
+        "--server-pid",
+        &pid,
+    ];
+    argv.extend_from_slice(extra);
+    match run_args(argv).expect("scenario runs") {
+        Outcome::Report(r) => {
+            println!("{}", r.table());
+            *r
+        }
+        Outcome::Text(t) => panic!("expected a report, got {t}"),
+    }
+}
+
+fn num(r: &Report, key: &str) -> f64 {
+    r.number(key)
+        .unwrap_or_else(|| panic!("{key} missing in\n{}", r.table()))
+}
+
+#[test]
+fn connect_storm_opens_every_connection() {
+    let s = server();
+    let r = run(&s, "connect-storm", &["-n", "40", "--inflight", "8"]);
+    assert!(!r.partial);
+    assert_eq!(num(&r, "connections_opened"), 40.0);
+    assert_eq!(num(&r, "connections_failed"), 0.0);
+    assert!(num(&r, "handshakes_per_s") > 0.0);
+    assert!(num(&r, "ready_latency_p50_ms") > 0.0);
+    assert!(num(&r, "ready_latency_max_ms") >= num(&r, "ready_latency_p50_ms"));
+}
+
+#[test]
+fn connect_storm_counts_refused_tokens() {
+    let s = server();
+    let r = run(
+        &s,
+        "connect-storm",
+        &[
+            "-n",
+            "3",
+            "--secret",
+            "a-different-secret-of-at-least-32-bytes!",
+        ],
+    );
+    assert_eq!(num(&r, "connections_opened"), 0.0);
+    assert_eq!(num(&r, "connections_failed"), 3.0);
+    assert_eq!(r.results["errors"], Value::from("server:AUTH_FAILED=3"));
+}
+
+#[test]
+fn hold_keeps_connections_and_measures_memory() {
+    let s = server();
+    let r = run(
+        &s,
+        "hold",
+        &[
+            "-n",
+            "20",
+            "--topics-per-conn",
+            "2",
+            "--duration",
+            "1s",
+            "--settle",
+            "200ms",
+        ],
+    );
+    assert!(!r.partial);
+    assert_eq!(num(&r, "connections_ready"), 20.0);
+    assert_eq!(num(&r, "survivors"), 20.0);
+    assert_eq!(num(&r, "unexpected_closes"), 0.0);
+    assert!(num(&r, "server_rss_settled_bytes") > 0.0);
+}
+
+#[test]
+fn fanout_fixed_rate_delivers_everything() {
+    let s = server();
+    let r = run(
+        &s,
+        "fanout",
+        &[
+            "--subscribers",
+            "20",
+            "--topics",
+            "4",
+            "--publishers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+        ],
+    );
+    assert!(!r.partial, "{}", r.table());
+    assert_eq!(num(&r, "subscribers_ready"), 20.0);
+    assert_eq!(num(&r, "publications"), 200.0);
+    // 200 publications over 4 topics, 5 subscribers each.
+    assert_eq!(num(&r, "deliveries_expected"), 1000.0);
+    assert_eq!(num(&r, "deliveries"), 1000.0);
+    assert_eq!(num(&r, "gaps"), 0.0);
+    assert_eq!(num(&r, "duplicates"), 0.0);
+    assert_eq!(num(&r, "wrong_topic"), 0.0);
+    assert!(num(&r, "latency_p50_ms") > 0.0);
+    assert!(num(&r, "server_cpu_s_per_million_deliveries") >= 0.0);
+}
+
+#[test]
+fn fanout_rate_search_reports_steps() {
+    let s = server();
+    let r = run(
+        &s,
+        "fanout",
+        &[
+            "--subscribers",
+            "10",
+            "--topics",
+            "2",
+            "--rate",
+            "max",
+            "--rate-start",
+            "100",
+            "--max-steps",
+            "2",
+            "--step-duration",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--p99-max",
+            "1s",
+        ],
+    );
+    assert_eq!(r.steps.len(), 2);
+    assert!(num(&r, "max_rate_per_s") >= 100.0, "{}", r.table());
+    assert_eq!(num(&r, "gaps"), 0.0);
+}
+
+#[test]
+fn ping_measures_round_trips() {
+    let s = server();
+    let r = run(
+        &s,
+        "ping",
+        &["-n", "4", "--duration", "1s", "--warmup", "100ms"],
+    );
+    assert!(!r.partial);
+    assert_eq!(num(&r, "errors"), 0.0);
+    assert!(num(&r, "pings_per_s") > 10.0);
+    assert!(num(&r, "rtt_p50_ms") > 0.0);
+}
+
+#[test]
+fn inbound_reads_the_processed_rate_from_metrics() {
+    let s = server();
+    let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
+    engine::serve_metrics(metrics, s.metrics().to_vec());
+    let r = run(
+        &s,
+        "inbound",
+        &[
+            "-n",
+            "4",
+            "--rate",
+            "50",
+            "--duration",
+            "1s",
+            "--warmup",
+            "100ms",
+            "--metrics-url",
+            &metrics_url,
+        ],
+    );
+    assert!(!r.partial, "{}", r.table());
+    assert!(num(&r, "sent_per_s") > 100.0, "{}", r.table());
+    assert!(num(&r, "processed_per_s") > 100.0, "{}", r.table());
+    assert_eq!(num(&r, "rate_limited_errors"), 0.0);
+}
+
+#[test]
+fn compare_reads_two_results() {
+    let dir = std::env::temp_dir().join(format!("wse-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let s = server();
+    let (a, b) = (dir.join("a.json"), dir.join("b.json"));
+    for path in [&a, &b] {
+        let r = run(&s, "connect-storm", &["-n", "5"]);
+        r.write_json(path).unwrap();
+    }
+    let Outcome::Text(t) = run_args([
+        "wse-bench",
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ])
+    .unwrap() else {
+        panic!("compare prints text");
+    };
+    assert!(t.contains("handshakes_per_s"), "{t}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
