@@ -20,6 +20,7 @@ use std::task::Waker;
 use bytes::Bytes;
 
 use crate::conn::ConnId;
+use crate::shard::Reload;
 
 /// Cross-core traffic: one enum, every variant says who sends it, who receives it, and what
 /// losing it costs.
@@ -56,6 +57,9 @@ pub enum FabricMsg {
     /// Owner → the shard that sent `Interest { on: true }`: registered; publications sequenced
     /// from now on reach that shard, so pending subscribe acknowledgements may go out.
     InterestAck { topic: Arc<str> },
+    /// The control plane → every shard: run with this configuration from now on. Lost: that
+    /// shard keeps the old one, and `Server::reload` reports it unconfirmed.
+    Reload(Arc<Reload>),
 }
 
 // Every queue slot is this size; keep it within one cache line.

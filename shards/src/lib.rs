@@ -29,4 +29,4 @@ pub mod timer;
 pub mod topics;
 
 pub use config::Config;
-pub use server::{PublishError, Server, StartError};
+pub use server::{PublishError, ReloadReport, Server, StartError};
