@@ -95,13 +95,17 @@ impl Server {
         } else {
             None
         };
+        // The CPUs this process may run on (its affinity mask, e.g. a systemd CPUAffinity=), so
+        // that an instance confined to CPUs 16-31 pins shard 0 to CPU 16.
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let pin = cfg.server.pin_threads && !cores.is_empty();
+        let core_of = |shard: usize| pin.then(|| cores[shard % cores.len()]);
+        let cpus: Vec<Option<usize>> = (0..shards).map(|i| core_of(i).map(|c| c.id)).collect();
         let (local_addr, listeners) =
-            accept::bind_all(cfg.server.listen, shards, cfg.server.pin_threads).map_err(
-                |source| StartError::Bind {
-                    addr: cfg.server.listen,
-                    source,
-                },
-            )?;
+            accept::bind_all(cfg.server.listen, &cpus).map_err(|source| StartError::Bind {
+                addr: cfg.server.listen,
+                source,
+            })?;
         let mut endpoints = fabric::grid(
             shards + EXTRA_PARTICIPANTS,
             cfg.limits.fabric_queue_capacity,
@@ -109,8 +113,7 @@ impl Server {
         );
         let cluster = endpoints.pop().expect("grid has the extra participants");
         let control = endpoints.pop().expect("grid has the extra participants");
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let pin = cfg.server.pin_threads && !cores.is_empty();
+
         let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
         let cfg = Arc::new(cfg);
         let shared = Arc::new(Shared {
@@ -130,7 +133,7 @@ impl Server {
                 fabric,
                 listener,
                 metrics: metrics[id].clone(),
-                core: pin.then(|| cores[id % cores.len()]),
+                core: core_of(id),
                 ready: ready_tx.clone(),
             };
             let t = std::thread::Builder::new()
