@@ -1,17 +1,27 @@
 //! wse-server: the binary. Reads the configuration, starts the shards and the control plane,
-//! and drains on SIGTERM/SIGINT.
+//! reloads on SIGHUP, drains on SIGTERM/SIGINT, and tells systemd about each step.
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 use wse_shards::{Server, StartError};
+
+use crate::control::ControlPlane;
+use crate::notify::Notifier;
 
 mod cli;
 mod control;
+mod host;
+mod notify;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -31,24 +41,30 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if opts.print_example {
+        print!("{}", cli::render_example());
+        return ExitCode::SUCCESS;
+    }
     if opts.print_config {
         print!("{}", cli::render_toml(&opts.config));
         return ExitCode::SUCCESS;
     }
     let cfg = opts.config;
-    init_tracing(&cfg.log.level);
+    let log = init_tracing(&cfg.log.level);
+    let notifier = Arc::new(Notifier::from_env());
     if let Some(f) = &opts.config_file {
         tracing::info!(file = %f.display(), "configuration loaded");
     }
     if !cfg.auth.enabled {
-        tracing::warn!(
-            "AUTHENTICATION IS DISABLED: every client connects anonymously. This is the embedded \
-             development configuration; set [auth] enabled = true with a secret or key before \
-             exposing this server."
-        );
+        warn_auth_disabled();
     }
-    // Signals are blocked from here on, so none is lost between start-up and the wait below.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let nofile = host::raise_nofile();
+    if let (Some(from), Some(to)) = (nofile.raised_from, nofile.soft) {
+        tracing::info!("raised the soft RLIMIT_NOFILE from {from} to the hard limit, {to}");
+    }
+    host::warn_if_capped(&nofile, cfg.server.max_connections, cfg.shard_count());
+    // Signals are caught from here on, so none is lost between start-up and the wait below.
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wse-server: cannot install signal handlers: {e}");
@@ -96,13 +112,49 @@ fn main() -> ExitCode {
         shards = server.shard_count(),
         "wse-server ready"
     );
+    let status = format!(
+        "serving ws={} shards={}",
+        server.local_addr(),
+        server.shard_count()
+    );
+    notifier.ready(&status);
+    let watchdog_stop = Arc::new(AtomicBool::new(false));
+    if let Some(every) = notify::watchdog_interval() {
+        spawn_watchdog(
+            server.clone(),
+            notifier.clone(),
+            every,
+            watchdog_stop.clone(),
+        );
+    }
 
-    let first = signals.forever().next();
-    tracing::info!(signal = ?first, "draining: closing connections with {}", cfg.server.shutdown_close_code);
-    // A second signal while draining means: stop now.
+    let reloader = Reloader {
+        argv: std::env::args_os().collect(),
+        server: &server,
+        control: control.as_ref(),
+        log,
+        nofile,
+        notifier: &notifier,
+        status,
+    };
+    let first = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => reloader.reload(),
+            other => break other,
+        }
+    };
+    let code = server.config().server.shutdown_close_code;
+    tracing::info!(signal = ?first, "draining: closing connections with {code}");
+    notifier.stopping(&format!("draining: closing connections with {code}"));
+    watchdog_stop.store(true, Ordering::Release);
+    // A second SIGTERM/SIGINT while draining means: stop now.
     let handle = signals.handle();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                tracing::warn!("SIGHUP while draining: not reloading");
+                continue;
+            }
             eprintln!("wse-server: second signal, exiting without waiting for the drain");
             std::process::exit(130);
         }
@@ -120,10 +172,158 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn init_tracing(level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+fn warn_auth_disabled() {
+    tracing::warn!(
+        "AUTHENTICATION IS DISABLED: every client connects anonymously. This is the embedded \
+         development configuration; set [auth] enabled = true with a secret or key before \
+         exposing this server."
+    );
+}
+
+/// Swaps the log filter on reload.
+type LogReload = reload::Handle<EnvFilter, Registry>;
+
+/// Logs to stderr (the journal, under systemd), filtered by `level` unless `RUST_LOG` is set.
+/// Returns the handle that changes the filter, or `None` when `RUST_LOG` decides it for the
+/// process's lifetime.
+fn init_tracing(level: &str) -> Option<LogReload> {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(level));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour codes are noise in the journal and in files.
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
+    (!fixed).then_some(handle)
+}
+
+/// What a SIGHUP needs: the command line to parse again and what the new configuration goes to.
+struct Reloader<'a> {
+    /// The original arguments: flags and `WSE_*` variables keep their precedence over the file.
+    argv: Vec<OsString>,
+    server: &'a Server,
+    control: Option<&'a ControlPlane>,
+    log: Option<LogReload>,
+    nofile: host::Nofile,
+    notifier: &'a Notifier,
+    /// The systemd status line while serving.
+    status: String,
+}
+
+impl Reloader<'_> {
+    /// Re-reads the configuration as at start and applies what can change live; on any error
+    /// the running configuration stays, whole. systemd sees RELOADING=1 … READY=1 around it.
+    fn reload(&self) {
+        self.notifier.reloading();
+        tracing::info!("SIGHUP: reloading the configuration");
+        let outcome = match self.apply() {
+            Ok(()) => "configuration reloaded".to_owned(),
+            Err(e) => {
+                tracing::error!("reload refused, the running configuration stays: {e}");
+                format!("reload refused: {e}")
+            }
+        };
+        self.notifier.ready(&format!("{}; {outcome}", self.status));
+    }
+
+    fn apply(&self) -> Result<(), String> {
+        let opts = cli::parse_from(self.argv.iter().cloned()).map_err(|e| e.to_string())?;
+        // Checked before anything is applied, so that a bad filter refuses the whole reload.
+        let filter = match &self.log {
+            Some(_) => Some(
+                EnvFilter::try_new(&opts.config.log.level)
+                    .map_err(|e| format!("log.level: {e}"))?,
+            ),
+            None => None,
+        };
+        let shards = self.server.shard_count();
+        let report = self.server.reload(opts.config).map_err(|e| e.to_string())?;
+        let running = self.server.config();
+        if report.applied.iter().any(|k| k == "log.level") {
+            match (&self.log, filter) {
+                (Some(handle), Some(filter)) => {
+                    if let Err(e) = handle.reload(filter) {
+                        tracing::error!(error = %e, "cannot change the log filter");
+                    }
+                }
+                _ => tracing::info!("log.level changed, but RUST_LOG sets the filter"),
+            }
+        }
+        if let Some(control) = self.control {
+            control.set_api_key(running.control.api_key.clone());
+        }
+        if report.applied.iter().any(|k| k == "auth.enabled") && !running.auth.enabled {
+            warn_auth_disabled();
+        }
+        for key in &report.needs_restart {
+            tracing::warn!(
+                "{key} changed, but takes effect only at a restart; it keeps its running value"
+            );
+        }
+        if report.confirmed < shards {
+            tracing::warn!(
+                "only {} of {shards} shards confirmed the new configuration in time; the others \
+                 apply it when they next handle their queue",
+                report.confirmed
+            );
+        }
+        host::warn_if_capped(&self.nofile, running.server.max_connections, shards);
+        tracing::info!(changed = ?report.applied, "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// Sends WATCHDOG=1 every `every` (half of WatchdogSec) while every shard is alive and responsive:
+/// its thread is running and its loop has turned since the previous check, when it was poked. An
+/// idle shard turns once per poke; one stuck in a turn (a livelock, a blocking call) or gone does
+/// not, and withholding the keep-alive lets systemd restart the service. What this does not see:
+/// the control plane's thread, and a shard that turns but makes no progress on its connections.
+fn spawn_watchdog(
+    server: Arc<Server>,
+    notifier: Arc<Notifier>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let turns =
+        |s: &Server| -> Vec<u64> { s.metrics().iter().map(|m| m.loop_turns.get()).collect() };
+    let spawned = std::thread::Builder::new()
+        .name("wse-watchdog".to_owned())
+        .spawn(move || {
+            let mut before = turns(&server);
+            server.poke_shards();
+            let mut healthy = true;
+            loop {
+                std::thread::sleep(every);
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let now = turns(&server);
+                let stalled: Vec<usize> = (0..now.len()).filter(|&i| now[i] == before[i]).collect();
+                if stalled.is_empty() && server.shards_running() {
+                    notifier.watchdog();
+                    if !healthy {
+                        tracing::info!("every shard responds again; watchdog keep-alives resumed");
+                        healthy = true;
+                    }
+                } else if healthy {
+                    tracing::error!(
+                        ?stalled,
+                        "shards stopped turning their loop, or exited: withholding the systemd \
+                         watchdog keep-alive, so that systemd restarts the service"
+                    );
+                    healthy = false;
+                }
+                before = now;
+                server.poke_shards();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the watchdog thread; systemd will restart the service");
+    }
 }

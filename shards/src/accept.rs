@@ -34,20 +34,16 @@ pub fn bind(addr: SocketAddr, cpu: Option<usize>) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// Binds one listener per shard. When `addr` has port 0, the first bind picks the port and the
-/// others share it.
+/// Binds one listener per shard, steered to the CPU its shard is pinned to (`cpus[shard]`, `None`
+/// when unpinned). When `addr` has port 0, the first bind picks the port and the others share it.
 ///
 /// # Errors
 /// The first bind that fails.
-pub fn bind_all(
-    addr: SocketAddr,
-    shards: usize,
-    pin: bool,
-) -> io::Result<(SocketAddr, Vec<Socket>)> {
+pub fn bind_all(addr: SocketAddr, cpus: &[Option<usize>]) -> io::Result<(SocketAddr, Vec<Socket>)> {
     let mut bound = addr;
-    let mut out = Vec::with_capacity(shards);
-    for i in 0..shards {
-        let s = bind(bound, pin.then_some(i))?;
+    let mut out = Vec::with_capacity(cpus.len());
+    for (i, &cpu) in cpus.iter().enumerate() {
+        let s = bind(bound, cpu)?;
         if i == 0 {
             bound = s
                 .local_addr()?

@@ -5,7 +5,11 @@
 //! and printed by `wse-server --print-config`. The TOML key, the struct field and (where one
 //! exists) the metric share the name.
 //!
-//! Never: reads files or the environment (the binary does), or changes after the shards start.
+//! Never: reads files or the environment (the binary does).
+//!
+//! Reloading: a running server takes a new configuration through `Server::reload`, which applies
+//! every key except [`RESTART_KEYS`] (see [`Config::reloaded`]); those keep their running value
+//! until a restart.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +32,29 @@ pub const SHARDS_MAX: usize = 256;
 pub const TIMER_TICK: Duration = Duration::from_millis(50);
 /// The WSE protocol version this server speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Keys a reload cannot change: they shape what was built at start (threads, listeners, the
+/// cross-shard queues, the control plane's body limit). A reload keeps their running value and
+/// reports them; every other key takes effect live.
+pub const RESTART_KEYS: [&str; 15] = [
+    "server.cores",
+    "server.listen",
+    "server.pin_threads",
+    "limits.max_message_size",
+    "limits.fabric_queue_capacity",
+    "limits.fabric_overflow_max",
+    "control.enabled",
+    "control.listen",
+    // The history is allocated and sized at start, and holds its ttl and reply limit.
+    "recovery.enabled",
+    "recovery.buffer_size",
+    "recovery.ttl",
+    "recovery.max_messages",
+    "recovery.memory_budget",
+    "recovery.max_topics",
+    // Members are counted from the start; switching mid-run would miscount.
+    "presence.enabled",
+];
 
 /// The whole configuration. `Config::default()` is the embedded laptop configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -476,12 +503,139 @@ impl Config {
         Ok(())
     }
 
+    /// What a running server with this configuration applies when asked to reload `next`:
+    /// `next`, except that the [`RESTART_KEYS`] keep their running value; those that differ are
+    /// listed in `needs_restart`.
+    pub fn reloaded(&self, next: &Config) -> Reloaded {
+        let mut config = next.clone();
+        let mut needs_restart = Vec::new();
+        let mut keep = Keep(&mut needs_restart);
+        // No `..` in these patterns: a new field does not compile until it is classified here
+        // (and, if it needs a restart, listed in RESTART_KEYS, which a test checks).
+        let ServerConfig {
+            cores,
+            listen,
+            pin_threads,
+            echo_path: _,
+            max_connections: _,
+            drain_timeout: _,
+            shutdown_close_code: _,
+        } = &mut config.server;
+        keep.key("server.cores", &self.server.cores, cores);
+        keep.key("server.listen", &self.server.listen, listen);
+        keep.key("server.pin_threads", &self.server.pin_threads, pin_threads);
+        let LimitsConfig {
+            max_message_size,
+            max_handshake_bytes: _,
+            handshake_timeout: _,
+            max_pending_handshakes: _,
+            max_outbound_queue_bytes: _,
+            max_subscriptions_per_connection: _,
+            app_event_queue_capacity: _,
+            close_timeout: _,
+            fabric_queue_capacity,
+            fabric_overflow_max,
+        } = &mut config.limits;
+        let running = &self.limits;
+        keep.key(
+            "limits.max_message_size",
+            &running.max_message_size,
+            max_message_size,
+        );
+        keep.key(
+            "limits.fabric_queue_capacity",
+            &running.fabric_queue_capacity,
+            fabric_queue_capacity,
+        );
+        keep.key(
+            "limits.fabric_overflow_max",
+            &running.fabric_overflow_max,
+            fabric_overflow_max,
+        );
+        let ControlConfig {
+            enabled,
+            listen,
+            api_key: _,
+        } = &mut config.control;
+        keep.key("control.enabled", &self.control.enabled, enabled);
+        keep.key("control.listen", &self.control.listen, listen);
+        let RecoveryConfig {
+            enabled,
+            buffer_size,
+            ttl,
+            max_messages,
+            memory_budget,
+            max_topics,
+        } = &mut config.recovery;
+        let running = &self.recovery;
+        keep.key("recovery.enabled", &running.enabled, enabled);
+        keep.key("recovery.buffer_size", &running.buffer_size, buffer_size);
+        keep.key("recovery.ttl", &running.ttl, ttl);
+        keep.key("recovery.max_messages", &running.max_messages, max_messages);
+        keep.key(
+            "recovery.memory_budget",
+            &running.memory_budget,
+            memory_budget,
+        );
+        keep.key("recovery.max_topics", &running.max_topics, max_topics);
+        let PresenceConfig {
+            enabled,
+            max_data_size: _,
+            max_members: _,
+        } = &mut config.presence;
+        keep.key("presence.enabled", &self.presence.enabled, enabled);
+        // Every key of [protocol], [auth] and [log] is live: the shards read the first two per
+        // use (auth through a new Authenticator), the binary applies the log filter.
+        Reloaded {
+            config,
+            needs_restart,
+        }
+    }
+
+    /// The dotted keys whose values differ between `self` and `other`, sorted.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let (a, b) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(other).unwrap_or_default(),
+        );
+        let mut keys = Vec::new();
+        for (section, fields) in a.as_object().into_iter().flatten() {
+            for (field, value) in fields.as_object().into_iter().flatten() {
+                if b.get(section).and_then(|s| s.get(field)) != Some(value) {
+                    keys.push(format!("{section}.{field}"));
+                }
+            }
+        }
+        keys
+    }
+
     /// The shard count this configuration asks for, resolving 0 to the online cores.
     pub fn shard_count(&self) -> usize {
         if self.server.cores == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             self.server.cores
+        }
+    }
+}
+
+/// What [`Config::reloaded`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reloaded {
+    /// The configuration to run with from now on.
+    pub config: Config,
+    /// Keys of [`RESTART_KEYS`] whose new value differs from the running one; not applied.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Puts a restart key back to its running value, noting it when the new one differs.
+struct Keep<'a>(&'a mut Vec<&'static str>);
+
+impl Keep<'_> {
+    fn key<T: PartialEq + Clone>(&mut self, key: &'static str, running: &T, next: &mut T) {
+        if next != running {
+            self.0.push(key);
+            *next = running.clone();
         }
     }
 }
@@ -515,5 +669,60 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "auth.secret");
         c.auth.secret = Some("x".repeat(32));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn reload_keeps_exactly_the_restart_keys() {
+        let running = Config::default();
+        let mut next = Config::default();
+        next.server.cores = 3;
+        next.server.listen = "127.0.0.1:1".parse().unwrap();
+        next.server.pin_threads = false;
+        next.limits.max_message_size = 4096;
+        next.limits.fabric_queue_capacity = 128;
+        next.limits.fabric_overflow_max = 5;
+        next.control.enabled = false;
+        next.control.listen = "127.0.0.1:2".parse().unwrap();
+        next.recovery.enabled = true;
+        next.recovery.buffer_size = 8;
+        next.recovery.ttl = Duration::from_secs(1);
+        next.recovery.max_messages = 1;
+        next.recovery.memory_budget = 1 << 20;
+        next.recovery.max_topics = 1;
+        next.presence.enabled = true;
+        let r = running.reloaded(&next);
+        assert_eq!(r.needs_restart, RESTART_KEYS);
+        assert_eq!(
+            r.config, running,
+            "every restart key keeps its running value"
+        );
+        let mut keys = RESTART_KEYS;
+        keys.sort_unstable();
+        assert_eq!(running.changed_keys(&next), keys);
+    }
+
+    #[test]
+    fn reload_applies_every_other_key() {
+        let running = Config::default();
+        let mut next = Config::default();
+        next.server.max_connections = 7;
+        next.server.echo_path = Some("/echo".into());
+        next.server.drain_timeout = Duration::from_secs(1);
+        next.server.shutdown_close_code = 4001;
+        next.limits.max_outbound_queue_bytes = 1 << 16;
+        next.limits.close_timeout = Duration::from_secs(1);
+        next.protocol.idle_timeout = Duration::from_secs(90);
+        next.protocol.rate_limit_capacity = 3;
+        next.auth.enabled = true;
+        next.auth.secret = Some("s".repeat(32));
+        next.auth.previous_secret = Some("p".repeat(32));
+        next.control.api_key = Some("k".repeat(16));
+        next.log.level = "debug".into();
+        let r = running.reloaded(&next);
+        assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
+        assert_eq!(r.config, next);
+        let changed = running.changed_keys(&next);
+        assert_eq!(changed.len(), 13, "{changed:?}");
+        assert!(changed.contains(&"auth.previous_secret".to_owned()));
     }
 }

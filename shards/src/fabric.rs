@@ -21,6 +21,7 @@ use bytes::Bytes;
 
 use crate::conn::ConnId;
 use crate::protocol::RecoveryInfo;
+use crate::shard::Reload;
 
 /// Cross-core traffic: one enum, every variant says who sends it, who receives it, and what
 /// losing it costs.
@@ -68,6 +69,9 @@ pub enum FabricMsg {
     /// The control plane → a topic's owner: a question, answered through its reply slot.
     /// Lost: the asker times out.
     Query(Box<Query>),
+    /// The control plane → every shard: run with this configuration from now on. Lost: that
+    /// shard keeps the old one, and `Server::reload` reports it unconfirmed.
+    Reload(Arc<Reload>),
     /// A shard over its connection budget → the least loaded shard: a freshly accepted socket
     /// (no byte read yet) for it to serve. Lost: the socket is closed; the client reconnects.
     Adopt { fd: OwnedFd },

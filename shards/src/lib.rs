@@ -31,4 +31,4 @@ pub mod timer;
 pub mod topics;
 
 pub use config::Config;
-pub use server::{PresenceMember, PublishError, QueryError, Server, StartError};
+pub use server::{PresenceMember, PublishError, QueryError, ReloadReport, Server, StartError};

@@ -179,6 +179,8 @@ pub struct ShardMetrics {
     pub closes: [Counter; COUNTED_CLOSE_CODES.len() + 1],
     /// Accept to `server_ready` queued.
     pub handshake_latency: Histogram,
+    /// Loop turns completed: the shard's heartbeat, which the binary's watchdog reads.
+    pub loop_turns: Counter,
 }
 
 impl ShardMetrics {

@@ -94,11 +94,13 @@ impl TokenBucket {
     }
 
     fn refill(&mut self, limits: &RateLimits, now_ms: u64) {
+        let cap = f64::from(limits.capacity);
+        // A reload may have lowered the capacity below what the bucket holds.
+        self.tokens = self.tokens.min(cap);
         let elapsed = now_ms.saturating_sub(self.last_refill_ms);
         if elapsed == 0 {
             return;
         }
-        let cap = f64::from(limits.capacity);
         self.tokens =
             (self.tokens + elapsed as f64 * f64::from(limits.refill_per_sec) / 1000.0).min(cap);
         // `current_rate` counts from the last refill that crossed a second boundary.

@@ -143,6 +143,7 @@ fn drive(rt: &compio::runtime::Runtime, ctx: &Rc<Ctx>, shared: &Shared, listener
     let mut blocked: Vec<ConnKey> = Vec::new();
     let mut adopted = Vec::new();
     loop {
+        ctx.metrics.loop_turns.inc();
         let more_tasks = rt.run();
         let clock = Clock::read();
         let (deadline, fabric_work) = {

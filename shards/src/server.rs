@@ -1,8 +1,8 @@
 //! Starting and stopping the engine: one thread per shard, the fabric between them, and the
 //! handle the control plane (or an embedding application) uses.
 //!
-//! Owns: boot order, the shard threads, the control plane's end of the fabric. Never: parses
-//! configuration files or flags (the binary does).
+//! Owns: boot order, the shard threads, the control plane's end of the fabric, the running
+//! configuration and its reloads. Never: parses configuration files or flags (the binary does).
 //!
 //! Start-up binds every listener before any thread starts (so "address in use" fails `start`
 //! cleanly), then starts the shards and waits until each reports its runtime ready; a shard that
@@ -20,19 +20,22 @@ use serde_json::value::RawValue;
 
 use crate::accept;
 use crate::auth::Authenticator;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Reloaded};
 use crate::fabric::{
     self, Endpoint, FabricMsg, Query, QueryAnswer, QueryKind, ReplyFuture, ReplySlot, Sent,
 };
 use crate::metrics::ShardMetrics;
 use crate::protocol;
 use crate::runtime::{self, Boot};
-use crate::shard::{Admission, Shared};
+use crate::shard::{Admission, Reload, Shared};
 use crate::topics::owner_of;
 
 /// Fabric participants besides the shards: the control plane, and a reserved slot for the
 /// cluster core (a later participant with its own thread).
 const EXTRA_PARTICIPANTS: usize = 2;
+/// How long [`Server::reload`] waits for every shard to confirm the new configuration. A shard
+/// handles the fabric once per loop turn, so anything near this means it is stuck.
+const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +78,24 @@ pub struct PresenceMember {
     pub data: String,
 }
 
+/// What [`Server::reload`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadReport {
+    /// Keys whose new value is now in effect.
+    pub applied: Vec<String>,
+    /// Keys that changed but keep their running value until a restart (see
+    /// [`crate::config::RESTART_KEYS`]).
+    pub needs_restart: Vec<&'static str>,
+    /// Shards that confirmed running with the new configuration within the wait, out of
+    /// [`Server::shard_count`]; one that has not keeps the old configuration until it does.
+    pub confirmed: usize,
+}
+
 /// A running engine.
 pub struct Server {
     shared: Arc<Shared>,
+    /// The running configuration, replaced by each reload; the lock also serialises reloads.
+    running: Mutex<Arc<Config>>,
     threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
     metrics: Vec<Arc<ShardMetrics>>,
     control: Mutex<Endpoint>,
@@ -100,13 +118,17 @@ impl Server {
         } else {
             None
         };
+        // The CPUs this process may run on (its affinity mask, e.g. a systemd CPUAffinity=), so
+        // that an instance confined to CPUs 16-31 pins shard 0 to CPU 16.
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let pin = cfg.server.pin_threads && !cores.is_empty();
+        let core_of = |shard: usize| pin.then(|| cores[shard % cores.len()]);
+        let cpus: Vec<Option<usize>> = (0..shards).map(|i| core_of(i).map(|c| c.id)).collect();
         let (local_addr, listeners) =
-            accept::bind_all(cfg.server.listen, shards, cfg.server.pin_threads).map_err(
-                |source| StartError::Bind {
-                    addr: cfg.server.listen,
-                    source,
-                },
-            )?;
+            accept::bind_all(cfg.server.listen, &cpus).map_err(|source| StartError::Bind {
+                addr: cfg.server.listen,
+                source,
+            })?;
         let mut endpoints = fabric::grid(
             shards + EXTRA_PARTICIPANTS,
             cfg.limits.fabric_queue_capacity,
@@ -114,12 +136,12 @@ impl Server {
         );
         let cluster = endpoints.pop().expect("grid has the extra participants");
         let control = endpoints.pop().expect("grid has the extra participants");
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let pin = cfg.server.pin_threads && !cores.is_empty();
+
         let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
+        let cfg = Arc::new(cfg);
         let shared = Arc::new(Shared {
             admission: Admission::new(cfg.server.max_connections),
-            cfg: Arc::new(cfg),
+            cfg: cfg.clone(),
             auth,
             shutdown: Default::default(),
             shards,
@@ -134,7 +156,7 @@ impl Server {
                 fabric,
                 listener,
                 metrics: metrics[id].clone(),
-                core: pin.then(|| cores[id % cores.len()]),
+                core: core_of(id),
                 ready: ready_tx.clone(),
             };
             let t = std::thread::Builder::new()
@@ -145,6 +167,7 @@ impl Server {
         }
         let server = Server {
             shared,
+            running: Mutex::new(cfg),
             threads: Mutex::new(threads),
             metrics,
             control: Mutex::new(control),
@@ -176,8 +199,90 @@ impl Server {
         self.local_addr
     }
 
-    pub fn config(&self) -> &Config {
-        &self.shared.cfg
+    /// The running configuration: as started, then as last reloaded.
+    pub fn config(&self) -> Arc<Config> {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies a new configuration to the running server: every key except
+    /// [`crate::config::RESTART_KEYS`] (see [`Config::reloaded`]). A new JWT verifier is built
+    /// from `[auth]` (key files are read again), so a rotated key takes effect for every
+    /// connection that authenticates from now on; connections already authenticated stay.
+    /// Returns once every shard has confirmed, or after a bounded wait (see
+    /// [`ReloadReport::confirmed`]).
+    ///
+    /// # Errors
+    /// An invalid configuration or an unreadable key file; nothing is applied then.
+    pub fn reload(&self, next: Config) -> Result<ReloadReport, ConfigError> {
+        next.validate()?;
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let Reloaded {
+            config,
+            needs_restart,
+        } = running.reloaded(&next);
+        config.validate()?;
+        let auth = if config.auth.enabled {
+            Some(Arc::new(Authenticator::new(&config.auth)?))
+        } else {
+            None
+        };
+        let applied = running.changed_keys(&config);
+        let config = Arc::new(config);
+        self.shared.admission.set_max(config.server.max_connections);
+        let (reload, confirmations) = Reload::new(config.clone(), auth);
+        *running = config;
+        let mut sent = 0;
+        {
+            let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            for shard in 0..self.shared.shards {
+                if ep.send(shard, FabricMsg::Reload(reload.clone())) == Sent::Queued {
+                    sent += 1;
+                }
+            }
+            // A full queue holds the entry back in the control plane's overflow, which only a
+            // flush moves on: keep flushing while waiting rather than leave it for the next
+            // publication.
+            let deadline = Instant::now() + RELOAD_CONFIRM_TIMEOUT;
+            while ep.flush() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        // Held until every shard has its message queued, so that two reloads reach every shard
+        // in the order they took the lock.
+        drop(running);
+        drop(reload);
+        let deadline = Instant::now() + RELOAD_CONFIRM_TIMEOUT;
+        let mut confirmed = 0;
+        while confirmed < sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match confirmations.recv_timeout(left) {
+                Ok(_) => confirmed += 1,
+                Err(_) => break,
+            }
+        }
+        Ok(ReloadReport {
+            applied,
+            needs_restart,
+            confirmed,
+        })
+    }
+
+    /// Whether every shard thread is still running (none has exited or panicked).
+    pub fn shards_running(&self) -> bool {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.len() == self.shared.shards && threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Rings every shard's doorbell: each runs one loop turn even when idle, which advances its
+    /// `loop_turns` heartbeat. A watchdog pokes, waits, and checks that every heartbeat moved.
+    pub fn poke_shards(&self) {
+        let ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        for shard in 0..self.shared.shards {
+            ep.doorbells().ring(shard);
+        }
     }
 
     pub fn shard_count(&self) -> usize {
@@ -301,7 +406,7 @@ impl Server {
     /// Returns whether every shard exited in time.
     pub fn stop(&self, grace: Duration) -> bool {
         self.shutdown();
-        let deadline = Instant::now() + self.shared.cfg.server.drain_timeout + grace;
+        let deadline = Instant::now() + self.config().server.drain_timeout + grace;
         let mut clean = true;
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {

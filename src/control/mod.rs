@@ -19,7 +19,7 @@ mod tests;
 use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// The running control plane.
 pub struct ControlPlane {
     local_addr: SocketAddr,
+    /// `control.api_key`, which a reload may change.
+    api_key: ApiKey,
     /// `true` asks the serving thread to stop. Dropping it (a `ControlPlane` dropped without
     /// `stop`) stops the thread too, but nobody joins it then.
     stop_tx: watch::Sender<bool>,
@@ -70,13 +72,15 @@ pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlan
         let _context = runtime.enter();
         tokio::net::TcpListener::from_std(std_listener)?
     };
-    let app = router(server, cfg.api_key.clone());
+    let api_key: ApiKey = Arc::new(RwLock::new(cfg.api_key.clone()));
+    let app = router(server, api_key.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("wse-control".to_owned())
         .spawn(move || runtime.block_on(serve(listener, app, stop_rx)))?;
     Ok(ControlPlane {
         local_addr,
+        api_key,
         stop_tx,
         thread,
     })
@@ -86,6 +90,12 @@ impl ControlPlane {
     /// The bound address (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Replaces the key the `/api/v1/` routes require (a reload); requests already past the
+    /// check finish.
+    pub fn set_api_key(&self, key: Option<String>) {
+        *self.api_key.write().unwrap_or_else(|e| e.into_inner()) = key;
     }
 
     /// Stops serving and joins the thread: in-flight requests get up to [`STOP_GRACE`], then the
@@ -131,14 +141,17 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, stop: watch::Rece
 struct AppState {
     server: Arc<Server>,
     /// `control.api_key`; `None` disables the `/api/v1/` routes (403).
-    api_key: Option<String>,
+    api_key: ApiKey,
     /// Holds only [`metrics::ShardCollector`], which reads the shards at each scrape.
     registry: Registry,
 }
 
 type Shared = Arc<AppState>;
 
-fn router(server: Arc<Server>, api_key: Option<String>) -> Router {
+/// Read per request, written by a reload.
+type ApiKey = Arc<RwLock<Option<String>>>;
+
+fn router(server: Arc<Server>, api_key: ApiKey) -> Router {
     // Larger bodies are refused with 413 while being read (the `Bytes` extractor enforces it).
     let body_limit = server.config().limits.max_message_size;
     let mut registry = Registry::default();

@@ -90,7 +90,11 @@ pub(super) async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    authorize(state.api_key.as_deref(), request.headers())?;
+    {
+        // Scoped: the guard must be gone before the await below.
+        let key = state.api_key.read().unwrap_or_else(|e| e.into_inner());
+        authorize(key.as_deref(), request.headers())?;
+    }
     Ok(next.run(request).await)
 }
 

@@ -30,6 +30,11 @@ impl Wse {
     /// Starts the binary with `args` after loopback listeners on free ports, JWT auth with
     /// [`SECRET`] and the API key; later flags override earlier ones.
     pub fn start(args: &[&str]) -> Wse {
+        Self::start_env(args, &[])
+    }
+
+    /// [`Wse::start`] with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Wse {
         let mut all: Vec<&str> = vec![
             "--listen",
             "127.0.0.1:0",
@@ -45,14 +50,29 @@ impl Wse {
             "3s",
         ];
         all.extend_from_slice(args);
-        Self::start_raw(&all)
+        let mut cmd = Self::command();
+        cmd.args(&all).envs(env.iter().copied());
+        Self::start_command(cmd)
     }
 
     /// Starts the binary with exactly `args`.
     pub fn start_raw(args: &[&str]) -> Wse {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wse-server"))
-            .args(args)
-            .env("RUST_LOG", "info")
+        let mut cmd = Self::command();
+        cmd.args(args);
+        Self::start_command(cmd)
+    }
+
+    /// The binary, logging at info.
+    pub fn command() -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wse-server"));
+        cmd.env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Starts `cmd`, which must end up running the binary (it may be a shell that `exec`s it),
+    /// and waits for its ready line.
+    pub fn start_command(mut cmd: Command) -> Wse {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -115,6 +135,26 @@ impl Wse {
     pub fn sigterm(&self) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn sighup(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    }
+
+    /// Waits until the log holds `needle` at least `count` times; false on timeout.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits for the process to exit.
@@ -267,6 +307,20 @@ pub fn token(sub: &str, extra: Value) -> String {
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A token for `sub`, valid for an hour, signed with `secret`.
+pub fn token_signed(secret: &str, sub: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": sub, "iat": now, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
 }

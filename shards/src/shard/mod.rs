@@ -22,15 +22,15 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use bytes::Bytes;
 use slab::Slab;
 
 use crate::auth::{Acl, Authenticator};
-use crate::config::Config;
+use crate::config::{Config, ProtocolConfig};
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::fabric::{Endpoint, FabricMsg, Sent};
 use crate::handshake;
@@ -58,19 +58,23 @@ pub const BALANCE_SLACK: u64 = 8;
 #[derive(Debug)]
 pub struct Admission {
     live: AtomicUsize,
-    max: usize,
+    /// Changed by a reload; lowering it closes no connection, it only refuses new ones.
+    max: AtomicUsize,
 }
 
 impl Admission {
     pub fn new(max: usize) -> Self {
         Self {
             live: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
+    }
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
     /// Takes a place if one is free.
     pub fn try_admit(&self) -> bool {
-        if self.live.fetch_add(1, Ordering::AcqRel) >= self.max {
+        if self.live.fetch_add(1, Ordering::AcqRel) >= self.max.load(Ordering::Relaxed) {
             self.live.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
@@ -88,6 +92,8 @@ impl Admission {
 /// State every shard reads; built once at start.
 #[derive(Debug)]
 pub struct Shared {
+    /// The configuration and verifier at start. Each shard keeps its own current copies, which a
+    /// reload replaces ([`FabricMsg::Reload`]); only boot reads these.
     pub cfg: Arc<Config>,
     pub auth: Option<Arc<Authenticator>>,
     pub admission: Admission,
@@ -97,6 +103,34 @@ pub struct Shared {
     /// Every shard's metrics, in shard order; a shard reads the others' socket gauges to
     /// balance connections (on accept only).
     pub metrics: Vec<Arc<ShardMetrics>>,
+}
+
+/// A new running configuration, sent by `Server::reload` to every shard in a
+/// [`FabricMsg::Reload`]. A shard swaps it in between two connection events, so each event sees
+/// one configuration; connections keep what they already derived (an authenticated identity, a
+/// deadline already armed).
+#[derive(Debug)]
+pub struct Reload {
+    pub cfg: Arc<Config>,
+    pub auth: Option<Arc<Authenticator>>,
+    /// Each shard sends its id once it runs with the new configuration.
+    applied: mpsc::Sender<usize>,
+}
+
+impl Reload {
+    /// The message, and the receiver on which the shards confirm.
+    pub fn new(
+        cfg: Arc<Config>,
+        auth: Option<Arc<Authenticator>>,
+    ) -> (Arc<Reload>, mpsc::Receiver<usize>) {
+        let (tx, rx) = mpsc::channel();
+        let reload = Reload {
+            cfg,
+            auth,
+            applied: tx,
+        };
+        (Arc::new(reload), rx)
+    }
 }
 
 /// The socket side of a connection, as the shard needs it.
@@ -146,7 +180,9 @@ struct PendingAck {
 pub struct Shard<T: Transport> {
     me: usize,
     shared: Arc<Shared>,
+    /// The running configuration and verifier: `shared`'s at start, then each reload's.
     cfg: Arc<Config>,
+    auth: Option<Arc<Authenticator>>,
     rate: RateLimits,
     default_publish: Acl,
     metrics: Arc<ShardMetrics>,
@@ -187,13 +223,8 @@ impl<T: Transport> Shard<T> {
         now: Instant,
     ) -> Self {
         let cfg = shared.cfg.clone();
-        let p = &cfg.protocol;
-        let rate = RateLimits {
-            capacity: p.rate_limit_capacity,
-            refill_per_sec: p.rate_limit_refill,
-            abuse_drops: p.rate_limit_abuse_drops,
-            abuse_window_ms: p.rate_limit_abuse_window.as_millis() as u64,
-        };
+        let auth = shared.auth.clone();
+        let rate = rate_limits(&cfg.protocol);
         let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
         let shards = shared.shards;
         let history = cfg
@@ -205,6 +236,7 @@ impl<T: Transport> Shard<T> {
             topics: Topics::new(me, shared.shards),
             shared,
             cfg,
+            auth,
             rate,
             default_publish,
             metrics,
@@ -510,7 +542,7 @@ impl<T: Transport> Shard<T> {
             clock,
             cfg: &self.cfg,
             rate: &self.rate,
-            auth: self.shared.auth.as_deref(),
+            auth: self.auth.as_deref(),
             default_publish: &self.default_publish,
             admission: &self.shared.admission,
             metrics: &self.metrics,
@@ -611,8 +643,19 @@ impl<T: Transport> Shard<T> {
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
             FabricMsg::Query(q) => self.handle_query(*q),
             FabricMsg::Adopt { fd } => self.adopted.push(fd),
+            FabricMsg::Reload(reload) => self.apply_reload(&reload),
         }
         self.evict_pending(clock);
+    }
+
+    /// Runs with the reloaded configuration from the next connection event on.
+    fn apply_reload(&mut self, reload: &Reload) {
+        self.cfg = reload.cfg.clone();
+        self.auth = reload.auth.clone();
+        self.rate = rate_limits(&self.cfg.protocol);
+        self.default_publish = Acl::new(self.cfg.auth.default_publish.clone(), Vec::new());
+        // An error means the reloader stopped waiting; the new configuration applies regardless.
+        let _ = reload.applied.send(self.me);
     }
 
     /// Arms the connection's timer when its next deadline is earlier than the armed one.
@@ -626,6 +669,15 @@ impl<T: Transport> Shard<T> {
             return;
         }
         slot.armed = Some(self.timers.arm(key, at));
+    }
+}
+
+fn rate_limits(p: &ProtocolConfig) -> RateLimits {
+    RateLimits {
+        capacity: p.rate_limit_capacity,
+        refill_per_sec: p.rate_limit_refill,
+        abuse_drops: p.rate_limit_abuse_drops,
+        abuse_window_ms: p.rate_limit_abuse_window.as_millis() as u64,
     }
 }
 
