@@ -16,12 +16,18 @@
 #   OUT          result directory [target/bench-results/<timestamp>]
 #   REPEATS      runs per scenario and target [3]
 #   TARGETS      which servers [wse upstream]
-#   SCENARIOS    which scenarios [connect-storm hold fanout fanout-max ping]
+#   SCENARIOS    which scenarios [connect-storm hold latency-1k latency-10k fanout-max ping]
+#                (also: fanout, inbound). latency-1k / latency-10k: fanout at a fixed 50,000
+#                deliveries/s to 1,000 / 9,900 subscribers of one topic (50 and 5 publications/s);
+#                fanout-max: the highest rate with zero gaps and p99 < 50 ms to FANOUT_SUBS
+#                subscribers over FANOUT_TOPICS topics.
 #   WSE_SERVER   "binary" (target/release/wse-server) or "engine" (the in-process engine example,
 #                for when the binary is not usable yet) [binary]
+#   WSE_ARGS     extra wse-server flags, e.g. "--recovery-enabled true" [none]
 #   SECRET       HS256 secret shared by servers and load generator [upstream's default]
-#   STORM_N HOLD_N HOLD_S FANOUT_SUBS FANOUT_TOPICS FANOUT_RATE FANOUT_S PING_N PING_S
-#                scenario sizes [5000 5000 10s 1000 10 1000 10s 100 10s]
+#   STORM_N HOLD_N HOLD_N_UPSTREAM HOLD_S FANOUT_SUBS FANOUT_TOPICS FANOUT_RATE FANOUT_S PING_N PING_S
+#                scenario sizes [5000 19000 9000 10s 1000 1 1000 10s 100 10s]
+#                (hold: wse-server holds 19,000 in one process; the upstream peer stops near 9,995)
 #   SERVER_CPU BENCH_CPU   cores for taskset [0 1]
 #   UPSTREAM_PY  the upstream venv's python [/tmp/wse-peers/venv/bin/python]
 #   PEERS_DIR    where wse_upstream_server.py lives [<repo>/../shared/peers, else /work/shared/peers]
@@ -36,14 +42,15 @@ cd "$ROOT"
 OUT=${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}
 REPEATS=${REPEATS:-3}
 TARGETS=${TARGETS:-"wse upstream"}
-SCENARIOS=${SCENARIOS:-"connect-storm hold fanout fanout-max ping"}
+SCENARIOS=${SCENARIOS:-"connect-storm hold latency-1k latency-10k fanout-max ping"}
 WSE_SERVER=${WSE_SERVER:-binary}
 SECRET=${SECRET:-wse-peer-benchmark-secret-not-for-production-0123456789}
 STORM_N=${STORM_N:-5000}
-HOLD_N=${HOLD_N:-5000}
+HOLD_N=${HOLD_N:-19000}
+HOLD_N_UPSTREAM=${HOLD_N_UPSTREAM:-9000}
 HOLD_S=${HOLD_S:-10s}
 FANOUT_SUBS=${FANOUT_SUBS:-1000}
-FANOUT_TOPICS=${FANOUT_TOPICS:-10}
+FANOUT_TOPICS=${FANOUT_TOPICS:-1}
 FANOUT_RATE=${FANOUT_RATE:-1000}
 FANOUT_S=${FANOUT_S:-10s}
 PING_N=${PING_N:-100}
@@ -109,7 +116,7 @@ start_server() {
             else
                 taskset -c "$SERVER_CPU" "$ROOT/target/release/wse-server" \
                     --cores 1 --listen "127.0.0.1:$WS_PORT" --control-listen "127.0.0.1:$CONTROL_PORT" \
-                    --auth-enabled true --auth-secret "$SECRET" --idle-timeout 3600s \
+                    --auth-enabled true --auth-secret "$SECRET" --idle-timeout 3600s ${WSE_ARGS:-} \
                     >"$SERVER_LOG" 2>&1 &
             fi
             METRICS_URL=http://127.0.0.1:$CONTROL_PORT/metrics
@@ -132,14 +139,20 @@ run_one() {
     local -a args
     case $scenario in
         connect-storm) args=(connect-storm -n "$STORM_N") ;;
-        hold) args=(hold -n "$HOLD_N" --topics-per-conn 1 --duration "$HOLD_S") ;;
+        hold)
+            local n=$HOLD_N
+            [[ $target == upstream ]] && n=$HOLD_N_UPSTREAM
+            args=(hold -n "$n" --topics-per-conn 1 --duration "$HOLD_S")
+            ;;
+        latency-1k) args=(fanout --subscribers 1000 --topics 1 --rate 50 --duration "$FANOUT_S") ;;
+        latency-10k) args=(fanout --subscribers 9900 --topics 1 --rate 5 --duration "$FANOUT_S") ;;
         fanout)
             args=(fanout --subscribers "$FANOUT_SUBS" --topics "$FANOUT_TOPICS" --rate "$FANOUT_RATE"
                 --duration "$FANOUT_S")
             ;;
         fanout-max)
             args=(fanout --subscribers "$FANOUT_SUBS" --topics "$FANOUT_TOPICS" --rate max
-                --step-duration 3s --max-steps 8)
+                --rate-start 500 --publishers 2 --step-duration 3s --max-steps 8)
             ;;
         ping) args=(ping -n "$PING_N" --duration "$PING_S") ;;
         inbound)
