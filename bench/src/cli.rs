@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::dist::agent::{self, AgentArgs};
 use crate::report::{self, Report};
 use crate::scenarios::{self, Common, Setup};
 
@@ -58,8 +59,31 @@ pub enum Command {
         #[command(flatten)]
         args: scenarios::inbound::InboundArgs,
     },
+    /// Subscribers disconnect and reconnect with recovery while publishers run: verifies every
+    /// subscriber gets every publication exactly once, in order; recoveries, replay sizes,
+    /// reconnect latency.
+    Recovery {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenarios::recovery::RecoveryArgs,
+    },
+    /// Serve slices of scenarios for a controller (`<scenario> --agents ADDR,...`).
+    Agent {
+        #[command(flatten)]
+        args: AgentArgs,
+    },
     /// Print the main figures of two JSON results side by side with ratios (b/a).
     Compare { a: PathBuf, b: PathBuf },
+    /// Render JSON results as one self-contained HTML page: latency percentile plots and
+    /// figure tables (inline SVG, no external assets).
+    Report {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The HTML file to write.
+        #[arg(long)]
+        html: PathBuf,
+    },
     /// Write the per-figure median of repeated runs' JSON results to `--out` (and print it).
     Median {
         #[arg(short, long)]
@@ -95,6 +119,29 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 &name(&b),
             )));
         }
+        Command::Agent { args } => {
+            agent::run(&args)?;
+            return Ok(Outcome::Text(String::new()));
+        }
+        Command::Report { runs, html } => {
+            let reports = runs
+                .iter()
+                .map(|p| {
+                    let name = p
+                        .file_stem()
+                        .map_or_else(|| "?".into(), |s| s.to_string_lossy().into_owned());
+                    Report::read_json(p).map(|r| (name, r))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let page = crate::html::render(&reports);
+            std::fs::write(&html, page)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", html.display()))?;
+            return Ok(Outcome::Text(format!(
+                "wrote {} ({} results)\n",
+                html.display(),
+                reports.len()
+            )));
+        }
         Command::Median { out, runs } => {
             let runs = runs
                 .iter()
@@ -111,6 +158,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Fanout { common, args } => scenarios::fanout::run(&Setup::new(common)?, &args),
         Command::Ping { common, args } => scenarios::ping::run(&Setup::new(common)?, &args),
         Command::Inbound { common, args } => scenarios::inbound::run(&Setup::new(common)?, &args),
+        Command::Recovery { common, args } => scenarios::recovery::run(&Setup::new(common)?, &args),
     };
     Ok(Outcome::Report(Box::new(report)))
 }

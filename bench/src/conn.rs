@@ -249,13 +249,28 @@ impl Conn {
     /// # Errors
     /// Connection failure, an `error` message, or `success` not true.
     pub async fn subscribe(&mut self, topics: &[String]) -> Result<(), ConnError> {
-        self.queue_text(&wire::subscribe(topics));
+        self.subscribe_with(&wire::subscribe(topics), |_| {})
+            .await
+            .map(drop)
+    }
+
+    /// Sends a `subscription_update` request and waits for its successful acknowledgement,
+    /// which it returns; messages before it (a recovery's replay) go to `other`.
+    ///
+    /// # Errors
+    /// Connection failure, an `error` message, or `success` not true.
+    pub async fn subscribe_with(
+        &mut self,
+        request: &[u8],
+        other: impl FnMut(&[u8]),
+    ) -> Result<Vec<u8>, ConnError> {
+        self.queue_text(request);
         self.flush().await?;
         let reply = self
-            .wait_for(|m| is_type(m, b"subscription_update"), |_| {})
+            .wait_for(|m| is_type(m, b"subscription_update"), other)
             .await?;
         match wire::raw_field(&reply, "success") {
-            Some(b"true") => Ok(()),
+            Some(b"true") => Ok(reply),
             _ => Err(ConnError::Protocol(format!(
                 "subscription refused: {}",
                 String::from_utf8_lossy(&reply)

@@ -13,8 +13,12 @@ fn main() -> ExitCode {
         | Command::Hold { common, .. }
         | Command::Fanout { common, .. }
         | Command::Ping { common, .. }
-        | Command::Inbound { common, .. } => common.json.clone(),
-        Command::Compare { .. } | Command::Median { .. } => None,
+        | Command::Inbound { common, .. }
+        | Command::Recovery { common, .. } => common.json.clone(),
+        Command::Compare { .. }
+        | Command::Median { .. }
+        | Command::Agent { .. }
+        | Command::Report { .. } => None,
     };
     if let Err(e) = scenarios::install_signal_handlers() {
         eprintln!("wse-bench: {e:#}");

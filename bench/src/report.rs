@@ -12,7 +12,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::stats::LatencySummary;
+use crate::stats::{Latency, LatencySummary};
 use crate::sys::Environment;
 
 /// Everything one scenario run produced.
@@ -28,6 +28,10 @@ pub struct Report {
     pub steps: Vec<IndexMap<String, Value>>,
     /// Warnings a reader must see next to the figures (saturation, limits, errors).
     pub notes: Vec<String>,
+    /// Whole latency histograms by figure prefix (HdrHistogram V2, deflated, base64), so
+    /// `report --html` can plot every percentile, not just the summary figures.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub histograms: IndexMap<String, String>,
     pub environment: Value,
     /// The flags, parsed, and the raw command line.
     pub args: Value,
@@ -41,6 +45,7 @@ impl Report {
             results: IndexMap::new(),
             steps: Vec::new(),
             notes: Vec::new(),
+            histograms: IndexMap::new(),
             environment: serde_json::to_value(env).unwrap_or(Value::Null),
             args: Value::Null,
         }
@@ -60,6 +65,13 @@ impl Report {
         self.set(&format!("{prefix}_p99_ms"), s.p99_ms);
         self.set(&format!("{prefix}_p999_ms"), s.p999_ms);
         self.set(&format!("{prefix}_max_ms"), s.max_ms);
+    }
+
+    /// Keeps the whole histogram behind the `<prefix>_*_ms` figures (nothing when empty).
+    pub fn histogram(&mut self, prefix: &str, h: &Latency) {
+        if h.count() > 0 {
+            self.histograms.insert(prefix.to_owned(), h.encode());
+        }
     }
 
     pub fn note(&mut self, note: impl Into<String>) {
@@ -192,6 +204,8 @@ pub fn median(runs: &[Report]) -> Report {
     let mut out = first.clone();
     out.steps.clear();
     out.notes.clear();
+    // A median has no histogram of its own (the plots fall back to the median percentiles).
+    out.histograms.clear();
     out.partial = runs.iter().any(|r| r.partial);
     out.results.retain(|k, v| {
         let mut xs: Vec<f64> = runs

@@ -3,11 +3,18 @@
 //!
 //! Never: reads clocks or sockets. Every type here is plain data that a thread fills and the
 //! coordinator merges, so merging and accounting are unit-tested without a server.
+//!
+//! Everything merged also serialises, losslessly, so agents of a distributed run can send their
+//! figures to the controller ([`crate::dist`]): histograms as HdrHistogram's V2 encoding
+//! (deflated, base64 in JSON), counters as integers.
 
 use std::collections::BTreeMap;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerializer};
+use serde::{Deserialize, Serialize};
 
 /// Highest latency a histogram tracks before it auto-resizes: one minute in nanoseconds.
 const LATENCY_HIGHEST_NS: u64 = 60_000_000_000;
@@ -46,6 +53,38 @@ impl Latency {
         self.0.len()
     }
 
+    /// The value at quantile `q` (0..=1), nanoseconds; 0 when empty.
+    pub fn value_at_quantile(&self, q: f64) -> u64 {
+        if self.0.is_empty() {
+            0
+        } else {
+            self.0.value_at_quantile(q)
+        }
+    }
+
+    /// The histogram in HdrHistogram's compressed V2 encoding, base64: what agents send and
+    /// what `--json` keeps so `report` can plot whole percentile curves.
+    pub fn encode(&self) -> String {
+        let mut bytes = Vec::new();
+        V2DeflateSerializer::new()
+            .serialize(&self.0, &mut bytes)
+            .expect("serialising to memory cannot fail");
+        BASE64.encode(bytes)
+    }
+
+    /// Reads what [`Latency::encode`] wrote.
+    ///
+    /// # Errors
+    /// Not base64, or not a V2 (plain or deflated) histogram.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let bytes = BASE64.decode(text).map_err(|e| e.to_string())?;
+        let mut h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut bytes.as_slice())
+            .map_err(|e| format!("{e:?}"))?;
+        h.auto(true);
+        Ok(Self(h))
+    }
+
     /// The summary figures, in milliseconds.
     pub fn summary(&self) -> LatencySummary {
         let ms = |ns: u64| ns as f64 / 1e6;
@@ -69,6 +108,19 @@ impl Latency {
     }
 }
 
+impl Serialize for Latency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.encode())
+    }
+}
+
+impl<'de> Deserialize<'de> for Latency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::decode(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Percentiles of a [`Latency`], milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct LatencySummary {
@@ -79,6 +131,51 @@ pub struct LatencySummary {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+}
+
+/// A histogram of plain counts (e.g. messages replayed per recovery), zero included.
+#[derive(Clone, Debug)]
+pub struct Counts(Histogram<u64>);
+
+impl Default for Counts {
+    fn default() -> Self {
+        let mut h = Histogram::new(LATENCY_SIGFIG).expect("static bounds are valid");
+        h.auto(true);
+        Self(h)
+    }
+}
+
+impl Counts {
+    pub fn record(&mut self, n: u64) {
+        let _ = self.0.record(n);
+    }
+
+    pub fn merge(&mut self, o: &Counts) {
+        self.0
+            .add(&o.0)
+            .expect("auto-resizing histograms always merge");
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Mean, median, p99 and maximum (zeros when empty).
+    pub fn summary(&self) -> (f64, u64, u64, u64) {
+        if self.0.is_empty() {
+            return (0.0, 0, 0, 0);
+        }
+        (
+            self.0.mean(),
+            self.0.value_at_quantile(0.5),
+            self.0.value_at_quantile(0.99),
+            self.0.max(),
+        )
+    }
 }
 
 /// What one sequence number meant for its stream.
@@ -178,7 +275,7 @@ impl SeqTracker {
 }
 
 /// Delivery counters of one thread (or, merged, of the whole run).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deliveries {
     /// Benchmark messages received in the current step (duplicates included).
     pub received: u64,
@@ -235,7 +332,7 @@ impl Deliveries {
 }
 
 /// Failures by kind (e.g. `connect:os99`, `closed:4413`, `server:AUTH_FAILED`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally(pub BTreeMap<String, u64>);
 
 impl Tally {
@@ -296,6 +393,62 @@ mod tests {
         assert_eq!(all.count(), 1001);
         assert!(all.summary().max_ms >= 119_000.0);
         assert_eq!(Latency::default().summary(), LatencySummary::default());
+    }
+
+    #[test]
+    fn histograms_merge_losslessly_through_serialisation() {
+        // Two agents' histograms, one with an outlier past the initial bound.
+        let mut a = Latency::default();
+        let mut b = Latency::default();
+        for i in 1..=10_000u64 {
+            a.record_ns(i * 997);
+            b.record_ns(i * 31_337 + 5);
+        }
+        b.record_ns(3 * LATENCY_HIGHEST_NS);
+        let mut direct = a.clone();
+        direct.merge(&b);
+        // What the controller does: decode both JSON strings and merge.
+        let wire = serde_json::to_string(&(&a, &b)).unwrap();
+        let (a2, b2): (Latency, Latency) = serde_json::from_str(&wire).unwrap();
+        let mut merged = a2;
+        merged.merge(&b2);
+        let buckets = |h: &Latency| {
+            h.0.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(buckets(&merged), buckets(&direct));
+        assert_eq!(merged.count(), 20_001);
+        assert_eq!(merged.summary(), direct.summary());
+        // The decoded histogram still grows for later outliers.
+        merged.record_ns(10 * LATENCY_HIGHEST_NS);
+        assert_eq!(merged.count(), 20_002);
+        assert!(Latency::decode("not base64!").is_err());
+        assert!(Latency::decode("AAAA").is_err());
+        // Empty histograms travel too.
+        let empty: Latency =
+            serde_json::from_str(&serde_json::to_string(&Latency::default()).unwrap()).unwrap();
+        assert_eq!(empty.count(), 0);
+    }
+
+    #[test]
+    fn counters_round_trip_and_merge() {
+        let mut d = Deliveries::default();
+        d.count(Seen::New { skipped: 2 }, 10);
+        d.count(Seen::Duplicate, 10);
+        let back: Deliveries = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
+        let mut total = Deliveries::default();
+        total.merge(&d);
+        total.merge(&back);
+        assert_eq!(
+            (total.received, total.distinct, total.gap_events),
+            (4, 2, 2)
+        );
+        let mut t = Tally::default();
+        t.add("closed:1000");
+        let back: Tally = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
     }
 
     fn run(seqs: &[u64]) -> (SeqTracker, Deliveries) {
@@ -374,6 +527,22 @@ mod tests {
         );
         assert_eq!(t.observe(5 + SEQ_WINDOW + 1), Seen::Late);
         assert_eq!(t.observe(0), Seen::OutOfWindow);
+    }
+
+    #[test]
+    fn counts_keep_zero_and_merge() {
+        let mut a = Counts::default();
+        for n in [0, 0, 5, 10] {
+            a.record(n);
+        }
+        let mut b = Counts::default();
+        b.record(1000);
+        a.merge(&b);
+        assert_eq!(a.len(), 5);
+        let (mean, p50, _, max) = a.summary();
+        assert_eq!((p50, max), (5, 1000));
+        assert!((mean - 203.0).abs() < 1.0, "{mean}");
+        assert_eq!(Counts::default().summary(), (0.0, 0, 0, 0));
     }
 
     #[test]

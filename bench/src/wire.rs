@@ -121,6 +121,78 @@ pub fn subscribe(topics: &[String]) -> Vec<u8> {
     .into_bytes()
 }
 
+/// `subscription_update` subscribing to `topic` and recovering what was published after
+/// `offset` in history `epoch` (protocol.md §5); without an epoch the server answers with its
+/// current one and replays nothing.
+pub fn subscribe_recover(topic: &str, epoch: Option<&str>, offset: u64) -> Vec<u8> {
+    let position = match epoch {
+        Some(e) => serde_json::json!({"epoch": e, "offset": offset}),
+        None => serde_json::json!({"offset": offset}),
+    };
+    let msg = serde_json::json!({
+        "c": "WSE",
+        "t": "subscription_update",
+        "p": {
+            "action": "subscribe",
+            "topics": [topic],
+            "recover": true,
+            "recovery": {topic: position},
+        },
+        "v": 1,
+    });
+    serde_json::to_vec(&msg).expect("JSON values serialise")
+}
+
+/// The recovery stamp both servers put first in a publication when recovery is on:
+/// `{"tp":"<topic>","e":"<epoch>","o":<offset>,...}`. Returns the epoch and the offset.
+pub fn parse_recovery_stamp(json: &[u8]) -> Option<(&[u8], u64)> {
+    let rest = json.strip_prefix(br#"{"tp":""#)?;
+    let rest = &rest[memchr::memchr(b'"', rest)? + 1..];
+    let rest = rest.strip_prefix(br#","e":""#)?;
+    let end = memchr::memchr(b'"', rest)?;
+    let epoch = &rest[..end];
+    let rest = rest[end + 1..].strip_prefix(br#","o":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 20 {
+        return None;
+    }
+    Some((epoch, parse_u64(&rest[..digits])?))
+}
+
+/// What a recovery subscription's acknowledgement says about its (one) topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryAck {
+    pub recovered: bool,
+    /// The topic history's current epoch (`None`: the server has none yet).
+    pub epoch: Option<String>,
+    /// The inclusive last offset the connection now has.
+    pub offset: Option<u64>,
+    /// Publications replayed before the acknowledgement.
+    pub count: u64,
+}
+
+/// Reads the `"recovery":{"<topic>":{..}}` part of a `subscription_update` acknowledgement.
+pub fn parse_recovery_ack(ack: &[u8]) -> Option<RecoveryAck> {
+    // Upstream also has a top-level `recovered`: only what follows `"recovery":{` counts.
+    let at = memmem::find(ack, br#""recovery":{"#)?;
+    let info = &ack[at..];
+    Some(RecoveryAck {
+        recovered: raw_field(info, "recovered")? == b"true",
+        epoch: str_field(info, "epoch").map(|e| String::from_utf8_lossy(e).into_owned()),
+        offset: raw_field(info, "offset").and_then(parse_u64_text),
+        count: raw_field(info, "count")
+            .and_then(parse_u64_text)
+            .unwrap_or(0),
+    })
+}
+
+fn parse_u64_text(raw: &[u8]) -> Option<u64> {
+    if raw.is_empty() || raw.len() > 20 || !raw.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    parse_u64(raw)
+}
+
 /// Client ping carrying `timestamp_ms`; both servers answer with `PONG`.
 pub fn ping(timestamp_ms: u64) -> Vec<u8> {
     format!(r#"{{"c":"WSE","t":"ping","p":{{"timestamp":{timestamp_ms}}},"v":1}}"#).into_bytes()
@@ -207,6 +279,52 @@ mod tests {
             None
         );
         assert_eq!(parse_stamp(br#"{"t":"other"}"#), None);
+    }
+
+    #[test]
+    fn recovery_stamps_and_acks_of_both_servers() {
+        let wse = br#"{"tp":"rec.1","e":"0a0b0c0d","o":17,"c":"U","t":"bench","p":{"bench":[1,0,1,5,9]},"v":1}"#;
+        assert_eq!(parse_recovery_stamp(wse), Some((&b"0a0b0c0d"[..], 17)));
+        // Upstream's shape: the same stamp, no "v".
+        let up = br#"{"tp":"rec.1","e":"56819e96","o":0,"c":"U","t":"bench","p":{}}"#;
+        assert_eq!(parse_recovery_stamp(up), Some((&b"56819e96"[..], 0)));
+        assert_eq!(
+            parse_recovery_stamp(br#"{"c":"U","t":"bench","p":{}}"#),
+            None
+        );
+        assert_eq!(parse_recovery_stamp(br#"{"tp":"x","e":"1","o":}"#), None);
+
+        let wse_ack = br#"{"c":"WSE","t":"subscription_update","p":{"action":"subscribe","success":true,"success_topics":["t"],"failed_topics":[],"recovery":{"t":{"epoch":"000000ab","offset":7,"recovered":true,"count":3}}},"v":1}"#;
+        assert_eq!(
+            parse_recovery_ack(wse_ack),
+            Some(RecoveryAck {
+                recovered: true,
+                epoch: Some("000000ab".into()),
+                offset: Some(7),
+                count: 3
+            })
+        );
+        let up_ack = br#"{"c":"WSE","t":"subscription_update","p":{"action":"subscribe","success":true,"success_topics":["r.0"],"failed_topics":[],"recoverable":true,"recovered":true,"recovery":{"r.0":{"epoch":null,"offset":0,"recovered":false,"count":0}}},"v":1}"#;
+        assert_eq!(
+            parse_recovery_ack(up_ack),
+            Some(RecoveryAck {
+                recovered: false,
+                epoch: None,
+                offset: Some(0),
+                count: 0
+            })
+        );
+        assert_eq!(
+            parse_recovery_ack(br#"{"t":"subscription_update","p":{}}"#),
+            None
+        );
+        let req: serde_json::Value =
+            serde_json::from_slice(&subscribe_recover("a\"b", Some("00000001"), 5)).unwrap();
+        assert_eq!(req["p"]["recovery"]["a\"b"]["offset"], 5);
+        assert_eq!(req["p"]["recover"], true);
+        let req: serde_json::Value =
+            serde_json::from_slice(&subscribe_recover("t", None, 0)).unwrap();
+        assert!(req["p"]["recovery"]["t"].get("epoch").is_none());
     }
 
     #[test]

@@ -12,79 +12,118 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{
-    LoadCpu, Phase, Progress, Setup, Shared, join_all, open_planned, reached, server_cpu,
-    spawn_workers, wait_until,
+    Phase, Progress, Setup, Shared, join_all, open_planned, reached, server_cpu, spawn_workers,
+    wait_until,
 };
 use crate::clock;
 use crate::conn::Conn;
+use crate::fleet::{Fleet, Running, Slice, Workload};
 use crate::report::Report;
 use crate::stats::{Latency, Tally};
 
 /// Read buffer per connection: handshake replies are small; it grows if needed.
 const READ_BUF: usize = 1024;
 
-#[derive(clap::Args, Clone, Debug, Serialize)]
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct StormArgs {
     /// Connections to open.
     #[arg(short = 'n', long, default_value_t = 1000)]
     pub connections: usize,
 }
 
-/// One thread's figures.
-#[derive(Default)]
-struct ThreadResult {
+/// One slice's figures.
+#[derive(Default, Serialize, Deserialize)]
+pub struct StormPart {
     ready: Latency,
     hello: Latency,
     errors: Tally,
     opened: u64,
-    /// `clock::now_ns()` of this thread's last successful handshake.
+    /// Seconds from the start signal (`Measure`) to the slice's last successful handshake, on
+    /// the slice's own clock: the storm lasts as long as its slowest slice.
+    busy_s: f64,
+}
+
+/// One thread's figures.
+#[derive(Default)]
+struct ThreadResult {
+    part: StormPart,
+    /// `clock::now_ns()` of the start signal and of this thread's last successful handshake.
+    start_ns: u64,
     last_done_ns: u64,
+}
+
+/// The storm workload: each slice opens its connections once the phase is `Measure`.
+pub struct Storm;
+
+impl Workload for Storm {
+    const NAME: &'static str = "connect-storm";
+    type Args = StormArgs;
+    type Part = StormPart;
+
+    fn connections(args: &StormArgs) -> usize {
+        args.connections
+    }
+
+    fn start(setup: &Setup, _args: &StormArgs, slice: Slice) -> Running<StormPart> {
+        let shared = setup.shared(setup.plans_slice(slice, "storm"));
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let workers = {
+            let shared = shared.clone();
+            spawn_workers(setup.threads, "storm", &tids, move |i| {
+                thread_main(shared.clone(), i)
+            })
+        };
+        Running::new(shared, tids, move || {
+            let mut all = StormPart::default();
+            for r in join_all(workers) {
+                let busy = r.last_done_ns.saturating_sub(r.start_ns) as f64 / 1e9;
+                Storm::merge(
+                    &mut all,
+                    StormPart {
+                        busy_s: busy,
+                        ..r.part
+                    },
+                );
+            }
+            all
+        })
+    }
+
+    fn merge(into: &mut StormPart, o: StormPart) {
+        into.ready.merge(&o.ready);
+        into.hello.merge(&o.hello);
+        into.errors.merge(&o.errors);
+        into.opened += o.opened;
+        into.busy_s = into.busy_s.max(o.busy_s);
+    }
 }
 
 /// Runs the scenario and returns its report.
 pub fn run(setup: &Setup, args: &StormArgs) -> Report {
     let n = args.connections;
     let mut report = setup.report("connect-storm", args);
-    setup.check_nofile(n, &mut report);
-    let shared = setup.shared(setup.plans(n, "storm"));
-    let tids = Arc::new(Mutex::new(Vec::new()));
-    let workers = {
-        let shared = shared.clone();
-        spawn_workers(setup.threads, "storm", &tids, move |i| {
-            thread_main(shared.clone(), i)
-        })
+    let Some(fleet) = Fleet::<Storm>::start(setup, args, &mut report) else {
+        return report;
     };
     let server_before = setup.server_sample();
-    let cpu = LoadCpu::start(&tids.lock().unwrap_or_else(|e| e.into_inner()));
     let start = Instant::now();
-    let start_ns = clock::now_ns();
-    shared.set_phase(Phase::Measure);
-    let p = &shared.progress;
+    fleet.set_phase(Phase::Measure);
     let complete = wait_until(
         setup,
         start + setup.common.open_timeout,
-        || Progress::get(&p.opened) + Progress::get(&p.failed) >= n as u64,
-        || shared.progress_line(n),
+        || fleet.snapshot().opened + fleet.snapshot().failed >= n as u64,
+        || fleet.snapshot().line(n),
     );
     let wall = start.elapsed().as_secs_f64();
     let server_after = setup.server_sample();
-    cpu.finish(&mut report, "");
-    shared.set_phase(Phase::Stop);
+    let all = fleet.finish(&mut report);
 
-    let mut all = ThreadResult::default();
-    for r in join_all(workers) {
-        all.ready.merge(&r.ready);
-        all.hello.merge(&r.hello);
-        all.errors.merge(&r.errors);
-        all.opened += r.opened;
-        all.last_done_ns = all.last_done_ns.max(r.last_done_ns);
-    }
-    let busy_s = (all.last_done_ns.saturating_sub(start_ns)) as f64 / 1e9;
-    report.partial = !complete;
+    let busy_s = all.busy_s;
+    report.partial |= !complete;
     report.set("connections_requested", n);
     report.set("connections_opened", all.opened);
     report.set("connections_failed", all.errors.total());
@@ -105,8 +144,10 @@ pub fn run(setup: &Setup, args: &StormArgs) -> Report {
     report.set("storm_s", busy_s);
     report.set("inflight", setup.common.inflight);
     report.latency("ready_latency", &all.ready.summary());
+    report.histogram("ready_latency", &all.ready);
     if !setup.common.no_hello {
         report.latency("hello_latency", &all.hello.summary());
+        report.histogram("hello_latency", &all.hello);
     }
     server_cpu(
         &mut report,
@@ -129,6 +170,7 @@ async fn thread_main(shared: Arc<Shared>, i: usize) -> ThreadResult {
     let permits = Rc::new(Semaphore::new(shared.inflight));
     let mut phase = shared.phase.subscribe();
     reached(&mut phase, Phase::Measure).await;
+    stats.borrow_mut().start_ns = clock::now_ns();
     for plan in plans {
         let (shared, stats, open, permits) =
             (shared.clone(), stats.clone(), open.clone(), permits.clone());
@@ -136,14 +178,14 @@ async fn thread_main(shared: Arc<Shared>, i: usize) -> ThreadResult {
             match open_planned(&plan, &shared, &permits, READ_BUF).await {
                 Ok((conn, t, _permit)) => {
                     let mut s = stats.borrow_mut();
-                    s.ready.record_ns(t.ready.as_nanos() as u64);
-                    s.hello.record_ns(t.hello.as_nanos() as u64);
-                    s.opened += 1;
+                    s.part.ready.record_ns(t.ready.as_nanos() as u64);
+                    s.part.hello.record_ns(t.hello.as_nanos() as u64);
+                    s.part.opened += 1;
                     s.last_done_ns = clock::now_ns();
                     open.borrow_mut().push(conn);
                 }
                 Err(e) => {
-                    stats.borrow_mut().errors.add(e.kind());
+                    stats.borrow_mut().part.errors.add(e.kind());
                     Progress::add(&shared.progress.failed, 1);
                 }
             }

@@ -155,28 +155,28 @@ impl Subs {
 /// A publisher's instruction: publish `step` at `rate` (all publishers together) from
 /// `start_ns` to `end_ns` on the shared clock.
 #[derive(Clone, Copy, Debug)]
-struct StepCmd {
-    step: u32,
-    rate: f64,
-    start_ns: u64,
-    end_ns: u64,
+pub(super) struct StepCmd {
+    pub step: u32,
+    pub rate: f64,
+    pub start_ns: u64,
+    pub end_ns: u64,
 }
 
 /// A publisher's account of one [`StepCmd`].
 #[derive(Debug, Default)]
-struct StepDone {
+pub(super) struct StepDone {
     /// Publications sent, per topic (each topic's last sequence number).
-    sent: Vec<u64>,
+    pub sent: Vec<u64>,
     /// Wake-up lateness against the schedule, per batch.
-    lag: Latency,
-    failure: Option<String>,
+    pub lag: Latency,
+    pub failure: Option<String>,
 }
 
-/// One publisher thread as the coordinator sees it.
-struct Publisher {
-    cmds: mpsc::Sender<StepCmd>,
-    done: mpsc::Receiver<StepDone>,
-    thread: std::thread::JoinHandle<()>,
+/// One publisher thread as the coordinator sees it. Dropping `cmds` ends it.
+pub(super) struct Publisher {
+    pub cmds: mpsc::Sender<StepCmd>,
+    pub done: mpsc::Receiver<StepDone>,
+    pub thread: std::thread::JoinHandle<()>,
 }
 
 /// Figures of one measured step.
@@ -270,7 +270,7 @@ pub fn run(setup: &Setup, args: &FanoutArgs) -> Report {
             subscriber_thread(shared.clone(), subs.clone(), t, i)
         })
     };
-    let publishers = start_publishers(setup, args, &tids);
+    let publishers = start_publishers(setup, p, (0..t).map(topic_name).collect(), args.size, &tids);
     let prog = &shared.progress;
     let mut complete = wait_until(
         setup,
@@ -536,7 +536,7 @@ impl StepRunner<'_> {
 
 /// Sleeps until `ns` on the shared clock unless Ctrl-C, with progress lines; returns whether
 /// it got there.
-fn sleep_until_ns(setup: &Setup, ns: u64, progress: impl Fn() -> String) -> bool {
+pub(super) fn sleep_until_ns(setup: &Setup, ns: u64, progress: impl Fn() -> String) -> bool {
     let d = Duration::from_nanos(ns.saturating_sub(clock::now_ns()));
     sleep_with_progress(setup, d, progress)
 }
@@ -662,13 +662,16 @@ fn topic_name(t: usize) -> String {
 // Publishers
 // ------------------------------------------------------------------------------------------------
 
-/// Starts one thread per publisher; each connects and then waits for step commands.
-fn start_publishers(
+/// Starts `p` publisher threads over `topic_names` (publication `g` goes to topic `g mod T`)
+/// with `size`-byte payloads; each connects and then waits for step commands.
+pub(super) fn start_publishers(
     setup: &Setup,
-    args: &FanoutArgs,
+    p: usize,
+    topic_names: Vec<String>,
+    size: usize,
     tids: &Arc<Mutex<Vec<u32>>>,
 ) -> Vec<Result<Publisher, String>> {
-    let p = args.publishers.max(1);
+    let p = p.max(1);
     let token: Arc<str> = setup.token(super::PUBLISHER_SUB, true).into();
     let handles: Vec<_> = (0..p)
         .map(|j| {
@@ -682,9 +685,9 @@ fn start_publishers(
             let job = PublisherJob {
                 index: j as u32,
                 publishers: p as u32,
-                topics: args.topics.max(1),
-                topic_names: (0..args.topics.max(1)).map(topic_name).collect(),
-                pad: wire::padding(args.size),
+                topics: topic_names.len(),
+                topic_names: topic_names.clone(),
+                pad: wire::padding(size),
                 connect_timeout: setup.common.connect_timeout,
                 hello: !setup.common.no_hello,
             };

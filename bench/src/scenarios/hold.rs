@@ -12,14 +12,15 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{
-    LoadCpu, Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached,
-    ser_duration, sleep_with_progress, spawn_workers, wait_until,
+    Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached, secs,
+    sleep_with_progress, spawn_workers, wait_until,
 };
 use crate::conn::{Conn, ConnError};
+use crate::fleet::{Fleet, Running, Slice, Workload};
 use crate::report::Report;
 use crate::stats::Tally;
 use crate::sys;
@@ -27,7 +28,7 @@ use crate::sys;
 /// Read buffer per held connection: pings and acks are small; it grows if needed.
 const READ_BUF: usize = 512;
 
-#[derive(clap::Args, Clone, Debug, Serialize)]
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct HoldArgs {
     /// Connections to open and hold.
     #[arg(short = 'n', long, default_value_t = 1000)]
@@ -40,19 +41,20 @@ pub struct HoldArgs {
     pub topics: usize,
     /// How long to hold once all are subscribed.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub duration: Duration,
     /// Wait after the last subscription before sampling memory.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub settle: Duration,
     /// Do not reopen connections the server closes during the hold.
     #[arg(long)]
     pub no_reconnect: bool,
 }
 
-#[derive(Default)]
-struct ThreadResult {
+/// One slice's figures (a thread's, then merged).
+#[derive(Default, Serialize, Deserialize)]
+pub struct HoldPart {
     errors: Tally,
     /// Closes after the connection was ready, by kind.
     unexpected_closes: Tally,
@@ -60,36 +62,89 @@ struct ThreadResult {
     /// Connections whose first session is still open.
     survivors: u64,
     ready: u64,
+    /// Ready connections per `--url` (index), for memory per connection per server.
+    ready_per_target: Vec<u64>,
     pings_answered: u64,
     messages: u64,
+}
+
+impl HoldPart {
+    fn merge(&mut self, o: &HoldPart) {
+        self.errors.merge(&o.errors);
+        self.unexpected_closes.merge(&o.unexpected_closes);
+        self.reconnects += o.reconnects;
+        self.survivors += o.survivors;
+        self.ready += o.ready;
+        add_per_target(&mut self.ready_per_target, &o.ready_per_target);
+        self.pings_answered += o.pings_answered;
+        self.messages += o.messages;
+    }
+}
+
+/// Adds `o` to `into` index by index, growing `into` as needed.
+fn add_per_target(into: &mut Vec<u64>, o: &[u64]) {
+    if into.len() < o.len() {
+        into.resize(o.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(o) {
+        *a += b;
+    }
+}
+
+/// The hold workload: each slice opens, subscribes and holds its connections.
+pub struct Hold;
+
+impl Workload for Hold {
+    const NAME: &'static str = "hold";
+    type Args = HoldArgs;
+    type Part = HoldPart;
+
+    fn connections(args: &HoldArgs) -> usize {
+        args.connections
+    }
+
+    fn start(setup: &Setup, args: &HoldArgs, slice: Slice) -> Running<HoldPart> {
+        let shared = setup.shared(setup.plans_slice(slice, "hold"));
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let targets = setup.target_count();
+        let workers = {
+            let (shared, args) = (shared.clone(), args.clone());
+            spawn_workers(setup.threads, "hold", &tids, move |i| {
+                thread_main(shared.clone(), args.clone(), targets, i)
+            })
+        };
+        Running::new(shared, tids, move || {
+            let mut all = HoldPart::default();
+            for r in join_all(workers) {
+                all.merge(&r);
+            }
+            all
+        })
+    }
+
+    fn merge(into: &mut HoldPart, other: HoldPart) {
+        into.merge(&other);
+    }
 }
 
 /// Runs the scenario and returns its report.
 pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
     let n = args.connections;
     let mut report = setup.report("hold", args);
-    setup.check_nofile(n, &mut report);
-    let rss_before = setup.server_sample();
+    let rss_before = setup.server_samples();
     let sock_before = sys::sockstat();
-    let shared = setup.shared(setup.plans(n, "hold"));
-    let tids = Arc::new(Mutex::new(Vec::new()));
-    let args2 = args.clone();
-    let workers = {
-        let shared = shared.clone();
-        spawn_workers(setup.threads, "hold", &tids, move |i| {
-            thread_main(shared.clone(), args2.clone(), i)
-        })
+    let Some(fleet) = Fleet::<Hold>::start(setup, args, &mut report) else {
+        return report;
     };
     let start = Instant::now();
-    let p = &shared.progress;
     let mut complete = wait_until(
         setup,
         start + setup.common.open_timeout,
-        || Progress::get(&p.ready) + Progress::get(&p.failed) >= n as u64,
-        || shared.progress_line(n),
+        || fleet.snapshot().settled() >= n as u64,
+        || fleet.snapshot().line(n),
     );
     let open_s = start.elapsed().as_secs_f64();
-    let ready = Progress::get(&p.ready);
+    let ready = fleet.snapshot().ready;
     setup.log(&format!(
         "{ready} connections subscribed in {open_s:.2}s; settling"
     ));
@@ -97,31 +152,19 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
         report.note("no connection could be opened: nothing to hold");
         complete = false;
     } else {
-        complete &= sleep_with_progress(setup, args.settle, || shared.progress_line(n));
+        complete &= sleep_with_progress(setup, args.settle, || fleet.snapshot().line(n));
     }
-    let rss_settled = setup.server_sample();
+    let rss_settled = setup.server_samples();
     let sock_settled = sys::sockstat();
-    shared.set_phase(Phase::Measure);
-    let cpu = LoadCpu::start(&tids.lock().unwrap_or_else(|e| e.into_inner()));
+    fleet.set_phase(Phase::Measure);
     if ready > 0 {
-        complete &= sleep_with_progress(setup, args.duration, || shared.progress_line(n));
+        complete &= sleep_with_progress(setup, args.duration, || fleet.snapshot().line(n));
     }
-    cpu.finish(&mut report, "");
-    let rss_end = setup.server_sample();
+    let rss_end = setup.server_samples();
     let sock_end = sys::sockstat();
-    shared.set_phase(Phase::Stop);
+    let all = fleet.finish(&mut report);
 
-    let mut all = ThreadResult::default();
-    for r in join_all(workers) {
-        all.errors.merge(&r.errors);
-        all.unexpected_closes.merge(&r.unexpected_closes);
-        all.reconnects += r.reconnects;
-        all.survivors += r.survivors;
-        all.ready += r.ready;
-        all.pings_answered += r.pings_answered;
-        all.messages += r.messages;
-    }
-    report.partial = !complete;
+    report.partial |= !complete;
     report.set("connections_requested", n);
     report.set("connections_ready", all.ready);
     report.set("connections_failed", all.errors.total());
@@ -133,21 +176,18 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
     report.set("reconnects", all.reconnects);
     report.set("pings_answered", all.pings_answered);
     report.set("messages_received", all.messages);
-    let per_conn = |bytes: f64| if ready > 0 { bytes / ready as f64 } else { 0.0 };
-    if let (Some(b), Some(a)) = (rss_before, rss_settled) {
-        report.set("server_rss_before_bytes", b.rss_bytes);
-        report.set("server_rss_settled_bytes", a.rss_bytes);
-        report.set(
-            "server_rss_per_conn_bytes",
-            per_conn(a.rss_bytes as f64 - b.rss_bytes as f64),
-        );
-    }
-    if let Some(e) = rss_end {
-        report.set("server_rss_end_bytes", e.rss_bytes);
-    }
-    if let (Some(a), Some(e)) = (rss_settled, rss_end) {
-        report.set("server_cpu_s_during_hold", e.cpu_s - a.cpu_s);
-    }
+    server_memory(
+        &mut report,
+        [&rss_before, &rss_settled, &rss_end],
+        &all.ready_per_target,
+    );
+    let per_conn = |bytes: f64| {
+        if all.ready > 0 {
+            bytes / all.ready as f64
+        } else {
+            0.0
+        }
+    };
     report.set("kernel_tcp_mem_before_bytes", sock_before.tcp_mem_bytes);
     report.set("kernel_tcp_mem_settled_bytes", sock_settled.tcp_mem_bytes);
     report.set("kernel_tcp_mem_end_bytes", sock_end.tcp_mem_bytes);
@@ -160,16 +200,77 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
     if all.errors.total() > 0 {
         report.note(format!("failed connections: {}", all.errors.describe()));
     }
-    if setup.common.server_pid.is_none() {
+    if setup.common.server_pid.is_empty() {
         report.note("no --server-pid: server RSS not measured");
     }
     report.note("kernel TCP memory is machine-wide and counts both ends of loopback connections");
     report
 }
 
-async fn thread_main(shared: Arc<Shared>, args: HoldArgs, i: usize) -> ThreadResult {
+/// Server RSS before, settled and at the end (summed over `--server-pid`s), RSS per connection
+/// over all servers, and — with one pid per `--url` — per server: the growth of each divided
+/// by the connections it holds (`server_rss_per_conn_by_server`, and the worst).
+fn server_memory(
+    report: &mut Report,
+    [before, settled, end]: [&Option<Vec<super::ServerSample>>; 3],
+    ready_per_target: &[u64],
+) {
+    let sum = |v: &Vec<super::ServerSample>| v.iter().map(|s| s.rss_bytes).sum::<u64>();
+    let ready: u64 = ready_per_target.iter().sum();
+    if let (Some(b), Some(a)) = (before, settled) {
+        report.set("server_rss_before_bytes", sum(b));
+        report.set("server_rss_settled_bytes", sum(a));
+        report.set(
+            "server_rss_per_conn_bytes",
+            if ready > 0 {
+                (sum(a) as f64 - sum(b) as f64) / ready as f64
+            } else {
+                0.0
+            },
+        );
+        if a.len() > 1 && a.len() == ready_per_target.len() {
+            report.set("servers", a.len());
+            let per: Vec<f64> = b
+                .iter()
+                .zip(a)
+                .zip(ready_per_target)
+                .map(|((b, a), &r)| (a.rss_bytes as f64 - b.rss_bytes as f64) / r.max(1) as f64)
+                .collect();
+            report.set(
+                "server_rss_per_conn_max_bytes",
+                per.iter().copied().fold(0.0, f64::max),
+            );
+            report.set(
+                "server_rss_per_conn_by_server",
+                per.iter()
+                    .zip(ready_per_target)
+                    .map(|(p, r)| format!("{p:.0} B x {r}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        } else if a.len() > 1 {
+            report.note(format!(
+                "{} server pids for {} URLs: per-server memory needs one pid per URL, in order",
+                a.len(),
+                ready_per_target.len()
+            ));
+        }
+    }
+    if let Some(e) = end {
+        report.set("server_rss_end_bytes", sum(e));
+    }
+    if let (Some(a), Some(e)) = (settled, end) {
+        let cpu = |v: &Vec<super::ServerSample>| v.iter().map(|s| s.cpu_s).sum::<f64>();
+        report.set("server_cpu_s_during_hold", cpu(e) - cpu(a));
+    }
+}
+
+async fn thread_main(shared: Arc<Shared>, args: HoldArgs, targets: usize, i: usize) -> HoldPart {
     let plans = shared.take_plans(i);
-    let stats = Rc::new(RefCell::new(ThreadResult::default()));
+    let stats = Rc::new(RefCell::new(HoldPart {
+        ready_per_target: vec![0; targets],
+        ..HoldPart::default()
+    }));
     let permits = Rc::new(Semaphore::new(shared.inflight));
     let args = Rc::new(args);
     for plan in plans {
@@ -198,6 +299,7 @@ async fn thread_main(shared: Arc<Shared>, args: HoldArgs, i: usize) -> ThreadRes
                 if first {
                     let mut s = stats.borrow_mut();
                     s.ready += 1;
+                    s.ready_per_target[plan.index % targets] += 1;
                     s.survivors += 1;
                     Progress::add(&shared.progress.ready, 1);
                 } else {
@@ -243,7 +345,7 @@ async fn open_and_subscribe(
 }
 
 /// Reads (answering pings) until the connection fails; returns why.
-async fn hold(mut conn: Conn, stats: &RefCell<ThreadResult>, shared: &Shared) -> ConnError {
+async fn hold(mut conn: Conn, stats: &RefCell<HoldPart>, shared: &Shared) -> ConnError {
     loop {
         let mut messages = 0u64;
         let pings_before = conn.pings_answered;

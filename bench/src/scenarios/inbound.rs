@@ -14,15 +14,16 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 
 use super::{
-    LoadCpu, Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached,
-    ser_duration, server_cpu, sleep_with_progress, spawn_workers, wait_until,
+    Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached, secs,
+    server_cpu, sleep_with_progress, spawn_workers, wait_until,
 };
 use crate::conn::{ConnError, is_type};
+use crate::fleet::{Fleet, Running, Slice, Workload};
 use crate::report::Report;
 use crate::stats::Tally;
 use crate::wire;
@@ -34,7 +35,7 @@ const METRIC_IN: &str = "wse_messages_in_total";
 const METRIC_DROPPED: &str = "wse_dropped_total";
 const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(clap::Args, Clone, Debug, Serialize)]
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct InboundArgs {
     /// Sending connections.
     #[arg(short = 'n', long, default_value_t = 100)]
@@ -47,19 +48,20 @@ pub struct InboundArgs {
     pub size: usize,
     /// Measured time.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub duration: Duration,
     /// Unmeasured time before it.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub warmup: Duration,
     /// The server's Prometheus endpoint, e.g. http://127.0.0.1:5008/metrics.
     #[arg(long)]
     pub metrics_url: Option<String>,
 }
 
-#[derive(Default)]
-struct ThreadResult {
+/// One slice's figures (a thread's, then merged).
+#[derive(Default, Serialize, Deserialize)]
+pub struct InboundPart {
     sent: u64,
     rate_limited: u64,
     warnings: u64,
@@ -68,55 +70,78 @@ struct ThreadResult {
     ready: u64,
 }
 
+/// The inbound workload: each connection sends on its schedule from `Warmup` on, counting from
+/// `Measure`.
+pub struct Inbound;
+
+impl Workload for Inbound {
+    const NAME: &'static str = "inbound";
+    type Args = InboundArgs;
+    type Part = InboundPart;
+
+    fn connections(args: &InboundArgs) -> usize {
+        args.connections
+    }
+
+    fn start(setup: &Setup, args: &InboundArgs, slice: Slice) -> Running<InboundPart> {
+        let shared = setup.shared(setup.plans_slice(slice, "inbound"));
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let workers = {
+            let (shared, args) = (shared.clone(), args.clone());
+            spawn_workers(setup.threads, "inbound", &tids, move |i| {
+                thread_main(shared.clone(), args.clone(), i)
+            })
+        };
+        Running::new(shared, tids, move || {
+            let mut all = InboundPart::default();
+            for r in join_all(workers) {
+                Inbound::merge(&mut all, r);
+            }
+            all
+        })
+    }
+
+    fn merge(into: &mut InboundPart, o: InboundPart) {
+        into.sent += o.sent;
+        into.rate_limited += o.rate_limited;
+        into.warnings += o.warnings;
+        into.other_errors += o.other_errors;
+        into.failures.merge(&o.failures);
+        into.ready += o.ready;
+    }
+}
+
 /// Runs the scenario and returns its report.
 pub fn run(setup: &Setup, args: &InboundArgs) -> Report {
     let n = args.connections;
     let mut report = setup.report("inbound", args);
-    setup.check_nofile(n, &mut report);
     if args.rate <= 0.0 || !args.rate.is_finite() {
         report.note("--rate must be positive");
         report.partial = true;
         return report;
     }
-    let shared = setup.shared(setup.plans(n, "inbound"));
-    let tids = Arc::new(Mutex::new(Vec::new()));
-    let workers = {
-        let (shared, args) = (shared.clone(), args.clone());
-        spawn_workers(setup.threads, "inbound", &tids, move |i| {
-            thread_main(shared.clone(), args.clone(), i)
-        })
+    let Some(fleet) = Fleet::<Inbound>::start(setup, args, &mut report) else {
+        return report;
     };
-    let p = &shared.progress;
     let mut complete = wait_until(
         setup,
         Instant::now() + setup.common.open_timeout,
-        || Progress::get(&p.ready) + Progress::get(&p.failed) >= n as u64,
-        || shared.progress_line(n),
+        || fleet.snapshot().settled() >= n as u64,
+        || fleet.snapshot().line(n),
     );
-    shared.set_phase(Phase::Warmup);
-    complete &= sleep_with_progress(setup, args.warmup, || shared.progress_line(n));
+    fleet.set_phase(Phase::Warmup);
+    complete &= sleep_with_progress(setup, args.warmup, || fleet.snapshot().line(n));
     let metrics_before = args.metrics_url.as_deref().map(scrape);
     let server_before = setup.server_sample();
-    let cpu = LoadCpu::start(&tids.lock().unwrap_or_else(|e| e.into_inner()));
     let start = Instant::now();
-    shared.set_phase(Phase::Measure);
-    complete &= sleep_with_progress(setup, args.duration, || shared.progress_line(n));
-    shared.set_phase(Phase::Stop);
+    fleet.set_phase(Phase::Measure);
+    complete &= sleep_with_progress(setup, args.duration, || fleet.snapshot().line(n));
     let wall = start.elapsed().as_secs_f64();
     let metrics_after = args.metrics_url.as_deref().map(scrape);
     let server_after = setup.server_sample();
-    cpu.finish(&mut report, "");
+    let all = fleet.finish(&mut report);
 
-    let mut all = ThreadResult::default();
-    for r in join_all(workers) {
-        all.sent += r.sent;
-        all.rate_limited += r.rate_limited;
-        all.warnings += r.warnings;
-        all.other_errors += r.other_errors;
-        all.failures.merge(&r.failures);
-        all.ready += r.ready;
-    }
-    report.partial = !complete;
+    report.partial |= !complete;
     report.set("connections_requested", n);
     report.set("connections_ready", all.ready);
     report.set("offered_per_s", all.ready as f64 * args.rate);
@@ -155,9 +180,9 @@ pub fn run(setup: &Setup, args: &InboundArgs) -> Report {
     report
 }
 
-async fn thread_main(shared: Arc<Shared>, args: InboundArgs, i: usize) -> ThreadResult {
+async fn thread_main(shared: Arc<Shared>, args: InboundArgs, i: usize) -> InboundPart {
     let plans = shared.take_plans(i);
-    let stats = Rc::new(RefCell::new(ThreadResult::default()));
+    let stats = Rc::new(RefCell::new(InboundPart::default()));
     let permits = Rc::new(Semaphore::new(shared.inflight));
     let pad: Rc<str> = wire::padding(args.size).into();
     let period = Duration::from_secs_f64(1.0 / args.rate);
@@ -192,7 +217,7 @@ async fn thread_main(shared: Arc<Shared>, args: InboundArgs, i: usize) -> Thread
 /// Sends on schedule and reads what comes back until Stop (`None`) or a failure.
 async fn send_loop(
     mut conn: crate::conn::Conn,
-    stats: &RefCell<ThreadResult>,
+    stats: &RefCell<InboundPart>,
     shared: &Shared,
     phase: &mut tokio::sync::watch::Receiver<Phase>,
     period: Duration,
@@ -228,7 +253,7 @@ async fn send_loop(
     }
 }
 
-fn classify(m: &[u8], stats: &RefCell<ThreadResult>) {
+fn classify(m: &[u8], stats: &RefCell<InboundPart>) {
     let mut s = stats.borrow_mut();
     if is_type(m, b"rate_limit_warning") {
         s.warnings += 1;

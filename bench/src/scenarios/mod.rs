@@ -13,6 +13,7 @@ pub mod fanout;
 pub mod hold;
 pub mod inbound;
 pub mod ping;
+pub mod recovery;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -22,10 +23,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::conn::{Conn, ConnError, Endpoint, Target};
+use crate::dist::controller::Agents;
+use crate::fleet::{ErasedRun, Slice, Workload, start_erased};
 use crate::report::Report;
 use crate::sys;
 
@@ -42,15 +45,16 @@ const POLL_EVERY: Duration = Duration::from_millis(10);
 
 /// Which server is measured; decides nothing on the wire today (both take the same messages)
 /// but is recorded with the results and selects server-specific notes.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     Wse,
     Upstream,
 }
 
-/// Flags every scenario takes.
-#[derive(clap::Args, Clone, Debug, Serialize)]
+/// Flags every scenario takes. They travel to agents as JSON (all but the secret, which goes in
+/// a field of its own so it never lands in a `--json` file).
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct Common {
     /// Server URL(s), comma-separated; connections are spread round-robin.
     #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:5007/wse")]
@@ -60,7 +64,7 @@ pub struct Common {
     pub target: TargetKind,
     /// HS256 secret for minting tokens (the upstream peer's default).
     #[arg(long, env = "WSE_JWT_SECRET", default_value = DEFAULT_SECRET, hide_env_values = true)]
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub secret: String,
     /// Load-generator threads for connections (default: every usable core). Publishers get
     /// threads of their own.
@@ -73,19 +77,21 @@ pub struct Common {
     /// Write every figure, the environment and the flags to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Server process to sample RSS and CPU time from (/proc/<pid>).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Server process(es) to sample RSS and CPU time from (/proc/<pid>), comma-separated, in
+    /// the order of `--url` when there are several servers.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub server_pid: Vec<u32>,
     /// Most connection handshakes in flight at once (over all threads).
     #[arg(long, default_value_t = 128)]
     pub inflight: usize,
     /// Time one connection may take from connect() to server_ready (and server_hello).
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub connect_timeout: Duration,
     /// Time the whole opening phase may take before the scenario goes on with what opened.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub open_timeout: Duration,
     /// Skip the client_hello / server_hello exchange after server_ready.
     #[arg(long)]
@@ -93,6 +99,11 @@ pub struct Common {
     /// Print no progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Run the connections on these agents (`wse-bench agent --listen ADDR`), comma-separated
+    /// `host:port`; this process becomes the controller (see `dist`).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub agents: Vec<String>,
 }
 
 /// `10s`, `250ms`, `2m` (humantime), or a bare number of seconds.
@@ -108,7 +119,26 @@ pub fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// What a scenario needs to open connections: parsed targets and sources, thread count, limits.
+/// `#[serde(with = "secs")]`: a duration as seconds (what `--json` shows and agents read).
+pub mod secs {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    pub use super::ser_duration as serialize;
+
+    /// Reads seconds.
+    ///
+    /// # Errors
+    /// Not a non-negative finite number.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a scenario needs to open connections: parsed targets and sources, thread count, limits,
+/// and the agents when this process is a controller.
 pub struct Setup {
     pub common: Common,
     targets: Vec<Arc<Target>>,
@@ -116,15 +146,46 @@ pub struct Setup {
     pub threads: usize,
     /// RLIMIT_NOFILE after raising it.
     pub nofile: u64,
+    /// Connected agents (`--agents`): connections are opened there, not here.
+    pub agents: Option<Agents>,
     started: Instant,
 }
 
 impl Setup {
-    /// Parses URLs and sources and raises RLIMIT_NOFILE.
+    /// Parses URLs and sources, raises RLIMIT_NOFILE, and connects to `--agents`.
     ///
     /// # Errors
-    /// A bad URL or source specification, or an HS256 secret under 32 bytes.
+    /// A bad URL or source specification, an HS256 secret under 32 bytes, or an agent that
+    /// cannot be reached.
     pub fn new(common: Common) -> anyhow::Result<Self> {
+        let mut setup = Self::parse(common)?;
+        if !setup.common.agents.is_empty() {
+            let agents = Agents::connect(&setup.common.agents)?;
+            agents.listen()?;
+            for a in agents.infos() {
+                setup.log(&format!(
+                    "agent {} ({}): RLIMIT_NOFILE {}, {} cores, {} threads, {} own source addresses",
+                    a.addr, a.host, a.nofile, a.cores, a.threads, a.sources
+                ));
+            }
+            setup.agents = Some(agents);
+        }
+        Ok(setup)
+    }
+
+    /// The setup of an agent's slice: `common` as the controller sent it, adjusted by the agent
+    /// (secret, sources, threads); never connects to agents itself.
+    ///
+    /// # Errors
+    /// As [`Setup::new`].
+    pub fn for_agent(mut common: Common) -> anyhow::Result<Self> {
+        common.agents.clear();
+        common.json = None;
+        common.server_pid.clear();
+        Self::parse(common)
+    }
+
+    fn parse(common: Common) -> anyhow::Result<Self> {
         let targets = common
             .url
             .iter()
@@ -144,8 +205,31 @@ impl Setup {
             targets,
             sources,
             threads,
+            agents: None,
             started: Instant::now(),
         })
+    }
+
+    /// The parsed `--source` pool.
+    pub fn sources(&self) -> &[IpAddr] {
+        &self.sources
+    }
+
+    /// How many `--url` targets there are.
+    pub fn target_count(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Refuses `--agents` for a scenario that runs in one process only, with a note.
+    pub fn local_only(&self, scenario: &str, why: &str, report: &mut Report) -> bool {
+        if self.agents.is_none() {
+            return true;
+        }
+        let msg = format!("{scenario} does not run on agents ({why}); drop --agents");
+        self.log(&msg);
+        report.note(msg);
+        report.partial = true;
+        false
     }
 
     /// Destination and source of connection `i` (round-robin over each list).
@@ -219,13 +303,30 @@ impl Setup {
         self.common.inflight.div_ceil(self.threads).max(1)
     }
 
-    /// Samples the server process, when `--server-pid` was given.
+    /// Samples the server process(es), summed, when `--server-pid` was given.
     pub fn server_sample(&self) -> Option<ServerSample> {
-        let pid = self.common.server_pid?;
+        let each = self.server_samples()?;
         Some(ServerSample {
-            rss_bytes: sys::rss_bytes(pid)?,
-            cpu_s: sys::process_cpu_seconds(pid)?,
+            rss_bytes: each.iter().map(|s| s.rss_bytes).sum(),
+            cpu_s: each.iter().map(|s| s.cpu_s).sum(),
         })
+    }
+
+    /// Samples every `--server-pid`, in order; `None` when none was given or one is gone.
+    pub fn server_samples(&self) -> Option<Vec<ServerSample>> {
+        if self.common.server_pid.is_empty() {
+            return None;
+        }
+        self.common
+            .server_pid
+            .iter()
+            .map(|&pid| {
+                Some(ServerSample {
+                    rss_bytes: sys::rss_bytes(pid)?,
+                    cpu_s: sys::process_cpu_seconds(pid)?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -248,9 +349,22 @@ impl Setup {
     /// Plans `n` connections with subjects `<prefix>-<i>`, dealt to the threads round-robin.
     /// Tokens are minted here, before any clock starts.
     pub fn plans(&self, n: usize, prefix: &str) -> Vec<Vec<Plan>> {
+        self.plans_slice(
+            Slice {
+                offset: 0,
+                count: n,
+            },
+            prefix,
+        )
+    }
+
+    /// Plans the connections of `slice` (global indexes, so subjects, topics and targets are
+    /// those of the same connections in a local run).
+    pub fn plans_slice(&self, slice: Slice, prefix: &str) -> Vec<Vec<Plan>> {
+        let n = slice.count;
         let mut per_thread = vec![Vec::with_capacity(n / self.threads + 1); self.threads];
-        for i in 0..n {
-            per_thread[i % self.threads].push(Plan {
+        for (local, i) in (slice.offset..slice.offset + n).enumerate() {
+            per_thread[local % self.threads].push(Plan {
                 index: i,
                 endpoint: self.endpoint(i),
                 token: self.token(&format!("{prefix}-{i}"), false).into(),
@@ -261,7 +375,8 @@ impl Setup {
 }
 
 /// Where the run is; workers watch it, the coordinator moves it forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Connections are being opened (and subscribed).
     Open,
@@ -269,8 +384,29 @@ pub enum Phase {
     Warmup,
     /// Load runs and figures are recorded.
     Measure,
+    /// Load has ended; what is in flight arrives (no new disturbance, e.g. no more churn).
+    Drain,
     /// Everyone stops; workers close their connections and return their figures.
     Stop,
+}
+
+/// Starts the workload named `scenario` for `slice` from JSON flags: what an agent runs.
+///
+/// # Errors
+/// An unknown or local-only scenario, or flags that do not parse.
+pub fn start_part(
+    scenario: &str,
+    setup: &Setup,
+    args: serde_json::Value,
+    slice: Slice,
+) -> anyhow::Result<Box<dyn ErasedRun>> {
+    match scenario {
+        connect_storm::Storm::NAME => start_erased::<connect_storm::Storm>(setup, args, slice),
+        hold::Hold::NAME => start_erased::<hold::Hold>(setup, args, slice),
+        ping::Ping::NAME => start_erased::<ping::Ping>(setup, args, slice),
+        inbound::Inbound::NAME => start_erased::<inbound::Inbound>(setup, args, slice),
+        other => bail!("scenario {other:?} does not run on agents"),
+    }
 }
 
 /// Waits until the phase is at least `p`.

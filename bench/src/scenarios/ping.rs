@@ -8,88 +8,114 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{
-    LoadCpu, Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached,
-    ser_duration, server_cpu, sleep_with_progress, spawn_workers, wait_until,
+    Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached, secs,
+    server_cpu, sleep_with_progress, spawn_workers, wait_until,
 };
 use crate::conn::{Conn, ConnError, is_type};
+use crate::fleet::{Fleet, Running, Slice, Workload};
 use crate::report::Report;
 use crate::stats::{Latency, Tally};
 use crate::wire;
 
 const READ_BUF: usize = 1024;
 
-#[derive(clap::Args, Clone, Debug, Serialize)]
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct PingArgs {
     /// Concurrent connections, each with one ping outstanding.
     #[arg(short = 'n', long, default_value_t = 100)]
     pub connections: usize,
     /// Measured time.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub duration: Duration,
     /// Unmeasured time before it.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(with = "secs")]
     pub warmup: Duration,
 }
 
-#[derive(Default)]
-struct ThreadResult {
+/// One slice's figures (a thread's, then merged).
+#[derive(Default, Serialize, Deserialize)]
+pub struct PingPart {
     rtt: Latency,
     errors: Tally,
     ready: u64,
+}
+
+/// The ping workload: each connection pings in a closed loop from `Warmup` on, recording from
+/// `Measure`.
+pub struct Ping;
+
+impl Workload for Ping {
+    const NAME: &'static str = "ping";
+    type Args = PingArgs;
+    type Part = PingPart;
+
+    fn connections(args: &PingArgs) -> usize {
+        args.connections
+    }
+
+    fn start(setup: &Setup, _args: &PingArgs, slice: Slice) -> Running<PingPart> {
+        let shared = setup.shared(setup.plans_slice(slice, "ping"));
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let workers = {
+            let shared = shared.clone();
+            spawn_workers(setup.threads, "ping", &tids, move |i| {
+                thread_main(shared.clone(), i)
+            })
+        };
+        Running::new(shared, tids, move || {
+            let mut all = PingPart::default();
+            for r in join_all(workers) {
+                Ping::merge(&mut all, r);
+            }
+            all
+        })
+    }
+
+    fn merge(into: &mut PingPart, o: PingPart) {
+        into.rtt.merge(&o.rtt);
+        into.errors.merge(&o.errors);
+        into.ready += o.ready;
+    }
 }
 
 /// Runs the scenario and returns its report.
 pub fn run(setup: &Setup, args: &PingArgs) -> Report {
     let n = args.connections;
     let mut report = setup.report("ping", args);
-    setup.check_nofile(n, &mut report);
-    let shared = setup.shared(setup.plans(n, "ping"));
-    let tids = Arc::new(Mutex::new(Vec::new()));
-    let workers = {
-        let shared = shared.clone();
-        spawn_workers(setup.threads, "ping", &tids, move |i| {
-            thread_main(shared.clone(), i)
-        })
+    let Some(fleet) = Fleet::<Ping>::start(setup, args, &mut report) else {
+        return report;
     };
-    let p = &shared.progress;
     let mut complete = wait_until(
         setup,
         Instant::now() + setup.common.open_timeout,
-        || Progress::get(&p.ready) + Progress::get(&p.failed) >= n as u64,
-        || shared.progress_line(n),
+        || fleet.snapshot().settled() >= n as u64,
+        || fleet.snapshot().line(n),
     );
-    shared.set_phase(Phase::Warmup);
-    complete &= sleep_with_progress(setup, args.warmup, || shared.progress_line(n));
+    fleet.set_phase(Phase::Warmup);
+    complete &= sleep_with_progress(setup, args.warmup, || fleet.snapshot().line(n));
     let server_before = setup.server_sample();
-    let cpu = LoadCpu::start(&tids.lock().unwrap_or_else(|e| e.into_inner()));
     let start = Instant::now();
-    shared.set_phase(Phase::Measure);
-    complete &= sleep_with_progress(setup, args.duration, || shared.progress_line(n));
-    shared.set_phase(Phase::Stop);
+    fleet.set_phase(Phase::Measure);
+    complete &= sleep_with_progress(setup, args.duration, || fleet.snapshot().line(n));
     let wall = start.elapsed().as_secs_f64();
     let server_after = setup.server_sample();
-    cpu.finish(&mut report, "");
+    let all = fleet.finish(&mut report);
 
-    let mut all = ThreadResult::default();
-    for r in join_all(workers) {
-        all.rtt.merge(&r.rtt);
-        all.errors.merge(&r.errors);
-        all.ready += r.ready;
-    }
     let rtt = all.rtt.summary();
-    report.partial = !complete;
+    report.partial |= !complete;
     report.set("connections_requested", n);
     report.set("connections_ready", all.ready);
     report.set("errors", all.errors.total());
     report.set("error_kinds", all.errors.describe());
     report.set("pings_per_s", rtt.count as f64 / wall);
     report.latency("rtt", &rtt);
+    report.histogram("rtt", &all.rtt);
     server_cpu(
         &mut report,
         server_before,
@@ -104,9 +130,9 @@ pub fn run(setup: &Setup, args: &PingArgs) -> Report {
     report
 }
 
-async fn thread_main(shared: Arc<Shared>, i: usize) -> ThreadResult {
+async fn thread_main(shared: Arc<Shared>, i: usize) -> PingPart {
     let plans = shared.take_plans(i);
-    let stats = Rc::new(RefCell::new(ThreadResult::default()));
+    let stats = Rc::new(RefCell::new(PingPart::default()));
     let permits = Rc::new(Semaphore::new(shared.inflight));
     for plan in plans {
         let (shared, stats, permits) = (shared.clone(), stats.clone(), permits.clone());
@@ -141,7 +167,7 @@ async fn thread_main(shared: Arc<Shared>, i: usize) -> ThreadResult {
 /// Pings until the connection fails; returns why.
 async fn ping_loop(
     mut conn: Conn,
-    stats: &RefCell<ThreadResult>,
+    stats: &RefCell<PingPart>,
     shared: &Shared,
     phase: &tokio::sync::watch::Receiver<Phase>,
 ) -> ConnError {
