@@ -180,8 +180,11 @@ impl Agent {
                 }
                 msg = rx.recv() => match msg {
                     Some(Ok(msg)) => session.handle(msg),
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        break Ended::Closed("connection closed".into());
+                    }
                     Some(Err(e)) => break Ended::Closed(e.to_string()),
-                    None => break Ended::Closed("closed".into()),
+                    None => break Ended::Closed("connection closed".into()),
                 },
                 _ = tick.tick() => session.progress(),
                 busy = listener.accept() => {
@@ -320,8 +323,8 @@ impl Session<'_> {
         let last = c.run.snapshot();
         let (part, loadgen) = c.run.finish();
         self.agent.log(&format!(
-            "finished: {} ready, {} failed, {} closed",
-            last.ready, last.failed, last.closed
+            "finished: {} opened, {} ready, {} failed, {} closed",
+            last.opened, last.ready, last.failed, last.closed
         ));
         vec![
             FromAgent::Progress(last),
