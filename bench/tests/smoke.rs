@@ -1,11 +1,14 @@
 //! Every scenario, tiny, against the real engine started in-process (HS256 auth on, one shard):
 //! the harness opens connections, measures, and reports sane figures. Each test gets a fresh
-//! server so one scenario's connections cannot affect another's figures.
+//! server so one scenario's connections cannot affect another's figures. The distributed path
+//! runs two agents in-process on loopback, driven by a controller in the same process.
+//! The whole file stays under 10 s (tests run in parallel).
 
 use std::net::{SocketAddr, TcpListener};
 
 use serde_json::Value;
 use wse_bench::cli::{Outcome, run_args};
+use wse_bench::dist::agent::{self, AgentArgs};
 use wse_bench::engine;
 use wse_bench::report::Report;
 use wse_bench::scenarios::DEFAULT_SECRET;
@@ -14,6 +17,27 @@ use wse_shards::Server;
 fn server() -> Server {
     let cfg = engine::config(SocketAddr::from(([127, 0, 0, 1], 0)), 1, DEFAULT_SECRET);
     Server::start(cfg).expect("engine starts")
+}
+
+fn recovery_server() -> Server {
+    let mut cfg = engine::config(SocketAddr::from(([127, 0, 0, 1], 0)), 1, DEFAULT_SECRET);
+    cfg.recovery.enabled = true;
+    cfg.recovery.memory_budget = 4 << 20;
+    Server::start(cfg).expect("engine starts")
+}
+
+/// Starts an agent on an ephemeral loopback port, in a thread of its own; returns `host:port`.
+fn agent() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let args = AgentArgs {
+        listen: listener.local_addr().unwrap(),
+        threads: Some(1),
+        source: String::new(),
+        quiet: true,
+    };
+    std::thread::spawn(move || agent::serve(listener, &args).expect("agent serves"));
+    addr
 }
 
 fn run(server: &Server, scenario: &str, extra: &[&str]) -> Report {
@@ -203,6 +227,142 @@ fn inbound_reads_the_processed_rate_from_metrics() {
     assert!(num(&r, "sent_per_s") > 100.0, "{}", r.table());
     assert!(num(&r, "processed_per_s") > 100.0, "{}", r.table());
     assert_eq!(num(&r, "rate_limited_errors"), 0.0);
+}
+
+#[test]
+fn recovery_delivers_every_publication_exactly_once_across_reconnects() {
+    let s = recovery_server();
+    let r = run(
+        &s,
+        "recovery",
+        &[
+            "--subscribers",
+            "20",
+            "--topics",
+            "2",
+            "--rate",
+            "200",
+            "--warmup",
+            "200ms",
+            "--duration",
+            "1s",
+            "--churn-batch",
+            "4",
+            "--churn-rate",
+            "40",
+            "--offline",
+            "50ms",
+            "--drain",
+            "3s",
+        ],
+    );
+    assert!(!r.partial, "{}", r.table());
+    assert_eq!(r.results["passed"], Value::from(true), "{}", r.table());
+    assert_eq!(num(&r, "lost"), 0.0);
+    assert_eq!(num(&r, "duplicates"), 0.0);
+    assert_eq!(num(&r, "subscribers_complete"), 20.0);
+    // 240 publications, 10 subscribers per topic.
+    assert_eq!(num(&r, "deliveries_expected"), 2400.0);
+    assert_eq!(num(&r, "deliveries"), 2400.0);
+    // About 40 disconnections in the second of churn, every one recovered.
+    assert!(num(&r, "disconnects") >= 20.0, "{}", r.table());
+    assert_eq!(num(&r, "recovered"), num(&r, "reconnects"));
+    assert_eq!(num(&r, "reconnects"), num(&r, "disconnects"));
+    assert!(num(&r, "replay_count_acked") > 0.0, "{}", r.table());
+    assert!(num(&r, "reconnect_latency_p50_ms") > 0.0);
+    assert!(r.histograms.contains_key("reconnect_latency"));
+}
+
+#[test]
+fn recovery_without_server_support_fails_the_check() {
+    // Recovery off: publications carry no stamps, and nothing is replayed.
+    let s = server();
+    let r = run(
+        &s,
+        "recovery",
+        &[
+            "--subscribers",
+            "4",
+            "--topics",
+            "1",
+            "--rate",
+            "100",
+            "--warmup",
+            "200ms",
+            "--duration",
+            "300ms",
+            "--churn-batch",
+            "2",
+            "--churn-rate",
+            "20",
+            "--drain",
+            "500ms",
+        ],
+    );
+    assert_eq!(r.results["passed"], Value::from(false), "{}", r.table());
+    assert!(num(&r, "unstamped") > 0.0);
+}
+
+#[test]
+fn agents_split_hold_and_storm_and_merge_their_figures() {
+    let s = server();
+    let agents = format!("{},{}", agent(), agent());
+    let r = run(
+        &s,
+        "hold",
+        &[
+            "-n",
+            "30",
+            "--duration",
+            "300ms",
+            "--settle",
+            "100ms",
+            "--agents",
+            &agents,
+        ],
+    );
+    assert!(!r.partial, "{}", r.table());
+    assert_eq!(num(&r, "agents"), 2.0);
+    // Equal budgets: an even split.
+    let shares = r.results["agent_shares"].as_str().unwrap();
+    assert_eq!(shares.matches("=15").count(), 2, "{shares}");
+    assert_eq!(num(&r, "connections_ready"), 30.0);
+    assert_eq!(num(&r, "survivors"), 30.0);
+    assert!(num(&r, "server_rss_settled_bytes") > 0.0);
+    // The same agents serve the next controller; histograms come back merged.
+    let r = run(&s, "connect-storm", &["-n", "24", "--agents", &agents]);
+    assert!(!r.partial, "{}", r.table());
+    assert_eq!(num(&r, "connections_opened"), 24.0);
+    assert_eq!(num(&r, "ready_latency_count"), 24.0);
+    assert!(num(&r, "handshakes_per_s") > 0.0);
+    // A local-only scenario refuses agents instead of running half a test.
+    let r = run(&s, "recovery", &["--subscribers", "2", "--agents", &agents]);
+    assert!(r.partial);
+    assert!(r.notes.iter().any(|n| n.contains("does not run on agents")));
+}
+
+#[test]
+fn report_renders_html() {
+    let dir = std::env::temp_dir().join(format!("wse-bench-html-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let s = server();
+    let json = dir.join("storm.json");
+    run(&s, "connect-storm", &["-n", "5"]).write_json(&json).unwrap();
+    let html = dir.join("report.html");
+    let Outcome::Text(t) = run_args([
+        "wse-bench",
+        "report",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ])
+    .unwrap() else {
+        panic!("report prints text");
+    };
+    assert!(t.contains("1 results") || t.contains("(1 result"), "{t}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg") && page.contains("ready_latency"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -294,6 +294,17 @@ impl Agents {
     }
 }
 
+impl Drop for Agents {
+    /// Ends every session: the agents see the connection close and wait for the next
+    /// controller, and the reader threads (which hold the links) see EOF and end.
+    fn drop(&mut self) {
+        for link in &self.links {
+            let w = link.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// One run started on every agent.
 pub struct RemoteRun {
     links: Vec<Arc<Link>>,
