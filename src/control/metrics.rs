@@ -108,7 +108,7 @@ const COUNTERS: [(&str, &str, Field); 12] = [
     ),
     (
         "wse_app_events",
-        "Client messages of application types queued for the event stream",
+        "Application events queued for the event stream (connects, disconnects, client messages of application types, presence changes)",
         |m| &m.app_events_total,
     ),
     (

@@ -203,6 +203,9 @@ fn publish_all(server: &Server, publications: &[Publication<'_>]) -> Result<Publ
         match server.publish(&p.topic, p.event(), p.data()) {
             Ok(()) => {}
             Err(PublishError::InvalidTopic(problem)) => return Err(invalid_topic(problem)),
+            Err(PublishError::NotAnObject) => {
+                return Err(invalid_request("the message must be a JSON object"));
+            }
             Err(PublishError::Overloaded) => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
