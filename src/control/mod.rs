@@ -4,14 +4,17 @@
 //! axum serves on. Never: touches shard state; it reads the shards' metrics and hands
 //! publications to [`Server::publish`], which queues them to the owner shard over the fabric.
 //!
-//! Routes (every error is JSON `{"error":{"code":"...","message":"..."}}`):
+//! Routes (every error is JSON `{"error":{"code":"...","message":"..."}}`; docs/API.md has them
+//! all, `GET /api/v1/openapi.json` describes them):
 //! - `GET /health`: liveness and a summary; no key.
 //! - `GET /metrics`: Prometheus/OpenMetrics text, read from the shards at scrape time; no key.
-//! - `POST /api/v1/publish` (one publication or an array) and `POST /api/v1/publish/batch`
-//!   (`{"messages":[...]}`): need `control.api_key` (see [`publish`]).
+//! - `/api/v1/...`: the server API, one endpoint per operation ([`api`], [`commands`]), the
+//!   publish API ([`publish`]) and `POST /api/v1/batch`; they need `control.api_key`.
 
+mod api;
+mod commands;
 mod metrics;
-mod presence;
+mod openapi;
 mod publish;
 #[cfg(test)]
 mod tests;
@@ -162,11 +165,54 @@ fn router(server: Arc<Server>, api_key: ApiKey) -> Router {
         registry,
     });
     // A route layer runs before the handler's extractors: an unauthorised body is never read.
+    use api::{get_op, get_plain, post_op, post_plain};
+    let conn = Some("connection_id");
+    let topic = Some("topic");
     let api = Router::new()
         .route("/api/v1/publish", post(publish::publish))
         .route("/api/v1/publish/batch", post(publish::publish_batch))
-        .route("/api/v1/presence/{topic}", get(presence::members))
-        .route("/api/v1/presence/{topic}/stats", get(presence::stats))
+        .route("/api/v1/connections", get_plain("get_connections"))
+        .route(
+            "/api/v1/connections/count",
+            get_plain("get_connection_count"),
+        )
+        .route("/api/v1/connections/{id}/send", post_op("send", conn))
+        .route(
+            "/api/v1/connections/{id}/send_event",
+            post_op("send_event", conn),
+        )
+        .route(
+            "/api/v1/connections/{id}/disconnect",
+            post_op("disconnect", conn),
+        )
+        .route(
+            "/api/v1/connections/{id}/subscribe",
+            post_op("subscribe", conn),
+        )
+        .route(
+            "/api/v1/connections/{id}/unsubscribe",
+            post_op("unsubscribe", conn),
+        )
+        .route("/api/v1/connections/{id}/acl", post_op("set_acl", conn))
+        .route(
+            "/api/v1/users/{user}/send",
+            post_op("send_user", Some("user_id")),
+        )
+        .route("/api/v1/broadcast", post_plain("broadcast"))
+        .route("/api/v1/broadcast_local", post_plain("broadcast_local"))
+        .route("/api/v1/broadcast_all", post_plain("broadcast_all"))
+        .route(
+            "/api/v1/topics/{topic}/subscribers/count",
+            get_op("get_topic_subscriber_count", topic),
+        )
+        .route("/api/v1/presence/{topic}", get_op("presence", topic))
+        .route(
+            "/api/v1/presence/{topic}/stats",
+            get_op("presence_stats", topic),
+        )
+        .route("/api/v1/health", get_plain("health"))
+        .route("/api/v1/drain", post_plain("drain"))
+        .route("/api/v1/batch", post(api::batch))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             publish::require_api_key,
@@ -174,6 +220,8 @@ fn router(server: Arc<Server>, api_key: ApiKey) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
+        // A description, not an action: served without the key, for tools.
+        .route("/api/v1/openapi.json", get(openapi::document))
         .merge(api)
         .fallback(not_found)
         // Must follow the routes: it applies to the routes already added.

@@ -381,6 +381,11 @@ impl Server {
             && self.shards_running()
     }
 
+    /// Whether a drain was requested ([`Server::begin_drain`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
     /// Figures for a health check, read from the shards' metrics without asking them.
     pub fn health_snapshot(&self) -> HealthSnapshot {
         let sum = |f: fn(&crate::metrics::ShardMetrics) -> u64| -> u64 {
