@@ -13,6 +13,7 @@
 
 mod api;
 mod commands;
+mod events;
 mod metrics;
 mod openapi;
 mod publish;
@@ -76,11 +77,28 @@ pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlan
         tokio::net::TcpListener::from_std(std_listener)?
     };
     let api_key: ApiKey = Arc::new(RwLock::new(cfg.api_key.clone()));
-    let app = router(server, api_key.clone());
+    let webhook = match &server.config().events.webhook_url {
+        Some(url) => Some(
+            url.parse::<axum::http::Uri>()
+                .map_err(|e| io::Error::other(format!("events.webhook_url: {e}")))?,
+        ),
+        None => None,
+    };
+    let hub = events::Hub::new(server.clone(), webhook.is_some());
+    let app = router(server, api_key.clone(), hub.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("wse-control".to_owned())
-        .spawn(move || runtime.block_on(serve(listener, app, stop_rx)))?;
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::spawn(events::dispatch(hub.clone(), stop_rx.clone()));
+                if let Some(url) = webhook {
+                    let consumer = hub.register_webhook();
+                    tokio::spawn(events::webhook::run(hub, consumer, url, stop_rx.clone()));
+                }
+                serve(listener, app, stop_rx).await;
+            });
+        })?;
     Ok(ControlPlane {
         local_addr,
         api_key,
@@ -147,6 +165,8 @@ struct AppState {
     api_key: ApiKey,
     /// Holds only [`metrics::ShardCollector`], which reads the shards at each scrape.
     registry: Registry,
+    /// The application event stream's consumers.
+    events: Arc<events::Hub>,
 }
 
 type Shared = Arc<AppState>;
@@ -154,15 +174,19 @@ type Shared = Arc<AppState>;
 /// Read per request, written by a reload.
 type ApiKey = Arc<RwLock<Option<String>>>;
 
-fn router(server: Arc<Server>, api_key: ApiKey) -> Router {
+fn router(server: Arc<Server>, api_key: ApiKey, events: Arc<events::Hub>) -> Router {
     // Larger bodies are refused with 413 while being read (the `Bytes` extractor enforces it).
     let body_limit = server.config().limits.max_message_size;
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(metrics::ShardCollector::new(server.clone())));
+    registry.register_collector(Box::new(metrics::ShardCollector::new(
+        server.clone(),
+        events.metrics.clone(),
+    )));
     let state: Shared = Arc::new(AppState {
         server,
         api_key,
         registry,
+        events,
     });
     // A route layer runs before the handler's extractors: an unauthorised body is never read.
     use api::{get_op, get_plain, post_op, post_plain};
@@ -222,6 +246,9 @@ fn router(server: Arc<Server>, api_key: ApiKey) -> Router {
         .route("/metrics", get(prometheus))
         // A description, not an action: served without the key, for tools.
         .route("/api/v1/openapi.json", get(openapi::document))
+        // Checks the key itself: it may come as ?api_key= (browsers cannot set headers on a
+        // WebSocket).
+        .route("/api/v1/events", get(events::stream::upgrade))
         .merge(api)
         .fallback(not_found)
         // Must follow the routes: it applies to the routes already added.
