@@ -260,6 +260,8 @@ struct Flags {
     #[command(flatten)]
     control: ControlFlags,
     #[command(flatten)]
+    events: EventsFlags,
+    #[command(flatten)]
     log: LogFlags,
 }
 
@@ -776,6 +778,80 @@ struct ControlFlags {
     api_key: Option<String>,
 }
 
+/// `[events]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Application events")]
+struct EventsFlags {
+    /// Events queued for one event-stream consumer, events; past it the oldest is dropped
+    /// (wse_inbound_dropped_total{reason="consumer_slow"}).
+    #[arg(
+        id = "events.consumer_queue_capacity",
+        long = "events-consumer-queue-capacity",
+        env = "WSE_EVENTS_CONSUMER_QUEUE_CAPACITY",
+        value_name = "N"
+    )]
+    consumer_queue_capacity: Option<usize>,
+
+    /// Deliver events by POSTing JSON arrays to this http:// URL instead of to event-stream
+    /// consumers; empty = off.
+    #[arg(
+        id = "events.webhook_url",
+        long = "events-webhook-url",
+        env = "WSE_EVENTS_WEBHOOK_URL",
+        value_name = "URL"
+    )]
+    webhook_url: Option<String>,
+
+    /// Events per webhook POST, at most.
+    #[arg(
+        id = "events.webhook_batch_size",
+        long = "events-webhook-batch-size",
+        env = "WSE_EVENTS_WEBHOOK_BATCH_SIZE",
+        value_name = "N"
+    )]
+    webhook_batch_size: Option<usize>,
+
+    /// Longest wait for a webhook batch to fill before it is sent anyway, duration.
+    #[arg(
+        id = "events.webhook_batch_interval",
+        long = "events-webhook-batch-interval",
+        env = "WSE_EVENTS_WEBHOOK_BATCH_INTERVAL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    webhook_batch_interval: Option<Duration>,
+
+    /// Retries of a failed webhook POST, with doubling backoff from 100ms; then the batch is
+    /// dropped (wse_inbound_dropped_total{reason="webhook_failed"}).
+    #[arg(
+        id = "events.webhook_max_retries",
+        long = "events-webhook-max-retries",
+        env = "WSE_EVENTS_WEBHOOK_MAX_RETRIES",
+        value_name = "N"
+    )]
+    webhook_max_retries: Option<u32>,
+
+    /// Time one webhook POST may take, duration.
+    #[arg(
+        id = "events.webhook_timeout",
+        long = "events-webhook-timeout",
+        env = "WSE_EVENTS_WEBHOOK_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    webhook_timeout: Option<Duration>,
+
+    /// Events queued for the webhook, events; past it the oldest is dropped
+    /// (wse_inbound_dropped_total{reason="consumer_slow"}).
+    #[arg(
+        id = "events.webhook_queue_capacity",
+        long = "events-webhook-queue-capacity",
+        env = "WSE_EVENTS_WEBHOOK_QUEUE_CAPACITY",
+        value_name = "N"
+    )]
+    webhook_queue_capacity: Option<usize>,
+}
+
 /// `[log]`.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Logging")]
@@ -802,6 +878,7 @@ impl Flags {
             recovery,
             presence,
             control,
+            events,
             log,
         } = self;
 
@@ -931,6 +1008,24 @@ impl Flags {
         set(&mut c.enabled, enabled);
         set(&mut c.listen, listen);
         set_optional(&mut c.api_key, api_key);
+
+        let EventsFlags {
+            consumer_queue_capacity,
+            webhook_url,
+            webhook_batch_size,
+            webhook_batch_interval,
+            webhook_max_retries,
+            webhook_timeout,
+            webhook_queue_capacity,
+        } = events;
+        let e = &mut cfg.events;
+        set(&mut e.consumer_queue_capacity, consumer_queue_capacity);
+        set_optional(&mut e.webhook_url, webhook_url);
+        set(&mut e.webhook_batch_size, webhook_batch_size);
+        set(&mut e.webhook_batch_interval, webhook_batch_interval);
+        set(&mut e.webhook_max_retries, webhook_max_retries);
+        set(&mut e.webhook_timeout, webhook_timeout);
+        set(&mut e.webhook_queue_capacity, webhook_queue_capacity);
 
         let LogFlags { level } = log;
         set(&mut cfg.log.level, level);
@@ -1605,6 +1700,8 @@ mod tests {
         cfg.auth.kid = Some("k".into());
         cfg.auth.default_publish = vec!["news.*".into()];
         cfg.control.api_key = Some("0123456789abcdef".into());
+        cfg.events.webhook_url = Some("http://127.0.0.1:8080/events".into());
+        cfg.events.webhook_batch_interval = Duration::from_millis(20);
         cfg.log.level = "wse_shards=debug,info".into();
         let text = render_toml(&cfg);
         assert_eq!(toml::from_str::<Config>(&text).unwrap(), cfg, "{text}");

@@ -128,6 +128,8 @@ fn main() -> ExitCode {
         );
     }
 
+    spawn_drain_watch(server.clone());
+
     let reloader = Reloader {
         argv: std::env::args_os().collect(),
         server: &server,
@@ -276,6 +278,33 @@ impl Reloader<'_> {
         host::warn_if_capped(&self.nofile, running.server.max_connections, shards);
         tracing::info!(changed = ?report.applied, "configuration reloaded");
         Ok(())
+    }
+}
+
+/// How often the drain watch looks at the shards.
+const DRAIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A drain asked through the server API (`POST /api/v1/drain`) ends with the shards exiting;
+/// this raises SIGTERM on ourselves then, so that the process shuts down the way a signal does
+/// (control plane stopped, shards joined, exit 0) instead of lingering without listeners.
+fn spawn_drain_watch(server: Arc<Server>) {
+    let spawned = std::thread::Builder::new()
+        .name("wse-drain-watch".to_owned())
+        .spawn(move || {
+            // Until a drain has run its course (a shard stopping for another reason is the
+            // watchdog's business, not a reason to exit cleanly).
+            let drained = |s: &Server| s.is_draining() && !s.shards_running();
+            while !drained(&server) {
+                std::thread::sleep(DRAIN_WATCH_INTERVAL);
+            }
+            tracing::info!("drain complete: every shard has exited; stopping");
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::TERM,
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the drain watch; a drain through the API will not end the process");
     }
 }
 

@@ -281,7 +281,8 @@ async fn bad_messages_get_error_events_and_the_connection_stays() {
         .await
         .unwrap();
     assert_eq!(c.ping().await.unwrap().t, "PONG");
-    assert_eq!(wse.metric("wse_app_events_total", "").await, 1.0);
+    // auth_connect, raw ("not json", "truncated"), bin (the non-UTF-8 binary), msg.
+    assert_eq!(wse.metric("wse_app_events_total", "").await, 5.0);
     assert_serving(&wse).await;
 }
 

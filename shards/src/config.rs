@@ -36,7 +36,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Keys a reload cannot change: they shape what was built at start (threads, listeners, the
 /// cross-shard queues, the control plane's body limit). A reload keeps their running value and
 /// reports them; every other key takes effect live.
-pub const RESTART_KEYS: [&str; 15] = [
+pub const RESTART_KEYS: [&str; 17] = [
     "server.cores",
     "server.listen",
     "server.pin_threads",
@@ -54,6 +54,9 @@ pub const RESTART_KEYS: [&str; 15] = [
     "recovery.max_topics",
     // Members are counted from the start; switching mid-run would miscount.
     "presence.enabled",
+    // The webhook sender and its queue are set up at start.
+    "events.webhook_url",
+    "events.webhook_queue_capacity",
 ];
 
 /// The whole configuration. `Config::default()` is the embedded laptop configuration.
@@ -67,6 +70,7 @@ pub struct Config {
     pub recovery: RecoveryConfig,
     pub presence: PresenceConfig,
     pub control: ControlConfig,
+    pub events: EventsConfig,
     pub log: LogConfig,
 }
 
@@ -341,6 +345,48 @@ impl Default for ControlConfig {
     }
 }
 
+/// The application event stream (docs/API.md): what clients do, delivered to the application's
+/// backend over `GET /api/v1/events` (WebSocket) or, with `webhook_url`, by HTTP POSTs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events queued for one event-stream consumer that it has not read yet. Past it the oldest
+    /// is dropped and counted in `wse_inbound_dropped_total{reason="consumer_slow"}`.
+    pub consumer_queue_capacity: usize,
+    /// Deliver events by POSTing JSON arrays to this `http://` URL instead of to event-stream
+    /// consumers. Unset: off.
+    pub webhook_url: Option<String>,
+    /// Events per webhook POST, at most.
+    pub webhook_batch_size: usize,
+    /// Longest wait for a webhook batch to fill before it is sent anyway.
+    #[serde(with = "humantime_serde")]
+    pub webhook_batch_interval: Duration,
+    /// Retries of a failed webhook POST (after the first attempt), with doubling backoff from
+    /// 100 ms; after the last the batch is dropped and counted in
+    /// `wse_inbound_dropped_total{reason="webhook_failed"}`.
+    pub webhook_max_retries: u32,
+    /// Time one webhook POST may take (connect, send, response headers).
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// Events queued for the webhook. Past it the oldest is dropped and counted in
+    /// `wse_inbound_dropped_total{reason="consumer_slow"}`.
+    pub webhook_queue_capacity: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            consumer_queue_capacity: 65_536,
+            webhook_url: None,
+            webhook_batch_size: 256,
+            webhook_batch_interval: Duration::from_millis(100),
+            webhook_max_retries: 5,
+            webhook_timeout: Duration::from_secs(10),
+            webhook_queue_capacity: 65_536,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -500,6 +546,27 @@ impl Config {
         {
             return Err(bad("control.api_key", "must be at least 16 characters"));
         }
+        let e = &self.events;
+        if e.consumer_queue_capacity == 0 || e.webhook_queue_capacity == 0 {
+            return Err(bad(
+                "events.consumer_queue_capacity",
+                "queue capacities must be at least 1",
+            ));
+        }
+        if e.webhook_batch_size == 0 || e.webhook_batch_size > 100_000 {
+            return Err(bad("events.webhook_batch_size", "must be 1..=100000"));
+        }
+        if e.webhook_timeout.is_zero() {
+            return Err(bad("events.webhook_timeout", "must be positive"));
+        }
+        if let Some(url) = &e.webhook_url
+            && !(url.starts_with("http://") && url.len() > "http://".len())
+        {
+            return Err(bad(
+                "events.webhook_url",
+                "must be an http:// URL (terminate TLS in a local proxy)",
+            ));
+        }
         Ok(())
     }
 
@@ -584,6 +651,24 @@ impl Config {
             max_members: _,
         } = &mut config.presence;
         keep.key("presence.enabled", &self.presence.enabled, enabled);
+        // Read per consumer, per batch or per attempt, except what the webhook sender was built
+        // with.
+        let EventsConfig {
+            consumer_queue_capacity: _,
+            webhook_url,
+            webhook_batch_size: _,
+            webhook_batch_interval: _,
+            webhook_max_retries: _,
+            webhook_timeout: _,
+            webhook_queue_capacity,
+        } = &mut config.events;
+        let running = &self.events;
+        keep.key("events.webhook_url", &running.webhook_url, webhook_url);
+        keep.key(
+            "events.webhook_queue_capacity",
+            &running.webhook_queue_capacity,
+            webhook_queue_capacity,
+        );
         // Every key of [protocol], [auth] and [log] is live: the shards read the first two per
         // use (auth through a new Authenticator), the binary applies the log filter.
         Reloaded {
@@ -690,6 +775,8 @@ mod tests {
         next.recovery.memory_budget = 1 << 20;
         next.recovery.max_topics = 1;
         next.presence.enabled = true;
+        next.events.webhook_url = Some("http://127.0.0.1:9/hook".into());
+        next.events.webhook_queue_capacity = 7;
         let r = running.reloaded(&next);
         assert_eq!(r.needs_restart, RESTART_KEYS);
         assert_eq!(
@@ -718,11 +805,13 @@ mod tests {
         next.auth.previous_secret = Some("p".repeat(32));
         next.control.api_key = Some("k".repeat(16));
         next.log.level = "debug".into();
+        next.events.consumer_queue_capacity = 9;
+        next.events.webhook_batch_size = 3;
         let r = running.reloaded(&next);
         assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
         assert_eq!(r.config, next);
         let changed = running.changed_keys(&next);
-        assert_eq!(changed.len(), 13, "{changed:?}");
+        assert_eq!(changed.len(), 15, "{changed:?}");
         assert!(changed.contains(&"auth.previous_secret".to_owned()));
     }
 }

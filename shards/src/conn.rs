@@ -17,6 +17,7 @@
 //! when the peer is gone, [`Conn::handle_timeout`] when [`Conn::poll_timeout`] is due; after each
 //! call, drain [`Conn::out`] to the socket and, once [`Conn::wants_shutdown`], close the write side.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::IoSlice;
@@ -57,6 +58,10 @@ impl ConnId {
     pub fn key(self) -> u32 {
         self.0.get() as u32
     }
+    /// The id as a number (its 16-hex-digit form is this, zero-padded).
+    pub fn as_u64(self) -> u64 {
+        self.0.get()
+    }
     /// Parses the 16-hex-digit form.
     pub fn parse(s: &str) -> Option<Self> {
         if s.len() != 16 {
@@ -80,6 +85,13 @@ impl fmt::Display for ConnId {
 pub enum ConnEvent {
     /// The upgrade completed and the connection counts as live.
     Upgraded,
+    /// A WSE session started (after `Upgraded`): `claims` is the verified token's standard
+    /// claims (JSON) when authentication is on. (Events carry the user: the session may be
+    /// gone by the time the shard handles them, when the same read also closed it.)
+    Connected {
+        user: Box<str>,
+        claims: Option<Bytes>,
+    },
     /// Subscribe to `topics` (already validated and permitted; may include topics it is already
     /// on). `failed` go back in the acknowledgement as they are.
     Subscribe(SubscribeRequest),
@@ -96,9 +108,16 @@ pub enum ConnEvent {
         body: Bytes,
         ack: bool,
     },
-    /// An application message for the event stream.
+    /// An application message (its JSON) for the event stream.
     App {
-        t: String,
+        user: Box<str>,
+        payload: Bytes,
+    },
+    /// A message that is not JSON (text, or binary without a known encoding), for the event
+    /// stream.
+    Unparsed {
+        user: Box<str>,
+        binary: bool,
         payload: Bytes,
     },
     /// The connection left the live phase: it is no longer subscribed to `subs` (handed over
@@ -125,6 +144,8 @@ pub struct SubscribeRequest {
     pub recover: Vec<(String, Option<u32>, u64)>,
     /// Presence data (JSON text) when presence is on.
     pub presence: Option<Bytes>,
+    /// The queue group the topics are joined in (see PROTOCOL.md), if any.
+    pub queue_group: Option<Arc<str>>,
 }
 
 /// What a connection may use while handling input; borrowed from its shard for one call.
@@ -236,6 +257,8 @@ struct Session {
     /// Topics whose replay is on its way: live frames of these are skipped meanwhile (they are
     /// part of the replay, or were sequenced before the recovered position).
     recovering: Vec<Arc<str>>,
+    /// The `seq` of the last enveloped message sent (`server_ready`, then application events).
+    seq: u64,
 }
 
 #[derive(Debug)]
@@ -335,6 +358,75 @@ impl Conn {
             }
             _ => None,
         }
+    }
+
+    /// Checks an application's subscription for this connection as a client's would be
+    /// checked. `None` unless live.
+    pub fn admit_subscription(
+        &self,
+        sub: &crate::command::AppSubscribe,
+        cfg: &Config,
+    ) -> Option<SubscribeRequest> {
+        let Phase::Live { session, .. } = &self.phase else {
+            return None;
+        };
+        let presence = sub
+            .presence
+            .as_deref()
+            .and_then(|p| std::str::from_utf8(p).ok());
+        let topics = sub.topics.iter().map(|t| Cow::Borrowed(t.as_str()));
+        let group = sub.queue_group.as_deref();
+        let mut req = session.admit(topics, presence, group, cfg);
+        if cfg.recovery.enabled && req.queue_group.is_none() {
+            req.recover = sub
+                .recover
+                .iter()
+                .filter(|r| req.topics.contains(&r.0))
+                .cloned()
+                .collect();
+        }
+        Some(req)
+    }
+
+    /// Replaces the subscribe ACL of a live connection. `false` unless live.
+    pub fn set_subscribe_acl(&mut self, acl: Acl) -> bool {
+        match &mut self.phase {
+            Phase::Live { session, .. } => {
+                session.identity.subscribe = acl;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a live connection may subscribe to `topic`.
+    pub fn may_subscribe(&self, topic: &str) -> bool {
+        matches!(&self.phase, Phase::Live { session, .. } if session.identity.subscribe.permits(topic))
+    }
+
+    /// Topics a live connection is subscribed to.
+    pub fn subscriptions(&self) -> &[Arc<str>] {
+        match &self.phase {
+            Phase::Live { session, .. } => &session.subs,
+            _ => &[],
+        }
+    }
+
+    /// The `seq` for the next enveloped message of a live connection (application events
+    /// continue the count `server_ready` started).
+    pub fn next_seq(&mut self) -> Option<u64> {
+        match &mut self.phase {
+            Phase::Live { session, .. } => {
+                session.seq += 1;
+                Some(session.seq)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether per-connection sends go as MessagePack (`?format=msgpack`).
+    pub fn is_msgpack(&self) -> bool {
+        matches!(&self.phase, Phase::Live { session, .. } if session.msgpack)
     }
 
     /// Whether live frames of `topic` are held back for a replay in flight.
@@ -545,7 +637,7 @@ impl Conn {
     fn start_session(&mut self, request: &handshake::UpgradeRequest, cx: &mut Cx<'_>) {
         let id = self.id.to_string();
         let identity = match cx.auth {
-            None => Ok(Identity::anonymous(&id, cx.default_publish)),
+            None => Ok((Identity::anonymous(&id, cx.default_publish), None)),
             Some(auth) => {
                 let query = request.query.as_deref();
                 match auth.extract_token(
@@ -554,7 +646,9 @@ impl Conn {
                     query,
                 ) {
                     None => Err(crate::auth::AuthError::Missing),
-                    Some(token) => auth.verify(&token),
+                    Some(token) => auth
+                        .verify_with_claims(&token)
+                        .map(|(identity, claims)| (identity, Some(claims))),
                 }
             }
         };
@@ -562,8 +656,8 @@ impl Conn {
         // failures and retry forever, so refusals travel as an error frame and a close code.
         let decoder = Decoder::new(Role::Server);
         let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
-        let identity = match identity {
-            Ok(identity) => identity,
+        let (identity, claims) = match identity {
+            Ok(found) => found,
             Err(e) => {
                 cx.metrics.auth_failures_total.inc();
                 cx.metrics.closed_with(4401);
@@ -583,6 +677,8 @@ impl Conn {
         }
         self.admitted = true;
         cx.events.push(ConnEvent::Upgraded);
+        let user = identity.user_id.clone();
+        cx.events.push(ConnEvent::Connected { user, claims });
         let ready =
             protocol::server_ready(&id, &identity.user_id, cx.cfg.recovery.enabled, &cx.clock);
         self.send_text(&ready, cx);
@@ -608,6 +704,8 @@ impl Conn {
                 subs: Vec::new(),
                 msgpack,
                 recovering: Vec::new(),
+                // server_ready went out as 1.
+                seq: 1,
             }),
         };
         if !auto.is_empty() {
@@ -773,6 +871,7 @@ fn reply_close(c: Option<codec::CloseFrame<'_>>, out: &mut OutQueue) -> Next {
 impl Session {
     /// One complete message of a live connection.
     fn handle(&mut self, id: ConnId, m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
+        let binary_frame = matches!(m, Message::Binary(_));
         let payload: &[u8] = match m {
             Message::Ping(p) => {
                 out.push(codec::encode_frame(OpCode::Pong, p));
@@ -807,6 +906,18 @@ impl Session {
             Ok(ClientMessage::Batch(items)) => s.batch(&items, cx),
             Ok(msg) => s.dispatch(msg, &json, cx),
             Err(e) => {
+                if e == protocol::InboundError::NotJson
+                    && matches!(json, Cow::Borrowed(_))
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_err()
+                {
+                    // Not JSON at all, and not an encoding we know: the application may still
+                    // want it (JSON of the wrong shape is only the client's mistake).
+                    cx.events.push(ConnEvent::Unparsed {
+                        user: s.session.identity.user_id.clone(),
+                        binary: binary_frame,
+                        payload: Bytes::copy_from_slice(payload),
+                    });
+                }
                 s.error(e.code(), &e.to_string(), cx);
                 Next::Continue
             }
@@ -817,20 +928,40 @@ impl Session {
     /// recovery positions and presence data, and asks the shard (which applies the subscription
     /// limit).
     fn request_subscribe(&mut self, sub: protocol::Subscription<'_>, cx: &mut Cx<'_>) {
+        let presence = sub.presence.map(RawValue::get);
+        let group = sub.queue_group.as_deref();
+        let mut req = self.admit(sub.topics, presence, group, cx.cfg);
+        if sub.recover && cx.cfg.recovery.enabled && req.queue_group.is_none() {
+            req.recover = recovery_positions(sub.recovery, &req.topics);
+        }
+        cx.events.push(ConnEvent::Subscribe(req));
+    }
+
+    /// Splits requested topics into acceptable ones (valid, permitted, and with presence data
+    /// and queue group within limits) and refusals; the shard applies the subscription limit.
+    fn admit<'t>(
+        &self,
+        topics: impl IntoIterator<Item = Cow<'t, str>>,
+        presence: Option<&str>,
+        queue_group: Option<&str>,
+        cfg: &Config,
+    ) -> SubscribeRequest {
         let mut req = SubscribeRequest::default();
-        let presence = cx
-            .cfg
-            .presence
-            .enabled
-            .then(|| sub.presence.map_or("{}", |p| p.get()));
-        let presence_too_large = presence.is_some_and(|p| p.len() > cx.cfg.presence.max_data_size);
-        for topic in sub.topics {
+        // Queue-group members are workers sharing a topic's publications, not room members:
+        // they take no part in presence (PROTOCOL.md, queue groups).
+        let presence =
+            (cfg.presence.enabled && queue_group.is_none()).then(|| presence.unwrap_or("{}"));
+        let presence_too_large = presence.is_some_and(|p| p.len() > cfg.presence.max_data_size);
+        let group_problem = queue_group.and_then(protocol::queue_group_problem);
+        for topic in topics {
             let reason = if let Some(p) = protocol::topic_problem(&topic) {
                 p
             } else if !self.identity.subscribe.permits(&topic) {
                 "FORBIDDEN"
             } else if presence_too_large {
                 "PRESENCE_DATA_TOO_LARGE"
+            } else if let Some(p) = group_problem {
+                p
             } else {
                 req.topics.push(topic.into_owned());
                 continue;
@@ -840,11 +971,11 @@ impl Session {
                 reason: reason.to_owned(),
             });
         }
-        if sub.recover && cx.cfg.recovery.enabled {
-            req.recover = recovery_positions(sub.recovery, &req.topics);
-        }
         req.presence = presence.map(|p| Bytes::copy_from_slice(p.as_bytes()));
-        cx.events.push(ConnEvent::Subscribe(req));
+        req.queue_group = queue_group
+            .filter(|_| group_problem.is_none())
+            .map(Arc::from);
+        req
     }
 }
 
@@ -998,8 +1129,8 @@ impl SessionOut<'_> {
                 }
             }
             ClientMessage::Batch(_) => unreachable!("batches are unpacked by the caller"),
-            ClientMessage::App { t } => cx.events.push(ConnEvent::App {
-                t: t.into_owned(),
+            ClientMessage::App { t: _ } => cx.events.push(ConnEvent::App {
+                user: self.session.identity.user_id.clone(),
                 payload: Bytes::copy_from_slice(json),
             }),
         }

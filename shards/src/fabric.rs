@@ -19,6 +19,7 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
+use crate::command::Command;
 use crate::conn::ConnId;
 use crate::protocol::RecoveryInfo;
 use crate::shard::Reload;
@@ -72,6 +73,11 @@ pub enum FabricMsg {
     /// The control plane → every shard: run with this configuration from now on. Lost: that
     /// shard keeps the old one, and `Server::reload` reports it unconfirmed.
     Reload(Arc<Reload>),
+    /// The control plane → the shard that owns what the command is about (a connection's shard,
+    /// or every shard for the commands that span them): an application command, answered
+    /// through the responder it carries. Lost: the caller's future resolves to "not running"
+    /// when the command is dropped unanswered, or times out at the caller.
+    Command(Box<Command>),
     /// A shard over its connection budget → the least loaded shard: a freshly accepted socket
     /// (no byte read yet) for it to serve. Lost: the socket is closed; the client reconnects.
     Adopt { fd: OwnedFd },
@@ -171,6 +177,38 @@ impl<T> ReplySlot<T> {
     /// The answer, once it is there.
     pub fn wait(self: Arc<Self>) -> ReplyFuture<T> {
         ReplyFuture(self)
+    }
+}
+
+/// The answering end of a one-shot reply, carried inside a command. Sending consumes it;
+/// dropping it unsent (a shard that stops with the command still queued, a command it could not
+/// handle) answers `None`, so an asker never waits for a reply that cannot come.
+#[derive(Debug)]
+pub struct Responder<T> {
+    slot: Option<Arc<ReplySlot<Option<T>>>>,
+}
+
+impl<T> Responder<T> {
+    /// A responder and the future its answer resolves (`None`: dropped unanswered).
+    pub fn pair() -> (Responder<T>, ReplyFuture<Option<T>>) {
+        let slot = ReplySlot::new();
+        let fut = slot.clone().wait();
+        (Responder { slot: Some(slot) }, fut)
+    }
+
+    /// Answers and wakes the asker.
+    pub fn send(mut self, value: T) {
+        if let Some(slot) = self.slot.take() {
+            slot.complete(Some(value));
+        }
+    }
+}
+
+impl<T> Drop for Responder<T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.complete(None);
+        }
     }
 }
 

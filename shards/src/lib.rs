@@ -15,10 +15,12 @@
 pub mod accept;
 pub mod auth;
 pub mod codec;
+pub mod command;
 pub mod config;
 pub mod conn;
 pub mod fabric;
 pub mod handshake;
+pub mod inbound;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
@@ -30,5 +32,11 @@ pub mod shard;
 pub mod timer;
 pub mod topics;
 
+pub use command::{CommandError, Payload, SendOutcome};
 pub use config::Config;
-pub use server::{PresenceMember, PublishError, QueryError, ReloadReport, Server, StartError};
+pub use conn::ConnId;
+pub use inbound::{AppEvent, AppEventKind};
+pub use server::{
+    Builder, HealthSnapshot, PresenceMember, PublishError, QueryError, ReloadReport, Server,
+    StartError, block_on, block_on_timeout,
+};

@@ -166,6 +166,8 @@ pub struct Subscription<'a> {
     pub recovery: Option<&'a RawValue>,
     /// Presence data for this subscription (protocol.md §8).
     pub presence: Option<&'a RawValue>,
+    /// [ext] Join the topics in this queue group (PROTOCOL.md, queue groups).
+    pub queue_group: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -204,6 +206,8 @@ struct SubscriptionPayload<'a> {
     recovery: Option<&'a RawValue>,
     #[serde(borrow, default)]
     presence: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    queue_group: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +285,7 @@ pub fn parse_client_message(json: &[u8]) -> Result<ClientMessage<'_>, InboundErr
                     recover: s.recover.unwrap_or(false),
                     recovery: s.recovery,
                     presence: s.presence,
+                    queue_group: s.queue_group,
                 })),
                 "unsubscribe" => Ok(ClientMessage::Unsubscribe { topics }),
                 _ => Err(InboundError::BadPayload("subscription_update")),
@@ -332,6 +337,20 @@ pub fn topic_problem(topic: &str) -> Option<&'static str> {
         Some("topic longer than 1024 bytes")
     } else if topic.chars().any(char::is_control) {
         Some("topic contains control characters")
+    } else {
+        None
+    }
+}
+
+/// Longest queue-group name, bytes.
+pub const QUEUE_GROUP_LEN_MAX: usize = 256;
+
+/// Why a queue-group name is refused (the subscription's topics fail with this reason), or
+/// `None` when it is acceptable.
+pub fn queue_group_problem(group: &str) -> Option<&'static str> {
+    if group.is_empty() || group.len() > QUEUE_GROUP_LEN_MAX || group.chars().any(char::is_control)
+    {
+        Some("INVALID_QUEUE_GROUP")
     } else {
         None
     }

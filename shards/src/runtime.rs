@@ -142,6 +142,7 @@ pub fn run(boot: Boot) -> io::Result<()> {
 fn drive(rt: &compio::runtime::Runtime, ctx: &Rc<Ctx>, shared: &Shared, listener: &Sock) {
     let mut blocked: Vec<ConnKey> = Vec::new();
     let mut adopted = Vec::new();
+    let mut listener_shut = false;
     loop {
         ctx.metrics.loop_turns.inc();
         let more_tasks = rt.run();
@@ -149,15 +150,22 @@ fn drive(rt: &compio::runtime::Runtime, ctx: &Rc<Ctx>, shared: &Shared, listener
         let (deadline, fabric_work) = {
             let mut shard = ctx.shard.borrow_mut();
             if shared.shutdown.load(Ordering::Acquire) && !shard.is_draining() {
-                // Stop accepting: waking the accept loop with a shut-down listener ends it.
-                listener.shutdown(Shutdown::Read);
                 shard.begin_drain(clock);
             }
             shard.handle_fabric(clock);
+            if shard.is_draining() && !listener_shut {
+                // Stop accepting (a shutdown, or a drain command): waking the accept loop with a
+                // shut-down listener ends it.
+                listener.shutdown(Shutdown::Read);
+                listener_shut = true;
+            }
             shard.take_adopted(&mut adopted);
             shard.handle_timers(clock);
             shard.flush(&mut blocked, clock);
             if shard.is_drained(clock.now) {
+                // Whatever is still queued to this shard is dropped: commands answer "not
+                // running" rather than never.
+                shard.close_fabric();
                 return;
             }
             (shard.next_deadline(), shard.has_fabric_work())

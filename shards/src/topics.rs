@@ -86,6 +86,11 @@ impl Topic {
     pub fn is_live(&self) -> bool {
         self.pending_confirms == 0
     }
+
+    /// Local subscribers of the topic.
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
 }
 
 /// What the shard must do after a table change.

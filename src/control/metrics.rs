@@ -17,10 +17,14 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::registry::Unit;
+use std::sync::atomic::Ordering;
+
 use wse_shards::Server;
 use wse_shards::metrics::{
     COUNTED_CLOSE_CODES, Counter, DropReason, HANDSHAKE_BUCKETS, RejectReason, ShardMetrics,
 };
+
+use super::events::EventMetrics;
 
 type Field = fn(&ShardMetrics) -> &Counter;
 
@@ -108,7 +112,7 @@ const COUNTERS: [(&str, &str, Field); 12] = [
     ),
     (
         "wse_app_events",
-        "Client messages of application types queued for the event stream",
+        "Application events queued for the event stream (connects, disconnects, client messages of application types, presence changes)",
         |m| &m.app_events_total,
     ),
     (
@@ -121,11 +125,13 @@ const COUNTERS: [(&str, &str, Field); 12] = [
 /// Reads the shards of one [`Server`] on every scrape.
 pub(super) struct ShardCollector {
     server: Arc<Server>,
+    /// The event stream's delivery counters (the control plane's own, not a shard's).
+    events: Arc<EventMetrics>,
 }
 
 impl ShardCollector {
-    pub(super) fn new(server: Arc<Server>) -> Self {
-        Self { server }
+    pub(super) fn new(server: Arc<Server>, events: Arc<EventMetrics>) -> Self {
+        Self { server, events }
     }
 }
 
@@ -140,8 +146,55 @@ impl fmt::Debug for ShardCollector {
 
 impl Collector for ShardCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        encode_shards(self.server.metrics(), &mut encoder)
+        encode_shards(self.server.metrics(), &mut encoder)?;
+        encode_events(self.server.metrics(), &self.events, &mut encoder)
     }
+}
+
+/// The event stream: where application events were lost, by reason, and what was delivered.
+fn encode_events(
+    shards: &[Arc<ShardMetrics>],
+    events: &EventMetrics,
+    encoder: &mut DescriptorEncoder,
+) -> fmt::Result {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut metric = encoder.encode_descriptor(
+        "wse_inbound_dropped",
+        "Application events dropped before reaching the backend, by reason: queue_full (a \
+         shard's queue, oldest first), consumer_slow (a consumer's queue, oldest first), \
+         no_consumer (held past the bound while no consumer was connected), webhook_failed (a \
+         batch given up after every retry)",
+        None,
+        MetricType::Counter,
+    )?;
+    let reasons = [
+        (
+            "queue_full",
+            sum(shards, |m| m.dropped(DropReason::AppEventOverflow)),
+        ),
+        ("consumer_slow", load(&events.consumer_slow)),
+        ("no_consumer", load(&events.no_consumer)),
+        ("webhook_failed", load(&events.webhook_failed)),
+    ];
+    for (reason, value) in reasons {
+        encode_counter(&mut metric.encode_family(&[("reason", reason)])?, value)?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "wse_events_delivered",
+        "Application events written to an event-stream consumer or accepted by the webhook",
+        None,
+        MetricType::Counter,
+    )?;
+    encode_counter(&mut metric, load(&events.delivered))?;
+    let consumers = i64::try_from(load(&events.consumers)).unwrap_or(i64::MAX);
+    encoder
+        .encode_descriptor(
+            "wse_event_consumers",
+            "Event-stream consumers connected (GET /api/v1/events sockets)",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&consumers)
 }
 
 /// Everything `/metrics` shows, from the shards' metrics in shard order.

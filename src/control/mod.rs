@@ -4,14 +4,18 @@
 //! axum serves on. Never: touches shard state; it reads the shards' metrics and hands
 //! publications to [`Server::publish`], which queues them to the owner shard over the fabric.
 //!
-//! Routes (every error is JSON `{"error":{"code":"...","message":"..."}}`):
+//! Routes (every error is JSON `{"error":{"code":"...","message":"..."}}`; docs/API.md has them
+//! all, `GET /api/v1/openapi.json` describes them):
 //! - `GET /health`: liveness and a summary; no key.
 //! - `GET /metrics`: Prometheus/OpenMetrics text, read from the shards at scrape time; no key.
-//! - `POST /api/v1/publish` (one publication or an array) and `POST /api/v1/publish/batch`
-//!   (`{"messages":[...]}`): need `control.api_key` (see [`publish`]).
+//! - `/api/v1/...`: the server API, one endpoint per operation ([`api`], [`commands`]), the
+//!   publish API ([`publish`]) and `POST /api/v1/batch`; they need `control.api_key`.
 
+mod api;
+mod commands;
+mod events;
 mod metrics;
-mod presence;
+mod openapi;
 mod publish;
 #[cfg(test)]
 mod tests;
@@ -73,11 +77,28 @@ pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlan
         tokio::net::TcpListener::from_std(std_listener)?
     };
     let api_key: ApiKey = Arc::new(RwLock::new(cfg.api_key.clone()));
-    let app = router(server, api_key.clone());
+    let webhook = match &server.config().events.webhook_url {
+        Some(url) => Some(
+            url.parse::<axum::http::Uri>()
+                .map_err(|e| io::Error::other(format!("events.webhook_url: {e}")))?,
+        ),
+        None => None,
+    };
+    let hub = events::Hub::new(server.clone(), webhook.is_some());
+    let app = router(server, api_key.clone(), hub.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("wse-control".to_owned())
-        .spawn(move || runtime.block_on(serve(listener, app, stop_rx)))?;
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::spawn(events::dispatch(hub.clone(), stop_rx.clone()));
+                if let Some(url) = webhook {
+                    let consumer = hub.register_webhook();
+                    tokio::spawn(events::webhook::run(hub, consumer, url, stop_rx.clone()));
+                }
+                serve(listener, app, stop_rx).await;
+            });
+        })?;
     Ok(ControlPlane {
         local_addr,
         api_key,
@@ -144,6 +165,8 @@ struct AppState {
     api_key: ApiKey,
     /// Holds only [`metrics::ShardCollector`], which reads the shards at each scrape.
     registry: Registry,
+    /// The application event stream's consumers.
+    events: Arc<events::Hub>,
 }
 
 type Shared = Arc<AppState>;
@@ -151,22 +174,69 @@ type Shared = Arc<AppState>;
 /// Read per request, written by a reload.
 type ApiKey = Arc<RwLock<Option<String>>>;
 
-fn router(server: Arc<Server>, api_key: ApiKey) -> Router {
+fn router(server: Arc<Server>, api_key: ApiKey, events: Arc<events::Hub>) -> Router {
     // Larger bodies are refused with 413 while being read (the `Bytes` extractor enforces it).
     let body_limit = server.config().limits.max_message_size;
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(metrics::ShardCollector::new(server.clone())));
+    registry.register_collector(Box::new(metrics::ShardCollector::new(
+        server.clone(),
+        events.metrics.clone(),
+    )));
     let state: Shared = Arc::new(AppState {
         server,
         api_key,
         registry,
+        events,
     });
     // A route layer runs before the handler's extractors: an unauthorised body is never read.
+    use api::{get_op, get_plain, post_op, post_plain};
+    let conn = Some("connection_id");
+    let topic = Some("topic");
     let api = Router::new()
         .route("/api/v1/publish", post(publish::publish))
         .route("/api/v1/publish/batch", post(publish::publish_batch))
-        .route("/api/v1/presence/{topic}", get(presence::members))
-        .route("/api/v1/presence/{topic}/stats", get(presence::stats))
+        .route("/api/v1/connections", get_plain("get_connections"))
+        .route(
+            "/api/v1/connections/count",
+            get_plain("get_connection_count"),
+        )
+        .route("/api/v1/connections/{id}/send", post_op("send", conn))
+        .route(
+            "/api/v1/connections/{id}/send_event",
+            post_op("send_event", conn),
+        )
+        .route(
+            "/api/v1/connections/{id}/disconnect",
+            post_op("disconnect", conn),
+        )
+        .route(
+            "/api/v1/connections/{id}/subscribe",
+            post_op("subscribe", conn),
+        )
+        .route(
+            "/api/v1/connections/{id}/unsubscribe",
+            post_op("unsubscribe", conn),
+        )
+        .route("/api/v1/connections/{id}/acl", post_op("set_acl", conn))
+        .route(
+            "/api/v1/users/{user}/send",
+            post_op("send_user", Some("user_id")),
+        )
+        .route("/api/v1/broadcast", post_plain("broadcast"))
+        .route("/api/v1/broadcast_local", post_plain("broadcast_local"))
+        .route("/api/v1/broadcast_all", post_plain("broadcast_all"))
+        .route(
+            "/api/v1/topics/{topic}/subscribers/count",
+            get_op("get_topic_subscriber_count", topic),
+        )
+        .route("/api/v1/presence/{topic}", get_op("presence", topic))
+        .route(
+            "/api/v1/presence/{topic}/stats",
+            get_op("presence_stats", topic),
+        )
+        .route("/api/v1/health", get_plain("health"))
+        .route("/api/v1/drain", post_plain("drain"))
+        .route("/api/v1/batch", post(api::batch))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             publish::require_api_key,
@@ -174,6 +244,11 @@ fn router(server: Arc<Server>, api_key: ApiKey) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
+        // A description, not an action: served without the key, for tools.
+        .route("/api/v1/openapi.json", get(openapi::document))
+        // Checks the key itself: it may come as ?api_key= (browsers cannot set headers on a
+        // WebSocket).
+        .route("/api/v1/events", get(events::stream::upgrade))
         .merge(api)
         .fallback(not_found)
         // Must follow the routes: it applies to the routes already added.

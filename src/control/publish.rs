@@ -203,6 +203,9 @@ fn publish_all(server: &Server, publications: &[Publication<'_>]) -> Result<Publ
         match server.publish(&p.topic, p.event(), p.data()) {
             Ok(()) => {}
             Err(PublishError::InvalidTopic(problem)) => return Err(invalid_topic(problem)),
+            Err(PublishError::NotAnObject) => {
+                return Err(invalid_request("the message must be a JSON object"));
+            }
             Err(PublishError::Overloaded) => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -227,7 +230,7 @@ fn first_byte(body: &[u8]) -> Option<u8> {
 }
 
 /// Syntax errors are `INVALID_JSON`; well-formed JSON of the wrong shape is `INVALID_REQUEST`.
-fn json_error(e: serde_json::Error) -> ApiError {
+pub(super) fn json_error(e: serde_json::Error) -> ApiError {
     match e.classify() {
         Category::Data => invalid_request(e.to_string()),
         Category::Syntax | Category::Eof | Category::Io => ApiError::new(
@@ -239,7 +242,7 @@ fn json_error(e: serde_json::Error) -> ApiError {
 }
 
 /// An unreadable body: over `limits.max_message_size` (413), or cut short (400).
-fn body_error(rejection: BytesRejection) -> ApiError {
+pub(super) fn body_error(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

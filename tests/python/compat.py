@@ -17,6 +17,7 @@ import json
 import sys
 import time
 
+from acks import SubscriptionAcks
 from wse_client import AsyncWSEClient
 
 
@@ -35,17 +36,8 @@ async def wait_for_event(client, event_type, timeout):
             return event
 
 
-async def wait_subscribed(client, topic, timeout):
-    # The client consumes subscription_update internally; its position table and topic set
-    # are what an application sees.
-    deadline = time.monotonic() + timeout
-    while topic not in client.subscribed_topics:
-        if time.monotonic() > deadline:
-            raise TimeoutError("subscription not recorded")
-        await asyncio.sleep(0.05)
-
-
 async def main(url, token, stay):
+    acks = SubscriptionAcks()
     async with AsyncWSEClient(url, token=token) as client:
         if not client.is_ready:
             raise RuntimeError("server_ready not seen")
@@ -55,7 +47,7 @@ async def main(url, token, stay):
             raise RuntimeError("recovery advertised but not enabled")
         if not await client.subscribe(["news"]):
             raise RuntimeError("subscribe send failed")
-        await wait_subscribed(client, "news", 10)
+        await acks.wait("news", 10)
         say("SUBSCRIBED")
         ev = await wait_for_event(client, "headline", 20)
         say("GOT headline", json.dumps(ev.payload))

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 
+from acks import SubscriptionAcks
 from wse_client import AsyncWSEClient
 
 
@@ -27,16 +28,13 @@ def say(*parts):
 
 
 async def main(url, token):
+    acks = SubscriptionAcks()
     seqs = []
     async with AsyncWSEClient(url, token=token) as client:
         if not client.recovery_enabled:
             raise RuntimeError("server_ready did not advertise recovery")
         await client.subscribe(["feed"])
-        deadline = time.monotonic() + 10
-        while "feed" not in client.subscribed_topics:
-            if time.monotonic() > deadline:
-                raise TimeoutError("not subscribed")
-            await asyncio.sleep(0.02)
+        await acks.wait("feed", 10)
 
         async def consume():
             async for event in client:

@@ -14,9 +14,14 @@
 //! The rules live in submodules: [`subscriptions`] (a subscriber's shard), [`owner`] (a topic's
 //! owner: sequencing, history, interest, presence) and [`publications`] (routing and fan-out).
 
+mod commands;
+mod dedup;
 mod owner;
 mod publications;
 mod subscriptions;
+mod users;
+
+pub use dedup::SEND_DEDUP_WINDOW;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -30,10 +35,12 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::auth::{Acl, Authenticator};
+use crate::command::{CommandError, SubscribeOutcome};
 use crate::config::{Config, ProtocolConfig};
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
-use crate::fabric::{Endpoint, FabricMsg, Sent};
+use crate::fabric::{Endpoint, FabricMsg, Responder, Sent};
 use crate::handshake;
+use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, Clock};
 use crate::ratelimit::RateLimits;
@@ -144,15 +151,6 @@ pub trait Transport {
     fn shutdown(&self, how: Shutdown);
 }
 
-/// A client message of an application type, waiting for the event stream.
-#[derive(Debug, Clone)]
-pub struct AppEvent {
-    pub conn: ConnId,
-    pub user: Box<str>,
-    pub t: String,
-    pub payload: Bytes,
-}
-
 struct Slot<T> {
     conn: Conn,
     io: T,
@@ -170,6 +168,8 @@ struct Slot<T> {
 /// A subscribe acknowledgement waiting for the owners of some of its topics.
 struct PendingAck {
     conn: ConnId,
+    /// Where the outcome goes when the application asked (else to the client, as a frame).
+    reply: Option<Responder<Result<SubscribeOutcome, CommandError>>>,
     /// Owner replies (or interest confirmations) still awaited.
     remaining: u32,
     succeeded: Vec<String>,
@@ -202,8 +202,17 @@ pub struct Shard<T: Transport> {
     history: Option<History>,
     pending_acks: HashMap<u64, PendingAck>,
     next_request: u64,
+    /// Application events for the event stream, oldest first. Bounded by
+    /// `limits.app_event_queue_capacity` events and [`APP_EVENT_QUEUE_BYTES_MAX`] bytes; past
+    /// either the oldest is dropped and counted (`app_event_overflow`).
     app_events: VecDeque<AppEvent>,
     app_event_bytes: usize,
+    /// A `TakeEvents` waiting for events: (max, responder). At most one (one consumer).
+    event_waiter: Option<(usize, Responder<Vec<AppEvent>>)>,
+    /// Live connections by user, for `send_user`.
+    users: users::Users,
+    /// Event ids recently sent per connection, for `send_event` deduplication.
+    recent_ids: dedup::RecentIds,
     /// Connections whose socket filled up outside `flush`, reported by the next `flush`.
     blocked: Vec<ConnKey>,
     /// Sockets other shards handed over, for the I/O layer to adopt.
@@ -255,6 +264,9 @@ impl<T: Transport> Shard<T> {
             next_request: 0,
             app_events: VecDeque::new(),
             app_event_bytes: 0,
+            event_waiter: None,
+            users: users::Users::default(),
+            recent_ids: dedup::RecentIds::default(),
             blocked: Vec::new(),
             adopted: Vec::new(),
             handed: vec![0; shards],
@@ -304,8 +316,8 @@ impl<T: Transport> Shard<T> {
     }
 
     /// The application events waiting for the event stream (oldest first).
-    pub fn app_events(&mut self) -> &mut VecDeque<AppEvent> {
-        &mut self.app_events
+    pub fn app_events(&self) -> &VecDeque<AppEvent> {
+        &self.app_events
     }
 
     // --------------------------------------------------------------------------------------------
@@ -424,18 +436,24 @@ impl<T: Transport> Shard<T> {
         self.metrics.sockets.set(self.conns.len() as u64);
     }
 
-    /// Starts a graceful shutdown: every connection gets `code` and `drain_timeout` to go.
+    /// Starts a graceful shutdown: every connection gets `server.shutdown_close_code` and
+    /// `server.drain_timeout` to go.
     pub fn begin_drain(&mut self, clock: Clock) {
+        let code = self.cfg.server.shutdown_close_code;
+        let until = clock.now + self.cfg.server.drain_timeout;
+        self.begin_drain_with(code, "server shutting down", until, clock);
+    }
+
+    /// Starts a drain with this close code and reason, ending at `until` at the latest. A drain
+    /// already under way keeps its own.
+    pub fn begin_drain_with(&mut self, code: u16, reason: &str, until: Instant, clock: Clock) {
         if self.draining_until.is_some() {
             return;
         }
-        self.draining_until = Some(clock.now + self.cfg.server.drain_timeout);
-        let code = self.cfg.server.shutdown_close_code;
+        self.draining_until = Some(until);
         let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k as ConnKey).collect();
         for key in keys {
-            self.with_conn(key, clock, |c, cx| {
-                c.close(code, "server shutting down", cx)
-            });
+            self.with_conn(key, clock, |c, cx| c.close(code, reason, cx));
         }
     }
 
@@ -455,6 +473,13 @@ impl<T: Transport> Shard<T> {
         self.inbox = inbox;
         self.evict_pending(clock);
         n
+    }
+
+    /// The shard is about to exit: everything still queued to it is dropped (a command's
+    /// responder answers "not running"), and so is a waiting event request.
+    pub fn close_fabric(&mut self) {
+        self.event_waiter = None;
+        self.fabric.receive(usize::MAX, |_, m| drop(m));
     }
 
     /// Runs due deadlines: pings, idle closes, handshake and close timeouts.
@@ -518,6 +543,7 @@ impl<T: Transport> Shard<T> {
                 slot.io.shutdown(Shutdown::Both);
             }
         }
+        self.answer_event_waiter();
         let held = self.fabric.flush();
         self.handed.iter_mut().for_each(|h| *h = 0);
         let m = &self.metrics;
@@ -575,30 +601,81 @@ impl<T: Transport> Shard<T> {
                     self.metrics.connections.inc();
                 }
             }
-            ConnEvent::Subscribe(req) => self.subscribe(key, req, clock),
+            ConnEvent::Connected { user, claims } => self.connected(key, &user, claims),
+            ConnEvent::Subscribe(req) => self.subscribe(key, req, None, clock),
             ConnEvent::PresenceUpdate { data } => self.presence_update(key, data),
             ConnEvent::Unsubscribe { topics } => self.unsubscribe(key, topics, clock),
             ConnEvent::Publish { topic, body, ack } => {
                 let origin = self.conns.get(key as usize).map(|s| s.conn.id());
                 self.route_publication(&topic, body, origin.filter(|_| ack), clock);
             }
-            ConnEvent::App { t, payload } => self.push_app_event(key, t, payload),
-            ConnEvent::Left { subs, user } => self.leave_all(key, subs, Some(user)),
+            ConnEvent::App { user, payload } => {
+                self.conn_event(key, AppEventKind::Msg, &user, payload);
+            }
+            ConnEvent::Unparsed {
+                user,
+                binary,
+                payload,
+            } => {
+                let kind = if binary {
+                    AppEventKind::Bin
+                } else {
+                    AppEventKind::Raw
+                };
+                self.conn_event(key, kind, &user, payload);
+            }
+            ConnEvent::Left { subs, user } => {
+                if let Some(slot) = self.conns.get(key as usize) {
+                    let conn = slot.conn.id();
+                    self.users.remove(&user, key);
+                    self.push_app_event(AppEventKind::Disconnect, Some(conn), &user, empty());
+                }
+                self.leave_all(key, subs, Some(user));
+            }
         }
     }
 
-    fn push_app_event(&mut self, key: ConnKey, t: String, payload: Bytes) {
+    /// A WSE session started: index it by user and tell the application.
+    fn connected(&mut self, key: ConnKey, user: &str, claims: Option<Bytes>) {
         let Some(slot) = self.conns.get(key as usize) else {
             return;
         };
+        let conn = slot.conn.id();
+        self.users.insert(user, key);
+        let kind = if claims.is_some() {
+            AppEventKind::AuthConnect
+        } else {
+            AppEventKind::Connect
+        };
+        self.push_app_event(kind, Some(conn), user, claims.unwrap_or_else(empty));
+    }
+
+    /// An application event about connection `key`.
+    fn conn_event(&mut self, key: ConnKey, kind: AppEventKind, user: &str, payload: Bytes) {
+        let Some(slot) = self.conns.get(key as usize) else {
+            return;
+        };
+        let conn = slot.conn.id();
+        self.push_app_event(kind, Some(conn), user, payload);
+    }
+
+    /// Queues an application event; past the queue's bounds the oldest goes (counted).
+    fn push_app_event(
+        &mut self,
+        kind: AppEventKind,
+        conn: Option<ConnId>,
+        user: &str,
+        payload: Bytes,
+    ) {
         let ev = AppEvent {
-            conn: slot.conn.id(),
-            user: slot.conn.user_id().unwrap_or_default().into(),
-            t,
+            kind,
+            shard: self.me as u16,
+            conn,
+            user: user.into(),
             payload,
         };
         self.metrics.app_events_total.inc();
-        self.app_event_bytes += ev.payload.len();
+        self.app_event_bytes += ev.size();
         self.app_events.push_back(ev);
         while self.app_events.len() > self.cfg.limits.app_event_queue_capacity
             || self.app_event_bytes > APP_EVENT_QUEUE_BYTES_MAX
@@ -606,7 +683,7 @@ impl<T: Transport> Shard<T> {
             let Some(old) = self.app_events.pop_front() else {
                 break;
             };
-            self.app_event_bytes -= old.payload.len();
+            self.app_event_bytes -= old.size();
             self.metrics.dropped(DropReason::AppEventOverflow).inc();
         }
     }
@@ -644,6 +721,7 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Query(q) => self.handle_query(*q),
             FabricMsg::Adopt { fd } => self.adopted.push(fd),
             FabricMsg::Reload(reload) => self.apply_reload(&reload),
+            FabricMsg::Command(cmd) => self.handle_command(*cmd, clock),
         }
         self.evict_pending(clock);
     }
@@ -670,6 +748,11 @@ impl<T: Transport> Shard<T> {
         }
         slot.armed = Some(self.timers.arm(key, at));
     }
+}
+
+/// The payload of events that carry nothing: `{}`.
+fn empty() -> Bytes {
+    Bytes::from_static(b"{}")
 }
 
 fn rate_limits(p: &ProtocolConfig) -> RateLimits {

@@ -10,6 +10,7 @@ use super::{Shard, Transport, send};
 use crate::codec::{self, OpCode};
 use crate::conn::ConnId;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest, Query, QueryAnswer, QueryKind};
+use crate::inbound::AppEventKind;
 use crate::presence::Joined;
 use crate::protocol::{self, Clock, RecoveryInfo};
 use crate::recovery::RingId;
@@ -158,6 +159,10 @@ impl<T: Transport> Shard<T> {
         }
         if let Some((kind, user, data)) = event {
             let json = protocol::presence_event(kind, &j.topic, &user, &data);
+            if kind == "presence_join" {
+                let payload = presence_payload(&j.topic, &user, &data);
+                self.push_app_event(AppEventKind::PresenceJoin, Some(j.conn), &user, payload);
+            }
             self.fan_out(&j.topic, &codec::encode_frame(OpCode::Text, &json));
         }
         self.topics.gc(&j.topic);
@@ -180,6 +185,8 @@ impl<T: Transport> Shard<T> {
         });
         if let Some((user, data)) = left {
             let json = protocol::presence_event("presence_leave", topic, user, &data);
+            let payload = presence_payload(topic, user, &data);
+            self.push_app_event(AppEventKind::PresenceLeave, None, user, payload);
             self.fan_out(topic, &codec::encode_frame(OpCode::Text, &json));
         }
         self.topics.gc(topic);
@@ -226,4 +233,28 @@ impl<T: Transport> Shard<T> {
         };
         q.reply.complete(answer);
     }
+}
+
+/// The payload of a presence application event: `{"topic","user_id","data"}`, the `p` of the
+/// frame the topic's subscribers get.
+fn presence_payload(topic: &str, user: &str, data: &[u8]) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct P<'a> {
+        topic: &'a str,
+        user_id: &'a str,
+        data: &'a serde_json::value::RawValue,
+    }
+    // Presence data was checked to be JSON when the member joined.
+    let empty: &serde_json::value::RawValue = serde_json::from_str("{}").expect("JSON");
+    let data = std::str::from_utf8(data)
+        .ok()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(empty);
+    let json = serde_json::to_vec(&P {
+        topic,
+        user_id: user,
+        data,
+    })
+    .expect("a payload serialises");
+    Bytes::from(json)
 }

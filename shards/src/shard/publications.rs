@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Shard, Transport, mark_dirty, send, write_out};
+use super::{Shard, Slot, Transport, mark_dirty, send, write_out};
 use crate::conn::ConnId;
 use crate::fabric::FabricMsg;
-use crate::metrics::DropReason;
+use crate::metrics::{DropReason, ShardMetrics};
 use crate::protocol::{self, Clock};
+use crate::topics::ConnKey;
 
 impl<T: Transport> Shard<T> {
     /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
@@ -58,23 +59,9 @@ impl<T: Transport> Shard<T> {
                 // Part of the replay on its way (or older than the position it recovers to).
                 continue;
             }
-            let mut queued = slot.conn.push_delivery(frame.clone(), max);
-            if !queued && !slot.write_blocked {
-                // The cap measures what the socket will not take, not what one turn queued: write
-                // this connection now and only then decide whether it is slow.
-                match write_out(slot, &self.metrics) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        slot.write_blocked = true;
-                        self.blocked.push(key);
-                    }
-                    Err(_) => {} // the read side sees the failure and releases the slot
-                }
-                queued = slot.conn.push_delivery(frame.clone(), max);
-            }
-            if queued {
+            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
+            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
                 delivered += 1;
-                mark_dirty(&mut self.dirty, slot, key);
             } else {
                 self.evict.push(key);
             }
@@ -111,4 +98,35 @@ impl<T: Transport> Shard<T> {
             self.metrics.dropped(DropReason::ConnectionGone).inc();
         }
     }
+}
+
+/// Queues a shared `frame` to connection `key` under the outbound cap `max`. When it does not
+/// fit, the connection is written first (the cap measures what the socket will not take, not
+/// what one turn queued) and offered the frame again; `false` means it is still over the cap and
+/// the caller evicts it. A connection that is not live takes (and discards) anything.
+pub(super) fn offer<T: Transport>(
+    slot: &mut Slot<T>,
+    key: ConnKey,
+    frame: Bytes,
+    max: usize,
+    metrics: &ShardMetrics,
+    blocked: &mut Vec<ConnKey>,
+    dirty: &mut Vec<ConnKey>,
+) -> bool {
+    let mut queued = slot.conn.push_delivery(frame.clone(), max);
+    if !queued && !slot.write_blocked {
+        match write_out(slot, metrics) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                slot.write_blocked = true;
+                blocked.push(key);
+            }
+            Err(_) => {} // the read side sees the failure and releases the slot
+        }
+        queued = slot.conn.push_delivery(frame, max);
+    }
+    if queued {
+        mark_dirty(dirty, slot, key);
+    }
+    queued
 }

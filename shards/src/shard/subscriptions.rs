@@ -10,18 +10,34 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{PendingAck, Shard, Transport, send};
+use crate::command::{CommandError, SubscribeOutcome};
 use crate::conn::{SessionMut, SubscribeRequest};
+use crate::fabric::Responder;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
 use crate::protocol::{self, Clock, FailedTopic};
 use crate::topics::{Change, ConnKey};
 
+/// Where an application's subscribe command is answered.
+type Reply = Responder<Result<SubscribeOutcome, CommandError>>;
+
 impl<T: Transport> Shard<T> {
     /// A connection asks to subscribe. Each topic is added to the local table at once; the
     /// acknowledgement goes out when the owners of the topics that need them have answered.
-    pub(super) fn subscribe(&mut self, key: ConnKey, req: SubscribeRequest, clock: Clock) {
+    /// `reply` is set when the application asked: the outcome goes there instead of an
+    /// acknowledgement frame to the client.
+    pub(super) fn subscribe(
+        &mut self,
+        key: ConnKey,
+        req: SubscribeRequest,
+        reply: Option<Reply>,
+        clock: Clock,
+    ) {
         let max = self.cfg.limits.max_subscriptions_per_connection;
         let presence_on = self.cfg.presence.enabled;
         let Some(slot) = self.conns.get_mut(key as usize) else {
+            if let Some(r) = reply {
+                r.send(Err(CommandError::UnknownConnection));
+            }
             return;
         };
         let conn = slot.conn.id();
@@ -31,13 +47,18 @@ impl<T: Transport> Shard<T> {
             recovering,
         }) = slot.conn.session_mut()
         else {
-            return; // left since it asked
+            // Left since it asked.
+            if let Some(r) = reply {
+                r.send(Err(CommandError::UnknownConnection));
+            }
+            return;
         };
         let user: Box<str> = user.into();
         let request = self.next_request;
         self.next_request += 1;
         let mut ack = PendingAck {
             conn,
+            reply,
             remaining: 0,
             succeeded: Vec::new(),
             failed: req.failed,
@@ -172,10 +193,20 @@ impl<T: Transport> Shard<T> {
             .is_some_and(|s| s.conn.id() == p.conn)
         {
             self.send_ack(key, p, clock);
+        } else if let Some(r) = p.reply {
+            r.send(Err(CommandError::UnknownConnection));
         }
     }
 
     fn send_ack(&mut self, key: ConnKey, p: PendingAck, clock: Clock) {
+        if let Some(reply) = p.reply {
+            reply.send(Ok(SubscribeOutcome {
+                success_topics: p.succeeded,
+                failed_topics: p.failed,
+                recovery: p.recovery,
+            }));
+            return;
+        }
         let names: Vec<&str> = p.succeeded.iter().map(String::as_str).collect();
         let frame = protocol::subscription_ack("subscribe", &names, &p.failed, &p.recovery);
         self.send_json(key, frame, clock);
@@ -207,9 +238,14 @@ impl<T: Transport> Shard<T> {
         }
     }
 
-    /// Removes one subscription of a live connection (if it has it); `user` asks for the
-    /// presence leave.
-    fn drop_subscription(&mut self, key: ConnKey, topic: &str, user: Option<&str>) {
+    /// Removes one subscription of a live connection (if it has it; returns whether it had);
+    /// `user` asks for the presence leave.
+    pub(super) fn drop_subscription(
+        &mut self,
+        key: ConnKey,
+        topic: &str,
+        user: Option<&str>,
+    ) -> bool {
         let Some(SessionMut {
             subs, recovering, ..
         }) = self
@@ -217,15 +253,16 @@ impl<T: Transport> Shard<T> {
             .get_mut(key as usize)
             .and_then(|s| s.conn.session_mut())
         else {
-            return;
+            return false;
         };
         let Some(i) = subs.iter().position(|s| **s == *topic) else {
-            return;
+            return false;
         };
         subs.swap_remove(i);
         recovering.retain(|t| **t != *topic);
         let change = self.topics.unsubscribe(topic, key);
         self.announce_leave(topic, change, user);
+        true
     }
 
     /// Tells the owner what a departure changes: the shard's interest, a presence member.

@@ -7,6 +7,20 @@
 //! Start-up binds every listener before any thread starts (so "address in use" fails `start`
 //! cleanly), then starts the shards and waits until each reports its runtime ready; a shard that
 //! fails is reported with the others stopped.
+//!
+//! The rest of the handle's API lives in submodules: [`commands`] (connections and users),
+//! [`topics`] (broadcasts, presence, counts), [`inbound`] (application events), [`builder`],
+//! and [`wait`] (driving its futures without an async runtime).
+
+mod builder;
+mod commands;
+mod inbound;
+mod topics;
+mod wait;
+
+pub use builder::Builder;
+pub use commands::HealthSnapshot;
+pub use wait::{block_on, block_on_timeout};
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,20 +29,13 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use serde_json::value::RawValue;
-
 use crate::accept;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Reloaded};
-use crate::fabric::{
-    self, Endpoint, FabricMsg, Query, QueryAnswer, QueryKind, ReplyFuture, ReplySlot, Sent,
-};
+use crate::fabric::{self, Endpoint, FabricMsg, Sent};
 use crate::metrics::ShardMetrics;
-use crate::protocol;
 use crate::runtime::{self, Boot};
 use crate::shard::{Admission, Reload, Shared};
-use crate::topics::owner_of;
 
 /// Fabric participants besides the shards: the control plane, and a reserved slot for the
 /// cluster core (a later participant with its own thread).
@@ -53,6 +60,9 @@ pub enum StartError {
 pub enum PublishError {
     #[error("invalid topic: {0}")]
     InvalidTopic(&'static str),
+    /// A broadcast message must be a JSON object (recovery stamps go inside it).
+    #[error("the message must be a JSON object")]
+    NotAnObject,
     #[error("the owner shard's queue is full")]
     Overloaded,
 }
@@ -99,6 +109,10 @@ pub struct Server {
     threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
     metrics: Vec<Arc<ShardMetrics>>,
     control: Mutex<Endpoint>,
+    /// The application-event requests in flight to each shard (see [`Server::drain_inbound`]).
+    inbound: Mutex<inbound::Inbound>,
+    /// A drain was requested: the shards are closing their connections and will exit.
+    draining: std::sync::atomic::AtomicBool,
     /// Reserved for the cluster core.
     _cluster: Mutex<Endpoint>,
     local_addr: SocketAddr,
@@ -171,6 +185,8 @@ impl Server {
             threads: Mutex::new(threads),
             metrics,
             control: Mutex::new(control),
+            inbound: Mutex::new(inbound::Inbound::new(shards)),
+            draining: Default::default(),
             _cluster: Mutex::new(cluster),
             local_addr,
             started: Instant::now(),
@@ -301,95 +317,6 @@ impl Server {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
-    }
-
-    /// Publishes `{"c":"U","t":<event>,"p":<data>,"v":1}` to every subscriber of `topic`.
-    ///
-    /// # Errors
-    /// An invalid topic, or a full queue to the topic's owner shard.
-    pub fn publish(&self, topic: &str, event: &str, data: &RawValue) -> Result<(), PublishError> {
-        if let Some(problem) = protocol::topic_problem(topic) {
-            return Err(PublishError::InvalidTopic(problem));
-        }
-        let body = protocol::publication(event, data);
-        self.publish_body(topic, body)
-    }
-
-    fn publish_body(&self, topic: &str, body: Bytes) -> Result<(), PublishError> {
-        let owner = owner_of(topic, self.shared.shards);
-        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = ep.send(
-            owner,
-            FabricMsg::Publish {
-                topic: Arc::from(topic),
-                body,
-                ack: None,
-            },
-        );
-        ep.flush();
-        match sent {
-            Sent::Queued => Ok(()),
-            Sent::Dropped => Err(PublishError::Overloaded),
-        }
-    }
-
-    /// The members of `topic` with their data and connection counts (asked of its owner shard).
-    ///
-    /// # Errors
-    /// An invalid topic, presence off, or a full queue to the owner.
-    pub async fn presence(&self, topic: &str) -> Result<Vec<PresenceMember>, QueryError> {
-        let kind = QueryKind::Presence {
-            topic: Arc::from(topic),
-        };
-        match self.query(topic, kind)?.await {
-            QueryAnswer::Presence(members) => Ok(members
-                .into_iter()
-                .map(|(user_id, connections, data)| PresenceMember {
-                    user_id,
-                    connections,
-                    data,
-                })
-                .collect()),
-            _ => Err(QueryError::PresenceDisabled),
-        }
-    }
-
-    /// `(users, connections)` of `topic`: constant time on its owner shard.
-    ///
-    /// # Errors
-    /// An invalid topic, presence off, or a full queue to the owner.
-    pub async fn presence_stats(&self, topic: &str) -> Result<(usize, u64), QueryError> {
-        let kind = QueryKind::PresenceStats {
-            topic: Arc::from(topic),
-        };
-        match self.query(topic, kind)?.await {
-            QueryAnswer::PresenceStats(users, conns) => Ok((users, conns)),
-            _ => Err(QueryError::PresenceDisabled),
-        }
-    }
-
-    fn query(&self, topic: &str, kind: QueryKind) -> Result<ReplyFuture<QueryAnswer>, QueryError> {
-        if let Some(problem) = protocol::topic_problem(topic) {
-            return Err(QueryError::InvalidTopic(problem));
-        }
-        if !self.shared.cfg.presence.enabled {
-            return Err(QueryError::PresenceDisabled);
-        }
-        let reply = ReplySlot::new();
-        let owner = owner_of(topic, self.shared.shards);
-        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = ep.send(
-            owner,
-            FabricMsg::Query(Box::new(Query {
-                kind,
-                reply: reply.clone(),
-            })),
-        );
-        ep.flush();
-        match sent {
-            Sent::Queued => Ok(reply.wait()),
-            Sent::Dropped => Err(QueryError::Overloaded),
-        }
     }
 
     /// Asks every shard to drain: stop accepting, close each connection with

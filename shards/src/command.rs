@@ -1,0 +1,314 @@
+//! Application commands: what the control participant (the binary's server API, or an
+//! embedding application through [`crate::Server`]) asks of the shards, and their answers.
+//!
+//! Owns: the command and answer types, the command errors, and the envelope of
+//! [`Server::send_event`](crate::Server::send_event). Never: executes a command (the shard's
+//! `commands` module does) or routes one (the server does).
+//!
+//! Routing: a command about a connection goes to the shard named in its id
+//! ([`ConnId::shard`]); a command about a user, every connection or a count goes to every shard,
+//! and the server combines their answers. No global table is consulted, and each shard answers
+//! through the [`Responder`] the command carries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::conn::ConnId;
+use crate::fabric::Responder;
+use crate::inbound::AppEvent;
+use crate::protocol::{FailedTopic, RecoveryInfo};
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// No live connection has this id (never had, or has gone).
+    #[error("no such connection")]
+    UnknownConnection,
+    #[error("invalid topic: {0}")]
+    InvalidTopic(&'static str),
+    #[error("invalid event: {0}")]
+    InvalidEvent(&'static str),
+    /// Close codes the application may send: 1000, or 3000..=4999.
+    #[error("invalid close code {0}: use 1000 or 3000..=4999")]
+    InvalidCloseCode(u16),
+    /// The message did not fit in the connection's outbound queue
+    /// (`limits.max_outbound_queue_bytes`); the connection was closed with 4413.
+    #[error("the connection's outbound queue is full; it was closed with 4413")]
+    SlowConsumer,
+    /// A shard's queue from the control plane is full.
+    #[error("a shard's queue is full")]
+    Overloaded,
+    /// The server is stopping or stopped.
+    #[error("the server is not running")]
+    NotRunning,
+}
+
+/// A frame as the application gives it.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Sent as one text frame, verbatim (UTF-8 by construction).
+    Text(Bytes),
+    /// Sent as one binary frame, verbatim.
+    Binary(Bytes),
+    /// Wrapped in the envelope (see [`OutboundEvent`]) and encoded per connection.
+    Event(Arc<OutboundEvent>),
+}
+
+/// What a send did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// Bytes queued (the frame, header included); 0 for a duplicate.
+    pub bytes: usize,
+    /// The event id was sent to this connection recently: nothing was sent (see
+    /// [`crate::shard::SEND_DEDUP_WINDOW`]).
+    pub duplicate: bool,
+}
+
+/// A subscription the application makes for a connection.
+#[derive(Debug, Default, Clone)]
+pub struct AppSubscribe {
+    pub topics: Vec<String>,
+    /// Presence data (JSON text) when presence is on; `{}` when absent.
+    pub presence: Option<Bytes>,
+    /// Join this queue group instead of receiving every publication (see PROTOCOL.md).
+    pub queue_group: Option<Arc<str>>,
+    /// Replay from these positions: (topic, epoch if known, inclusive last offset).
+    pub recover: Vec<(String, Option<u32>, u64)>,
+}
+
+/// What a subscription did, topic by topic (as the client acknowledgement reports it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeOutcome {
+    pub success_topics: Vec<String>,
+    pub failed_topics: Vec<FailedTopic>,
+    /// Per topic a recovery was asked for.
+    pub recovery: Vec<(String, RecoveryInfo)>,
+}
+
+/// One live connection, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    pub id: ConnId,
+    pub user_id: String,
+    /// Topics it is subscribed to.
+    pub topics: usize,
+}
+
+type Reply<T> = Responder<Result<T, CommandError>>;
+
+/// A command for one shard. Every variant carries the responder its answer goes to.
+#[derive(Debug)]
+pub enum Command {
+    /// Queue `payload` to `conn` (under the outbound cap). Answer: the outcome.
+    Send {
+        conn: ConnId,
+        payload: Payload,
+        reply: Reply<SendOutcome>,
+    },
+    /// Queue `payload` to every local connection of `user`. Answer: how many got it (duplicates
+    /// excluded).
+    SendUser {
+        user: Arc<str>,
+        payload: Payload,
+        reply: Responder<usize>,
+    },
+    /// Close `conn` with `code` and `reason`.
+    Disconnect {
+        conn: ConnId,
+        code: u16,
+        reason: Box<str>,
+        reply: Reply<()>,
+    },
+    /// Subscribe `conn` (its subscribe ACL and limits apply, as to a client request); answered
+    /// once the topics' owners have (as a client acknowledgement would be), not sent to the
+    /// client.
+    Subscribe {
+        conn: ConnId,
+        request: Box<AppSubscribe>,
+        reply: Reply<SubscribeOutcome>,
+    },
+    /// Unsubscribe `conn` from `topics` (every topic when `None`). Answer: the topics it left.
+    Unsubscribe {
+        conn: ConnId,
+        topics: Option<Vec<String>>,
+        reply: Reply<Vec<String>>,
+    },
+    /// Replace `conn`'s subscribe ACL; subscriptions the new ACL refuses are dropped. Answer:
+    /// the topics dropped.
+    SetAcl {
+        conn: ConnId,
+        allow: Option<Vec<String>>,
+        deny: Vec<String>,
+        reply: Reply<Vec<String>>,
+    },
+    /// The shard's live connections.
+    ListConnections {
+        reply: Responder<Vec<ConnectionInfo>>,
+    },
+    /// The shard's subscribers of `topic` (queue-group members included).
+    SubscriberCount {
+        topic: Arc<str>,
+        reply: Responder<usize>,
+    },
+    /// Queue `frame` (a complete WebSocket frame) to every live WSE connection of the shard.
+    /// Answer: how many.
+    BroadcastAll {
+        frame: Bytes,
+        reply: Responder<usize>,
+    },
+    /// Stop accepting and close every connection with `close_code`; the shard exits once its
+    /// connections are gone or `timeout` has passed.
+    Drain {
+        close_code: u16,
+        reason: Arc<str>,
+        timeout: Duration,
+        reply: Responder<()>,
+    },
+    /// Up to `max` application events: at once if the shard has some, else as soon as it has
+    /// (the request waits in the shard). One request per shard at a time.
+    TakeEvents {
+        max: usize,
+        reply: Responder<Vec<AppEvent>>,
+    },
+}
+
+/// An event the application sends to a connection, checked once and wrapped per connection:
+/// `{"c":<c|"U">,"t":..,"p":..,"id":<id|uuid7>,"ts":<ISO now>,"seq":<per connection>,"v":1}`
+/// followed by any other fields the event had (in key order).
+#[derive(Debug)]
+pub struct OutboundEvent {
+    pub c: String,
+    pub t: String,
+    pub p: Box<RawValue>,
+    pub id: String,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl OutboundEvent {
+    /// Reads an application event: a JSON object with `t` (or `type`), optional `p` (or
+    /// `payload`; default `{}`), `id` (string; default a new UUIDv7) and `c` (default `"U"`).
+    ///
+    /// # Errors
+    /// Not a JSON object, no string type, a non-string id or category.
+    pub fn parse(json: &str) -> Result<OutboundEvent, CommandError> {
+        let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
+            .map_err(|_| CommandError::InvalidEvent("not a JSON object"))?;
+        let t = match map.remove("t").or_else(|| map.remove("type")) {
+            Some(serde_json::Value::String(t)) if !t.is_empty() => t,
+            _ => return Err(CommandError::InvalidEvent("needs a non-empty string 't'")),
+        };
+        let p = map
+            .remove("p")
+            .or_else(|| map.remove("payload"))
+            .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+        let p = serde_json::value::to_raw_value(&p).expect("a JSON value serialises");
+        let id = match map.remove("id") {
+            None | Some(serde_json::Value::Null) => uuid::Uuid::now_v7().to_string(),
+            Some(serde_json::Value::String(id)) if !id.is_empty() => id,
+            _ => {
+                return Err(CommandError::InvalidEvent(
+                    "'id' must be a non-empty string",
+                ));
+            }
+        };
+        let c = match map.remove("c") {
+            None => "U".to_owned(),
+            Some(serde_json::Value::String(c)) => c,
+            _ => return Err(CommandError::InvalidEvent("'c' must be a string")),
+        };
+        for envelope_field in ["ts", "seq", "v"] {
+            map.remove(envelope_field);
+        }
+        Ok(OutboundEvent {
+            c,
+            t,
+            p,
+            id,
+            extra: map,
+        })
+    }
+
+    /// The wire JSON for one connection.
+    pub fn envelope(&self, ts: &str, seq: u64) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            c: &'a str,
+            t: &'a str,
+            p: &'a RawValue,
+            id: &'a str,
+            ts: &'a str,
+            seq: u64,
+            v: u32,
+            #[serde(flatten)]
+            extra: &'a serde_json::Map<String, serde_json::Value>,
+        }
+        serde_json::to_vec(&Envelope {
+            c: &self.c,
+            t: &self.t,
+            p: &self.p,
+            id: &self.id,
+            ts,
+            seq,
+            v: crate::config::PROTOCOL_VERSION,
+            extra: &self.extra,
+        })
+        .expect("an envelope serialises")
+    }
+}
+
+/// Whether the application may close a connection with `code` (RFC 6455 §7.4: 1000, or the
+/// ranges for libraries and applications; the clients reconnect on 4000..=4999).
+pub fn close_code_allowed(code: u16) -> bool {
+    code == 1000 || (3000..=4999).contains(&code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_fills_in_id_ts_seq_and_keeps_extras() {
+        let e = OutboundEvent::parse(r#"{"type":"note","payload":{"x":1},"corr":"a"}"#).unwrap();
+        assert_eq!(e.c, "U");
+        assert_eq!(e.id.len(), 36, "a generated uuid");
+        let json: serde_json::Value =
+            serde_json::from_slice(&e.envelope("2026-01-01T00:00:00.000Z", 7)).unwrap();
+        assert_eq!(json["t"], "note");
+        assert_eq!(json["p"], serde_json::json!({"x": 1}));
+        assert_eq!(json["seq"], 7);
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["corr"], "a");
+        let e = OutboundEvent::parse(r#"{"c":"WSE","t":"x","id":"e-1","seq":99}"#).unwrap();
+        let text = String::from_utf8(e.envelope("now", 2)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"c":"WSE","t":"x","p":{},"id":"e-1","ts":"now","seq":2,"v":1}"#
+        );
+    }
+
+    #[test]
+    fn bad_events_are_refused() {
+        for bad in [
+            "[]",
+            "{}",
+            r#"{"t":""}"#,
+            r#"{"t":1}"#,
+            r#"{"t":"x","id":5}"#,
+            "nope",
+        ] {
+            assert!(OutboundEvent::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn close_codes() {
+        assert!(close_code_allowed(1000) && close_code_allowed(4300) && close_code_allowed(3000));
+        assert!(
+            !close_code_allowed(1001) && !close_code_allowed(1005) && !close_code_allowed(5000)
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The topic side of the engine API: publications (broadcasts) through a topic's owner shard,
+//! presence queries answered by the owner, and subscriber counts gathered from every shard.
+//!
+//! Owns: routing these to the owner (computed from the topic's name) or to every shard. Never:
+//! sequences or delivers anything (the owner does).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::{PresenceMember, PublishError, QueryError, Server};
+use crate::command::{Command, CommandError};
+use crate::fabric::{FabricMsg, Query, QueryAnswer, QueryKind, ReplyFuture, ReplySlot, Sent};
+use crate::protocol;
+use crate::topics::owner_of;
+
+impl Server {
+    /// Publishes `{"c":"U","t":<event>,"p":<data>,"v":1}` to every subscriber of `topic`.
+    ///
+    /// # Errors
+    /// An invalid topic, or a full queue to the topic's owner shard.
+    pub fn publish(&self, topic: &str, event: &str, data: &RawValue) -> Result<(), PublishError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(PublishError::InvalidTopic(problem));
+        }
+        let body = protocol::publication(event, data);
+        self.publish_body(topic, body)
+    }
+
+    pub(super) fn publish_body(&self, topic: &str, body: Bytes) -> Result<(), PublishError> {
+        let owner = owner_of(topic, self.shared.shards);
+        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = ep.send(
+            owner,
+            FabricMsg::Publish {
+                topic: Arc::from(topic),
+                body,
+                ack: None,
+            },
+        );
+        ep.flush();
+        match sent {
+            Sent::Queued => Ok(()),
+            Sent::Dropped => Err(PublishError::Overloaded),
+        }
+    }
+
+    /// Publishes `message` — a JSON object, sent to subscribers verbatim (plus recovery stamps
+    /// when recovery is on) — to every subscriber of `topic`, through the topic's owner shard
+    /// as any publication: numbered, in the topic's order, recorded for recovery. Upstream's
+    /// `broadcast(topic, data)`.
+    ///
+    /// ```no_run
+    /// # fn demo(server: &wse_shards::Server) -> Result<(), wse_shards::PublishError> {
+    /// let msg = serde_json::value::RawValue::from_string(
+    ///     r#"{"c":"U","t":"price","p":{"px":101},"v":1}"#.to_owned(),
+    /// ).unwrap();
+    /// server.broadcast("prices", &msg)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// An invalid topic, a message that is not a JSON object, or a full queue to the owner.
+    pub fn broadcast(&self, topic: &str, message: &RawValue) -> Result<(), PublishError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(PublishError::InvalidTopic(problem));
+        }
+        if !message.get().starts_with('{') {
+            return Err(PublishError::NotAnObject);
+        }
+        self.publish_body(topic, Bytes::copy_from_slice(message.get().as_bytes()))
+    }
+
+    /// [`Server::broadcast`] to the subscribers in this process only. "Local" is upstream's
+    /// meaning, this process and not the other nodes of a cluster; a standalone server has no
+    /// other node, so today it reaches exactly what `broadcast` reaches, on every shard, in the
+    /// topic's order. (A shard-local broadcast would reach an arbitrary part of the
+    /// subscribers, since connections land on shards by the kernel's choice, and would bypass
+    /// the topic's numbering that recovery relies on.)
+    ///
+    /// # Errors
+    /// As [`Server::broadcast`].
+    pub fn broadcast_local(&self, topic: &str, message: &RawValue) -> Result<(), PublishError> {
+        self.broadcast(topic, message)
+    }
+
+    /// Connections subscribed to `topic` across all shards (queue-group members included), as
+    /// each shard counted when it answered: exact when nothing changes meanwhile, never a
+    /// global snapshot.
+    ///
+    /// # Errors
+    /// An invalid topic; a shard that cannot be asked.
+    pub async fn get_topic_subscriber_count(&self, topic: &str) -> Result<usize, CommandError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(CommandError::InvalidTopic(problem));
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        let counts = self
+            .gather(|reply| Command::SubscriberCount {
+                topic: topic.clone(),
+                reply,
+            })
+            .await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    /// The members of `topic` with their data and connection counts (asked of its owner shard).
+    ///
+    /// # Errors
+    /// An invalid topic, presence off, or a full queue to the owner.
+    pub async fn presence(&self, topic: &str) -> Result<Vec<PresenceMember>, QueryError> {
+        let kind = QueryKind::Presence {
+            topic: Arc::from(topic),
+        };
+        match self.query(topic, kind)?.await {
+            QueryAnswer::Presence(members) => Ok(members
+                .into_iter()
+                .map(|(user_id, connections, data)| PresenceMember {
+                    user_id,
+                    connections,
+                    data,
+                })
+                .collect()),
+            _ => Err(QueryError::PresenceDisabled),
+        }
+    }
+
+    /// `(users, connections)` of `topic`: constant time on its owner shard.
+    ///
+    /// # Errors
+    /// An invalid topic, presence off, or a full queue to the owner.
+    pub async fn presence_stats(&self, topic: &str) -> Result<(usize, u64), QueryError> {
+        let kind = QueryKind::PresenceStats {
+            topic: Arc::from(topic),
+        };
+        match self.query(topic, kind)?.await {
+            QueryAnswer::PresenceStats(users, conns) => Ok((users, conns)),
+            _ => Err(QueryError::PresenceDisabled),
+        }
+    }
+
+    fn query(&self, topic: &str, kind: QueryKind) -> Result<ReplyFuture<QueryAnswer>, QueryError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(QueryError::InvalidTopic(problem));
+        }
+        if !self.shared.cfg.presence.enabled {
+            return Err(QueryError::PresenceDisabled);
+        }
+        let reply = ReplySlot::new();
+        let owner = owner_of(topic, self.shared.shards);
+        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = ep.send(
+            owner,
+            FabricMsg::Query(Box::new(Query {
+                kind,
+                reply: reply.clone(),
+            })),
+        );
+        ep.flush();
+        match sent {
+            Sent::Queued => Ok(reply.wait()),
+            Sent::Dropped => Err(QueryError::Overloaded),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Application commands on the shard that owns what they are about: sends to connections and
+//! users, disconnects, subscriptions and ACLs made by the application, listings and counts,
+//! broadcasts to every connection, drain, and handing application events out.
+//!
+//! Every command is answered through its responder, exactly once; a command about a connection
+//! this shard does not serve live (gone, never existed, or another shard's id routed here) is
+//! answered [`CommandError::UnknownConnection`].
+
+use bytes::Bytes;
+
+use super::publications::offer;
+use super::{Shard, Transport};
+use crate::auth::Acl;
+use crate::codec::{self, OpCode};
+use crate::command::{
+    AppSubscribe, Command, CommandError, ConnectionInfo, Payload, SendOutcome, SubscribeOutcome,
+};
+use crate::conn::ConnId;
+use crate::fabric::Responder;
+use crate::inbound::AppEvent;
+use crate::protocol::{self, Clock, Wire};
+use crate::topics::ConnKey;
+
+impl<T: Transport> Shard<T> {
+    pub(super) fn handle_command(&mut self, cmd: Command, clock: Clock) {
+        match cmd {
+            Command::Send {
+                conn,
+                payload,
+                reply,
+            } => {
+                let sent = match self.live_key(conn) {
+                    Some(key) => self.send_payload(key, &payload, &clock.iso()),
+                    None => Err(CommandError::UnknownConnection),
+                };
+                reply.send(sent);
+            }
+            Command::SendUser {
+                user,
+                payload,
+                reply,
+            } => {
+                let ts = clock.iso();
+                let keys = self.users.get(&user).to_vec();
+                let sent = keys
+                    .into_iter()
+                    .filter(|&key| {
+                        self.send_payload(key, &payload, &ts)
+                            .is_ok_and(|o| !o.duplicate)
+                    })
+                    .count();
+                reply.send(sent);
+            }
+            Command::Disconnect {
+                conn,
+                code,
+                reason,
+                reply,
+            } => {
+                let done = self.live_key(conn).map(|key| {
+                    self.with_conn(key, clock, |c, cx| c.close(code, &reason, cx));
+                });
+                reply.send(done.ok_or(CommandError::UnknownConnection));
+            }
+            Command::Subscribe {
+                conn,
+                request,
+                reply,
+            } => self.app_subscribe(conn, &request, reply, clock),
+            Command::Unsubscribe {
+                conn,
+                topics,
+                reply,
+            } => reply.send(self.app_unsubscribe(conn, topics)),
+            Command::SetAcl {
+                conn,
+                allow,
+                deny,
+                reply,
+            } => reply.send(self.set_acl(conn, allow, deny)),
+            Command::ListConnections { reply } => reply.send(self.list_connections()),
+            Command::SubscriberCount { topic, reply } => {
+                reply.send(self.topics.get(&topic).map_or(0, |t| t.subscriber_count()));
+            }
+            Command::BroadcastAll { frame, reply } => reply.send(self.broadcast_all(&frame)),
+            Command::Drain {
+                close_code,
+                reason,
+                timeout,
+                reply,
+            } => {
+                self.begin_drain_with(close_code, &reason, clock.now + timeout, clock);
+                reply.send(());
+            }
+            Command::TakeEvents { max, reply } => {
+                if self.app_events.is_empty() {
+                    // Waits for the end of a turn that queued events (see `answer_event_waiter`).
+                    if let Some((_, earlier)) = self.event_waiter.replace((max, reply)) {
+                        earlier.send(Vec::new());
+                    }
+                } else {
+                    reply.send(self.take_events(max));
+                }
+            }
+        }
+    }
+
+    /// Answers a waiting [`Command::TakeEvents`] when events are queued; once per turn, so a
+    /// busy shard hands out a turn's events in one batch.
+    pub(super) fn answer_event_waiter(&mut self) {
+        if !self.app_events.is_empty()
+            && let Some((max, reply)) = self.event_waiter.take()
+        {
+            reply.send(self.take_events(max));
+        }
+    }
+
+    /// The oldest `max` queued application events.
+    fn take_events(&mut self, max: usize) -> Vec<AppEvent> {
+        let n = max.min(self.app_events.len());
+        let batch: Vec<AppEvent> = self.app_events.drain(..n).collect();
+        self.app_event_bytes -= batch.iter().map(AppEvent::size).sum::<usize>();
+        batch
+    }
+
+    /// The slab key of `conn` when it is a live connection of this shard.
+    fn live_key(&self, conn: ConnId) -> Option<ConnKey> {
+        let key = conn.key();
+        self.conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == conn && s.conn.is_live())
+            .then_some(key)
+    }
+
+    /// Queues `payload` to live connection `key` under the outbound cap; a connection over the
+    /// cap is evicted with 4413, as a slow subscriber would be.
+    fn send_payload(
+        &mut self,
+        key: ConnKey,
+        payload: &Payload,
+        ts: &str,
+    ) -> Result<SendOutcome, CommandError> {
+        let Some(slot) = self.conns.get_mut(key as usize) else {
+            return Err(CommandError::UnknownConnection);
+        };
+        let frame = match payload {
+            Payload::Text(text) => codec::encode_frame(OpCode::Text, text),
+            Payload::Binary(bytes) => codec::encode_frame(OpCode::Binary, bytes),
+            Payload::Event(event) => {
+                if !self.recent_ids.first_time(slot.conn.id(), &event.id) {
+                    return Ok(SendOutcome {
+                        bytes: 0,
+                        duplicate: true,
+                    });
+                }
+                let seq = slot
+                    .conn
+                    .next_seq()
+                    .ok_or(CommandError::UnknownConnection)?;
+                let (wire, bytes) = protocol::encode_for_connection(
+                    event.envelope(ts, seq),
+                    slot.conn.is_msgpack(),
+                    self.cfg.protocol.compression_threshold,
+                );
+                let op = match wire {
+                    Wire::Text => OpCode::Text,
+                    Wire::Binary => OpCode::Binary,
+                };
+                codec::encode_frame(op, &bytes)
+            }
+        };
+        let bytes = frame.len();
+        let max = self.cfg.limits.max_outbound_queue_bytes;
+        if offer(
+            slot,
+            key,
+            frame,
+            max,
+            &self.metrics,
+            &mut self.blocked,
+            &mut self.dirty,
+        ) {
+            self.metrics.messages_out_total.inc();
+            Ok(SendOutcome {
+                bytes,
+                duplicate: false,
+            })
+        } else {
+            self.evict.push(key);
+            Err(CommandError::SlowConsumer)
+        }
+    }
+
+    fn app_subscribe(
+        &mut self,
+        conn: ConnId,
+        request: &AppSubscribe,
+        reply: Responder<Result<SubscribeOutcome, CommandError>>,
+        clock: Clock,
+    ) {
+        let req = self.live_key(conn).and_then(|key| {
+            let slot = self.conns.get(key as usize)?;
+            Some((key, slot.conn.admit_subscription(request, &self.cfg)?))
+        });
+        match req {
+            Some((key, req)) => self.subscribe(key, req, Some(reply), clock),
+            None => reply.send(Err(CommandError::UnknownConnection)),
+        }
+    }
+
+    fn app_unsubscribe(
+        &mut self,
+        conn: ConnId,
+        topics: Option<Vec<String>>,
+    ) -> Result<Vec<String>, CommandError> {
+        let key = self.live_key(conn).ok_or(CommandError::UnknownConnection)?;
+        let slot = self.conns.get(key as usize).expect("live");
+        let user: Box<str> = slot.conn.user_id().unwrap_or_default().into();
+        let topics = topics.unwrap_or_else(|| {
+            slot.conn
+                .subscriptions()
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        });
+        Ok(topics
+            .into_iter()
+            .filter(|t| self.drop_subscription(key, t, Some(&user)))
+            .collect())
+    }
+
+    /// Replaces the subscribe ACL (an empty or absent allow list allows everything not denied,
+    /// as upstream's `set_topic_acl`), and drops the subscriptions it no longer permits.
+    fn set_acl(
+        &mut self,
+        conn: ConnId,
+        allow: Option<Vec<String>>,
+        deny: Vec<String>,
+    ) -> Result<Vec<String>, CommandError> {
+        let key = self.live_key(conn).ok_or(CommandError::UnknownConnection)?;
+        let acl = match allow {
+            Some(allow) if !allow.is_empty() => Acl::new(allow, deny),
+            _ => Acl::allow_all_but(deny),
+        };
+        let slot = self.conns.get_mut(key as usize).expect("live");
+        slot.conn.set_subscribe_acl(acl);
+        let user: Box<str> = slot.conn.user_id().unwrap_or_default().into();
+        let refused: Vec<String> = slot
+            .conn
+            .subscriptions()
+            .iter()
+            .filter(|t| !slot.conn.may_subscribe(t))
+            .map(|t| t.to_string())
+            .collect();
+        for topic in &refused {
+            self.drop_subscription(key, topic, Some(&user));
+        }
+        Ok(refused)
+    }
+
+    fn list_connections(&self) -> Vec<ConnectionInfo> {
+        self.conns
+            .iter()
+            .filter(|(_, s)| s.conn.is_live())
+            .map(|(_, s)| ConnectionInfo {
+                id: s.conn.id(),
+                user_id: s.conn.user_id().unwrap_or_default().to_owned(),
+                topics: s.conn.subscriptions().len(),
+            })
+            .collect()
+    }
+
+    /// Queues `frame` to every live WSE connection; returns how many took it.
+    fn broadcast_all(&mut self, frame: &Bytes) -> usize {
+        // A private copy: cloning the control plane's buffer per connection would bounce its
+        // reference count between cores.
+        let frame = Bytes::copy_from_slice(frame);
+        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let mut sent = 0;
+        for (key, slot) in self.conns.iter_mut() {
+            if !slot.conn.is_live() {
+                continue;
+            }
+            let key = key as ConnKey;
+            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
+            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+                sent += 1;
+            } else {
+                self.evict.push(key);
+            }
+        }
+        self.metrics.messages_out_total.add(sent as u64);
+        sent
+    }
+}
