@@ -125,7 +125,7 @@ type Runs<'a> = [(usize, &'a String, &'a Report)];
 fn environment(out: &mut String, runs: &Runs) {
     for (_, name, r) in runs {
         let env = &r.environment;
-        let s = |k: &str| env.get(k).map_or_else(String::new, |v| fmt_value(v));
+        let s = |k: &str| env.get(k).map_or_else(String::new, fmt_value);
         let target = r.results.get("target").map(fmt_value).unwrap_or_default();
         let _ = writeln!(
             out,

@@ -347,7 +347,9 @@ fn report_renders_html() {
     std::fs::create_dir_all(&dir).unwrap();
     let s = server();
     let json = dir.join("storm.json");
-    run(&s, "connect-storm", &["-n", "5"]).write_json(&json).unwrap();
+    run(&s, "connect-storm", &["-n", "5"])
+        .write_json(&json)
+        .unwrap();
     let html = dir.join("report.html");
     let Outcome::Text(t) = run_args([
         "wse-bench",
