@@ -17,10 +17,12 @@
 #   REPEATS      runs per scenario and target [3]
 #   TARGETS      which servers [wse upstream]
 #   SCENARIOS    which scenarios [connect-storm hold latency-1k latency-10k fanout-max ping]
-#                (also: fanout, inbound). latency-1k / latency-10k: fanout at a fixed 50,000
+#                (also: fanout, inbound, recovery). latency-1k / latency-10k: fanout at a fixed 50,000
 #                deliveries/s to 1,000 / 9,900 subscribers of one topic (50 and 5 publications/s);
 #                fanout-max: the highest rate with zero gaps and p99 < 50 ms to FANOUT_SUBS
-#                subscribers over FANOUT_TOPICS topics.
+#                subscribers over FANOUT_TOPICS topics. recovery: REC_SUBS subscribers over 10
+#                topics at REC_RATE publications/s for REC_S while REC_CHURN subscribers per
+#                second disconnect and reconnect with recover:true (both servers with recovery on).
 #   WSE_SERVER   "binary" (target/release/wse-server) or "engine" (the in-process engine example,
 #                for when the binary is not usable yet) [binary]
 #   WSE_ARGS     extra wse-server flags, e.g. "--recovery-enabled true" [none]
@@ -28,6 +30,7 @@
 #   STORM_N HOLD_N HOLD_N_UPSTREAM HOLD_S FANOUT_SUBS FANOUT_TOPICS FANOUT_RATE FANOUT_S PING_N PING_S
 #                scenario sizes [5000 19000 9000 10s 1000 1 1000 10s 100 10s]
 #                (hold: wse-server holds 19,000 in one process; the upstream peer stops near 9,995)
+#   REC_SUBS REC_RATE REC_S REC_CHURN   recovery sizes [1000 200 20s 50]
 #   SERVER_CPU BENCH_CPU   cores for taskset [0 1]
 #   UPSTREAM_PY  the upstream venv's python [/tmp/wse-peers/venv/bin/python]
 #   PEERS_DIR    where wse_upstream_server.py lives [<repo>/../shared/peers, else /work/shared/peers]
@@ -55,6 +58,10 @@ FANOUT_RATE=${FANOUT_RATE:-1000}
 FANOUT_S=${FANOUT_S:-10s}
 PING_N=${PING_N:-100}
 PING_S=${PING_S:-10s}
+REC_SUBS=${REC_SUBS:-1000}
+REC_RATE=${REC_RATE:-200}
+REC_S=${REC_S:-20s}
+REC_CHURN=${REC_CHURN:-50}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
 UPSTREAM_PY=${UPSTREAM_PY:-/tmp/wse-peers/venv/bin/python}
@@ -117,6 +124,7 @@ start_server() {
                 taskset -c "$SERVER_CPU" "$ROOT/target/release/wse-server" \
                     --cores 1 --listen "127.0.0.1:$WS_PORT" --control-listen "127.0.0.1:$CONTROL_PORT" \
                     --auth-enabled true --auth-secret "$SECRET" --idle-timeout 3600s ${WSE_ARGS:-} \
+                    ${SCENARIO_WSE_ARGS:-} \
                     >"$SERVER_LOG" 2>&1 &
             fi
             METRICS_URL=http://127.0.0.1:$CONTROL_PORT/metrics
@@ -124,7 +132,8 @@ start_server() {
         upstream)
             WSE_JWT_SECRET=$SECRET taskset -c "$SERVER_CPU" "$UPSTREAM_PY" \
                 "$PEERS_DIR/wse_upstream_server.py" "$WS_PORT" --publishers publisher \
-                --idle-timeout 3600 --max-connections 20000 >"$SERVER_LOG" 2>&1 &
+                --idle-timeout 3600 --max-connections 20000 ${SCENARIO_UPSTREAM_ARGS:-} \
+                >"$SERVER_LOG" 2>&1 &
             ;;
     esac
     SERVER_PID=$!
@@ -137,6 +146,7 @@ run_one() {
     local scenario=$1 target=$2 rep=$3
     local tag=$scenario-$target-$rep
     local -a args
+    SCENARIO_WSE_ARGS="" SCENARIO_UPSTREAM_ARGS=""
     case $scenario in
         connect-storm) args=(connect-storm -n "$STORM_N") ;;
         hold)
@@ -157,7 +167,13 @@ run_one() {
         ping) args=(ping -n "$PING_N" --duration "$PING_S") ;;
         inbound)
             args=(inbound -n 100 --rate 100 --duration 10s)
-            [[ -n $METRICS_URL ]] && args+=(--metrics-url "$METRICS_URL")
+            # Only wse-server has /metrics; upstream's processed rate is not observable.
+            [[ $target == wse ]] && args+=(--metrics-url "http://127.0.0.1:$CONTROL_PORT/metrics")
+            ;;
+        recovery)
+            args=(recovery --subscribers "$REC_SUBS" --topics 10 --rate "$REC_RATE" --duration "$REC_S"
+                --churn-batch 10 --churn-rate "$REC_CHURN")
+            SCENARIO_WSE_ARGS="--recovery-enabled true" SCENARIO_UPSTREAM_ARGS="--recovery"
             ;;
         *) log "unknown scenario $scenario"; return 1 ;;
     esac

@@ -12,6 +12,9 @@
 # Environment (defaults in brackets):
 #   N [60000]  SERVERS [4]  AGENTS [4]  HOLD_S [30s]  TOPICS_PER_CONN [1]
 #   OUT [target/bench-results/hold-distributed-<timestamp>]
+#   TARGET     wse or upstream (the upstream peer, ../shared/peers; it stops near 9 995
+#              connections per process, so use SERVERS=7 or more for 60 000) [wse]
+#   UPSTREAM_PY  the upstream venv's python [/tmp/wse-peers/venv/bin/python]
 #   WSE_ARGS   extra wse-server flags [none]
 #   SECRET     HS256 secret [upstream's default]
 #   BASE_PORT  first WebSocket port; control ports and agent ports follow [6300]
@@ -33,6 +36,10 @@ OUT=${OUT:-$ROOT/target/bench-results/hold-distributed-$(date +%Y%m%d-%H%M%S)}
 SECRET=${SECRET:-wse-peer-benchmark-secret-not-for-production-0123456789}
 BASE_PORT=${BASE_PORT:-6300}
 BENCH=$ROOT/target/release/wse-bench
+TARGET=${TARGET:-wse}
+UPSTREAM_PY=${UPSTREAM_PY:-/tmp/wse-peers/venv/bin/python}
+PEERS_DIR=${PEERS_DIR:-$ROOT/../shared/peers}
+[[ -d $PEERS_DIR ]] || PEERS_DIR=/work/shared/peers
 PIDS=()
 
 log() { echo "[hold-distributed $(date +%H:%M:%S)] $*" >&2; }
@@ -73,11 +80,16 @@ urls=() server_pids=() agents=()
 per_server=$(((N + SERVERS - 1) / SERVERS))
 for i in $(seq 0 $((SERVERS - 1))); do
     port=$((BASE_PORT + i)) control=$((BASE_PORT + 100 + i))
-    # shellcheck disable=SC2086
-    "$ROOT/target/release/wse-server" --cores 1 --listen "127.0.0.1:$port" \
-        --control-listen "127.0.0.1:$control" --auth-enabled true --auth-secret "$SECRET" \
-        --idle-timeout 3600s --max-connections $((per_server + 1000)) ${WSE_ARGS:-} \
-        >"$OUT/server-$i.log" 2>&1 &
+    if [[ $TARGET == upstream ]]; then
+        WSE_JWT_SECRET=$SECRET "$UPSTREAM_PY" "$PEERS_DIR/wse_upstream_server.py" "$port" \
+            --idle-timeout 3600 --max-connections 20000 >"$OUT/server-$i.log" 2>&1 &
+    else
+        # shellcheck disable=SC2086
+        "$ROOT/target/release/wse-server" --cores 1 --listen "127.0.0.1:$port" \
+            --control-listen "127.0.0.1:$control" --auth-enabled true --auth-secret "$SECRET" \
+            --idle-timeout 3600s --max-connections $((per_server + 1000)) ${WSE_ARGS:-} \
+            >"$OUT/server-$i.log" 2>&1 &
+    fi
     PIDS+=($!) server_pids+=($!)
     wait_listening "$port" $!
     urls+=("ws://127.0.0.1:$port/wse")
@@ -93,7 +105,7 @@ join() { local IFS=,; echo "$*"; }
 cmd=("$BENCH" hold -n "$N" --topics-per-conn "$TOPICS_PER_CONN" --duration "$HOLD_S"
     --url "$(join "${urls[@]}")" --server-pid "$(join "${server_pids[@]}")"
     --agents "$(join "${agents[@]}")" --source 127.0.0.2-127.0.0.250
-    --secret "$SECRET" --json "$OUT/hold.json")
+    --secret "$SECRET" --target "$TARGET" --json "$OUT/hold.json")
 echo "${cmd[*]}" | sed "s/$SECRET/\$SECRET/" >"$OUT/command.txt"
 log "running: $(cat "$OUT/command.txt")"
 "${cmd[@]}" | tee "$OUT/hold.txt"

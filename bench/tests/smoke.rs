@@ -271,6 +271,13 @@ fn recovery_delivers_every_publication_exactly_once_across_reconnects() {
     assert!(num(&r, "replay_count_acked") > 0.0, "{}", r.table());
     assert!(num(&r, "reconnect_latency_p50_ms") > 0.0);
     assert!(r.histograms.contains_key("reconnect_latency"));
+    // Server memory before and after the churn (the run passes this process as --server-pid).
+    assert!(
+        num(&r, "server_rss_after_churn_bytes") > 0.0,
+        "{}",
+        r.table()
+    );
+    assert!(r.results.contains_key("server_rss_growth_bytes"));
 }
 
 #[test]
@@ -339,6 +346,13 @@ fn agents_split_hold_and_storm_and_merge_their_figures() {
     let r = run(&s, "recovery", &["--subscribers", "2", "--agents", &agents]);
     assert!(r.partial);
     assert!(r.notes.iter().any(|n| n.contains("does not run on agents")));
+    let r = run(&s, "fanout", &["--subscribers", "2", "--agents", &agents]);
+    assert!(r.partial);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("fanout does not run on agents"))
+    );
 }
 
 #[test]
@@ -388,4 +402,18 @@ fn compare_reads_two_results() {
     };
     assert!(t.contains("handshakes_per_s"), "{t}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_second_controller_waits_then_is_refused_while_the_first_holds_the_agent() {
+    use wse_bench::dist::controller::Agents;
+    let addr = agent();
+    let first = Agents::connect(std::slice::from_ref(&addr)).expect("first controller");
+    let err = Agents::connect(std::slice::from_ref(&addr))
+        .err()
+        .expect("the agent is busy");
+    assert!(format!("{err:#}").contains("busy"), "{err:#}");
+    // Once the first controller goes, the next one is served.
+    drop(first);
+    Agents::connect(std::slice::from_ref(&addr)).expect("served after the first left");
 }

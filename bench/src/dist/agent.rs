@@ -2,7 +2,9 @@
 //!
 //! The control connection is served by a current-thread tokio runtime; the workload itself runs
 //! on its own worker threads exactly as in a local run ([`crate::fleet::Running`]). One
-//! controller at a time: a second one is told the agent is busy. Ctrl-C (or SIGTERM) stops the
+//! controller at a time: a second one waits up to [`BUSY_GRACE`] for the first to go (a script
+//! running scenarios back to back connects the next controller while this agent may not have
+//! seen the previous one's close yet), and is then told the agent is busy. Ctrl-C (or SIGTERM) stops the
 //! current slice, sends its partial figures to the controller, and exits.
 
 use std::net::SocketAddr;
@@ -72,14 +74,21 @@ pub fn serve(listener: std::net::TcpListener, args: &AgentArgs) -> anyhow::Resul
             pool.len()
         ));
         let mut stop = std::pin::pin!(stopped());
+        let mut next = None;
         loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => r?,
-                () = stop.as_mut() => return Ok(()),
+            let (stream, peer) = match next.take() {
+                Some(waiting) => waiting,
+                None => tokio::select! {
+                    r = listener.accept() => r?,
+                    () = stop.as_mut() => return Ok(()),
+                },
             };
             agent.log(&format!("controller {peer} connected"));
             match agent.session(stream, &listener, stop.as_mut()).await {
-                Ended::Closed(why) => agent.log(&format!("controller {peer} gone: {why}")),
+                Ended::Closed(why, waiting) => {
+                    agent.log(&format!("controller {peer} gone: {why}"));
+                    next = waiting;
+                }
                 Ended::Exit => return Ok(()),
             }
         }
@@ -100,8 +109,13 @@ async fn stopped() {
     }
 }
 
+/// How long a second controller waits for the current one's session to end before it is told
+/// the agent is busy.
+const BUSY_GRACE: Duration = Duration::from_secs(2);
+
 enum Ended {
-    Closed(String),
+    /// The controller went away (why); a controller that was waiting is served next.
+    Closed(String, Option<(TcpStream, SocketAddr)>),
     Exit,
 }
 
@@ -166,6 +180,8 @@ impl Agent {
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut exiting = false;
+        // A second controller, waiting until this session ends or its grace runs out.
+        let mut waiting: Option<(TcpStream, SocketAddr, tokio::time::Instant)> = None;
         let ended = loop {
             let out = tokio::select! {
                 () = &mut stop, if !exiting => {
@@ -181,18 +197,32 @@ impl Agent {
                 msg = rx.recv() => match msg {
                     Some(Ok(msg)) => session.handle(msg),
                     Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        break Ended::Closed("connection closed".into());
+                        break Ended::Closed("connection closed".into(), None);
                     }
-                    Some(Err(e)) => break Ended::Closed(e.to_string()),
-                    None => break Ended::Closed("connection closed".into()),
+                    Some(Err(e)) => break Ended::Closed(e.to_string(), None),
+                    None => break Ended::Closed("connection closed".into(), None),
                 },
                 _ = tick.tick() => session.progress(),
                 busy = listener.accept() => {
-                    if let Ok((mut s, peer)) = busy {
-                        self.log(&format!("refusing controller {peer}: busy"));
-                        let _ = proto::write_msg_async(&mut s, &FromAgent::Error {
-                            message: "busy with another controller".into(),
-                        }).await;
+                    if let Ok((s, peer)) = busy {
+                        match waiting {
+                            None => {
+                                let deadline = tokio::time::Instant::now() + BUSY_GRACE;
+                                waiting = Some((s, peer, deadline));
+                            }
+                            Some(_) => self.refuse(s, peer).await,
+                        }
+                    }
+                    Vec::new()
+                }
+                () = async {
+                    match &waiting {
+                        Some((_, _, deadline)) => tokio::time::sleep_until(*deadline).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((s, peer, _)) = waiting.take() {
+                        self.refuse(s, peer).await;
                     }
                     Vec::new()
                 }
@@ -205,14 +235,34 @@ impl Agent {
                 }
             }
             if let Some(e) = failed {
-                break Ended::Closed(e);
+                break Ended::Closed(e, None);
             }
             if exiting {
                 break Ended::Exit;
             }
         };
         reader.abort();
-        ended
+        match ended {
+            Ended::Closed(why, _) => Ended::Closed(why, waiting.map(|(s, peer, _)| (s, peer))),
+            Ended::Exit => {
+                if let Some((s, peer, _)) = waiting {
+                    self.refuse(s, peer).await;
+                }
+                Ended::Exit
+            }
+        }
+    }
+
+    /// Tells a second controller this agent is serving another one.
+    async fn refuse(&self, mut s: TcpStream, peer: SocketAddr) {
+        self.log(&format!("refusing controller {peer}: busy"));
+        let _ = proto::write_msg_async(
+            &mut s,
+            &FromAgent::Error {
+                message: "busy with another controller".into(),
+            },
+        )
+        .await;
     }
 }
 

@@ -256,6 +256,13 @@ impl StepResult {
 /// Runs the scenario and returns its report.
 pub fn run(setup: &Setup, args: &FanoutArgs) -> Report {
     let mut report = setup.report("fanout", args);
+    if !setup.local_only(
+        "fanout",
+        "latency is measured against one process's monotonic clock",
+        &mut report,
+    ) {
+        return report;
+    }
     let (s, t, p) = (args.subscribers, args.topics.max(1), args.publishers.max(1));
     setup.check_nofile(s + p, &mut report);
     let subs = Arc::new(Subs {

@@ -248,6 +248,9 @@ pub fn run(setup: &Setup, args: &RecoveryArgs) -> Report {
         .collect();
     report.set("subscribers_ready", ready);
     report.set("publishers_ready", publishers.len());
+    // Server memory with every subscriber connected, and again after the churn with them all
+    // back: recovery rings are preallocated, so churn must not grow it.
+    let rss_ready = setup.server_samples();
     let mut stream = None;
     if publishers.is_empty() || ready == 0 {
         report.note("nothing to measure: no publisher or no subscriber connected");
@@ -257,6 +260,11 @@ pub fn run(setup: &Setup, args: &RecoveryArgs) -> Report {
         let outcome = publish_and_churn(setup, args, &shared, &rec, &publishers, &tids);
         complete &= outcome.complete;
         stream = Some(outcome);
+        rss_figures(
+            &mut report,
+            rss_ready.as_deref(),
+            setup.server_samples().as_deref(),
+        );
     }
     shared.set_phase(Phase::Stop);
     for p in publishers {
@@ -272,6 +280,22 @@ pub fn run(setup: &Setup, args: &RecoveryArgs) -> Report {
         figures(&mut report, args, &o, &all);
     }
     report
+}
+
+/// Server RSS (summed over `--server-pid`s) before and after the churn, and the growth.
+fn rss_figures(
+    report: &mut Report,
+    before: Option<&[super::ServerSample]>,
+    after: Option<&[super::ServerSample]>,
+) {
+    let (Some(before), Some(after)) = (before, after) else {
+        return;
+    };
+    let sum = |v: &[super::ServerSample]| v.iter().map(|s| s.rss_bytes).sum::<u64>();
+    let (b, a) = (sum(before), sum(after));
+    report.set("server_rss_ready_bytes", b);
+    report.set("server_rss_after_churn_bytes", a);
+    report.set("server_rss_growth_bytes", a as i64 - b as i64);
 }
 
 /// What the coordinator measured of the publishing window.
