@@ -417,6 +417,9 @@ async fn health_openapi_and_a_drain_that_ends_the_process() {
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/api/v1/connections/{id}/send_event"]["post"].is_object());
 
+    // Dave does not read, so he does not answer the close: the drain waits for him (up to its
+    // timeout) and the probe can be asked meanwhile.
+    let (_dave, _) = client(&wse, "dave").await;
     let (status, out) = api(
         &wse,
         "POST",
@@ -425,10 +428,14 @@ async fn health_openapi_and_a_drain_that_ends_the_process() {
     )
     .await;
     assert_eq!(status, 200, "{out}");
+    let (status, body) = wse.http("GET", "/health", &[], "").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(r#""status":"draining""#), "{body}");
     match carl.recv_until(|_| false, T).await {
         Err(Error::Closed { code, .. }) => assert_eq!(code, 4301),
         other => panic!("expected a close, got {other:?}"),
     }
+
     let exit = wse
         .wait_exit(Duration::from_secs(10))
         .expect("exits after the drain");

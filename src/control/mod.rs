@@ -257,15 +257,24 @@ fn router(server: Arc<Server>, api_key: ApiKey, events: Arc<events::Hub>) -> Rou
         .with_state(state)
 }
 
-async fn health(State(state): State<Shared>) -> Json<serde_json::Value> {
+/// The load balancer's probe: 200 while serving, 503 once a drain began (the process is about
+/// to close its connections and exit), so no new client is sent here meanwhile.
+async fn health(State(state): State<Shared>) -> (StatusCode, Json<serde_json::Value>) {
     let server = &state.server;
-    Json(json!({
-        "status": "ok",
+    let draining = server.is_draining();
+    let status = if draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = json!({
+        "status": if draining { "draining" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": server.uptime().as_secs_f64(),
         "shards": server.shard_count(),
         "connections": server.connection_count(),
-    }))
+    });
+    (status, Json(body))
 }
 
 async fn prometheus(State(state): State<Shared>) -> Result<Response, ApiError> {

@@ -118,6 +118,10 @@ struct Rec {
     subscribers: usize,
     /// Distinct benchmark deliveries so far, all subscribers: the drain waits for the total.
     distinct: AtomicU64,
+    /// Subscribers between a disconnection and the end of their reconnection (recovered or
+    /// given up): the drain also waits for none to be away, or a subscriber churned just before
+    /// the end, with nothing left to recover, would never be counted as reconnected.
+    away: AtomicU64,
     /// Subscribers per topic that got ready.
     per_topic: Vec<AtomicU64>,
     /// What each publisher sent to each topic (`sent[publisher][topic]`), once publishing ended.
@@ -215,6 +219,7 @@ pub fn run(setup: &Setup, args: &RecoveryArgs) -> Report {
         topic_names: (0..t).map(|i| format!("rec.{run_id:08x}.{i}")).collect(),
         subscribers: s,
         distinct: AtomicU64::new(0),
+        away: AtomicU64::new(0),
         per_topic: (0..t).map(|_| AtomicU64::new(0)).collect(),
         sent: OnceLock::new(),
     });
@@ -378,11 +383,15 @@ fn publish_and_churn(
     let drained = wait_until(
         setup,
         Instant::now() + args.drain,
-        || rec.distinct.load(Ordering::Relaxed) >= expected,
+        || {
+            rec.distinct.load(Ordering::Relaxed) >= expected
+                && rec.away.load(Ordering::Relaxed) == 0
+        },
         || {
             format!(
-                "draining: {} of {expected} deliveries",
-                rec.distinct.load(Ordering::Relaxed)
+                "draining: {} of {expected} deliveries, {} subscribers reconnecting",
+                rec.distinct.load(Ordering::Relaxed),
+                rec.away.load(Ordering::Relaxed)
             )
         },
     );
@@ -591,6 +600,8 @@ async fn churn_driver(
             if h.online.get() {
                 h.requested.set(true);
                 h.wake.notify_one();
+                // Away from this moment: the drain must not end before it is back.
+                rec.away.fetch_add(1, Ordering::Relaxed);
                 s.churned += 1;
             } else {
                 s.churn_skipped += 1;
@@ -646,9 +657,13 @@ async fn subscriber(
     loop {
         let end = session(&mut conn, &mut sub, handle, stats, rec, &mut phase).await;
         handle.online.set(false);
-        handle.requested.set(false);
+        // A churn request the session did not act on was already counted as away.
+        let counted_away = handle.requested.replace(false);
         match end {
             End::Stop => {
+                if counted_away {
+                    rec.away.fetch_sub(1, Ordering::Relaxed);
+                }
                 conn.close();
                 break;
             }
@@ -657,11 +672,16 @@ async fn subscriber(
                 ChurnMode::Drop => drop(conn),
             },
             End::Failed(e) => {
+                if !counted_away {
+                    rec.away.fetch_add(1, Ordering::Relaxed);
+                }
                 stats.borrow_mut().unexpected_closes.add(e.kind());
                 Progress::add(&shared.progress.closed, 1);
             }
         }
-        match reconnect(&plan, shared, rec, &mut sub, stats, &mut phase).await {
+        let back = reconnect(&plan, shared, rec, &mut sub, stats, &mut phase).await;
+        rec.away.fetch_sub(1, Ordering::Relaxed);
+        match back {
             Some(c) => conn = c,
             None => break,
         }
