@@ -110,7 +110,7 @@ async fn every_connection_endpoint_over_http() {
         Value::Null,
     )
     .await;
-    assert_eq!(n, json!({"topic": "room", "count": 1}));
+    assert_eq!(n, json!({"topic": "room", "count": 1, "queue_groups": {}}));
     let (_, members) = api(&wse, "GET", "/api/v1/presence/room", Value::Null).await;
     assert_eq!(members["members"][0]["data"], json!({"mood": "ok"}));
     let (_, stats) = api(&wse, "GET", "/api/v1/presence/room/stats", Value::Null).await;

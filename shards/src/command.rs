@@ -74,7 +74,9 @@ pub struct AppSubscribe {
     pub topics: Vec<String>,
     /// Presence data (JSON text) when presence is on; `{}` when absent.
     pub presence: Option<Bytes>,
-    /// Join this queue group instead of receiving every publication (see PROTOCOL.md).
+    /// Join this queue group instead of receiving every publication: one member of the group
+    /// gets each publication, unstamped; `recover` and `presence` do not apply (see
+    /// [`crate::queue_groups`] and PROTOCOL.md).
     pub queue_group: Option<Arc<str>>,
     /// Replay from these positions: (topic, epoch if known, inclusive last offset).
     pub recover: Vec<(String, Option<u32>, u64)>,
@@ -96,6 +98,15 @@ pub struct ConnectionInfo {
     pub user_id: String,
     /// Topics it is subscribed to.
     pub topics: usize,
+}
+
+/// A topic's subscribers, on one shard or summed over all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicSubscribers {
+    /// Every subscriber, queue-group members included.
+    pub count: usize,
+    /// Members of each queue group, by group name (in name order once summed).
+    pub queue_groups: Vec<(String, usize)>,
 }
 
 type Reply<T> = Responder<Result<T, CommandError>>;
@@ -149,10 +160,11 @@ pub enum Command {
     ListConnections {
         reply: Responder<Vec<ConnectionInfo>>,
     },
-    /// The shard's subscribers of `topic` (queue-group members included).
+    /// The shard's subscribers of `topic` (queue-group members included), and its members of
+    /// each of the topic's queue groups.
     SubscriberCount {
         topic: Arc<str>,
-        reply: Responder<usize>,
+        reply: Responder<TopicSubscribers>,
     },
     /// Queue `frame` (a complete WebSocket frame) to every live WSE connection of the shard.
     /// Answer: how many.

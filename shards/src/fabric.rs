@@ -22,6 +22,7 @@ use bytes::Bytes;
 use crate::command::Command;
 use crate::conn::ConnId;
 use crate::protocol::RecoveryInfo;
+use crate::queue_groups::GroupName;
 use crate::shard::Reload;
 
 /// Cross-core traffic: one enum, every variant says who sends it, who receives it, and what
@@ -36,9 +37,13 @@ pub enum FabricMsg {
         body: Bytes,
         ack: Option<ConnId>,
     },
-    /// Owner → a shard with subscribers: a sequenced publication, framed once. Lost: those
+    /// Owner → a shard with plain subscribers: a sequenced publication, framed once. Lost: those
     /// subscribers miss one message (counted as a drop).
     Deliver { topic: Arc<str>, frame: Bytes },
+    /// Owner → the shard it picked for one queue group of the topic: a sequenced publication
+    /// (without recovery stamps) for ONE local member of `group`, picked there. Lost: the group
+    /// misses one message (counted as a drop; groups are at most once).
+    DeliverGroup { group: Arc<GroupName>, frame: Bytes },
     /// Owner → the publisher's shard: the publication `offset` of `topic` was sequenced (in
     /// history `epoch` when recovery is on); send the `publish_ack` to `conn`. Lost: the client
     /// waits for an ack that never comes.
@@ -49,21 +54,26 @@ pub enum FabricMsg {
         epoch: Option<u32>,
     },
     /// A shard → the topic's owner: a connection subscribes and needs the owner — to register
-    /// the shard's interest (its first local subscriber), to replay history, or to count a
-    /// presence member. Answered with `Joined`. Lost: the acknowledgement never comes.
+    /// the shard's interest (its first local plain subscriber), to replay history, to count a
+    /// presence member or a queue-group member. Answered with `Joined`. Lost: the
+    /// acknowledgement never comes.
     Join(Box<JoinRequest>),
     /// Owner → the shard that sent `Join`. Publications sequenced after it reach that shard;
     /// the replayed frames precede them. Lost: the acknowledgement never comes, and the
     /// connection skips the topic's live frames.
     Joined(Box<JoinReply>),
-    /// A shard → the topic's owner: a connection left the topic; `interest_off` when it was the
-    /// shard's last subscriber, `user` when presence is on. Lost: the owner keeps sending to the
-    /// shard (which discards), or a presence member stays.
+    /// A shard → the topic's owner: a connection left the topic (or changed the kind of its
+    /// subscription); `interest_off` when it was the shard's last plain subscriber, `user` when
+    /// it leaves presence, `group` when it left a queue group, of which the shard has
+    /// `group_members` left. Lost: the owner keeps sending to the shard (which discards or
+    /// gives the publication to another member), or a presence member stays.
     Leave {
         topic: Arc<str>,
         shard: u16,
         interest_off: bool,
+        group_members: u32,
         user: Option<Box<str>>,
+        group: Option<Arc<str>>,
     },
     /// A shard → the topic's owner: a member's new presence data. Lost: the update is not seen.
     PresenceUpdate(Box<PresenceUpdate>),
@@ -97,6 +107,9 @@ pub struct JoinRequest {
     pub recover: Option<(Option<u32>, u64)>,
     /// Count a presence member: user id and data (JSON).
     pub presence: Option<(Box<str>, Bytes)>,
+    /// Count a queue-group member: the group, and the requesting shard's members of it now
+    /// (absolute, see [`crate::queue_groups`]).
+    pub queue_group: Option<(Arc<str>, u32)>,
 }
 
 /// See [`FabricMsg::Joined`].
@@ -110,8 +123,12 @@ pub struct JoinReply {
     pub recovery: Option<RecoveryInfo>,
     /// The replayed frames, concatenated.
     pub frames: Bytes,
-    /// The presence join was refused (`PRESENCE_LIMIT`): the subscription of this topic fails.
+    /// The presence or queue-group join was refused (`PRESENCE_LIMIT`, `QUEUE_GROUP_LIMIT`):
+    /// the subscription of this topic fails.
     pub refused: Option<&'static str>,
+    /// The queue group the request joined, if any (a refusal concerns only a connection still in
+    /// it).
+    pub queue_group: Option<Arc<str>>,
 }
 
 /// See [`FabricMsg::PresenceUpdate`].

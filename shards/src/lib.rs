@@ -7,7 +7,8 @@
 //! - [`shard`]: one core's state and the rules tying connections, topics and the fabric together.
 //! - [`conn`]: one connection's state machine; [`codec`] and [`handshake`] below it (RFC 6455),
 //!   [`protocol`] (WSE messages), [`auth`], [`ratelimit`].
-//! - [`topics`], [`fabric`], [`timer`], [`metrics`]: the shard's building blocks.
+//! - [`topics`], [`queue_groups`], [`fabric`], [`timer`], [`metrics`]: the shard's building
+//!   blocks.
 //!
 //! Everything below `runtime` is sans-IO: bytes and a clock in, bytes and events out.
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod queue_groups;
 pub mod ratelimit;
 pub mod recovery;
 pub mod runtime;

@@ -51,15 +51,19 @@ pub enum DropReason {
     AppEventOverflow,
     /// A message for a connection that had already gone.
     ConnectionGone,
+    /// A queue-group publication reached the shard picked for it when that shard had no member
+    /// of the group left (all left or were evicted after the owner picked).
+    QueueGroupNoMember,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::SlowConsumer,
         DropReason::FabricOverflow,
         DropReason::RateLimited,
         DropReason::AppEventOverflow,
         DropReason::ConnectionGone,
+        DropReason::QueueGroupNoMember,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -68,6 +72,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::AppEventOverflow => "app_event_overflow",
             DropReason::ConnectionGone => "connection_gone",
+            DropReason::QueueGroupNoMember => "queue_group_no_member",
         }
     }
 }

@@ -166,7 +166,7 @@ pub struct Subscription<'a> {
     pub recovery: Option<&'a RawValue>,
     /// Presence data for this subscription (protocol.md §8).
     pub presence: Option<&'a RawValue>,
-    /// [ext] Join the topics in this queue group (PROTOCOL.md, queue groups).
+    /// \[ext\] Join the topics in this queue group (PROTOCOL.md, "Queue groups").
     pub queue_group: Option<Cow<'a, str>>,
 }
 

@@ -1,7 +1,7 @@
 //! One shard's view of topics: its local subscribers, and — for the topics it owns — which other
 //! shards have subscribers and how many publications it has sequenced.
 //!
-//! Owns: the topic table. Never: sends anything; the shard turns the [`Change`]s returned here
+//! Owns: the topic table. Never: sends anything; the shard turns the [`Delta`]s returned here
 //! into fabric messages and acknowledgements.
 //!
 //! Ownership: every topic has exactly one owner shard, computed from its name ([`owner_of`]).
@@ -14,8 +14,15 @@
 //! discarded, and subscribe acknowledgements wait. An entry stays while anything is pending, so a
 //! quick unsubscribe/subscribe cannot confuse an old confirmation with the new request.
 //!
-//! Invariant: an entry exists iff it has local subscribers, or it is owned here and some shard is
-//! interested, has history or has presence members, or a confirmation is pending.
+//! Queue groups ([`crate::queue_groups`]): a connection holds at most one subscription per
+//! topic — plain (every publication) or as a member of one queue group (its share). Subscribing
+//! again in the other mode, or in another group, replaces the subscription; again in the same
+//! mode changes nothing. Only plain subscribers make a shard *interested* (the owner sends it
+//! every publication); group members are counted by the owner per group and shard instead.
+//!
+//! Invariant: an entry exists iff it has local subscribers or queue-group members, or it is
+//! owned here and some shard is interested, has history, presence members or queue-group
+//! members, or a confirmation is pending.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -24,6 +31,7 @@ use std::sync::Arc;
 use indexmap::IndexSet;
 
 use crate::presence::Members;
+use crate::queue_groups::{LocalGroups, Membership};
 use crate::recovery::RingId;
 
 use crate::config::SHARDS_MAX;
@@ -64,8 +72,10 @@ impl ShardSet {
 #[derive(Debug)]
 pub struct Topic {
     pub name: Arc<str>,
-    /// Connections on this shard subscribed to the topic.
+    /// Connections on this shard subscribed to the topic, plain (not in a queue group).
     pub subscribers: IndexSet<ConnKey>,
+    /// Connections on this shard subscribed in a queue group.
+    pub groups: LocalGroups,
     /// Interest confirmations still awaited from the owner (0 = deliveries flow).
     pending_confirms: u32,
     /// Subscribe requests (ids) waiting for this topic's confirmation.
@@ -79,6 +89,8 @@ pub struct Topic {
     pub epoch: u32,
     /// Owner only, with presence: the topic's members.
     pub presence: Option<Box<Members>>,
+    /// Owner only: the topic's queue groups, members counted per shard.
+    pub membership: Option<Box<Membership>>,
 }
 
 impl Topic {
@@ -87,19 +99,30 @@ impl Topic {
         self.pending_confirms == 0
     }
 
-    /// Local subscribers of the topic.
+    /// Local subscribers of the topic, queue-group members included.
     pub fn subscriber_count(&self) -> usize {
-        self.subscribers.len()
+        self.subscribers.len() + self.groups.total()
     }
 }
 
-/// What the shard must do after a table change.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Change {
-    /// Nothing beyond the local table.
-    None,
-    /// Tell the owner this shard now has (`true`) or no longer has (`false`) subscribers.
-    Interest { owner: usize, on: bool },
+/// What a subscribe or an unsubscribe changed in the local table, for the shard to tell the
+/// topic's owner.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// The connection is newly on the topic (subscribe), or was on it and has left
+    /// (unsubscribe).
+    pub added_or_removed: bool,
+    /// This shard's interest in a topic owned elsewhere: `Some(true)`, its first plain
+    /// subscriber (register it; a confirmation is now pending); `Some(false)`, its last plain
+    /// subscriber went (withdraw it).
+    pub interest: Option<bool>,
+    /// The connection became (`Some(true)`) or stopped being (`Some(false)`) a plain subscriber:
+    /// presence joins and leaves follow this.
+    pub plain: Option<bool>,
+    /// The queue group it left, with this shard's remaining members of it.
+    pub left_group: Option<(Arc<str>, u32)>,
+    /// The queue group it joined, with this shard's members of it now.
+    pub joined_group: Option<(Arc<str>, u32)>,
 }
 
 pub struct Topics {
@@ -137,38 +160,78 @@ impl Topics {
         owner_of(name, self.shards)
     }
 
-    /// Adds `conn` as a subscriber. Returns the topic's shared name (for the connection's own
-    /// list), whether it was newly added, and the change to announce.
-    pub fn subscribe(&mut self, name: &str, conn: ConnKey) -> (Arc<str>, bool, Change) {
-        let owner = self.owner_of(name);
-        let me = self.me;
+    /// Subscribes `conn`, plain (`group` `None`) or as a member of `group`, replacing a
+    /// subscription of the other kind or in another group. Returns the topic's shared name (for
+    /// the connection's own list) and what changed.
+    pub fn subscribe(
+        &mut self,
+        name: &str,
+        conn: ConnKey,
+        group: Option<&Arc<str>>,
+    ) -> (Arc<str>, Delta) {
+        let foreign = self.owner_of(name) != self.me;
         let t = self.entry(name);
-        let was_empty = t.subscribers.is_empty();
-        let added = t.subscribers.insert(conn);
-        let change = if added && was_empty && owner != me {
-            t.pending_confirms += 1;
-            Change::Interest { owner, on: true }
-        } else {
-            Change::None
+        let current_group = t.groups.group_of(conn).cloned();
+        let plain_now = t.subscribers.contains(&conn);
+        let mut d = Delta {
+            added_or_removed: !plain_now && current_group.is_none(),
+            ..Delta::default()
         };
-        (t.name.clone(), added, change)
+        match (group, plain_now, &current_group) {
+            (None, true, _) => return (t.name.clone(), d),
+            (Some(g), _, Some(cur)) if cur == g => return (t.name.clone(), d),
+            _ => {}
+        }
+        // Leave the current subscription (another mode or group).
+        if plain_now {
+            t.subscribers.swap_remove(&conn);
+            d.plain = Some(false);
+            if t.subscribers.is_empty() && foreign {
+                d.interest = Some(false);
+            }
+        }
+        d.left_group = t.groups.leave(conn);
+        match group {
+            Some(g) => d.joined_group = Some((g.clone(), t.groups.join(g, conn))),
+            None => {
+                if t.subscribers.is_empty() && foreign {
+                    t.pending_confirms += 1;
+                    d.interest = Some(true);
+                }
+                t.subscribers.insert(conn);
+                d.plain = Some(true);
+            }
+        }
+        (t.name.clone(), d)
     }
 
-    /// Removes `conn`; drops the entry when nothing keeps it.
-    pub fn unsubscribe(&mut self, name: &str, conn: ConnKey) -> Change {
-        let owner = self.owner_of(name);
+    /// Removes `conn`'s subscription (plain or in a group); drops the entry when nothing keeps
+    /// it.
+    pub fn unsubscribe(&mut self, name: &str, conn: ConnKey) -> Delta {
+        let foreign = self.owner_of(name) != self.me;
         let Some(t) = self.map.get_mut(name) else {
-            return Change::None;
+            return Delta::default();
         };
-        if !t.subscribers.swap_remove(&conn) || !t.subscribers.is_empty() {
-            return Change::None;
+        let mut d = Delta::default();
+        if t.subscribers.swap_remove(&conn) {
+            d.added_or_removed = true;
+            d.plain = Some(false);
+            if t.subscribers.is_empty() && foreign {
+                d.interest = Some(false);
+            }
+        } else if let Some(left) = t.groups.leave(conn) {
+            d.added_or_removed = true;
+            d.left_group = Some(left);
         }
-        self.gc(name);
-        if owner == self.me {
-            Change::None
-        } else {
-            Change::Interest { owner, on: false }
+        if d.added_or_removed {
+            self.gc(name);
         }
+        d
+    }
+
+    /// The queue group `conn` is a member of in topic `name`.
+    pub fn group_of(&self, name: &str, conn: ConnKey) -> Option<&Arc<str>> {
+        self.map.get(name)?.groups.group_of(conn)
     }
 
     /// The owner confirmed one `Interest { on: true }`. Returns the waiting request ids once
@@ -222,6 +285,7 @@ impl Topics {
                 Topic {
                     name,
                     subscribers: IndexSet::new(),
+                    groups: LocalGroups::default(),
                     pending_confirms: 0,
                     waiters: Vec::new(),
                     interested: ShardSet::default(),
@@ -229,6 +293,7 @@ impl Topics {
                     ring: None,
                     epoch: 0,
                     presence: None,
+                    membership: None,
                 },
             );
         }
@@ -240,10 +305,12 @@ impl Topics {
     pub fn gc(&mut self, name: &str) {
         let keep = self.map.get(name).is_some_and(|t| {
             !t.subscribers.is_empty()
+                || !t.groups.is_empty()
                 || !t.interested.is_empty()
                 || t.pending_confirms > 0
                 || t.ring.is_some()
                 || t.presence.as_ref().is_some_and(|p| !p.is_empty())
+                || t.membership.as_ref().is_some_and(|m| !m.is_empty())
         });
         if !keep {
             self.map.remove(name);
@@ -275,34 +342,34 @@ mod tests {
     fn first_and_last_subscriber_announce_interest() {
         let name = foreign_topic(0, 2);
         let mut t = Topics::new(0, 2);
-        let (_, added, ch) = t.subscribe(&name, 1);
-        assert!(added);
-        assert_eq!(ch, Change::Interest { owner: 1, on: true });
+        let (_, d) = t.subscribe(&name, 1, None);
+        assert!(d.added_or_removed);
+        assert_eq!((d.interest, d.plain), (Some(true), Some(true)));
         assert!(!t.get(&name).unwrap().is_live());
-        assert_eq!(t.subscribe(&name, 2).2, Change::None);
-        assert!(!t.subscribe(&name, 2).1, "idempotent");
+        assert_eq!(t.subscribe(&name, 2, None).1.interest, None);
+        assert_eq!(
+            t.subscribe(&name, 2, None).1,
+            Delta::default(),
+            "idempotent"
+        );
         assert!(t.confirm(&name).is_empty());
         assert!(t.get(&name).unwrap().is_live());
-        assert_eq!(t.unsubscribe(&name, 1), Change::None);
-        assert_eq!(
-            t.unsubscribe(&name, 2),
-            Change::Interest {
-                owner: 1,
-                on: false
-            }
-        );
+        assert_eq!(t.unsubscribe(&name, 1).interest, None);
+        let d = t.unsubscribe(&name, 2);
+        assert_eq!((d.interest, d.plain), (Some(false), Some(false)));
         assert!(t.is_empty());
+        assert_eq!(t.unsubscribe(&name, 2), Delta::default(), "not on it");
     }
 
     #[test]
     fn quick_resubscribe_waits_for_its_own_confirmation() {
         let name = foreign_topic(0, 2);
         let mut t = Topics::new(0, 2);
-        t.subscribe(&name, 1);
+        t.subscribe(&name, 1, None);
         t.unsubscribe(&name, 1);
         // Entry kept: a confirmation is pending.
         assert!(t.get(&name).is_some());
-        t.subscribe(&name, 2);
+        t.subscribe(&name, 2, None);
         t.get_mut(&name).unwrap().waiters.push(42);
         assert!(
             t.confirm(&name).is_empty(),
@@ -314,11 +381,48 @@ mod tests {
     }
 
     #[test]
+    fn one_subscription_per_topic_a_new_mode_replaces_the_old() {
+        let name = foreign_topic(0, 2);
+        let (w, x): (Arc<str>, Arc<str>) = (Arc::from("w"), Arc::from("x"));
+        let mut t = Topics::new(0, 2);
+        // Plain, then in group w: the shard's only plain subscriber goes, interest with it.
+        t.subscribe(&name, 1, None);
+        t.confirm(&name);
+        let (_, d) = t.subscribe(&name, 1, Some(&w));
+        assert!(!d.added_or_removed, "still on the topic");
+        assert_eq!((d.interest, d.plain), (Some(false), Some(false)));
+        assert_eq!(d.joined_group, Some((w.clone(), 1)));
+        assert!(t.get(&name).unwrap().subscribers.is_empty());
+        assert_eq!(t.get(&name).unwrap().subscriber_count(), 1);
+        // The same group again changes nothing; another group moves it.
+        assert_eq!(t.subscribe(&name, 1, Some(&w)).1, Delta::default());
+        let (_, d) = t.subscribe(&name, 1, Some(&x));
+        assert_eq!(d.left_group, Some((w.clone(), 0)));
+        assert_eq!(d.joined_group, Some((x.clone(), 1)));
+        assert_eq!(t.group_of(&name, 1), Some(&x));
+        // Back to plain: interest again (a new confirmation), and the group left.
+        let (_, d) = t.subscribe(&name, 1, None);
+        assert_eq!((d.interest, d.plain), (Some(true), Some(true)));
+        assert_eq!(d.left_group, Some((x.clone(), 0)));
+        assert!(!t.get(&name).unwrap().is_live());
+        t.confirm(&name);
+        // Group members alone keep the entry, and need no interest.
+        let (_, d) = t.subscribe(&name, 2, Some(&w));
+        assert!(d.added_or_removed && d.interest.is_none() && d.plain.is_none());
+        t.unsubscribe(&name, 1);
+        assert!(t.get(&name).is_some());
+        let d = t.unsubscribe(&name, 2);
+        assert!(d.added_or_removed);
+        assert_eq!(d.left_group, Some((w, 0)));
+        assert!(t.is_empty());
+    }
+
+    #[test]
     fn owner_interest_and_sequence() {
         let mut t = Topics::new(0, 1);
         assert_eq!(
-            t.subscribe("x", 1).2,
-            Change::None,
+            t.subscribe("x", 1, None).1.interest,
+            None,
             "owner needs no confirmation"
         );
         assert!(t.get("x").unwrap().is_live());

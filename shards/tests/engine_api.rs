@@ -386,3 +386,50 @@ fn drain_inbound_blocks_until_events_or_the_timeout() {
     );
     assert!(server.stop(Duration::from_secs(2)));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn queue_groups_are_bounded_per_topic_and_take_no_part_in_presence() {
+    use wse_shards::queue_groups::{QUEUE_GROUP_LIMIT, QUEUE_GROUPS_PER_TOPIC_MAX};
+    let server = server(2, |cfg| cfg.presence.enabled = true);
+    let join = |id: ConnId, group: String| {
+        let sub = AppSubscribe {
+            topics: vec!["busy".into()],
+            queue_group: Some(group.into()),
+            ..Default::default()
+        };
+        server.subscribe_connection(id, sub)
+    };
+    let mut conns = Vec::new();
+    for i in 0..=QUEUE_GROUPS_PER_TOPIC_MAX {
+        let (c, id) = connect(&server, &format!("q{i}")).await;
+        let out = join(id, format!("g{i}")).await.unwrap();
+        if i < QUEUE_GROUPS_PER_TOPIC_MAX {
+            assert_eq!(out.success_topics, ["busy"], "{out:?}");
+        } else {
+            assert!(out.success_topics.is_empty(), "{out:?}");
+            assert_eq!(out.failed_topics[0].reason, QUEUE_GROUP_LIMIT);
+        }
+        conns.push((c, id));
+    }
+    // The refused member is not counted anywhere; members are not presence members.
+    let subs = server.get_topic_subscribers("busy").await.unwrap();
+    assert_eq!(subs.count, QUEUE_GROUPS_PER_TOPIC_MAX);
+    assert_eq!(subs.queue_groups.len(), QUEUE_GROUPS_PER_TOPIC_MAX);
+    assert_eq!(server.presence_stats("busy").await.unwrap(), (0, 0));
+
+    // A group that goes frees its place.
+    let (_, first) = conns[0];
+    let left = server.unsubscribe_connection(first, None).await.unwrap();
+    assert_eq!(left, ["busy"]);
+    let (_, last) = conns[QUEUE_GROUPS_PER_TOPIC_MAX];
+    let out = join(last, "late".into()).await.unwrap();
+    assert_eq!(out.success_topics, ["busy"], "{out:?}");
+    let subs = server.get_topic_subscribers("busy").await.unwrap();
+    assert!(
+        subs.queue_groups
+            .iter()
+            .any(|(g, n)| g == "late" && *n == 1)
+    );
+    assert!(!subs.queue_groups.iter().any(|(g, _)| g == "g0"));
+    assert!(server.stop(Duration::from_secs(2)));
+}

@@ -361,11 +361,16 @@ impl ApiCommand {
             }
             ApiCommand::GetConnectionCount => Ok(json!({"count": server.get_connection_count()})),
             ApiCommand::GetTopicSubscriberCount(a) => {
-                let n = server
-                    .get_topic_subscriber_count(&a.topic)
+                let subs = server
+                    .get_topic_subscribers(&a.topic)
                     .await
                     .map_err(command_error)?;
-                Ok(json!({"topic": a.topic, "count": n}))
+                let groups: Map<String, Value> = subs
+                    .queue_groups
+                    .into_iter()
+                    .map(|(g, n)| (g, json!(n)))
+                    .collect();
+                Ok(json!({"topic": a.topic, "count": subs.count, "queue_groups": groups}))
             }
             ApiCommand::Presence(a) => {
                 let members = server.presence(&a.topic).await.map_err(query_error)?;

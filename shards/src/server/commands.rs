@@ -164,7 +164,9 @@ impl Server {
     /// (with `sub.presence` as its data) and recovery (`sub.recover`) apply, and the answer
     /// comes once the topics' owners have confirmed — from then on every publication reaches
     /// it. The client gets no acknowledgement frame (it did not ask); replayed publications do
-    /// reach it. With `sub.queue_group`, the topics are joined in that queue group.
+    /// reach it. With `sub.queue_group`, the topics are joined in that queue group instead: the
+    /// connection gets its share of the publications (one member of the group gets each), without
+    /// recovery stamps, replacing a plain subscription it had (see [`crate::queue_groups`]).
     ///
     /// ```no_run
     /// # async fn demo(server: &wse_shards::Server, conn: wse_shards::ConnId) {

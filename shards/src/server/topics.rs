@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{PresenceMember, PublishError, QueryError, Server};
-use crate::command::{Command, CommandError};
+use crate::command::{Command, CommandError, TopicSubscribers};
 use crate::fabric::{FabricMsg, Query, QueryAnswer, QueryKind, ReplyFuture, ReplySlot, Sent};
 use crate::protocol;
 use crate::topics::owner_of;
@@ -92,17 +92,40 @@ impl Server {
     /// # Errors
     /// An invalid topic; a shard that cannot be asked.
     pub async fn get_topic_subscriber_count(&self, topic: &str) -> Result<usize, CommandError> {
+        Ok(self.get_topic_subscribers(topic).await?.count)
+    }
+
+    /// [`Server::get_topic_subscriber_count`] with the members of each of the topic's queue
+    /// groups, summed over the shards, in group-name order.
+    ///
+    /// # Errors
+    /// As [`Server::get_topic_subscriber_count`].
+    pub async fn get_topic_subscribers(
+        &self,
+        topic: &str,
+    ) -> Result<TopicSubscribers, CommandError> {
         if let Some(problem) = protocol::topic_problem(topic) {
             return Err(CommandError::InvalidTopic(problem));
         }
         let topic: Arc<str> = Arc::from(topic);
-        let counts = self
+        let answers = self
             .gather(|reply| Command::SubscriberCount {
                 topic: topic.clone(),
                 reply,
             })
             .await?;
-        Ok(counts.into_iter().sum())
+        let mut groups = std::collections::BTreeMap::<String, usize>::new();
+        let mut count = 0;
+        for a in answers {
+            count += a.count;
+            for (g, n) in a.queue_groups {
+                *groups.entry(g).or_default() += n;
+            }
+        }
+        Ok(TopicSubscribers {
+            count,
+            queue_groups: groups.into_iter().collect(),
+        })
     }
 
     /// The members of `topic` with their data and connection counts (asked of its owner shard).

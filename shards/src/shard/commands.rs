@@ -14,6 +14,7 @@ use crate::auth::Acl;
 use crate::codec::{self, OpCode};
 use crate::command::{
     AppSubscribe, Command, CommandError, ConnectionInfo, Payload, SendOutcome, SubscribeOutcome,
+    TopicSubscribers,
 };
 use crate::conn::ConnId;
 use crate::fabric::Responder;
@@ -80,7 +81,18 @@ impl<T: Transport> Shard<T> {
             } => reply.send(self.set_acl(conn, allow, deny)),
             Command::ListConnections { reply } => reply.send(self.list_connections()),
             Command::SubscriberCount { topic, reply } => {
-                reply.send(self.topics.get(&topic).map_or(0, |t| t.subscriber_count()));
+                let answer =
+                    self.topics
+                        .get(&topic)
+                        .map_or_else(Default::default, |t| TopicSubscribers {
+                            count: t.subscriber_count(),
+                            queue_groups: t
+                                .groups
+                                .iter()
+                                .map(|(g, n)| (g.to_string(), n))
+                                .collect(),
+                        });
+                reply.send(answer);
             }
             Command::BroadcastAll { frame, reply } => reply.send(self.broadcast_all(&frame)),
             Command::Drain {

@@ -12,7 +12,8 @@
 //! `flush`.
 //!
 //! The rules live in submodules: [`subscriptions`] (a subscriber's shard), [`owner`] (a topic's
-//! owner: sequencing, history, interest, presence) and [`publications`] (routing and fan-out).
+//! owner: sequencing, history, interest, presence, queue-group picks) and [`publications`]
+//! (routing and fan-out).
 
 mod commands;
 mod dedup;
@@ -43,6 +44,7 @@ use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, Clock};
+use crate::queue_groups::GroupName;
 use crate::ratelimit::RateLimits;
 use crate::recovery::History;
 use crate::timer::{Tick, TimerWheel};
@@ -202,6 +204,8 @@ pub struct Shard<T: Transport> {
     history: Option<History>,
     pending_acks: HashMap<u64, PendingAck>,
     next_request: u64,
+    /// Scratch for the queue-group picks of one publication (kept to reuse its allocation).
+    group_picks: Vec<(usize, Arc<GroupName>)>,
     /// Application events for the event stream, oldest first. Bounded by
     /// `limits.app_event_queue_capacity` events and [`APP_EVENT_QUEUE_BYTES_MAX`] bytes; past
     /// either the oldest is dropped and counted (`app_event_overflow`).
@@ -262,6 +266,7 @@ impl<T: Transport> Shard<T> {
             history,
             pending_acks: HashMap::new(),
             next_request: 0,
+            group_picks: Vec::new(),
             app_events: VecDeque::new(),
             app_event_bytes: 0,
             event_waiter: None,
@@ -703,6 +708,11 @@ impl<T: Transport> Shard<T> {
                 drop(frame);
                 self.deliver_local(&topic, &local);
             }
+            FabricMsg::DeliverGroup { group, frame } => {
+                // One recipient: the buffer is queued as it came (a private copy would cost an
+                // allocation to save one reference-count decrement here).
+                self.deliver_group(&group.topic, &group.group, frame);
+            }
             FabricMsg::PublishAcked {
                 conn,
                 topic,
@@ -715,8 +725,19 @@ impl<T: Transport> Shard<T> {
                 topic,
                 shard,
                 interest_off,
+                group_members,
                 user,
-            } => self.handle_leave(&topic, usize::from(shard), interest_off, user.as_deref()),
+                group,
+            } => {
+                let group = group.as_deref().map(|g| (g, group_members));
+                self.handle_leave(
+                    &topic,
+                    usize::from(shard),
+                    interest_off,
+                    user.as_deref(),
+                    group,
+                );
+            }
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
             FabricMsg::Query(q) => self.handle_query(*q),
             FabricMsg::Adopt { fd } => self.adopted.push(fd),

@@ -1,5 +1,6 @@
 //! A topic's owner: numbering publications (with recovery stamps and history), registering the
-//! interest of other shards, replaying history, keeping presence members, answering queries.
+//! interest of other shards, replaying history, keeping presence members and queue-group
+//! membership (picking each group's shard per publication), answering queries.
 //!
 //! Every publication and every join of a topic passes through its owner, in the order the owner
 //! handles them; that order is the topic's order on every shard.
@@ -13,11 +14,13 @@ use crate::fabric::{FabricMsg, JoinReply, JoinRequest, Query, QueryAnswer, Query
 use crate::inbound::AppEventKind;
 use crate::presence::Joined;
 use crate::protocol::{self, Clock, RecoveryInfo};
+use crate::queue_groups::QUEUE_GROUP_LIMIT;
 use crate::recovery::RingId;
 
 impl<T: Transport> Shard<T> {
     /// Numbers a publication, frames it once (stamped and recorded when recovery is on), queues
-    /// it to local subscribers and sends one entry to each other shard with subscribers.
+    /// it to local subscribers and sends one entry to each other shard with subscribers, then
+    /// one entry per queue group to the shard picked for it.
     pub(super) fn sequence(&mut self, topic: &str, body: &[u8], ack: Option<ConnId>, clock: Clock) {
         self.metrics.publications_total.inc();
         let (frame, offset, epoch) = if self.history.is_some() {
@@ -34,6 +37,7 @@ impl<T: Transport> Shard<T> {
             (codec::encode_frame(OpCode::Text, body), offset, None)
         };
         self.fan_out(topic, &frame);
+        self.deliver_groups(topic, body, &frame, epoch.is_some());
         self.topics.release_if_unused(topic);
         if let Some(conn) = ack {
             if conn.shard() == self.me {
@@ -78,6 +82,39 @@ impl<T: Transport> Shard<T> {
         self.deliver_local(topic, frame);
     }
 
+    /// Hands the publication to one member of each of the topic's queue groups: picks the shard
+    /// per group (weighted round-robin, see [`crate::queue_groups`]), which picks the member.
+    /// Members get it without recovery stamps (`stamped`: `frame` carries them), so a member
+    /// never sees the gaps its share leaves in the topic's offsets.
+    fn deliver_groups(&mut self, topic: &str, body: &[u8], frame: &Bytes, stamped: bool) {
+        let Some(membership) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.membership.as_deref_mut())
+        else {
+            return;
+        };
+        let mut picks = std::mem::take(&mut self.group_picks);
+        membership.pick(&mut picks);
+        let unstamped = if stamped {
+            codec::encode_frame(OpCode::Text, body)
+        } else {
+            frame.clone()
+        };
+        for (shard, name) in picks.drain(..) {
+            if shard == self.me {
+                self.deliver_group(&name.topic, &name.group, unstamped.clone());
+            } else {
+                let m = FabricMsg::DeliverGroup {
+                    group: name,
+                    frame: unstamped.clone(),
+                };
+                send(&mut self.fabric, &self.metrics, shard, m);
+            }
+        }
+        self.group_picks = picks;
+    }
+
     /// The topic's history ring, opened (with a new epoch, offsets restarting at 1) if it has
     /// none. Returns the ring, its epoch and the last offset.
     fn ensure_ring(&mut self, topic: &str, now_ms: u64) -> (RingId, u32, u64) {
@@ -113,7 +150,21 @@ impl<T: Transport> Shard<T> {
             recovery: None,
             frames: Bytes::new(),
             refused: None,
+            queue_group: j.queue_group.as_ref().map(|(g, _)| g.clone()),
         };
+        if let Some((group, members)) = &j.queue_group {
+            let t = self.topics.entry(&j.topic);
+            let membership = t.membership.get_or_insert_with(Default::default);
+            if membership
+                .join(&t.name, group, usize::from(j.shard), *members)
+                .is_err()
+            {
+                reply.refused = Some(QUEUE_GROUP_LIMIT);
+            }
+            if membership.is_empty() {
+                t.membership = None;
+            }
+        }
         if let (Some((epoch, after)), true) = (j.recover, self.history.is_some()) {
             let (ring, current, last) = self.ensure_ring(&j.topic, clock.wall_ms);
             let history = self.history.as_ref().expect("checked above");
@@ -168,16 +219,28 @@ impl<T: Transport> Shard<T> {
         self.topics.gc(&j.topic);
     }
 
-    /// A connection left a topic this shard owns.
+    /// A connection left a topic this shard owns (or replaced its subscription): `shard` may
+    /// have lost its interest, `user` a presence membership, and `group` is `(group, the
+    /// members of it that shard has left)`.
     pub(super) fn handle_leave(
         &mut self,
         topic: &str,
         shard: usize,
         interest_off: bool,
         user: Option<&str>,
+        group: Option<(&str, u32)>,
     ) {
         if interest_off {
             self.topics.set_interest(topic, shard, false);
+        }
+        if let Some((group, members)) = group
+            && let Some(t) = self.topics.get_mut(topic)
+            && let Some(membership) = t.membership.as_mut()
+        {
+            membership.leave(group, shard, members);
+            if membership.is_empty() {
+                t.membership = None;
+            }
         }
         let left = user.and_then(|user| {
             let members = self.topics.get_mut(topic)?.presence.as_mut()?;

@@ -1,4 +1,5 @@
-//! Routing publications to their topic's owner, and queueing frames to local subscribers.
+//! Routing publications to their topic's owner, and queueing frames to local subscribers and
+//! to one local member of a queue group.
 
 use std::io;
 use std::sync::Arc;
@@ -68,6 +69,36 @@ impl<T: Transport> Shard<T> {
         }
         self.metrics.deliveries_total.add(delivered);
         self.metrics.messages_out_total.add(delivered);
+    }
+
+    /// Queues `frame` to ONE local member of queue group `group` of `topic`, round-robin. A
+    /// member over its outbound cap is evicted (as any slow consumer) and the next member tried;
+    /// with no member left (they left or were evicted since the owner picked this shard) the
+    /// publication is dropped for the group and counted (`queue_group_no_member`).
+    pub(super) fn deliver_group(&mut self, topic: &str, group: &str, frame: Bytes) {
+        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let Some(t) = self.topics.get_mut(topic) else {
+            self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
+            return;
+        };
+        // Each member at most once: a full round of refusals means nobody here can take it.
+        for _ in 0..t.groups.members(group) {
+            let Some(key) = t.groups.pick(group) else {
+                break;
+            };
+            let Some(slot) = self.conns.get_mut(key as usize) else {
+                debug_assert!(false, "group member {key} has no slot");
+                continue;
+            };
+            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
+            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+                self.metrics.deliveries_total.inc();
+                self.metrics.messages_out_total.inc();
+                return;
+            }
+            self.evict.push(key);
+        }
+        self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
     }
 
     pub(super) fn evict_pending(&mut self, clock: Clock) {

@@ -15,7 +15,7 @@ use crate::conn::{SessionMut, SubscribeRequest};
 use crate::fabric::Responder;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
 use crate::protocol::{self, Clock, FailedTopic};
-use crate::topics::{Change, ConnKey};
+use crate::topics::{ConnKey, Delta};
 
 /// Where an application's subscribe command is answered.
 type Reply = Responder<Result<SubscribeOutcome, CommandError>>;
@@ -65,6 +65,10 @@ impl<T: Transport> Shard<T> {
             recovery: Vec::new(),
         };
         let mut joins = Vec::new();
+        // What a subscription replaced (another kind, another group): told to the owner before
+        // the join (the fabric is FIFO per pair), so its counts never see both.
+        let mut leaves = Vec::new();
+        let group = req.queue_group.as_ref();
         for topic in req.topics {
             // Applied here, against the live list, so pipelined requests cannot pass it.
             if subs.len() >= max && !subs.iter().any(|s| **s == *topic) {
@@ -74,17 +78,21 @@ impl<T: Transport> Shard<T> {
                 });
                 continue;
             }
-            let (name, added, change) = self.topics.subscribe(&topic, key);
-            if added {
+            let (name, delta) = self.topics.subscribe(&topic, key, group);
+            if delta.added_or_removed {
                 subs.push(name.clone());
             }
-            let interest = matches!(change, Change::Interest { on: true, .. });
+            if delta.plain == Some(false) {
+                // Now in a queue group: members do not recover (their frames are unstamped).
+                recovering.retain(|t| **t != *name);
+            }
+            let interest = delta.interest == Some(true);
             let recover = req
                 .recover
                 .iter()
                 .find(|r| r.0 == topic)
                 .map(|r| (r.1, r.2));
-            let presence = (presence_on && added).then(|| {
+            let presence = (presence_on && delta.plain == Some(true)).then(|| {
                 let data = req
                     .presence
                     .clone()
@@ -94,7 +102,14 @@ impl<T: Transport> Shard<T> {
             if recover.is_some() && !recovering.contains(&name) {
                 recovering.push(name.clone());
             }
-            if interest || recover.is_some() || presence.is_some() {
+            let joined_group = delta.joined_group.clone();
+            if delta.interest == Some(false)
+                || delta.plain == Some(false)
+                || delta.left_group.is_some()
+            {
+                leaves.push((name.clone(), delta));
+            }
+            if interest || recover.is_some() || presence.is_some() || joined_group.is_some() {
                 ack.remaining += 1;
                 let owner = self.topics.owner_of(&topic);
                 joins.push((
@@ -107,9 +122,11 @@ impl<T: Transport> Shard<T> {
                         interest,
                         recover,
                         presence,
+                        queue_group: joined_group,
                     },
                 ));
-            } else if let Some(t) = self.topics.get_mut(&topic)
+            } else if group.is_none()
+                && let Some(t) = self.topics.get_mut(&topic)
                 && !t.is_live()
             {
                 // Another connection's request is registering this shard's interest: wait for it.
@@ -117,6 +134,9 @@ impl<T: Transport> Shard<T> {
                 ack.remaining += 1;
             }
             ack.succeeded.push(topic);
+        }
+        for (topic, delta) in leaves {
+            self.announce_leave(&topic, &delta, Some(&user));
         }
         if ack.remaining == 0 {
             self.send_ack(key, ack, clock);
@@ -150,7 +170,11 @@ impl<T: Transport> Shard<T> {
             .get(key as usize)
             .is_some_and(|s| s.conn.id() == r.conn)
         {
-            if r.refused.is_some() {
+            let still_in_group = r
+                .queue_group
+                .as_ref()
+                .is_none_or(|g| self.topics.group_of(&r.topic, key) == Some(g));
+            if r.refused.is_some() && still_in_group {
                 // No presence leave: the owner never counted this connection.
                 self.drop_subscription(key, &r.topic, None);
             } else if let Some(info) = &r.recovery {
@@ -233,8 +257,8 @@ impl<T: Transport> Shard<T> {
     /// The connection left the live phase: it is no longer a subscriber anywhere.
     pub(super) fn leave_all(&mut self, key: ConnKey, subs: Vec<Arc<str>>, user: Option<Box<str>>) {
         for topic in subs {
-            let change = self.topics.unsubscribe(&topic, key);
-            self.announce_leave(&topic, change, user.as_deref());
+            let delta = self.topics.unsubscribe(&topic, key);
+            self.announce_leave(&topic, &delta, user.as_deref());
         }
     }
 
@@ -260,21 +284,28 @@ impl<T: Transport> Shard<T> {
         };
         subs.swap_remove(i);
         recovering.retain(|t| **t != *topic);
-        let change = self.topics.unsubscribe(topic, key);
-        self.announce_leave(topic, change, user);
+        let delta = self.topics.unsubscribe(topic, key);
+        self.announce_leave(topic, &delta, user);
         true
     }
 
-    /// Tells the owner what a departure changes: the shard's interest, a presence member.
-    fn announce_leave(&mut self, topic: &str, change: Change, user: Option<&str>) {
-        let interest_off = matches!(change, Change::Interest { on: false, .. });
-        let user = user.filter(|_| self.cfg.presence.enabled);
+    /// Tells the owner what a departure (or a replaced subscription) changes: the shard's
+    /// interest, a presence member (`user`, for a connection that was a plain subscriber), a
+    /// queue group's members on this shard.
+    fn announce_leave(&mut self, topic: &str, delta: &Delta, user: Option<&str>) {
+        let interest_off = delta.interest == Some(false);
+        let user = user.filter(|_| self.cfg.presence.enabled && delta.plain == Some(false));
+        let (group, group_members) = match &delta.left_group {
+            Some((g, n)) => (Some(g), *n),
+            None => (None, 0),
+        };
         let owner = self.topics.owner_of(topic);
         if owner == self.me {
-            if user.is_some() {
-                self.handle_leave(topic, owner, false, user);
+            if user.is_some() || group.is_some() {
+                let group = group.map(|g| (&**g, group_members));
+                self.handle_leave(topic, owner, false, user, group);
             }
-        } else if interest_off || user.is_some() {
+        } else if interest_off || user.is_some() || group.is_some() {
             send(
                 &mut self.fabric,
                 &self.metrics,
@@ -283,7 +314,9 @@ impl<T: Transport> Shard<T> {
                     topic: Arc::from(topic),
                     shard: self.me as u16,
                     interest_off,
+                    group_members,
                     user: user.map(Box::from),
+                    group: group.cloned(),
                 },
             );
         }
