@@ -10,24 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
-use support::{Wse, token};
+use support::{Wse, token, venv_python};
 
 /// Longer than the client's 40 s watchdog.
 const STAY_SECONDS: &str = "46";
-
-fn venv_python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(root.join("tests/python/setup-venv.sh"))
-        .status()
-        .expect("run tests/python/setup-venv.sh");
-    assert!(
-        status.success(),
-        "setting up the Python venv failed: {status}"
-    );
-    std::env::var_os("WSE_PY_VENV")
-        .map_or_else(|| root.join("target/py-venv"), PathBuf::from)
-        .join("bin/python")
-}
 
 #[tokio::test]
 async fn published_python_client_subscribes_receives_and_stays_connected() {

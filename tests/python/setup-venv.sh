@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates the Python venv the wire-compatibility tests use: the published wse-client 2.5.1,
-# unmodified, on Python >= 3.12 (found on PATH or via pyenv). Idempotent and safe to run
+# unmodified, on Python >= 3.12 (found on PATH or via pyenv), plus the packages of the Python
+# example backend (examples/python-chat/requirements.txt). Idempotent and safe to run
 # concurrently (a lock serialises installs).
 #   WSE_PY_VENV  where the venv goes (default: <repo>/target/py-venv)
 set -euo pipefail
@@ -9,7 +10,18 @@ venv="${WSE_PY_VENV:-$here/../../target/py-venv}"
 mkdir -p "$(dirname "$venv")"
 exec 9>"$venv.lock"
 flock 9
-if "$venv/bin/python" -c 'import wse_client, sys; sys.exit(wse_client.__version__ != "2.5.1")' 2>/dev/null; then
+reqs="$here/../../examples/python-chat/requirements.txt"
+# Up to date when every pinned package is installed at its pin.
+if "$venv/bin/python" - "$reqs" 2>/dev/null <<'PY'; then
+import sys, importlib.metadata as md
+want = {"wse-client": "2.5.1"}
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if line:
+        name, version = line.split("==")
+        want[name] = version
+sys.exit(any(md.version(n) != v for n, v in want.items()))
+PY
   exit 0
 fi
 py=""
@@ -21,5 +33,5 @@ done
 [ -n "$py" ] || { echo "setup-venv.sh: need Python >= 3.12 (wse-client requires it)" >&2; exit 2; }
 rm -rf "$venv"
 "$py" -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1"
+"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1" -r "$reqs"
 "$venv/bin/python" -c 'import wse_client; print("wse-client", wse_client.__version__)' >&2

@@ -453,3 +453,19 @@ pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     f
 }
+
+/// The Python of the test venv (`tests/python/setup-venv.sh`: the published `wse-client` and the
+/// example backend's packages), created on first use.
+pub fn venv_python() -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(root.join("tests/python/setup-venv.sh"))
+        .status()
+        .expect("run tests/python/setup-venv.sh");
+    assert!(
+        status.success(),
+        "setting up the Python venv failed: {status}"
+    );
+    std::env::var_os("WSE_PY_VENV")
+        .map_or_else(|| root.join("target/py-venv"), std::path::PathBuf::from)
+        .join("bin/python")
+}

@@ -1,0 +1,97 @@
+//! The Python example backend (`examples/python-chat/`) against the real binary: the backend
+//! reads the event stream and acts over the HTTP API; real clients check the chat works. The
+//! embedded (Rust) example has its own test in `examples/embedded-chat/tests/`.
+
+mod support;
+
+#[path = "../examples/chat_scenario.rs"]
+mod chat_scenario;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_scenario::User;
+use serde_json::json;
+use support::{API_KEY, Wse, token, venv_python};
+use wse_client::Connector;
+
+/// How long the backend may take to start and reach the event stream.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The backend process; killed when dropped.
+struct Backend {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Backend {
+    /// Starts `chat_backend.py` and waits for its ready line (printed once it holds the event
+    /// stream).
+    fn start(wse: &Wse) -> Backend {
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python-chat/chat_backend.py");
+        let mut child = Command::new(venv_python())
+            .arg(script)
+            .args(["--api", &format!("http://{}", wse.control.unwrap())])
+            .env("WSE_API_KEY", API_KEY)
+            .env("PYTHONUNBUFFERED", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chat_backend.py");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let backend = Backend { child, log };
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(line) => assert_eq!(line, "chat backend ready"),
+            Err(e) => panic!(
+                "chat_backend.py not ready ({e}); its log:\n{}",
+                backend.log.lock().unwrap()
+            ),
+        }
+        backend
+    }
+}
+
+async fn user(wse: &Wse, name: &str) -> User {
+    let client = Connector::new(wse.url())
+        .token(token(name, json!({})))
+        .connect()
+        .await
+        .unwrap();
+    User::new(client, name)
+}
+
+#[tokio::test]
+async fn python_chat_backend_over_the_event_stream_and_http_api() {
+    let wse = Wse::start(&["--cores", "2", "--presence-enabled", "true"]);
+    let _backend = Backend::start(&wse);
+    chat_scenario::run(user(&wse, "ann").await, user(&wse, "bob").await).await;
+}
