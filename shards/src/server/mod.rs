@@ -102,6 +102,35 @@ pub struct ReloadReport {
 }
 
 /// A running engine.
+///
+/// Every method is safe to call from any thread; commands reach the shard that owns the
+/// connection or topic through the fabric, so none takes a global lock. The async ones can be
+/// awaited on any executor or driven with [`block_on`]. A whole program (a chat backend) is in
+/// `examples/embedded-chat`; in short:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use serde_json::value::RawValue;
+/// use wse_shards::{AppEventKind, Server, block_on, command::AppSubscribe};
+///
+/// let server = Server::builder()
+///     .listen("127.0.0.1:5007".parse().unwrap())
+///     .configure(|cfg| cfg.presence.enabled = true)
+///     .start()
+///     .expect("started");
+/// // Application events: connects, client messages the server does not handle, disconnects.
+/// for event in server.drain_inbound(256, Duration::from_millis(100)) {
+///     let (AppEventKind::Connect, Some(conn)) = (event.kind, event.conn) else { continue };
+///     // Put every new connection in the lobby and greet it.
+///     let sub = AppSubscribe { topics: vec!["lobby".into()], ..Default::default() };
+///     block_on(server.subscribe_connection(conn, sub)).expect("subscribed");
+///     block_on(server.send_event(conn, r#"{"t":"welcome","p":{}}"#)).expect("sent");
+/// }
+/// let data = RawValue::from_string(r#"{"text":"hello, lobby"}"#.into()).unwrap();
+/// server.publish("lobby", "chat", &data).expect("published");
+/// println!("{} connections", server.get_connection_count());
+/// server.stop(Duration::from_secs(5));
+/// ```
 pub struct Server {
     shared: Arc<Shared>,
     /// The running configuration, replaced by each reload; the lock also serialises reloads.
