@@ -46,8 +46,11 @@ class Api:
         self.http.headers["Authorization"] = f"Bearer {key}"
 
     def call(self, method, path, body=None):
-        r = self.http.request(method, self.base + path, json=body, timeout=HTTP_TIMEOUT_S)
-        data = r.json() if r.content else {}
+        try:
+            r = self.http.request(method, self.base + path, json=body, timeout=HTTP_TIMEOUT_S)
+            data = r.json() if r.content else {}
+        except requests.RequestException as e:  # unreachable, timed out, not JSON
+            raise ChatError(f"server API unavailable: {e}") from e
         if r.status_code >= 400:
             err = data.get("error", {})
             raise ChatError(f"{err.get('code', r.status_code)}: {err.get('message', r.text)}")
@@ -96,7 +99,7 @@ class Chat:
             body = {"topics": [topic], "presence": {"name": name or user}}
             out = await self.call("POST", f"/api/v1/connections/{conn}/subscribe", body)
             if out["failed_topics"]:
-                raise ChatError(f"cannot join {room}: {out['failed_topics'][0]}")
+                raise ChatError(f"cannot join {room}: {out['failed_topics'][0]['reason']}")
             member = self.members.setdefault(conn, {"name": None, "rooms": set()})
             member["name"] = name
             member["rooms"].add(room)
