@@ -1,6 +1,6 @@
 //! The one monotonic clock every thread of the load generator stamps and measures with.
 //!
-//! Publishers write the *scheduled* send time as nanoseconds since [`EPOCH`]; subscribers on
+//! Publishers write the *scheduled* send time as nanoseconds since `EPOCH`; subscribers on
 //! other threads subtract it from their receive time. Both read the same `Instant` base in the
 //! same process, so there is no clock skew to correct.
 

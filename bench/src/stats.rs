@@ -197,7 +197,7 @@ const SEQ_WORDS: usize = (SEQ_WINDOW / 64) as usize;
 
 /// Tracks one stream's sequence numbers (1, 2, 3, ... per publisher and topic).
 ///
-/// A bitmap of the last [`SEQ_WINDOW`] numbers tells duplicates from late arrivals; `distinct`
+/// A bitmap of the last `SEQ_WINDOW` numbers tells duplicates from late arrivals; `distinct`
 /// counts numbers seen once, so at the end `expected_last - distinct` is exactly the number of
 /// publications this stream never delivered (gaps inside and lost tail alike).
 #[derive(Clone, Debug)]

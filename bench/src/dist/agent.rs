@@ -2,7 +2,7 @@
 //!
 //! The control connection is served by a current-thread tokio runtime; the workload itself runs
 //! on its own worker threads exactly as in a local run ([`crate::fleet::Running`]). One
-//! controller at a time: a second one waits up to [`BUSY_GRACE`] for the first to go (a script
+//! controller at a time: a second one waits up to `BUSY_GRACE` for the first to go (a script
 //! running scenarios back to back connects the next controller while this agent may not have
 //! seen the previous one's close yet), and is then told the agent is busy. Ctrl-C (or SIGTERM) stops the
 //! current slice, sends its partial figures to the controller, and exits.

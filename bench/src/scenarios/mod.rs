@@ -77,7 +77,7 @@ pub struct Common {
     /// Write every figure, the environment and the flags to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Server process(es) to sample RSS and CPU time from (/proc/<pid>), comma-separated, in
+    /// Server process(es) to sample RSS and CPU time from (/proc/PID), comma-separated, in
     /// the order of `--url` when there are several servers.
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]

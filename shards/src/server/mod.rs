@@ -8,9 +8,9 @@
 //! cleanly), then starts the shards and waits until each reports its runtime ready; a shard that
 //! fails is reported with the others stopped.
 //!
-//! The rest of the handle's API lives in submodules: [`commands`] (connections and users),
-//! [`topics`] (broadcasts, presence, counts), [`inbound`] (application events), [`builder`],
-//! and [`wait`] (driving its futures without an async runtime).
+//! The rest of the handle's API lives in submodules: `commands` (connections and users),
+//! `topics` (broadcasts, presence, counts), `inbound` (application events), `builder`,
+//! and `wait` (driving its futures without an async runtime).
 
 mod builder;
 mod commands;

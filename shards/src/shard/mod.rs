@@ -11,8 +11,8 @@
 //! `release` / `handle_writable` (as I/O completes), then `handle_fabric`, `handle_timers`,
 //! `flush`.
 //!
-//! The rules live in submodules: [`subscriptions`] (a subscriber's shard), [`owner`] (a topic's
-//! owner: sequencing, history, interest, presence, queue-group picks) and [`publications`]
+//! The rules live in submodules: `subscriptions` (a subscriber's shard), `owner` (a topic's
+//! owner: sequencing, history, interest, presence, queue-group picks) and `publications`
 //! (routing and fan-out).
 
 mod commands;
