@@ -121,6 +121,12 @@ fn hold_keeps_connections_and_measures_memory() {
     assert_eq!(num(&r, "survivors"), 20.0);
     assert_eq!(num(&r, "unexpected_closes"), 0.0);
     assert!(num(&r, "server_rss_settled_bytes") > 0.0);
+    // The floor is the lowest sample of the hold, the end sample included.
+    let floor = num(&r, "server_rss_floor_bytes");
+    assert!(
+        floor > 0.0 && floor <= num(&r, "server_rss_end_bytes"),
+        "{floor}"
+    );
 }
 
 #[test]

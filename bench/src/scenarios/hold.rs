@@ -2,7 +2,11 @@
 //! answering the server's pings like the Python client. Reports survival (connections never
 //! closed), unexpected closes and reconnects, and the memory N idle connections cost the server:
 //! RSS (`/proc/<pid>/status` VmRSS, with `--server-pid`) and kernel TCP memory
-//! (`/proc/net/sockstat`), each sampled before opening and after all are subscribed and settled.
+//! (`/proc/net/sockstat`), each sampled before opening and after all are subscribed and settled;
+//! the server's RSS also every 500 ms while holding, for its floor (`server_rss_floor_*`): an
+//! allocator may keep memory freed during the connect storm resident until it next runs, which
+//! for an idle server can be seconds later, so the settled sample can overstate what holding
+//! the connections costs.
 //!
 //! Kernel TCP memory is machine-wide and includes our client sockets: on loopback both ends of
 //! each connection are counted, so it is an upper bound for the server's share.
@@ -17,13 +21,16 @@ use tokio::sync::Semaphore;
 
 use super::{
     Phase, Progress, Setup, Shared, join_all, open_planned, parse_duration, reached, secs,
-    sleep_with_progress, spawn_workers, wait_until,
+    sleep_with_progress, spawn_workers, stop_requested, wait_until,
 };
 use crate::conn::{Conn, ConnError};
 use crate::fleet::{Fleet, Running, Slice, Workload};
 use crate::report::Report;
 use crate::stats::Tally;
 use crate::sys;
+
+/// How often the server's RSS is sampled while holding, for its floor.
+const RSS_FLOOR_SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Read buffer per held connection: pings and acks are small; it grows if needed.
 const READ_BUF: usize = 512;
@@ -157,8 +164,28 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
     let rss_settled = setup.server_samples();
     let sock_settled = sys::sockstat();
     fleet.set_phase(Phase::Measure);
+    // The lowest RSS seen while holding: memory the server freed (handshake buffers, grown
+    // tables) can stay resident until its allocator next runs, which for an idle server is its
+    // next timer; the floor is what holding the connections really costs.
+    let mut rss_floor: Option<u64> = None;
     if ready > 0 {
-        complete &= sleep_with_progress(setup, args.duration, || fleet.snapshot().line(n));
+        let mut next_sample = Instant::now();
+        let stopped = wait_until(
+            setup,
+            Instant::now() + args.duration,
+            || {
+                if Instant::now() >= next_sample {
+                    next_sample += RSS_FLOOR_SAMPLE_EVERY;
+                    if let Some(v) = setup.server_samples() {
+                        let rss = v.iter().map(|s| s.rss_bytes).sum::<u64>();
+                        rss_floor = Some(rss_floor.map_or(rss, |f| f.min(rss)));
+                    }
+                }
+                stop_requested()
+            },
+            || fleet.snapshot().line(n),
+        );
+        complete &= !stopped;
     }
     let rss_end = setup.server_samples();
     let sock_end = sys::sockstat();
@@ -181,6 +208,19 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
         [&rss_before, &rss_settled, &rss_end],
         &all.ready_per_target,
     );
+    // The end sample closes the window the floor is taken over.
+    if let Some(e) = &rss_end {
+        let rss = e.iter().map(|s| s.rss_bytes).sum::<u64>();
+        rss_floor = Some(rss_floor.map_or(rss, |f| f.min(rss)));
+    }
+    if let (Some(floor), Some(b)) = (rss_floor, &rss_before) {
+        let before: u64 = b.iter().map(|s| s.rss_bytes).sum();
+        report.set("server_rss_floor_bytes", floor);
+        report.set(
+            "server_rss_floor_per_conn_bytes",
+            (floor as f64 - before as f64) / all.ready.max(1) as f64,
+        );
+    }
     let per_conn = |bytes: f64| {
         if all.ready > 0 {
             bytes / all.ready as f64
