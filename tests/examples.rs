@@ -7,7 +7,6 @@ mod support;
 #[path = "../examples/chat_scenario.rs"]
 mod chat_scenario;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,7 +14,7 @@ use std::time::Duration;
 
 use chat_scenario::User;
 use serde_json::json;
-use support::{API_KEY, Wse, token, venv_python};
+use support::{API_KEY, Wse, collect_stderr, for_each_line, token, venv_python};
 use wse_client::Connector;
 
 /// How long the backend may take to start and reach the event stream.
@@ -49,24 +48,10 @@ impl Backend {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start chat_backend.py");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = collect_stderr(&mut child);
         let (tx, rx) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
+        for_each_line(child.stdout.take().unwrap(), move |line| {
+            tx.send(line).is_ok()
         });
         let backend = Backend { child, log };
         match rx.recv_timeout(READY_TIMEOUT) {

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
-use support::{Wse, token, venv_python};
+use support::{Wse, for_each_line, token, venv_python};
 
 /// Longer than the client's 40 s watchdog.
 const STAY_SECONDS: &str = "46";
@@ -41,13 +41,8 @@ async fn published_python_client_subscribes_receives_and_stays_connected() {
         s
     });
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    for_each_line(child.stdout.take().unwrap(), move |line| {
+        tx.send(line).is_ok()
     });
     let mut transcript = Vec::new();
     let mut next = async || -> String {
@@ -121,13 +116,8 @@ impl PyDriver {
                 .join("\n")
         });
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
+        for_each_line(child.stdout.take().unwrap(), move |line| {
+            tx.send(line).is_ok()
         });
         PyDriver {
             child,

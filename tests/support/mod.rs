@@ -77,16 +77,7 @@ impl Wse {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start wse-server");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = collect_stderr(&mut child);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -468,4 +459,32 @@ pub fn venv_python() -> std::path::PathBuf {
     std::env::var_os("WSE_PY_VENV")
         .map_or_else(|| root.join("target/py-venv"), std::path::PathBuf::from)
         .join("bin/python")
+}
+
+/// Collects a piped child's stderr as it comes, for failure messages.
+pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    for_each_line(child.stderr.take().expect("stderr piped"), move |line| {
+        let mut l = sink.lock().unwrap();
+        l.push_str(&line);
+        l.push('\n');
+        true
+    });
+    log
+}
+
+/// Hands each line of `r` to `each` on a thread of its own, until the end of the stream or
+/// until `each` returns false.
+pub fn for_each_line(
+    r: impl Read + Send + 'static,
+    mut each: impl FnMut(String) -> bool + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if !each(line) {
+                break;
+            }
+        }
+    });
 }

@@ -176,10 +176,7 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
             || {
                 if Instant::now() >= next_sample {
                     next_sample += RSS_FLOOR_SAMPLE_EVERY;
-                    if let Some(v) = setup.server_samples() {
-                        let rss = v.iter().map(|s| s.rss_bytes).sum::<u64>();
-                        rss_floor = Some(rss_floor.map_or(rss, |f| f.min(rss)));
-                    }
+                    lower_floor(&mut rss_floor, setup.server_samples().as_deref());
                 }
                 stop_requested()
             },
@@ -209,12 +206,9 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
         &all.ready_per_target,
     );
     // The end sample closes the window the floor is taken over.
-    if let Some(e) = &rss_end {
-        let rss = e.iter().map(|s| s.rss_bytes).sum::<u64>();
-        rss_floor = Some(rss_floor.map_or(rss, |f| f.min(rss)));
-    }
+    lower_floor(&mut rss_floor, rss_end.as_deref());
     if let (Some(floor), Some(b)) = (rss_floor, &rss_before) {
-        let before: u64 = b.iter().map(|s| s.rss_bytes).sum();
+        let before = total_rss(b);
         report.set("server_rss_floor_bytes", floor);
         report.set(
             "server_rss_floor_per_conn_bytes",
@@ -247,6 +241,18 @@ pub fn run(setup: &Setup, args: &HoldArgs) -> Report {
     report
 }
 
+/// RSS summed over the sampled servers.
+fn total_rss(samples: &[super::ServerSample]) -> u64 {
+    samples.iter().map(|s| s.rss_bytes).sum()
+}
+
+/// Lowers `floor` to the total RSS of `samples`, when there are samples.
+fn lower_floor(floor: &mut Option<u64>, samples: Option<&[super::ServerSample]>) {
+    if let Some(rss) = samples.map(total_rss) {
+        *floor = Some(floor.map_or(rss, |f| f.min(rss)));
+    }
+}
+
 /// Server RSS before, settled and at the end (summed over `--server-pid`s), RSS per connection
 /// over all servers, and — with one pid per `--url` — per server: the growth of each divided
 /// by the connections it holds (`server_rss_per_conn_by_server`, and the worst).
@@ -255,15 +261,14 @@ fn server_memory(
     [before, settled, end]: [&Option<Vec<super::ServerSample>>; 3],
     ready_per_target: &[u64],
 ) {
-    let sum = |v: &Vec<super::ServerSample>| v.iter().map(|s| s.rss_bytes).sum::<u64>();
     let ready: u64 = ready_per_target.iter().sum();
     if let (Some(b), Some(a)) = (before, settled) {
-        report.set("server_rss_before_bytes", sum(b));
-        report.set("server_rss_settled_bytes", sum(a));
+        report.set("server_rss_before_bytes", total_rss(b));
+        report.set("server_rss_settled_bytes", total_rss(a));
         report.set(
             "server_rss_per_conn_bytes",
             if ready > 0 {
-                (sum(a) as f64 - sum(b) as f64) / ready as f64
+                (total_rss(a) as f64 - total_rss(b) as f64) / ready as f64
             } else {
                 0.0
             },
@@ -297,7 +302,7 @@ fn server_memory(
         }
     }
     if let Some(e) = end {
-        report.set("server_rss_end_bytes", sum(e));
+        report.set("server_rss_end_bytes", total_rss(e));
     }
     if let (Some(a), Some(e)) = (settled, end) {
         let cpu = |v: &Vec<super::ServerSample>| v.iter().map(|s| s.cpu_s).sum::<f64>();
