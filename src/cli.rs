@@ -686,6 +686,16 @@ struct RecoveryFlags {
     )]
     max_messages: Option<usize>,
 
+    /// Bytes of replays one connection may have queued and unread beyond
+    /// limits.max_outbound_queue_bytes; a replay past it answers recovered: false.
+    #[arg(
+        id = "recovery.max_replay_bytes",
+        long = "recovery-max-replay-bytes",
+        env = "WSE_RECOVERY_MAX_REPLAY_BYTES",
+        value_name = "BYTES"
+    )]
+    max_replay_bytes: Option<usize>,
+
     /// Bytes of publication history across the server, split between shards and allocated at
     /// start; when full, the oldest publications are overwritten.
     #[arg(
@@ -978,6 +988,7 @@ impl Flags {
             buffer_size,
             ttl,
             max_messages,
+            max_replay_bytes,
             memory_budget,
             max_topics,
         } = recovery;
@@ -986,6 +997,7 @@ impl Flags {
         set(&mut r.buffer_size, buffer_size);
         set(&mut r.ttl, ttl);
         set(&mut r.max_messages, max_messages);
+        set(&mut r.max_replay_bytes, max_replay_bytes);
         set(&mut r.memory_budget, memory_budget);
         set(&mut r.max_topics, max_topics);
 

@@ -276,6 +276,10 @@ pub struct RecoveryConfig {
     pub ttl: Duration,
     /// Most publications one recovery reply replays; a larger gap answers `recovered: false`.
     pub max_messages: usize,
+    /// Bytes of replays one connection may have queued and not yet read beyond
+    /// `limits.max_outbound_queue_bytes`. A replay past it answers `recovered: false` (the client
+    /// re-baselines) and is counted in `wse_dropped_total{reason="replay_over_budget"}`.
+    pub max_replay_bytes: usize,
     /// Bytes of publication history across the server, split evenly between shards,
     /// allocated (and touched) at start. When full, the oldest publications are overwritten.
     pub memory_budget: usize,
@@ -292,6 +296,7 @@ impl Default for RecoveryConfig {
             buffer_size: 256,
             ttl: Duration::from_secs(300),
             max_messages: 1000,
+            max_replay_bytes: 16 << 20,
             memory_budget: 64 << 20,
             max_topics: 4096,
         }
@@ -631,6 +636,7 @@ impl Config {
             buffer_size,
             ttl,
             max_messages,
+            max_replay_bytes: _,
             memory_budget,
             max_topics,
         } = &mut config.recovery;

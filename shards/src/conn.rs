@@ -24,7 +24,7 @@ use std::io::IoSlice;
 use std::num::NonZeroU64;
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use serde_json::value::RawValue;
@@ -37,6 +37,15 @@ use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, ClientMessage, Clock, FailedTopic, Wire};
 use crate::ratelimit::{RateLimits, TokenBucket, Verdict};
 use crate::shard::Admission;
+
+/// Time a refused connection (bad or missing token, server at its connection limit) has to read
+/// its error frame and close frame before its socket is closed. Short, because a refused client
+/// has nothing more to say and each one holds a descriptor meanwhile.
+pub const REFUSED_LINGER: Duration = Duration::from_millis(500);
+/// Refused connections one shard lets linger for [`REFUSED_LINGER`] at once; past it a refused
+/// socket is closed as soon as its close frame is handed to the kernel, so a flood of bad tokens
+/// cannot hold the descriptors legitimate clients need.
+pub const REFUSED_LINGERING_MAX_PER_SHARD: usize = 256;
 
 /// A connection's identity across the server: `[shard:8][serial:24][slab key:32]`, shown as 16
 /// hex digits. The shard is recoverable from the id, so commands find their connection without a
@@ -160,6 +169,10 @@ pub struct Cx<'a> {
     pub events: &'a mut Vec<ConnEvent>,
     /// This tick's ping frame, built by the first connection that needs it.
     pub ping: &'a mut Option<Bytes>,
+    /// Refused connections of this shard still lingering (see [`REFUSED_LINGER`]); a refusal
+    /// adds one, the shard takes it off when it releases a connection that
+    /// [`Conn::was_refused`].
+    pub refused_lingering: &'a mut usize,
 }
 
 impl Cx<'_> {
@@ -171,6 +184,10 @@ impl Cx<'_> {
     }
 }
 
+/// Bytes queued for a connection past which a Pong replaces the unsent Pong before it instead
+/// of queuing behind it.
+const PONG_COALESCE_QUEUED_BYTES: usize = 16 * 1024;
+
 /// Frames waiting for the socket, oldest first. The front frame may be partly written.
 #[derive(Debug, Default)]
 pub struct OutQueue {
@@ -178,15 +195,37 @@ pub struct OutQueue {
     bytes: usize,
     /// The front frame has been partly written and must be finished before anything else.
     front_started: bool,
-    /// Bytes queued beyond the cap that the cap tolerates: a replay the client asked for (bounded
-    /// by `recovery.max_messages`) must not get it evicted. Shrinks as bytes are written.
+    /// Bytes queued beyond the cap that the cap tolerates: a replay the client asked for must not
+    /// get it evicted. At most `recovery.max_replay_bytes`; shrinks as bytes are written.
     allowance: usize,
+    /// The back frame is a Pong nobody has started writing: a newer Pong replaces it.
+    back_is_pong: bool,
 }
 
 impl OutQueue {
     pub fn push(&mut self, frame: Bytes) {
+        self.back_is_pong = false;
         self.bytes += frame.len();
         self.frames.push_back(frame);
+    }
+    /// Queues the answer to a Ping. Once output backs up, consecutive Pings get one Pong, the
+    /// newest (RFC 6455 §5.5.3 allows it), so a client that pings in a loop and never reads
+    /// queues one frame, not one per Ping. (Below that, each Ping gets its own Pong, as
+    /// conformance suites expect.)
+    fn push_pong(&mut self, payload: &[u8]) {
+        let frame = codec::encode_frame(OpCode::Pong, payload);
+        let unstarted = self.frames.len() > usize::from(self.front_started);
+        if self.back_is_pong && unstarted && self.bytes >= PONG_COALESCE_QUEUED_BYTES {
+            let old = self.frames.pop_back().expect("the back frame is a pong");
+            self.bytes -= old.len();
+        }
+        self.push(frame);
+        self.back_is_pong = true;
+    }
+    /// Whether more is queued than `max` plus the allowance of a replay in progress: the
+    /// connection is not reading what it asks for, and is evicted.
+    pub fn over(&self, max: usize) -> bool {
+        self.bytes > max + self.allowance
     }
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
@@ -227,6 +266,7 @@ impl OutQueue {
         if self.frames.is_empty() {
             // Idle connections keep no buffer.
             self.frames = VecDeque::new();
+            self.back_is_pong = false;
         }
     }
     /// Whether `len` more bytes fit under `max` (plus the allowance of a replay in progress).
@@ -241,6 +281,8 @@ impl OutQueue {
         let dropped: usize = self.frames.iter().skip(keep).map(Bytes::len).sum();
         self.frames.truncate(keep);
         self.bytes -= dropped;
+        self.allowance = self.allowance.min(self.bytes);
+        self.back_is_pong = false;
         dropped
     }
 }
@@ -288,6 +330,9 @@ enum Next {
     Fail(u16, &'static str),
     /// The peer sent a close frame (which we have answered).
     PeerClosed,
+    /// More is queued than `limits.max_outbound_queue_bytes` (replies to what the client sent
+    /// count too): evict it with 4413, as any consumer that does not read.
+    Evict,
 }
 
 pub struct Conn {
@@ -301,6 +346,8 @@ pub struct Conn {
     next_ping: Instant,
     /// Counted against `server.max_connections`; released exactly once by the shard.
     pub admitted: bool,
+    /// Refused after the upgrade and counted in [`Cx::refused_lingering`] until released.
+    refused: bool,
 }
 
 impl Conn {
@@ -314,6 +361,7 @@ impl Conn {
             last_rx: now,
             next_ping: now,
             admitted: false,
+            refused: false,
         }
     }
 
@@ -343,6 +391,12 @@ impl Conn {
 
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed { .. })
+    }
+
+    /// Refused after the upgrade (authentication, connection limit): the shard's count of
+    /// lingering refusals includes this connection until it is released.
+    pub fn was_refused(&self) -> bool {
+        self.refused
     }
 
     /// The parts of a live connection's session the shard maintains.
@@ -439,18 +493,34 @@ impl Conn {
         }
     }
 
-    /// Queues a replay: complete frames, one buffer. It is bounded by `recovery.max_messages`
-    /// and queued whatever the backlog (its bytes become an allowance over the cap while they
-    /// drain), since evicting a client for the replay it asked for would loop forever.
-    pub fn push_replay(&mut self, topic: &str, frames: Bytes) {
+    /// Queues a replay: complete frames, one buffer. Its bytes become an allowance over the
+    /// outbound cap while they drain, since evicting a client for the replay it asked for would
+    /// loop forever; but the replays one connection has queued and not read are bounded by
+    /// `max_replay_bytes` beyond the cap. A replay past that is refused (`false`: nothing is
+    /// queued and the caller answers `recovered: false`, so the client re-baselines), which is
+    /// what stops a client from asking for the same history again and again without reading it.
+    #[must_use]
+    pub fn push_replay(
+        &mut self,
+        topic: &str,
+        frames: Bytes,
+        max_queue: usize,
+        max_replay_bytes: usize,
+    ) -> bool {
         let Phase::Live { session, .. } = &mut self.phase else {
-            return;
+            return true;
         };
         session.recovering.retain(|t| &**t != topic);
-        if !frames.is_empty() {
-            self.out.allowance += frames.len();
-            self.out.push(frames);
+        if frames.is_empty() {
+            return true;
         }
+        if self.out.allowance + frames.len() <= max_replay_bytes {
+            self.out.allowance += frames.len();
+        } else if !self.out.fits(frames.len(), max_queue) {
+            return false;
+        }
+        self.out.push(frames);
+        true
     }
 
     /// When this connection next needs [`Conn::handle_timeout`].
@@ -539,7 +609,7 @@ impl Conn {
     /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
     /// late anyway) and it is closed with 4413 so it reconnects and recovers.
     pub fn evict(&mut self, cx: &mut Cx<'_>) {
-        if !self.is_live() {
+        if !matches!(self.phase, Phase::Live { .. } | Phase::Echo { .. }) {
             return; // already on its way out
         }
         self.out.discard_unsent();
@@ -634,6 +704,23 @@ impl Conn {
         }
     }
 
+    /// After a refusal's frames are queued: nothing more is read, and the socket goes once they
+    /// are written and the peer closes, or after [`REFUSED_LINGER`] at the latest (at once when
+    /// the shard already has [`REFUSED_LINGERING_MAX_PER_SHARD`] refusals lingering).
+    fn refuse(&mut self, cx: &mut Cx<'_>) {
+        debug_assert!(!self.refused && !self.admitted);
+        let linger = if *cx.refused_lingering < REFUSED_LINGERING_MAX_PER_SHARD {
+            REFUSED_LINGER
+        } else {
+            Duration::ZERO
+        };
+        *cx.refused_lingering += 1;
+        self.refused = true;
+        self.phase = Phase::Closed {
+            deadline: cx.clock.now + linger,
+        };
+    }
+
     fn start_session(&mut self, request: &handshake::UpgradeRequest, cx: &mut Cx<'_>) {
         let id = self.id.to_string();
         let identity = match cx.auth {
@@ -655,7 +742,6 @@ impl Conn {
         // Every outcome below is a WebSocket connection now: clients treat HTTP errors as network
         // failures and retry forever, so refusals travel as an error frame and a close code.
         let decoder = Decoder::new(Role::Server);
-        let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
         let (identity, claims) = match identity {
             Ok(found) => found,
             Err(e) => {
@@ -664,7 +750,7 @@ impl Conn {
                 let message = format!("Authentication failed: {e}");
                 self.send_text(&protocol::error(e.code(), &message, false, &cx.clock), cx);
                 self.queue(codec::encode_close(4401, "Authentication failed"), cx);
-                self.phase = Phase::Closing { decoder, deadline };
+                self.refuse(cx);
                 return;
             }
         };
@@ -672,7 +758,7 @@ impl Conn {
             cx.metrics.rejected(RejectReason::MaxConnections).inc();
             cx.metrics.closed_with(1013);
             self.queue(codec::encode_close(1013, "server at connection limit"), cx);
-            self.phase = Phase::Closing { decoder, deadline };
+            self.refuse(cx);
             return;
         }
         self.admitted = true;
@@ -736,7 +822,10 @@ impl Conn {
             self.decode(&mut inbuf, cx)
         };
         let next = match result {
-            Ok(consumed) if matches!(next, Next::Continue) => {
+            // Closing (ours) goes on decoding the same stream, looking for the peer's close
+            // frame: the bytes after the message that made us close are kept for it, or the
+            // next read would start in the middle of a frame.
+            Ok(consumed) if matches!(next, Next::Continue | Next::Close(..) | Next::Evict) => {
                 if inbuf.is_empty() {
                     if consumed < data.len() {
                         self.inbuf = data[consumed..].to_vec();
@@ -760,24 +849,35 @@ impl Conn {
                 let now = cx.clock.now;
                 self.enter_closed(now + cx.cfg.limits.close_timeout, cx);
             }
+            Next::Evict => self.evict(cx),
         }
     }
 
     /// Runs the phase's decoder over `buf`: bytes consumed (or the violation) and what next.
     fn decode(&mut self, buf: &mut [u8], cx: &mut Cx<'_>) -> (Result<usize, FrameError>, Next) {
         let max = cx.cfg.limits.max_message_size;
+        let max_queue = cx.cfg.limits.max_outbound_queue_bytes;
         let mut next = Next::Continue;
         let out = &mut self.out;
+        // Replies count against the outbound cap like everything else: a client that keeps
+        // asking (pings, hellos, subscribes, echoes) and never reads is evicted at the cap, as
+        // soon as the message that crossed it, not after the whole read.
         let result = match &mut self.phase {
             Phase::Live { decoder, session } => {
                 let id = self.id;
                 decoder.decode(buf, max, |m| {
                     next = session.handle(id, m, out, cx);
+                    if matches!(next, Next::Continue) && out.over(max_queue) {
+                        next = Next::Evict;
+                    }
                     cont(&next)
                 })
             }
             Phase::Echo { decoder } => decoder.decode(buf, max, |m| {
                 next = echo(m, out, cx);
+                if matches!(next, Next::Continue) && out.over(max_queue) {
+                    next = Next::Evict;
+                }
                 cont(&next)
             }),
             Phase::Closing { decoder, .. } => decoder.decode(buf, max, |m| {
@@ -851,7 +951,7 @@ fn echo(m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
     match m {
         Message::Text(t) => out.push(codec::encode_frame(OpCode::Text, t.as_bytes())),
         Message::Binary(b) => out.push(codec::encode_frame(OpCode::Binary, b)),
-        Message::Ping(p) => out.push(codec::encode_frame(OpCode::Pong, p)),
+        Message::Ping(p) => out.push_pong(p),
         Message::Pong(_) => {}
         Message::Close(c) => return reply_close(c, out),
     }
@@ -874,7 +974,7 @@ impl Session {
         let binary_frame = matches!(m, Message::Binary(_));
         let payload: &[u8] = match m {
             Message::Ping(p) => {
-                out.push(codec::encode_frame(OpCode::Pong, p));
+                out.push_pong(p);
                 return Next::Continue;
             }
             Message::Pong(_) => return Next::Continue,
@@ -1154,5 +1254,65 @@ impl SessionOut<'_> {
     fn error(&mut self, code: &str, message: &str, cx: &mut Cx<'_>) {
         let json = protocol::error(code, message, true, &cx.clock);
         self.json(json, cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pong_count(q: &OutQueue) -> usize {
+        q.frames.iter().filter(|f| f[0] == 0x8a).count()
+    }
+
+    #[test]
+    fn pongs_are_coalesced_only_once_output_backs_up() {
+        let mut q = OutQueue::default();
+        for _ in 0..10 {
+            q.push_pong(b"ping");
+        }
+        assert_eq!(pong_count(&q), 10, "a short burst gets a Pong per Ping");
+        q.push(Bytes::from(vec![0u8; PONG_COALESCE_QUEUED_BYTES]));
+        for i in 0..1000u32 {
+            q.push_pong(&i.to_be_bytes());
+        }
+        assert_eq!(pong_count(&q), 11, "one Pong queued past the threshold");
+        let last = q.frames.back().unwrap();
+        assert_eq!(
+            &last[2..],
+            &999u32.to_be_bytes(),
+            "the newest Ping's payload"
+        );
+        let total: usize = q.frames.iter().map(Bytes::len).sum();
+        assert_eq!(q.bytes(), total);
+    }
+
+    #[test]
+    fn a_partly_written_pong_is_never_replaced() {
+        let mut q = OutQueue::default();
+        q.push(Bytes::from(vec![0u8; PONG_COALESCE_QUEUED_BYTES]));
+        q.push_pong(b"a");
+        q.advance(PONG_COALESCE_QUEUED_BYTES + 1);
+        q.push_pong(b"b");
+        assert_eq!(
+            q.frames(),
+            2,
+            "the started Pong stays, the new one queues behind it"
+        );
+    }
+
+    #[test]
+    fn replays_get_an_allowance_up_to_the_budget_then_must_fit_the_cap() {
+        let mut q = OutQueue::default();
+        q.push(Bytes::from(vec![0u8; 100]));
+        assert!(!q.over(100));
+        q.allowance += 1000;
+        q.push(Bytes::from(vec![0u8; 1000]));
+        assert!(!q.over(100), "the replay's bytes are tolerated");
+        q.push(Bytes::from(vec![0u8; 1]));
+        assert!(q.over(100), "anything more is over the cap");
+        q.advance(1101);
+        assert_eq!(q.allowance, 0, "the allowance drains with the replay");
+        assert!(q.is_empty());
     }
 }

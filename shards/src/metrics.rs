@@ -54,16 +54,20 @@ pub enum DropReason {
     /// A queue-group publication reached the shard picked for it when that shard had no member
     /// of the group left (all left or were evicted after the owner picked).
     QueueGroupNoMember,
+    /// A recovery replay refused (answered `recovered: false`) because the connection already
+    /// had `recovery.max_replay_bytes` of replays queued and unread.
+    ReplayOverBudget,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::SlowConsumer,
         DropReason::FabricOverflow,
         DropReason::RateLimited,
         DropReason::AppEventOverflow,
         DropReason::ConnectionGone,
         DropReason::QueueGroupNoMember,
+        DropReason::ReplayOverBudget,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -73,6 +77,7 @@ impl DropReason {
             DropReason::AppEventOverflow => "app_event_overflow",
             DropReason::ConnectionGone => "connection_gone",
             DropReason::QueueGroupNoMember => "queue_group_no_member",
+            DropReason::ReplayOverBudget => "replay_over_budget",
         }
     }
 }

@@ -261,6 +261,7 @@ mod tests {
             buffer_size: buffer,
             ttl: Duration::from_secs(60),
             max_messages: 100,
+            max_replay_bytes: 1 << 20,
             memory_budget: budget,
             max_topics: topics,
         }

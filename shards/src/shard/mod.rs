@@ -224,6 +224,8 @@ pub struct Shard<T: Transport> {
     /// Sockets handed to each shard since the last flush (their gauges lag by a turn).
     handed: Vec<u64>,
     handshakes: usize,
+    /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
+    refused_lingering: usize,
     draining_until: Option<Instant>,
 }
 
@@ -276,6 +278,7 @@ impl<T: Transport> Shard<T> {
             adopted: Vec::new(),
             handed: vec![0; shards],
             handshakes: 0,
+            refused_lingering: 0,
             draining_until: None,
         }
     }
@@ -432,6 +435,9 @@ impl<T: Transport> Shard<T> {
         if slot.conn.admitted {
             self.shared.admission.release();
         }
+        if slot.conn.was_refused() {
+            self.refused_lingering -= 1;
+        }
         if slot.upgraded {
             self.metrics
                 .connections
@@ -579,8 +585,14 @@ impl<T: Transport> Shard<T> {
             metrics: &self.metrics,
             events: &mut self.events,
             ping: &mut self.ping,
+            refused_lingering: &mut self.refused_lingering,
         };
         f(&mut slot.conn, &mut cx);
+        if slot.conn.out.over(self.cfg.limits.max_outbound_queue_bytes) {
+            // A reply queued outside the read path (a subscription or publish acknowledgement,
+            // an error) crossed the cap: the client is not reading what it asks for.
+            slot.conn.evict(&mut cx);
+        }
         if was_handshaking && !slot.conn.is_handshaking() {
             self.handshakes -= 1;
             self.metrics.handshakes_pending.set(self.handshakes as u64);

@@ -14,6 +14,7 @@ use crate::command::{CommandError, SubscribeOutcome};
 use crate::conn::{SessionMut, SubscribeRequest};
 use crate::fabric::Responder;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
+use crate::metrics::DropReason;
 use crate::protocol::{self, Clock, FailedTopic};
 use crate::topics::{ConnKey, Delta};
 
@@ -87,11 +88,14 @@ impl<T: Transport> Shard<T> {
                 recovering.retain(|t| **t != *name);
             }
             let interest = delta.interest == Some(true);
+            // One replay in flight per connection and topic: asking again while one is on its way
+            // recovers nothing more (the first answers for both).
             let recover = req
                 .recover
                 .iter()
                 .find(|r| r.0 == topic)
-                .map(|r| (r.1, r.2));
+                .map(|r| (r.1, r.2))
+                .filter(|_| !recovering.contains(&name));
             let presence = (presence_on && delta.plain == Some(true)).then(|| {
                 let data = req
                     .presence
@@ -99,7 +103,7 @@ impl<T: Transport> Shard<T> {
                     .unwrap_or_else(|| Bytes::from_static(b"{}"));
                 (user.clone(), data)
             });
-            if recover.is_some() && !recovering.contains(&name) {
+            if recover.is_some() {
                 recovering.push(name.clone());
             }
             let joined_group = delta.joined_group.clone();
@@ -158,7 +162,7 @@ impl<T: Transport> Shard<T> {
     }
 
     /// An owner answered a `Join`: confirm interest, queue the replay, count the answer.
-    pub(super) fn handle_joined(&mut self, r: JoinReply, clock: Clock) {
+    pub(super) fn handle_joined(&mut self, mut r: JoinReply, clock: Clock) {
         if r.interest {
             for waiter in self.topics.confirm(&r.topic) {
                 self.ack_progress(waiter, clock);
@@ -177,10 +181,24 @@ impl<T: Transport> Shard<T> {
             if r.refused.is_some() && still_in_group {
                 // No presence leave: the owner never counted this connection.
                 self.drop_subscription(key, &r.topic, None);
-            } else if let Some(info) = &r.recovery {
+            } else if let Some(info) = &mut r.recovery {
                 let slot = self.conns.get_mut(key as usize).expect("checked");
-                slot.conn.push_replay(&r.topic, r.frames);
-                self.metrics.deliveries_total.add(u64::from(info.count));
+                let limits = &self.cfg.limits;
+                let max_replay = self.cfg.recovery.max_replay_bytes;
+                let frames = std::mem::take(&mut r.frames);
+                if slot.conn.push_replay(
+                    &r.topic,
+                    frames,
+                    limits.max_outbound_queue_bytes,
+                    max_replay,
+                ) {
+                    self.metrics.deliveries_total.add(u64::from(info.count));
+                } else {
+                    // Over the connection's replay budget: it re-baselines instead.
+                    info.recovered = false;
+                    info.count = 0;
+                    self.metrics.dropped(DropReason::ReplayOverBudget).inc();
+                }
                 super::mark_dirty(&mut self.dirty, slot, key);
             }
         }
