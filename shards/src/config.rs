@@ -313,7 +313,8 @@ pub struct PresenceConfig {
     /// topic fails with `PRESENCE_DATA_TOO_LARGE`.
     pub max_data_size: usize,
     /// Members (distinct users) per topic; 0 = unlimited. Past it the subscription of that topic
-    /// fails with `PRESENCE_LIMIT`.
+    /// fails with `PRESENCE_LIMIT`. Finite by default: every join and leave is sent to every
+    /// member, so an unbounded room costs O(members²) frames to fill.
     pub max_members: usize,
 }
 
@@ -322,7 +323,7 @@ impl Default for PresenceConfig {
         Self {
             enabled: false,
             max_data_size: 4096,
-            max_members: 0,
+            max_members: 10_000,
         }
     }
 }

@@ -786,7 +786,7 @@ impl Conn {
             decoder,
             session: Box::new(Session {
                 identity,
-                rate: TokenBucket::new(cx.rate, cx.clock.wall_ms),
+                rate: TokenBucket::new(cx.rate, cx.clock.mono_ms()),
                 subs: Vec::new(),
                 msgpack,
                 recovering: Vec::new(),
@@ -1115,7 +1115,7 @@ struct SessionOut<'s> {
 impl SessionOut<'_> {
     /// Applies the rate limit to one message; `Some` when it must not be processed.
     fn charge(&mut self, cx: &mut Cx<'_>) -> Option<Next> {
-        match self.session.rate.check(cx.rate, cx.clock.wall_ms) {
+        match self.session.rate.check(cx.rate, cx.clock.mono_ms()) {
             Verdict::Allow => None,
             Verdict::AllowAndWarn {
                 remaining,

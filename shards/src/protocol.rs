@@ -39,6 +39,14 @@ impl Clock {
         }
     }
 
+    /// Milliseconds on the monotonic clock since the process first asked: for durations that a
+    /// step of the wall clock (NTP, an operator) must not stretch or shrink, like rate limits.
+    pub fn mono_ms(&self) -> u64 {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let origin = *ORIGIN.get_or_init(|| self.now);
+        self.now.saturating_duration_since(origin).as_millis() as u64
+    }
+
     /// `2026-11-22T04:17:12.065Z`.
     pub fn iso(&self) -> String {
         iso8601(self.wall_ms)
