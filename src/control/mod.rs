@@ -2,7 +2,8 @@
 //!
 //! Owns: the control listener, its thread ("wse-control") and the single-threaded tokio runtime
 //! axum serves on, and the event dispatcher's thread ("wse-events", see `events::dispatch`).
-//! Never: touches shard state; it reads the shards' metrics and hands publications to [`Server::publish`], which queues them to the owner shard over the fabric.
+//! Never: touches shard state; it reads the shards' metrics and hands publications to
+//! [`Server::publish`], which queues them to the owner shard over the fabric.
 //!
 //! Routes (every error is JSON `{"error":{"code":"...","message":"..."}}`; docs/API.md has them
 //! all, `GET /api/v1/openapi.json` describes them):
