@@ -29,6 +29,8 @@ pub struct Options {
     pub config: Config,
     /// `--print-config`: print the effective configuration as TOML and exit.
     pub print_config: bool,
+    /// `--show-secrets`: `--print-config` prints secrets in clear instead of redacted.
+    pub show_secrets: bool,
     /// `--print-config-example`: print the reference configuration file and exit.
     pub print_example: bool,
     /// The file the configuration came from, if any.
@@ -76,6 +78,7 @@ where
     Ok(Options {
         config,
         print_config: cli.print_config,
+        show_secrets: cli.show_secrets,
         print_example: cli.print_config_example,
         config_file,
     })
@@ -99,6 +102,45 @@ pub fn render_toml(cfg: &Config) -> String {
     out.push('\n');
     out.push_str(&body);
     out
+}
+
+/// What a redacted secret prints as.
+pub const REDACTED: &str = "<redacted>";
+
+/// `cfg` with every secret replaced by [`REDACTED`], for `--print-config` without
+/// `--show-secrets`: the HS256 secrets, the API key, and the password of a webhook URL's
+/// `user:password@`. (The public key files are paths, not secrets.) An unset secret stays unset,
+/// so the output still says whether one is configured.
+pub fn redact_secrets(cfg: &Config) -> Config {
+    let mut cfg = cfg.clone();
+    let secrets = [
+        &mut cfg.auth.secret,
+        &mut cfg.auth.previous_secret,
+        &mut cfg.control.api_key,
+    ];
+    for secret in secrets.into_iter().flatten() {
+        *secret = REDACTED.to_owned();
+    }
+    if let Some(url) = &mut cfg.events.webhook_url {
+        *url = redact_url_password(url);
+    }
+    cfg
+}
+
+/// `scheme://user:password@host/...` → `scheme://user:<redacted>@host/...`; other URLs as given.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}{path}"),
+        None => url.to_owned(),
+    }
 }
 
 /// Width of the reference file's comment lines.
@@ -212,6 +254,9 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 const AFTER_HELP: &str = "\
 Every flag can also be given as the WSE_* environment variable shown with it.
 Precedence: flags > WSE_* environment > --config file > defaults.
+A configuration file has the keys shown as [config: section.key]; the reference file,
+every key at its default with its documentation, is deploy/wse.toml in the repository, and
+`wse-server --print-config-example` prints it.
 Booleans take a value (true/false, yes/no, on/off, 1/0); lists are comma-separated;
 durations are like 25s, 1500ms, 1m30s. An empty value unsets an optional setting
 (--echo-path '') or empties a list (--auth-audience '').";
@@ -231,12 +276,19 @@ struct Cli {
     #[arg(long, env = "WSE_CONFIG", value_name = "FILE", value_parser = optional_path())]
     config: Option<PathBuf>,
 
-    /// Print the effective configuration as TOML and exit.
+    /// Print the effective configuration as TOML and exit; secrets (auth.secret,
+    /// auth.previous_secret, control.api_key, a password in events.webhook_url) print as
+    /// "<redacted>" unless --show-secrets is given.
     #[arg(long)]
     print_config: bool,
 
-    /// Print the reference configuration file (deploy/wse.toml) and exit.
-    #[arg(long, hide = true)]
+    /// With --print-config: print the secrets in clear.
+    #[arg(long, requires = "print_config")]
+    show_secrets: bool,
+
+    /// Print the reference configuration file, every key at its default with its documentation
+    /// (the repository's deploy/wse.toml), and exit.
+    #[arg(long)]
     print_config_example: bool,
 
     #[command(flatten)]
@@ -409,6 +461,16 @@ struct LimitsFlags {
         value_name = "N"
     )]
     app_event_queue_capacity: Option<usize>,
+
+    /// Application events buffered per shard for the event stream, bytes of payload; past it
+    /// the oldest are dropped (wse_inbound_dropped_total{reason="queue_full"}).
+    #[arg(
+        id = "limits.app_event_queue_bytes",
+        long = "app-event-queue-bytes",
+        env = "WSE_APP_EVENT_QUEUE_BYTES",
+        value_name = "BYTES"
+    )]
+    app_event_queue_bytes: Option<usize>,
 
     /// Time a closing connection has to answer our close frame before its socket is closed,
     /// duration.
@@ -786,6 +848,39 @@ struct ControlFlags {
         hide_env_values = true
     )]
     api_key: Option<String>,
+
+    /// Open HTTP connections on the control listener, connections; past it a new one is closed
+    /// unanswered (wse_control_rejected_total{reason="max_connections"}).
+    #[arg(
+        id = "control.max_connections",
+        long = "control-max-connections",
+        env = "WSE_CONTROL_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    max_connections: Option<usize>,
+
+    /// Time a control connection has to send a request's headers, from the accept or the end of
+    /// the previous response (the keep-alive idle timeout too), duration; past it the connection
+    /// is closed (wse_control_rejected_total{reason="header_timeout"}).
+    #[arg(
+        id = "control.header_timeout",
+        long = "control-header-timeout",
+        env = "WSE_CONTROL_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    header_timeout: Option<Duration>,
+
+    /// Time from a request's headers to its response, body upload included, duration; past it:
+    /// 408 and the connection is closed (wse_control_rejected_total{reason="request_timeout"}).
+    #[arg(
+        id = "control.request_timeout",
+        long = "control-request-timeout",
+        env = "WSE_CONTROL_REQUEST_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    request_timeout: Option<Duration>,
 }
 
 /// `[events]`.
@@ -801,6 +896,27 @@ struct EventsFlags {
         value_name = "N"
     )]
     consumer_queue_capacity: Option<usize>,
+
+    /// Event JSON queued for one event-stream consumer (and held while none is connected),
+    /// bytes; past it the oldest events are dropped
+    /// (wse_inbound_dropped_total{reason="consumer_slow"}).
+    #[arg(
+        id = "events.consumer_queue_bytes",
+        long = "events-consumer-queue-bytes",
+        env = "WSE_EVENTS_CONSUMER_QUEUE_BYTES",
+        value_name = "BYTES"
+    )]
+    consumer_queue_bytes: Option<usize>,
+
+    /// Largest event-stream frame or webhook body, bytes; events are split across frames, and
+    /// one larger event goes alone.
+    #[arg(
+        id = "events.max_frame_bytes",
+        long = "events-max-frame-bytes",
+        env = "WSE_EVENTS_MAX_FRAME_BYTES",
+        value_name = "BYTES"
+    )]
+    max_frame_bytes: Option<usize>,
 
     /// Deliver events by POSTing JSON arrays to this http:// URL instead of to event-stream
     /// consumers; empty = off.
@@ -860,6 +976,16 @@ struct EventsFlags {
         value_name = "N"
     )]
     webhook_queue_capacity: Option<usize>,
+
+    /// Event JSON queued for the webhook, bytes; past it the oldest events are dropped
+    /// (wse_inbound_dropped_total{reason="consumer_slow"}).
+    #[arg(
+        id = "events.webhook_queue_bytes",
+        long = "events-webhook-queue-bytes",
+        env = "WSE_EVENTS_WEBHOOK_QUEUE_BYTES",
+        value_name = "BYTES"
+    )]
+    webhook_queue_bytes: Option<usize>,
 }
 
 /// `[log]`.
@@ -918,6 +1044,7 @@ impl Flags {
             max_outbound_queue_bytes,
             max_subscriptions_per_connection,
             app_event_queue_capacity,
+            app_event_queue_bytes,
             close_timeout,
             fabric_queue_capacity,
             fabric_overflow_max,
@@ -933,6 +1060,7 @@ impl Flags {
             max_subscriptions_per_connection,
         );
         set(&mut l.app_event_queue_capacity, app_event_queue_capacity);
+        set(&mut l.app_event_queue_bytes, app_event_queue_bytes);
         set(&mut l.close_timeout, close_timeout);
         set(&mut l.fabric_queue_capacity, fabric_queue_capacity);
         set(&mut l.fabric_overflow_max, fabric_overflow_max);
@@ -1015,29 +1143,41 @@ impl Flags {
             enabled,
             listen,
             api_key,
+            max_connections,
+            header_timeout,
+            request_timeout,
         } = control;
         let c = &mut cfg.control;
         set(&mut c.enabled, enabled);
         set(&mut c.listen, listen);
         set_optional(&mut c.api_key, api_key);
+        set(&mut c.max_connections, max_connections);
+        set(&mut c.header_timeout, header_timeout);
+        set(&mut c.request_timeout, request_timeout);
 
         let EventsFlags {
             consumer_queue_capacity,
+            consumer_queue_bytes,
+            max_frame_bytes,
             webhook_url,
             webhook_batch_size,
             webhook_batch_interval,
             webhook_max_retries,
             webhook_timeout,
             webhook_queue_capacity,
+            webhook_queue_bytes,
         } = events;
         let e = &mut cfg.events;
         set(&mut e.consumer_queue_capacity, consumer_queue_capacity);
+        set(&mut e.consumer_queue_bytes, consumer_queue_bytes);
+        set(&mut e.max_frame_bytes, max_frame_bytes);
         set_optional(&mut e.webhook_url, webhook_url);
         set(&mut e.webhook_batch_size, webhook_batch_size);
         set(&mut e.webhook_batch_interval, webhook_batch_interval);
         set(&mut e.webhook_max_retries, webhook_max_retries);
         set(&mut e.webhook_timeout, webhook_timeout);
         set(&mut e.webhook_queue_capacity, webhook_queue_capacity);
+        set(&mut e.webhook_queue_bytes, webhook_queue_bytes);
 
         let LogFlags { level } = log;
         set(&mut cfg.log.level, level);
@@ -1479,7 +1619,15 @@ mod tests {
 
         for arg in cmd.get_arguments() {
             let Some(long) = arg.get_long() else { continue };
-            if ["help", "version", "print-config", "print-config-example"].contains(&long) {
+            if [
+                "help",
+                "version",
+                "print-config",
+                "show-secrets",
+                "print-config-example",
+            ]
+            .contains(&long)
+            {
                 continue;
             }
             let want = format!("WSE_{}", long.to_uppercase().replace('-', "_"));
@@ -1672,6 +1820,34 @@ mod tests {
                 .all(|l| l.chars().count() <= EXAMPLE_WIDTH || !l.contains(' ')),
             "a line is too long"
         );
+    }
+
+    #[test]
+    fn redaction_hides_every_secret_and_keeps_the_rest() {
+        let mut cfg = Config::default();
+        cfg.auth.secret = Some("s".repeat(32));
+        cfg.auth.previous_secret = Some("p".repeat(32));
+        cfg.control.api_key = Some("k".repeat(16));
+        cfg.events.webhook_url = Some("http://hook:pa55@backend:8080/ev?x=1".into());
+        cfg.server.cores = 3;
+        let r = redact_secrets(&cfg);
+        assert_eq!(r.auth.secret.as_deref(), Some(REDACTED));
+        assert_eq!(r.auth.previous_secret.as_deref(), Some(REDACTED));
+        assert_eq!(r.control.api_key.as_deref(), Some(REDACTED));
+        assert_eq!(
+            r.events.webhook_url.as_deref(),
+            Some("http://hook:<redacted>@backend:8080/ev?x=1")
+        );
+        assert_eq!(r.server, cfg.server);
+        let text = render_toml(&r);
+        for secret in ["sss", "ppp", "kkk", "pa55"] {
+            assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+        }
+        assert_eq!(
+            redact_url_password("http://backend/a@b"),
+            "http://backend/a@b"
+        );
+        assert_eq!(redact_secrets(&Config::default()), Config::default());
     }
 
     #[test]

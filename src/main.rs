@@ -46,7 +46,15 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if opts.print_config {
-        print!("{}", cli::render_toml(&opts.config));
+        if opts.show_secrets {
+            print!("{}", cli::render_toml(&opts.config));
+        } else {
+            print!(
+                "# Secrets print as \"{}\"; --show-secrets prints them.\n{}",
+                cli::REDACTED,
+                cli::render_toml(&cli::redact_secrets(&opts.config))
+            );
+        }
         return ExitCode::SUCCESS;
     }
     let cfg = opts.config;

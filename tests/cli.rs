@@ -227,3 +227,61 @@ fn version_exits_0() {
         stdout(&out)
     );
 }
+
+#[test]
+fn print_config_redacts_secrets_unless_asked() {
+    let secret = "hs256-secret-0123456789abcdef-0123456789";
+    let api_key = "api-key-0123456789abcdef";
+    let args = [
+        "--print-config",
+        "--auth-enabled",
+        "true",
+        "--auth-secret",
+        secret,
+        "--auth-previous-secret",
+        "previous-secret-0123456789abcdef-0123",
+        "--api-key",
+        api_key,
+        "--events-webhook-url",
+        "http://hook:hook-password@127.0.0.1:9/events",
+    ];
+    let out = run(wse_server().args(args));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let text = stdout(&out);
+    for leaked in [secret, api_key, "previous-secret", "hook-password"] {
+        assert!(!text.contains(leaked), "{leaked} printed:\n{text}");
+    }
+    let cfg: Config = toml::from_str(&text).expect("still valid TOML");
+    assert_eq!(cfg.auth.secret.as_deref(), Some("<redacted>"));
+    assert_eq!(cfg.control.api_key.as_deref(), Some("<redacted>"));
+    assert_eq!(
+        cfg.events.webhook_url.as_deref(),
+        Some("http://hook:<redacted>@127.0.0.1:9/events")
+    );
+    assert!(cfg.auth.enabled, "the rest is printed as it is");
+
+    let out = run(wse_server().args(args).arg("--show-secrets"));
+    let cfg = printed_config(&out);
+    assert_eq!(cfg.auth.secret.as_deref(), Some(secret));
+    assert_eq!(cfg.control.api_key.as_deref(), Some(api_key));
+
+    // --show-secrets means nothing alone.
+    let out = run(wse_server().arg("--show-secrets"));
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn help_names_the_reference_config_and_its_generator() {
+    let out = run(wse_server().arg("--help"));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let help = stdout(&out);
+    for needle in [
+        "--print-config-example",
+        "deploy/wse.toml",
+        "--show-secrets",
+        "--control-header-timeout <DURATION>",
+        "--events-consumer-queue-bytes <BYTES>",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+    }
+}

@@ -137,7 +137,9 @@ async def run(api_base, key):
     backoff = RECONNECT_MIN_S
     while True:
         try:
-            async with websockets.connect(url) as ws:
+            # max_size: a frame holds up to 256 KiB of events, but one larger event comes alone,
+            # and a client's 1 MiB message of control characters escapes to a 6 MiB `raw` event.
+            async with websockets.connect(url, max_size=8 * 2**20) as ws:
                 print("chat backend ready", flush=True)
                 backoff = RECONNECT_MIN_S
                 async for frame in ws:

@@ -36,7 +36,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Keys a reload cannot change: they shape what was built at start (threads, listeners, the
 /// cross-shard queues, the control plane's body limit). A reload keeps their running value and
 /// reports them; every other key takes effect live.
-pub const RESTART_KEYS: [&str; 17] = [
+pub const RESTART_KEYS: [&str; 18] = [
     "server.cores",
     "server.listen",
     "server.pin_threads",
@@ -57,6 +57,7 @@ pub const RESTART_KEYS: [&str; 17] = [
     // The webhook sender and its queue are set up at start.
     "events.webhook_url",
     "events.webhook_queue_capacity",
+    "events.webhook_queue_bytes",
 ];
 
 /// The whole configuration. `Config::default()` is the embedded laptop configuration.
@@ -135,6 +136,11 @@ pub struct LimitsConfig {
     /// Application events (client messages of unknown type) buffered per shard for the event
     /// stream. Past it the oldest is dropped and counted in `wse_dropped_total{reason="app_event_overflow"}`.
     pub app_event_queue_capacity: usize,
+    /// Bytes of application events (payloads as received) buffered per shard for the event
+    /// stream, whatever their count: what a shard holds while no consumer is connected or the
+    /// event stream falls behind. Past it the oldest are dropped and counted like
+    /// `app_event_queue_capacity`.
+    pub app_event_queue_bytes: usize,
     /// Time a closing connection has to answer our close frame (and to read what we sent)
     /// before its socket is closed anyway.
     #[serde(with = "humantime_serde")]
@@ -156,6 +162,7 @@ impl Default for LimitsConfig {
             max_outbound_queue_bytes: 4 << 20,
             max_subscriptions_per_connection: 1000,
             app_event_queue_capacity: 65_536,
+            app_event_queue_bytes: 4 << 20,
             close_timeout: Duration::from_secs(5),
             fabric_queue_capacity: 16_384,
             fabric_overflow_max: 1_000_000,
@@ -339,6 +346,19 @@ pub struct ControlConfig {
     /// Key required (as `Authorization: Bearer <key>` or `X-API-Key`) by the `/api/v1/` routes.
     /// Unset: those routes answer 403. `/health` and `/metrics` need no key.
     pub api_key: Option<String>,
+    /// Open HTTP connections on the control listener (event-stream sockets past their upgrade
+    /// not included). Past it a new connection is closed at once, unanswered, and counted in
+    /// `wse_control_rejected_total{reason="max_connections"}`.
+    pub max_connections: usize,
+    /// Time a control connection has to send a request's headers, counted from the accept or
+    /// from the end of the previous response (so it is also the keep-alive idle timeout). Past
+    /// it the connection is closed, counted in `wse_control_rejected_total{reason="header_timeout"}`.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time from a request's headers to its response, the body's upload included. Past it: 408
+    /// and the connection is closed, counted in `wse_control_rejected_total{reason="request_timeout"}`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for ControlConfig {
@@ -347,6 +367,9 @@ impl Default for ControlConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 5008)),
             api_key: None,
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -359,6 +382,14 @@ pub struct EventsConfig {
     /// Events queued for one event-stream consumer that it has not read yet. Past it the oldest
     /// is dropped and counted in `wse_inbound_dropped_total{reason="consumer_slow"}`.
     pub consumer_queue_capacity: usize,
+    /// Bytes of event JSON queued for one event-stream consumer that it has not read yet (also
+    /// the bound on what is held while no consumer is connected). Past it the oldest events are
+    /// dropped and counted like `consumer_queue_capacity`; one event larger than the budget is
+    /// still kept, alone.
+    pub consumer_queue_bytes: usize,
+    /// Largest event-stream frame (a JSON array of events) or webhook body, bytes. Events go in
+    /// order, as many as fit; one event larger than this goes alone in its frame.
+    pub max_frame_bytes: usize,
     /// Deliver events by POSTing JSON arrays to this `http://` URL instead of to event-stream
     /// consumers. Unset: off.
     pub webhook_url: Option<String>,
@@ -377,18 +408,24 @@ pub struct EventsConfig {
     /// Events queued for the webhook. Past it the oldest is dropped and counted in
     /// `wse_inbound_dropped_total{reason="consumer_slow"}`.
     pub webhook_queue_capacity: usize,
+    /// Bytes of event JSON queued for the webhook. Past it the oldest events are dropped and
+    /// counted like `webhook_queue_capacity`.
+    pub webhook_queue_bytes: usize,
 }
 
 impl Default for EventsConfig {
     fn default() -> Self {
         Self {
             consumer_queue_capacity: 65_536,
+            consumer_queue_bytes: 16 << 20,
+            max_frame_bytes: 256 << 10,
             webhook_url: None,
             webhook_batch_size: 256,
             webhook_batch_interval: Duration::from_millis(100),
             webhook_max_retries: 5,
             webhook_timeout: Duration::from_secs(10),
             webhook_queue_capacity: 65_536,
+            webhook_queue_bytes: 32 << 20,
         }
     }
 }
@@ -460,6 +497,9 @@ impl Config {
                 "limits.handshake_timeout",
                 "timeouts must be at least the timer tick (50ms)",
             ));
+        }
+        if l.app_event_queue_bytes == 0 {
+            return Err(bad("limits.app_event_queue_bytes", "must be at least 1"));
         }
         if l.max_pending_handshakes == 0 {
             return Err(bad("limits.max_pending_handshakes", "must be at least 1"));
@@ -552,12 +592,31 @@ impl Config {
         {
             return Err(bad("control.api_key", "must be at least 16 characters"));
         }
+        let c = &self.control;
+        if c.max_connections == 0 {
+            return Err(bad("control.max_connections", "must be at least 1"));
+        }
+        if c.header_timeout.is_zero() || c.request_timeout.is_zero() {
+            return Err(bad(
+                "control.header_timeout",
+                "control timeouts must be positive",
+            ));
+        }
         let e = &self.events;
         if e.consumer_queue_capacity == 0 || e.webhook_queue_capacity == 0 {
             return Err(bad(
                 "events.consumer_queue_capacity",
                 "queue capacities must be at least 1",
             ));
+        }
+        if e.consumer_queue_bytes == 0 || e.webhook_queue_bytes == 0 {
+            return Err(bad(
+                "events.consumer_queue_bytes",
+                "queue budgets must be at least 1 byte",
+            ));
+        }
+        if e.max_frame_bytes < 1024 {
+            return Err(bad("events.max_frame_bytes", "must be at least 1024"));
         }
         if e.webhook_batch_size == 0 || e.webhook_batch_size > 100_000 {
             return Err(bad("events.webhook_batch_size", "must be 1..=100000"));
@@ -605,6 +664,7 @@ impl Config {
             max_outbound_queue_bytes: _,
             max_subscriptions_per_connection: _,
             app_event_queue_capacity: _,
+            app_event_queue_bytes: _,
             close_timeout: _,
             fabric_queue_capacity,
             fabric_overflow_max,
@@ -625,10 +685,14 @@ impl Config {
             &running.fabric_overflow_max,
             fabric_overflow_max,
         );
+        // The limits are read per connection and per request.
         let ControlConfig {
             enabled,
             listen,
             api_key: _,
+            max_connections: _,
+            header_timeout: _,
+            request_timeout: _,
         } = &mut config.control;
         keep.key("control.enabled", &self.control.enabled, enabled);
         keep.key("control.listen", &self.control.listen, listen);
@@ -662,12 +726,15 @@ impl Config {
         // with.
         let EventsConfig {
             consumer_queue_capacity: _,
+            consumer_queue_bytes: _,
+            max_frame_bytes: _,
             webhook_url,
             webhook_batch_size: _,
             webhook_batch_interval: _,
             webhook_max_retries: _,
             webhook_timeout: _,
             webhook_queue_capacity,
+            webhook_queue_bytes,
         } = &mut config.events;
         let running = &self.events;
         keep.key("events.webhook_url", &running.webhook_url, webhook_url);
@@ -675,6 +742,11 @@ impl Config {
             "events.webhook_queue_capacity",
             &running.webhook_queue_capacity,
             webhook_queue_capacity,
+        );
+        keep.key(
+            "events.webhook_queue_bytes",
+            &running.webhook_queue_bytes,
+            webhook_queue_bytes,
         );
         // Every key of [protocol], [auth] and [log] is live: the shards read the first two per
         // use (auth through a new Authenticator), the binary applies the log filter.
@@ -784,6 +856,7 @@ mod tests {
         next.presence.enabled = true;
         next.events.webhook_url = Some("http://127.0.0.1:9/hook".into());
         next.events.webhook_queue_capacity = 7;
+        next.events.webhook_queue_bytes = 7;
         let r = running.reloaded(&next);
         assert_eq!(r.needs_restart, RESTART_KEYS);
         assert_eq!(

@@ -25,6 +25,7 @@ use wse_shards::metrics::{
 };
 
 use super::events::EventMetrics;
+use super::listener::ControlMetrics;
 
 type Field = fn(&ShardMetrics) -> &Counter;
 
@@ -127,11 +128,21 @@ pub(super) struct ShardCollector {
     server: Arc<Server>,
     /// The event stream's delivery counters (the control plane's own, not a shard's).
     events: Arc<EventMetrics>,
+    /// The control listener's own counters.
+    listener: Arc<ControlMetrics>,
 }
 
 impl ShardCollector {
-    pub(super) fn new(server: Arc<Server>, events: Arc<EventMetrics>) -> Self {
-        Self { server, events }
+    pub(super) fn new(
+        server: Arc<Server>,
+        events: Arc<EventMetrics>,
+        listener: Arc<ControlMetrics>,
+    ) -> Self {
+        Self {
+            server,
+            events,
+            listener,
+        }
     }
 }
 
@@ -147,8 +158,41 @@ impl fmt::Debug for ShardCollector {
 impl Collector for ShardCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         encode_shards(self.server.metrics(), &mut encoder)?;
-        encode_events(self.server.metrics(), &self.events, &mut encoder)
+        encode_events(self.server.metrics(), &self.events, &mut encoder)?;
+        encode_listener(&self.listener, &mut encoder)
     }
+}
+
+/// The control listener: connections open, and those refused or cut by a limit.
+fn encode_listener(listener: &ControlMetrics, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut metric = encoder.encode_descriptor(
+        "wse_control_rejected",
+        "Control-plane connections or requests cut by a limit, by reason: max_connections \
+         (closed at accept, control.max_connections open), header_timeout (no complete request \
+         head within control.header_timeout, idle keep-alive included), request_timeout (408, \
+         not answered within control.request_timeout)",
+        None,
+        MetricType::Counter,
+    )?;
+    let reasons = [
+        ("max_connections", load(&listener.rejected_max_connections)),
+        ("header_timeout", load(&listener.header_timeouts)),
+        ("request_timeout", load(&listener.request_timeouts)),
+    ];
+    for (reason, value) in reasons {
+        encode_counter(&mut metric.encode_family(&[("reason", reason)])?, value)?;
+    }
+    let open = i64::try_from(load(&listener.connections)).unwrap_or(i64::MAX);
+    encoder
+        .encode_descriptor(
+            "wse_control_connections",
+            "HTTP connections open on the control listener (event-stream sockets leave it once \
+             upgraded)",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&open)
 }
 
 /// The event stream: where application events were lost, by reason, and what was delivered.

@@ -1,8 +1,9 @@
 //! The control plane: health, metrics and the server API on their own listener and thread.
 //!
 //! Owns: the control listener, its thread ("wse-control") and the single-threaded tokio runtime
-//! axum serves on. Never: touches shard state; it reads the shards' metrics and hands
-//! publications to [`Server::publish`], which queues them to the owner shard over the fabric.
+//! axum serves on, and the event dispatcher's thread ("wse-events", see `events::dispatch`).
+//! Never: touches shard state; it reads the shards' metrics and hands publications to
+//! [`Server::publish`], which queues them to the owner shard over the fabric.
 //!
 //! Routes (every error is JSON `{"error":{"code":"...","message":"..."}}`; docs/API.md has them
 //! all, `GET /api/v1/openapi.json` describes them):
@@ -14,13 +15,13 @@
 mod api;
 mod commands;
 mod events;
+mod listener;
 mod metrics;
 mod openapi;
 mod publish;
 #[cfg(test)]
 mod tests;
 
-use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -40,7 +41,7 @@ use wse_shards::Server;
 use wse_shards::config::ControlConfig;
 
 /// How long `stop` lets in-flight requests finish before the remaining connections are dropped.
-/// axum's graceful shutdown alone would wait for a client that keeps a request open forever.
+/// A graceful shutdown alone would wait for a client that keeps a request open forever.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// The content type `prometheus_client::encoding::text` produces (it ends with `# EOF`).
@@ -85,19 +86,40 @@ pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlan
         None => None,
     };
     let hub = events::Hub::new(server.clone(), webhook.is_some());
-    let app = router(server, api_key.clone(), hub.clone());
+    let listener_metrics = Arc::new(listener::ControlMetrics::default());
+    let app = router(
+        server.clone(),
+        api_key.clone(),
+        hub.clone(),
+        listener_metrics.clone(),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Pulling events from the shards and turning them into JSON is the event stream's heavy
+    // work (a 1 MB message is a 1 to 6 MB event): it runs on a thread of its own, so the
+    // requests on the control thread never wait behind it.
+    let events_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let dispatcher = {
+        let (hub, stop_rx) = (hub.clone(), stop_rx.clone());
+        std::thread::Builder::new()
+            .name("wse-events".to_owned())
+            .spawn(move || events_runtime.block_on(events::dispatch(hub, stop_rx)))?
+    };
     let thread = std::thread::Builder::new()
         .name("wse-control".to_owned())
         .spawn(move || {
             runtime.block_on(async move {
-                tokio::spawn(events::dispatch(hub.clone(), stop_rx.clone()));
                 if let Some(url) = webhook {
                     let consumer = hub.register_webhook();
                     tokio::spawn(events::webhook::run(hub, consumer, url, stop_rx.clone()));
                 }
-                serve(listener, app, stop_rx).await;
+                listener::serve(listener, app, server, listener_metrics, stop_rx).await;
             });
+            // `stop` reached the dispatcher too; it returns at its next await.
+            if dispatcher.join().is_err() {
+                tracing::error!("the event dispatcher thread panicked");
+            }
         })?;
     Ok(ControlPlane {
         local_addr,
@@ -130,34 +152,6 @@ impl ControlPlane {
     }
 }
 
-/// Serves until `stop` turns true (or its sender is dropped), then drains for at most
-/// [`STOP_GRACE`]. Returning drops the runtime, and with it every connection task still running.
-async fn serve(listener: tokio::net::TcpListener, app: Router, stop: watch::Receiver<bool>) {
-    let mut graceful = stop.clone();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = graceful.wait_for(|stop| *stop).await;
-        })
-        .into_future();
-    let mut server = std::pin::pin!(server);
-    let mut stop = stop;
-    tokio::select! {
-        // Only ends early on an error; axum's accept loop otherwise runs until the signal.
-        result = &mut server => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "control plane stopped");
-            }
-            return;
-        }
-        _ = stop.wait_for(|stop| *stop) => {}
-    }
-    if tokio::time::timeout(STOP_GRACE, server).await.is_err() {
-        tracing::warn!(
-            "control plane: requests still open {STOP_GRACE:?} after stop; dropping them"
-        );
-    }
-}
-
 /// What every handler shares.
 struct AppState {
     server: Arc<Server>,
@@ -167,6 +161,8 @@ struct AppState {
     registry: Registry,
     /// The application event stream's consumers.
     events: Arc<events::Hub>,
+    /// The control listener's connection and timeout counters.
+    listener: Arc<listener::ControlMetrics>,
 }
 
 type Shared = Arc<AppState>;
@@ -174,19 +170,26 @@ type Shared = Arc<AppState>;
 /// Read per request, written by a reload.
 type ApiKey = Arc<RwLock<Option<String>>>;
 
-fn router(server: Arc<Server>, api_key: ApiKey, events: Arc<events::Hub>) -> Router {
+fn router(
+    server: Arc<Server>,
+    api_key: ApiKey,
+    events: Arc<events::Hub>,
+    listener: Arc<listener::ControlMetrics>,
+) -> Router {
     // Larger bodies are refused with 413 while being read (the `Bytes` extractor enforces it).
     let body_limit = server.config().limits.max_message_size;
     let mut registry = Registry::default();
     registry.register_collector(Box::new(metrics::ShardCollector::new(
         server.clone(),
         events.metrics.clone(),
+        listener.clone(),
     )));
     let state: Shared = Arc::new(AppState {
         server,
         api_key,
         registry,
         events,
+        listener,
     });
     // A route layer runs before the handler's extractors: an unauthorised body is never read.
     use api::{get_op, get_plain, post_op, post_plain};
@@ -254,6 +257,11 @@ fn router(server: Arc<Server>, api_key: ApiKey, events: Arc<events::Hub>) -> Rou
         // Must follow the routes: it applies to the routes already added.
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost: the deadline covers the body's upload and every handler.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            listener::request_deadline,
+        ))
         .with_state(state)
 }
 

@@ -488,3 +488,18 @@ pub fn for_each_line(
         }
     });
 }
+
+/// The process's resident set size (`VmRSS` in `/proc/<pid>/status`), bytes; `None` where
+/// `/proc` has no such line (not Linux, or the process is gone).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}

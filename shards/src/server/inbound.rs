@@ -36,9 +36,12 @@ pub(super) struct Inbound {
     waiting: Vec<Option<Answer>>,
     /// Per shard: stopped (its last request was dropped unanswered); not asked again.
     gone: Vec<bool>,
-    /// Answered, not yet handed out; at most one batch per shard (no new request goes out while
-    /// this holds that much).
+    /// Answered, not yet handed out. No new request goes out while this holds
+    /// [`INBOUND_BATCH_MAX`] events or `limits.app_event_queue_bytes` bytes, so it holds at most
+    /// that plus one answer per shard.
     ready: VecDeque<AppEvent>,
+    /// [`AppEvent::size`] summed over `ready`.
+    ready_bytes: usize,
 }
 
 impl Inbound {
@@ -47,6 +50,7 @@ impl Inbound {
             waiting: (0..shards).map(|_| None).collect(),
             gone: vec![false; shards],
             ready: VecDeque::new(),
+            ready_bytes: 0,
         }
     }
 }
@@ -94,6 +98,7 @@ impl Server {
                 match Pin::new(answer).poll(cx) {
                     Poll::Pending => {}
                     Poll::Ready(Some(batch)) => {
+                        inbound.ready_bytes += batch.iter().map(AppEvent::size).sum::<usize>();
                         inbound.ready.extend(batch);
                         *slot = None;
                         answered = true;
@@ -106,7 +111,7 @@ impl Server {
             }
             // Ask again at once where answers came in, so the next batch is on its way (and
             // this poll's waker is registered with every request in flight).
-            if !answered || inbound.ready.len() >= self.ready_max() {
+            if !answered || self.ready_full(inbound) {
                 break;
             }
         }
@@ -114,13 +119,15 @@ impl Server {
             return Poll::Pending;
         }
         let n = max.min(inbound.ready.len());
-        Poll::Ready(inbound.ready.drain(..n).collect())
+        let batch: Vec<AppEvent> = inbound.ready.drain(..n).collect();
+        inbound.ready_bytes -= batch.iter().map(AppEvent::size).sum::<usize>();
+        Poll::Ready(batch)
     }
 
     /// Sends a `TakeEvents` to every running shard without one in flight, unless enough events
     /// are waiting to be handed out already.
     fn request_events(&self, inbound: &mut Inbound) {
-        if inbound.ready.len() >= self.ready_max() {
+        if self.ready_full(inbound) {
             return;
         }
         let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
@@ -140,7 +147,10 @@ impl Server {
         ep.flush();
     }
 
-    fn ready_max(&self) -> usize {
-        INBOUND_BATCH_MAX
+    /// Whether enough is waiting to be handed out that no shard is asked for more: the engine
+    /// buffers no more than one shard's queue holds, whatever the consumer's pace.
+    fn ready_full(&self, inbound: &Inbound) -> bool {
+        inbound.ready.len() >= INBOUND_BATCH_MAX
+            || inbound.ready_bytes >= self.config().limits.app_event_queue_bytes
     }
 }

@@ -55,8 +55,6 @@ use crate::topics::{ConnKey, Topics};
 const IOV_PER_WRITE: usize = 64;
 /// Cross-shard entries taken from one sender per turn, so one busy peer cannot starve others.
 const FABRIC_BATCH_PER_SOURCE: usize = 4096;
-/// Bytes of application events a shard holds for the event stream, whatever their count.
-pub const APP_EVENT_QUEUE_BYTES_MAX: usize = 64 << 20;
 /// A shard holding this many more sockets than the least loaded one hands fresh connections to
 /// it. The kernel spreads connections by hash (or, with SO_INCOMING_CPU, by the core that handled
 /// the packets, which on loopback is the client's), so imbalance is the rule for few clients.
@@ -207,7 +205,7 @@ pub struct Shard<T: Transport> {
     /// Scratch for the queue-group picks of one publication (kept to reuse its allocation).
     group_picks: Vec<(usize, Arc<GroupName>)>,
     /// Application events for the event stream, oldest first. Bounded by
-    /// `limits.app_event_queue_capacity` events and [`APP_EVENT_QUEUE_BYTES_MAX`] bytes; past
+    /// `limits.app_event_queue_capacity` events and `limits.app_event_queue_bytes` bytes; past
     /// either the oldest is dropped and counted (`app_event_overflow`).
     app_events: VecDeque<AppEvent>,
     app_event_bytes: usize,
@@ -695,7 +693,7 @@ impl<T: Transport> Shard<T> {
         self.app_event_bytes += ev.size();
         self.app_events.push_back(ev);
         while self.app_events.len() > self.cfg.limits.app_event_queue_capacity
-            || self.app_event_bytes > APP_EVENT_QUEUE_BYTES_MAX
+            || self.app_event_bytes > self.cfg.limits.app_event_queue_bytes
         {
             let Some(old) = self.app_events.pop_front() else {
                 break;

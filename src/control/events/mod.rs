@@ -14,11 +14,14 @@
 //! consumers that now win those connections (or is held until one connects); what was already
 //! written to its socket is not sent again (there is no acknowledgement).
 //!
-//! Backpressure: each consumer queue is bounded (`events.consumer_queue_capacity`, or
-//! `events.webhook_queue_capacity`); past it the oldest event is dropped and counted
-//! (`wse_inbound_dropped_total{reason="consumer_slow"}`). With no consumer at all nothing is
-//! pulled, and each shard keeps its newest `limits.app_event_queue_capacity` events (older ones
-//! counted as `reason="queue_full"`), delivered when a consumer connects.
+//! Backpressure: each consumer queue is bounded by count and by bytes of JSON
+//! (`events.consumer_queue_capacity` and `events.consumer_queue_bytes`, or the webhook's
+//! `events.webhook_queue_capacity` and `events.webhook_queue_bytes`); past either the oldest
+//! events are dropped and counted (`wse_inbound_dropped_total{reason="consumer_slow"}`). A
+//! consumer's queue is freed when it leaves. With no consumer at all nothing is pulled, and each
+//! shard keeps its newest `limits.app_event_queue_capacity` events (older ones counted as
+//! `reason="queue_full"`), delivered when a consumer connects; what the hub had already pulled
+//! is held under the consumer bounds (past them counted as `reason="no_consumer"`).
 
 pub(super) mod stream;
 pub(super) mod webhook;
@@ -52,49 +55,123 @@ fn add(counter: &AtomicU64, n: usize) {
     counter.fetch_add(n as u64, Ordering::Relaxed);
 }
 
+/// Memory one queued event is charged beyond its JSON: the queue slot (key, `String` header).
+const EVENT_OVERHEAD: usize = std::mem::size_of::<(u64, String)>();
+/// A queue emptied by a take keeps at most this many slots of capacity; the rest is freed.
+const IDLE_SLOTS_KEPT: usize = 256;
+
+/// A FIFO of events bounded by count and by bytes. Overflow policy: the oldest events go first,
+/// but the newest is always kept, so it holds at most `max_bytes` or one event, whichever is
+/// larger. The caller counts what was dropped.
+#[derive(Debug, Default)]
+pub(crate) struct EventQueue {
+    /// (routing key, event JSON), oldest first.
+    events: VecDeque<(u64, String)>,
+    /// Sum of `charge` over `events`.
+    bytes: usize,
+}
+
+/// What an event costs its queue: the JSON's allocation and its slot.
+fn charge(json: &str) -> usize {
+    json.len() + EVENT_OVERHEAD
+}
+
+impl EventQueue {
+    /// Appends an event, then drops the oldest while over `max_events` or `max_bytes`; returns
+    /// how many were dropped.
+    fn push(&mut self, key: u64, mut json: String, max_events: usize, max_bytes: usize) -> usize {
+        // `to_json` grows its buffer by doubling; what is queued is what is charged.
+        if json.capacity() - json.len() > 4096 {
+            json.shrink_to_fit();
+        }
+        self.bytes += charge(&json);
+        self.events.push_back((key, json));
+        let mut dropped = 0;
+        while self.events.len() > 1 && (self.events.len() > max_events || self.bytes > max_bytes) {
+            let (_, old) = self.events.pop_front().expect("more than one event");
+            self.bytes -= charge(&old);
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// The oldest events, at most `max_events` and, past the first, at most `max_bytes` of JSON
+    /// with a comma between each two and brackets around (one frame's worth).
+    fn take(&mut self, max_events: usize, max_bytes: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut frame = 1; // '['
+        while out.len() < max_events
+            && let Some((_, json)) = self.events.front()
+        {
+            let next = frame + json.len() + 1; // ',' or ']'
+            if !out.is_empty() && next > max_bytes {
+                break;
+            }
+            frame = next;
+            let (_, json) = self.events.pop_front().expect("front exists");
+            self.bytes -= charge(&json);
+            out.push(json);
+        }
+        if self.events.is_empty() {
+            self.events.shrink_to(IDLE_SLOTS_KEPT);
+        }
+        out
+    }
+
+    /// Everything queued, oldest first; the queue's memory is freed.
+    fn take_all(&mut self) -> VecDeque<(u64, String)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.events)
+    }
+
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+}
+
 /// One consumer: a socket of `GET /api/v1/events`, or the webhook sender.
 #[derive(Debug)]
 pub(crate) struct Consumer {
     pub id: u64,
-    /// (routing key, event JSON), oldest first.
-    queue: Mutex<VecDeque<(u64, String)>>,
-    /// Events the queue holds at most; past it the oldest goes.
-    capacity: usize,
+    /// Events waiting for the consumer's socket (or the webhook); released when it leaves.
+    queue: Mutex<EventQueue>,
+    /// Events the queue holds at most; past it the oldest go.
+    max_events: usize,
+    /// Bytes the queue holds at most (one larger event excepted); past it the oldest go.
+    max_bytes: usize,
     /// Signalled when events are queued (a permit is kept when nobody waits).
     pub ready: Notify,
 }
 
 impl Consumer {
-    fn new(id: u64, capacity: usize) -> Self {
+    fn new(id: u64, max_events: usize, max_bytes: usize) -> Self {
         Self {
             id,
-            queue: Mutex::new(VecDeque::new()),
-            capacity,
+            queue: Mutex::new(EventQueue::default()),
+            max_events,
+            max_bytes,
             ready: Notify::new(),
         }
     }
 
     fn push(&self, key: u64, json: String, metrics: &EventMetrics) {
-        {
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if q.len() >= self.capacity {
-                q.pop_front();
-                add(&metrics.consumer_slow, 1);
-            }
-            q.push_back((key, json));
-        }
+        let dropped = self.lock().push(key, json, self.max_events, self.max_bytes);
+        add(&metrics.consumer_slow, dropped);
         self.ready.notify_one();
     }
 
-    /// The oldest `max` events.
-    pub fn take(&self, max: usize) -> Vec<String> {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let n = max.min(q.len());
-        q.drain(..n).map(|(_, json)| json).collect()
+    /// The oldest events: at most `max_events`, and past the first no more than make a JSON
+    /// array of `max_bytes`.
+    pub fn take(&self, max_events: usize, max_bytes: usize) -> Vec<String> {
+        self.lock().take(max_events, max_bytes)
     }
 
     pub fn len(&self) -> usize {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, EventQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -102,8 +179,9 @@ impl Consumer {
 #[derive(Debug, Default)]
 struct Targets {
     consumers: Vec<Arc<Consumer>>,
-    /// Events that found no consumer (pulled just before the last one left), for the next.
-    held: VecDeque<(u64, String)>,
+    /// Events that found no consumer (pulled just before the last one left, or left behind by
+    /// it), for the next; bounded like one consumer's queue.
+    held: EventQueue,
 }
 
 /// The distribution point between the engine and the consumers.
@@ -133,8 +211,11 @@ impl Hub {
     /// A new event-stream socket's consumer. In webhook mode it receives no events.
     pub fn register_socket(&self) -> Arc<Consumer> {
         self.metrics.consumers.fetch_add(1, Ordering::Relaxed);
-        let capacity = self.server.config().events.consumer_queue_capacity;
-        let consumer = self.new_consumer(capacity);
+        let cfg = self.server.config();
+        let consumer = self.new_consumer(
+            cfg.events.consumer_queue_capacity,
+            cfg.events.consumer_queue_bytes,
+        );
         if !self.webhook {
             self.add(consumer.clone());
         }
@@ -144,23 +225,22 @@ impl Hub {
     /// The webhook's consumer (webhook mode only).
     pub fn register_webhook(&self) -> Arc<Consumer> {
         debug_assert!(self.webhook);
-        let capacity = self.server.config().events.webhook_queue_capacity;
-        let consumer = self.new_consumer(capacity);
+        let cfg = self.server.config();
+        let consumer = self.new_consumer(
+            cfg.events.webhook_queue_capacity,
+            cfg.events.webhook_queue_bytes,
+        );
         self.add(consumer.clone());
         consumer
     }
 
-    /// A socket went away: its unwritten events go to whoever now wins their connections.
+    /// A socket went away: its unwritten events go to whoever now wins their connections, and
+    /// its queue's memory is released.
     pub fn unregister_socket(&self, consumer: &Consumer) {
         self.metrics.consumers.fetch_sub(1, Ordering::Relaxed);
         let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         t.consumers.retain(|c| c.id != consumer.id);
-        let left: Vec<(u64, String)> = consumer
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
+        let left = consumer.lock().take_all();
         for (key, json) in left {
             self.place(&mut t, key, json);
         }
@@ -168,15 +248,15 @@ impl Hub {
         self.changed.notify_waiters();
     }
 
-    fn new_consumer(&self, capacity: usize) -> Arc<Consumer> {
+    fn new_consumer(&self, max_events: usize, max_bytes: usize) -> Arc<Consumer> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Consumer::new(id, capacity))
+        Arc::new(Consumer::new(id, max_events, max_bytes))
     }
 
     fn add(&self, consumer: Arc<Consumer>) {
         let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         t.consumers.push(consumer);
-        let held: Vec<(u64, String)> = t.held.drain(..).collect();
+        let held = t.held.take_all();
         for (key, json) in held {
             self.place(&mut t, key, json);
         }
@@ -193,10 +273,15 @@ impl Hub {
             .is_empty()
     }
 
+    /// Queues each event's JSON for its consumer. The JSON is made outside the lock, which the
+    /// control thread takes when a consumer comes or goes; each event's payload is freed once
+    /// its JSON exists.
     fn distribute(&self, batch: Vec<AppEvent>) {
-        let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         for ev in batch {
-            self.place(&mut t, ev.routing_key(), ev.to_json());
+            let (key, json) = (ev.routing_key(), ev.to_json());
+            drop(ev);
+            let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+            self.place(&mut t, key, json);
         }
     }
 
@@ -204,13 +289,14 @@ impl Hub {
         match pick(&t.consumers, key) {
             Some(c) => c.push(key, json, &self.metrics),
             None => {
-                // Bounded like one consumer's queue; the oldest goes first.
-                let max = self.server.config().events.consumer_queue_capacity;
-                if t.held.len() >= max {
-                    t.held.pop_front();
-                    add(&self.metrics.no_consumer, 1);
-                }
-                t.held.push_back((key, json));
+                let cfg = self.server.config();
+                let dropped = t.held.push(
+                    key,
+                    json,
+                    cfg.events.consumer_queue_capacity,
+                    cfg.events.consumer_queue_bytes,
+                );
+                add(&self.metrics.no_consumer, dropped);
             }
         }
     }
@@ -258,7 +344,7 @@ mod tests {
 
     fn consumers(ids: &[u64]) -> Vec<Arc<Consumer>> {
         ids.iter()
-            .map(|&id| Arc::new(Consumer::new(id, 4)))
+            .map(|&id| Arc::new(Consumer::new(id, 4, 1 << 20)))
             .collect()
     }
 
@@ -286,12 +372,65 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_the_oldest_and_counts() {
-        let c = Consumer::new(1, 2);
+        let c = Consumer::new(1, 2, 1 << 20);
         let m = EventMetrics::default();
         for i in 0..5 {
             c.push(0, format!("e{i}"), &m);
         }
-        assert_eq!(c.take(10), ["e3", "e4"]);
+        assert_eq!(c.take(10, 1 << 20), ["e3", "e4"]);
         assert_eq!(m.consumer_slow.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn the_byte_budget_drops_the_oldest_but_keeps_the_newest() {
+        let event = |n: usize| "x".repeat(n);
+        let budget = 3 * charge(&event(100));
+        let c = Consumer::new(1, usize::MAX, budget);
+        let m = EventMetrics::default();
+        for _ in 0..10 {
+            c.push(0, event(100), &m);
+        }
+        assert_eq!(c.len(), 3);
+        assert_eq!(m.consumer_slow.load(Ordering::Relaxed), 7);
+        assert!(c.lock().bytes <= budget);
+        // One event over the budget stays, alone.
+        c.push(0, event(budget * 2), &m);
+        assert_eq!(c.len(), 1);
+        assert_eq!(m.consumer_slow.load(Ordering::Relaxed), 10);
+        assert_eq!(c.take(10, 1 << 20)[0].len(), budget * 2);
+        assert_eq!(c.lock().bytes, 0);
+    }
+
+    #[test]
+    fn a_take_fills_one_frame_and_a_larger_event_goes_alone() {
+        let mut q = EventQueue::default();
+        for n in [10, 10, 10, 50, 10] {
+            q.push(0, "x".repeat(n), usize::MAX, usize::MAX);
+        }
+        // "[" + 10 + "," + 10 + "]" = 23 bytes; a third would make 34.
+        assert_eq!(q.take(100, 33).len(), 2);
+        // The 10 fits; the 50 would not.
+        assert_eq!(q.take(100, 33).len(), 1);
+        // The 50 is over the limit: it goes alone.
+        assert_eq!(q.take(100, 33), ["x".repeat(50)]);
+        assert_eq!(q.take(100, 33).len(), 1);
+        assert!(q.take(100, 33).is_empty());
+        assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
+    fn leaving_releases_the_queue_memory() {
+        let mut q = EventQueue::default();
+        for _ in 0..10_000 {
+            q.push(0, "e".to_owned(), usize::MAX, usize::MAX);
+        }
+        assert_eq!(q.take_all().len(), 10_000);
+        assert_eq!(q.events.capacity(), 0);
+        assert_eq!(q.bytes, 0);
+        for _ in 0..10_000 {
+            q.push(0, "e".to_owned(), usize::MAX, usize::MAX);
+        }
+        while !q.take(100, 1 << 20).is_empty() {}
+        assert!(q.events.capacity() <= IDLE_SLOTS_KEPT);
     }
 }

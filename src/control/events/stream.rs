@@ -1,5 +1,6 @@
 //! `GET /api/v1/events`: the event stream over WebSocket. The server sends batches of events (a
-//! JSON array per text frame); the backend may send commands (the `/api/v1/batch` entries, with
+//! JSON array per text frame, at most `EVENTS_PER_FRAME` events and `events.max_frame_bytes`
+//! bytes, or one larger event alone); the backend may send commands (the `/api/v1/batch` entries, with
 //! an `id`) and gets one reply per command, `{"id":..,"ok":..,"result"|"error":..}`.
 //!
 //! Owns: the upgrade (hyper's, with tungstenite framing on the upgraded socket), the socket's
@@ -164,18 +165,15 @@ where
         tokio::select! {
             Some(reply) = answered.recv() => ws.send(Message::text(reply)).await?,
             _ = consumer.ready.notified() => {
-                let batch = consumer.take(EVENTS_PER_FRAME);
+                let max_bytes = hub.server.config().events.max_frame_bytes;
+                let batch = consumer.take(EVENTS_PER_FRAME, max_bytes);
                 if consumer.len() > 0 {
                     // More than a frame: come back after the other duties had their turn.
                     consumer.ready.notify_one();
                 }
                 if !batch.is_empty() {
                     let n = batch.len();
-                    let mut frame = String::with_capacity(batch.iter().map(|e| e.len() + 1).sum::<usize>() + 2);
-                    frame.push('[');
-                    frame.push_str(&batch.join(","));
-                    frame.push(']');
-                    ws.send(Message::text(frame)).await?;
+                    ws.send(Message::text(json_array(batch))).await?;
                     hub.metrics.delivered.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -197,6 +195,20 @@ where
             },
         }
     }
+}
+
+/// `[e1,e2,...]` from events that are each JSON, in one allocation.
+pub(super) fn json_array(events: Vec<String>) -> String {
+    let mut out = String::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + 1);
+    out.push('[');
+    for (i, e) in events.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&e);
+    }
+    out.push(']');
+    out
 }
 
 /// One command frame: `{"id":..,"op":..,...}` → `{"id":..,"ok":..,...}`.

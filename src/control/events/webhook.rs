@@ -1,11 +1,13 @@
 //! Webhook mode (`events.webhook_url`): events POSTed as JSON arrays, in batches, with retries.
 //!
-//! Owns: batching (up to `events.webhook_batch_size` events, or whatever came within
+//! Owns: batching (up to `events.webhook_batch_size` events and `events.max_frame_bytes` bytes
+//! of body — one larger event goes alone — or whatever came within
 //! `events.webhook_batch_interval` of the first), the HTTP/1.1 connection (kept alive and reused,
 //! remade after any failure), and retries (`events.webhook_max_retries`, backoff doubling from
 //! [`BACKOFF_FIRST`] up to [`BACKOFF_MAX`]). A batch still failing after the last retry is
 //! dropped and counted (`wse_inbound_dropped_total{reason="webhook_failed"}`); meanwhile the
-//! consumer queue keeps filling, bounded (`events.webhook_queue_capacity`, oldest dropped).
+//! consumer queue keeps filling, bounded (`events.webhook_queue_capacity` events and
+//! `events.webhook_queue_bytes` bytes, oldest dropped).
 //!
 //! Batches go one at a time, in order: a connection's events reach the webhook in order unless a
 //! batch is given up.
@@ -51,12 +53,12 @@ pub(crate) async fn run(
             }
         }
         loop {
-            let batch = consumer.take(cfg.webhook_batch_size);
+            let batch = consumer.take(cfg.webhook_batch_size, cfg.max_frame_bytes);
             if batch.is_empty() {
                 break;
             }
             let n = batch.len();
-            let body = Bytes::from(format!("[{}]", batch.join(",")));
+            let body = Bytes::from(super::stream::json_array(batch));
             let delivered = tokio::select! {
                 ok = client.post_with_retries(body, cfg.webhook_max_retries, cfg.webhook_timeout) => ok,
                 _ = stop.wait_for(|s| *s) => return,
