@@ -472,6 +472,11 @@ impl Conn {
             Phase::Closed { .. } => {}
             _ => self.handle_frame_bytes(data, cx),
         }
+        // Replies to the peer's own frames (pongs, errors, acks) count against the cap too: a
+        // peer that sends without reading is a slow consumer like any other.
+        if !self.out.fits(0, cx.cfg.limits.max_outbound_queue_bytes) {
+            self.evict(cx);
+        }
     }
 
     /// The peer closed the connection or the socket failed: nothing more can be written.
