@@ -14,6 +14,8 @@
 mod api;
 mod commands;
 mod events;
+#[cfg(test)]
+mod fuzz;
 mod metrics;
 mod openapi;
 mod publish;
