@@ -189,6 +189,18 @@ impl Decoder {
         self.assembly.is_some()
     }
 
+    /// Heap bytes the reassembly buffer holds (its capacity; 0 when idle). For the fuzz tests'
+    /// memory bound: at most `max_message` bytes are assembled, and `Vec` growth at most doubles
+    /// that.
+    #[doc(hidden)]
+    pub fn assembly_capacity(&self) -> usize {
+        match self.assembly.as_deref() {
+            None => 0,
+            Some(Assembly::Text { text, .. }) => text.capacity(),
+            Some(Assembly::Binary(bytes)) => bytes.capacity(),
+        }
+    }
+
     /// Parses and validates the header at the front of `buf`; `None` until all of it is there.
     /// Every rule that the first two bytes decide is checked before waiting for the rest.
     fn parse_header(

@@ -185,7 +185,7 @@ impl Cx<'_> {
 }
 
 /// Bytes queued for a connection past which a Pong replaces the unsent Pong before it instead
-/// of queuing behind it.
+/// of queuing behind it (or half the outbound cap, when that is smaller).
 const PONG_COALESCE_QUEUED_BYTES: usize = 16 * 1024;
 
 /// Frames waiting for the socket, oldest first. The front frame may be partly written.
@@ -212,10 +212,11 @@ impl OutQueue {
     /// newest (RFC 6455 §5.5.3 allows it), so a client that pings in a loop and never reads
     /// queues one frame, not one per Ping. (Below that, each Ping gets its own Pong, as
     /// conformance suites expect.)
-    fn push_pong(&mut self, payload: &[u8]) {
+    fn push_pong(&mut self, payload: &[u8], max_queue: usize) {
         let frame = codec::encode_frame(OpCode::Pong, payload);
         let unstarted = self.frames.len() > usize::from(self.front_started);
-        if self.back_is_pong && unstarted && self.bytes >= PONG_COALESCE_QUEUED_BYTES {
+        let backed_up = self.bytes >= PONG_COALESCE_QUEUED_BYTES.min(max_queue / 2);
+        if self.back_is_pong && unstarted && backed_up {
             let old = self.frames.pop_back().expect("the back frame is a pong");
             self.bytes -= old.len();
         }
@@ -951,7 +952,7 @@ fn echo(m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
     match m {
         Message::Text(t) => out.push(codec::encode_frame(OpCode::Text, t.as_bytes())),
         Message::Binary(b) => out.push(codec::encode_frame(OpCode::Binary, b)),
-        Message::Ping(p) => out.push_pong(p),
+        Message::Ping(p) => out.push_pong(p, cx.cfg.limits.max_outbound_queue_bytes),
         Message::Pong(_) => {}
         Message::Close(c) => return reply_close(c, out),
     }
@@ -974,7 +975,7 @@ impl Session {
         let binary_frame = matches!(m, Message::Binary(_));
         let payload: &[u8] = match m {
             Message::Ping(p) => {
-                out.push_pong(p);
+                out.push_pong(p, cx.cfg.limits.max_outbound_queue_bytes);
                 return Next::Continue;
             }
             Message::Pong(_) => return Next::Continue,
@@ -1261,6 +1262,8 @@ impl SessionOut<'_> {
 mod tests {
     use super::*;
 
+    const MAX: usize = 4 << 20;
+
     fn pong_count(q: &OutQueue) -> usize {
         q.frames.iter().filter(|f| f[0] == 0x8a).count()
     }
@@ -1269,12 +1272,12 @@ mod tests {
     fn pongs_are_coalesced_only_once_output_backs_up() {
         let mut q = OutQueue::default();
         for _ in 0..10 {
-            q.push_pong(b"ping");
+            q.push_pong(b"ping", MAX);
         }
         assert_eq!(pong_count(&q), 10, "a short burst gets a Pong per Ping");
         q.push(Bytes::from(vec![0u8; PONG_COALESCE_QUEUED_BYTES]));
         for i in 0..1000u32 {
-            q.push_pong(&i.to_be_bytes());
+            q.push_pong(&i.to_be_bytes(), MAX);
         }
         assert_eq!(pong_count(&q), 11, "one Pong queued past the threshold");
         let last = q.frames.back().unwrap();
@@ -1291,9 +1294,9 @@ mod tests {
     fn a_partly_written_pong_is_never_replaced() {
         let mut q = OutQueue::default();
         q.push(Bytes::from(vec![0u8; PONG_COALESCE_QUEUED_BYTES]));
-        q.push_pong(b"a");
+        q.push_pong(b"a", MAX);
         q.advance(PONG_COALESCE_QUEUED_BYTES + 1);
-        q.push_pong(b"b");
+        q.push_pong(b"b", MAX);
         assert_eq!(
             q.frames(),
             2,

@@ -102,8 +102,9 @@ impl InboundError {
     }
 }
 
-/// Turns a binary frame into JSON bytes: `C:` inflates (capped at `max_len`), `M:` converts
-/// MessagePack (depth-capped), anything else is taken as JSON.
+/// Turns a binary frame into JSON bytes: `C:` inflates, `M:` converts MessagePack
+/// (depth-capped), anything else is taken as JSON. What `C:` and `M:` produce is capped at
+/// `max_len`.
 ///
 /// # Errors
 /// A payload that cannot be decoded.
@@ -122,9 +123,12 @@ pub fn binary_to_json(payload: &[u8], max_len: usize) -> Result<Cow<'_, [u8]>, I
         let mut de = rmp_serde::Deserializer::new(m);
         de.set_max_depth(MSGPACK_DEPTH_MAX);
         let v = serde_json::Value::deserialize(&mut de).map_err(|_| InboundError::BadMsgpack)?;
-        return serde_json::to_vec(&v)
-            .map(Cow::Owned)
-            .map_err(|_| InboundError::BadMsgpack);
+        let json = serde_json::to_vec(&v).map_err(|_| InboundError::BadMsgpack)?;
+        // JSON is up to 6x longer than MessagePack (`\u0001` for a 1-byte char, `null,` for nil).
+        if json.len() > max_len {
+            return Err(InboundError::InflatedTooLarge);
+        }
+        return Ok(Cow::Owned(json));
     }
     if payload.starts_with(b"E:") {
         return Err(InboundError::EncryptionNotEnabled);

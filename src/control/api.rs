@@ -130,7 +130,9 @@ async fn run(
 }
 
 /// The body as a JSON object; an empty body is `{}`.
-fn body_fields(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+pub(super) fn body_fields(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
     let body = body.map_err(super::publish::body_error)?;
     if body.trim_ascii().is_empty() {
         return Ok(Map::new());

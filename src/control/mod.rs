@@ -15,6 +15,8 @@
 mod api;
 mod commands;
 mod events;
+#[cfg(test)]
+mod fuzz;
 mod listener;
 mod metrics;
 mod openapi;
