@@ -641,6 +641,17 @@ struct AuthFlags {
         value_delimiter = ','
     )]
     default_publish: Option<Vec<String>>,
+
+    /// Queue-group globs a connection may join when its token has no wse_queue_groups claim (and
+    /// anonymous connections when auth is off), comma-separated; empty = none.
+    #[arg(
+        id = "auth.default_queue_groups",
+        long = "auth-default-queue-groups",
+        env = "WSE_AUTH_DEFAULT_QUEUE_GROUPS",
+        value_name = "GLOB,...",
+        value_delimiter = ','
+    )]
+    default_queue_groups: Option<Vec<String>>,
 }
 
 /// `[recovery]`.
@@ -864,6 +875,17 @@ struct LogFlags {
         value_name = "FILTER"
     )]
     level: Option<String>,
+
+    /// How often each shard logs one warning per kind of refusal it counted meanwhile (auth
+    /// failures, evictions, rate-limit closes, bad handshakes, descriptor exhaustion...), duration.
+    #[arg(
+        id = "log.attack_summary_interval",
+        long = "log-attack-summary-interval",
+        env = "WSE_LOG_ATTACK_SUMMARY_INTERVAL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    attack_summary_interval: Option<Duration>,
 }
 
 impl Flags {
@@ -958,6 +980,7 @@ impl Flags {
             cookie_name,
             leeway,
             default_publish,
+            default_queue_groups,
         } = auth;
         let a = &mut cfg.auth;
         set(&mut a.enabled, enabled);
@@ -972,6 +995,7 @@ impl Flags {
         set(&mut a.cookie_name, cookie_name);
         set(&mut a.leeway, leeway);
         set_list(&mut a.default_publish, default_publish);
+        set_list(&mut a.default_queue_groups, default_queue_groups);
 
         let RecoveryFlags {
             enabled,
@@ -1027,8 +1051,15 @@ impl Flags {
         set(&mut e.webhook_timeout, webhook_timeout);
         set(&mut e.webhook_queue_capacity, webhook_queue_capacity);
 
-        let LogFlags { level } = log;
+        let LogFlags {
+            level,
+            attack_summary_interval,
+        } = log;
         set(&mut cfg.log.level, level);
+        set(
+            &mut cfg.log.attack_summary_interval,
+            attack_summary_interval,
+        );
     }
 }
 
@@ -1488,7 +1519,8 @@ mod tests {
                     defaults.pointer(&format!("/{}", id.replace('.', "/"))),
                     Some(serde_json::Value::Null)
                 ) || id == "auth.audience"
-                    || id == "auth.default_publish";
+                    || id == "auth.default_publish"
+                    || id == "auth.default_queue_groups";
                 assert_eq!(arg.get_default_values().is_empty(), unset, "--{long}");
             }
         }
