@@ -703,6 +703,17 @@ struct AuthFlags {
         value_delimiter = ','
     )]
     default_publish: Option<Vec<String>>,
+
+    /// Queue-group globs a connection may join when its token has no wse_queue_groups claim (and
+    /// anonymous connections when auth is off), comma-separated; empty = none.
+    #[arg(
+        id = "auth.default_queue_groups",
+        long = "auth-default-queue-groups",
+        env = "WSE_AUTH_DEFAULT_QUEUE_GROUPS",
+        value_name = "GLOB,...",
+        value_delimiter = ','
+    )]
+    default_queue_groups: Option<Vec<String>>,
 }
 
 /// `[recovery]`.
@@ -1000,6 +1011,17 @@ struct LogFlags {
         value_name = "FILTER"
     )]
     level: Option<String>,
+
+    /// How often each shard logs one warning per kind of refusal it counted meanwhile (auth
+    /// failures, evictions, rate-limit closes, bad handshakes, descriptor exhaustion...), duration.
+    #[arg(
+        id = "log.attack_summary_interval",
+        long = "log-attack-summary-interval",
+        env = "WSE_LOG_ATTACK_SUMMARY_INTERVAL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    attack_summary_interval: Option<Duration>,
 }
 
 impl Flags {
@@ -1096,6 +1118,7 @@ impl Flags {
             cookie_name,
             leeway,
             default_publish,
+            default_queue_groups,
         } = auth;
         let a = &mut cfg.auth;
         set(&mut a.enabled, enabled);
@@ -1110,6 +1133,7 @@ impl Flags {
         set(&mut a.cookie_name, cookie_name);
         set(&mut a.leeway, leeway);
         set_list(&mut a.default_publish, default_publish);
+        set_list(&mut a.default_queue_groups, default_queue_groups);
 
         let RecoveryFlags {
             enabled,
@@ -1179,8 +1203,15 @@ impl Flags {
         set(&mut e.webhook_queue_capacity, webhook_queue_capacity);
         set(&mut e.webhook_queue_bytes, webhook_queue_bytes);
 
-        let LogFlags { level } = log;
+        let LogFlags {
+            level,
+            attack_summary_interval,
+        } = log;
         set(&mut cfg.log.level, level);
+        set(
+            &mut cfg.log.attack_summary_interval,
+            attack_summary_interval,
+        );
     }
 }
 
@@ -1648,7 +1679,8 @@ mod tests {
                     defaults.pointer(&format!("/{}", id.replace('.', "/"))),
                     Some(serde_json::Value::Null)
                 ) || id == "auth.audience"
-                    || id == "auth.default_publish";
+                    || id == "auth.default_publish"
+                    || id == "auth.default_queue_groups";
                 assert_eq!(arg.get_default_values().is_empty(), unset, "--{long}");
             }
         }

@@ -1,6 +1,7 @@
 //! The Python example backend (`examples/python-chat/`) against the real binary: the backend
-//! reads the event stream and acts over the HTTP API; real clients check the chat works. The
-//! embedded (Rust) example has its own test in `examples/embedded-chat/tests/`.
+//! reads the event stream and acts over the HTTP API; real clients check the chat works, also
+//! after a client sent what used to stop it. The embedded (Rust) example has its own test in
+//! `examples/embedded-chat/tests/`.
 
 mod support;
 
@@ -19,6 +20,8 @@ use wse_client::Connector;
 
 /// How long the backend may take to start and reach the event stream.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client waits for an answer.
+const T: Duration = Duration::from_secs(10);
 
 /// The backend process; killed when dropped.
 struct Backend {
@@ -79,4 +82,60 @@ async fn python_chat_backend_over_the_event_stream_and_http_api() {
     let wse = Wse::start(&["--cores", "2", "--presence-enabled", "true"]);
     let _backend = Backend::start(&wse);
     chat_scenario::run(user(&wse, "ann").await, user(&wse, "bob").await).await;
+}
+
+/// Issue 10: a 10 KB `say` of 5 000 nested arrays reached the backend, whose `json.loads`
+/// raised RecursionError and ended it: the chat stopped for everyone. The server now refuses it
+/// (too deep), and the backend skips whatever it cannot handle; the chat goes on.
+#[tokio::test]
+async fn python_chat_backend_outlives_a_hostile_client() {
+    let wse = Wse::start(&["--cores", "2", "--presence-enabled", "true"]);
+    let backend = Backend::start(&wse);
+    let mut eve = Connector::new(wse.url())
+        .token(token("eve", json!({})))
+        .connect()
+        .await
+        .unwrap();
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    eve.send_text(format!(
+        r#"{{"t":"say","p":{{"room":"lobby","text":{deep}}}}}"#
+    ))
+    .await
+    .unwrap();
+    let e = eve.recv_until(|e| e.is_error(), T).await.unwrap();
+    assert_eq!(e.code(), Some("INVALID_MESSAGE"), "{}", e.raw);
+    // Odd but within limits: relayed, and answered.
+    eve.send_text("not json at all").await.unwrap();
+    eve.send_text(r#"{"t":"join","p":{"room":{"x":[1]}}}"#)
+        .await
+        .unwrap();
+    let reply = eve.recv_until(|e| e.t == "chat_error", T).await;
+    assert!(
+        reply.is_ok(),
+        "the backend did not answer; its log:\n{}",
+        backend.log.lock().unwrap()
+    );
+    chat_scenario::run(user(&wse, "ann").await, user(&wse, "bob").await).await;
+}
+
+/// The backend's frame handling on its own (`tests/python/chat_frames.py`): frames too deep for
+/// Python's `json`, not JSON, not UTF-8, events of the wrong shape and a handler that fails are
+/// each skipped, and the next event is handled.
+#[test]
+fn python_chat_backend_skips_frames_it_cannot_handle() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(venv_python())
+        .arg(root.join("tests/python/chat_frames.py"))
+        .arg(root.join("examples/python-chat"))
+        .output()
+        .expect("run chat_frames.py");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.trim() == "OK",
+        "{}\n{stdout}\n{stderr}",
+        out.status
+    );
 }

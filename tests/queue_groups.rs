@@ -1,7 +1,7 @@
 //! Queue groups (PROTOCOL.md, "Queue groups") through the real binary: one member per group gets
 //! each publication, round-robin across shards, unstamped, while plain subscribers get every
 //! one, stamped; one subscription per topic and connection; membership ends with the
-//! subscription.
+//! subscription; only permitted groups can be joined, so made-up ones cannot fill a topic.
 
 mod support;
 
@@ -93,7 +93,15 @@ async fn next_job(c: &mut Client) -> Event {
 #[tokio::test]
 async fn queue_group_round_robin_across_shards() {
     const N: u64 = 40;
-    let wse = Wse::start(&["--cores", "2", "--recovery-enabled", "true"]);
+    // Any connection may join any group here (joining is a right: see the last test).
+    let wse = Wse::start(&[
+        "--cores",
+        "2",
+        "--recovery-enabled",
+        "true",
+        "--auth-default-queue-groups",
+        "*",
+    ]);
 
     // Connect until two connections sit on each shard (the kernel and the balancer place them).
     // The others stay open: the balancer hands fresh connections to the less loaded shard only
@@ -213,7 +221,15 @@ async fn queue_group_round_robin_across_shards() {
 
 #[tokio::test]
 async fn queue_group_replaces_a_plain_subscription_and_ends_with_it() {
-    let wse = Wse::start(&["--cores", "2", "--recovery-enabled", "true"]);
+    // Any connection may join any group here (joining is a right: see the last test).
+    let wse = Wse::start(&[
+        "--cores",
+        "2",
+        "--recovery-enabled",
+        "true",
+        "--auth-default-queue-groups",
+        "*",
+    ]);
     let (mut a, _) = client(&wse, "a").await;
     let (mut b, b_id) = client(&wse, "b").await;
     let (mut watcher, _) = client(&wse, "w").await;
@@ -273,4 +289,55 @@ async fn queue_group_replaces_a_plain_subscription_and_ends_with_it() {
         let ev = next_job(&mut watcher).await;
         assert_eq!((ev.p["i"].as_u64(), ev.offset), (Some(i), Some(i)));
     }
+}
+
+/// The attack of issue 10: a topic has 64 group slots, so 64 connections with made-up group
+/// names used to lock its real worker group out (`QUEUE_GROUP_LIMIT`). Joining a group is now a
+/// right: tokens without a `wse_queue_groups` claim get `auth.default_queue_groups` (none by
+/// default), so the junk is refused and the workers join and get the topic's publications.
+#[tokio::test]
+async fn junk_groups_from_unprivileged_tokens_do_not_block_the_workers() {
+    use wse_shards::queue_groups::QUEUE_GROUPS_PER_TOPIC_MAX;
+    let wse = Wse::start(&["--cores", "2"]);
+    let mut junk = Vec::new();
+    for i in 0..QUEUE_GROUPS_PER_TOPIC_MAX {
+        let (mut c, _) = client(&wse, &format!("eve{i}")).await;
+        let ack = c
+            .subscribe_with(json!({"action": "subscribe", "topics": ["jobs"], "queue_group": format!("junk{i}")}))
+            .await
+            .unwrap();
+        assert_eq!(ack.p["success"], false, "{}", ack.raw);
+        assert_eq!(
+            ack.p["failed_topics"],
+            json!([{"topic": "jobs", "reason": "QUEUE_GROUP_FORBIDDEN"}]),
+            "{}",
+            ack.raw
+        );
+        junk.push(c);
+    }
+    assert_eq!(subscribers(&wse, "jobs").await, (0, json!({})));
+
+    let worker_token = token(
+        "worker",
+        json!({"wse_queue_groups": {"allow": ["workers"]}}),
+    );
+    let mut worker = Connector::new(wse.url())
+        .token(worker_token)
+        .connect()
+        .await
+        .unwrap();
+    subscribe(&mut worker, "jobs", Some("workers")).await;
+    assert_eq!(subscribers(&wse, "jobs").await, (1, json!({"workers": 1})));
+    publish(&wse, "jobs", 1).await;
+    assert_eq!(next_job(&mut worker).await.p["i"], 1);
+    // The claim names what it may join, and nothing else.
+    let ack = worker
+        .subscribe_with(json!({"action": "subscribe", "topics": ["other"], "queue_group": "junk"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        ack.p["failed_topics"][0]["reason"], "QUEUE_GROUP_FORBIDDEN",
+        "{}",
+        ack.raw
+    );
 }

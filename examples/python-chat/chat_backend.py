@@ -11,6 +11,10 @@ Prints `chat backend ready` each time the event stream is (re)connected. Events 
 one at a time, in the order the stream delivers them, which keeps each client's messages in
 sequence (the server sends all of one connection's events to one consumer, in order). A real
 backend with slow work would fan out per connection id to keep that order.
+
+Clients choose what they send, so no frame or event may stop the backend: one that cannot be
+decoded (not JSON, nested past Python's recursion limit) or whose handling fails is logged and
+skipped, and the chat goes on for everyone else (`handle_frame`).
 """
 
 import argparse
@@ -129,6 +133,27 @@ class Chat:
         return {"t": "left", "p": {"room": room}}
 
 
+async def handle_frame(chat, frame):
+    """Handles one event-stream frame: a JSON array of events (objects are replies to commands;
+    we send none). Never raises: a bad frame or event is logged and skipped."""
+    try:
+        batch = json.loads(frame)
+    except (ValueError, RecursionError) as e:  # not JSON (or not UTF-8), or nested too deep
+        log.warning("event stream: undecodable frame of %d bytes skipped (%s)", len(frame),
+                    type(e).__name__)
+        return
+    if not isinstance(batch, list):
+        return
+    for ev in batch:
+        try:
+            await chat.handle(ev)
+        except Exception as e:  # noqa: BLE001 - one odd event must not stop the chat for all
+            # Not the event itself: its repr may be huge, or too deep to print.
+            kind = ev.get("type") if isinstance(ev, dict) else None
+            kind = kind if isinstance(kind, str) else type(ev).__name__
+            log.warning("event %.40r skipped: %s", kind, type(e).__name__)
+
+
 async def run(api_base, key):
     chat = Chat(Api(api_base, key))
     parts = urllib.parse.urlsplit(api_base)
@@ -143,10 +168,7 @@ async def run(api_base, key):
                 print("chat backend ready", flush=True)
                 backoff = RECONNECT_MIN_S
                 async for frame in ws:
-                    batch = json.loads(frame)
-                    if isinstance(batch, list):  # objects are replies to commands; we send none
-                        for ev in batch:
-                            await chat.handle(ev)
+                    await handle_frame(chat, frame)
         except (OSError, websockets.WebSocketException) as e:
             # What the server had queued for us waits there (bounded) until we are back.
             log.warning("event stream: %s; reconnecting in %.1f s", e, backoff)

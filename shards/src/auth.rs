@@ -3,7 +3,8 @@
 //! Owns: token extraction from the upgrade request (cookie, then `Authorization: Bearer`, then
 //! `?token=`), JWT verification with the configured, pinned algorithm (HS256/RS256/ES256 via
 //! `jsonwebtoken`), key rotation (current key, then previous), and the claims we read: `sub`,
-//! `wse_topics`, `wse_publish`, `wse_subscribe`. Topic ACLs and their glob matching.
+//! `iss` (a string, when `auth.issuer` is set), `wse_topics`, `wse_publish`, `wse_subscribe`,
+//! `wse_queue_groups`. Topic and queue-group ACLs and their glob matching.
 //!
 //! Never: touches sockets; reads files only in [`Authenticator::new`] (PEM keys at start-up).
 
@@ -30,6 +31,10 @@ pub struct Identity {
     pub publish: Acl,
     /// Topics to subscribe at connect (`wse_subscribe`).
     pub auto_subscribe: Vec<Box<str>>,
+    /// Queue groups it may join (`wse_queue_groups`, an ACL on group names); `None` = no claim,
+    /// so `auth.default_queue_groups` decides ([`Identity::may_join_queue_group`]). Boxed: most
+    /// tokens carry no such claim, and a million identities should not pay an Acl each for it.
+    pub queue_groups: Option<Box<Acl>>,
 }
 
 impl Identity {
@@ -40,6 +45,17 @@ impl Identity {
             subscribe: Acl::allow_all(),
             publish: default_publish.clone(),
             auto_subscribe: Vec::new(),
+            queue_groups: None,
+        }
+    }
+
+    /// Whether it may join queue group `group`: as its `wse_queue_groups` claim says, or without
+    /// one (anonymous connections included) when a glob of `default` (`auth.default_queue_groups`)
+    /// matches.
+    pub fn may_join_queue_group(&self, group: &str, default: &[String]) -> bool {
+        match &self.queue_groups {
+            Some(acl) => acl.permits(group),
+            None => default.iter().any(|glob| glob_match(glob, group)),
         }
     }
 }
@@ -164,6 +180,21 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Every reason, in the order of [`crate::metrics::ShardMetrics::auth_failures`].
+    pub const ALL: [AuthError; 11] = [
+        AuthError::Missing,
+        AuthError::TooLarge,
+        AuthError::Malformed,
+        AuthError::BadSignature,
+        AuthError::Expired,
+        AuthError::NotYetValid,
+        AuthError::WrongIssuer,
+        AuthError::WrongAudience,
+        AuthError::WrongKid,
+        AuthError::MissingSub,
+        AuthError::BadClaims,
+    ];
+
     /// The WSE error code: `AUTH_REQUIRED` when no token was given, else `AUTH_FAILED`.
     pub fn code(&self) -> &'static str {
         match self {
@@ -182,6 +213,9 @@ pub struct Authenticator {
     /// Pins the algorithm: jsonwebtoken refuses any token whose header names another.
     validation: Validation,
     kid: Option<Box<str>>,
+    /// `auth.issuer`: the token's `iss` must be this very string. jsonwebtoken also accepts an
+    /// array of issuers that holds it (foreign ones beside it included), so we check again.
+    issuer: Option<Box<str>>,
     cookie_name: Box<str>,
     /// Publish rights of a token without `wse_publish`.
     default_publish: Acl,
@@ -260,6 +294,7 @@ impl Authenticator {
             previous_key,
             validation,
             kid: cfg.kid.as_deref().map(Box::from),
+            issuer: cfg.issuer.as_deref().map(Box::from),
             cookie_name: cfg.cookie_name.as_str().into(),
             default_publish: Acl::new(cfg.default_publish.clone(), Vec::new()),
         })
@@ -320,9 +355,22 @@ impl Authenticator {
             (decoded, _) => decoded,
         };
         let claims = decoded.map_err(|e| refusal(&e))?;
+        if let Some(issuer) = &self.issuer
+            && !claims
+                .iss
+                .as_deref()
+                .is_some_and(|iss| is_string(iss, issuer))
+        {
+            return Err(AuthError::WrongIssuer);
+        }
         let standard = claims.standard();
         Ok((self.identity(claims)?, standard))
     }
+}
+
+/// Whether `raw` is a JSON string equal to `want` (escapes decoded): not an array holding it.
+fn is_string(raw: &RawValue, want: &str) -> bool {
+    serde_json::from_str::<Cow<'_, str>>(raw.get()).is_ok_and(|s| s == want)
 }
 
 /// False for the placeholders that client code writes when it has no token.
@@ -396,11 +444,16 @@ impl Authenticator {
                 topics
             }
         };
+        let queue_groups = match claims.wse_queue_groups {
+            None => None,
+            Some(raw) => Some(Box::new(acl_claim(&raw)?)),
+        };
         Ok(Identity {
             user_id,
             subscribe,
             publish,
             auto_subscribe,
+            queue_groups,
         })
     }
 }
@@ -418,6 +471,8 @@ struct Claims {
     wse_publish: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
     wse_subscribe: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    wse_queue_groups: Option<Box<RawValue>>,
     // The standard claims the application hears about (`auth_connect`); jsonwebtoken has
     // checked the ones it validates.
     #[serde(default, deserialize_with = "present")]
@@ -770,6 +825,24 @@ mod tests {
         assert_eq!(a.verify(&wrong), Err(AuthError::WrongIssuer));
         let missing = hs(&claims(json!({})), SECRET);
         assert_eq!(a.verify(&missing), Err(AuthError::WrongIssuer));
+    }
+
+    #[test]
+    fn issuer_must_be_a_string_not_an_array_holding_it() {
+        let a = auth(&AuthConfig {
+            issuer: Some("https://auth.example".to_owned()),
+            ..hs_cfg()
+        });
+        for iss in [
+            json!(["https://auth.example", "https://evil.example"]),
+            json!(["https://auth.example"]),
+            json!({"iss": "https://auth.example"}),
+            json!(null),
+            json!(1),
+        ] {
+            let token = hs(&claims(json!({ "iss": iss })), SECRET);
+            assert_eq!(a.verify(&token), Err(AuthError::WrongIssuer), "{iss}");
+        }
     }
 
     #[test]
@@ -1129,6 +1202,38 @@ mod tests {
         assert!(id.publish.permits("chat/lobby"));
         assert!(!id.publish.permits("news.1"));
         assert_eq!(&*id.auto_subscribe, &["chat/lobby".into(), "news.1".into()]);
+        assert_eq!(id.queue_groups, None);
+    }
+
+    #[test]
+    fn queue_groups_come_from_the_claim_else_the_default() {
+        let a = auth(&hs_cfg());
+        let default = strings(&["shared-*"]);
+        let plain = a.verify(&hs(&claims(json!({})), SECRET)).unwrap();
+        assert!(plain.may_join_queue_group("shared-1", &default));
+        assert!(!plain.may_join_queue_group("workers", &default));
+        assert!(!plain.may_join_queue_group("workers", &[]));
+
+        let token = hs(
+            &claims(
+                json!({"wse_queue_groups": {"allow": ["workers", "jobs.*"], "deny": ["jobs.x"]}}),
+            ),
+            SECRET,
+        );
+        let worker = a.verify(&token).unwrap();
+        assert!(worker.may_join_queue_group("workers", &[]));
+        assert!(worker.may_join_queue_group("jobs.a", &[]));
+        assert!(!worker.may_join_queue_group("jobs.x", &[]));
+        // The claim replaces the default; it does not add to it.
+        assert!(!worker.may_join_queue_group("shared-1", &default));
+
+        let none = hs(&claims(json!({"wse_queue_groups": {"allow": []}})), SECRET);
+        let none = a.verify(&none).unwrap();
+        assert!(!none.may_join_queue_group("shared-1", &default));
+
+        let anonymous = Identity::anonymous("c", &Acl::deny_all());
+        assert!(anonymous.may_join_queue_group("shared-1", &default));
+        assert!(!anonymous.may_join_queue_group("workers", &default));
     }
 
     #[test]
@@ -1182,12 +1287,19 @@ mod tests {
             json!({"wse_subscribe": "chat/lobby"}),
             json!({"wse_subscribe": [1, 2]}),
             json!({"wse_subscribe": {"chat": 1}}),
+            json!({"wse_queue_groups": ["workers"]}),
+            json!({"wse_queue_groups": {"allow": "workers"}}),
         ] {
             let token = hs(&claims(extra.clone()), SECRET);
             assert_eq!(a.verify(&token), Err(AuthError::BadClaims), "{extra}");
         }
         // `null` is present-and-wrong, not absent (absent wse_topics would allow everything).
-        for name in ["wse_topics", "wse_publish", "wse_subscribe"] {
+        for name in [
+            "wse_topics",
+            "wse_publish",
+            "wse_subscribe",
+            "wse_queue_groups",
+        ] {
             let mut c = claims(json!({}));
             c[name] = Value::Null;
             assert_eq!(
@@ -1393,7 +1505,7 @@ mod tests {
     fn identity_stays_lean() {
         // Two boxed slices per Acl; a regression to Vec shows up here.
         assert_eq!(size_of::<Acl>(), 32);
-        assert_eq!(size_of::<Identity>(), 16 + 2 * 32 + 24);
+        assert_eq!(size_of::<Identity>(), 16 + 2 * 32 + 24 + 8);
     }
 
     #[test]

@@ -247,6 +247,11 @@ pub struct AuthConfig {
     /// Topics (globs) a connection may publish to when its token has no `wse_publish` claim,
     /// and what anonymous connections may publish to when auth is off. Empty = none.
     pub default_publish: Vec<String>,
+    /// Queue groups (globs on the group name) a connection may join when its token has no
+    /// `wse_queue_groups` claim, and what anonymous connections may join when auth is off.
+    /// Empty = none: a group is a share of a topic's publications and one of a topic's
+    /// `QUEUE_GROUPS_PER_TOPIC_MAX` slots, so joining one is a right, as publishing is.
+    pub default_queue_groups: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -264,6 +269,7 @@ impl Default for AuthConfig {
             cookie_name: "access_token".to_owned(),
             leeway: Duration::from_secs(30),
             default_publish: Vec::new(),
+            default_queue_groups: Vec::new(),
         }
     }
 }
@@ -430,18 +436,26 @@ impl Default for EventsConfig {
     }
 }
 
+/// Shortest `log.attack_summary_interval`: the summary is a rate limit on the log, not a feed.
+pub const ATTACK_SUMMARY_INTERVAL_MIN: Duration = Duration::from_millis(100);
+
 /// Logging.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `wse_shards=debug,info`. `RUST_LOG` overrides it.
     pub level: String,
+    /// How often each shard logs what it refused meanwhile: one `warn!` per kind whose count
+    /// moved (target `wse_shards::alarms`), so an attack shows in the log at a bounded rate.
+    #[serde(with = "humantime_serde")]
+    pub attack_summary_interval: Duration,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".to_owned(),
+            attack_summary_interval: Duration::from_secs(10),
         }
     }
 }
@@ -631,6 +645,9 @@ impl Config {
                 "events.webhook_url",
                 "must be an http:// URL (terminate TLS in a local proxy)",
             ));
+        }
+        if self.log.attack_summary_interval < ATTACK_SUMMARY_INTERVAL_MIN {
+            return Err(bad("log.attack_summary_interval", "must be at least 100ms"));
         }
         Ok(())
     }

@@ -746,7 +746,7 @@ impl Conn {
         let (identity, claims) = match identity {
             Ok(found) => found,
             Err(e) => {
-                cx.metrics.auth_failures_total.inc();
+                cx.metrics.auth_failed(&e);
                 cx.metrics.closed_with(4401);
                 let message = format!("Authentication failed: {e}");
                 self.send_text(&protocol::error(e.code(), &message, false, &cx.clock), cx);
@@ -1007,6 +1007,9 @@ impl Session {
             Ok(ClientMessage::Batch(items)) => s.batch(&items, cx),
             Ok(msg) => s.dispatch(msg, &json, cx),
             Err(e) => {
+                if e == protocol::InboundError::TooDeep {
+                    cx.metrics.dropped(DropReason::JsonTooDeep).inc();
+                }
                 if e == protocol::InboundError::NotJson
                     && matches!(json, Cow::Borrowed(_))
                     && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_err()
@@ -1053,7 +1056,9 @@ impl Session {
         let presence =
             (cfg.presence.enabled && queue_group.is_none()).then(|| presence.unwrap_or("{}"));
         let presence_too_large = presence.is_some_and(|p| p.len() > cfg.presence.max_data_size);
-        let group_problem = queue_group.and_then(protocol::queue_group_problem);
+        let default_groups = &cfg.auth.default_queue_groups;
+        let group_problem = queue_group
+            .and_then(|g| crate::queue_groups::join_refusal(&self.identity, g, default_groups));
         for topic in topics {
             let reason = if let Some(p) = protocol::topic_problem(&topic) {
                 p

@@ -7,13 +7,14 @@
 //! - [`shard`]: one core's state and the rules tying connections, topics and the fabric together.
 //! - [`conn`]: one connection's state machine; [`codec`] and [`handshake`] below it (RFC 6455),
 //!   [`protocol`] (WSE messages), [`auth`], [`ratelimit`].
-//! - [`topics`], [`queue_groups`], [`fabric`], [`timer`], [`metrics`]: the shard's building
-//!   blocks.
+//! - [`topics`], [`queue_groups`], [`fabric`], [`timer`], [`metrics`], [`alarms`]: the shard's
+//!   building blocks.
 //!
 //! Everything below `runtime` is sans-IO: bytes and a clock in, bytes and events out.
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod alarms;
 pub mod auth;
 pub mod codec;
 pub mod command;

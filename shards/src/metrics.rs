@@ -10,6 +10,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::auth::AuthError;
+
 /// A single-writer counter or gauge.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -57,10 +59,13 @@ pub enum DropReason {
     /// A recovery replay refused (answered `recovered: false`) because the connection already
     /// had `recovery.max_replay_bytes` of replays queued and unread.
     ReplayOverBudget,
+    /// A client message nested deeper than `protocol::JSON_DEPTH_MAX`; refused with
+    /// `INVALID_MESSAGE`, relayed nowhere.
+    JsonTooDeep,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::SlowConsumer,
         DropReason::FabricOverflow,
         DropReason::RateLimited,
@@ -68,6 +73,7 @@ impl DropReason {
         DropReason::ConnectionGone,
         DropReason::QueueGroupNoMember,
         DropReason::ReplayOverBudget,
+        DropReason::JsonTooDeep,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -78,6 +84,7 @@ impl DropReason {
             DropReason::ConnectionGone => "connection_gone",
             DropReason::QueueGroupNoMember => "queue_group_no_member",
             DropReason::ReplayOverBudget => "replay_over_budget",
+            DropReason::JsonTooDeep => "json_too_deep",
         }
     }
 }
@@ -173,6 +180,8 @@ pub struct ShardMetrics {
     /// Publications sequenced by this shard as a topic owner.
     pub publications_total: Counter,
     pub auth_failures_total: Counter,
+    /// `auth_failures_total` by why, in [`AuthError::ALL`] order (for the attack summary).
+    pub auth_failures: [Counter; AuthError::ALL.len()],
     /// Inbound messages dropped by the rate limit.
     pub rate_limited_total: Counter,
     /// Client messages of application types, queued for the event stream.
@@ -207,10 +216,22 @@ impl ShardMetrics {
             .unwrap_or(0)]
     }
     pub fn closed_with(&self, code: u16) {
+        self.closes(code).inc();
+    }
+    /// Connections closed with `code` (the `other` slot for codes not in
+    /// [`COUNTED_CLOSE_CODES`]).
+    pub fn closes(&self, code: u16) -> &Counter {
         let i = COUNTED_CLOSE_CODES
             .iter()
             .position(|c| *c == code)
             .unwrap_or(COUNTED_CLOSE_CODES.len());
-        self.closes[i].inc();
+        &self.closes[i]
+    }
+    /// A connection refused for failed authentication: the total and the reason's count.
+    pub fn auth_failed(&self, why: &AuthError) {
+        self.auth_failures_total.inc();
+        if let Some(i) = AuthError::ALL.iter().position(|e| e == why) {
+            self.auth_failures[i].inc();
+        }
     }
 }

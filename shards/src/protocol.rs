@@ -18,6 +18,12 @@ use crate::config::{Config, PROTOCOL_VERSION, TOPIC_LEN_MAX};
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Deepest nesting accepted in an inbound MessagePack message.
 pub const MSGPACK_DEPTH_MAX: usize = 64;
+/// Deepest nesting of arrays and objects accepted in an inbound JSON message, the message's own
+/// object counting as one level (the same bound as [`MSGPACK_DEPTH_MAX`]). Deeper messages are
+/// refused with `INVALID_MESSAGE` and never reach subscribers, presence or the event stream:
+/// what we relay, backends and browsers parse, often recursively (Python's `json` raises
+/// `RecursionError` near 1 000 levels, and 10 KB hold 5 000).
+pub const JSON_DEPTH_MAX: usize = 64;
 
 /// The time as the protocol layer needs it: monotonic for deadlines, wall for timestamps.
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +96,8 @@ pub enum InboundError {
     EncryptionNotEnabled,
     #[error("invalid {0} payload")]
     BadPayload(&'static str),
+    #[error("message nests arrays and objects deeper than {JSON_DEPTH_MAX} levels")]
+    TooDeep,
 }
 
 impl InboundError {
@@ -257,9 +265,14 @@ fn empty_object_raw() -> &'static RawValue {
 /// Parses one inbound JSON message (the legacy `WSE{`, `S{`, `U{` prefixes are accepted).
 ///
 /// # Errors
-/// Not JSON, no type, or a known type with a malformed payload.
+/// Nested deeper than [`JSON_DEPTH_MAX`] (checked first: the payloads are kept as raw JSON,
+/// which serde does not depth-check, and relayed), not JSON, no type, or a known type with a
+/// malformed payload.
 pub fn parse_client_message(json: &[u8]) -> Result<ClientMessage<'_>, InboundError> {
     let json = strip_legacy_prefix(json);
+    if looks_like_json(json) && nests_deeper_than(json, JSON_DEPTH_MAX) {
+        return Err(InboundError::TooDeep);
+    }
     let env: Envelope<'_> = serde_json::from_slice(json).map_err(|_| InboundError::NotJson)?;
     let t = env.t.or(env.type_).ok_or(InboundError::NoType)?;
     // An absent payload reads as an empty object.
@@ -329,6 +342,52 @@ fn parse_payload<'a, T: Deserialize<'a>>(
     what: &'static str,
 ) -> Result<T, InboundError> {
     serde_json::from_str(raw.get()).map_err(|_| InboundError::BadPayload(what))
+}
+
+/// Whether `json` nests arrays and objects more than `max` levels deep.
+///
+/// A byte scan counting `[`/`{` against `]`/`}` outside strings, not a parse: it runs on every
+/// inbound message before serde does, costs one pass without allocating, and sees through the
+/// payloads we keep as [`RawValue`] (`data`, `presence`, `recovery`, batch items, application
+/// messages), which serde_json validates with its own recursion limit (128) only when it parses
+/// them into types. It does not validate: unbalanced or malformed input is serde's to refuse.
+pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut bytes = json.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'"' => {
+                // Skip the string: brackets inside it are text, and `\"` does not end it.
+                while let Some(&c) = bytes.next() {
+                    match c {
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Whether the message starts as a JSON object or array would (after blanks). Anything else is
+/// not JSON to us, however many brackets it holds: it goes on as not JSON (and, unparsable as
+/// it is, to the event stream as `raw`/`bin`), never refused as too deep.
+fn looks_like_json(json: &[u8]) -> bool {
+    json.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'{' | b'['))
 }
 
 fn strip_legacy_prefix(json: &[u8]) -> &[u8] {
@@ -989,6 +1048,81 @@ mod tests {
         assert_eq!(
             binary_to_json(&input, 1 << 20).unwrap_err(),
             InboundError::BadMsgpack
+        );
+    }
+
+    /// `n` nested arrays around `0`.
+    fn nested(n: usize) -> String {
+        format!("{}0{}", "[".repeat(n), "]".repeat(n))
+    }
+
+    #[test]
+    fn depth_counts_the_message_object_and_stops_at_the_limit() {
+        // The message object and `p` are two levels: data may add 62 more.
+        let publish = |n| {
+            format!(
+                r#"{{"t":"publish","p":{{"topic":"T","data":{}}}}}"#,
+                nested(n)
+            )
+        };
+        match parse_client_message(publish(JSON_DEPTH_MAX - 2).as_bytes()).unwrap() {
+            ClientMessage::Publish { data, .. } => assert_eq!(data.get(), nested(62)),
+            other => panic!("{other:?}"),
+        }
+        let e = parse_client_message(publish(JSON_DEPTH_MAX - 1).as_bytes()).unwrap_err();
+        assert_eq!(e, InboundError::TooDeep);
+        assert_eq!(e.code(), "INVALID_MESSAGE");
+        assert!(e.to_string().contains("64 levels"), "{e}");
+    }
+
+    #[test]
+    fn every_relayed_payload_is_depth_checked() {
+        let deep = nested(5000);
+        for message in [
+            format!(r#"{{"t":"publish","p":{{"topic":"T","data":{deep}}}}}"#),
+            format!(r#"{{"t":"presence_update","p":{{"data":{{"x":{deep}}}}}}}"#),
+            format!(r#"{{"t":"subscription_update","p":{{"topics":["a"],"presence":{deep}}}}}"#),
+            format!(
+                r#"{{"t":"subscription_update","p":{{"topics":["a"],"recover":true,"recovery":{{"a":{deep}}}}}}}"#
+            ),
+            format!(r#"{{"t":"chat","p":{deep}}}"#),
+            format!(r#"{{"t":"chat","extra":{deep}}}"#),
+            format!(r#"{{"t":"batch","p":{{"messages":[{{"t":"chat","p":{deep}}}]}}}}"#),
+            format!(r#"U{{"t":"chat","p":{deep}}}"#),
+            format!(" \n{deep}"),
+            // Unbalanced: refused on depth before serde sees it.
+            "{".repeat(100),
+        ] {
+            assert_eq!(
+                parse_client_message(message.as_bytes()).unwrap_err(),
+                InboundError::TooDeep,
+                "{}",
+                &message[..40.min(message.len())]
+            );
+        }
+    }
+
+    #[test]
+    fn depth_scan_skips_strings_and_their_escapes() {
+        let brackets = "[".repeat(1000);
+        let m = format!(r#"{{"t":"chat","p":{{"text":"{brackets}\"{brackets}\\"}}}}"#);
+        assert!(matches!(
+            parse_client_message(m.as_bytes()),
+            Ok(ClientMessage::App { .. })
+        ));
+        assert!(!nests_deeper_than(br#"{"a":"\\"}"#, 1));
+        assert!(nests_deeper_than(br#"{"a":"\\","b":[1]}"#, 1));
+        assert!(!nests_deeper_than(br#"[[1],[2],{"x":[]}]"#, 3));
+        assert!(nests_deeper_than(br#"[[1],[2],{"x":[]}]"#, 2));
+        assert!(!nests_deeper_than(b"", 0));
+    }
+
+    #[test]
+    fn text_that_is_not_json_is_not_refused_as_too_deep() {
+        let m = format!("hello {}", "[".repeat(1000));
+        assert_eq!(
+            parse_client_message(m.as_bytes()).unwrap_err(),
+            InboundError::NotJson
         );
     }
 

@@ -211,8 +211,9 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: Sock) {
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR | Errno::CONNABORTED) => {}
                 Err(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {
+                    // Counted, not logged: the attack summary (`alarms`) reports it once per
+                    // `log.attack_summary_interval`, where a line here came every 100 ms.
                     ctx.metrics.rejected(RejectReason::FdLimit).inc();
-                    tracing::warn!("accept: out of file descriptors; pausing accepts");
                     compio::time::sleep(FD_LIMIT_BACKOFF).await;
                     break;
                 }

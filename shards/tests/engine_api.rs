@@ -390,7 +390,10 @@ fn drain_inbound_blocks_until_events_or_the_timeout() {
 #[tokio::test(flavor = "current_thread")]
 async fn queue_groups_are_bounded_per_topic_and_take_no_part_in_presence() {
     use wse_shards::queue_groups::{QUEUE_GROUP_LIMIT, QUEUE_GROUPS_PER_TOPIC_MAX};
-    let server = server(2, |cfg| cfg.presence.enabled = true);
+    let server = server(2, |cfg| {
+        cfg.presence.enabled = true;
+        cfg.auth.default_queue_groups = vec!["*".into()];
+    });
     let join = |id: ConnId, group: String| {
         let sub = AppSubscribe {
             topics: vec!["busy".into()],

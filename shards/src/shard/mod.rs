@@ -35,6 +35,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use slab::Slab;
 
+use crate::alarms::AttackSummary;
 use crate::auth::{Acl, Authenticator};
 use crate::command::{CommandError, SubscribeOutcome};
 use crate::config::{Config, ProtocolConfig};
@@ -225,6 +226,10 @@ pub struct Shard<T: Transport> {
     /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
     refused_lingering: usize,
     draining_until: Option<Instant>,
+    /// Logs what this shard refused, once per kind and `log.attack_summary_interval`.
+    alarms: AttackSummary,
+    /// Scratch for the summary's lines (kept to reuse its allocation).
+    alarm_lines: Vec<String>,
 }
 
 impl<T: Transport> Shard<T> {
@@ -244,6 +249,7 @@ impl<T: Transport> Shard<T> {
             .recovery
             .enabled
             .then(|| History::new(&cfg.recovery, shards));
+        let alarms = AttackSummary::new(now, cfg.log.attack_summary_interval, &metrics);
         Self {
             me,
             topics: Topics::new(me, shared.shards),
@@ -278,6 +284,8 @@ impl<T: Transport> Shard<T> {
             handshakes: 0,
             refused_lingering: 0,
             draining_until: None,
+            alarms,
+            alarm_lines: Vec::new(),
         }
     }
 
@@ -302,10 +310,12 @@ impl<T: Transport> Shard<T> {
     /// When the shard next needs `handle_timers`.
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.timers.next_expiry();
-        match (t, self.draining_until) {
+        let t = match (t, self.draining_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        };
+        let alarms = self.alarms.poll_timeout();
+        Some(t.map_or(alarms, |t| t.min(alarms)))
     }
 
     /// Whether cross-shard entries are waiting (the loop should not park).
@@ -491,9 +501,17 @@ impl<T: Transport> Shard<T> {
         self.fabric.receive(usize::MAX, |_, m| drop(m));
     }
 
-    /// Runs due deadlines: pings, idle closes, handshake and close timeouts.
+    /// Runs due deadlines: pings, idle closes, handshake and close timeouts, the attack summary.
     pub fn handle_timers(&mut self, clock: Clock) {
         self.ping = None;
+        let interval = self.cfg.log.attack_summary_interval;
+        let mut lines = std::mem::take(&mut self.alarm_lines);
+        self.alarms
+            .handle_timeout(clock.now, interval, &self.metrics, &mut lines);
+        for line in lines.drain(..) {
+            tracing::warn!(target: "wse_shards::alarms", shard = self.me, "{line}");
+        }
+        self.alarm_lines = lines;
         let mut expired = std::mem::take(&mut self.expired);
         self.timers.expire(clock.now, &mut expired);
         for (key, tick) in expired.drain(..) {
