@@ -63,6 +63,9 @@ fn main() -> ExitCode {
     if let Some(f) = &opts.config_file {
         tracing::info!(file = %f.display(), "configuration loaded");
     }
+    for r in &opts.resolved {
+        tracing::info!("{}: {} resolved to {}", r.key, r.given, r.addr);
+    }
     if !cfg.auth.enabled {
         warn_auth_disabled();
     }

@@ -539,3 +539,29 @@ fn sysctl_file_sets_every_key_with_a_reason() {
         assert!(keys.iter().any(|k| k == key), "{key} missing");
     }
 }
+
+#[test]
+fn listeners_take_host_names_and_log_what_they_resolved_to() {
+    let wse = Wse::start_raw(&[
+        "--listen",
+        "localhost:0",
+        "--control-listen",
+        "localhost:0",
+        "--auth-enabled",
+        "true",
+        "--auth-secret",
+        support::SECRET,
+    ]);
+    assert!(wse.ws.ip().is_loopback(), "{}", wse.ws);
+    assert!(wse.control.is_some_and(|c| c.ip().is_loopback()));
+    let log = wse.log();
+    assert!(
+        log.contains("server.listen: localhost:0 resolved to 127.0.0.1:0")
+            && log.contains("control.listen: localhost:0 resolved to 127.0.0.1:0"),
+        "{log}"
+    );
+    assert!(authenticates(
+        wse.ws,
+        &token_signed(support::SECRET, "alice")
+    ));
+}
