@@ -283,6 +283,8 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 }
 
 const AFTER_HELP: &str = "\
+`wse-server token --user ID [--ttl 1h] [--topics GLOBS] [--publish GLOBS]` prints a development
+JWT that this configuration accepts (`wse-server token --help`).
 Every flag can also be given as the WSE_* environment variable shown with it.
 Precedence: flags > WSE_* environment > --config file > defaults.
 A configuration file has the keys shown as [config: section.key]; the reference file,

@@ -22,6 +22,7 @@ mod cli;
 mod control;
 mod host;
 mod notify;
+mod token;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -34,6 +35,16 @@ const EXIT_START: u8 = 1;
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == token::SUBCOMMAND) {
+        return match token::run(args.skip(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wse-server token: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let opts = match cli::parse() {
         Ok(o) => o,
         Err(e) => {
