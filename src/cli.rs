@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -35,6 +36,19 @@ pub struct Options {
     pub print_example: bool,
     /// The file the configuration came from, if any.
     pub config_file: Option<PathBuf>,
+    /// Listener addresses given as host names, with what each resolved to (logged at start).
+    pub resolved: Vec<Resolved>,
+}
+
+/// A listener address given as `host:port` and the address it resolved to, once, at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The dotted key: `server.listen` or `control.listen`.
+    pub key: &'static str,
+    /// As given, e.g. `localhost:5007`.
+    pub given: String,
+    /// The first address the resolver returned (IPv4 first, as `localhost` usually means it).
+    pub addr: SocketAddr,
 }
 
 /// A configuration that cannot be used; `Display` is one line naming the key and the problem.
@@ -69,10 +83,26 @@ where
     let cli = Cli::from_arg_matches(&matches).map_err(|e| usage_error(e, &args))?;
     // An empty WSE_CONFIG means no file, like every other empty optional value.
     let config_file = cli.config.filter(|p| !p.as_os_str().is_empty());
+    let mut resolved = Vec::new();
     let mut config = match &config_file {
-        Some(path) => load_file(path)?,
+        Some(path) => load_file(path, &mut resolved)?,
         None => Config::default(),
     };
+    for (key, flag) in [
+        ("server.listen", &cli.flags.server.listen),
+        ("control.listen", &cli.flags.control.listen),
+    ] {
+        if let Some(a) = flag
+            && a.given.parse::<SocketAddr>().is_err()
+        {
+            resolved.retain(|r| r.key != key);
+            resolved.push(Resolved {
+                key,
+                given: a.given.clone(),
+                addr: a.addr,
+            });
+        }
+    }
     cli.flags.apply(&mut config);
     config.validate().map_err(|e| CliError(e.to_string()))?;
     Ok(Options {
@@ -81,6 +111,7 @@ where
         show_secrets: cli.show_secrets,
         print_example: cli.print_config_example,
         config_file,
+        resolved,
     })
 }
 
@@ -252,6 +283,8 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 }
 
 const AFTER_HELP: &str = "\
+`wse-server token --user ID [--ttl 1h] [--topics GLOBS] [--publish GLOBS]` prints a development
+JWT that this configuration accepts (`wse-server token --help`).
 Every flag can also be given as the WSE_* environment variable shown with it.
 Precedence: flags > WSE_* environment > --config file > defaults.
 A configuration file has the keys shown as [config: section.key]; the reference file,
@@ -330,14 +363,16 @@ struct ServerFlags {
     )]
     cores: Option<usize>,
 
-    /// WebSocket listener address, host:port; every shard binds it with SO_REUSEPORT.
+    /// WebSocket listener address, ip:port or host:port (a host name is resolved once, at
+    /// start); every shard binds it with SO_REUSEPORT.
     #[arg(
         id = "server.listen",
         long = "listen",
         env = "WSE_LISTEN",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = parse_listen
     )]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<ListenAddr>,
 
     /// Pin shard N to core N (mod the online cores).
     #[arg(
@@ -840,14 +875,16 @@ struct ControlFlags {
     )]
     enabled: Option<bool>,
 
-    /// Control listener address, host:port; keep it on a private address.
+    /// Control listener address, ip:port or host:port (resolved once, at start); keep it on a
+    /// private address.
     #[arg(
         id = "control.listen",
         long = "control-listen",
         env = "WSE_CONTROL_LISTEN",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = parse_listen
     )]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<ListenAddr>,
 
     /// Key required by the /api/v1/ routes, at least 16 characters; unset: they answer 403.
     /// /health and /metrics need no key.
@@ -1051,7 +1088,7 @@ impl Flags {
         } = server;
         let s = &mut cfg.server;
         set(&mut s.cores, cores);
-        set(&mut s.listen, listen);
+        set(&mut s.listen, listen.map(|a| a.addr));
         set(&mut s.pin_threads, pin_threads);
         set_optional(&mut s.echo_path, echo_path);
         set(&mut s.max_connections, max_connections);
@@ -1173,7 +1210,7 @@ impl Flags {
         } = control;
         let c = &mut cfg.control;
         set(&mut c.enabled, enabled);
-        set(&mut c.listen, listen);
+        set(&mut c.listen, listen.map(|a| a.addr));
         set_optional(&mut c.api_key, api_key);
         set(&mut c.max_connections, max_connections);
         set(&mut c.header_timeout, header_timeout);
@@ -1380,15 +1417,93 @@ fn env_source(e: &clap::Error, args: &[OsString]) -> Option<String> {
     std::env::var_os(var).map(|_| var.to_string_lossy().into_owned())
 }
 
-fn load_file(path: &Path) -> Result<Config, CliError> {
+fn load_file(path: &Path, resolved: &mut Vec<Resolved>) -> Result<Config, CliError> {
     let name = path.display();
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError(format!("config file {name}: cannot read: {e}")))?;
-    toml::from_str::<Config>(&text).map_err(|e| {
+    let positioned = |e: toml::de::Error| {
         CliError(format!(
             "config file {name}: {}",
             describe_toml_error(&text, &e)
         ))
+    };
+    let first = match toml::from_str::<Config>(&text) {
+        Ok(cfg) => return Ok(cfg),
+        Err(e) => e,
+    };
+    // The listener keys may hold host names, which `SocketAddr` does not parse: resolve them in
+    // the parsed table and deserialize that (without line numbers: only this path lacks them).
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return Err(positioned(first));
+    };
+    let mut any = false;
+    for (section, key) in [("server", "server.listen"), ("control", "control.listen")] {
+        let Some(value) = table
+            .get_mut(section)
+            .and_then(|t| t.as_table_mut())
+            .and_then(|t| t.get_mut("listen"))
+        else {
+            continue;
+        };
+        let Some(given) = value.as_str().map(str::to_owned) else {
+            continue;
+        };
+        if given.parse::<SocketAddr>().is_ok() {
+            continue;
+        }
+        let a = parse_listen(&given)
+            .map_err(|e| CliError(format!("config file {name}: {key}: {e}")))?;
+        *value = toml::Value::String(a.addr.to_string());
+        resolved.push(Resolved {
+            key,
+            given,
+            addr: a.addr,
+        });
+        any = true;
+    }
+    if !any {
+        return Err(positioned(first));
+    }
+    <Config as serde::Deserialize>::deserialize(table)
+        .map_err(|e| CliError(format!("config file {name}: {}", flatten(e.message()))))
+}
+
+/// A listener address as given on the command line, and what it resolved to.
+#[derive(Clone, Debug)]
+struct ListenAddr {
+    given: String,
+    addr: SocketAddr,
+}
+
+/// `ip:port`, or `host:port` resolved now (IPv4 addresses first: `localhost` resolving to `::1`
+/// first would surprise a client that tries 127.0.0.1).
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(ListenAddr {
+            given: s.to_owned(),
+            addr,
+        });
+    }
+    if s.rsplit_once(':')
+        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err(format!(
+            "{s:?} is not host:port (e.g. 127.0.0.1:5007 or localhost:5007)"
+        ));
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
+        .collect();
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))?;
+    Ok(ListenAddr {
+        given: s.to_owned(),
+        addr,
     })
 }
 
@@ -1486,6 +1601,62 @@ mod tests {
         let e = parse(args).unwrap_err().to_string();
         assert!(!e.contains('\n'), "error spans several lines: {e:?}");
         e
+    }
+
+    #[test]
+    fn listeners_accept_host_names_resolved_at_start() {
+        let o = parse(&[
+            "--listen",
+            "localhost:5107",
+            "--control-listen",
+            "localhost:5108",
+        ])
+        .unwrap();
+        assert_eq!(o.config.server.listen, "127.0.0.1:5107".parse().unwrap());
+        assert_eq!(o.config.control.listen, "127.0.0.1:5108".parse().unwrap());
+        let keys: Vec<_> = o
+            .resolved
+            .iter()
+            .map(|r| (r.key, r.given.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("server.listen", "localhost:5107"),
+                ("control.listen", "localhost:5108")
+            ]
+        );
+        // An address needs no resolving, and says nothing.
+        assert!(
+            parse(&["--listen", "127.0.0.1:5107"])
+                .unwrap()
+                .resolved
+                .is_empty()
+        );
+
+        let f = TempFile::new(
+            "host_names",
+            "[server]\nlisten = \"localhost:5207\"\n[control]\nlisten = \"localhost:5208\"\n",
+        );
+        let o = parse(&["--config", f.path()]).unwrap();
+        assert_eq!(o.config.server.listen, "127.0.0.1:5207".parse().unwrap());
+        assert_eq!(o.config.control.listen, "127.0.0.1:5208".parse().unwrap());
+        assert_eq!(o.resolved.len(), 2);
+        // The flag wins over the file, and only its resolution is reported.
+        let o = parse(&["--config", f.path(), "--listen", "localhost:5307"]).unwrap();
+        assert_eq!(o.config.server.listen, "127.0.0.1:5307".parse().unwrap());
+        assert_eq!(
+            o.resolved
+                .iter()
+                .filter(|r| r.key == "server.listen")
+                .count(),
+            1
+        );
+
+        let e = error(&["--listen", "localhost"]);
+        assert!(e.contains("host:port"), "{e}");
+        let e = error(&["--control-listen", "no-such-host.invalid:1"]);
+        assert!(e.contains("cannot resolve"), "{e}");
     }
 
     #[test]
@@ -1810,6 +1981,16 @@ mod tests {
         let f = TempFile::new("bad_address", "[control]\nlisten = \"localhost\"\n");
         let e = error(&["--config", f.path()]);
         assert!(e.contains("control.listen"), "{e}");
+
+        let f = TempFile::new(
+            "unresolvable",
+            "[server]\nlisten = \"no-such-host.invalid:5007\"\n",
+        );
+        let e = error(&["--config", f.path()]);
+        assert!(
+            e.contains("server.listen") && e.contains("cannot resolve"),
+            "{e}"
+        );
 
         let f = TempFile::new("invalid_relation", "[protocol]\nidle_timeout = \"1s\"\n");
         let e = error(&["--config", f.path()]);

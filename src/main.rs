@@ -22,6 +22,7 @@ mod cli;
 mod control;
 mod host;
 mod notify;
+mod token;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -34,6 +35,16 @@ const EXIT_START: u8 = 1;
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == token::SUBCOMMAND) {
+        return match token::run(args.skip(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wse-server token: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let opts = match cli::parse() {
         Ok(o) => o,
         Err(e) => {
@@ -62,6 +73,9 @@ fn main() -> ExitCode {
     let notifier = Arc::new(Notifier::from_env());
     if let Some(f) = &opts.config_file {
         tracing::info!(file = %f.display(), "configuration loaded");
+    }
+    for r in &opts.resolved {
+        tracing::info!("{}: {} resolved to {}", r.key, r.given, r.addr);
     }
     if !cfg.auth.enabled {
         warn_auth_disabled();
@@ -136,7 +150,10 @@ fn main() -> ExitCode {
         );
     }
 
-    spawn_drain_watch(server.clone());
+    // Set before the process begins its own drain, so the drain watch leaves that one alone.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let api_drain_done = Arc::new(AtomicBool::new(false));
+    spawn_drain_watch(server.clone(), stopping.clone(), api_drain_done.clone());
 
     let reloader = Reloader {
         argv: std::env::args_os().collect(),
@@ -153,10 +170,23 @@ fn main() -> ExitCode {
             other => break other,
         }
     };
-    let code = server.config().server.shutdown_close_code;
-    tracing::info!(signal = ?first, "draining: closing connections with {code}");
-    notifier.stopping(&format!("draining: closing connections with {code}"));
+    stopping.store(true, Ordering::Release);
     watchdog_stop.store(true, Ordering::Release);
+    if !api_drain_done.load(Ordering::Acquire) {
+        let cfg = server.config();
+        let (code, timeout) = (cfg.server.shutdown_close_code, cfg.server.drain_timeout);
+        let what = format!(
+            "draining: closing connections with {code}, up to {}",
+            humantime::format_duration(timeout)
+        );
+        tracing::info!(signal = ?first, "{what}");
+        notifier.stopping(&what);
+        // A drain: /health answers 503 from here until the process exits. (Err: a drain
+        // through the API is already under way, which is as good.)
+        let _ = server.begin_drain(code, "server shutting down", timeout);
+    } else {
+        notifier.stopping("drained through the server API");
+    }
     // A second SIGTERM/SIGINT while draining means: stop now.
     let handle = signals.handle();
     std::thread::spawn(move || {
@@ -169,10 +199,13 @@ fn main() -> ExitCode {
             std::process::exit(130);
         }
     });
+    // The shards first, the control plane last: the load balancer's probe keeps answering 503
+    // for the whole drain instead of being refused.
+    let clean = server.stop(STOP_GRACE);
+    log_drain_end(&server);
     if let Some(c) = control {
         c.stop();
     }
-    let clean = server.stop(STOP_GRACE);
     handle.close();
     if clean {
         tracing::info!("stopped");
@@ -293,9 +326,11 @@ impl Reloader<'_> {
 const DRAIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A drain asked through the server API (`POST /api/v1/drain`) ends with the shards exiting;
-/// this raises SIGTERM on ourselves then, so that the process shuts down the way a signal does
-/// (control plane stopped, shards joined, exit 0) instead of lingering without listeners.
-fn spawn_drain_watch(server: Arc<Server>) {
+/// this then raises SIGTERM on ourselves, so that the process shuts down the way a signal does
+/// (shards joined, control plane stopped, exit 0) instead of lingering without listeners. It
+/// leaves alone the drain the process begins itself on a signal (`stopping`), and sets
+/// `done` before raising, so that the SIGTERM is not taken for an operator's.
+fn spawn_drain_watch(server: Arc<Server>, stopping: Arc<AtomicBool>, done: Arc<AtomicBool>) {
     let spawned = std::thread::Builder::new()
         .name("wse-drain-watch".to_owned())
         .spawn(move || {
@@ -303,9 +338,15 @@ fn spawn_drain_watch(server: Arc<Server>) {
             // watchdog's business, not a reason to exit cleanly).
             let drained = |s: &Server| s.is_draining() && !s.shards_running();
             while !drained(&server) {
+                if stopping.load(Ordering::Acquire) {
+                    return;
+                }
                 std::thread::sleep(DRAIN_WATCH_INTERVAL);
             }
-            tracing::info!("drain complete: every shard has exited; stopping");
+            if stopping.load(Ordering::Acquire) {
+                return;
+            }
+            done.store(true, Ordering::Release);
             let _ = rustix::process::kill_process(
                 rustix::process::getpid(),
                 rustix::process::Signal::TERM,
@@ -313,6 +354,18 @@ fn spawn_drain_watch(server: Arc<Server>) {
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the drain watch; a drain through the API will not end the process");
+    }
+}
+
+/// Says how a drain ended, once every shard has exited: complete only when no connection is
+/// left; otherwise how many the timeout cut.
+fn log_drain_end(server: &Server) {
+    match server.connection_count() {
+        0 => tracing::info!("drain complete: every connection is closed"),
+        left => tracing::warn!(
+            "drain timed out with {left} connections still open; they are closed without \
+             waiting for their close handshake"
+        ),
     }
 }
 

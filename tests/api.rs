@@ -436,8 +436,71 @@ async fn health_openapi_and_a_drain_that_ends_the_process() {
         other => panic!("expected a close, got {other:?}"),
     }
 
-    let exit = wse
-        .wait_exit(Duration::from_secs(10))
-        .expect("exits after the drain");
+    // The probe answers 503 until Dave's close times out (2 s), then the process exits 0.
+    let (answers, exit) = health_until_exit(&mut wse).await;
     assert!(exit.success(), "{exit:?}");
+    let served: Vec<u16> = answers.iter().copied().take_while(|&s| s != 0).collect();
+    assert!(served.len() >= 10, "{answers:?}");
+    assert!(served.iter().all(|&s| s == 503), "{answers:?}");
+    let log = wse.log();
+    assert!(log.contains("drain timed out with"), "{log}");
+    assert!(!log.contains("closing connections with"), "{log}");
+}
+
+/// Asks `/health` until the process exits; returns each answer's status (0: refused) and the
+/// exit status. A drain must answer 503 throughout and end with exit 0.
+async fn health_until_exit(wse: &mut Wse) -> (Vec<u16>, std::process::ExitStatus) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut answers = Vec::new();
+    loop {
+        if let Some(exit) = wse.wait_exit(Duration::from_millis(50)) {
+            return (answers, exit);
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        let control = wse.control.unwrap();
+        let probe = tokio::time::timeout(
+            Duration::from_secs(1),
+            support::http(control, "GET", "/health", &[], ""),
+        );
+        // The listener closes as the process ends: a refused probe after the drain's end is
+        // fine; one before is what this test exists to catch (see below).
+        let status = match tokio::spawn(probe).await {
+            Ok(Ok((status, _))) => status,
+            _ => 0,
+        };
+        answers.push(status);
+    }
+}
+
+/// SIGTERM drains as the API does: `/health` answers 503 while the connection that does not
+/// answer its close holds the drain open, the log says it timed out, and the exit is 0.
+#[tokio::test]
+async fn sigterm_drains_with_health_503_until_the_end() {
+    // Wse::start sets --drain-timeout 3s.
+    let mut wse = Wse::start(&["--cores", "2"]);
+    let (_dave, _) = client(&wse, "dave").await;
+    let started = std::time::Instant::now();
+    wse.sigterm();
+    let (answers, exit) = health_until_exit(&mut wse).await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Every probe while the drain ran was a 503; at most the last ones, as the process ended,
+    // were refused.
+    let served: Vec<u16> = answers.iter().copied().take_while(|&s| s != 0).collect();
+    assert!(served.len() >= 10, "{answers:?}");
+    assert!(served.iter().all(|&s| s == 503), "{answers:?}");
+    assert!(
+        answers[served.len()..].iter().all(|&s| s == 0),
+        "{answers:?}"
+    );
+    let log = wse.log();
+    assert!(
+        log.contains("drain timed out with 1 connections still open"),
+        "{log}"
+    );
+    assert!(!log.contains("drain complete"), "{log}");
 }

@@ -539,3 +539,111 @@ fn sysctl_file_sets_every_key_with_a_reason() {
         assert!(keys.iter().any(|k| k == key), "{key} missing");
     }
 }
+
+#[test]
+fn listeners_take_host_names_and_log_what_they_resolved_to() {
+    let wse = Wse::start_raw(&[
+        "--listen",
+        "localhost:0",
+        "--control-listen",
+        "localhost:0",
+        "--auth-enabled",
+        "true",
+        "--auth-secret",
+        support::SECRET,
+    ]);
+    assert!(wse.ws.ip().is_loopback(), "{}", wse.ws);
+    assert!(wse.control.is_some_and(|c| c.ip().is_loopback()));
+    let log = wse.log();
+    assert!(
+        log.contains("server.listen: localhost:0 resolved to 127.0.0.1:0")
+            && log.contains("control.listen: localhost:0 resolved to 127.0.0.1:0"),
+        "{log}"
+    );
+    assert!(authenticates(
+        wse.ws,
+        &token_signed(support::SECRET, "alice")
+    ));
+}
+
+/// The claims of a JWT, unverified (the server verifies; this reads what was minted).
+fn claims_of(token: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("header.payload.signature");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}
+
+/// `wse-server token` mints what the same configuration accepts: the secret and issuer from the
+/// file the server runs with; a server with another secret refuses it.
+#[test]
+fn token_subcommand_mints_what_the_server_accepts() {
+    let dir = TempDir::new("token");
+    let file = dir.0.join("wse.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[auth]\nenabled = true\nsecret = \"{}\"\nissuer = \"wse-dev\"\n",
+            support::SECRET
+        ),
+    )
+    .unwrap();
+    let out = run(wse_server().args([
+        "token",
+        "--config",
+        file.to_str().unwrap(),
+        "--user",
+        "alice",
+        "--ttl",
+        "2h",
+        "--topics",
+        "chat.*,news",
+        "--publish",
+        "chat.*",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_owned();
+    assert!(!token.contains(support::SECRET) && !text(&out.stderr).contains(support::SECRET));
+    let c = claims_of(&token);
+    assert_eq!(c["sub"], "alice");
+    assert_eq!(c["iss"], "wse-dev");
+    assert_eq!(
+        c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(),
+        7200
+    );
+    assert_eq!(
+        c["wse_topics"],
+        serde_json::json!({"allow": ["chat.*", "news"]})
+    );
+    assert_eq!(c["wse_publish"], serde_json::json!({"allow": ["chat.*"]}));
+
+    let wse = Wse::start_raw(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(authenticates(wse.ws, &token), "{}", wse.log());
+    let other = Wse::start_raw(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--auth-enabled",
+        "true",
+        "--auth-secret",
+        "another-secret-0123456789abcdef-xyz",
+    ]);
+    assert!(!authenticates(other.ws, &token));
+
+    // No secret to sign with: one line naming what to give, exit 2.
+    let out = run(wse_server().args(["token", "--user", "alice"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--auth-secret"),
+        "{}",
+        text(&out.stderr)
+    );
+}

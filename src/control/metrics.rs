@@ -159,7 +159,8 @@ impl Collector for ShardCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         encode_shards(self.server.metrics(), &mut encoder)?;
         encode_events(self.server.metrics(), &self.events, &mut encoder)?;
-        encode_listener(&self.listener, &mut encoder)
+        encode_listener(&self.listener, &mut encoder)?;
+        super::process_metrics::encode(&self.server.config(), &mut encoder)
     }
 }
 
@@ -260,11 +261,17 @@ fn encode_shards(shards: &[Arc<ShardMetrics>], encoder: &mut DescriptorEncoder) 
 
     let mut metric = encoder.encode_descriptor(
         "wse_dropped",
-        "Messages or connections dropped, by reason",
+        "Messages or connections dropped, by reason (application events a full shard queue \
+         dropped are wse_inbound_dropped_total{reason=\"queue_full\"}, with the event stream's \
+         other losses)",
         None,
         MetricType::Counter,
     )?;
     for (i, reason) in DropReason::ALL.iter().enumerate() {
+        // One drop, one series: this one is reported by `encode_events`.
+        if *reason == DropReason::AppEventOverflow {
+            continue;
+        }
         let family = &[("reason", reason.label())];
         encode_counter(
             &mut metric.encode_family(family)?,
@@ -409,6 +416,7 @@ mod tests {
         has_line(&text, "wse_dropped_total{reason=\"slow_consumer\"} 2");
         has_line(&text, "wse_dropped_total{reason=\"fabric_overflow\"} 0");
         has_line(&text, "wse_rejected_total{reason=\"fd_limit\"} 0");
+        assert!(!text.contains("app_event_overflow"), "{text}");
         has_line(&text, "wse_closes_total{code=\"1000\"} 1");
         has_line(&text, "wse_closes_total{code=\"4413\"} 1");
         has_line(&text, "wse_closes_total{code=\"other\"} 1");

@@ -20,6 +20,7 @@ mod fuzz;
 mod listener;
 mod metrics;
 mod openapi;
+mod process_metrics;
 mod publish;
 #[cfg(test)]
 mod tests;
