@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use wse_shards::metrics::DropReason;
+
 use crate::harness::{Client, Engine, Frame, config, topic_owned_by};
 
 fn subscribe(e: &mut Engine, c: Client, topics: &[&str]) {
@@ -501,6 +503,7 @@ fn a_slow_consumer_is_evicted_with_4413_without_affecting_others() {
     e.settle();
     assert!(e.is_released(slow));
     assert_eq!(e.metrics(0).closes(4413).get(), 1);
+    assert_eq!(e.metrics(0).dropped(DropReason::SlowConsumer).get(), 1);
 }
 
 fn rate_limited(capacity: u32, refill: u32, abuse_drops: u32) -> Engine {
@@ -548,6 +551,7 @@ fn rate_limit_warns_then_drops_and_keeps_the_connection() {
     // About one token refilled: answered, with a warning that it was the last.
     let kinds: Vec<Value> = e.recv_json(c).iter().map(|m| m["t"].clone()).collect();
     assert_eq!(kinds, [json!("rate_limit_warning"), json!("PONG")]);
+    assert_eq!(e.metrics(0).rate_limited_total.get(), 3);
 }
 
 #[test]
