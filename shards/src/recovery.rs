@@ -161,6 +161,14 @@ impl History {
     /// Records publication `offset` of the ring's topic: `frame` is the complete stamped frame.
     pub fn append(&mut self, id: RingId, offset: u64, frame: &[u8], now_ms: u64) {
         assert!(offset > 0, "offsets start at 1");
+        // The owner numbers a topic's publications without gaps, from 1 in each new ring: the
+        // entry before this one is its predecessor (a fresh ring's slots are all empty).
+        debug_assert!(
+            offset == 1
+                || self.slots(id)[((offset - 1) % self.buffer_size as u64) as usize].offset
+                    == offset - 1,
+            "offset {offset} appended without its predecessor"
+        );
         let time_s = self.seconds(now_ms);
         let cap = self.log.len();
         let pos = if frame.len() > cap / FRAME_SHARE_MAX {

@@ -202,7 +202,9 @@ impl Topics {
                 d.plain = Some(true);
             }
         }
-        (t.name.clone(), d)
+        let shared = t.name.clone();
+        self.debug_check(name);
+        (shared, d)
     }
 
     /// Removes `conn`'s subscription (plain or in a group); drops the entry when nothing keeps
@@ -226,6 +228,7 @@ impl Topics {
         if d.added_or_removed {
             self.gc(name);
         }
+        self.debug_check(name);
         d
     }
 
@@ -249,6 +252,7 @@ impl Topics {
             Vec::new()
         };
         self.gc(name);
+        self.debug_check(name);
         waiters
     }
 
@@ -303,19 +307,52 @@ impl Topics {
     /// Drops the entry when nothing keeps it (see the module invariant; a history ring and
     /// presence members keep it too).
     pub fn gc(&mut self, name: &str) {
-        let keep = self.map.get(name).is_some_and(|t| {
-            !t.subscribers.is_empty()
-                || !t.groups.is_empty()
-                || !t.interested.is_empty()
-                || t.pending_confirms > 0
-                || t.ring.is_some()
-                || t.presence.as_ref().is_some_and(|p| !p.is_empty())
-                || t.membership.as_ref().is_some_and(|m| !m.is_empty())
-        });
-        if !keep {
+        if !self.map.get(name).is_some_and(is_kept) {
             self.map.remove(name);
         }
     }
+
+    /// Asserts the module's invariants for `name` (debug builds): an entry is kept only while
+    /// something keeps it; owner-only state lives on the owner only, and a confirmation is
+    /// awaited by a non-owner only; requests wait only while a confirmation is pending.
+    fn debug_check(&self, name: &str) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let Some(t) = self.map.get(name) else { return };
+        debug_assert!(is_kept(t), "topic {name}: an entry nothing keeps");
+        if self.owner_of(name) == self.me {
+            debug_assert_eq!(
+                t.pending_confirms, 0,
+                "topic {name}: the owner awaits itself"
+            );
+        } else {
+            debug_assert!(
+                t.interested.is_empty()
+                    && t.published == 0
+                    && t.ring.is_none()
+                    && t.presence.is_none()
+                    && t.membership.is_none(),
+                "topic {name}: owner-only state on shard {}",
+                self.me
+            );
+        }
+        debug_assert!(
+            t.waiters.is_empty() || t.pending_confirms > 0,
+            "topic {name}: requests waiting on a live topic"
+        );
+    }
+}
+
+/// Whether anything keeps a topic's entry (the module invariant).
+fn is_kept(t: &Topic) -> bool {
+    !t.subscribers.is_empty()
+        || !t.groups.is_empty()
+        || !t.interested.is_empty()
+        || t.pending_confirms > 0
+        || t.ring.is_some()
+        || t.presence.as_ref().is_some_and(|p| !p.is_empty())
+        || t.membership.as_ref().is_some_and(|m| !m.is_empty())
 }
 
 #[cfg(test)]

@@ -436,6 +436,10 @@ impl<T: Transport> Shard<T> {
         let Some(slot) = self.conns.try_remove(key as usize) else {
             return;
         };
+        if slot.dirty {
+            // Unlisted, so a successor in the slot is not listed twice ("each listed once").
+            self.dirty.retain(|&k| k != key);
+        }
         if slot.conn.is_handshaking() {
             self.handshakes -= 1;
             self.metrics.handshakes_pending.set(self.handshakes as u64);
@@ -546,6 +550,10 @@ impl<T: Transport> Shard<T> {
             let Some(slot) = self.conns.get_mut(key as usize) else {
                 continue;
             };
+            debug_assert!(
+                slot.dirty,
+                "connection {key} listed as dirty without its flag"
+            );
             slot.dirty = false;
             if slot.write_blocked {
                 continue;
@@ -730,6 +738,12 @@ impl<T: Transport> Shard<T> {
         match m {
             FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
             FabricMsg::Deliver { topic, frame } => {
+                // The owner queues its own subscribers directly; the fabric carries the rest.
+                debug_assert_ne!(
+                    self.topics.owner_of(&topic),
+                    self.me,
+                    "delivery to the owner"
+                );
                 // A private copy per shard: cloning the sender's buffer for every local subscriber
                 // would bounce its reference count between cores.
                 let local = Bytes::copy_from_slice(&frame);

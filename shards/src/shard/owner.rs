@@ -22,6 +22,11 @@ impl<T: Transport> Shard<T> {
     /// it to local subscribers and sends one entry to each other shard with subscribers, then
     /// one entry per queue group to the shard picked for it.
     pub(super) fn sequence(&mut self, topic: &str, body: &[u8], ack: Option<ConnId>, clock: Clock) {
+        debug_assert_eq!(
+            self.topics.owner_of(topic),
+            self.me,
+            "sequenced off its owner"
+        );
         self.metrics.publications_total.inc();
         let (frame, offset, epoch) = if self.history.is_some() {
             let (ring, epoch, last) = self.ensure_ring(topic, clock.wall_ms);
@@ -138,6 +143,11 @@ impl<T: Transport> Shard<T> {
 
     /// A connection (on this shard or another) subscribes to a topic this shard owns.
     pub(super) fn handle_join(&mut self, j: JoinRequest, clock: Clock) {
+        debug_assert_eq!(
+            self.topics.owner_of(&j.topic),
+            self.me,
+            "join sent to a non-owner"
+        );
         if j.interest {
             self.topics
                 .set_interest(&j.topic, usize::from(j.shard), true);
