@@ -1,7 +1,8 @@
 //! RFC 6455 framing, sans-IO: bytes in, messages out; messages in, frame bytes out.
 //!
 //! Owns: frame header parsing, unmasking, fragment reassembly, UTF-8 validation of text
-//! (fail-fast across fragments), control-frame rules, close payload validation, and encoding of
+//! (fail-fast across fragments and within a frame whose payload has only partly arrived),
+//! control-frame rules, close payload validation, and encoding of
 //! outbound frames (unmasked for the server, masked for clients/tests/bench).
 //!
 //! Never: touches sockets, clocks or the WSE JSON layer. An idle [`Decoder`] holds no heap memory:
@@ -56,6 +57,9 @@ const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 /// A UTF-8 sequence is at most 4 bytes, so at most 3 of it can end a fragment unfinished.
 const UTF8_CARRY_MAX: usize = 3;
 const UTF8_SEQ_MAX: usize = UTF8_CARRY_MAX + 1;
+/// The received part of an incomplete text frame is unmasked into a stack buffer of this many
+/// bytes at a time to be validated (the input buffer is left masked: the caller hands it back).
+const PARTIAL_CHUNK_BYTES: usize = 4096;
 
 /// Frame opcodes (RFC 6455 §5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +147,18 @@ pub struct Decoder {
     /// Boxed so an idle decoder is two words and owns no heap memory; `Some` only while a
     /// fragmented message is in flight.
     assembly: Option<Box<Assembly>>,
+    /// Fail-fast state for the text frame at the front of the caller's buffer while its payload
+    /// has only partly arrived; `None` once it completes (see [`Decoder::check_partial_text`]).
+    partial: Option<PartialText>,
+}
+
+/// How far the payload of an incomplete text frame has been validated, and the unfinished
+/// character (if any) its validated part ends with.
+#[derive(Debug)]
+struct PartialText {
+    /// Payload bytes validated so far (a frame longer than `u32::MAX` is not checked early).
+    checked: u32,
+    carry: Utf8Carry,
 }
 
 impl Decoder {
@@ -150,6 +166,7 @@ impl Decoder {
         Self {
             role,
             assembly: None,
+            partial: None,
         }
     }
 
@@ -170,8 +187,10 @@ impl Decoder {
         while let Some(header) = self.parse_header(&buf[consumed..], max_message)? {
             let frame_end = consumed.saturating_add(header.frame_len());
             let Some(frame) = buf.get_mut(consumed..frame_end) else {
+                self.check_partial_text(&header, &buf[consumed..])?;
                 break;
             };
+            self.partial = None;
             consumed = frame_end;
             let payload = &mut frame[header.header_len..];
             if let Some(mask) = header.mask {
@@ -237,6 +256,45 @@ impl Decoder {
             header_len,
             payload_len,
         }))
+    }
+
+    /// Validates the UTF-8 of a text frame (or a continuation of a text message) whose payload
+    /// has only partly arrived, so that invalid text fails the connection as soon as the bad
+    /// byte is received, not when the frame completes (RFC 6455 §8.1; Autobahn 6.4.3/6.4.4).
+    /// Each payload byte is checked once here, from where the previous call stopped; `frame`
+    /// (the header and the received part of the payload) is not modified.
+    fn check_partial_text(&mut self, header: &FrameHeader, frame: &[u8]) -> Result<(), FrameError> {
+        let seed = match (header.opcode, self.assembly.as_deref()) {
+            (OpCode::Text, _) => Utf8Carry::default(),
+            (OpCode::Continuation, Some(Assembly::Text { carry, .. })) => carry.clone(),
+            _ => return Ok(()),
+        };
+        let Some(payload) = frame.get(header.header_len..) else {
+            return Ok(());
+        };
+        let Ok(received) = u32::try_from(payload.len()) else {
+            return Ok(());
+        };
+        let state = self.partial.get_or_insert(PartialText {
+            checked: 0,
+            carry: seed,
+        });
+        let start = state.checked as usize;
+        let mut scratch = [0; UTF8_CARRY_MAX + PARTIAL_CHUNK_BYTES];
+        for (i, chunk) in payload[start..].chunks(PARTIAL_CHUNK_BYTES).enumerate() {
+            let held = state.carry.len();
+            scratch[..held].copy_from_slice(&state.carry.bytes[..held]);
+            let offset = start + i * PARTIAL_CHUNK_BYTES;
+            let dst = &mut scratch[held..held + chunk.len()];
+            for (j, (d, s)) in dst.iter_mut().zip(chunk).enumerate() {
+                *d = s ^ header.mask.map_or(0, |k| k[(offset + j) % MASK_KEY_BYTES]);
+            }
+            state
+                .carry
+                .hold_unfinished(&scratch[..held + chunk.len()])?;
+        }
+        state.checked = received;
+        Ok(())
     }
 
     /// The checks the first two header bytes are enough for; returns the opcode.
@@ -543,7 +601,7 @@ fn push_text(text: &mut String, carry: &mut Utf8Carry, fragment: &[u8]) -> Resul
 
 /// Up to 3 bytes that begin a valid UTF-8 sequence whose remaining bytes are in the next
 /// fragment.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Utf8Carry {
     bytes: [u8; UTF8_CARRY_MAX],
     len: u8,
@@ -576,6 +634,25 @@ impl Utf8Carry {
         seq[held..held + take].copy_from_slice(head);
         self.settle(text, &seq[..held + take])?;
         Ok(rest)
+    }
+
+    /// Validates `bytes` (the carried bytes first) without keeping them; keeps an unfinished
+    /// character at the end in the carry. Fails if `bytes` can never become valid.
+    fn hold_unfinished(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        match simdutf8::compat::from_utf8(bytes) {
+            Ok(_) => {
+                self.len = 0;
+                Ok(())
+            }
+            Err(e) if e.error_len().is_none() => {
+                let tail = &bytes[e.valid_up_to()..];
+                assert!(tail.len() <= UTF8_CARRY_MAX, "an unfinished character");
+                self.bytes[..tail.len()].copy_from_slice(tail);
+                self.len = tail.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(FrameError::InvalidUtf8),
+        }
     }
 
     /// Appends `seq` to `text` if it is complete, keeps it if it is the valid start of a
@@ -1031,7 +1108,8 @@ mod tests {
 
     #[test]
     fn decoder_is_heap_free_when_idle() {
-        assert!(std::mem::size_of::<Decoder>() <= 16);
+        // The role, the boxed assembly and the 8-byte fail-fast state of a partial text frame.
+        assert!(std::mem::size_of::<Decoder>() <= 24);
         let mut decoder = Decoder::new(Role::Server);
         assert!(decoder.assembly.is_none());
         let stream = concat(&[
@@ -1366,6 +1444,78 @@ mod tests {
                 decode_err(Role::Server, &stream),
                 FrameError::InvalidUtf8,
                 "{fragments:02x?}"
+            );
+        }
+    }
+
+    /// Feeds `stream` in growing prefixes (as a socket would deliver it), each call getting the
+    /// unconsumed rest plus the next `step` bytes; returns the first error and the stream
+    /// length received when it happened.
+    fn feed_in_steps(stream: &[u8], step: usize) -> Result<Vec<Owned>, (FrameError, usize)> {
+        let mut decoder = Decoder::new(Role::Server);
+        let mut messages = Vec::new();
+        let mut start = 0;
+        let mut end = 0;
+        while end < stream.len() {
+            end = (end + step).min(stream.len());
+            let (consumed, got) =
+                feed(&mut decoder, &stream[start..end], MAX).map_err(|e| (e, end))?;
+            messages.extend(got);
+            start += consumed;
+        }
+        Ok(messages)
+    }
+
+    #[test]
+    fn invalid_utf8_fails_before_its_frame_completes() {
+        // A single text frame: valid text, then a byte that can never be UTF-8, then more.
+        let payload = [b"\xCE\xBA\xE1\xBD\xB9".as_slice(), b"\xFF", &[b'a'; 5000]].concat();
+        let stream = masked(OpCode::Text, true, &payload);
+        let header = stream.len() - payload.len();
+        // The bad byte is at payload offset 5: it fails with exactly that byte received.
+        for step in [1, 3, 7] {
+            let (err, received) = feed_in_steps(&stream, step).unwrap_err();
+            assert_eq!(err, FrameError::InvalidUtf8);
+            assert!(
+                received >= header + 6 && received < header + 6 + step,
+                "{received}"
+            );
+        }
+        // In a continuation of a text message, with a character carried from the frame before.
+        let first = masked(OpCode::Text, false, b"a\xE2");
+        let cont = masked(
+            OpCode::Continuation,
+            true,
+            &[b"\x82\xAC".as_slice(), &[b'b'; 5000]].concat(),
+        );
+        let bad = masked(
+            OpCode::Continuation,
+            true,
+            &[b"\x41".as_slice(), &[b'b'; 5000]].concat(),
+        );
+        let ok = feed_in_steps(&concat(&[first.clone(), cont]), 2).unwrap();
+        assert_eq!(ok.len(), 1);
+        let stream = concat(&[first.clone(), bad]);
+        let (err, received) = feed_in_steps(&stream, 1).unwrap_err();
+        assert_eq!(err, FrameError::InvalidUtf8);
+        assert!(received < first.len() + 10, "{received}");
+    }
+
+    #[test]
+    fn valid_text_in_any_chops_is_accepted() {
+        let message = "aé€🦀z".repeat(1500);
+        let stream = concat(&[
+            masked(OpCode::Text, false, &message.as_bytes()[..4001]),
+            masked(OpCode::Ping, true, b"p"),
+            masked(OpCode::Continuation, true, &message.as_bytes()[4001..]),
+            masked(OpCode::Text, true, message.as_bytes()),
+        ]);
+        for step in [1, 2, 3, 5, 4099, stream.len()] {
+            let messages = feed_in_steps(&stream, step).expect("valid stream");
+            assert_eq!(
+                messages,
+                vec![Owned::Ping(b"p".to_vec()), text(&message), text(&message)],
+                "step {step}"
             );
         }
     }

@@ -492,8 +492,10 @@ pub fn server_ready(connection_id: &str, user_id: &str, recovery: bool, clock: &
                     compression: true,
                     encryption: false,
                     batching: true,
-                    priority_queue: true,
-                    circuit_breaker: true,
+                    // Not implemented here: no priority queue, no server-side circuit breaker
+                    // (protocol.md §2: every flag states what this server really does).
+                    priority_queue: false,
+                    circuit_breaker: false,
                     rust_transport: true,
                     rust_jwt: true,
                     recovery,
@@ -556,7 +558,7 @@ pub fn server_hello(
                 recovery,
                 cluster: false,
                 batching: true,
-                priority_queue: true,
+                priority_queue: false,
                 msgpack: true,
                 encryption: false,
             },
@@ -901,10 +903,29 @@ mod tests {
         assert_eq!(v["t"], "server_ready");
         assert_eq!(v["p"]["details"]["connection_id"], "c1");
         assert_eq!(v["p"]["details"]["user_id"], "alice");
-        assert_eq!(v["p"]["details"]["features"]["recovery"], false);
+        // Every flag exactly: each states what this server does (protocol.md §2).
+        assert_eq!(
+            v["p"]["details"]["features"],
+            serde_json::json!({"compression": true, "encryption": false, "batching": true,
+                "priority_queue": false, "circuit_breaker": false, "rust_transport": true,
+                "rust_jwt": true, "recovery": false})
+        );
         assert_eq!(v["seq"], 1);
         let text = String::from_utf8(server_ready("c1", "a", false, &clock())).unwrap();
         assert!(text.starts_with(r#"{"c":"WSE","t":"server_ready","p":{"message""#));
+    }
+
+    #[test]
+    fn server_hello_features_are_what_the_server_does() {
+        let cfg = Config::default();
+        let v: serde_json::Value =
+            serde_json::from_slice(&server_hello("c1", 7, true, &cfg, &clock())).unwrap();
+        assert_eq!(v["p"]["protocol_version"], PROTOCOL_VERSION);
+        assert_eq!(
+            v["p"]["features"],
+            serde_json::json!({"compression": true, "recovery": true, "cluster": false,
+                "batching": true, "priority_queue": false, "msgpack": true, "encryption": false})
+        );
     }
 
     #[test]
