@@ -24,6 +24,7 @@ pub mod fabric;
 pub mod handshake;
 pub mod inbound;
 pub mod metrics;
+pub mod msgpack_json;
 pub mod presence;
 pub mod protocol;
 pub mod queue_groups;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::{Config, PROTOCOL_VERSION, TOPIC_LEN_MAX};
+use crate::msgpack_json::{TranscodeError, msgpack_to_json};
 
 /// The server version reported in `server_hello`.
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -128,15 +129,13 @@ pub fn binary_to_json(payload: &[u8], max_len: usize) -> Result<Cow<'_, [u8]>, I
         return Ok(Cow::Owned(out));
     }
     if let Some(m) = payload.strip_prefix(b"M:") {
-        let mut de = rmp_serde::Deserializer::new(m);
-        de.set_max_depth(MSGPACK_DEPTH_MAX);
-        let v = serde_json::Value::deserialize(&mut de).map_err(|_| InboundError::BadMsgpack)?;
-        let json = serde_json::to_vec(&v).map_err(|_| InboundError::BadMsgpack)?;
-        // JSON is up to 6x longer than MessagePack (`\u0001` for a 1-byte char, `null,` for nil).
-        if json.len() > max_len {
-            return Err(InboundError::InflatedTooLarge);
-        }
-        return Ok(Cow::Owned(json));
+        // Straight to JSON text under the cap: JSON is up to 6x longer than MessagePack
+        // (`\u0001` for a 1-byte char, `null,` for nil), and no `Value` tree is built.
+        return match msgpack_to_json(m, max_len, MSGPACK_DEPTH_MAX) {
+            Ok(json) => Ok(Cow::Owned(json)),
+            Err(TranscodeError::TooLarge) => Err(InboundError::InflatedTooLarge),
+            Err(TranscodeError::Invalid) => Err(InboundError::BadMsgpack),
+        };
     }
     if payload.starts_with(b"E:") {
         return Err(InboundError::EncryptionNotEnabled);
