@@ -64,11 +64,17 @@ const PARTIAL_CHUNK_BYTES: usize = 4096;
 /// Frame opcodes (RFC 6455 §5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpCode {
+    /// 0x0: the next fragment of a message in progress.
     Continuation,
+    /// 0x1: a UTF-8 text message (or its first fragment).
     Text,
+    /// 0x2: a binary message (or its first fragment).
     Binary,
+    /// 0x8: the closing handshake.
     Close,
+    /// 0x9: a keep-alive probe, answered with a Pong carrying the same payload.
     Ping,
+    /// 0xA: the answer to a Ping, or an unsolicited heartbeat.
     Pong,
 }
 
@@ -76,23 +82,31 @@ pub enum OpCode {
 /// requires unmasked input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// Decodes what clients send: every frame must be masked.
     Server,
+    /// Decodes what servers send: no frame may be masked (tests, bench, the Rust client).
     Client,
 }
 
 /// A close frame's payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseFrame<'a> {
+    /// The status code (validated: see [`is_valid_close_code`]).
     pub code: u16,
+    /// The reason, valid UTF-8, at most 123 bytes.
     pub reason: &'a str,
 }
 
 /// A complete message (data messages reassembled from their fragments) or a control frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message<'a> {
+    /// A whole text message, UTF-8 validated.
     Text(&'a str),
+    /// A whole binary message.
     Binary(&'a [u8]),
+    /// A Ping's payload (at most 125 bytes), to be echoed in a Pong.
     Ping(&'a [u8]),
+    /// A Pong's payload; only proves the peer is alive.
     Pong(&'a [u8]),
     /// `None` when the close frame had no payload.
     Close(Option<CloseFrame<'a>>),
@@ -101,32 +115,51 @@ pub enum Message<'a> {
 /// What the peer did wrong. Each maps to the close code we answer with.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// A client sent an unmasked frame (RFC 6455 §5.1).
     #[error("client frame not masked")]
     UnmaskedFrame,
+    /// A server sent a masked frame (RFC 6455 §5.1).
     #[error("server frame masked")]
     MaskedFrame,
+    /// RSV1-3 set, though no extension was negotiated.
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    /// An opcode RFC 6455 reserves (0x3-0x7, 0xB-0xF).
     #[error("reserved opcode {0:#x}")]
     ReservedOpcode(u8),
+    /// A control frame without FIN: control frames cannot be fragmented.
     #[error("fragmented control frame")]
     FragmentedControl,
+    /// A control frame announcing more than 125 bytes of payload.
     #[error("control frame payload over 125 bytes")]
     OversizedControl,
+    /// A continuation frame with no fragmented message in progress.
     #[error("continuation frame without a message in progress")]
     UnexpectedContinuation,
+    /// A new Text or Binary frame while a fragmented message is unfinished.
     #[error("new data frame while a fragmented message is in progress")]
     ExpectedContinuation,
+    /// Text (or a close reason) that is not UTF-8; detected at the first bad byte.
     #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
+    /// A close payload of exactly one byte (a code needs two).
     #[error("close frame payload of one byte")]
     InvalidClosePayload,
+    /// A close code that may not be sent on the wire (e.g. 1005, 1006, 1015, < 1000).
     #[error("close code {0} is not allowed on the wire")]
     InvalidCloseCode(u16),
+    /// A 64-bit length with its most significant bit set.
     #[error("64-bit payload length with the most significant bit set")]
     LengthOverflow,
     #[error("message of {size} bytes exceeds the limit of {limit}")]
-    MessageTooLarge { size: u64, limit: usize },
+    /// The message (all fragments so far plus this frame's declared length) is over the
+    /// limit; raised from the header, before the payload arrives.
+    MessageTooLarge {
+        /// Bytes the message would have.
+        size: u64,
+        /// The limit it broke (`limits.max_message_size`).
+        limit: usize,
+    },
 }
 
 impl FrameError {
@@ -162,6 +195,7 @@ struct PartialText {
 }
 
 impl Decoder {
+    /// A decoder for `role` with nothing in progress (no heap memory until a message is fragmented).
     pub fn new(role: Role) -> Self {
         Self {
             role,

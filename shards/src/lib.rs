@@ -12,6 +12,7 @@
 //!
 //! Everything below `runtime` is sans-IO: bytes and a clock in, bytes and events out.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod accept;
 pub mod alarms;

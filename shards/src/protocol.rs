@@ -29,6 +29,7 @@ pub const JSON_DEPTH_MAX: usize = 64;
 /// The time as the protocol layer needs it: monotonic for deadlines, wall for timestamps.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
+    /// Monotonic time, for deadlines (pings, idle, rate limits).
     pub now: Instant,
     /// Milliseconds since the Unix epoch.
     pub wall_ms: u64,
@@ -83,20 +84,28 @@ pub fn iso8601(wall_ms: u64) -> String {
 /// Why an inbound message could not be understood; sent back as an `error` event.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InboundError {
+    /// Neither JSON nor a known binary encoding.
     #[error("message is not valid JSON")]
     NotJson,
+    /// JSON, but without a string `t`.
     #[error("message has no type ('t')")]
     NoType,
+    /// `C:` data that zlib cannot inflate.
     #[error("compressed message could not be inflated")]
     BadCompression,
+    /// `C:` or `M:` data whose JSON would be over `limits.max_message_size`.
     #[error("message inflates past the size limit")]
     InflatedTooLarge,
+    /// `M:` data that is not MessagePack the server takes (malformed, too deep, `bin`/ext, non-string keys).
     #[error("MessagePack message could not be decoded")]
     BadMsgpack,
+    /// An `E:` (encrypted) frame: encryption is not offered.
     #[error("encrypted frames are not enabled on this server")]
     EncryptionNotEnabled,
+    /// A message of a known type (named) whose `p` has the wrong shape.
     #[error("invalid {0} payload")]
     BadPayload(&'static str),
+    /// Nested deeper than [`JSON_DEPTH_MAX`].
     #[error("message nests arrays and objects deeper than {JSON_DEPTH_MAX} levels")]
     TooDeep,
 }
@@ -146,40 +155,56 @@ pub fn binary_to_json(payload: &[u8], max_len: usize) -> Result<Cow<'_, [u8]>, I
 /// A parsed client message, borrowing the message bytes.
 #[derive(Debug)]
 pub enum ClientMessage<'a> {
+    /// `client_hello`: answered with `server_hello`.
     Hello {
+        /// The client's protocol version; the answer uses the lower of it and ours.
         protocol_version: u32,
     },
     /// `{"t":"ping","p":{"timestamp":<ms>}}`; the timestamp is echoed verbatim.
     Ping {
+        /// The client's timestamp, echoed in the PONG.
         timestamp: Option<&'a RawValue>,
     },
     /// The client's answer to our ping: activity only.
     Pong,
+    /// `subscription_update` with `action: subscribe`.
     Subscribe(Subscription<'a>),
+    /// `subscription_update` with `action: unsubscribe`.
     Unsubscribe {
+        /// The topics to leave.
         topics: Vec<Cow<'a, str>>,
     },
+    /// `publish`: a publication to a topic, if the connection's publish rights allow it.
     Publish {
+        /// The topic to publish to.
         topic: Cow<'a, str>,
+        /// The event type subscribers get as `t`.
         event: Cow<'a, str>,
+        /// The payload subscribers get as `p`, verbatim.
         data: &'a RawValue,
+        /// Answer with `publish_ack` once the owner has sequenced it.
         ack: bool,
     },
     /// `{"t":"batch","p":{"messages":[...]}}`: each element is a message of its own.
     Batch(Vec<&'a RawValue>),
     /// `{"t":"presence_update","p":{"data":{..}}}`: new presence data for all the user's topics.
     PresenceUpdate {
+        /// The new data, verbatim JSON.
         data: &'a RawValue,
     },
     /// Any other type: an application event for the event stream.
     App {
+        /// The message's type.
         t: Cow<'a, str>,
     },
 }
 
+/// The payload of a subscribe request (protocol.md §3).
 #[derive(Debug, Default)]
 pub struct Subscription<'a> {
+    /// Topics to subscribe to, as sent (validated later, one by one).
     pub topics: Vec<Cow<'a, str>>,
+    /// `recover: true`: replay what was missed from the positions in `recovery`.
     pub recover: bool,
     /// `{"<topic>": {"epoch": "..", "offset": n}}`, passed through to recovery.
     pub recovery: Option<&'a RawValue>,
@@ -675,17 +700,22 @@ pub fn rate_limit_warning(current_rate: u32, limit: u32, remaining: u32) -> Vec<
 /// A topic refused in a subscription, with why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FailedTopic {
+    /// The topic as the client sent it.
     pub topic: String,
+    /// Why it was refused (`INVALID_TOPIC`, `ACCESS_DENIED`, `PRESENCE_LIMIT`, ...).
     pub reason: String,
 }
 
 /// Where a topic's history stands for one connection, as the acknowledgement reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryInfo {
+    /// The topic history's epoch; a client's offsets are only meaningful within one epoch.
     pub epoch: u32,
     /// The inclusive last offset the connection has now (replayed or current).
     pub offset: u64,
+    /// The replay covered the whole gap (exactly the missed offsets, in order).
     pub recovered: bool,
+    /// Frames replayed.
     pub count: u32,
 }
 
@@ -831,7 +861,9 @@ pub fn publication(event: &str, data: &RawValue) -> Bytes {
 /// How a per-connection JSON message goes on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wire {
+    /// A text frame of JSON.
     Text,
+    /// A binary frame (`M:` MessagePack, or `C:` zlib over the compression threshold).
     Binary,
 }
 
