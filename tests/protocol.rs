@@ -98,12 +98,35 @@ async fn subscribe_ack_shape_and_unsubscribe() {
     let ack = c.unsubscribe(&["a", "never"]).await.unwrap();
     assert_eq!(ack.p["action"], "unsubscribe");
     assert_eq!(ack.p["success"], true);
+    // The barrier is on the same topic: a witness on c's shard, subscribed to "a", gets the
+    // publication, so c's shard has handled it (for all its subscribers at once); had c still
+    // been subscribed, the publication would be queued for c before the PONG c asks for next.
+    let shard = c.connection_id()[..2].to_owned();
+    let mut others = Vec::new();
+    let mut witness = loop {
+        assert!(others.len() < 40, "no connection landed on c's shard");
+        let w = connector(&wse, "witness").connect().await.unwrap();
+        if w.connection_id()[..2] == shard {
+            break w;
+        }
+        others.push(w);
+    };
+    assert_eq!(witness.subscribe(&["a"]).await.unwrap().p["success"], true);
     let (status, _) = wse.api_publish("a", "x", json!(1)).await;
     assert_eq!(status, 200);
+    let ev = witness.recv_until(|e| e.t == "x", T).await.unwrap();
+    assert_eq!(ev.p, json!(1));
+    assert_eq!(c.ping().await.unwrap().t, "PONG");
+    let before_pong = c.recv_timeout(Duration::ZERO).await.unwrap();
+    assert!(
+        before_pong.is_none(),
+        "a publication on an unsubscribed topic arrived: {before_pong:?}"
+    );
+    // The topic still subscribed to still delivers.
     let (status, _) = wse.api_publish("b", "y", json!(2)).await;
     assert_eq!(status, 200);
-    let ev = c.recv_until(|e| e.t == "x" || e.t == "y", T).await.unwrap();
-    assert_eq!(ev.t, "y", "a publication on an unsubscribed topic arrived");
+    let ev = c.recv().await.unwrap();
+    assert_eq!((ev.t.as_str(), &ev.p), ("y", &json!(2)));
 }
 
 #[tokio::test]

@@ -8,6 +8,10 @@
 #   3. writes per-scenario medians over the repeats and prints `wse-bench compare` tables
 #      (a = upstream, b = wse-server, so ratios read "wse-server / upstream").
 #
+# A median is quoted only over exactly REPEATS complete runs: a run that fails or reports itself
+# partial is discarded, and a scenario/target left with fewer runs gets no median; the script
+# then exits 1 after the summary, naming what fell short.
+#
 # A fresh server per run keeps memory figures honest (no leftovers of the previous scenario)
 # and makes runs independent. Targets are interleaved within each repeat so slow drift on this
 # shared VM hits both alike. Expect about 8-10 minutes with the defaults.
@@ -183,7 +187,11 @@ run_one() {
     if ! taskset -c "$BENCH_CPU" "$BENCH" "${args[@]}" --url "$URL" --target "$target" \
         --secret "$SECRET" --server-pid "$SERVER_PID" --source 127.0.0.2-127.0.0.250 \
         --json "$OUT/runs/$tag.json" >"$OUT/logs/$tag.txt" 2>"$OUT/logs/$tag.err"; then
-        log "$tag failed; see $OUT/logs/$tag.err"
+        log "$tag failed; see $OUT/logs/$tag.err (run discarded)"
+        rm -f "$OUT/runs/$tag.json"
+    elif grep -q '"partial": *true' "$OUT/runs/$tag.json" 2>/dev/null; then
+        log "$tag was partial; see $OUT/logs/$tag.err (run discarded)"
+        mv "$OUT/runs/$tag.json" "$OUT/logs/$tag.partial.json"
     fi
     stop_server
 }
@@ -202,13 +210,19 @@ main() {
             done
         done
     done
+    local short=()
     for scenario in $SCENARIOS; do
         for target in $TARGETS; do
             local -a runs=()
-            for f in "$OUT"/runs/"$scenario-$target"-*.json; do
+            for rep in $(seq 1 "$REPEATS"); do
+                local f="$OUT/runs/$scenario-$target-$rep.json"
                 [[ -f $f ]] && runs+=("$f")
             done
-            ((${#runs[@]})) || continue
+            if ((${#runs[@]} != REPEATS)); then
+                short+=("$scenario on $target: ${#runs[@]} of $REPEATS runs complete")
+                rm -f "$OUT/median/$scenario-$target.json"
+                continue
+            fi
             "$BENCH" median -o "$OUT/median/$scenario-$target.json" "${runs[@]}" >/dev/null
         done
         if [[ -f $OUT/median/$scenario-upstream.json && -f $OUT/median/$scenario-wse.json ]]; then
@@ -223,8 +237,14 @@ main() {
                 "$BENCH" median -o "$OUT/median/$scenario-$target.json" "$OUT"/runs/"$scenario-$target"-*.json
             done
         fi
-    done | tee "$OUT/summary.txt"
+    done >"$OUT/summary.txt" # not a pipe: `short` must survive the loop
+    cat "$OUT/summary.txt"
     log "done in $((SECONDS - started)) s; summary: $OUT/summary.txt"
+    if ((${#short[@]})); then
+        printf 'NO MEDIAN (fewer runs than REPEATS=%s): %s\n' "$REPEATS" "${short[@]}" \
+            | tee -a "$OUT/summary.txt" >&2
+        exit 1
+    fi
 }
 
 main "$@"

@@ -160,7 +160,11 @@ fn fanout_fixed_rate_delivers_everything() {
     assert_eq!(num(&r, "duplicates"), 0.0);
     assert_eq!(num(&r, "wrong_topic"), 0.0);
     assert!(num(&r, "latency_p50_ms") > 0.0);
-    assert!(num(&r, "server_cpu_s_per_million_deliveries") >= 0.0);
+    // The server's CPU time is read in clock ticks (10 ms), so 0 is a true reading for a run this
+    // small; what must hold is that the figure was measured (a missing server process or no
+    // deliveries would make it NaN).
+    let cpu = num(&r, "server_cpu_s_per_million_deliveries");
+    assert!(cpu.is_finite() && cpu >= 0.0, "{cpu}");
 }
 
 #[test]

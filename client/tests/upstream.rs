@@ -1,16 +1,15 @@
-//! Against a live WSE server; ignored by default.
+//! The Rust client against an independent implementation of the protocol: the upstream WSE
+//! server (PyPI `wse-server` 2.5.1, installed into the test venv by `tests/python/setup-venv.sh`
+//! and run by `tests/python/upstream_server.py`). The test starts it on a free loopback port with
+//! `--publishers pub --ping-interval 2 --idle-timeout 3600` (the server must ping every few
+//! seconds for the auto-pong check) and mints the tokens with its `--mint-token`.
 //!
-//! ```text
-//! /tmp/wse-peers/venv/bin/python /work/shared/peers/wse_upstream_server.py 5917 \
-//!     --publishers pub --ping-interval 2 --idle-timeout 3600 &
-//! export WSE_URL=ws://127.0.0.1:5917/wse
-//! export WSE_TOKEN=$(/tmp/wse-peers/venv/bin/python /work/shared/peers/wse_upstream_server.py --mint-token alice)
-//! export WSE_PUB_TOKEN=$(/tmp/wse-peers/venv/bin/python /work/shared/peers/wse_upstream_server.py --mint-token pub)
-//! cargo test -p wse-client --test upstream -- --ignored --nocapture
-//! ```
-//!
-//! The server must ping at least every few seconds (`--ping-interval 2`) for the auto-pong check.
+//! To run it against another live server instead, set `WSE_URL`, `WSE_TOKEN` (a subscriber) and
+//! `WSE_PUB_TOKEN` (a connection allowed to publish).
 
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
@@ -21,13 +20,109 @@ fn env(name: &str) -> String {
 }
 
 const WAIT: Duration = Duration::from_secs(10);
+/// The upstream server prints its READY line within a second or two; this bounds a hang.
+const START_WAIT: Duration = Duration::from_secs(30);
+
+/// The upstream server, killed when dropped.
+struct Upstream {
+    child: Child,
+    python: PathBuf,
+    script: PathBuf,
+    port: u16,
+}
+
+impl Upstream {
+    /// Creates the test venv if needed (it fails, never skips, if Python >= 3.12 is missing),
+    /// then starts upstream and waits for its `READY` line.
+    fn start() -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(root.join("tests/python/setup-venv.sh"))
+            .status()
+            .expect("run tests/python/setup-venv.sh");
+        assert!(status.success(), "tests/python/setup-venv.sh failed");
+        let venv = std::env::var_os("WSE_PY_VENV")
+            .map_or_else(|| root.join("target/py-venv"), PathBuf::from);
+        let python = venv.join("bin/python");
+        let script = root.join("tests/python/upstream_server.py");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut child = Command::new(&python)
+            .arg(&script)
+            .arg(port.to_string())
+            .args([
+                "--publishers",
+                "pub",
+                "--ping-interval",
+                "2",
+                "--idle-timeout",
+                "3600",
+            ])
+            .args(["--run-seconds", "300"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the upstream server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("READY ") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let upstream = Self {
+            child,
+            python,
+            script,
+            port,
+        };
+        rx.recv_timeout(START_WAIT)
+            .expect("the upstream server printed READY");
+        upstream
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/wse", self.port)
+    }
+
+    fn mint(&self, sub: &str) -> String {
+        let out = Command::new(&self.python)
+            .arg(&self.script)
+            .args(["--mint-token", sub])
+            .output()
+            .expect("mint a token");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("a token is text")
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 #[tokio::test]
-#[ignore = "needs a running WSE server: WSE_URL, WSE_TOKEN, WSE_PUB_TOKEN"]
-async fn live_server() {
-    let url = env("WSE_URL");
-    let token = env("WSE_TOKEN");
-    let pub_token = env("WSE_PUB_TOKEN");
+async fn against_the_upstream_server() {
+    let (_upstream, url, token, pub_token) = match std::env::var("WSE_URL") {
+        Ok(url) => (None, url, env("WSE_TOKEN"), env("WSE_PUB_TOKEN")),
+        Err(_) => {
+            let upstream = Upstream::start();
+            let (url, alice, publisher) =
+                (upstream.url(), upstream.mint("alice"), upstream.mint("pub"));
+            (Some(upstream), url, alice, publisher)
+        }
+    };
 
     // Subscriber.
     let mut alice = Connector::new(&url).token(&token).connect().await.unwrap();

@@ -155,26 +155,37 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 /// internals).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// No token in any place the client may put one (query, cookie, `Authorization`).
     #[error("authentication required")]
     Missing,
+    /// The token is longer than the size cap, refused before it is parsed.
     #[error("token too large")]
     TooLarge,
+    /// Not three base64url parts with a JSON header and claims.
     #[error("malformed token")]
     Malformed,
+    /// The signature does not verify with the current key (nor the previous one in a rotation).
     #[error("invalid signature")]
     BadSignature,
+    /// `exp` has passed.
     #[error("token expired")]
     Expired,
+    /// `nbf` is still in the future.
     #[error("token not yet valid")]
     NotYetValid,
+    /// `iss` is not the configured issuer.
     #[error("wrong issuer")]
     WrongIssuer,
+    /// `aud` does not include the configured audience.
     #[error("wrong audience")]
     WrongAudience,
+    /// A `kid` is configured and the token header's `kid` is not it.
     #[error("unknown key id")]
     WrongKid,
+    /// No `sub` claim, or an empty one: a connection needs a user id.
     #[error("missing or empty sub claim")]
     MissingSub,
+    /// The claims are not a JSON object, or a claim the server reads (`nbf`, `iss`, a `wse_*` right) has the wrong type or is `null`.
     #[error("invalid claims")]
     BadClaims,
 }

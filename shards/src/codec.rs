@@ -1,7 +1,8 @@
 //! RFC 6455 framing, sans-IO: bytes in, messages out; messages in, frame bytes out.
 //!
 //! Owns: frame header parsing, unmasking, fragment reassembly, UTF-8 validation of text
-//! (fail-fast across fragments), control-frame rules, close payload validation, and encoding of
+//! (fail-fast across fragments and within a frame whose payload has only partly arrived),
+//! control-frame rules, close payload validation, and encoding of
 //! outbound frames (unmasked for the server, masked for clients/tests/bench).
 //!
 //! Never: touches sockets, clocks or the WSE JSON layer. An idle [`Decoder`] holds no heap memory:
@@ -56,15 +57,24 @@ const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 /// A UTF-8 sequence is at most 4 bytes, so at most 3 of it can end a fragment unfinished.
 const UTF8_CARRY_MAX: usize = 3;
 const UTF8_SEQ_MAX: usize = UTF8_CARRY_MAX + 1;
+/// The received part of an incomplete text frame is unmasked into a stack buffer of this many
+/// bytes at a time to be validated (the input buffer is left masked: the caller hands it back).
+const PARTIAL_CHUNK_BYTES: usize = 4096;
 
 /// Frame opcodes (RFC 6455 §5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpCode {
+    /// 0x0: the next fragment of a message in progress.
     Continuation,
+    /// 0x1: a UTF-8 text message (or its first fragment).
     Text,
+    /// 0x2: a binary message (or its first fragment).
     Binary,
+    /// 0x8: the closing handshake.
     Close,
+    /// 0x9: a keep-alive probe, answered with a Pong carrying the same payload.
     Ping,
+    /// 0xA: the answer to a Ping, or an unsolicited heartbeat.
     Pong,
 }
 
@@ -72,23 +82,31 @@ pub enum OpCode {
 /// requires unmasked input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// Decodes what clients send: every frame must be masked.
     Server,
+    /// Decodes what servers send: no frame may be masked (tests, bench, the Rust client).
     Client,
 }
 
 /// A close frame's payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseFrame<'a> {
+    /// The status code (validated: see [`is_valid_close_code`]).
     pub code: u16,
+    /// The reason, valid UTF-8, at most 123 bytes.
     pub reason: &'a str,
 }
 
 /// A complete message (data messages reassembled from their fragments) or a control frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message<'a> {
+    /// A whole text message, UTF-8 validated.
     Text(&'a str),
+    /// A whole binary message.
     Binary(&'a [u8]),
+    /// A Ping's payload (at most 125 bytes), to be echoed in a Pong.
     Ping(&'a [u8]),
+    /// A Pong's payload; only proves the peer is alive.
     Pong(&'a [u8]),
     /// `None` when the close frame had no payload.
     Close(Option<CloseFrame<'a>>),
@@ -97,32 +115,51 @@ pub enum Message<'a> {
 /// What the peer did wrong. Each maps to the close code we answer with.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// A client sent an unmasked frame (RFC 6455 §5.1).
     #[error("client frame not masked")]
     UnmaskedFrame,
+    /// A server sent a masked frame (RFC 6455 §5.1).
     #[error("server frame masked")]
     MaskedFrame,
+    /// RSV1-3 set, though no extension was negotiated.
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    /// An opcode RFC 6455 reserves (0x3-0x7, 0xB-0xF).
     #[error("reserved opcode {0:#x}")]
     ReservedOpcode(u8),
+    /// A control frame without FIN: control frames cannot be fragmented.
     #[error("fragmented control frame")]
     FragmentedControl,
+    /// A control frame announcing more than 125 bytes of payload.
     #[error("control frame payload over 125 bytes")]
     OversizedControl,
+    /// A continuation frame with no fragmented message in progress.
     #[error("continuation frame without a message in progress")]
     UnexpectedContinuation,
+    /// A new Text or Binary frame while a fragmented message is unfinished.
     #[error("new data frame while a fragmented message is in progress")]
     ExpectedContinuation,
+    /// Text (or a close reason) that is not UTF-8; detected at the first bad byte.
     #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
+    /// A close payload of exactly one byte (a code needs two).
     #[error("close frame payload of one byte")]
     InvalidClosePayload,
+    /// A close code that may not be sent on the wire (e.g. 1005, 1006, 1015, < 1000).
     #[error("close code {0} is not allowed on the wire")]
     InvalidCloseCode(u16),
+    /// A 64-bit length with its most significant bit set.
     #[error("64-bit payload length with the most significant bit set")]
     LengthOverflow,
     #[error("message of {size} bytes exceeds the limit of {limit}")]
-    MessageTooLarge { size: u64, limit: usize },
+    /// The message (all fragments so far plus this frame's declared length) is over the
+    /// limit; raised from the header, before the payload arrives.
+    MessageTooLarge {
+        /// Bytes the message would have.
+        size: u64,
+        /// The limit it broke (`limits.max_message_size`).
+        limit: usize,
+    },
 }
 
 impl FrameError {
@@ -143,13 +180,27 @@ pub struct Decoder {
     /// Boxed so an idle decoder is two words and owns no heap memory; `Some` only while a
     /// fragmented message is in flight.
     assembly: Option<Box<Assembly>>,
+    /// Fail-fast state for the text frame at the front of the caller's buffer while its payload
+    /// has only partly arrived; `None` once it completes (see [`Decoder::check_partial_text`]).
+    partial: Option<PartialText>,
+}
+
+/// How far the payload of an incomplete text frame has been validated, and the unfinished
+/// character (if any) its validated part ends with.
+#[derive(Debug)]
+struct PartialText {
+    /// Payload bytes validated so far (a frame longer than `u32::MAX` is not checked early).
+    checked: u32,
+    carry: Utf8Carry,
 }
 
 impl Decoder {
+    /// A decoder for `role` with nothing in progress (no heap memory until a message is fragmented).
     pub fn new(role: Role) -> Self {
         Self {
             role,
             assembly: None,
+            partial: None,
         }
     }
 
@@ -170,8 +221,10 @@ impl Decoder {
         while let Some(header) = self.parse_header(&buf[consumed..], max_message)? {
             let frame_end = consumed.saturating_add(header.frame_len());
             let Some(frame) = buf.get_mut(consumed..frame_end) else {
+                self.check_partial_text(&header, &buf[consumed..])?;
                 break;
             };
+            self.partial = None;
             consumed = frame_end;
             let payload = &mut frame[header.header_len..];
             if let Some(mask) = header.mask {
@@ -237,6 +290,45 @@ impl Decoder {
             header_len,
             payload_len,
         }))
+    }
+
+    /// Validates the UTF-8 of a text frame (or a continuation of a text message) whose payload
+    /// has only partly arrived, so that invalid text fails the connection as soon as the bad
+    /// byte is received, not when the frame completes (RFC 6455 §8.1; Autobahn 6.4.3/6.4.4).
+    /// Each payload byte is checked once here, from where the previous call stopped; `frame`
+    /// (the header and the received part of the payload) is not modified.
+    fn check_partial_text(&mut self, header: &FrameHeader, frame: &[u8]) -> Result<(), FrameError> {
+        let seed = match (header.opcode, self.assembly.as_deref()) {
+            (OpCode::Text, _) => Utf8Carry::default(),
+            (OpCode::Continuation, Some(Assembly::Text { carry, .. })) => carry.clone(),
+            _ => return Ok(()),
+        };
+        let Some(payload) = frame.get(header.header_len..) else {
+            return Ok(());
+        };
+        let Ok(received) = u32::try_from(payload.len()) else {
+            return Ok(());
+        };
+        let state = self.partial.get_or_insert(PartialText {
+            checked: 0,
+            carry: seed,
+        });
+        let start = state.checked as usize;
+        let mut scratch = [0; UTF8_CARRY_MAX + PARTIAL_CHUNK_BYTES];
+        for (i, chunk) in payload[start..].chunks(PARTIAL_CHUNK_BYTES).enumerate() {
+            let held = state.carry.len();
+            scratch[..held].copy_from_slice(&state.carry.bytes[..held]);
+            let offset = start + i * PARTIAL_CHUNK_BYTES;
+            let dst = &mut scratch[held..held + chunk.len()];
+            for (j, (d, s)) in dst.iter_mut().zip(chunk).enumerate() {
+                *d = s ^ header.mask.map_or(0, |k| k[(offset + j) % MASK_KEY_BYTES]);
+            }
+            state
+                .carry
+                .hold_unfinished(&scratch[..held + chunk.len()])?;
+        }
+        state.checked = received;
+        Ok(())
     }
 
     /// The checks the first two header bytes are enough for; returns the opcode.
@@ -543,7 +635,7 @@ fn push_text(text: &mut String, carry: &mut Utf8Carry, fragment: &[u8]) -> Resul
 
 /// Up to 3 bytes that begin a valid UTF-8 sequence whose remaining bytes are in the next
 /// fragment.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Utf8Carry {
     bytes: [u8; UTF8_CARRY_MAX],
     len: u8,
@@ -576,6 +668,25 @@ impl Utf8Carry {
         seq[held..held + take].copy_from_slice(head);
         self.settle(text, &seq[..held + take])?;
         Ok(rest)
+    }
+
+    /// Validates `bytes` (the carried bytes first) without keeping them; keeps an unfinished
+    /// character at the end in the carry. Fails if `bytes` can never become valid.
+    fn hold_unfinished(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        match simdutf8::compat::from_utf8(bytes) {
+            Ok(_) => {
+                self.len = 0;
+                Ok(())
+            }
+            Err(e) if e.error_len().is_none() => {
+                let tail = &bytes[e.valid_up_to()..];
+                assert!(tail.len() <= UTF8_CARRY_MAX, "an unfinished character");
+                self.bytes[..tail.len()].copy_from_slice(tail);
+                self.len = tail.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(FrameError::InvalidUtf8),
+        }
     }
 
     /// Appends `seq` to `text` if it is complete, keeps it if it is the valid start of a
@@ -1031,7 +1142,8 @@ mod tests {
 
     #[test]
     fn decoder_is_heap_free_when_idle() {
-        assert!(std::mem::size_of::<Decoder>() <= 16);
+        // The role, the boxed assembly and the 8-byte fail-fast state of a partial text frame.
+        assert!(std::mem::size_of::<Decoder>() <= 24);
         let mut decoder = Decoder::new(Role::Server);
         assert!(decoder.assembly.is_none());
         let stream = concat(&[
@@ -1366,6 +1478,78 @@ mod tests {
                 decode_err(Role::Server, &stream),
                 FrameError::InvalidUtf8,
                 "{fragments:02x?}"
+            );
+        }
+    }
+
+    /// Feeds `stream` in growing prefixes (as a socket would deliver it), each call getting the
+    /// unconsumed rest plus the next `step` bytes; returns the first error and the stream
+    /// length received when it happened.
+    fn feed_in_steps(stream: &[u8], step: usize) -> Result<Vec<Owned>, (FrameError, usize)> {
+        let mut decoder = Decoder::new(Role::Server);
+        let mut messages = Vec::new();
+        let mut start = 0;
+        let mut end = 0;
+        while end < stream.len() {
+            end = (end + step).min(stream.len());
+            let (consumed, got) =
+                feed(&mut decoder, &stream[start..end], MAX).map_err(|e| (e, end))?;
+            messages.extend(got);
+            start += consumed;
+        }
+        Ok(messages)
+    }
+
+    #[test]
+    fn invalid_utf8_fails_before_its_frame_completes() {
+        // A single text frame: valid text, then a byte that can never be UTF-8, then more.
+        let payload = [b"\xCE\xBA\xE1\xBD\xB9".as_slice(), b"\xFF", &[b'a'; 5000]].concat();
+        let stream = masked(OpCode::Text, true, &payload);
+        let header = stream.len() - payload.len();
+        // The bad byte is at payload offset 5: it fails with exactly that byte received.
+        for step in [1, 3, 7] {
+            let (err, received) = feed_in_steps(&stream, step).unwrap_err();
+            assert_eq!(err, FrameError::InvalidUtf8);
+            assert!(
+                received >= header + 6 && received < header + 6 + step,
+                "{received}"
+            );
+        }
+        // In a continuation of a text message, with a character carried from the frame before.
+        let first = masked(OpCode::Text, false, b"a\xE2");
+        let cont = masked(
+            OpCode::Continuation,
+            true,
+            &[b"\x82\xAC".as_slice(), &[b'b'; 5000]].concat(),
+        );
+        let bad = masked(
+            OpCode::Continuation,
+            true,
+            &[b"\x41".as_slice(), &[b'b'; 5000]].concat(),
+        );
+        let ok = feed_in_steps(&concat(&[first.clone(), cont]), 2).unwrap();
+        assert_eq!(ok.len(), 1);
+        let stream = concat(&[first.clone(), bad]);
+        let (err, received) = feed_in_steps(&stream, 1).unwrap_err();
+        assert_eq!(err, FrameError::InvalidUtf8);
+        assert!(received < first.len() + 10, "{received}");
+    }
+
+    #[test]
+    fn valid_text_in_any_chops_is_accepted() {
+        let message = "aé€🦀z".repeat(1500);
+        let stream = concat(&[
+            masked(OpCode::Text, false, &message.as_bytes()[..4001]),
+            masked(OpCode::Ping, true, b"p"),
+            masked(OpCode::Continuation, true, &message.as_bytes()[4001..]),
+            masked(OpCode::Text, true, message.as_bytes()),
+        ]);
+        for step in [1, 2, 3, 5, 4099, stream.len()] {
+            let messages = feed_in_steps(&stream, step).expect("valid stream");
+            assert_eq!(
+                messages,
+                vec![Owned::Ping(b"p".to_vec()), text(&message), text(&message)],
+                "step {step}"
             );
         }
     }

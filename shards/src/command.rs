@@ -28,8 +28,10 @@ pub enum CommandError {
     /// No live connection has this id (never had, or has gone).
     #[error("no such connection")]
     UnknownConnection,
+    /// The topic is empty, too long or has characters topics may not have.
     #[error("invalid topic: {0}")]
     InvalidTopic(&'static str),
+    /// The event is not a JSON object with a string `t`, or is over the size limit.
     #[error("invalid event: {0}")]
     InvalidEvent(&'static str),
     /// Close codes the application may send: 1000, or 3000..=4999.
@@ -71,6 +73,7 @@ pub struct SendOutcome {
 /// A subscription the application makes for a connection.
 #[derive(Debug, Default, Clone)]
 pub struct AppSubscribe {
+    /// Topics to subscribe to (each checked as a client's would be).
     pub topics: Vec<String>,
     /// Presence data (JSON text) when presence is on; `{}` when absent.
     pub presence: Option<Bytes>,
@@ -85,7 +88,9 @@ pub struct AppSubscribe {
 /// What a subscription did, topic by topic (as the client acknowledgement reports it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubscribeOutcome {
+    /// Topics now subscribed (including ones the connection was already on).
     pub success_topics: Vec<String>,
+    /// Topics refused, each with the reason the client acknowledgement gives.
     pub failed_topics: Vec<FailedTopic>,
     /// Per topic a recovery was asked for.
     pub recovery: Vec<(String, RecoveryInfo)>,
@@ -94,7 +99,9 @@ pub struct SubscribeOutcome {
 /// One live connection, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionInfo {
+    /// The connection's id (its first byte is the shard).
     pub id: ConnId,
+    /// Its user: the token's `sub`, or the connection id when authentication is off.
     pub user_id: String,
     /// Topics it is subscribed to.
     pub topics: usize,
@@ -116,74 +123,105 @@ type Reply<T> = Responder<Result<T, CommandError>>;
 pub enum Command {
     /// Queue `payload` to `conn` (under the outbound cap). Answer: the outcome.
     Send {
+        /// The target connection.
         conn: ConnId,
+        /// The frame to queue.
         payload: Payload,
+        /// Answered with the outcome, or why nothing was queued.
         reply: Reply<SendOutcome>,
     },
     /// Queue `payload` to every local connection of `user`. Answer: how many got it (duplicates
     /// excluded).
     SendUser {
+        /// The user id (JWT `sub`) whose connections get it.
         user: Arc<str>,
+        /// The frame to queue to each.
         payload: Payload,
+        /// Answered with how many connections got it.
         reply: Responder<usize>,
     },
     /// Close `conn` with `code` and `reason`.
     Disconnect {
+        /// The connection to close.
         conn: ConnId,
+        /// Close code: 1000 or 3000..=4999 (checked before the command is sent).
         code: u16,
+        /// Close reason, cut to fit a control frame.
         reason: Box<str>,
+        /// Answered once the close frame is queued.
         reply: Reply<()>,
     },
     /// Subscribe `conn` (its subscribe ACL and limits apply, as to a client request); answered
     /// once the topics' owners have (as a client acknowledgement would be), not sent to the
     /// client.
     Subscribe {
+        /// The connection to subscribe.
         conn: ConnId,
+        /// Topics, presence data, queue group and recovery positions.
         request: Box<AppSubscribe>,
+        /// Answered per topic, once every owner has confirmed.
         reply: Reply<SubscribeOutcome>,
     },
     /// Unsubscribe `conn` from `topics` (every topic when `None`). Answer: the topics it left.
     Unsubscribe {
+        /// The connection to unsubscribe.
         conn: ConnId,
+        /// The topics to leave; `None` leaves all.
         topics: Option<Vec<String>>,
+        /// Answered with the topics actually left.
         reply: Reply<Vec<String>>,
     },
     /// Replace `conn`'s subscribe ACL; subscriptions the new ACL refuses are dropped. Answer:
     /// the topics dropped.
     SetAcl {
+        /// The connection whose rights change.
         conn: ConnId,
+        /// Topic globs it may subscribe to; `None` allows every topic.
         allow: Option<Vec<String>>,
+        /// Topic globs it may not subscribe to (deny wins over allow).
         deny: Vec<String>,
+        /// Answered with the subscriptions dropped because the new ACL refuses them.
         reply: Reply<Vec<String>>,
     },
     /// The shard's live connections.
     ListConnections {
+        /// Answered with this shard's live connections.
         reply: Responder<Vec<ConnectionInfo>>,
     },
     /// The shard's subscribers of `topic` (queue-group members included), and its members of
     /// each of the topic's queue groups.
     SubscriberCount {
+        /// The topic to count.
         topic: Arc<str>,
+        /// Answered with this shard's figures (the caller sums the shards).
         reply: Responder<TopicSubscribers>,
     },
     /// Queue `frame` (a complete WebSocket frame) to every live WSE connection of the shard.
     /// Answer: how many.
     BroadcastAll {
+        /// A complete WebSocket frame, shared by every connection it goes to.
         frame: Bytes,
+        /// Answered with how many connections it was queued to.
         reply: Responder<usize>,
     },
     /// Stop accepting and close every connection with `close_code`; the shard exits once its
     /// connections are gone or `timeout` has passed.
     Drain {
+        /// The close code every connection gets.
         close_code: u16,
+        /// The close reason every connection gets.
         reason: Arc<str>,
+        /// How long connections may take to go before the shard exits anyway.
         timeout: Duration,
+        /// Answered when the drain has started.
         reply: Responder<()>,
     },
     /// Up to `max` application events: at once if the shard has some, else as soon as it has
     /// (the request waits in the shard). One request per shard at a time.
     TakeEvents {
+        /// At most this many events in one answer.
         max: usize,
+        /// Answered with the events, oldest first.
         reply: Responder<Vec<AppEvent>>,
     },
 }
@@ -193,9 +231,13 @@ pub enum Command {
 /// followed by any other fields the event had (in key order).
 #[derive(Debug)]
 pub struct OutboundEvent {
+    /// The envelope's `c` (category); `U` when the application gave none.
     pub c: String,
+    /// The event type, `t`.
     pub t: String,
+    /// The payload, `p`, as JSON text.
     pub p: Box<RawValue>,
+    /// The event id: the application's, or a fresh UUIDv7 (send dedup keys on it).
     pub id: String,
     extra: serde_json::Map<String, serde_json::Value>,
 }

@@ -64,14 +64,23 @@ pub const RESTART_KEYS: [&str; 18] = [
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// `[server]`: listen address, cores, connection cap.
     pub server: ServerConfig,
+    /// `[limits]`: sizes, queue caps and timeouts that bound what a client can cost.
     pub limits: LimitsConfig,
+    /// `[protocol]`: ping interval, idle timeout, rate limits, compression.
     pub protocol: ProtocolConfig,
+    /// `[auth]`: JWT verification and default rights.
     pub auth: AuthConfig,
+    /// `[recovery]`: the per-topic publication history for reconnecting clients.
     pub recovery: RecoveryConfig,
+    /// `[presence]`: per-topic member tracking.
     pub presence: PresenceConfig,
+    /// `[control]`: the HTTP control listener (server API, health, metrics).
     pub control: ControlConfig,
+    /// `[events]`: how application events reach the backend (event stream or webhook).
     pub events: EventsConfig,
+    /// `[log]`: log level and the refusal summary interval.
     pub log: LogConfig,
 }
 
@@ -211,9 +220,12 @@ impl Default for ProtocolConfig {
 /// JWT algorithms accepted; the algorithm is pinned here, never taken from the token header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with the shared `secret`.
     #[default]
     HS256,
+    /// RSA PKCS#1 v1.5 SHA-256, verified with the `public_key` PEM.
     RS256,
+    /// ECDSA P-256 SHA-256, verified with the `public_key` PEM.
     ES256,
 }
 
@@ -224,6 +236,7 @@ pub struct AuthConfig {
     /// Require a valid JWT on every connection. Off: connections are anonymous (user id =
     /// connection id), which is only fit for development.
     pub enabled: bool,
+    /// The one algorithm tokens must use; a token announcing another is refused.
     pub algorithm: JwtAlgorithm,
     /// HS256 shared secret, at least 32 bytes.
     pub secret: Option<String>,
@@ -464,7 +477,9 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {problem}")]
 pub struct ConfigError {
+    /// The config key at fault, as written in wse.toml (e.g. `auth.secret`).
     pub key: &'static str,
+    /// What is wrong with its value, for the operator.
     pub problem: String,
 }
 

@@ -55,15 +55,18 @@ pub const REFUSED_LINGERING_MAX_PER_SHARD: usize = 256;
 pub struct ConnId(NonZeroU64);
 
 impl ConnId {
+    /// Packs the three parts; the serial is cut to 24 bits and raised to 1 if 0.
     pub fn new(shard: usize, serial: u32, key: u32) -> Self {
         debug_assert!(shard < 256);
         let serial = u64::from(serial & 0xff_ffff).max(1);
         let v = ((shard as u64) << 56) | (serial << 32) | u64::from(key);
         Self(NonZeroU64::new(v).expect("serial is at least 1"))
     }
+    /// The shard that serves the connection (commands are routed by it).
     pub fn shard(self) -> usize {
         (self.0.get() >> 56) as usize
     }
+    /// The connection's slot in its shard's slab.
     pub fn key(self) -> u32 {
         self.0.get() as u32
     }
@@ -98,7 +101,9 @@ pub enum ConnEvent {
     /// claims (JSON) when authentication is on. (Events carry the user: the session may be
     /// gone by the time the shard handles them, when the same read also closed it.)
     Connected {
+        /// The user id (JWT `sub`, or the connection id when authentication is off).
         user: Box<str>,
+        /// The verified token's claims as JSON, for the `auth_connect` event.
         claims: Option<Bytes>,
     },
     /// Subscribe to `topics` (already validated and permitted; may include topics it is already
@@ -106,48 +111,66 @@ pub enum ConnEvent {
     Subscribe(SubscribeRequest),
     /// New presence data (a JSON text) for every topic of the connection.
     PresenceUpdate {
+        /// The presence data, JSON text, already size-checked.
         data: Bytes,
     },
+    /// Leave `topics` (ones the connection is not on are ignored).
     Unsubscribe {
+        /// The topics to leave, as the client named them.
         topics: Vec<String>,
     },
     /// Publish `body` (a complete publication frame text) to `topic`.
     Publish {
+        /// The topic, validated and permitted by the publish ACL.
         topic: String,
+        /// The publication frame text.
         body: Bytes,
+        /// The client asked for a `publish_ack` once the owner has sequenced it.
         ack: bool,
     },
     /// An application message (its JSON) for the event stream.
     App {
+        /// Whose message it is.
         user: Box<str>,
+        /// The message as JSON (after `C:`/`M:` decoding).
         payload: Bytes,
     },
     /// A message that is not JSON (text, or binary without a known encoding), for the event
     /// stream.
     Unparsed {
+        /// Whose message it is.
         user: Box<str>,
+        /// It came in a binary frame (the event then carries it base64-encoded).
         binary: bool,
+        /// The frame's payload, verbatim.
         payload: Bytes,
     },
     /// The connection left the live phase: it is no longer subscribed to `subs` (handed over
     /// here because the session that held them is gone).
     Left {
+        /// The topics it was on; the shard tells their owners it left.
         subs: Vec<Arc<str>>,
+        /// Whose session it was (for presence).
         user: Box<str>,
     },
 }
 
 /// A live session as the shard sees it: who, and which topics it is on (or recovering).
 pub struct SessionMut<'a> {
+    /// The session's user id.
     pub user: &'a str,
+    /// Topics the connection is subscribed to.
     pub subs: &'a mut Vec<Arc<str>>,
+    /// Topics whose recovery replay is still in flight (live frames for them are held back).
     pub recovering: &'a mut Vec<Arc<str>>,
 }
 
 /// A subscription request, checked by the connection (topic syntax, ACL, data size).
 #[derive(Debug, Default)]
 pub struct SubscribeRequest {
+    /// Topics to subscribe to (validated and permitted).
     pub topics: Vec<String>,
+    /// Topics refused by the connection, with their reason, for the acknowledgement.
     pub failed: Vec<FailedTopic>,
     /// Topics to recover: (topic, the client's epoch if it parsed, its inclusive last offset).
     pub recover: Vec<(String, Option<u32>, u64)>,
@@ -159,13 +182,21 @@ pub struct SubscribeRequest {
 
 /// What a connection may use while handling input; borrowed from its shard for one call.
 pub struct Cx<'a> {
+    /// The shard's clock for this turn (one read per turn).
     pub clock: Clock,
+    /// The configuration in force (replaced on reload).
     pub cfg: &'a Config,
+    /// The rate-limit settings every connection's bucket uses.
     pub rate: &'a RateLimits,
+    /// The JWT verifier; `None` when authentication is off.
     pub auth: Option<&'a Authenticator>,
+    /// The publish rights of a token without a `wse_publish` claim.
     pub default_publish: &'a Acl,
+    /// The server-wide connection budget (`server.max_connections`).
     pub admission: &'a Admission,
+    /// The shard's counters.
     pub metrics: &'a ShardMetrics,
+    /// Where the connection puts what it asks of the shard, handled after the call.
     pub events: &'a mut Vec<ConnEvent>,
     /// This tick's ping frame, built by the first connection that needs it.
     pub ping: &'a mut Option<Bytes>,
@@ -203,6 +234,7 @@ pub struct OutQueue {
 }
 
 impl OutQueue {
+    /// Queues a whole frame at the back.
     pub fn push(&mut self, frame: Bytes) {
         self.back_is_pong = false;
         self.bytes += frame.len();
@@ -228,6 +260,7 @@ impl OutQueue {
     pub fn over(&self, max: usize) -> bool {
         self.bytes > max + self.allowance
     }
+    /// Nothing left to write.
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
@@ -235,6 +268,7 @@ impl OutQueue {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// Frames queued (the one being written included).
     pub fn frames(&self) -> usize {
         self.frames.len()
     }
@@ -336,11 +370,15 @@ enum Next {
     Evict,
 }
 
+/// One client connection, sans-IO: bytes in through the `handle_*` methods, frames out in
+/// [`Conn::out`], requests to the shard in [`Cx::events`]. Phases: handshake, live (WSE or
+/// echo), closing, closed.
 pub struct Conn {
     id: ConnId,
     phase: Phase,
     /// Bytes of an incomplete request or frame, kept until more arrive; no heap when empty.
     inbuf: Vec<u8>,
+    /// Frames waiting to be written; the shard writes them and evicts the connection past the cap.
     pub out: OutQueue,
     accepted_at: Instant,
     last_rx: Instant,
@@ -352,6 +390,7 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection accepted at `now`, waiting for its HTTP upgrade request.
     pub fn new(id: ConnId, now: Instant) -> Self {
         Self {
             id,
@@ -366,10 +405,12 @@ impl Conn {
         }
     }
 
+    /// The connection's server-wide id.
     pub fn id(&self) -> ConnId {
         self.id
     }
 
+    /// The session's user id; `None` until the WSE session is live.
     pub fn user_id(&self) -> Option<&str> {
         match &self.phase {
             Phase::Live { session, .. } => Some(&session.identity.user_id),
@@ -377,10 +418,12 @@ impl Conn {
         }
     }
 
+    /// Still waiting for (or reading) its HTTP upgrade request.
     pub fn is_handshaking(&self) -> bool {
         matches!(self.phase, Phase::Handshake)
     }
 
+    /// In the live phase: a WSE session or the echo route, exchanging messages.
     pub fn is_live(&self) -> bool {
         matches!(self.phase, Phase::Live { .. })
     }
@@ -390,6 +433,7 @@ impl Conn {
         matches!(self.phase, Phase::Closed { .. }) && self.out.is_empty()
     }
 
+    /// Closed: no more input is read; what is queued may still be written.
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed { .. })
     }

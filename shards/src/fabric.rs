@@ -33,24 +33,41 @@ pub enum FabricMsg {
     /// sequence and fan out. `body` is the JSON frame text without recovery stamps. `ack` names
     /// the connection waiting for a `publish_ack`. Lost: the publication never happens.
     Publish {
+        /// The topic to publish to.
         topic: Arc<str>,
+        /// The frame text, unstamped.
         body: Bytes,
+        /// The connection waiting for a `publish_ack`, if any.
         ack: Option<ConnId>,
     },
     /// Owner → a shard with plain subscribers: a sequenced publication, framed once. Lost: those
     /// subscribers miss one message (counted as a drop).
-    Deliver { topic: Arc<str>, frame: Bytes },
+    Deliver {
+        /// The topic the frame belongs to; the receiving shard fans it out to its subscribers.
+        topic: Arc<str>,
+        /// The complete WebSocket frame, shared by every local subscriber.
+        frame: Bytes,
+    },
     /// Owner → the shard it picked for one queue group of the topic: a sequenced publication
     /// (without recovery stamps) for ONE local member of `group`, picked there. Lost: the group
     /// misses one message (counted as a drop; groups are at most once).
-    DeliverGroup { group: Arc<GroupName>, frame: Bytes },
+    DeliverGroup {
+        /// The (topic, group) pair; the receiving shard picks one local member of it.
+        group: Arc<GroupName>,
+        /// The complete WebSocket frame, without recovery stamps.
+        frame: Bytes,
+    },
     /// Owner → the publisher's shard: the publication `offset` of `topic` was sequenced (in
     /// history `epoch` when recovery is on); send the `publish_ack` to `conn`. Lost: the client
     /// waits for an ack that never comes.
     PublishAcked {
+        /// The connection that asked for the ack.
         conn: ConnId,
+        /// The topic it published to.
         topic: Arc<str>,
+        /// The offset the owner gave the publication.
         offset: u64,
+        /// The topic's history epoch, when recovery is on.
         epoch: Option<u32>,
     },
     /// A shard → the topic's owner: a connection subscribes and needs the owner — to register
@@ -68,11 +85,17 @@ pub enum FabricMsg {
     /// `group_members` left. Lost: the owner keeps sending to the shard (which discards or
     /// gives the publication to another member), or a presence member stays.
     Leave {
+        /// The topic left.
         topic: Arc<str>,
+        /// The shard the connection was on.
         shard: u16,
+        /// It was the shard's last plain subscriber: stop sending it the topic.
         interest_off: bool,
+        /// Members of `group` the shard has left (absolute, not a decrement).
         group_members: u32,
+        /// The user leaving the topic's presence, if it was a member.
         user: Option<Box<str>>,
+        /// The queue group left, if any.
         group: Option<Arc<str>>,
     },
     /// A shard → the topic's owner: a member's new presence data. Lost: the update is not seen.
@@ -90,14 +113,20 @@ pub enum FabricMsg {
     Command(Box<Command>),
     /// A shard over its connection budget → the least loaded shard: a freshly accepted socket
     /// (no byte read yet) for it to serve. Lost: the socket is closed; the client reconnects.
-    Adopt { fd: OwnedFd },
+    Adopt {
+        /// The accepted socket; the receiving shard owns and closes it.
+        fd: OwnedFd,
+    },
 }
 
 /// See [`FabricMsg::Join`].
 #[derive(Debug)]
 pub struct JoinRequest {
+    /// The topic to join.
     pub topic: Arc<str>,
+    /// The requesting shard (where `Joined` goes).
     pub shard: u16,
+    /// The connection subscribing.
     pub conn: ConnId,
     /// The subscribe request this belongs to (per requesting shard).
     pub request: u64,
@@ -115,11 +144,15 @@ pub struct JoinRequest {
 /// See [`FabricMsg::Joined`].
 #[derive(Debug)]
 pub struct JoinReply {
+    /// The topic joined.
     pub topic: Arc<str>,
+    /// The connection that subscribed.
     pub conn: ConnId,
+    /// The request id from the [`JoinRequest`].
     pub request: u64,
     /// This reply confirms the shard's interest.
     pub interest: bool,
+    /// Where the replay started and whether it covered the gap, when recovery was asked for.
     pub recovery: Option<RecoveryInfo>,
     /// The replayed frames, concatenated.
     pub frames: Bytes,
@@ -134,8 +167,11 @@ pub struct JoinReply {
 /// See [`FabricMsg::PresenceUpdate`].
 #[derive(Debug)]
 pub struct PresenceUpdate {
+    /// The topic whose presence changes.
     pub topic: Arc<str>,
+    /// The member whose data changes.
     pub user: Box<str>,
+    /// The new data, JSON text.
     pub data: Bytes,
 }
 
@@ -143,9 +179,15 @@ pub struct PresenceUpdate {
 #[derive(Debug)]
 pub enum QueryKind {
     /// The topic's presence members.
-    Presence { topic: Arc<str> },
+    Presence {
+        /// The topic asked about.
+        topic: Arc<str>,
+    },
     /// The topic's presence totals.
-    PresenceStats { topic: Arc<str> },
+    PresenceStats {
+        /// The topic asked about.
+        topic: Arc<str>,
+    },
 }
 
 /// An answer from a topic's owner.
@@ -162,7 +204,9 @@ pub enum QueryAnswer {
 /// See [`FabricMsg::Query`].
 #[derive(Debug)]
 pub struct Query {
+    /// What is asked.
     pub kind: QueryKind,
+    /// Where the owner puts the answer.
     pub reply: Arc<ReplySlot<QueryAnswer>>,
 }
 
@@ -173,6 +217,7 @@ pub struct ReplySlot<T> {
 }
 
 impl<T> ReplySlot<T> {
+    /// An empty slot, shared by the asker and the shard that answers.
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             state: std::sync::Mutex::new((None, None)),
@@ -257,6 +302,7 @@ pub struct Doorbells {
 }
 
 impl Doorbells {
+    /// One doorbell slot per participant, each empty until its runtime registers.
     pub fn new(participants: usize) -> Arc<Self> {
         Arc::new(Self {
             slots: (0..participants).map(|_| OnceLock::new()).collect(),
@@ -266,11 +312,13 @@ impl Doorbells {
     pub fn register(&self, id: usize, waker: Waker) {
         let _ = self.slots[id].set(waker);
     }
+    /// Wakes participant `id`'s runtime (a syscall only if it is parked); a no-op before it registers.
     pub fn ring(&self, id: usize) {
         if let Some(w) = self.slots[id].get() {
             w.wake_by_ref();
         }
     }
+    /// Whether participant `id` has registered its waker (its runtime has started).
     pub fn is_registered(&self, id: usize) -> bool {
         self.slots[id].get().is_some()
     }
@@ -326,16 +374,19 @@ pub fn grid(participants: usize, capacity: usize, overflow_max: usize) -> Vec<En
 /// What [`Endpoint::send`] did with an entry.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sent {
+    /// In the ring, or in the overflow deque behind it.
     Queued,
     /// Dropped: the destination's overflow is full.
     Dropped,
 }
 
 impl Endpoint {
+    /// This participant's index in the grid.
     pub fn id(&self) -> usize {
         self.me
     }
 
+    /// Every participant's doorbell, to wake a destination after sending.
     pub fn doorbells(&self) -> &Arc<Doorbells> {
         &self.doorbells
     }

@@ -106,9 +106,12 @@ pub enum Outcome {
     /// A valid upgrade; `consumed` bytes belong to the request, the rest are WebSocket frames
     /// the client pipelined after it.
     Upgrade {
+        /// The parsed request: path, query, headers the server reads.
         request: UpgradeRequest,
+        /// Bytes of the buffer the request took.
         consumed: usize,
     },
+    /// Not an acceptable upgrade: answer with this HTTP status and close.
     Reject(Reject),
 }
 

@@ -62,6 +62,7 @@ impl AppEventKind {
 /// One application event.
 #[derive(Clone, Debug)]
 pub struct AppEvent {
+    /// What happened (the event's `type`).
     pub kind: AppEventKind,
     /// The shard that produced it: the connection's, or the topic owner's for presence.
     pub shard: u16,

@@ -12,6 +12,7 @@
 //!
 //! Everything below `runtime` is sans-IO: bytes and a clock in, bytes and events out.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod accept;
 pub mod alarms;
@@ -24,6 +25,7 @@ pub mod fabric;
 pub mod handshake;
 pub mod inbound;
 pub mod metrics;
+pub mod msgpack_json;
 pub mod presence;
 pub mod protocol;
 pub mod queue_groups;

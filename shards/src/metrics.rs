@@ -25,6 +25,7 @@ impl Counter {
             Ordering::Relaxed,
         );
     }
+    /// Adds 1. Only the owning shard may call this.
     #[inline]
     pub fn inc(&self) {
         self.add(1);
@@ -34,6 +35,7 @@ impl Counter {
     pub fn set(&self, v: u64) {
         self.0.store(v, Ordering::Relaxed);
     }
+    /// The current value; any thread may read it.
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -65,6 +67,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, in the order of [`ShardMetrics::dropped`]'s slots.
     pub const ALL: [DropReason; 8] = [
         DropReason::SlowConsumer,
         DropReason::FabricOverflow,
@@ -75,6 +78,7 @@ impl DropReason {
         DropReason::ReplayOverBudget,
         DropReason::JsonTooDeep,
     ];
+    /// The `reason` label value in `wse_dropped_total`.
     pub fn label(self) -> &'static str {
         match self {
             DropReason::SlowConsumer => "slow_consumer",
@@ -105,6 +109,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every reason, in the order of [`ShardMetrics::rejected`]'s slots.
     pub const ALL: [RejectReason; 5] = [
         RejectReason::MaxConnections,
         RejectReason::PendingHandshakes,
@@ -112,6 +117,7 @@ impl RejectReason {
         RejectReason::HandshakeTimeout,
         RejectReason::FdLimit,
     ];
+    /// The `reason` label value in `wse_rejected_total`.
     pub fn label(self) -> &'static str {
         match self {
             RejectReason::MaxConnections => "max_connections",
@@ -138,11 +144,14 @@ pub const HANDSHAKE_BUCKETS: [f64; 14] = [
 pub struct Histogram {
     /// Non-cumulative counts; the last slot is +Inf.
     pub buckets: [Counter; HANDSHAKE_BUCKETS.len() + 1],
+    /// Sum of the observed durations, in microseconds.
     pub sum_micros: Counter,
+    /// How many durations were observed.
     pub count: Counter,
 }
 
 impl Histogram {
+    /// Records one duration in its bucket, the sum and the count.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = HANDSHAKE_BUCKETS
@@ -167,18 +176,23 @@ pub struct ShardMetrics {
     pub handed_off_total: Counter,
     /// Gauge: sockets still in the HTTP upgrade.
     pub handshakes_pending: Counter,
+    /// Sockets accepted by this shard's listener.
     pub connections_accepted_total: Counter,
+    /// Connections released by this shard, whatever the reason.
     pub connections_closed_total: Counter,
     /// Inbound data messages (after reassembly), and their bytes.
     pub messages_in_total: Counter,
+    /// Bytes read from sockets.
     pub bytes_in_total: Counter,
     /// Frames queued to connections (any kind), and bytes written to sockets.
     pub messages_out_total: Counter,
+    /// Bytes written to sockets.
     pub bytes_out_total: Counter,
     /// Topic publications queued to subscribers (one per subscriber per publication).
     pub deliveries_total: Counter,
     /// Publications sequenced by this shard as a topic owner.
     pub publications_total: Counter,
+    /// Connections refused because their token did not verify.
     pub auth_failures_total: Counter,
     /// `auth_failures_total` by why, in [`AuthError::ALL`] order (for the attack summary).
     pub auth_failures: [Counter; AuthError::ALL.len()],
@@ -192,7 +206,9 @@ pub struct ShardMetrics {
     pub fabric_inbound_depth: Counter,
     /// Gauge: entries held back because a destination's queue was full.
     pub fabric_overflow_depth: Counter,
+    /// Drops by [`DropReason`], in [`DropReason::ALL`] order.
     pub dropped: [Counter; DropReason::ALL.len()],
+    /// Refused connection attempts by [`RejectReason`], in [`RejectReason::ALL`] order.
     pub rejected: [Counter; RejectReason::ALL.len()],
     /// By [`COUNTED_CLOSE_CODES`], the last slot for any other code.
     pub closes: [Counter; COUNTED_CLOSE_CODES.len() + 1],
@@ -203,18 +219,21 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
+    /// The counter for `reason`.
     pub fn dropped(&self, reason: DropReason) -> &Counter {
         &self.dropped[DropReason::ALL
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(0)]
     }
+    /// The counter for `reason`.
     pub fn rejected(&self, reason: RejectReason) -> &Counter {
         &self.rejected[RejectReason::ALL
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(0)]
     }
+    /// Counts one connection closed with `code`.
     pub fn closed_with(&self, code: u16) {
         self.closes(code).inc();
     }

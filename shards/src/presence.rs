@@ -26,11 +26,16 @@ pub enum Joined {
     New,
     /// Another connection of a present user; `true` when its data changed (send
     /// `presence_update`).
-    Again { data_changed: bool },
+    Again {
+        /// The new data differs from what the user had (send `presence_update`).
+        data_changed: bool,
+    },
     /// The topic is at `presence.max_members`.
     Full,
 }
 
+/// A topic's presence members on its owner: each user once, with a count of connections and
+/// the latest data.
 #[derive(Debug, Default)]
 pub struct Members {
     members: HashMap<Box<str>, Member>,
@@ -92,10 +97,12 @@ impl Members {
         (self.members.len(), self.connections)
     }
 
+    /// No member left.
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }
 
+    /// Every member: user id and its entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Member)> {
         self.members.iter().map(|(u, m)| (&**u, m))
     }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::{Config, PROTOCOL_VERSION, TOPIC_LEN_MAX};
+use crate::msgpack_json::{TranscodeError, msgpack_to_json};
 
 /// The server version reported in `server_hello`.
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -28,6 +29,7 @@ pub const JSON_DEPTH_MAX: usize = 64;
 /// The time as the protocol layer needs it: monotonic for deadlines, wall for timestamps.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
+    /// Monotonic time, for deadlines (pings, idle, rate limits).
     pub now: Instant,
     /// Milliseconds since the Unix epoch.
     pub wall_ms: u64,
@@ -82,20 +84,28 @@ pub fn iso8601(wall_ms: u64) -> String {
 /// Why an inbound message could not be understood; sent back as an `error` event.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InboundError {
+    /// Neither JSON nor a known binary encoding.
     #[error("message is not valid JSON")]
     NotJson,
+    /// JSON, but without a string `t`.
     #[error("message has no type ('t')")]
     NoType,
+    /// `C:` data that zlib cannot inflate.
     #[error("compressed message could not be inflated")]
     BadCompression,
+    /// `C:` or `M:` data whose JSON would be over `limits.max_message_size`.
     #[error("message inflates past the size limit")]
     InflatedTooLarge,
+    /// `M:` data that is not MessagePack the server takes (malformed, too deep, `bin`/ext, non-string keys).
     #[error("MessagePack message could not be decoded")]
     BadMsgpack,
+    /// An `E:` (encrypted) frame: encryption is not offered.
     #[error("encrypted frames are not enabled on this server")]
     EncryptionNotEnabled,
+    /// A message of a known type (named) whose `p` has the wrong shape.
     #[error("invalid {0} payload")]
     BadPayload(&'static str),
+    /// Nested deeper than [`JSON_DEPTH_MAX`].
     #[error("message nests arrays and objects deeper than {JSON_DEPTH_MAX} levels")]
     TooDeep,
 }
@@ -128,15 +138,13 @@ pub fn binary_to_json(payload: &[u8], max_len: usize) -> Result<Cow<'_, [u8]>, I
         return Ok(Cow::Owned(out));
     }
     if let Some(m) = payload.strip_prefix(b"M:") {
-        let mut de = rmp_serde::Deserializer::new(m);
-        de.set_max_depth(MSGPACK_DEPTH_MAX);
-        let v = serde_json::Value::deserialize(&mut de).map_err(|_| InboundError::BadMsgpack)?;
-        let json = serde_json::to_vec(&v).map_err(|_| InboundError::BadMsgpack)?;
-        // JSON is up to 6x longer than MessagePack (`\u0001` for a 1-byte char, `null,` for nil).
-        if json.len() > max_len {
-            return Err(InboundError::InflatedTooLarge);
-        }
-        return Ok(Cow::Owned(json));
+        // Straight to JSON text under the cap: JSON is up to 6x longer than MessagePack
+        // (`\u0001` for a 1-byte char, `null,` for nil), and no `Value` tree is built.
+        return match msgpack_to_json(m, max_len, MSGPACK_DEPTH_MAX) {
+            Ok(json) => Ok(Cow::Owned(json)),
+            Err(TranscodeError::TooLarge) => Err(InboundError::InflatedTooLarge),
+            Err(TranscodeError::Invalid) => Err(InboundError::BadMsgpack),
+        };
     }
     if payload.starts_with(b"E:") {
         return Err(InboundError::EncryptionNotEnabled);
@@ -147,40 +155,56 @@ pub fn binary_to_json(payload: &[u8], max_len: usize) -> Result<Cow<'_, [u8]>, I
 /// A parsed client message, borrowing the message bytes.
 #[derive(Debug)]
 pub enum ClientMessage<'a> {
+    /// `client_hello`: answered with `server_hello`.
     Hello {
+        /// The client's protocol version; the answer uses the lower of it and ours.
         protocol_version: u32,
     },
     /// `{"t":"ping","p":{"timestamp":<ms>}}`; the timestamp is echoed verbatim.
     Ping {
+        /// The client's timestamp, echoed in the PONG.
         timestamp: Option<&'a RawValue>,
     },
     /// The client's answer to our ping: activity only.
     Pong,
+    /// `subscription_update` with `action: subscribe`.
     Subscribe(Subscription<'a>),
+    /// `subscription_update` with `action: unsubscribe`.
     Unsubscribe {
+        /// The topics to leave.
         topics: Vec<Cow<'a, str>>,
     },
+    /// `publish`: a publication to a topic, if the connection's publish rights allow it.
     Publish {
+        /// The topic to publish to.
         topic: Cow<'a, str>,
+        /// The event type subscribers get as `t`.
         event: Cow<'a, str>,
+        /// The payload subscribers get as `p`, verbatim.
         data: &'a RawValue,
+        /// Answer with `publish_ack` once the owner has sequenced it.
         ack: bool,
     },
     /// `{"t":"batch","p":{"messages":[...]}}`: each element is a message of its own.
     Batch(Vec<&'a RawValue>),
     /// `{"t":"presence_update","p":{"data":{..}}}`: new presence data for all the user's topics.
     PresenceUpdate {
+        /// The new data, verbatim JSON.
         data: &'a RawValue,
     },
     /// Any other type: an application event for the event stream.
     App {
+        /// The message's type.
         t: Cow<'a, str>,
     },
 }
 
+/// The payload of a subscribe request (protocol.md §3).
 #[derive(Debug, Default)]
 pub struct Subscription<'a> {
+    /// Topics to subscribe to, as sent (validated later, one by one).
     pub topics: Vec<Cow<'a, str>>,
+    /// `recover: true`: replay what was missed from the positions in `recovery`.
     pub recover: bool,
     /// `{"<topic>": {"epoch": "..", "offset": n}}`, passed through to recovery.
     pub recovery: Option<&'a RawValue>,
@@ -492,8 +516,10 @@ pub fn server_ready(connection_id: &str, user_id: &str, recovery: bool, clock: &
                     compression: true,
                     encryption: false,
                     batching: true,
-                    priority_queue: true,
-                    circuit_breaker: true,
+                    // Not implemented here: no priority queue, no server-side circuit breaker
+                    // (protocol.md §2: every flag states what this server really does).
+                    priority_queue: false,
+                    circuit_breaker: false,
                     rust_transport: true,
                     rust_jwt: true,
                     recovery,
@@ -556,7 +582,7 @@ pub fn server_hello(
                 recovery,
                 cluster: false,
                 batching: true,
-                priority_queue: true,
+                priority_queue: false,
                 msgpack: true,
                 encryption: false,
             },
@@ -674,17 +700,22 @@ pub fn rate_limit_warning(current_rate: u32, limit: u32, remaining: u32) -> Vec<
 /// A topic refused in a subscription, with why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FailedTopic {
+    /// The topic as the client sent it.
     pub topic: String,
+    /// Why it was refused (`INVALID_TOPIC`, `ACCESS_DENIED`, `PRESENCE_LIMIT`, ...).
     pub reason: String,
 }
 
 /// Where a topic's history stands for one connection, as the acknowledgement reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryInfo {
+    /// The topic history's epoch; a client's offsets are only meaningful within one epoch.
     pub epoch: u32,
     /// The inclusive last offset the connection has now (replayed or current).
     pub offset: u64,
+    /// The replay covered the whole gap (exactly the missed offsets, in order).
     pub recovered: bool,
+    /// Frames replayed.
     pub count: u32,
 }
 
@@ -830,7 +861,9 @@ pub fn publication(event: &str, data: &RawValue) -> Bytes {
 /// How a per-connection JSON message goes on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wire {
+    /// A text frame of JSON.
     Text,
+    /// A binary frame (`M:` MessagePack, or `C:` zlib over the compression threshold).
     Binary,
 }
 
@@ -901,10 +934,29 @@ mod tests {
         assert_eq!(v["t"], "server_ready");
         assert_eq!(v["p"]["details"]["connection_id"], "c1");
         assert_eq!(v["p"]["details"]["user_id"], "alice");
-        assert_eq!(v["p"]["details"]["features"]["recovery"], false);
+        // Every flag exactly: each states what this server does (protocol.md §2).
+        assert_eq!(
+            v["p"]["details"]["features"],
+            serde_json::json!({"compression": true, "encryption": false, "batching": true,
+                "priority_queue": false, "circuit_breaker": false, "rust_transport": true,
+                "rust_jwt": true, "recovery": false})
+        );
         assert_eq!(v["seq"], 1);
         let text = String::from_utf8(server_ready("c1", "a", false, &clock())).unwrap();
         assert!(text.starts_with(r#"{"c":"WSE","t":"server_ready","p":{"message""#));
+    }
+
+    #[test]
+    fn server_hello_features_are_what_the_server_does() {
+        let cfg = Config::default();
+        let v: serde_json::Value =
+            serde_json::from_slice(&server_hello("c1", 7, true, &cfg, &clock())).unwrap();
+        assert_eq!(v["p"]["protocol_version"], PROTOCOL_VERSION);
+        assert_eq!(
+            v["p"]["features"],
+            serde_json::json!({"compression": true, "recovery": true, "cluster": false,
+                "batching": true, "priority_queue": false, "msgpack": true, "encryption": false})
+        );
     }
 
     #[test]

@@ -72,7 +72,9 @@ pub fn join_refusal(identity: &Identity, group: &str, default: &[String]) -> Opt
 /// clone to each cross-shard delivery (one pointer in the fabric entry instead of two names).
 #[derive(Debug, PartialEq, Eq)]
 pub struct GroupName {
+    /// The topic the group belongs to.
     pub topic: Arc<str>,
+    /// The group's name, as members joined it.
     pub group: Arc<str>,
 }
 
@@ -167,6 +169,7 @@ impl Membership {
         }
     }
 
+    /// The topic has no queue group left.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
     }
@@ -282,6 +285,7 @@ impl LocalGroups {
         self.groups.iter().map(|g| g.members.len()).sum()
     }
 
+    /// No local member in any group of the topic.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
     }

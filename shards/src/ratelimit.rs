@@ -30,9 +30,17 @@ pub enum Verdict {
     /// Process it.
     Allow,
     /// Process it and send `rate_limit_warning` with these figures.
-    AllowAndWarn { remaining: u32, current_rate: u32 },
+    AllowAndWarn {
+        /// Tokens left in the bucket.
+        remaining: u32,
+        /// Messages per second the connection is sending at.
+        current_rate: u32,
+    },
     /// Drop it; send `RATE_LIMITED` when `notify`.
-    Drop { notify: bool },
+    Drop {
+        /// Tell the client (`RATE_LIMITED`): at most one notice a second, not one per drop.
+        notify: bool,
+    },
     /// Drop it and close the connection with 4429: it kept flooding past the limit.
     Abuse,
 }

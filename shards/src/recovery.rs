@@ -60,9 +60,12 @@ pub struct Replay {
     pub recovered: bool,
     /// The frames, concatenated (empty unless `recovered`).
     pub frames: Bytes,
+    /// Frames replayed (`last - from`).
     pub count: u32,
 }
 
+/// One shard's publication history: a ring per recovered topic, carved from one byte log
+/// allocated (and touched) at start, so traffic never makes it grow.
 pub struct History {
     log: Box<[u8]>,
     head: u64,

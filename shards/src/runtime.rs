@@ -69,10 +69,16 @@ impl Transport for Sock {
 
 /// What a shard thread starts with.
 pub struct Boot {
+    /// The shard's index (its connection ids' first byte).
     pub id: usize,
+    /// What every shard shares: the start configuration and verifier, the connection budget, the
+    /// shutdown flag and every shard's metrics.
     pub shared: Arc<Shared>,
+    /// The shard's ends of the fabric grid.
     pub fabric: Endpoint,
+    /// The shard's own SO_REUSEPORT listener, bound by `Server::start`.
     pub listener: socket2::Socket,
+    /// The shard's counters, read by the control plane.
     pub metrics: Arc<ShardMetrics>,
     /// Core to pin to, if any.
     pub core: Option<core_affinity::CoreId>,

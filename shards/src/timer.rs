@@ -19,6 +19,9 @@ pub const SLOTS: usize = 2048;
 /// A tick number since the wheel's start.
 pub type Tick = u64;
 
+/// A hashed timer wheel of connection deadlines (pings, idle, handshake and close timeouts),
+/// ticking every [`TIMER_TICK`]; arming and expiry are O(1), a key can be re-armed freely
+/// (stale entries are skipped on expiry).
 #[derive(Debug)]
 pub struct TimerWheel {
     start: Instant,
@@ -30,6 +33,7 @@ pub struct TimerWheel {
 }
 
 impl TimerWheel {
+    /// An empty wheel whose tick 0 is `start`.
     pub fn new(start: Instant) -> Self {
         Self {
             start,
@@ -86,10 +90,12 @@ impl TimerWheel {
         (self.len > 0).then(|| self.start + TIMER_TICK * self.next_tick as u32)
     }
 
+    /// Entries armed and not yet expired (stale re-armed ones included).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Nothing armed.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -51,15 +51,19 @@ pub fn owner_of(topic: &str, shards: usize) -> usize {
 pub struct ShardSet([u64; SHARDS_MAX / 64]);
 
 impl ShardSet {
+    /// Adds shard `s`.
     pub fn insert(&mut self, s: usize) {
         self.0[s / 64] |= 1 << (s % 64);
     }
+    /// Removes shard `s`.
     pub fn remove(&mut self, s: usize) {
         self.0[s / 64] &= !(1 << (s % 64));
     }
+    /// No shard in the set.
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|w| *w == 0)
     }
+    /// The shards in the set, lowest first.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.0.iter().enumerate().flat_map(|(i, w)| {
             (0..64)
@@ -69,8 +73,11 @@ impl ShardSet {
     }
 }
 
+/// A topic as one shard knows it: its local subscribers, and (on the owner) what the owner
+/// keeps for every shard.
 #[derive(Debug)]
 pub struct Topic {
+    /// The topic's name, shared with fabric entries and connection subscription lists.
     pub name: Arc<str>,
     /// Connections on this shard subscribed to the topic, plain (not in a queue group).
     pub subscribers: IndexSet<ConnKey>,
@@ -86,6 +93,7 @@ pub struct Topic {
     pub published: u64,
     /// Owner only, with recovery: the topic's history ring and its epoch.
     pub ring: Option<RingId>,
+    /// Owner only, with recovery: the history's epoch (changes when the ring is recreated).
     pub epoch: u32,
     /// Owner only, with presence: the topic's members.
     pub presence: Option<Box<Members>>,
@@ -125,6 +133,8 @@ pub struct Delta {
     pub joined_group: Option<(Arc<str>, u32)>,
 }
 
+/// A shard's topic table: the topics with a local subscriber or owned by this shard with
+/// state to keep.
 pub struct Topics {
     me: usize,
     shards: usize,
@@ -132,6 +142,7 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// An empty table for shard `me` of `shards`.
     pub fn new(me: usize, shards: usize) -> Self {
         Self {
             me,
@@ -140,22 +151,27 @@ impl Topics {
         }
     }
 
+    /// The topic, if this shard knows it.
     pub fn get(&self, name: &str) -> Option<&Topic> {
         self.map.get(name)
     }
 
+    /// The topic, mutably, if this shard knows it.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Topic> {
         self.map.get_mut(name)
     }
 
+    /// Topics in the table.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    /// No topic in the table.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
+    /// The shard that owns `name` (sequences its publications, holds its history and presence).
     pub fn owner_of(&self, name: &str) -> usize {
         owner_of(name, self.shards)
     }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Creates the Python venv the wire-compatibility tests use: the published wse-client 2.5.1,
-# unmodified, on Python >= 3.12 (found on PATH or via pyenv), plus the packages of the Python
-# example backend (examples/python-chat/requirements.txt). Idempotent and safe to run
-# concurrently (a lock serialises installs).
+# Creates the Python venv the wire-compatibility tests use: the published wse-client 2.5.1 and
+# the upstream wse-server 2.5.1 (the independent server the Rust client is checked against,
+# run by upstream_server.py), unmodified, on Python >= 3.12 (found on PATH or via pyenv), plus
+# the packages of the Python example backend (examples/python-chat/requirements.txt).
+# Idempotent and safe to run concurrently (a lock serialises installs).
 #   WSE_PY_VENV  where the venv goes (default: <repo>/target/py-venv)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -14,7 +15,7 @@ reqs="$here/../../examples/python-chat/requirements.txt"
 # Up to date when every pinned package is installed at its pin.
 if "$venv/bin/python" - "$reqs" 2>/dev/null <<'PY'; then
 import sys, importlib.metadata as md
-want = {"wse-client": "2.5.1"}
+want = {"wse-client": "2.5.1", "wse-server": "2.5.1"}
 for line in open(sys.argv[1]):
     line = line.split("#")[0].strip()
     if line:
@@ -30,8 +31,8 @@ for c in python3.13 python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/
     py="$(command -v "$c")"; break
   fi
 done
-[ -n "$py" ] || { echo "setup-venv.sh: need Python >= 3.12 (wse-client requires it)" >&2; exit 2; }
+[ -n "$py" ] || { echo "setup-venv.sh: need Python >= 3.12 (wse-client and wse-server require it)" >&2; exit 2; }
 rm -rf "$venv"
 "$py" -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1" -r "$reqs"
-"$venv/bin/python" -c 'import wse_client; print("wse-client", wse_client.__version__)' >&2
+"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1" "wse-server==2.5.1" -r "$reqs"
+"$venv/bin/python" -c 'import wse_client, wse_server; print("wse-client", wse_client.__version__)' >&2

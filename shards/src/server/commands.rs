@@ -480,10 +480,15 @@ fn truncate_reason(reason: &str) -> &str {
 /// What [`Server::health_snapshot`] reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthSnapshot {
+    /// The server was started and has not been asked to stop.
     pub running: bool,
+    /// A shutdown is in progress: connections are being closed.
     pub draining: bool,
+    /// Shard threads (one per core).
     pub shards: usize,
+    /// Live WebSocket connections, all shards.
     pub connections: usize,
+    /// Time since the server started.
     pub uptime: Duration,
     /// Application events waiting in the shards' queues.
     pub inbound_queue_depth: u64,
@@ -493,6 +498,8 @@ pub struct HealthSnapshot {
     pub slow_consumer_drops: u64,
     /// Cross-shard entries dropped because a queue and its overflow were full.
     pub fabric_overflow_drops: u64,
+    /// `recovery.enabled` in the running configuration.
     pub recovery_enabled: bool,
+    /// `presence.enabled` in the running configuration.
     pub presence_enabled: bool,
 }

@@ -47,22 +47,37 @@ const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The configuration was refused before anything was bound.
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
+    /// A shard's listening socket could not be created or bound.
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    Bind {
+        /// The address in `server.listen`.
+        addr: SocketAddr,
+        /// What the kernel said (in use, permission, no such address).
+        source: io::Error,
+    },
+    /// A shard thread could not be spawned or its io_uring runtime built.
     #[error("shard {shard} failed to start: {source}")]
-    Shard { shard: usize, source: io::Error },
+    Shard {
+        /// The shard that failed.
+        shard: usize,
+        /// Why its thread or runtime could not start.
+        source: io::Error,
+    },
 }
 
 /// Why a publication was not accepted by the engine.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
+    /// The topic is empty, too long or has characters topics may not have.
     #[error("invalid topic: {0}")]
     InvalidTopic(&'static str),
     /// A broadcast message must be a JSON object (recovery stamps go inside it).
     #[error("the message must be a JSON object")]
     NotAnObject,
+    /// The queue to the owner shard (and its overflow) is full; retry later.
     #[error("the owner shard's queue is full")]
     Overloaded,
 }
@@ -70,10 +85,13 @@ pub enum PublishError {
 /// Why a question to the shards got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueryError {
+    /// The topic is empty, too long or has characters topics may not have.
     #[error("invalid topic: {0}")]
     InvalidTopic(&'static str),
+    /// Presence is off (`presence.enabled = false`).
     #[error("presence is not enabled on this server")]
     PresenceDisabled,
+    /// The queue to the owner shard (and its overflow) is full; retry later.
     #[error("the owner shard's queue is full")]
     Overloaded,
 }
@@ -81,6 +99,7 @@ pub enum QueryError {
 /// One member of a topic, as a presence query returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceMember {
+    /// The member's user id (JWT `sub`).
     pub user_id: String,
     /// Connections of this user subscribed to the topic, across all shards.
     pub connections: u32,
@@ -330,6 +349,7 @@ impl Server {
         }
     }
 
+    /// How many shards (threads) the server runs.
     pub fn shard_count(&self) -> usize {
         self.shared.shards
     }
@@ -344,6 +364,7 @@ impl Server {
         self.shared.admission.live()
     }
 
+    /// Time since the server started.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }

@@ -71,12 +71,14 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// A budget of `max` live connections, none taken.
     pub fn new(max: usize) -> Self {
         Self {
             live: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
         }
     }
+    /// Changes the cap (reload); connections over a lowered cap stay.
     pub fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Relaxed);
     }
@@ -88,10 +90,12 @@ impl Admission {
         }
         true
     }
+    /// Gives a place back; exactly once per successful [`Admission::try_admit`].
     pub fn release(&self) {
         let before = self.live.fetch_sub(1, Ordering::AcqRel);
         assert!(before > 0, "admission released more often than taken");
     }
+    /// Places taken now.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
     }
@@ -103,10 +107,13 @@ pub struct Shared {
     /// The configuration and verifier at start. Each shard keeps its own current copies, which a
     /// reload replaces ([`FabricMsg::Reload`]); only boot reads these.
     pub cfg: Arc<Config>,
+    /// The JWT verifier at start; `None` when authentication is off.
     pub auth: Option<Arc<Authenticator>>,
+    /// The server-wide connection budget, shared by every shard.
     pub admission: Admission,
     /// Set once by a shutdown request; every shard then drains.
     pub shutdown: AtomicBool,
+    /// How many shards run.
     pub shards: usize,
     /// Every shard's metrics, in shard order; a shard reads the others' socket gauges to
     /// balance connections (on accept only).
@@ -119,7 +126,9 @@ pub struct Shared {
 /// deadline already armed).
 #[derive(Debug)]
 pub struct Reload {
+    /// The configuration to run with from now on.
     pub cfg: Arc<Config>,
+    /// The verifier built from it (`None`: authentication off).
     pub auth: Option<Arc<Authenticator>>,
     /// Each shard sends its id once it runs with the new configuration.
     applied: mpsc::Sender<usize>,
@@ -178,6 +187,8 @@ struct PendingAck {
     recovery: Vec<(String, protocol::RecoveryInfo)>,
 }
 
+/// One core's state: its connections, topic table, timers, fabric endpoint and queues.
+/// Driven by `runtime` through a [`Transport`] that does the actual socket I/O.
 pub struct Shard<T: Transport> {
     me: usize,
     shared: Arc<Shared>,
@@ -233,6 +244,7 @@ pub struct Shard<T: Transport> {
 }
 
 impl<T: Transport> Shard<T> {
+    /// A shard with no connections, its history allocated when recovery is on.
     pub fn new(
         me: usize,
         shared: Arc<Shared>,
@@ -289,14 +301,17 @@ impl<T: Transport> Shard<T> {
         }
     }
 
+    /// This shard's index.
     pub fn id(&self) -> usize {
         self.me
     }
 
+    /// Connections this shard holds (any phase).
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
 
+    /// A drain has started: no new connections, existing ones are being closed.
     pub fn is_draining(&self) -> bool {
         self.draining_until.is_some()
     }

@@ -70,7 +70,7 @@ fn upgrade_answers_101_then_server_ready_first() {
         ready,
         json!({"c":"WSE","t":"server_ready","p":{"message":"Connection established",
             "details":{"version":1,"features":{"compression":true,"encryption":false,
-                "batching":true,"priority_queue":true,"circuit_breaker":true,
+                "batching":true,"priority_queue":false,"circuit_breaker":false,
                 "rust_transport":true,"rust_jwt":true,"recovery":false},
                 "connection_id":"0100000100000000","server_time":"2027-01-15T08:00:00.000Z",
                 "user_id":"alice"}},
@@ -115,7 +115,7 @@ fn hello_and_ping_are_answered_exactly() {
     let hello = json!({"c":"WSE","t":"server_hello","p":{"server_version":
         wse_shards::protocol::SERVER_VERSION,"protocol_version":1,
         "features":{"compression":true,"recovery":false,"cluster":false,"batching":true,
-            "priority_queue":true,"msgpack":true,"encryption":false},
+            "priority_queue":false,"msgpack":true,"encryption":false},
         "limits":{"max_message_size":1_048_576,"rate_limit_capacity":100_000,
             "rate_limit_refill":10_000,"max_queue_size":4_194_304},
         "ping_interval":25_000,"connection_id":"0000000100000000",
