@@ -192,6 +192,9 @@ pub struct ShardMetrics {
     pub fabric_inbound_depth: Counter,
     /// Gauge: entries held back because a destination's queue was full.
     pub fabric_overflow_depth: Counter,
+    /// Gauge: bytes this shard has sent across the fabric that their destination has not taken
+    /// yet (bounded by `limits.fabric_memory_per_shard` less the shard's queue slots).
+    pub fabric_inflight_bytes: Counter,
     pub dropped: [Counter; DropReason::ALL.len()],
     pub rejected: [Counter; RejectReason::ALL.len()],
     /// By [`COUNTED_CLOSE_CODES`], the last slot for any other code.
