@@ -518,7 +518,8 @@ struct LimitsFlags {
     )]
     close_timeout: Option<Duration>,
 
-    /// Entries in each cross-shard queue (one per ordered pair of shards), entries.
+    /// Most entries in each cross-shard queue (one per ordered pair of shards), entries; fewer
+    /// when limits.fabric_memory_per_shard does not hold that many.
     #[arg(
         id = "limits.fabric_queue_capacity",
         long = "fabric-queue-capacity",
@@ -527,15 +528,15 @@ struct LimitsFlags {
     )]
     fabric_queue_capacity: Option<usize>,
 
-    /// Entries a shard holds back for one destination whose queue is full, entries; past it new
-    /// entries are dropped.
+    /// Cross-shard traffic each shard may hold, bytes: its queues' slots plus what it sent that
+    /// was not taken yet; past it new entries are dropped.
     #[arg(
-        id = "limits.fabric_overflow_max",
-        long = "fabric-overflow-max",
-        env = "WSE_FABRIC_OVERFLOW_MAX",
-        value_name = "N"
+        id = "limits.fabric_memory_per_shard",
+        long = "fabric-memory-per-shard",
+        env = "WSE_FABRIC_MEMORY_PER_SHARD",
+        value_name = "BYTES"
     )]
-    fabric_overflow_max: Option<usize>,
+    fabric_memory_per_shard: Option<usize>,
 }
 
 /// `[protocol]`.
@@ -1106,7 +1107,7 @@ impl Flags {
             app_event_queue_bytes,
             close_timeout,
             fabric_queue_capacity,
-            fabric_overflow_max,
+            fabric_memory_per_shard,
         } = limits;
         let l = &mut cfg.limits;
         set(&mut l.max_message_size, max_message_size);
@@ -1122,7 +1123,7 @@ impl Flags {
         set(&mut l.app_event_queue_bytes, app_event_queue_bytes);
         set(&mut l.close_timeout, close_timeout);
         set(&mut l.fabric_queue_capacity, fabric_queue_capacity);
-        set(&mut l.fabric_overflow_max, fabric_overflow_max);
+        set(&mut l.fabric_memory_per_shard, fabric_memory_per_shard);
 
         let ProtocolFlags {
             ping_interval,
@@ -1730,8 +1731,8 @@ mod tests {
             "2048",
             "--max-outbound-queue-bytes",
             "65536",
-            "--fabric-overflow-max",
-            "7",
+            "--fabric-memory-per-shard",
+            "7340032",
             "--ping-interval",
             "1s",
             "--rate-limit-capacity",
@@ -1770,7 +1771,7 @@ mod tests {
         assert_eq!(c.server.shutdown_close_code, 4001);
         assert_eq!(c.limits.max_message_size, 2048);
         assert_eq!(c.limits.max_outbound_queue_bytes, 65536);
-        assert_eq!(c.limits.fabric_overflow_max, 7);
+        assert_eq!(c.limits.fabric_memory_per_shard, 7 << 20);
         assert_eq!(c.protocol.ping_interval, Duration::from_secs(1));
         assert_eq!(c.protocol.rate_limit_capacity, 5);
         assert_eq!(c.protocol.rate_limit_refill, 6);

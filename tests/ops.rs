@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{Wse, close_code, raw_upgrade, read_to_end, server_frames, token_signed};
+use support::{Wse, close_code, raw_upgrade, read_to_end, rss_bytes, server_frames, token_signed};
 use wse_shards::Config;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -347,6 +347,99 @@ fn sighup_rotates_the_jwt_key() {
         close_code(&frames),
         Some(4408),
         "the reloaded idle timeout closes a silent connection"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Start-up: memory, and a start that fails half way
+// ------------------------------------------------------------------------------------------------
+
+/// Resident memory right after the ready line, with the default configuration, stays flat as
+/// shards are added: the fabric's N² queues are allocated but not touched (it was 398 MB at 16
+/// shards and 5 GB at 64 when they were, through huge pages), and the start-up log states the
+/// fabric's budget.
+#[test]
+fn resident_memory_at_start_stays_flat_in_shards() {
+    const MIB: u64 = 1 << 20;
+    for (cores, ceiling) in [(16, 64 * MIB), (64, 256 * MIB)] {
+        let mut wse = Wse::start(&["--cores", &cores.to_string()]);
+        let rss = rss_bytes(wse.pid()).expect("VmRSS in /proc/<pid>/status");
+        assert!(
+            rss <= ceiling,
+            "--cores {cores}: {} MiB resident after start, above {} MiB",
+            rss / MIB,
+            ceiling / MIB
+        );
+        let participants = format!("fabric: {} participants", cores + 2);
+        assert!(wse.wait_log(&participants, 1, WAIT), "{}", wse.log());
+        assert!(wse.log().contains("MiB in flight per participant"));
+        wse.sigterm();
+        assert!(wse.wait_exit(WAIT).is_some_and(|s| s.success()));
+    }
+}
+
+/// The control port is taken: the shards have started by the time the control plane binds. The
+/// process stops them, says why in one line and exits 1, promptly.
+#[test]
+fn control_port_taken_after_the_shards_started_exits_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = wse_server()
+        .args(["--cores", "4", "--listen", "127.0.0.1:0"])
+        .args(["--control-listen", &addr])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > WAIT {
+            let _ = child.kill();
+            panic!("still running {WAIT:?} after start with the control port taken");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?} to give up",
+        started.elapsed()
+    );
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "stderr: {err}");
+    assert!(out.is_empty(), "no ready line: {out}");
+    // The shards had started (the fabric's line is logged before the first one).
+    assert!(err.contains("fabric: 6 participants"), "{err}");
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("wse-server:"))
+        .collect();
+    assert_eq!(ours.len(), 1, "one error line: {err}");
+    assert!(
+        ours[0].contains("control plane") && ours[0].contains(&addr),
+        "{}",
+        ours[0]
+    );
+    assert!(!err.contains("panicked") && !err.contains("ERROR"), "{err}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the process is gone"
     );
 }
 

@@ -42,7 +42,7 @@ pub const RESTART_KEYS: [&str; 18] = [
     "server.pin_threads",
     "limits.max_message_size",
     "limits.fabric_queue_capacity",
-    "limits.fabric_overflow_max",
+    "limits.fabric_memory_per_shard",
     "control.enabled",
     "control.listen",
     // The history is allocated and sized at start, and holds its ttl and reply limit.
@@ -154,11 +154,16 @@ pub struct LimitsConfig {
     /// before its socket is closed anyway.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
-    /// Entries in each cross-shard queue (one per ordered pair of shards).
+    /// Most entries in each cross-shard queue (one per ordered pair of participants). A queue
+    /// gets fewer when its sender's share of `fabric_memory_per_shard` does not hold this many
+    /// (see `fabric::Plan`); at least 64.
     pub fabric_queue_capacity: usize,
-    /// Entries a shard holds back for one destination whose queue is full. Past it new entries
-    /// are dropped and counted in `wse_dropped_total{reason="fabric_overflow"}`.
-    pub fabric_overflow_max: usize,
+    /// Bytes of cross-shard traffic each shard (and the control plane) may hold: the slots of its
+    /// outbound queues (at most an eighth of it) plus the bytes of the entries it sent that their
+    /// destination has not taken yet, queued or held back. Past it new entries are dropped and
+    /// counted in `wse_dropped_total{reason="fabric_overflow"}`. The fabric as a whole holds at
+    /// most this times (shards + 2).
+    pub fabric_memory_per_shard: usize,
 }
 
 impl Default for LimitsConfig {
@@ -174,7 +179,7 @@ impl Default for LimitsConfig {
             app_event_queue_bytes: 4 << 20,
             close_timeout: Duration::from_secs(5),
             fabric_queue_capacity: 16_384,
-            fabric_overflow_max: 1_000_000,
+            fabric_memory_per_shard: 64 << 20,
         }
     }
 }
@@ -539,8 +544,17 @@ impl Config {
                 "must be at least 64 KiB",
             ));
         }
-        if l.fabric_queue_capacity < 64 {
+        if l.fabric_queue_capacity < crate::fabric::QUEUE_CAPACITY_MIN {
             return Err(bad("limits.fabric_queue_capacity", "must be at least 64"));
+        }
+        if l.fabric_memory_per_shard < 2 * l.max_message_size {
+            return Err(bad(
+                "limits.fabric_memory_per_shard",
+                "must be at least twice limits.max_message_size",
+            ));
+        }
+        if let Err(e) = self.fabric_plan() {
+            return Err(bad("limits.fabric_memory_per_shard", e.to_string()));
         }
         let p = &self.protocol;
         if p.ping_interval < TIMER_TICK {
@@ -699,7 +713,7 @@ impl Config {
             app_event_queue_bytes: _,
             close_timeout: _,
             fabric_queue_capacity,
-            fabric_overflow_max,
+            fabric_memory_per_shard,
         } = &mut config.limits;
         let running = &self.limits;
         keep.key(
@@ -713,9 +727,9 @@ impl Config {
             fabric_queue_capacity,
         );
         keep.key(
-            "limits.fabric_overflow_max",
-            &running.fabric_overflow_max,
-            fabric_overflow_max,
+            "limits.fabric_memory_per_shard",
+            &running.fabric_memory_per_shard,
+            fabric_memory_per_shard,
         );
         // The limits are read per connection and per request.
         let ControlConfig {
@@ -813,6 +827,18 @@ impl Config {
             self.server.cores
         }
     }
+
+    /// How the cross-shard fabric's memory is split for [`Config::shard_count`] shards.
+    ///
+    /// # Errors
+    /// When `limits.fabric_memory_per_shard` is too small for that many shards.
+    pub fn fabric_plan(&self) -> Result<crate::fabric::Plan, crate::fabric::PlanError> {
+        crate::fabric::Plan::new(
+            self.shard_count(),
+            self.limits.fabric_memory_per_shard,
+            self.limits.fabric_queue_capacity,
+        )
+    }
 }
 
 /// What [`Config::reloaded`] decided.
@@ -876,7 +902,7 @@ mod tests {
         next.server.pin_threads = false;
         next.limits.max_message_size = 4096;
         next.limits.fabric_queue_capacity = 128;
-        next.limits.fabric_overflow_max = 5;
+        next.limits.fabric_memory_per_shard = 5 << 20;
         next.control.enabled = false;
         next.control.listen = "127.0.0.1:2".parse().unwrap();
         next.recovery.enabled = true;

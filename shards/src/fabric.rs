@@ -5,21 +5,37 @@
 //! doorbells. Never: interprets messages (the shard does).
 //!
 //! Sending: [`Endpoint::send`] appends to the destination's queue, or to a local overflow deque
-//! when the queue is full (and past `overflow_max`, drops and counts). [`Endpoint::flush`], once
-//! per loop turn, moves overflow into the queues and rings the doorbell of each destination that
-//! got something this turn: a doorbell is the destination runtime's waker, which only makes a
-//! syscall when that runtime is parked, so a busy peer costs one atomic per turn.
+//! when the queue is full. [`Endpoint::flush`], once per loop turn, moves overflow into the
+//! queues and rings the doorbell of each destination that got something this turn: a doorbell is
+//! the destination runtime's waker, which only makes a syscall when that runtime is parked, so a
+//! busy peer costs one atomic per turn.
+//!
+//! Memory, bounded in bytes ([`Plan`], from `limits.fabric_memory_per_shard`): each participant
+//! owns its outbound queues' slots (`capacity` entries of [`SLOT_BYTES`] each, allocated at start
+//! but touched only as traffic fills them) and may have at most `inflight_max` bytes in flight —
+//! the [`FabricMsg::charge`] of every entry it sent that its destination has not taken yet,
+//! whether in a queue or in overflow. Past that, `send` drops the entry and the caller counts it
+//! (`wse_dropped_total{reason="fabric_overflow"}`); an entry is always accepted when the sender
+//! has nothing in flight, so one larger than the budget still goes through, alone. A fan-out
+//! sends one shared `Bytes` to many shards and each copy is charged its full length: the bound is
+//! on what the entries can keep alive, an over-estimate of the memory when they share a frame.
+//!
+//! Accounting without atomics per message: a receiver adds up the charges of what it took from a
+//! sender and publishes the total once per [`Endpoint::receive`] (one store per sender that had
+//! something); a sender reads those totals once per [`Endpoint::flush`], and once more per turn
+//! when an entry would not fit.
 //!
 //! Ordering: FIFO per ordered pair of participants; nothing across pairs.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Waker;
 
 use bytes::Bytes;
 
-use crate::command::Command;
+use crate::command::{Command, Payload};
 use crate::conn::ConnId;
 use crate::protocol::RecoveryInfo;
 use crate::queue_groups::GroupName;
@@ -295,6 +311,120 @@ impl<T> std::future::Future for ReplyFuture<T> {
 // Every queue slot is this size; keep it within one cache line.
 const _: () = assert!(std::mem::size_of::<FabricMsg>() <= 64);
 
+/// Bytes of one queue slot (one [`FabricMsg`]).
+pub const SLOT_BYTES: usize = std::mem::size_of::<FabricMsg>();
+/// Fabric participants besides the shards: the control plane, and a reserved slot for the
+/// cluster core (a later participant with its own thread).
+pub const EXTRA_PARTICIPANTS: usize = 2;
+/// Fewest entries a queue may have: below this a burst goes to overflow at once.
+pub const QUEUE_CAPACITY_MIN: usize = 64;
+/// The share of a participant's budget its outbound queues' slots may take: 1/8. The rest is for
+/// bytes in flight.
+const RING_SHARE_DIVISOR: usize = 8;
+
+impl FabricMsg {
+    /// The bytes this entry keeps alive while in flight, as charged against its sender's budget:
+    /// its slot, the buffers it refers to, and the box it points to. Computed the same on both
+    /// ends (the receiver credits back what the sender charged), so it reads only what neither
+    /// end changes.
+    pub fn charge(&self) -> u64 {
+        use std::mem::size_of;
+        let heap = match self {
+            FabricMsg::Publish { topic, body, .. } => topic.len() + body.len(),
+            FabricMsg::Deliver { topic, frame } => topic.len() + frame.len(),
+            FabricMsg::DeliverGroup { frame, .. } => frame.len(),
+            FabricMsg::PublishAcked { .. } | FabricMsg::Reload(_) | FabricMsg::Adopt { .. } => 0,
+            FabricMsg::Join(j) => {
+                size_of::<JoinRequest>()
+                    + j.topic.len()
+                    + j.presence.as_ref().map_or(0, |(u, d)| u.len() + d.len())
+            }
+            FabricMsg::Joined(j) => size_of::<JoinReply>() + j.frames.len(),
+            FabricMsg::Leave { user, .. } => user.as_ref().map_or(0, |u| u.len()),
+            FabricMsg::PresenceUpdate(u) => {
+                size_of::<PresenceUpdate>() + u.user.len() + u.data.len()
+            }
+            FabricMsg::Query(_) => size_of::<Query>(),
+            FabricMsg::Command(c) => {
+                size_of::<Command>()
+                    + match &**c {
+                        Command::Send { payload, .. } | Command::SendUser { payload, .. } => {
+                            match payload {
+                                Payload::Text(b) | Payload::Binary(b) => b.len(),
+                                Payload::Event(_) => 0,
+                            }
+                        }
+                        _ => 0,
+                    }
+            }
+        };
+        (SLOT_BYTES + heap) as u64
+    }
+}
+
+/// How a participant's memory budget is split, worked out once at start.
+///
+/// Every participant (each shard, the control plane, the cluster core) gets the same budget:
+/// up to 1/8 of it for the slots of its outbound queues, the rest for bytes in flight. The
+/// fabric as a whole is bounded by `participants × per-participant budget`: linear in the shard
+/// count, although there is a queue for each of the `participants²` ordered pairs — the queues
+/// get shorter as shards are added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Shards plus [`EXTRA_PARTICIPANTS`].
+    pub participants: usize,
+    /// Entries in each queue.
+    pub capacity: usize,
+    /// Bytes of every queue's slots together (`participants × (participants − 1) × capacity ×
+    /// SLOT_BYTES`).
+    pub ring_bytes: u64,
+    /// Bytes one participant may have in flight: its budget less its queues' slots.
+    pub inflight_max: u64,
+    /// What the whole fabric may hold: `participants × budget`.
+    pub total_bytes: u64,
+}
+
+/// Why a [`Plan`] cannot be made: the budget does not leave queues of [`QUEUE_CAPACITY_MIN`]
+/// entries within their share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{shards} shards need at least {needed} bytes per shard for queues of {QUEUE_CAPACITY_MIN} entries"
+)]
+pub struct PlanError {
+    /// The shard count the budget was split for.
+    pub shards: usize,
+    /// The smallest `limits.fabric_memory_per_shard` that would do, in bytes.
+    pub needed: u64,
+}
+
+impl Plan {
+    /// Splits `budget` bytes per participant among `shards + EXTRA_PARTICIPANTS` participants;
+    /// queues get `capacity_max` entries or what their share allows, whichever is fewer.
+    ///
+    /// # Errors
+    /// When a queue of [`QUEUE_CAPACITY_MIN`] entries does not fit the share.
+    pub fn new(shards: usize, budget: usize, capacity_max: usize) -> Result<Plan, PlanError> {
+        let participants = shards + EXTRA_PARTICIPANTS;
+        let peers = participants - 1;
+        let ring_share = budget / RING_SHARE_DIVISOR;
+        let capacity = (ring_share / (peers * SLOT_BYTES)).min(capacity_max);
+        if capacity < QUEUE_CAPACITY_MIN {
+            return Err(PlanError {
+                shards,
+                needed: (peers * SLOT_BYTES * QUEUE_CAPACITY_MIN * RING_SHARE_DIVISOR) as u64,
+            });
+        }
+        let own_rings = (peers * capacity * SLOT_BYTES) as u64;
+        Ok(Plan {
+            participants,
+            capacity,
+            ring_bytes: participants as u64 * own_rings,
+            inflight_max: budget as u64 - own_rings,
+            total_bytes: (participants * budget) as u64,
+        })
+    }
+}
+
 /// The wakers of every participant, set once each participant's runtime exists.
 #[derive(Debug)]
 pub struct Doorbells {
@@ -324,26 +454,58 @@ impl Doorbells {
     }
 }
 
+/// Bytes a receiver has taken from one sender, ever (wrapping): written by the receiver once per
+/// receive, read by the sender once per flush. On a cache line of its own, so that the two ends
+/// of one pair never share a line with another pair's.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Taken(AtomicU64);
+
+/// Overflow slots kept allocated once a destination's overflow is empty again; past this the
+/// deque is freed.
+const OVERFLOW_KEEP: usize = 64;
+
 /// One destination as seen by a sender.
 struct Outbox {
     queue: rtrb::Producer<FabricMsg>,
-    /// Entries that did not fit in `queue`; moved over in order before anything newer.
+    /// Entries that did not fit in `queue`; moved over in order before anything newer. Bounded
+    /// by the sender's `inflight_max` bytes.
     overflow: VecDeque<FabricMsg>,
     /// Something was pushed since the last doorbell.
     rung: bool,
+    /// Charges of everything sent to this destination, ever (wrapping).
+    sent: u64,
+    /// `taken` as last read.
+    taken_seen: u64,
+    taken: Arc<Taken>,
+}
+
+/// One source as seen by a receiver.
+struct Inbox {
+    queue: rtrb::Consumer<FabricMsg>,
+    /// Charges of everything taken from this source, ever (wrapping); published to `taken`.
+    taken_total: u64,
+    taken: Arc<Taken>,
 }
 
 /// One participant's ends of the grid.
 pub struct Endpoint {
     me: usize,
     outboxes: Vec<Option<Outbox>>,
-    inboxes: Vec<Option<rtrb::Consumer<FabricMsg>>>,
+    inboxes: Vec<Option<Inbox>>,
     doorbells: Arc<Doorbells>,
-    overflow_max: usize,
+    /// Bytes this participant may have in flight (see the module docs).
+    inflight_max: u64,
+    /// Bytes in flight as of the last look at the receivers' counts: never less than the truth.
+    inflight: u64,
+    /// `send` has looked at the receivers' counts since the last flush.
+    settled: bool,
 }
 
-/// Builds the full grid: `participants` endpoints, a queue for every ordered pair.
-pub fn grid(participants: usize, capacity: usize, overflow_max: usize) -> Vec<Endpoint> {
+/// Builds the full grid: `participants` endpoints, a queue of `capacity` entries for every
+/// ordered pair, and at most `inflight_max` bytes in flight per sender ([`Plan`] works these out
+/// from a budget).
+pub fn grid(participants: usize, capacity: usize, inflight_max: u64) -> Vec<Endpoint> {
     let doorbells = Doorbells::new(participants);
     let mut eps: Vec<Endpoint> = (0..participants)
         .map(|me| Endpoint {
@@ -351,7 +513,9 @@ pub fn grid(participants: usize, capacity: usize, overflow_max: usize) -> Vec<En
             outboxes: (0..participants).map(|_| None).collect(),
             inboxes: (0..participants).map(|_| None).collect(),
             doorbells: doorbells.clone(),
-            overflow_max,
+            inflight_max,
+            inflight: 0,
+            settled: false,
         })
         .collect();
     for from in 0..participants {
@@ -359,13 +523,22 @@ pub fn grid(participants: usize, capacity: usize, overflow_max: usize) -> Vec<En
             if from == to {
                 continue;
             }
+            // Allocated, not touched: pages become resident as traffic fills the queue.
             let (p, c) = rtrb::RingBuffer::new(capacity);
+            let taken = Arc::new(Taken::default());
             eps[from].outboxes[to] = Some(Outbox {
                 queue: p,
                 overflow: VecDeque::new(),
                 rung: false,
+                sent: 0,
+                taken_seen: 0,
+                taken: taken.clone(),
             });
-            eps[to].inboxes[from] = Some(c);
+            eps[to].inboxes[from] = Some(Inbox {
+                queue: c,
+                taken_total: 0,
+                taken,
+            });
         }
     }
     eps
@@ -376,7 +549,7 @@ pub fn grid(participants: usize, capacity: usize, overflow_max: usize) -> Vec<En
 pub enum Sent {
     /// In the ring, or in the overflow deque behind it.
     Queued,
-    /// Dropped: the destination's overflow is full.
+    /// Dropped: the sender has its budget of bytes in flight.
     Dropped,
 }
 
@@ -396,8 +569,22 @@ impl Endpoint {
     /// # Panics
     /// When sending to itself: local work never goes through the fabric.
     pub fn send(&mut self, to: usize, msg: FabricMsg) -> Sent {
-        let max = self.overflow_max;
+        assert!(to != self.me, "no queue to self");
+        let charge = msg.charge();
+        if !self.fits(charge) {
+            // The receivers may have taken more since the last flush: look before dropping,
+            // once per turn.
+            if !self.settled {
+                self.settle();
+                self.settled = true;
+            }
+            if !self.fits(charge) {
+                return Sent::Dropped;
+            }
+        }
+        self.inflight += charge;
         let out = self.outboxes[to].as_mut().expect("no queue to self");
+        out.sent = out.sent.wrapping_add(charge);
         out.rung = true;
         if out.overflow.is_empty() {
             match out.queue.push(msg) {
@@ -408,16 +595,34 @@ impl Endpoint {
                 }
             }
         }
-        if out.overflow.len() >= max {
-            return Sent::Dropped;
-        }
         out.overflow.push_back(msg);
         Sent::Queued
+    }
+
+    /// An entry of `charge` bytes may be sent: it fits the budget, or nothing is in flight.
+    fn fits(&self, charge: u64) -> bool {
+        self.inflight == 0 || self.inflight + charge <= self.inflight_max
+    }
+
+    /// Reads what each receiver has taken since the last look and takes it off `inflight`.
+    fn settle(&mut self) {
+        for out in self.outboxes.iter_mut().flatten() {
+            if out.sent == out.taken_seen {
+                continue; // nothing in flight to this one: no need to read its line
+            }
+            let taken = out.taken.0.load(Ordering::Acquire);
+            let freed = taken.wrapping_sub(out.taken_seen);
+            out.taken_seen = taken;
+            assert!(freed <= self.inflight, "a receiver took more than was sent");
+            self.inflight -= freed;
+        }
     }
 
     /// Moves held-back entries into their queues and rings the doorbells of destinations that
     /// received anything since the last flush. Returns the entries still held back.
     pub fn flush(&mut self) -> usize {
+        self.settle();
+        self.settled = false;
         let mut held = 0;
         for (to, out) in self.outboxes.iter_mut().enumerate() {
             let Some(out) = out else { continue };
@@ -426,6 +631,10 @@ impl Endpoint {
                     out.overflow.push_front(m);
                     break;
                 }
+            }
+            if out.overflow.is_empty() && out.overflow.capacity() > OVERFLOW_KEEP {
+                // A burst is over: give its memory back rather than keep it for the next.
+                out.overflow = VecDeque::new();
             }
             held += out.overflow.len();
             if out.rung {
@@ -442,16 +651,20 @@ impl Endpoint {
         let mut n = 0;
         for (from, inbox) in self.inboxes.iter_mut().enumerate() {
             let Some(inbox) = inbox else { continue };
-            let ready = inbox.slots().min(per_source);
+            let ready = inbox.queue.slots().min(per_source);
             if ready == 0 {
                 continue;
             }
-            let Ok(chunk) = inbox.read_chunk(ready) else {
+            let Ok(chunk) = inbox.queue.read_chunk(ready) else {
                 continue;
             };
+            let mut taken = 0u64;
             for m in chunk {
+                taken += m.charge();
                 f(from, m);
             }
+            inbox.taken_total = inbox.taken_total.wrapping_add(taken);
+            inbox.taken.0.store(inbox.taken_total, Ordering::Release);
             n += ready;
         }
         n
@@ -459,7 +672,12 @@ impl Endpoint {
 
     /// Entries waiting in this participant's inbound queues.
     pub fn inbound_depth(&self) -> usize {
-        self.inboxes.iter().flatten().map(|c| c.slots()).sum()
+        self.inboxes.iter().flatten().map(|c| c.queue.slots()).sum()
+    }
+
+    /// Bytes this participant has in flight, as of its last flush (or later look).
+    pub fn inflight_bytes(&self) -> u64 {
+        self.inflight
     }
 
     /// Entries held back for full destination queues.
@@ -484,35 +702,118 @@ mod tests {
     }
 
     #[test]
-    fn fifo_per_pair_with_overflow_and_drop() {
-        let mut eps = grid(2, 2, 3);
+    fn fifo_per_pair_through_overflow() {
+        let mut eps = grid(2, 2, u64::MAX);
         let (a, b) = eps.split_at_mut(1);
         let (a, b) = (&mut a[0], &mut b[0]);
-        let results: Vec<Sent> = (0..6).map(|i| a.send(1, deliver(i))).collect();
-        // 2 in the queue, 3 held back, the 6th dropped.
-        assert_eq!(results.iter().filter(|r| **r == Sent::Dropped).count(), 1);
-        assert_eq!(a.overflow_depth(), 3);
+        for i in 0..6 {
+            assert_eq!(a.send(1, deliver(i)), Sent::Queued);
+        }
+        // 2 in the queue, 4 held back.
+        assert_eq!(a.overflow_depth(), 4);
         let mut got = Vec::new();
-        let collect = |got: &mut Vec<u8>, b: &mut Endpoint| {
+        for _ in 0..3 {
             b.receive(usize::MAX, |from, m| {
                 assert_eq!(from, 0);
                 if let FabricMsg::Deliver { frame, .. } = m {
                     got.push(frame[0]);
                 }
-            })
+            });
+            a.flush();
+        }
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(a.overflow_depth(), 0);
+        assert_eq!(a.inflight_bytes(), 0);
+    }
+
+    #[test]
+    fn bytes_in_flight_are_bounded_queue_and_overflow_alike() {
+        let charge = deliver(0).charge();
+        assert_eq!(charge, (SLOT_BYTES + 2) as u64);
+        // Room for three entries in flight; the queue holds two of them.
+        let mut eps = grid(3, 2, 3 * charge);
+        let [a, b, c] = &mut eps[..] else {
+            unreachable!()
         };
-        collect(&mut got, b);
+        assert_eq!(a.send(1, deliver(0)), Sent::Queued);
+        assert_eq!(a.send(1, deliver(1)), Sent::Queued);
+        assert_eq!(a.send(1, deliver(2)), Sent::Queued); // overflow
+        assert_eq!(a.overflow_depth(), 1);
+        // The receiver takes two; the sender sees it without a flush, when it needs the room.
+        assert_eq!(b.receive(usize::MAX, |_, _| {}), 2);
+        assert_eq!(a.inflight_bytes(), 3 * charge);
+        assert_eq!(a.send(2, deliver(3)), Sent::Queued);
+        assert_eq!(a.inflight_bytes(), 2 * charge);
+        assert_eq!(a.send(1, deliver(4)), Sent::Queued); // overflow, behind 2
+        // Full, and the budget is the sender's, whatever the destination. It looks again at
+        // most once per turn (a flush), so a sender over its budget does not read every
+        // receiver's count for each entry it drops.
+        assert_eq!(a.send(2, deliver(5)), Sent::Dropped);
+        assert_eq!(c.receive(usize::MAX, |_, _| {}), 1);
+        assert_eq!(a.send(2, deliver(5)), Sent::Dropped);
+        assert_eq!(a.inflight_bytes(), 3 * charge);
         a.flush();
-        collect(&mut got, b);
+        assert_eq!(a.inflight_bytes(), 2 * charge);
+        assert_eq!(b.receive(usize::MAX, |_, _| {}), 2);
         a.flush();
-        collect(&mut got, b);
-        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        assert_eq!(a.inflight_bytes(), 0);
         assert_eq!(a.overflow_depth(), 0);
     }
 
     #[test]
+    fn an_entry_over_the_budget_goes_alone() {
+        let mut eps = grid(2, 4, 100);
+        let big = |n: usize| FabricMsg::Deliver {
+            topic: Arc::from("t"),
+            frame: Bytes::from(vec![0; n]),
+        };
+        assert_eq!(eps[0].send(1, big(1000)), Sent::Queued);
+        assert_eq!(eps[0].send(1, deliver(1)), Sent::Dropped);
+        eps[1].receive(usize::MAX, |_, _| {});
+        eps[0].flush();
+        assert_eq!(eps[0].send(1, deliver(1)), Sent::Queued);
+        assert_eq!(eps[0].send(1, big(1000)), Sent::Dropped);
+    }
+
+    #[test]
+    fn overflow_memory_is_given_back_after_a_burst() {
+        let mut eps = grid(2, QUEUE_CAPACITY_MIN, u64::MAX);
+        for i in 0..10 * QUEUE_CAPACITY_MIN {
+            eps[0].send(1, deliver(i as u8));
+        }
+        while eps[0].flush() > 0 {
+            eps[1].receive(usize::MAX, |_, _| {});
+        }
+        let out = eps[0].outboxes[1].as_ref().unwrap();
+        assert!(out.overflow.capacity() <= OVERFLOW_KEEP);
+    }
+
+    #[test]
+    fn plan_keeps_the_fabric_linear_in_shards() {
+        const MIB: usize = 1 << 20;
+        let budget = 64 * MIB;
+        // Few shards: the queues keep their configured length.
+        let p = Plan::new(2, budget, 16_384).unwrap();
+        assert_eq!(p.participants, 4);
+        assert_eq!(p.capacity, 16_384);
+        assert_eq!(p.inflight_max, (budget - 3 * 16_384 * SLOT_BYTES) as u64);
+        for shards in [16, 64, 128, 256] {
+            let p = Plan::new(shards, budget, 16_384).unwrap();
+            let peers = (p.participants - 1) as u64;
+            // Each participant's queues stay within an eighth of its budget...
+            assert!(peers * p.capacity as u64 * SLOT_BYTES as u64 <= (budget / 8) as u64);
+            // ... and the whole fabric within participants × budget.
+            assert!(p.ring_bytes + p.participants as u64 * p.inflight_max <= p.total_bytes);
+            assert_eq!(p.total_bytes, ((shards + 2) * budget) as u64);
+        }
+        let e = Plan::new(256, MIB, 16_384).unwrap_err();
+        assert_eq!(e.needed, (257 * SLOT_BYTES * QUEUE_CAPACITY_MIN * 8) as u64);
+        assert!(Plan::new(256, e.needed as usize, 16_384).is_ok());
+    }
+
+    #[test]
     fn per_source_bound() {
-        let mut eps = grid(3, 16, 16);
+        let mut eps = grid(3, 16, u64::MAX);
         for i in 0..5 {
             eps[0].send(2, deliver(i));
             eps[1].send(2, deliver(i));

@@ -206,6 +206,9 @@ pub struct ShardMetrics {
     pub fabric_inbound_depth: Counter,
     /// Gauge: entries held back because a destination's queue was full.
     pub fabric_overflow_depth: Counter,
+    /// Gauge: bytes this shard has sent across the fabric that their destination has not taken
+    /// yet (bounded by `limits.fabric_memory_per_shard` less the shard's queue slots).
+    pub fabric_inflight_bytes: Counter,
     /// Drops by [`DropReason`], in [`DropReason::ALL`] order.
     pub dropped: [Counter; DropReason::ALL.len()],
     /// Refused connection attempts by [`RejectReason`], in [`RejectReason::ALL`] order.

@@ -138,7 +138,8 @@ pub fn run(boot: Boot) -> io::Result<()> {
     rt.enter(|| {
         let listener: Sock = Rc::new(PollFd::new(Socket(listener.into()))?);
         compio::runtime::spawn(accept_loop(ctx.clone(), listener.clone())).detach();
-        let _ = ready.send(Ok(()));
+        // Sent and dropped: the starter stops waiting once every shard has reported or is gone.
+        let _ = { ready }.send(Ok(()));
         drive(&rt, &ctx, &shared, &listener);
         Ok(())
     })

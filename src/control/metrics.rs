@@ -30,7 +30,7 @@ use super::listener::ControlMetrics;
 type Field = fn(&ShardMetrics) -> &Counter;
 
 /// Per-shard gauges: name, help, field.
-const GAUGES: [(&str, &str, Field); 6] = [
+const GAUGES: [(&str, &str, Field); 7] = [
     (
         "wse_connections",
         "WebSocket connections past the upgrade and not yet released",
@@ -55,6 +55,11 @@ const GAUGES: [(&str, &str, Field); 6] = [
         "wse_fabric_overflow_depth",
         "Cross-shard entries held back because a destination queue was full",
         |m| &m.fabric_overflow_depth,
+    ),
+    (
+        "wse_fabric_inflight_bytes",
+        "Bytes the shard sent across the fabric that their destination has not taken yet",
+        |m| &m.fabric_inflight_bytes,
     ),
     (
         "wse_sockets",

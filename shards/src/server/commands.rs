@@ -344,7 +344,7 @@ impl Server {
                 };
                 lost |= ep.send(shard, FabricMsg::Command(Box::new(cmd))) == Sent::Dropped;
             }
-            ep.flush();
+            self.flusher.flush(&mut ep);
         }
         if lost {
             // A shard whose queue is that full still drains on the shutdown flag, with
@@ -424,7 +424,7 @@ impl Server {
         }
         let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
         let sent = ep.send(shard, FabricMsg::Command(Box::new(cmd)));
-        ep.flush();
+        self.flusher.flush(&mut ep);
         match sent {
             Sent::Queued => Ok(()),
             Sent::Dropped => Err(CommandError::Overloaded),
@@ -446,12 +446,12 @@ impl Server {
             for shard in 0..self.shared.shards {
                 let (reply, answer) = Responder::pair();
                 if ep.send(shard, FabricMsg::Command(Box::new(make(reply)))) == Sent::Dropped {
-                    ep.flush();
+                    self.flusher.flush(&mut ep);
                     return Err(CommandError::Overloaded);
                 }
                 answers.push(answer);
             }
-            ep.flush();
+            self.flusher.flush(&mut ep);
         }
         let mut out = Vec::with_capacity(answers.len());
         for answer in answers {

@@ -144,7 +144,7 @@ impl Server {
                 inbound.waiting[shard] = Some(answer);
             }
         }
-        ep.flush();
+        self.flusher.flush(&mut ep);
     }
 
     /// Whether enough is waiting to be handed out that no shard is asked for more: the engine

@@ -14,6 +14,7 @@
 
 mod builder;
 mod commands;
+mod flusher;
 mod inbound;
 mod topics;
 mod wait;
@@ -37,9 +38,6 @@ use crate::metrics::ShardMetrics;
 use crate::runtime::{self, Boot};
 use crate::shard::{Admission, Reload, Shared};
 
-/// Fabric participants besides the shards: the control plane, and a reserved slot for the
-/// cluster core (a later participant with its own thread).
-const EXTRA_PARTICIPANTS: usize = 2;
 /// How long [`Server::reload`] waits for every shard to confirm the new configuration. A shard
 /// handles the fabric once per loop turn, so anything near this means it is stuck.
 const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,6 +64,9 @@ pub enum StartError {
         /// Why its thread or runtime could not start.
         source: io::Error,
     },
+    /// The thread that moves held-back fabric entries on could not be spawned.
+    #[error("cannot start the fabric's flush thread: {0}")]
+    Flusher(io::Error),
 }
 
 /// Why a publication was not accepted by the engine.
@@ -156,7 +157,10 @@ pub struct Server {
     running: Mutex<Arc<Config>>,
     threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
     metrics: Vec<Arc<ShardMetrics>>,
-    control: Mutex<Endpoint>,
+    /// The control plane's end of the fabric; also flushed by `flusher`.
+    control: Arc<Mutex<Endpoint>>,
+    /// Moves what `control` held back for a full queue on, between API calls.
+    flusher: flusher::Flusher,
     /// The application-event requests in flight to each shard (see [`Server::drain_inbound`]).
     inbound: Mutex<inbound::Inbound>,
     /// A drain was requested: the shards are closing their connections and will exit.
@@ -191,11 +195,21 @@ impl Server {
                 addr: cfg.server.listen,
                 source,
             })?;
-        let mut endpoints = fabric::grid(
-            shards + EXTRA_PARTICIPANTS,
-            cfg.limits.fabric_queue_capacity,
-            cfg.limits.fabric_overflow_max,
+        let plan = cfg.fabric_plan().map_err(|e| ConfigError {
+            key: "limits.fabric_memory_per_shard",
+            problem: e.to_string(),
+        })?;
+        tracing::info!(
+            "fabric: {} participants, {} queues of {} entries ({} MiB of slots, touched as \
+             traffic fills them), at most {} MiB in flight per participant; {} MiB in all",
+            plan.participants,
+            plan.participants * (plan.participants - 1),
+            plan.capacity,
+            plan.ring_bytes >> 20,
+            plan.inflight_max >> 20,
+            plan.total_bytes >> 20,
         );
+        let mut endpoints = fabric::grid(plan.participants, plan.capacity, plan.inflight_max);
         let cluster = endpoints.pop().expect("grid has the extra participants");
         let control = endpoints.pop().expect("grid has the extra participants");
 
@@ -209,8 +223,23 @@ impl Server {
             shards,
             metrics: metrics.clone(),
         });
+        let control = Arc::new(Mutex::new(control));
+        let flusher = flusher::Flusher::start(control.clone()).map_err(StartError::Flusher)?;
+        let server = Server {
+            shared: shared.clone(),
+            running: Mutex::new(cfg),
+            threads: Mutex::new(Vec::with_capacity(shards)),
+            metrics: metrics.clone(),
+            control,
+            flusher,
+            inbound: Mutex::new(inbound::Inbound::new(shards)),
+            draining: Default::default(),
+            _cluster: Mutex::new(cluster),
+            local_addr,
+            started: Instant::now(),
+        };
+        // From here on, a failure stops every shard started so far (`stop` joins them).
         let (ready_tx, ready_rx) = mpsc::channel();
-        let mut threads = Vec::with_capacity(shards);
         for (id, (fabric, listener)) in endpoints.into_iter().zip(listeners).enumerate() {
             let boot = Boot {
                 id,
@@ -221,24 +250,24 @@ impl Server {
                 core: core_of(id),
                 ready: ready_tx.clone(),
             };
-            let t = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("wse-shard-{id}"))
-                .spawn(move || runtime::run(boot))
-                .map_err(|source| StartError::Shard { shard: id, source })?;
-            threads.push(t);
+                .spawn(move || runtime::run(boot));
+            match spawned {
+                Ok(t) => server
+                    .threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(t),
+                Err(source) => {
+                    server.stop(Duration::from_secs(1));
+                    return Err(StartError::Shard { shard: id, source });
+                }
+            }
         }
-        let server = Server {
-            shared,
-            running: Mutex::new(cfg),
-            threads: Mutex::new(threads),
-            metrics,
-            control: Mutex::new(control),
-            inbound: Mutex::new(inbound::Inbound::new(shards)),
-            draining: Default::default(),
-            _cluster: Mutex::new(cluster),
-            local_addr,
-            started: Instant::now(),
-        };
+        // Each shard drops its sender once it reported: a shard that dies before reporting ends
+        // the wait below instead of blocking it.
+        drop(ready_tx);
         for shard in 0..shards {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
@@ -403,6 +432,7 @@ impl Server {
                 clean = false;
             }
         }
+        self.flusher.stop();
         clean
     }
 }

@@ -39,7 +39,7 @@ impl Server {
                 ack: None,
             },
         );
-        ep.flush();
+        self.flusher.flush(&mut ep);
         match sent {
             Sent::Queued => Ok(()),
             Sent::Dropped => Err(PublishError::Overloaded),
@@ -180,7 +180,7 @@ impl Server {
                 reply: reply.clone(),
             })),
         );
-        ep.flush();
+        self.flusher.flush(&mut ep);
         match sent {
             Sent::Queued => Ok(reply.wait()),
             Sent::Dropped => Err(QueryError::Overloaded),

@@ -598,6 +598,7 @@ impl<T: Transport> Shard<T> {
         self.handed.iter_mut().for_each(|h| *h = 0);
         let m = &self.metrics;
         m.fabric_overflow_depth.set(held as u64);
+        m.fabric_inflight_bytes.set(self.fabric.inflight_bytes());
         m.fabric_inbound_depth
             .set(self.fabric.inbound_depth() as u64);
         m.app_event_queue_depth.set(self.app_events.len() as u64);

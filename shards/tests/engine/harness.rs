@@ -249,11 +249,9 @@ impl Engine {
         let auth = cfg.auth.enabled.then(|| {
             Arc::new(wse_shards::auth::Authenticator::new(&cfg.auth).expect("auth configuration"))
         });
-        let mut endpoints = fabric::grid(
-            shards + EXTRA_PARTICIPANTS,
-            cfg.limits.fabric_queue_capacity,
-            cfg.limits.fabric_overflow_max,
-        );
+        let plan = cfg.fabric_plan().expect("the fabric fits its budget");
+        assert_eq!(plan.participants, shards + EXTRA_PARTICIPANTS);
+        let mut endpoints = fabric::grid(plan.participants, plan.capacity, plan.inflight_max);
         let cluster = endpoints.pop().unwrap();
         let control = endpoints.pop().unwrap();
         let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
