@@ -565,6 +565,49 @@ async fn graceful_shutdown_closes_with_4300_and_exits_zero() {
     assert!(tokio::net::TcpStream::connect(wse.ws).await.is_err());
 }
 
+/// A drain spreads its close frames over half of `server.drain_timeout` (one batch per
+/// `DRAIN_BATCH_INTERVAL`) so the clients do not all reconnect elsewhere at once; each gets
+/// 4300, the drain completes once they are gone, and the process exits 0.
+#[tokio::test]
+async fn a_drain_spreads_its_closes_over_the_timeout() {
+    const CLIENTS: usize = 20;
+    // Half of the 2 s timeout is 1 s of spread: the first and the last batch are 900 ms apart.
+    const SPREAD_MIN: Duration = Duration::from_millis(600);
+    let mut wse = Wse::start(&["--cores", "1", "--drain-timeout", "2s"]);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(connector(&wse, &format!("c{i}")).connect().await.unwrap());
+    }
+    let start = tokio::time::Instant::now();
+    wse.sigterm();
+    let closes: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let close = c.expect_close(T).await.unwrap();
+                (close.code, tokio::time::Instant::now())
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for close in closes {
+        let (code, when) = close.await.unwrap();
+        assert_eq!(code, 4300);
+        at.push(when - start);
+    }
+    at.sort();
+    let (first, last) = (at[0], at[CLIENTS - 1]);
+    assert!(
+        last - first >= SPREAD_MIN,
+        "closes arrived within {:?} of each other: {at:?}",
+        last - first
+    );
+    assert!(last < Duration::from_secs(2), "{at:?}");
+    let status = wse.wait_exit(T).expect("server exited");
+    assert!(status.success(), "{status:?}");
+    assert!(wse.log().contains("drain complete"), "{}", wse.log());
+}
+
 #[tokio::test]
 async fn subscription_limit_holds_even_for_pipelined_requests() {
     let wse = Wse::start(&["--cores", "2", "--max-subscriptions-per-connection", "3"]);

@@ -17,12 +17,14 @@
 
 mod commands;
 mod dedup;
+mod drain;
 mod owner;
 mod publications;
 mod subscriptions;
 mod users;
 
 pub use dedup::SEND_DEDUP_WINDOW;
+pub use drain::{DRAIN_BATCH_INTERVAL, DRAIN_CLOSE_SPREAD_PERCENT};
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -226,6 +228,8 @@ pub struct Shard<T: Transport> {
     /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
     refused_lingering: usize,
     draining_until: Option<Instant>,
+    /// The close frames a drain has still to send, in batches (see `drain`).
+    drain_closes: Option<drain::DrainCloses>,
     /// Logs what this shard refused, once per kind and `log.attack_summary_interval`.
     alarms: AttackSummary,
     /// Scratch for the summary's lines (kept to reuse its allocation).
@@ -284,6 +288,7 @@ impl<T: Transport> Shard<T> {
             handshakes: 0,
             refused_lingering: 0,
             draining_until: None,
+            drain_closes: None,
             alarms,
             alarm_lines: Vec::new(),
         }
@@ -310,10 +315,8 @@ impl<T: Transport> Shard<T> {
     /// When the shard next needs `handle_timers`.
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.timers.next_expiry();
-        let t = match (t, self.draining_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let drain = self.drain_closes.as_ref().and_then(|d| d.poll_timeout());
+        let t = [t, self.draining_until, drain].into_iter().flatten().min();
         let alarms = self.alarms.poll_timeout();
         Some(t.map_or(alarms, |t| t.min(alarms)))
     }
@@ -456,23 +459,37 @@ impl<T: Transport> Shard<T> {
     }
 
     /// Starts a graceful shutdown: every connection gets `server.shutdown_close_code` and
-    /// `server.drain_timeout` to go.
+    /// `server.drain_timeout` to go; the close frames are spread over part of it (see
+    /// [`DRAIN_CLOSE_SPREAD_PERCENT`]).
     pub fn begin_drain(&mut self, clock: Clock) {
         let code = self.cfg.server.shutdown_close_code;
         let until = clock.now + self.cfg.server.drain_timeout;
         self.begin_drain_with(code, "server shutting down", until, clock);
     }
 
-    /// Starts a drain with this close code and reason, ending at `until` at the latest. A drain
-    /// already under way keeps its own.
+    /// Starts a drain with this close code and reason, ending at `until` at the latest: the
+    /// first batch of close frames goes now, the others one per [`DRAIN_BATCH_INTERVAL`] (from
+    /// `handle_timers`). A drain already under way keeps its own.
     pub fn begin_drain_with(&mut self, code: u16, reason: &str, until: Instant, clock: Clock) {
         if self.draining_until.is_some() {
             return;
         }
         self.draining_until = Some(until);
         let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k as ConnKey).collect();
-        for key in keys {
-            self.with_conn(key, clock, |c, cx| c.close(code, reason, cx));
+        let timeout = until.saturating_duration_since(clock.now);
+        let plan = drain::DrainCloses::new(code, reason, keys, clock.now, timeout);
+        self.drain_closes = Some(plan);
+        self.close_drain_batch(clock);
+    }
+
+    /// Sends the drain's close frames that are due.
+    fn close_drain_batch(&mut self, clock: Clock) {
+        let Some(plan) = self.drain_closes.as_mut() else {
+            return;
+        };
+        let (code, reason) = (plan.code, plan.reason.clone());
+        for key in plan.handle_timeout(clock.now) {
+            self.with_conn(key, clock, |c, cx| c.close(code, &reason, cx));
         }
     }
 
@@ -512,6 +529,7 @@ impl<T: Transport> Shard<T> {
             tracing::warn!(target: "wse_shards::alarms", shard = self.me, "{line}");
         }
         self.alarm_lines = lines;
+        self.close_drain_batch(clock);
         let mut expired = std::mem::take(&mut self.expired);
         self.timers.expire(clock.now, &mut expired);
         for (key, tick) in expired.drain(..) {
