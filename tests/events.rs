@@ -162,9 +162,62 @@ async fn events_and_commands_share_the_socket() {
     let leave = backend.of_type("presence_leave").next().unwrap();
     assert_eq!(
         (leave["connection_id"].clone(), leave["user_id"].clone()),
-        (Value::Null, json!("ann"))
+        (json!(id), json!("ann"))
     );
     assert!(wse.metric("wse_events_delivered_total", "").await >= 7.0);
+}
+
+/// Each connection's events reach the backend in its order — `auth_connect` first, its presence
+/// events, `disconnect` last — although presence is decided by each topic's owner, another shard
+/// for most of them. The backend connects last, so every shard's backlog is pulled at once.
+#[tokio::test]
+async fn presence_events_come_between_connect_and_disconnect() {
+    const CLIENTS: usize = 24;
+    const ROOMS: usize = 8;
+    let wse = Wse::start(&["--cores", "4", "--presence-enabled", "true"]);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut c = client(&wse, &format!("u{i}")).await;
+        let room = format!("room{}", i % ROOMS);
+        let ack = c
+            .subscribe_with(json!({"action": "subscribe", "topics": [room], "presence": {}}))
+            .await
+            .unwrap();
+        assert_eq!(ack.p["success"], true, "{:?}", ack.raw);
+        clients.push(c);
+    }
+    let ids: Vec<String> = clients
+        .iter()
+        .map(|c| c.connection_id().to_owned())
+        .collect();
+    for c in clients {
+        c.close(1000, "bye").await.unwrap();
+    }
+    let mut backend = Backend::connect(&wse).await;
+    backend
+        .until(|b| {
+            b.of_type("disconnect").count() == CLIENTS
+                && b.of_type("presence_leave").count() == CLIENTS
+        })
+        .await;
+    for id in &ids {
+        let kinds: Vec<&str> = backend
+            .events
+            .iter()
+            .filter(|e| e["connection_id"] == id.as_str())
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "auth_connect",
+                "presence_join",
+                "presence_leave",
+                "disconnect"
+            ],
+            "connection {id}"
+        );
+    }
 }
 
 #[tokio::test]

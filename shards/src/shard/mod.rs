@@ -19,12 +19,14 @@ mod commands;
 mod dedup;
 mod drain;
 mod owner;
+mod presence_events;
 mod publications;
 mod subscriptions;
 mod users;
 
 pub use dedup::SEND_DEDUP_WINDOW;
 pub use drain::{DRAIN_BATCH_INTERVAL, DRAIN_CLOSE_SPREAD_PERCENT};
+pub use presence_events::PRESENCE_LEAVE_WAIT;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -216,6 +218,8 @@ pub struct Shard<T: Transport> {
     event_waiter: Option<(usize, Responder<Vec<AppEvent>>)>,
     /// Live connections by user, for `send_user`.
     users: users::Users,
+    /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them.
+    awaited_leaves: presence_events::AwaitedLeaves,
     /// Event ids recently sent per connection, for `send_event` deduplication.
     recent_ids: dedup::RecentIds,
     /// Connections whose socket filled up outside `flush`, reported by the next `flush`.
@@ -282,6 +286,7 @@ impl<T: Transport> Shard<T> {
             event_waiter: None,
             users: users::Users::default(),
             recent_ids: dedup::RecentIds::default(),
+            awaited_leaves: Default::default(),
             blocked: Vec::new(),
             adopted: Vec::new(),
             handed: vec![0; shards],
@@ -316,7 +321,11 @@ impl<T: Transport> Shard<T> {
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.timers.next_expiry();
         let drain = self.drain_closes.as_ref().and_then(|d| d.poll_timeout());
-        let t = [t, self.draining_until, drain].into_iter().flatten().min();
+        let leaves = self.awaited_leaves.poll_timeout();
+        let t = [t, self.draining_until, drain, leaves]
+            .into_iter()
+            .flatten()
+            .min();
         let alarms = self.alarms.poll_timeout();
         Some(t.map_or(alarms, |t| t.min(alarms)))
     }
@@ -530,6 +539,7 @@ impl<T: Transport> Shard<T> {
         }
         self.alarm_lines = lines;
         self.close_drain_batch(clock);
+        self.expire_awaited_leaves(clock.now);
         let mut expired = std::mem::take(&mut self.expired);
         self.timers.expire(clock.now, &mut expired);
         for (key, tick) in expired.drain(..) {
@@ -676,12 +686,14 @@ impl<T: Transport> Shard<T> {
                 self.conn_event(key, kind, &user, payload);
             }
             ConnEvent::Left { subs, user } => {
-                if let Some(slot) = self.conns.get(key as usize) {
-                    let conn = slot.conn.id();
-                    self.users.remove(&user, key);
-                    self.push_app_event(AppEventKind::Disconnect, Some(conn), &user, empty());
-                }
-                self.leave_all(key, subs, Some(user));
+                let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
+                    return;
+                };
+                self.users.remove(&user, key);
+                // Its presence departures are reported before its `disconnect`.
+                self.begin_disconnect(conn, &user, clock.now);
+                self.leave_all(conn, subs, Some(&user));
+                self.settle_disconnect(conn);
             }
         }
     }
@@ -769,21 +781,16 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {
                 topic,
-                shard,
+                conn,
                 interest_off,
                 group_members,
                 user,
                 group,
             } => {
                 let group = group.as_deref().map(|g| (g, group_members));
-                self.handle_leave(
-                    &topic,
-                    usize::from(shard),
-                    interest_off,
-                    user.as_deref(),
-                    group,
-                );
+                self.handle_leave(&topic, conn, interest_off, user.as_deref(), group);
             }
+            FabricMsg::PresenceLeft(answer) => self.handle_presence_left(*answer),
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
             FabricMsg::Query(q) => self.handle_query(*q),
             FabricMsg::Adopt { fd } => self.adopted.push(fd),

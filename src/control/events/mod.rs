@@ -6,7 +6,7 @@
 //! a shard (the engine's [`Server::next_inbound`] does).
 //!
 //! Routing: an event goes to the consumer that wins a rendezvous hash of its routing key (the
-//! connection id; the topic for `presence_leave`) and the consumer's id, so each connection's
+//! connection id) and the consumer's id, so each connection's
 //! events all go to one consumer, in order. When a consumer joins, only the connections it now
 //! wins move to it, and their later events go there; events already queued elsewhere stay
 //! there, so across that moment one connection's events may be split between two consumers. When
