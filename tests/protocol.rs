@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{Wse, publisher_token, token};
+use support::{Wse, publisher_token, token, token_signed};
 use wse_client::{Connector, Error};
 
 const T: Duration = Duration::from_secs(10);
@@ -606,6 +606,63 @@ async fn a_drain_spreads_its_closes_over_the_timeout() {
     let status = wse.wait_exit(T).expect("server exited");
     assert!(status.success(), "{status:?}");
     assert!(wse.log().contains("drain complete"), "{}", wse.log());
+}
+
+/// A refused token is logged at info with the reason and the peer's address, never the token.
+#[tokio::test]
+async fn an_authentication_refusal_is_logged_with_reason_and_peer() {
+    let wse = Wse::start(&["--cores", "1"]);
+    let forged = token_signed("not-the-server-secret-but-32-bytes-long!", "mallory");
+    let err = Connector::new(wse.url())
+        .token(forged.clone())
+        .connect()
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, Error::Closed { code: 4401, .. }), "{err:?}");
+    assert!(
+        wse.wait_log("authentication refused", 1, T),
+        "{}",
+        wse.log()
+    );
+    let log = wse.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("authentication refused"))
+        .unwrap();
+    assert!(line.contains("invalid signature"), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    let signature = forged.rsplit('.').next().unwrap();
+    assert!(!log.contains(signature), "the token reached the log:\n{log}");
+}
+
+/// At debug, each connection's life is in the log: accepted (with the peer), upgraded, closed
+/// with its code.
+#[tokio::test]
+async fn debug_logs_each_connections_lifecycle() {
+    let mut cmd = Wse::command();
+    cmd.env("RUST_LOG", "info,wse_shards=debug").args([
+        "--listen",
+        "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+    ]);
+    let wse = Wse::start_command(cmd);
+    let c = Connector::new(wse.url()).connect().await.unwrap();
+    let id = c.connection_id().to_owned();
+    c.close(1000, "bye").await.unwrap();
+    let closed = format!("conn={id} code=1000");
+    assert!(wse.wait_log(&closed, 1, T), "{}", wse.log());
+    let log = wse.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&id)).collect();
+    assert!(
+        lines[0].contains("accepted") && lines[0].contains("peer=127.0.0.1:"),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("upgraded")), "{lines:#?}");
+    assert!(lines.last().unwrap().contains("closed"), "{lines:#?}");
 }
 
 #[tokio::test]

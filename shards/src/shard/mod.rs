@@ -30,7 +30,7 @@ pub use presence_events::PRESENCE_LEAVE_WAIT;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -39,7 +39,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use slab::Slab;
 
-use crate::alarms::AttackSummary;
+use crate::alarms::{AUTH_REFUSAL_LINES_PER_SEC, AttackSummary, LineBudget};
+use crate::auth::AuthError;
 use crate::auth::{Acl, Authenticator};
 use crate::command::{CommandError, SubscribeOutcome};
 use crate::config::{Config, ProtocolConfig};
@@ -154,6 +155,10 @@ pub trait Transport {
     fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// `shutdown(2)`; errors are irrelevant (the socket is going away either way).
     fn shutdown(&self, how: Shutdown);
+    /// The peer's address, for the log (`None` when unknown: not a socket, or already gone).
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 struct Slot<T> {
@@ -238,6 +243,8 @@ pub struct Shard<T: Transport> {
     alarms: AttackSummary,
     /// Scratch for the summary's lines (kept to reuse its allocation).
     alarm_lines: Vec<String>,
+    /// Authentication refusals logged one by one, at most `AUTH_REFUSAL_LINES_PER_SEC`.
+    auth_refusal_log: LineBudget,
 }
 
 impl<T: Transport> Shard<T> {
@@ -296,6 +303,7 @@ impl<T: Transport> Shard<T> {
             drain_closes: None,
             alarms,
             alarm_lines: Vec::new(),
+            auth_refusal_log: LineBudget::new(AUTH_REFUSAL_LINES_PER_SEC),
         }
     }
 
@@ -401,6 +409,7 @@ impl<T: Transport> Shard<T> {
         let key = entry.key() as ConnKey;
         self.serial = self.serial.wrapping_add(1);
         let conn = Conn::new(ConnId::new(self.me, self.serial, key), clock.now);
+        tracing::debug!(shard = self.me, conn = %conn.id(), peer = %Peer(io.peer_addr()), "accepted");
         entry.insert(Slot {
             conn,
             io,
@@ -462,6 +471,12 @@ impl<T: Transport> Shard<T> {
             self.metrics
                 .connections
                 .set(self.metrics.connections.get().saturating_sub(1));
+        }
+        match slot.conn.close_code() {
+            Some(code) => tracing::debug!(shard = self.me, conn = %slot.conn.id(), code, "closed"),
+            None => {
+                tracing::debug!(shard = self.me, conn = %slot.conn.id(), "closed without a close frame")
+            }
         }
         self.metrics.connections_closed_total.inc();
         self.metrics.sockets.set(self.conns.len() as u64);
@@ -660,8 +675,10 @@ impl<T: Transport> Shard<T> {
                 if let Some(slot) = self.conns.get_mut(key as usize) {
                     slot.upgraded = true;
                     self.metrics.connections.inc();
+                    tracing::debug!(shard = self.me, conn = %slot.conn.id(), "upgraded");
                 }
             }
+            ConnEvent::AuthRefused(e) => self.log_auth_refusal(key, &e, clock),
             ConnEvent::Connected { user, claims } => self.connected(key, &user, claims),
             ConnEvent::Subscribe(req) => self.subscribe(key, req, None, clock),
             ConnEvent::PresenceUpdate { data } => self.presence_update(key, data),
@@ -698,12 +715,33 @@ impl<T: Transport> Shard<T> {
         }
     }
 
+    /// Logs a refused token: why, and from where (never the token), within the shard's line
+    /// budget; the attack summary counts every one.
+    fn log_auth_refusal(&mut self, key: ConnKey, e: &AuthError, clock: Clock) {
+        let Some(suppressed) = self.auth_refusal_log.admit(clock.now) else {
+            return;
+        };
+        let peer = Peer(self.conns.get(key as usize).and_then(|s| s.io.peer_addr()));
+        if suppressed == 0 {
+            tracing::info!(shard = self.me, %peer, reason = %e, "authentication refused (closed 4401)");
+        } else {
+            tracing::info!(
+                shard = self.me,
+                %peer,
+                reason = %e,
+                suppressed,
+                "authentication refused (closed 4401); {suppressed} more refusals were not logged"
+            );
+        }
+    }
+
     /// A WSE session started: index it by user and tell the application.
     fn connected(&mut self, key: ConnKey, user: &str, claims: Option<Bytes>) {
         let Some(slot) = self.conns.get(key as usize) else {
             return;
         };
         let conn = slot.conn.id();
+        tracing::debug!(shard = self.me, %conn, user, "session started");
         self.users.insert(user, key);
         let kind = if claims.is_some() {
             AppEventKind::AuthConnect
@@ -821,6 +859,18 @@ impl<T: Transport> Shard<T> {
             return;
         }
         slot.armed = Some(self.timers.arm(key, at));
+    }
+}
+
+/// A peer address in the log: the address, or `unknown`.
+struct Peer(Option<SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("unknown"),
+        }
     }
 }
 
