@@ -220,6 +220,55 @@ async fn presence_events_come_between_connect_and_disconnect() {
     }
 }
 
+/// At shutdown the backend hears the `disconnect` of every connection the drain closed, then the
+/// event stream closes with 1001 (going away), and the process exits 0.
+#[tokio::test]
+async fn a_drain_delivers_the_disconnects_then_closes_the_stream_with_1001() {
+    const CLIENTS: usize = 6;
+    let mut wse = Wse::start(&["--cores", "2"]);
+    let mut backend = Backend::connect(&wse).await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(client(&wse, &format!("u{i}")).await);
+    }
+    backend
+        .until(|b| b.of_type("auth_connect").count() == CLIENTS)
+        .await;
+    wse.sigterm();
+    let closes: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| tokio::spawn(async move { c.expect_close(T).await.unwrap().code }))
+        .collect();
+    for close in closes {
+        assert_eq!(close.await.unwrap(), 4300);
+    }
+    // Everything up to the close frame, then the end of the stream.
+    let mut close = None;
+    while let Some(message) = tokio::time::timeout(T, backend.ws.next())
+        .await
+        .expect("the event stream neither closed nor ended")
+    {
+        match message.unwrap() {
+            Message::Text(text) => match serde_json::from_str(&text).unwrap() {
+                Value::Array(events) => backend.events.extend(events),
+                reply => panic!("unexpected reply {reply}"),
+            },
+            Message::Close(frame) => close = Some(frame.expect("a close code")),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        backend.of_type("disconnect").count(),
+        CLIENTS,
+        "{:?}",
+        backend.events
+    );
+    let close = close.expect("no close frame before the end of the stream");
+    assert_eq!(u16::from(close.code), 1001);
+    let status = wse.wait_exit(T).expect("server exited");
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test]
 async fn the_key_is_required_and_may_come_in_the_query() {
     let wse = Wse::start(&["--cores", "1"]);

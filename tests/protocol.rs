@@ -633,7 +633,10 @@ async fn an_authentication_refusal_is_logged_with_reason_and_peer() {
     assert!(line.contains("invalid signature"), "{line}");
     assert!(line.contains("peer=127.0.0.1:"), "{line}");
     let signature = forged.rsplit('.').next().unwrap();
-    assert!(!log.contains(signature), "the token reached the log:\n{log}");
+    assert!(
+        !log.contains(signature),
+        "the token reached the log:\n{log}"
+    );
 }
 
 /// At debug, each connection's life is in the log: accepted (with the peer), upgraded, closed

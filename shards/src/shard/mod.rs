@@ -42,7 +42,7 @@ use slab::Slab;
 use crate::alarms::{AUTH_REFUSAL_LINES_PER_SEC, AttackSummary, LineBudget};
 use crate::auth::AuthError;
 use crate::auth::{Acl, Authenticator};
-use crate::command::{CommandError, SubscribeOutcome};
+use crate::command::{Command, CommandError, SubscribeOutcome};
 use crate::config::{Config, ProtocolConfig};
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::fabric::{Endpoint, FabricMsg, Responder, Sent};
@@ -319,10 +319,12 @@ impl<T: Transport> Shard<T> {
         self.draining_until.is_some()
     }
 
-    /// Draining and either every connection is gone or the drain deadline has passed.
+    /// Draining and either every connection is gone (its `disconnect` reported) or the drain
+    /// deadline has passed.
     pub fn is_drained(&self, now: Instant) -> bool {
-        self.draining_until
-            .is_some_and(|until| self.conns.is_empty() || now >= until)
+        self.draining_until.is_some_and(|until| {
+            (self.conns.is_empty() && !self.awaited_leaves.holds_disconnects()) || now >= until
+        })
     }
 
     /// When the shard next needs `handle_timers`.
@@ -535,11 +537,25 @@ impl<T: Transport> Shard<T> {
         n
     }
 
-    /// The shard is about to exit: everything still queued to it is dropped (a command's
-    /// responder answers "not running"), and so is a waiting event request.
+    /// The shard is about to exit: its last application events (the drain's `disconnect`s)
+    /// answer the event request waiting or queued, whatever their number; everything else still
+    /// queued to it is dropped (a command's responder answers "not running").
     pub fn close_fabric(&mut self) {
-        self.event_waiter = None;
-        self.fabric.receive(usize::MAX, |_, m| drop(m));
+        self.report_awaited_disconnects();
+        let mut last = self.event_waiter.take().map(|(_, reply)| reply);
+        let mut inbox = Vec::new();
+        self.fabric.receive(usize::MAX, |_, m| inbox.push(m));
+        for m in inbox {
+            if let FabricMsg::Command(cmd) = m
+                && let Command::TakeEvents { reply, .. } = *cmd
+            {
+                // The newest request is the one its asker still waits on.
+                last = Some(reply);
+            }
+        }
+        if let Some(reply) = last {
+            reply.send(self.take_events(usize::MAX));
+        }
     }
 
     /// Runs due deadlines: pings, idle closes, handshake and close timeouts, the attack summary.

@@ -43,6 +43,11 @@ struct Awaited {
 }
 
 impl AwaitedLeaves {
+    /// Whether a `disconnect` is held back.
+    pub fn holds_disconnects(&self) -> bool {
+        self.by_conn.values().any(|a| a.disconnect.is_some())
+    }
+
     /// The earliest instant a held `disconnect` must go out.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.by_conn
@@ -125,6 +130,14 @@ impl<T: Transport> Shard<T> {
             .map(|(c, _)| *c)
             .collect();
         for conn in due {
+            self.report_disconnect(conn);
+        }
+    }
+
+    /// The shard exits: every `disconnect` held back goes now.
+    pub(super) fn report_awaited_disconnects(&mut self) {
+        let held: Vec<ConnId> = self.awaited_leaves.by_conn.keys().copied().collect();
+        for conn in held {
             self.report_disconnect(conn);
         }
     }
