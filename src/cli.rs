@@ -302,7 +302,9 @@ durations are like 25s, 1500ms, 1m30s. An empty value unsets an optional setting
     version,
     about = "Thread-per-core WSE WebSocket messaging server",
     after_help = AFTER_HELP,
-    max_term_width = 100
+    max_term_width = 100,
+    // A flag given twice takes its last value (a wrapper script's defaults, then the operator's).
+    args_override_self = true
 )]
 struct Cli {
     /// TOML configuration file; flags and WSE_* variables override what it sets.

@@ -162,7 +162,7 @@ async fn events_and_commands_share_the_socket() {
     let leave = backend.of_type("presence_leave").next().unwrap();
     assert_eq!(
         (leave["connection_id"].clone(), leave["user_id"].clone()),
-        (Value::Null, json!("ann"))
+        (json!(id), json!("ann"))
     );
     // Exactly these events, each delivered once (the counter moves just after the frame is
     // written, so it may trail what the backend has read by a moment).
@@ -191,6 +191,108 @@ async fn events_and_commands_share_the_socket() {
         delivered = wse.metric("wse_events_delivered_total", "").await;
     }
     assert_eq!(delivered, 7.0);
+}
+
+/// Each connection's events reach the backend in its order — `auth_connect` first, its presence
+/// events, `disconnect` last — although presence is decided by each topic's owner, another shard
+/// for most of them. The backend connects last, so every shard's backlog is pulled at once.
+#[tokio::test]
+async fn presence_events_come_between_connect_and_disconnect() {
+    const CLIENTS: usize = 24;
+    const ROOMS: usize = 8;
+    let wse = Wse::start(&["--cores", "4", "--presence-enabled", "true"]);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut c = client(&wse, &format!("u{i}")).await;
+        let room = format!("room{}", i % ROOMS);
+        let ack = c
+            .subscribe_with(json!({"action": "subscribe", "topics": [room], "presence": {}}))
+            .await
+            .unwrap();
+        assert_eq!(ack.p["success"], true, "{:?}", ack.raw);
+        clients.push(c);
+    }
+    let ids: Vec<String> = clients
+        .iter()
+        .map(|c| c.connection_id().to_owned())
+        .collect();
+    for c in clients {
+        c.close(1000, "bye").await.unwrap();
+    }
+    let mut backend = Backend::connect(&wse).await;
+    backend
+        .until(|b| {
+            b.of_type("disconnect").count() == CLIENTS
+                && b.of_type("presence_leave").count() == CLIENTS
+        })
+        .await;
+    for id in &ids {
+        let kinds: Vec<&str> = backend
+            .events
+            .iter()
+            .filter(|e| e["connection_id"] == id.as_str())
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "auth_connect",
+                "presence_join",
+                "presence_leave",
+                "disconnect"
+            ],
+            "connection {id}"
+        );
+    }
+}
+
+/// At shutdown the backend hears the `disconnect` of every connection the drain closed, then the
+/// event stream closes with 1001 (going away), and the process exits 0.
+#[tokio::test]
+async fn a_drain_delivers_the_disconnects_then_closes_the_stream_with_1001() {
+    const CLIENTS: usize = 6;
+    let mut wse = Wse::start(&["--cores", "2"]);
+    let mut backend = Backend::connect(&wse).await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(client(&wse, &format!("u{i}")).await);
+    }
+    backend
+        .until(|b| b.of_type("auth_connect").count() == CLIENTS)
+        .await;
+    wse.sigterm();
+    let closes: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| tokio::spawn(async move { c.expect_close(T).await.unwrap().code }))
+        .collect();
+    for close in closes {
+        assert_eq!(close.await.unwrap(), 4300);
+    }
+    // Everything up to the close frame, then the end of the stream.
+    let mut close = None;
+    while let Some(message) = tokio::time::timeout(T, backend.ws.next())
+        .await
+        .expect("the event stream neither closed nor ended")
+    {
+        match message.unwrap() {
+            Message::Text(text) => match serde_json::from_str(&text).unwrap() {
+                Value::Array(events) => backend.events.extend(events),
+                reply => panic!("unexpected reply {reply}"),
+            },
+            Message::Close(frame) => close = Some(frame.expect("a close code")),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        backend.of_type("disconnect").count(),
+        CLIENTS,
+        "{:?}",
+        backend.events
+    );
+    let close = close.expect("no close frame before the end of the stream");
+    assert_eq!(u16::from(close.code), 1001);
+    let status = wse.wait_exit(T).expect("server exited");
+    assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{Wse, publisher_token, token};
+use support::{Wse, publisher_token, token, token_signed};
 use wse_client::{Connector, Error};
 
 const T: Duration = Duration::from_secs(10);
@@ -465,6 +465,109 @@ async fn graceful_shutdown_closes_with_4300_and_exits_zero() {
     assert!(status.success(), "{status:?}");
     // The listener is gone.
     assert!(tokio::net::TcpStream::connect(wse.ws).await.is_err());
+}
+
+/// A drain spreads its close frames over half of `server.drain_timeout` (one batch per
+/// `DRAIN_BATCH_INTERVAL`) so the clients do not all reconnect elsewhere at once; each gets
+/// 4300, the drain completes once they are gone, and the process exits 0.
+#[tokio::test]
+async fn a_drain_spreads_its_closes_over_the_timeout() {
+    const CLIENTS: usize = 20;
+    // Half of the 2 s timeout is 1 s of spread: the first and the last batch are 900 ms apart.
+    const SPREAD_MIN: Duration = Duration::from_millis(600);
+    let mut wse = Wse::start(&["--cores", "1", "--drain-timeout", "2s"]);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(connector(&wse, &format!("c{i}")).connect().await.unwrap());
+    }
+    let start = tokio::time::Instant::now();
+    wse.sigterm();
+    let closes: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let close = c.expect_close(T).await.unwrap();
+                (close.code, tokio::time::Instant::now())
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for close in closes {
+        let (code, when) = close.await.unwrap();
+        assert_eq!(code, 4300);
+        at.push(when - start);
+    }
+    at.sort();
+    let (first, last) = (at[0], at[CLIENTS - 1]);
+    assert!(
+        last - first >= SPREAD_MIN,
+        "closes arrived within {:?} of each other: {at:?}",
+        last - first
+    );
+    assert!(last < Duration::from_secs(2), "{at:?}");
+    let status = wse.wait_exit(T).expect("server exited");
+    assert!(status.success(), "{status:?}");
+    assert!(wse.log().contains("drain complete"), "{}", wse.log());
+}
+
+/// A refused token is logged at info with the reason and the peer's address, never the token.
+#[tokio::test]
+async fn an_authentication_refusal_is_logged_with_reason_and_peer() {
+    let wse = Wse::start(&["--cores", "1"]);
+    let forged = token_signed("not-the-server-secret-but-32-bytes-long!", "mallory");
+    let err = Connector::new(wse.url())
+        .token(forged.clone())
+        .connect()
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, Error::Closed { code: 4401, .. }), "{err:?}");
+    assert!(
+        wse.wait_log("authentication refused", 1, T),
+        "{}",
+        wse.log()
+    );
+    let log = wse.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("authentication refused"))
+        .unwrap();
+    assert!(line.contains("invalid signature"), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    let signature = forged.rsplit('.').next().unwrap();
+    assert!(
+        !log.contains(signature),
+        "the token reached the log:\n{log}"
+    );
+}
+
+/// At debug, each connection's life is in the log: accepted (with the peer), upgraded, closed
+/// with its code.
+#[tokio::test]
+async fn debug_logs_each_connections_lifecycle() {
+    let mut cmd = Wse::command();
+    cmd.env("RUST_LOG", "info,wse_shards=debug").args([
+        "--listen",
+        "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+    ]);
+    let wse = Wse::start_command(cmd);
+    let c = Connector::new(wse.url()).connect().await.unwrap();
+    let id = c.connection_id().to_owned();
+    c.close(1000, "bye").await.unwrap();
+    let closed = format!("conn={id} code=1000");
+    assert!(wse.wait_log(&closed, 1, T), "{}", wse.log());
+    let log = wse.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&id)).collect();
+    assert!(
+        lines[0].contains("accepted") && lines[0].contains("peer=127.0.0.1:"),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("upgraded")), "{lines:#?}");
+    assert!(lines.last().unwrap().contains("closed"), "{lines:#?}");
 }
 
 #[tokio::test]

@@ -15,6 +15,9 @@
 //!
 //! Calling order: [`AttackSummary::poll_timeout`] tells the shard when to wake;
 //! [`AttackSummary::handle_timeout`] at or after it returns the lines and arms the next one.
+//!
+//! Beside the summary, [`LineBudget`] lets a shard log some refusals one by one (the reason and
+//! the peer's address, which a count cannot say) without letting a flood of them flood the log.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -22,6 +25,49 @@ use std::time::{Duration, Instant};
 use crate::auth::AuthError;
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::JSON_DEPTH_MAX;
+
+/// Lines per second one shard logs about individual authentication refusals (at info). Past it
+/// they are counted, and the next line logged says how many were left out.
+pub const AUTH_REFUSAL_LINES_PER_SEC: u32 = 10;
+
+/// A per-second budget of log lines: at most `per_sec` lines in any one-second window from the
+/// first line of that window; the rest are counted as suppressed.
+#[derive(Debug)]
+pub struct LineBudget {
+    per_sec: u32,
+    window_start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LineBudget {
+    pub fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec,
+            window_start: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be logged at `now`: `Some(n)` with the lines suppressed since the last
+    /// one logged (to be mentioned in it), `None` when over the budget (counted).
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
+        let fresh = self
+            .window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if fresh {
+            self.window_start = Some(now);
+            self.used = 0;
+        }
+        if self.used >= self.per_sec {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
 
 /// One kind of refusal and where its count comes from.
 struct Kind {
@@ -186,6 +232,19 @@ fn seconds(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_line_budget_admits_per_second_and_reports_what_it_left_out() {
+        let t0 = Instant::now();
+        let mut b = LineBudget::new(2);
+        assert_eq!(b.admit(t0), Some(0));
+        assert_eq!(b.admit(t0), Some(0));
+        assert_eq!(b.admit(t0 + Duration::from_millis(500)), None);
+        assert_eq!(b.admit(t0 + Duration::from_millis(999)), None);
+        assert_eq!(b.admit(t0 + Duration::from_secs(1)), Some(2));
+        assert_eq!(b.admit(t0 + Duration::from_secs(1)), Some(0));
+        assert_eq!(b.admit(t0 + Duration::from_secs(1)), None);
+    }
 
     const SECOND: Duration = Duration::from_secs(1);
 

@@ -145,6 +145,9 @@ pub enum ConnEvent {
         /// The frame's payload, verbatim.
         payload: Bytes,
     },
+    /// The upgrade's token was refused (closed 4401): the shard logs why, with the peer's
+    /// address (never the token).
+    AuthRefused(crate::auth::AuthError),
     /// The connection left the live phase: it is no longer subscribed to `subs` (handed over
     /// here because the session that held them is gone).
     Left {
@@ -363,8 +366,8 @@ enum Next {
     /// Fail the connection (RFC 6455 §7.1.7): send the close frame and close at once, without
     /// waiting for a peer that just broke the protocol.
     Fail(u16, &'static str),
-    /// The peer sent a close frame (which we have answered).
-    PeerClosed,
+    /// The peer sent a close frame (which we have answered) with this code (1005: none).
+    PeerClosed(u16),
     /// More is queued than `limits.max_outbound_queue_bytes` (replies to what the client sent
     /// count too): evict it with 4413, as any consumer that does not read.
     Evict,
@@ -387,6 +390,9 @@ pub struct Conn {
     pub admitted: bool,
     /// Refused after the upgrade and counted in [`Cx::refused_lingering`] until released.
     refused: bool,
+    /// The close code of the close handshake, ours or the peer's, whichever came first (for the
+    /// lifecycle log); `None` while open, or when the socket went without one.
+    close_code: Option<u16>,
 }
 
 impl Conn {
@@ -402,7 +408,20 @@ impl Conn {
             next_ping: now,
             admitted: false,
             refused: false,
+            close_code: None,
         }
+    }
+
+    /// The code that began the close handshake, ours or the peer's (`None`: none yet, or the
+    /// socket went without one).
+    pub fn close_code(&self) -> Option<u16> {
+        self.close_code
+    }
+
+    /// Counts a close code we send, and remembers it.
+    fn note_close(&mut self, code: u16, cx: &mut Cx<'_>) {
+        cx.metrics.closed_with(code);
+        self.close_code.get_or_insert(code);
     }
 
     /// The connection's server-wide id.
@@ -646,7 +665,7 @@ impl Conn {
                 return;
             }
         };
-        cx.metrics.closed_with(code);
+        self.note_close(code, cx);
         self.queue(codec::encode_close(code, reason), cx);
         self.phase = Phase::Closing { decoder, deadline };
     }
@@ -791,7 +810,8 @@ impl Conn {
             Ok(found) => found,
             Err(e) => {
                 cx.metrics.auth_failed(&e);
-                cx.metrics.closed_with(4401);
+                self.note_close(4401, cx);
+                cx.events.push(ConnEvent::AuthRefused(e.clone()));
                 let message = format!("Authentication failed: {e}");
                 self.send_text(&protocol::error(e.code(), &message, false, &cx.clock), cx);
                 self.queue(codec::encode_close(4401, "Authentication failed"), cx);
@@ -801,7 +821,7 @@ impl Conn {
         };
         if !cx.admission.try_admit() {
             cx.metrics.rejected(RejectReason::MaxConnections).inc();
-            cx.metrics.closed_with(1013);
+            self.note_close(1013, cx);
             self.queue(codec::encode_close(1013, "server at connection limit"), cx);
             self.refuse(cx);
             return;
@@ -890,7 +910,8 @@ impl Conn {
             Next::Continue => {}
             Next::Close(code, reason) => self.close(code, reason, cx),
             Next::Fail(code, reason) => self.fail(code, reason, cx),
-            Next::PeerClosed => {
+            Next::PeerClosed(code) => {
+                self.close_code.get_or_insert(code);
                 let now = cx.clock.now;
                 self.enter_closed(now + cx.cfg.limits.close_timeout, cx);
             }
@@ -926,8 +947,8 @@ impl Conn {
                 cont(&next)
             }),
             Phase::Closing { decoder, .. } => decoder.decode(buf, max, |m| {
-                if matches!(m, Message::Close(_)) {
-                    next = Next::PeerClosed;
+                if let Message::Close(c) = m {
+                    next = Next::PeerClosed(c.map_or(1005, |c| c.code));
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
@@ -961,7 +982,7 @@ impl Conn {
     /// Queues the close frame and goes straight to `Closed`.
     fn fail(&mut self, code: u16, reason: &str, cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Live { .. } | Phase::Echo { .. }) {
-            cx.metrics.closed_with(code);
+            self.note_close(code, cx);
             self.queue(codec::encode_close(code, reason), cx);
         }
         let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
@@ -1005,12 +1026,13 @@ fn echo(m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
 
 /// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
 fn reply_close(c: Option<codec::CloseFrame<'_>>, out: &mut OutQueue) -> Next {
+    let code = c.as_ref().map_or(1005, |c| c.code);
     let frame = match c {
         Some(c) => codec::encode_close(c.code, ""),
         None => codec::encode_frame(OpCode::Close, &[]),
     };
     out.push(frame);
-    Next::PeerClosed
+    Next::PeerClosed(code)
 }
 
 impl Session {

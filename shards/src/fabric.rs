@@ -95,16 +95,17 @@ pub enum FabricMsg {
     /// the replayed frames precede them. Lost: the acknowledgement never comes, and the
     /// connection skips the topic's live frames.
     Joined(Box<JoinReply>),
-    /// A shard → the topic's owner: a connection left the topic (or changed the kind of its
-    /// subscription); `interest_off` when it was the shard's last plain subscriber, `user` when
-    /// it leaves presence, `group` when it left a queue group, of which the shard has
-    /// `group_members` left. Lost: the owner keeps sending to the shard (which discards or
-    /// gives the publication to another member), or a presence member stays.
+    /// A shard → the topic's owner: connection `conn` (of the sending shard) left the topic (or
+    /// changed the kind of its subscription); `interest_off` when it was the shard's last plain
+    /// subscriber, `user` when it leaves presence (answered with `PresenceLeft`), `group` when it
+    /// left a queue group, of which the shard has `group_members` left. Lost: the owner keeps
+    /// sending to the shard (which discards or gives the publication to another member), or a
+    /// presence member stays.
     Leave {
         /// The topic left.
         topic: Arc<str>,
-        /// The shard the connection was on.
-        shard: u16,
+        /// The connection leaving (its shard is the sender).
+        conn: ConnId,
         /// It was the shard's last plain subscriber: stop sending it the topic.
         interest_off: bool,
         /// Members of `group` the shard has left (absolute, not a decrement).
@@ -114,6 +115,12 @@ pub enum FabricMsg {
         /// The queue group left, if any.
         group: Option<Arc<str>>,
     },
+    /// Owner → the shard of the connection named in a `Leave` with a `user`: whether that
+    /// departure ended the user's presence membership (then with the `presence_leave` event),
+    /// so the connection's shard reports it before the connection's `disconnect`. Lost: the
+    /// shard holds that `disconnect` back until `PRESENCE_LEAVE_WAIT` has passed, and the
+    /// `presence_leave` event is not reported.
+    PresenceLeft(Box<PresenceLeft>),
     /// A shard → the topic's owner: a member's new presence data. Lost: the update is not seen.
     PresenceUpdate(Box<PresenceUpdate>),
     /// The control plane → a topic's owner: a question, answered through its reply slot.
@@ -178,6 +185,18 @@ pub struct JoinReply {
     /// The queue group the request joined, if any (a refusal concerns only a connection still in
     /// it).
     pub queue_group: Option<Arc<str>>,
+    /// The join made the user a presence member: user id and the `presence_join` event's
+    /// payload, which the connection's shard reports (after the connection's `connect`).
+    pub presence_joined: Option<(Box<str>, Bytes)>,
+}
+
+/// See [`FabricMsg::PresenceLeft`].
+#[derive(Debug)]
+pub struct PresenceLeft {
+    pub conn: ConnId,
+    /// The user's departure from the topic's presence: user id and the event's payload
+    /// (`{"topic","user_id","data"}`); `None` when other connections keep the user a member.
+    pub left: Option<(Box<str>, Bytes)>,
 }
 
 /// See [`FabricMsg::PresenceUpdate`].

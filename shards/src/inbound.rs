@@ -6,8 +6,10 @@
 //! keeps its own bounded queue (`shard`), and `Server::drain_inbound` collects from them.
 //!
 //! Order: the events of one connection all come from the shard that serves it and leave that
-//! shard in the order they happened. Presence events come from the topic's owner shard, in the
-//! topic's order.
+//! shard in the order they happened: `connect` first, `disconnect` last. Presence events are
+//! decided by the topic's owner shard but reported by the connection's shard, between the two
+//! (`shard::presence_events`); each names the connection that joined or, for `presence_leave`,
+//! the one whose departure ended the user's membership.
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -66,7 +68,7 @@ pub struct AppEvent {
     pub kind: AppEventKind,
     /// The shard that produced it: the connection's, or the topic owner's for presence.
     pub shard: u16,
-    /// The connection it is about (none for `presence_leave`).
+    /// The connection it is about (every event a shard reports names one).
     pub conn: Option<ConnId>,
     /// The user (JWT `sub`; the connection id when authentication is off).
     pub user: Box<str>,
@@ -81,7 +83,7 @@ impl AppEvent {
     }
 
     /// The key that keeps one client's events together (on one event-stream consumer): the
-    /// connection id, or the topic for `presence_leave`.
+    /// connection id (every event the shards report has one; a hash of the payload otherwise).
     pub fn routing_key(&self) -> u64 {
         match self.conn {
             Some(c) => c.as_u64(),

@@ -65,6 +65,12 @@ impl Transport for Sock {
         };
         let _ = rustix::net::shutdown(self.as_fd(), how);
     }
+    fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        socket2::SockRef::from(&**self)
+            .peer_addr()
+            .ok()?
+            .as_socket()
+    }
 }
 
 /// What a shard thread starts with.

@@ -115,9 +115,15 @@ pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlan
             runtime.block_on(async move {
                 if let Some(url) = webhook {
                     let consumer = hub.register_webhook();
-                    tokio::spawn(events::webhook::run(hub, consumer, url, stop_rx.clone()));
+                    tokio::spawn(events::webhook::run(hub.clone(), consumer, url, stop_rx.clone()));
                 }
                 listener::serve(listener, app, server, listener_metrics, stop_rx).await;
+                // The event-stream sockets close once the dispatcher has handed them the
+                // shards' last events.
+                let closed = tokio::time::timeout(STOP_GRACE, hub.sockets_closed()).await;
+                if closed.is_err() {
+                    tracing::warn!("control plane: event-stream consumers still open {STOP_GRACE:?} after stop; dropping them");
+                }
             });
             // `stop` reached the dispatcher too; it returns at its next await.
             if dispatcher.join().is_err() {

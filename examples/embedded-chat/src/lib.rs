@@ -77,7 +77,7 @@ impl Chat {
     /// Handles one application event.
     pub fn handle(&mut self, server: &Server, event: &AppEvent) {
         let Some(conn) = event.conn else {
-            return; // presence_leave: the clients got their own notice
+            return; // every event the server reports names its connection
         };
         match event.kind {
             AppEventKind::Disconnect => {

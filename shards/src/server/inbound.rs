@@ -87,6 +87,25 @@ impl Server {
         std::future::poll_fn(move |cx| self.poll_inbound(cx, max.max(1)))
     }
 
+    /// Every event the shards handed out and [`Server::next_inbound`] has not returned yet,
+    /// without waiting: for a consumer's last take once the shards have stopped (after
+    /// [`Server::stop`]), when each shard has answered its last request with all it had left.
+    /// A request still unanswered is abandoned.
+    pub fn take_remaining_inbound(&self) -> Vec<AppEvent> {
+        let mut inbound = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        let inbound = &mut *inbound;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for slot in &mut inbound.waiting {
+            if let Some(answer) = slot.take()
+                && let Poll::Ready(Some(batch)) = Pin::new(&mut { answer }).poll(&mut cx)
+            {
+                inbound.ready.extend(batch);
+            }
+        }
+        inbound.ready_bytes = 0;
+        inbound.ready.drain(..).collect()
+    }
+
     fn poll_inbound(&self, cx: &mut Context<'_>, max: usize) -> Poll<Vec<AppEvent>> {
         let mut inbound = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
         let inbound = &mut *inbound;

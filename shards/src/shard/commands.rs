@@ -128,7 +128,7 @@ impl<T: Transport> Shard<T> {
     }
 
     /// The oldest `max` queued application events.
-    fn take_events(&mut self, max: usize) -> Vec<AppEvent> {
+    pub(super) fn take_events(&mut self, max: usize) -> Vec<AppEvent> {
         let n = max.min(self.app_events.len());
         let batch: Vec<AppEvent> = self.app_events.drain(..n).collect();
         self.app_event_bytes -= batch.iter().map(AppEvent::size).sum::<usize>();

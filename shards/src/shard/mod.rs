@@ -17,16 +17,20 @@
 
 mod commands;
 mod dedup;
+mod drain;
 mod owner;
+mod presence_events;
 mod publications;
 mod subscriptions;
 mod users;
 
 pub use dedup::SEND_DEDUP_WINDOW;
+pub use drain::{DRAIN_BATCH_INTERVAL, DRAIN_CLOSE_SPREAD_PERCENT};
+pub use presence_events::PRESENCE_LEAVE_WAIT;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -35,9 +39,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use slab::Slab;
 
-use crate::alarms::AttackSummary;
+use crate::alarms::{AUTH_REFUSAL_LINES_PER_SEC, AttackSummary, LineBudget};
+use crate::auth::AuthError;
 use crate::auth::{Acl, Authenticator};
-use crate::command::{CommandError, SubscribeOutcome};
+use crate::command::{Command, CommandError, SubscribeOutcome};
 use crate::config::{Config, ProtocolConfig};
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::fabric::{Endpoint, FabricMsg, Responder, Sent};
@@ -159,6 +164,10 @@ pub trait Transport {
     fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// `shutdown(2)`; errors are irrelevant (the socket is going away either way).
     fn shutdown(&self, how: Shutdown);
+    /// The peer's address, for the log (`None` when unknown: not a socket, or already gone).
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 struct Slot<T> {
@@ -225,6 +234,8 @@ pub struct Shard<T: Transport> {
     event_waiter: Option<(usize, Responder<Vec<AppEvent>>)>,
     /// Live connections by user, for `send_user`.
     users: users::Users,
+    /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them.
+    awaited_leaves: presence_events::AwaitedLeaves,
     /// Event ids recently sent per connection, for `send_event` deduplication.
     recent_ids: dedup::RecentIds,
     /// Connections whose socket filled up outside `flush`, reported by the next `flush`.
@@ -237,10 +248,14 @@ pub struct Shard<T: Transport> {
     /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
     refused_lingering: usize,
     draining_until: Option<Instant>,
+    /// The close frames a drain has still to send, in batches (see `drain`).
+    drain_closes: Option<drain::DrainCloses>,
     /// Logs what this shard refused, once per kind and `log.attack_summary_interval`.
     alarms: AttackSummary,
     /// Scratch for the summary's lines (kept to reuse its allocation).
     alarm_lines: Vec<String>,
+    /// Authentication refusals logged one by one, at most `AUTH_REFUSAL_LINES_PER_SEC`.
+    auth_refusal_log: LineBudget,
 }
 
 impl<T: Transport> Shard<T> {
@@ -290,14 +305,17 @@ impl<T: Transport> Shard<T> {
             event_waiter: None,
             users: users::Users::default(),
             recent_ids: dedup::RecentIds::default(),
+            awaited_leaves: Default::default(),
             blocked: Vec::new(),
             adopted: Vec::new(),
             handed: vec![0; shards],
             handshakes: 0,
             refused_lingering: 0,
             draining_until: None,
+            drain_closes: None,
             alarms,
             alarm_lines: Vec::new(),
+            auth_refusal_log: LineBudget::new(AUTH_REFUSAL_LINES_PER_SEC),
         }
     }
 
@@ -316,19 +334,23 @@ impl<T: Transport> Shard<T> {
         self.draining_until.is_some()
     }
 
-    /// Draining and either every connection is gone or the drain deadline has passed.
+    /// Draining and either every connection is gone (its `disconnect` reported) or the drain
+    /// deadline has passed.
     pub fn is_drained(&self, now: Instant) -> bool {
-        self.draining_until
-            .is_some_and(|until| self.conns.is_empty() || now >= until)
+        self.draining_until.is_some_and(|until| {
+            (self.conns.is_empty() && !self.awaited_leaves.holds_disconnects()) || now >= until
+        })
     }
 
     /// When the shard next needs `handle_timers`.
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.timers.next_expiry();
-        let t = match (t, self.draining_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let drain = self.drain_closes.as_ref().and_then(|d| d.poll_timeout());
+        let leaves = self.awaited_leaves.poll_timeout();
+        let t = [t, self.draining_until, drain, leaves]
+            .into_iter()
+            .flatten()
+            .min();
         let alarms = self.alarms.poll_timeout();
         Some(t.map_or(alarms, |t| t.min(alarms)))
     }
@@ -404,6 +426,7 @@ impl<T: Transport> Shard<T> {
         let key = entry.key() as ConnKey;
         self.serial = self.serial.wrapping_add(1);
         let conn = Conn::new(ConnId::new(self.me, self.serial, key), clock.now);
+        tracing::debug!(shard = self.me, conn = %conn.id(), peer = %Peer(io.peer_addr()), "accepted");
         entry.insert(Slot {
             conn,
             io,
@@ -470,28 +493,48 @@ impl<T: Transport> Shard<T> {
                 .connections
                 .set(self.metrics.connections.get().saturating_sub(1));
         }
+        match slot.conn.close_code() {
+            Some(code) => tracing::debug!(shard = self.me, conn = %slot.conn.id(), code, "closed"),
+            None => {
+                tracing::debug!(shard = self.me, conn = %slot.conn.id(), "closed without a close frame")
+            }
+        }
         self.metrics.connections_closed_total.inc();
         self.metrics.sockets.set(self.conns.len() as u64);
     }
 
     /// Starts a graceful shutdown: every connection gets `server.shutdown_close_code` and
-    /// `server.drain_timeout` to go.
+    /// `server.drain_timeout` to go; the close frames are spread over part of it (see
+    /// [`DRAIN_CLOSE_SPREAD_PERCENT`]).
     pub fn begin_drain(&mut self, clock: Clock) {
         let code = self.cfg.server.shutdown_close_code;
         let until = clock.now + self.cfg.server.drain_timeout;
         self.begin_drain_with(code, "server shutting down", until, clock);
     }
 
-    /// Starts a drain with this close code and reason, ending at `until` at the latest. A drain
-    /// already under way keeps its own.
+    /// Starts a drain with this close code and reason, ending at `until` at the latest: the
+    /// first batch of close frames goes now, the others one per [`DRAIN_BATCH_INTERVAL`] (from
+    /// `handle_timers`). A drain already under way keeps its own.
     pub fn begin_drain_with(&mut self, code: u16, reason: &str, until: Instant, clock: Clock) {
         if self.draining_until.is_some() {
             return;
         }
         self.draining_until = Some(until);
         let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k as ConnKey).collect();
-        for key in keys {
-            self.with_conn(key, clock, |c, cx| c.close(code, reason, cx));
+        let timeout = until.saturating_duration_since(clock.now);
+        let plan = drain::DrainCloses::new(code, reason, keys, clock.now, timeout);
+        self.drain_closes = Some(plan);
+        self.close_drain_batch(clock);
+    }
+
+    /// Sends the drain's close frames that are due.
+    fn close_drain_batch(&mut self, clock: Clock) {
+        let Some(plan) = self.drain_closes.as_mut() else {
+            return;
+        };
+        let (code, reason) = (plan.code, plan.reason.clone());
+        for key in plan.handle_timeout(clock.now) {
+            self.with_conn(key, clock, |c, cx| c.close(code, &reason, cx));
         }
     }
 
@@ -513,11 +556,25 @@ impl<T: Transport> Shard<T> {
         n
     }
 
-    /// The shard is about to exit: everything still queued to it is dropped (a command's
-    /// responder answers "not running"), and so is a waiting event request.
+    /// The shard is about to exit: its last application events (the drain's `disconnect`s)
+    /// answer the event request waiting or queued, whatever their number; everything else still
+    /// queued to it is dropped (a command's responder answers "not running").
     pub fn close_fabric(&mut self) {
-        self.event_waiter = None;
-        self.fabric.receive(usize::MAX, |_, m| drop(m));
+        self.report_awaited_disconnects();
+        let mut last = self.event_waiter.take().map(|(_, reply)| reply);
+        let mut inbox = Vec::new();
+        self.fabric.receive(usize::MAX, |_, m| inbox.push(m));
+        for m in inbox {
+            if let FabricMsg::Command(cmd) = m
+                && let Command::TakeEvents { reply, .. } = *cmd
+            {
+                // The newest request is the one its asker still waits on.
+                last = Some(reply);
+            }
+        }
+        if let Some(reply) = last {
+            reply.send(self.take_events(usize::MAX));
+        }
     }
 
     /// Runs due deadlines: pings, idle closes, handshake and close timeouts, the attack summary.
@@ -531,6 +588,8 @@ impl<T: Transport> Shard<T> {
             tracing::warn!(target: "wse_shards::alarms", shard = self.me, "{line}");
         }
         self.alarm_lines = lines;
+        self.close_drain_batch(clock);
+        self.expire_awaited_leaves(clock.now);
         let mut expired = std::mem::take(&mut self.expired);
         self.timers.expire(clock.now, &mut expired);
         for (key, tick) in expired.drain(..) {
@@ -656,8 +715,10 @@ impl<T: Transport> Shard<T> {
                 if let Some(slot) = self.conns.get_mut(key as usize) {
                     slot.upgraded = true;
                     self.metrics.connections.inc();
+                    tracing::debug!(shard = self.me, conn = %slot.conn.id(), "upgraded");
                 }
             }
+            ConnEvent::AuthRefused(e) => self.log_auth_refusal(key, &e, clock),
             ConnEvent::Connected { user, claims } => self.connected(key, &user, claims),
             ConnEvent::Subscribe(req) => self.subscribe(key, req, None, clock),
             ConnEvent::PresenceUpdate { data } => self.presence_update(key, data),
@@ -682,13 +743,35 @@ impl<T: Transport> Shard<T> {
                 self.conn_event(key, kind, &user, payload);
             }
             ConnEvent::Left { subs, user } => {
-                if let Some(slot) = self.conns.get(key as usize) {
-                    let conn = slot.conn.id();
-                    self.users.remove(&user, key);
-                    self.push_app_event(AppEventKind::Disconnect, Some(conn), &user, empty());
-                }
-                self.leave_all(key, subs, Some(user));
+                let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
+                    return;
+                };
+                self.users.remove(&user, key);
+                // Its presence departures are reported before its `disconnect`.
+                self.begin_disconnect(conn, &user, clock.now);
+                self.leave_all(conn, subs, Some(&user));
+                self.settle_disconnect(conn);
             }
+        }
+    }
+
+    /// Logs a refused token: why, and from where (never the token), within the shard's line
+    /// budget; the attack summary counts every one.
+    fn log_auth_refusal(&mut self, key: ConnKey, e: &AuthError, clock: Clock) {
+        let Some(suppressed) = self.auth_refusal_log.admit(clock.now) else {
+            return;
+        };
+        let peer = Peer(self.conns.get(key as usize).and_then(|s| s.io.peer_addr()));
+        if suppressed == 0 {
+            tracing::info!(shard = self.me, %peer, reason = %e, "authentication refused (closed 4401)");
+        } else {
+            tracing::info!(
+                shard = self.me,
+                %peer,
+                reason = %e,
+                suppressed,
+                "authentication refused (closed 4401); {suppressed} more refusals were not logged"
+            );
         }
     }
 
@@ -698,6 +781,7 @@ impl<T: Transport> Shard<T> {
             return;
         };
         let conn = slot.conn.id();
+        tracing::debug!(shard = self.me, %conn, user, "session started");
         self.users.insert(user, key);
         let kind = if claims.is_some() {
             AppEventKind::AuthConnect
@@ -781,21 +865,16 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {
                 topic,
-                shard,
+                conn,
                 interest_off,
                 group_members,
                 user,
                 group,
             } => {
                 let group = group.as_deref().map(|g| (g, group_members));
-                self.handle_leave(
-                    &topic,
-                    usize::from(shard),
-                    interest_off,
-                    user.as_deref(),
-                    group,
-                );
+                self.handle_leave(&topic, conn, interest_off, user.as_deref(), group);
             }
+            FabricMsg::PresenceLeft(answer) => self.handle_presence_left(*answer),
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
             FabricMsg::Query(q) => self.handle_query(*q),
             FabricMsg::Adopt { fd } => self.adopted.push(fd),
@@ -826,6 +905,18 @@ impl<T: Transport> Shard<T> {
             return;
         }
         slot.armed = Some(self.timers.arm(key, at));
+    }
+}
+
+/// A peer address in the log: the address, or `unknown`.
+struct Peer(Option<SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("unknown"),
+        }
     }
 }
 

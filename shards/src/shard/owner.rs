@@ -10,8 +10,9 @@ use bytes::Bytes;
 use super::{Shard, Transport, send};
 use crate::codec::{self, OpCode};
 use crate::conn::ConnId;
-use crate::fabric::{FabricMsg, JoinReply, JoinRequest, Query, QueryAnswer, QueryKind};
-use crate::inbound::AppEventKind;
+use crate::fabric::{
+    FabricMsg, JoinReply, JoinRequest, PresenceLeft, Query, QueryAnswer, QueryKind,
+};
 use crate::presence::Joined;
 use crate::protocol::{self, Clock, RecoveryInfo};
 use crate::queue_groups::QUEUE_GROUP_LIMIT;
@@ -161,6 +162,7 @@ impl<T: Transport> Shard<T> {
             frames: Bytes::new(),
             refused: None,
             queue_group: j.queue_group.as_ref().map(|(g, _)| g.clone()),
+            presence_joined: None,
         };
         if let Some((group, members)) = &j.queue_group {
             let t = self.topics.entry(&j.topic);
@@ -196,7 +198,11 @@ impl<T: Transport> Shard<T> {
                 .presence
                 .get_or_insert_with(Default::default);
             match members.join(&user, data.clone(), max) {
-                Joined::New => event = Some(("presence_join", user, data)),
+                Joined::New => {
+                    let payload = presence_payload(&j.topic, &user, &data);
+                    reply.presence_joined = Some((user.clone(), payload));
+                    event = Some(("presence_join", user, data));
+                }
                 Joined::Again { data_changed: true } => {
                     event = Some(("presence_update", user, data))
                 }
@@ -207,6 +213,8 @@ impl<T: Transport> Shard<T> {
             }
         }
         // The reply goes first: the joining shard must be live before the presence event arrives.
+        // It carries the application's `presence_join`, which the connection's shard reports
+        // after the connection's `connect`.
         let shard = usize::from(j.shard);
         if shard == self.me {
             self.handle_joined(reply, clock);
@@ -220,26 +228,24 @@ impl<T: Transport> Shard<T> {
         }
         if let Some((kind, user, data)) = event {
             let json = protocol::presence_event(kind, &j.topic, &user, &data);
-            if kind == "presence_join" {
-                let payload = presence_payload(&j.topic, &user, &data);
-                self.push_app_event(AppEventKind::PresenceJoin, Some(j.conn), &user, payload);
-            }
             self.fan_out(&j.topic, &codec::encode_frame(OpCode::Text, &json));
         }
         self.topics.gc(&j.topic);
     }
 
-    /// A connection left a topic this shard owns (or replaced its subscription): `shard` may
-    /// have lost its interest, `user` a presence membership, and `group` is `(group, the
-    /// members of it that shard has left)`.
+    /// Connection `conn` left a topic this shard owns (or replaced its subscription): its shard
+    /// may have lost its interest, `user` a presence membership, and `group` is `(group, the
+    /// members of it that shard has left)`. A presence departure is answered to the
+    /// connection's shard, which reports it before the connection's `disconnect`.
     pub(super) fn handle_leave(
         &mut self,
         topic: &str,
-        shard: usize,
+        conn: ConnId,
         interest_off: bool,
         user: Option<&str>,
         group: Option<(&str, u32)>,
     ) {
+        let shard = conn.shard();
         if interest_off {
             self.topics.set_interest(topic, shard, false);
         }
@@ -256,11 +262,19 @@ impl<T: Transport> Shard<T> {
             let members = self.topics.get_mut(topic)?.presence.as_mut()?;
             members.leave(user).map(|data| (user, data))
         });
-        if let Some((user, data)) = left {
-            let json = protocol::presence_event("presence_leave", topic, user, &data);
-            let payload = presence_payload(topic, user, &data);
-            self.push_app_event(AppEventKind::PresenceLeave, None, user, payload);
+        let event = left.as_ref().map(|(user, data)| {
+            let json = protocol::presence_event("presence_leave", topic, user, data);
             self.fan_out(topic, &codec::encode_frame(OpCode::Text, &json));
+            (Box::from(*user), presence_payload(topic, user, data))
+        });
+        if user.is_some() {
+            let answer = PresenceLeft { conn, left: event };
+            if shard == self.me {
+                self.handle_presence_left(answer);
+            } else {
+                let m = FabricMsg::PresenceLeft(Box::new(answer));
+                send(&mut self.fabric, &self.metrics, shard, m);
+            }
         }
         self.topics.gc(topic);
     }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::{PendingAck, Shard, Transport, send};
 use crate::command::{CommandError, SubscribeOutcome};
-use crate::conn::{SessionMut, SubscribeRequest};
+use crate::conn::{ConnId, SessionMut, SubscribeRequest};
 use crate::fabric::Responder;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
 use crate::metrics::DropReason;
@@ -140,7 +140,7 @@ impl<T: Transport> Shard<T> {
             ack.succeeded.push(topic);
         }
         for (topic, delta) in leaves {
-            self.announce_leave(&topic, &delta, Some(&user));
+            self.announce_leave(&topic, conn, &delta, Some(&user));
         }
         if ack.remaining == 0 {
             self.send_ack(key, ack, clock);
@@ -178,6 +178,9 @@ impl<T: Transport> Shard<T> {
                 .queue_group
                 .as_ref()
                 .is_none_or(|g| self.topics.group_of(&r.topic, key) == Some(g));
+            if let Some((user, payload)) = r.presence_joined.take() {
+                self.report_presence_joined(r.conn, &user, payload);
+            }
             if r.refused.is_some() && still_in_group {
                 // No presence leave: the owner never counted this connection.
                 self.drop_subscription(key, &r.topic, None);
@@ -272,11 +275,11 @@ impl<T: Transport> Shard<T> {
         self.send_json(key, frame, clock);
     }
 
-    /// The connection left the live phase: it is no longer a subscriber anywhere.
-    pub(super) fn leave_all(&mut self, key: ConnKey, subs: Vec<Arc<str>>, user: Option<Box<str>>) {
+    /// Connection `conn` left the live phase: it is no longer a subscriber anywhere.
+    pub(super) fn leave_all(&mut self, conn: ConnId, subs: Vec<Arc<str>>, user: Option<&str>) {
         for topic in subs {
-            let delta = self.topics.unsubscribe(&topic, key);
-            self.announce_leave(&topic, &delta, user.as_deref());
+            let delta = self.topics.unsubscribe(&topic, conn.key());
+            self.announce_leave(&topic, conn, &delta, user);
         }
     }
 
@@ -288,12 +291,13 @@ impl<T: Transport> Shard<T> {
         topic: &str,
         user: Option<&str>,
     ) -> bool {
+        let Some(slot) = self.conns.get_mut(key as usize) else {
+            return false;
+        };
+        let conn = slot.conn.id();
         let Some(SessionMut {
             subs, recovering, ..
-        }) = self
-            .conns
-            .get_mut(key as usize)
-            .and_then(|s| s.conn.session_mut())
+        }) = slot.conn.session_mut()
         else {
             return false;
         };
@@ -303,14 +307,15 @@ impl<T: Transport> Shard<T> {
         subs.swap_remove(i);
         recovering.retain(|t| **t != *topic);
         let delta = self.topics.unsubscribe(topic, key);
-        self.announce_leave(topic, &delta, user);
+        self.announce_leave(topic, conn, &delta, user);
         true
     }
 
     /// Tells the owner what a departure (or a replaced subscription) changes: the shard's
     /// interest, a presence member (`user`, for a connection that was a plain subscriber), a
-    /// queue group's members on this shard.
-    fn announce_leave(&mut self, topic: &str, delta: &Delta, user: Option<&str>) {
+    /// queue group's members on this shard. The owner answers a presence departure
+    /// (`presence_events`).
+    fn announce_leave(&mut self, topic: &str, conn: ConnId, delta: &Delta, user: Option<&str>) {
         let interest_off = delta.interest == Some(false);
         let user = user.filter(|_| self.cfg.presence.enabled && delta.plain == Some(false));
         let (group, group_members) = match &delta.left_group {
@@ -318,10 +323,13 @@ impl<T: Transport> Shard<T> {
             None => (None, 0),
         };
         let owner = self.topics.owner_of(topic);
+        if user.is_some() {
+            self.await_presence_left(conn);
+        }
         if owner == self.me {
             if user.is_some() || group.is_some() {
                 let group = group.map(|g| (&**g, group_members));
-                self.handle_leave(topic, owner, false, user, group);
+                self.handle_leave(topic, conn, false, user, group);
             }
         } else if interest_off || user.is_some() || group.is_some() {
             send(
@@ -330,7 +338,7 @@ impl<T: Transport> Shard<T> {
                 owner,
                 FabricMsg::Leave {
                     topic: Arc::from(topic),
-                    shard: self.me as u16,
+                    conn,
                     interest_off,
                     group_members,
                     user: user.map(Box::from),

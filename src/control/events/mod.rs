@@ -6,7 +6,7 @@
 //! a shard (the engine's [`Server::next_inbound`] does).
 //!
 //! Routing: an event goes to the consumer that wins a rendezvous hash of its routing key (the
-//! connection id; the topic for `presence_leave`) and the consumer's id, so each connection's
+//! connection id) and the consumer's id, so each connection's
 //! events all go to one consumer, in order. When a consumer joins, only the connections it now
 //! wins move to it, and their later events go there; events already queued elsewhere stay
 //! there, so across that moment one connection's events may be split between two consumers. When
@@ -22,6 +22,10 @@
 //! shard keeps its newest `limits.app_event_queue_capacity` events (older ones counted as
 //! `reason="queue_full"`), delivered when a consumer connects; what the hub had already pulled
 //! is held under the consumer bounds (past them counted as `reason="no_consumer"`).
+//!
+//! Shutdown: the control plane stops after the shards, whose last events (the `disconnect`s of
+//! the connections the drain closed) are then taken and distributed; only then is each
+//! event-stream socket told to write what it holds and close with 1001 (going away).
 
 pub(super) mod stream;
 pub(super) mod webhook;
@@ -193,6 +197,9 @@ pub(crate) struct Hub {
     next_id: AtomicU64,
     /// Events go to the webhook only; sockets may still send commands.
     webhook: bool,
+    /// Turns true once the last events are distributed: each socket writes what it holds and
+    /// closes with 1001.
+    closing: watch::Sender<bool>,
     pub metrics: Arc<EventMetrics>,
 }
 
@@ -204,6 +211,7 @@ impl Hub {
             changed: Notify::new(),
             next_id: AtomicU64::new(1),
             webhook,
+            closing: watch::Sender::new(false),
             metrics: Arc::default(),
         })
     }
@@ -246,6 +254,24 @@ impl Hub {
         }
         drop(t);
         self.changed.notify_waiters();
+    }
+
+    /// Resolves once the last events are distributed and the sockets should close.
+    pub async fn closing(&self) {
+        let mut closing = self.closing.subscribe();
+        // An error means the hub is gone: closing too.
+        let _ = closing.wait_for(|c| *c).await;
+    }
+
+    /// Resolves once no event-stream socket is left.
+    pub async fn sockets_closed(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.metrics.consumers.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            changed.await;
+        }
     }
 
     fn new_consumer(&self, max_events: usize, max_bytes: usize) -> Arc<Consumer> {
@@ -316,8 +342,16 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Pulls events from the engine while some consumer takes them, until `stop`.
+/// Pulls events from the engine while some consumer takes them, until `stop`; then takes the
+/// shards' last events (they have stopped by then), distributes them and tells the sockets to
+/// close.
 pub(crate) async fn dispatch(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
+    pull(&hub, &mut stop).await;
+    hub.distribute(hub.server.take_remaining_inbound());
+    hub.closing.send_replace(true);
+}
+
+async fn pull(hub: &Hub, stop: &mut watch::Receiver<bool>) {
     loop {
         // Nothing is pulled without a consumer: the shards keep their (bounded) backlog.
         loop {

@@ -8,6 +8,7 @@
 //! commands in the order they came. Never: chooses which events a consumer gets (the hub does).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
@@ -21,6 +22,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use wse_shards::Server;
@@ -36,6 +39,8 @@ const EVENTS_PER_FRAME: usize = 256;
 /// Commands read and not yet run; past it the socket is not read until one finishes (the
 /// backend sees TCP backpressure).
 const COMMANDS_QUEUED_MAX: usize = 256;
+/// At shutdown, how long a consumer has to answer our close frame (after its last events).
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Deserialize)]
 pub(in crate::control) struct KeyQuery {
@@ -177,6 +182,7 @@ where
                     hub.metrics.delivered.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 }
             }
+            _ = hub.closing() => return goodbye(ws, consumer, hub).await,
             message = ws.next() => match message {
                 None | Some(Ok(Message::Close(_))) => return Ok(()),
                 Some(Err(e)) => return Err(e),
@@ -195,6 +201,41 @@ where
             },
         }
     }
+}
+
+/// The server is going away: the consumer's last events (the drain's `disconnect`s among
+/// them), then a close frame with 1001, whose answer is awaited for [`CLOSE_REPLY_WAIT`].
+async fn goodbye<S>(
+    ws: &mut WebSocketStream<S>,
+    consumer: &Consumer,
+    hub: &Hub,
+) -> Result<(), tungstenite::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let max_bytes = hub.server.config().events.max_frame_bytes;
+    loop {
+        let batch = consumer.take(EVENTS_PER_FRAME, max_bytes);
+        if batch.is_empty() {
+            break;
+        }
+        let n = batch.len();
+        ws.send(Message::text(json_array(batch))).await?;
+        hub.metrics
+            .delivered
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    let frame = CloseFrame {
+        code: CloseCode::Away,
+        reason: "server shutting down".into(),
+    };
+    ws.close(Some(frame)).await?;
+    // Until the peer's close frame (tungstenite then ends the stream), or the wait is over.
+    let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    Ok(())
 }
 
 /// `[e1,e2,...]` from events that are each JSON, in one allocation.
