@@ -388,3 +388,50 @@ def test_published_wse_client(make_server) -> None:
             assert ev[2]["p"] == {"x": 1}
 
     run(go())
+
+
+def test_ctrl_c_interrupts_drain_inbound_and_exits_cleanly(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import sys\n"
+        "from wse_server import RustWSEServer\n"
+        f"srv = RustWSEServer('127.0.0.1', {free_port()})\n"
+        "srv.enable_drain_mode()\n"
+        "srv.start()\n"
+        "print('READY', flush=True)\n"
+        "try:\n"
+        "    while True:\n"
+        "        srv.drain_inbound(256, 60_000)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('INTERRUPTED', flush=True)\n"
+    )
+    env = dict(os.environ, WSE_CORES="2")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "READY"
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=15)
+    assert "INTERRUPTED" in out
+    assert proc.returncode == 0
+    assert time.monotonic() - t0 < 10
+
+
+def test_json_that_is_not_an_object_is_not_delivered(make_server) -> None:
+    srv, url = make_server()
+
+    async def go() -> None:
+        async with websockets.connect(url) as ws:
+            conn = wait_connect(srv)
+            await ws.send("[1, 2]")
+            err = await recv_json(ws, lambda m: m.get("t") == "error")
+            assert err["p"]["code"] == "INVALID_MESSAGE"
+            await ws.send("after")
+            assert wait_events(srv, lambda e: e[0] in ("raw", "msg")) == ("raw", conn, "after")
+
+    run(go())
