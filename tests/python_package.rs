@@ -24,7 +24,14 @@ fn python_package_builds_and_passes_its_pytest_suite() {
     let python = String::from_utf8(setup.stdout).unwrap().trim().to_owned();
     let built = started.elapsed();
     let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "python/tests"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "python/tests",
+        ])
         .current_dir(&root)
         .env("PYTHONUNBUFFERED", "1")
         .output()
@@ -34,7 +41,10 @@ fn python_package_builds_and_passes_its_pytest_suite() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "pytest python/tests failed:\n{report}");
+    assert!(
+        out.status.success(),
+        "pytest python/tests failed:\n{report}"
+    );
     eprintln!(
         "python package: built in {:.1?}, pytest in {:.1?}: {}",
         built,

@@ -53,6 +53,8 @@ pub fn rust_jwt_encode(
 /// `previous_secret` is accepted too (key rotation); with `key_id`, the token's `kid` must match.
 /// Returns None on all failures (expired, wrong key, invalid signature, unknown algorithm, ...),
 /// as upstream 2.5.1 does.
+// Upstream's signature, argument for argument: drop-in means the same call works.
+#[allow(clippy::too_many_arguments)]
 #[pyfunction]
 #[pyo3(signature = (token, secret, algorithm = "HS256", issuer = None, audience = None, previous_secret = None, key_id = None))]
 pub fn rust_jwt_decode<'py>(

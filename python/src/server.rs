@@ -1005,7 +1005,7 @@ fn start_error(e: StartError) -> PyErr {
     match e {
         StartError::Bind { .. } => PyOSError::new_err(e.to_string()),
         StartError::Config(_) => PyValueError::new_err(e.to_string()),
-        StartError::Shard { .. } => PyRuntimeError::new_err(e.to_string()),
+        StartError::Shard { .. } | StartError::Flusher(_) => PyRuntimeError::new_err(e.to_string()),
     }
 }
 

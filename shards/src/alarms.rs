@@ -41,6 +41,7 @@ pub struct LineBudget {
 }
 
 impl LineBudget {
+    /// A budget of `per_sec` lines in each one-second window.
     pub fn new(per_sec: u32) -> Self {
         Self {
             per_sec,

@@ -193,6 +193,7 @@ pub struct JoinReply {
 /// See [`FabricMsg::PresenceLeft`].
 #[derive(Debug)]
 pub struct PresenceLeft {
+    /// The connection whose `Leave` this answers.
     pub conn: ConnId,
     /// The user's departure from the topic's presence: user id and the event's payload
     /// (`{"topic","user_id","data"}`); `None` when other connections keep the user a member.
@@ -360,6 +361,9 @@ impl FabricMsg {
             }
             FabricMsg::Joined(j) => size_of::<JoinReply>() + j.frames.len(),
             FabricMsg::Leave { user, .. } => user.as_ref().map_or(0, |u| u.len()),
+            FabricMsg::PresenceLeft(p) => {
+                size_of::<PresenceLeft>() + p.left.as_ref().map_or(0, |(u, e)| u.len() + e.len())
+            }
             FabricMsg::PresenceUpdate(u) => {
                 size_of::<PresenceUpdate>() + u.user.len() + u.data.len()
             }
