@@ -23,8 +23,11 @@ use wse_client::Connector;
 const ATTACK: Duration = Duration::from_secs(2);
 /// The watcher publishes this often ...
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
-/// ... and each publication must reach its subscriber within this.
-const WATCH_LATENCY_MAX: Duration = Duration::from_millis(50);
+/// ... and each publication must reach its subscriber within this. A liveness bound, not a
+/// performance figure (those are the bench's): a node that falls to an attack stalls for seconds;
+/// a healthy one delivers in a few milliseconds (printed), and the margin absorbs a loaded CI
+/// machine.
+const WATCH_STALL_MAX: Duration = Duration::from_secs(1);
 
 /// One attack test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -97,14 +100,14 @@ impl Watcher {
     }
 
     /// Stops publishing; asserts every publication arrived, in order, each within
-    /// [`WATCH_LATENCY_MAX`].
+    /// [`WATCH_STALL_MAX`].
     async fn finish(self) {
         self.stop.store(true, Ordering::Relaxed);
         let (count, worst) = self.task.await.expect("watcher");
         eprintln!("watcher: {count} publications, slowest {worst:?}");
         assert!(count >= 5, "the watcher published only {count} times");
         assert!(
-            worst <= WATCH_LATENCY_MAX,
+            worst <= WATCH_STALL_MAX,
             "a publication took {worst:?} to reach its subscriber during the attack"
         );
     }

@@ -19,8 +19,11 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wse_client::{Client, Connector};
 
-/// How long each flood runs.
-const ATTACK: Duration = Duration::from_secs(3);
+/// Messages in each flood: 150 MiB sent, several times every byte budget it attacks. Counted,
+/// not timed, so a slow machine floods as hard as a fast one.
+const FLOOD_MESSAGES: u32 = 150;
+/// After the flood, the last publications must have arrived within this.
+const SETTLE_MAX: Duration = Duration::from_secs(5);
 /// The server's RSS may grow by at most this much during a flood. What the defaults let it hold
 /// is about 50 MiB: 4 MiB per shard queue, 4 MiB pulled from the shards, a consumer's 16 MiB
 /// (the webhook's 32 MiB), and the event being converted and the frame being written, each up
@@ -28,7 +31,10 @@ const ATTACK: Duration = Duration::from_secs(3);
 /// budgets, the same flood grew it by 750 MiB to 1 GiB.
 const RSS_GROWTH_MAX: u64 = 96 << 20;
 /// Every publication must reach its subscriber within this long of being sent, flood or not.
-const PUBLISH_LATENCY_MAX: Duration = Duration::from_millis(50);
+/// A liveness bound, not a performance figure (those are the bench's): a node that falls to the
+/// flood stalls for seconds; a healthy one delivers in a few milliseconds (printed), and the
+/// margin absorbs a loaded CI machine.
+const PUBLISH_STALL_MAX: Duration = Duration::from_secs(1);
 /// Interval between two publications during a flood.
 const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 /// One flood message: 1 MiB less room for the JSON around it.
@@ -59,11 +65,11 @@ async fn consumer(
     ws
 }
 
-/// Floods the server from one client for [`ATTACK`]: 1 MiB messages, alternately JSON of an
+/// Floods the server from one client with [`FLOOD_MESSAGES`] 1 MiB messages, alternately JSON of an
 /// unknown type (a `msg` event) and non-JSON text of control characters (a `raw` event, six
 /// times larger once escaped), one every 5 ms at most (200 MB/s). Meanwhile publishes on a topic through
 /// the HTTP API every [`PUBLISH_EVERY`] and checks that a subscriber gets each one within
-/// [`PUBLISH_LATENCY_MAX`]. Returns the server's largest RSS growth over the flood, bytes.
+/// [`PUBLISH_STALL_MAX`]. Returns the server's largest RSS growth over the flood, bytes.
 async fn flood_and_watch_publications(wse: &Wse) -> u64 {
     let pid = wse.pid();
     let mut subscriber = client(wse, "sub").await;
@@ -92,9 +98,8 @@ async fn flood_and_watch_publications(wse: &Wse) -> u64 {
                 .unwrap();
             let json_message = json!({"t": "flood", "p": "j".repeat(FLOOD_MESSAGE)}).to_string();
             let raw_message = "\u{1}".repeat(FLOOD_MESSAGE);
-            let end = Instant::now() + ATTACK;
             let mut sent = 0u32;
-            while Instant::now() < end {
+            while sent < FLOOD_MESSAGES {
                 let text = if sent.is_multiple_of(2) {
                     json_message.clone()
                 } else {
@@ -109,13 +114,14 @@ async fn flood_and_watch_publications(wse: &Wse) -> u64 {
     });
 
     let sent_at: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let publisher = {
         let sent_at = sent_at.clone();
+        let flooding = flooding.clone();
         let control = wse.control.unwrap();
         tokio::spawn(async move {
-            let end = Instant::now() + ATTACK;
             let mut seq = 0u64;
-            while Instant::now() < end {
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
                 sent_at.lock().unwrap().insert(seq, Instant::now());
                 let (status, body) = publish(control, seq).await;
                 assert_eq!(status, 200, "publish {seq}: {body}");
@@ -129,8 +135,19 @@ async fn flood_and_watch_publications(wse: &Wse) -> u64 {
     let mut received = 0u64;
     let mut worst = Duration::ZERO;
     let mut sampled = Instant::now();
-    let end = Instant::now() + ATTACK + Duration::from_secs(1);
-    while Instant::now() < end {
+    // Until the flood is over and every publication made has arrived (or SETTLE_MAX after it).
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        if settle_until.is_none() && flood.is_finished() {
+            flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+            settle_until = Some(Instant::now() + SETTLE_MAX);
+        }
+        if let Some(until) = settle_until
+            && (Instant::now() >= until
+                || (publisher.is_finished() && received == sent_at.lock().unwrap().len() as u64))
+        {
+            break;
+        }
         if let Some(ev) = subscriber
             .recv_timeout(Duration::from_millis(20))
             .await
@@ -159,10 +176,10 @@ async fn flood_and_watch_publications(wse: &Wse) -> u64 {
         peak >> 20,
         growth >> 20
     );
-    assert!(sent >= 50, "the flood sent only {sent} messages");
+    assert_eq!(sent, FLOOD_MESSAGES);
     assert_eq!(received, published, "every publication arrived");
     assert!(
-        worst <= PUBLISH_LATENCY_MAX,
+        worst <= PUBLISH_STALL_MAX,
         "a publication took {worst:?} to arrive"
     );
     growth
