@@ -19,6 +19,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::config::{AuthConfig, ConfigError, JwtAlgorithm, TOKEN_LEN_MAX};
+use crate::protocol::ErrorCode;
 
 /// An authenticated (or anonymous) connection's identity and rights.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,10 +208,10 @@ impl AuthError {
     ];
 
     /// The WSE error code: `AUTH_REQUIRED` when no token was given, else `AUTH_FAILED`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Missing => "AUTH_REQUIRED",
-            _ => "AUTH_FAILED",
+            Self::Missing => ErrorCode::AuthRequired,
+            _ => ErrorCode::AuthFailed,
         }
     }
 }
@@ -1474,12 +1475,12 @@ mod tests {
 
     #[test]
     fn error_codes() {
-        assert_eq!(AuthError::Missing.code(), "AUTH_REQUIRED");
+        assert_eq!(AuthError::Missing.code().as_str(), "AUTH_REQUIRED");
         for e in AuthError::ALL
             .into_iter()
             .filter(|e| *e != AuthError::Missing)
         {
-            assert_eq!(e.code(), "AUTH_FAILED", "{e:?}");
+            assert_eq!(e.code().as_str(), "AUTH_FAILED", "{e:?}");
         }
     }
 

@@ -117,7 +117,7 @@ impl Default for ServerConfig {
             echo_path: None,
             max_connections: 1_000_000,
             drain_timeout: Duration::from_secs(10),
-            shutdown_close_code: 4300,
+            shutdown_close_code: crate::close::CloseCode::Shutdown.code(),
         }
     }
 }
@@ -508,7 +508,7 @@ impl Config {
         if s.max_connections == 0 {
             return Err(bad("server.max_connections", "must be at least 1"));
         }
-        if !(4000..=4999).contains(&s.shutdown_close_code) {
+        if !crate::close::RECONNECT_CODES.contains(&s.shutdown_close_code) {
             return Err(bad(
                 "server.shutdown_close_code",
                 "must be in 4000..=4999 so clients reconnect",

@@ -30,11 +30,12 @@ use bytes::{Buf, Bytes};
 use serde_json::value::RawValue;
 
 use crate::auth::{Acl, Authenticator, Identity};
+use crate::close::CloseCode;
 use crate::codec::{self, Decoder, FrameError, Message, OpCode, Role};
 use crate::config::Config;
 use crate::handshake::{self, Outcome};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
-use crate::protocol::{self, ClientMessage, Clock, FailedTopic, Wire};
+use crate::protocol::{self, ClientMessage, Clock, ErrorCode, FailedTopic, Wire};
 use crate::ratelimit::{RateLimits, TokenBucket, Verdict};
 use crate::shard::Admission;
 
@@ -362,11 +363,12 @@ enum Phase {
 enum Next {
     Continue,
     /// Close and wait for the peer's close frame (it did nothing wrong at the WebSocket level).
-    Close(u16, &'static str),
+    Close(CloseCode),
     /// Fail the connection (RFC 6455 §7.1.7): send the close frame and close at once, without
     /// waiting for a peer that just broke the protocol.
-    Fail(u16, &'static str),
-    /// The peer sent a close frame (which we have answered) with this code (1005: none).
+    Fail(CloseCode),
+    /// The peer sent a close frame (which we have answered) with this code
+    /// ([`CloseCode::NoStatus`]: none).
     PeerClosed(u16),
     /// More is queued than `limits.max_outbound_queue_bytes` (replies to what the client sent
     /// count too): evict it with 4413, as any consumer that does not read.
@@ -627,7 +629,7 @@ impl Conn {
             }
             Phase::Live { .. } | Phase::Echo { .. } => {
                 if now >= self.last_rx + cx.cfg.protocol.idle_timeout {
-                    self.close(4408, "idle timeout", cx);
+                    self.close_with(CloseCode::IdleTimeout, cx);
                 } else if self.is_live() && now >= self.next_ping {
                     let ping = cx.ping_frame();
                     self.queue(ping, cx);
@@ -670,6 +672,11 @@ impl Conn {
         self.phase = Phase::Closing { decoder, deadline };
     }
 
+    /// [`Conn::close`] with one of the server's own codes and its reason.
+    pub fn close_with(&mut self, code: CloseCode, cx: &mut Cx<'_>) {
+        self.close(code.code(), code.reason(), cx);
+    }
+
     /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
     /// late anyway) and it is closed with 4413 so it reconnects and recovers.
     pub fn evict(&mut self, cx: &mut Cx<'_>) {
@@ -678,7 +685,7 @@ impl Conn {
         }
         self.out.discard_unsent();
         cx.metrics.dropped(DropReason::SlowConsumer).inc();
-        self.close(4413, "slow consumer", cx);
+        self.close_with(CloseCode::SlowConsumer, cx);
     }
 
     /// Queues a shared publication frame. `false` when it does not fit under
@@ -716,7 +723,7 @@ impl Conn {
         self.queue(codec::encode_frame(OpCode::Text, json), cx);
     }
 
-    fn send_error(&mut self, code: &str, message: &str, recoverable: bool, cx: &mut Cx<'_>) {
+    fn send_error(&mut self, code: ErrorCode, message: &str, recoverable: bool, cx: &mut Cx<'_>) {
         let json = protocol::error(code, message, recoverable, &cx.clock);
         self.send_json(json, cx);
     }
@@ -810,19 +817,21 @@ impl Conn {
             Ok(found) => found,
             Err(e) => {
                 cx.metrics.auth_failed(&e);
-                self.note_close(4401, cx);
+                let code = CloseCode::Unauthorized;
+                self.note_close(code.code(), cx);
                 cx.events.push(ConnEvent::AuthRefused(e.clone()));
                 let message = format!("Authentication failed: {e}");
                 self.send_text(&protocol::error(e.code(), &message, false, &cx.clock), cx);
-                self.queue(codec::encode_close(4401, "Authentication failed"), cx);
+                self.queue(codec::encode_close(code.code(), code.reason()), cx);
                 self.refuse(cx);
                 return;
             }
         };
         if !cx.admission.try_admit() {
             cx.metrics.rejected(RejectReason::MaxConnections).inc();
-            self.note_close(1013, cx);
-            self.queue(codec::encode_close(1013, "server at connection limit"), cx);
+            let code = CloseCode::TryAgainLater;
+            self.note_close(code.code(), cx);
+            self.queue(codec::encode_close(code.code(), code.reason()), cx);
             self.refuse(cx);
             return;
         }
@@ -908,8 +917,8 @@ impl Conn {
         };
         match next {
             Next::Continue => {}
-            Next::Close(code, reason) => self.close(code, reason, cx),
-            Next::Fail(code, reason) => self.fail(code, reason, cx),
+            Next::Close(code) => self.close_with(code, cx),
+            Next::Fail(code) => self.fail(code, cx),
             Next::PeerClosed(code) => {
                 self.close_code.get_or_insert(code);
                 let now = cx.clock.now;
@@ -948,7 +957,7 @@ impl Conn {
             }),
             Phase::Closing { decoder, .. } => decoder.decode(buf, max, |m| {
                 if let Message::Close(c) = m {
-                    next = Next::PeerClosed(c.map_or(1005, |c| c.code));
+                    next = Next::PeerClosed(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
@@ -963,27 +972,22 @@ impl Conn {
         if let FrameError::MessageTooLarge { .. } = e
             && self.is_live()
         {
-            self.send_error("MESSAGE_TOO_LARGE", &e.to_string(), false, cx);
+            self.send_error(ErrorCode::MessageTooLarge, &e.to_string(), false, cx);
         }
         let code = e.close_code();
-        let reason = match code {
-            1007 => "invalid UTF-8",
-            1009 => "message too large",
-            _ => "protocol error",
-        };
         if matches!(self.phase, Phase::Closing { .. }) {
             let now = cx.clock.now;
             self.enter_closed(now, cx);
             return Next::Continue;
         }
-        Next::Fail(code, reason)
+        Next::Fail(code)
     }
 
     /// Queues the close frame and goes straight to `Closed`.
-    fn fail(&mut self, code: u16, reason: &str, cx: &mut Cx<'_>) {
+    fn fail(&mut self, code: CloseCode, cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Live { .. } | Phase::Echo { .. }) {
-            self.note_close(code, cx);
-            self.queue(codec::encode_close(code, reason), cx);
+            self.note_close(code.code(), cx);
+            self.queue(codec::encode_close(code.code(), code.reason()), cx);
         }
         let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
         self.enter_closed(deadline, cx);
@@ -1026,7 +1030,7 @@ fn echo(m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
 
 /// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
 fn reply_close(c: Option<codec::CloseFrame<'_>>, out: &mut OutQueue) -> Next {
-    let code = c.as_ref().map_or(1005, |c| c.code);
+    let code = c.as_ref().map_or(CloseCode::NoStatus.code(), |c| c.code);
     let frame = match c {
         Some(c) => codec::encode_close(c.code, ""),
         None => codec::encode_frame(OpCode::Close, &[]),
@@ -1046,7 +1050,8 @@ impl Session {
             }
             Message::Pong(_) => return Next::Continue,
             Message::Close(c) => {
-                cx.metrics.closed_with(c.map_or(1005, |c| c.code));
+                cx.metrics
+                    .closed_with(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
                 return reply_close(c, out);
             }
             Message::Text(t) => t.as_bytes(),
@@ -1129,11 +1134,11 @@ impl Session {
             let reason = if let Some(p) = protocol::topic_problem(&topic) {
                 p
             } else if !self.identity.subscribe.permits(&topic) {
-                "FORBIDDEN"
+                ErrorCode::Forbidden.as_str()
             } else if presence_too_large {
-                "PRESENCE_DATA_TOO_LARGE"
+                ErrorCode::PresenceDataTooLarge.as_str()
             } else if let Some(p) = group_problem {
-                p
+                p.as_str()
             } else {
                 req.topics.push(topic.into_owned());
                 continue;
@@ -1202,13 +1207,13 @@ impl SessionOut<'_> {
                 cx.metrics.rate_limited_total.inc();
                 cx.metrics.dropped(DropReason::RateLimited).inc();
                 if notify {
-                    self.error("RATE_LIMITED", "Rate limit exceeded", cx);
+                    self.error(ErrorCode::RateLimited, "Rate limit exceeded", cx);
                 }
                 Some(Next::Continue)
             }
             Verdict::Abuse => {
                 cx.metrics.rate_limited_total.inc();
-                Some(Next::Close(4429, "rate limit exceeded"))
+                Some(Next::Close(CloseCode::RateLimited))
             }
         }
     }
@@ -1226,7 +1231,9 @@ impl SessionOut<'_> {
             }
             let json = item.get().as_bytes();
             match protocol::parse_client_message(json) {
-                Ok(ClientMessage::Batch(_)) => self.error("INVALID_MESSAGE", "nested batch", cx),
+                Ok(ClientMessage::Batch(_)) => {
+                    self.error(ErrorCode::InvalidMessage, "nested batch", cx);
+                }
                 Ok(msg) => {
                     let next = self.dispatch(msg, json, cx);
                     if !matches!(next, Next::Continue) {
@@ -1262,13 +1269,13 @@ impl SessionOut<'_> {
             ClientMessage::PresenceUpdate { data } => {
                 if !cx.cfg.presence.enabled {
                     self.error(
-                        "INVALID_MESSAGE",
+                        ErrorCode::InvalidMessage,
                         "presence is not enabled on this server",
                         cx,
                     );
                 } else if data.get().len() > cx.cfg.presence.max_data_size {
                     self.error(
-                        "PRESENCE_DATA_TOO_LARGE",
+                        ErrorCode::PresenceDataTooLarge,
                         "presence data over presence.max_data_size",
                         cx,
                     );
@@ -1288,10 +1295,10 @@ impl SessionOut<'_> {
                 ack,
             } => {
                 if let Some(problem) = protocol::topic_problem(&topic) {
-                    self.error("INVALID_MESSAGE", problem, cx);
+                    self.error(ErrorCode::InvalidMessage, problem, cx);
                 } else if !self.session.identity.publish.permits(&topic) {
                     let msg = format!("not allowed to publish to '{topic}'");
-                    self.error("FORBIDDEN", &msg, cx);
+                    self.error(ErrorCode::Forbidden, &msg, cx);
                 } else {
                     cx.events.push(ConnEvent::Publish {
                         topic: topic.into_owned(),
@@ -1323,7 +1330,7 @@ impl SessionOut<'_> {
         self.out.push(codec::encode_frame(op, &bytes));
     }
 
-    fn error(&mut self, code: &str, message: &str, cx: &mut Cx<'_>) {
+    fn error(&mut self, code: ErrorCode, message: &str, cx: &mut Cx<'_>) {
         let json = protocol::error(code, message, true, &cx.clock);
         self.json(json, cx);
     }

@@ -37,7 +37,7 @@ use bytes::Bytes;
 
 use crate::command::{Command, Payload};
 use crate::conn::ConnId;
-use crate::protocol::RecoveryInfo;
+use crate::protocol::{ErrorCode, RecoveryInfo};
 use crate::queue_groups::GroupName;
 use crate::shard::Reload;
 
@@ -181,7 +181,7 @@ pub struct JoinReply {
     pub frames: Bytes,
     /// The presence or queue-group join was refused (`PRESENCE_LIMIT`, `QUEUE_GROUP_LIMIT`):
     /// the subscription of this topic fails.
-    pub refused: Option<&'static str>,
+    pub refused: Option<ErrorCode>,
     /// The queue group the request joined, if any (a refusal concerns only a connection still in
     /// it).
     pub queue_group: Option<Arc<str>>,

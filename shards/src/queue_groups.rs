@@ -43,7 +43,7 @@ use std::sync::Arc;
 use indexmap::IndexSet;
 
 use crate::auth::Identity;
-use crate::protocol;
+use crate::protocol::{self, ErrorCode};
 use crate::topics::ConnKey;
 
 /// Queue groups one topic may have at once, over all shards. Each group costs the owner one pick
@@ -51,20 +51,13 @@ use crate::topics::ConnKey;
 /// work a client can cause by inventing group names.
 pub const QUEUE_GROUPS_PER_TOPIC_MAX: usize = 64;
 
-/// The reason a subscription fails when its topic already has [`QUEUE_GROUPS_PER_TOPIC_MAX`]
-/// groups and the request names another.
-pub const QUEUE_GROUP_LIMIT: &str = "QUEUE_GROUP_LIMIT";
-
-/// The reason a subscription fails when the connection may not join the group it names.
-pub const QUEUE_GROUP_FORBIDDEN: &str = "QUEUE_GROUP_FORBIDDEN";
-
 /// Why the connection of `identity` may not join `group` (each topic of the subscription fails
 /// with it), or `None`: a malformed name (`INVALID_QUEUE_GROUP`), then a group its
 /// `wse_queue_groups` claim, or without one `default` (`auth.default_queue_groups`), does not
-/// permit ([`QUEUE_GROUP_FORBIDDEN`]).
-pub fn join_refusal(identity: &Identity, group: &str, default: &[String]) -> Option<&'static str> {
+/// permit ([`ErrorCode::QueueGroupForbidden`]).
+pub fn join_refusal(identity: &Identity, group: &str, default: &[String]) -> Option<ErrorCode> {
     protocol::queue_group_problem(group).or_else(|| {
-        (!identity.may_join_queue_group(group, default)).then_some(QUEUE_GROUP_FORBIDDEN)
+        (!identity.may_join_queue_group(group, default)).then_some(ErrorCode::QueueGroupForbidden)
     })
 }
 
@@ -315,24 +308,24 @@ mod tests {
         assert_eq!(join_refusal(&anonymous, "workers", &default), None);
         assert_eq!(
             join_refusal(&anonymous, "junk-17", &default),
-            Some(QUEUE_GROUP_FORBIDDEN)
+            Some(ErrorCode::QueueGroupForbidden)
         );
         assert_eq!(
             join_refusal(&anonymous, "workers", &[]),
-            Some(QUEUE_GROUP_FORBIDDEN),
+            Some(ErrorCode::QueueGroupForbidden),
             "no claim and no default: no group"
         );
         // A malformed name is that, whatever the rights.
         assert_eq!(
             join_refusal(&anonymous, "", &["*".to_owned()]),
-            Some("INVALID_QUEUE_GROUP")
+            Some(ErrorCode::InvalidQueueGroup)
         );
         let mut worker = anonymous.clone();
         worker.queue_groups = Some(Box::new(Acl::new(vec!["work*".into()], vec![])));
         assert_eq!(join_refusal(&worker, "workers", &[]), None);
         assert_eq!(
             join_refusal(&worker, "junk", &["*".to_owned()]),
-            Some(QUEUE_GROUP_FORBIDDEN)
+            Some(ErrorCode::QueueGroupForbidden)
         );
     }
 

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use wse_shards::close::CloseCode;
 use wse_shards::command::{AppSubscribe, OutboundEvent};
 use wse_shards::protocol::{epoch_hex, parse_epoch};
 use wse_shards::{CommandError, ConnId, Payload, PublishError, QueryError, Server};
@@ -116,7 +117,7 @@ pub(super) struct DisconnectArgs {
 }
 
 fn normal_closure() -> u16 {
-    1000
+    CloseCode::Normal.code()
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,7 +186,7 @@ pub(super) struct DrainArgs {
 }
 
 fn shutdown_code() -> u16 {
-    4300
+    CloseCode::Shutdown.code()
 }
 
 impl ApiCommand {

@@ -322,7 +322,7 @@ impl Server {
         reason: &str,
         timeout: Duration,
     ) -> Result<(), CommandError> {
-        if !(4000..=4999).contains(&close_code) {
+        if !crate::close::RECONNECT_CODES.contains(&close_code) {
             return Err(CommandError::InvalidCloseCode(close_code));
         }
         if !self.is_running() {

@@ -42,6 +42,7 @@ use slab::Slab;
 use crate::alarms::{AUTH_REFUSAL_LINES_PER_SEC, AttackSummary, LineBudget};
 use crate::auth::AuthError;
 use crate::auth::{Acl, Authenticator};
+use crate::close::CloseCode;
 use crate::command::{Command, CommandError, SubscribeOutcome};
 use crate::config::{Config, ProtocolConfig};
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
@@ -509,7 +510,7 @@ impl<T: Transport> Shard<T> {
     pub fn begin_drain(&mut self, clock: Clock) {
         let code = self.cfg.server.shutdown_close_code;
         let until = clock.now + self.cfg.server.drain_timeout;
-        self.begin_drain_with(code, "server shutting down", until, clock);
+        self.begin_drain_with(code, CloseCode::Shutdown.reason(), until, clock);
     }
 
     /// Starts a drain with this close code and reason, ending at `until` at the latest: the

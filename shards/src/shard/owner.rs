@@ -14,8 +14,7 @@ use crate::fabric::{
     FabricMsg, JoinReply, JoinRequest, PresenceLeft, Query, QueryAnswer, QueryKind,
 };
 use crate::presence::Joined;
-use crate::protocol::{self, Clock, RecoveryInfo};
-use crate::queue_groups::QUEUE_GROUP_LIMIT;
+use crate::protocol::{self, Clock, ErrorCode, RecoveryInfo};
 use crate::recovery::RingId;
 
 impl<T: Transport> Shard<T> {
@@ -171,7 +170,7 @@ impl<T: Transport> Shard<T> {
                 .join(&t.name, group, usize::from(j.shard), *members)
                 .is_err()
             {
-                reply.refused = Some(QUEUE_GROUP_LIMIT);
+                reply.refused = Some(ErrorCode::QueueGroupLimit);
             }
             if membership.is_empty() {
                 t.membership = None;
@@ -209,7 +208,7 @@ impl<T: Transport> Shard<T> {
                 Joined::Again {
                     data_changed: false,
                 } => {}
-                Joined::Full => reply.refused = Some("PRESENCE_LIMIT"),
+                Joined::Full => reply.refused = Some(ErrorCode::PresenceLimit),
             }
         }
         // The reply goes first: the joining shard must be live before the presence event arrives.

@@ -15,7 +15,7 @@ use crate::conn::{ConnId, SessionMut, SubscribeRequest};
 use crate::fabric::Responder;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
 use crate::metrics::DropReason;
-use crate::protocol::{self, Clock, FailedTopic};
+use crate::protocol::{self, Clock, ErrorCode, FailedTopic};
 use crate::topics::{ConnKey, Delta};
 
 /// Where an application's subscribe command is answered.
@@ -75,7 +75,7 @@ impl<T: Transport> Shard<T> {
             if subs.len() >= max && !subs.iter().any(|s| **s == *topic) {
                 ack.failed.push(FailedTopic {
                     topic,
-                    reason: "SUBSCRIPTION_LIMIT".to_owned(),
+                    reason: ErrorCode::SubscriptionLimit.as_str().to_owned(),
                 });
                 continue;
             }
@@ -213,7 +213,7 @@ impl<T: Transport> Shard<T> {
                 p.succeeded.retain(|t| **t != *r.topic);
                 p.failed.push(FailedTopic {
                     topic: r.topic.to_string(),
-                    reason: reason.to_owned(),
+                    reason: reason.as_str().to_owned(),
                 });
             }
         }
