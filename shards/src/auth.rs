@@ -59,6 +59,16 @@ impl Identity {
             None => default.iter().any(|glob| glob_match(glob, group)),
         }
     }
+
+    /// Why it may not join queue group `group` (each topic of the subscription fails with
+    /// it), or `None`: a malformed name ([`ErrorCode::InvalidQueueGroup`]), then a group its
+    /// `wse_queue_groups` claim, or without one `default` (`auth.default_queue_groups`), does not
+    /// permit ([`ErrorCode::QueueGroupForbidden`]).
+    pub fn queue_group_refusal(&self, group: &str, default: &[String]) -> Option<ErrorCode> {
+        crate::protocol::queue_group_problem(group).or_else(|| {
+            (!self.may_join_queue_group(group, default)).then_some(ErrorCode::QueueGroupForbidden)
+        })
+    }
 }
 
 /// Allow/deny glob lists (`*` any run, `?` one char); deny wins; an absent allow list allows all.
@@ -1572,6 +1582,34 @@ mod tests {
             start.elapsed() < Duration::from_secs(5),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    #[test]
+    fn joining_a_group_takes_a_valid_name_and_the_right_to_it() {
+        let anonymous = Identity::anonymous("c1", &Acl::deny_all());
+        let default = ["workers".to_owned()];
+        assert_eq!(anonymous.queue_group_refusal("workers", &default), None);
+        assert_eq!(
+            anonymous.queue_group_refusal("junk-17", &default),
+            Some(ErrorCode::QueueGroupForbidden)
+        );
+        assert_eq!(
+            anonymous.queue_group_refusal("workers", &[]),
+            Some(ErrorCode::QueueGroupForbidden),
+            "no claim and no default: no group"
+        );
+        // A malformed name is that, whatever the rights.
+        assert_eq!(
+            anonymous.queue_group_refusal("", &["*".to_owned()]),
+            Some(ErrorCode::InvalidQueueGroup)
+        );
+        let mut worker = anonymous.clone();
+        worker.queue_groups = Some(Box::new(Acl::new(vec!["work*".into()], vec![])));
+        assert_eq!(worker.queue_group_refusal("workers", &[]), None);
+        assert_eq!(
+            worker.queue_group_refusal("junk", &["*".to_owned()]),
+            Some(ErrorCode::QueueGroupForbidden)
         );
     }
 }

@@ -19,9 +19,9 @@ use serde_json::value::RawValue;
 
 use crate::close::{APPLICATION_CODES, CloseCode};
 use crate::conn::ConnId;
-use crate::fabric::Responder;
 use crate::inbound::AppEvent;
 use crate::protocol::{FailedTopic, RecoveryInfo};
+use crate::reply::Responder;
 
 /// Why a command failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use serde_json::value::RawValue;
 
+use crate::admission::Admission;
 use crate::auth::{Acl, Authenticator, Identity};
 use crate::close::CloseCode;
 use crate::codec::{self, Decoder, FrameError, Message, OpCode, Role};
@@ -37,7 +38,6 @@ use crate::handshake::{self, Outcome};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, ClientMessage, Clock, ErrorCode, FailedTopic, Wire};
 use crate::ratelimit::{RateLimits, TokenBucket, Verdict};
-use crate::shard::Admission;
 
 /// Time a refused connection (bad or missing token, server at its connection limit) has to read
 /// its error frame and close frame before its socket is closed. Short, because a refused client
@@ -48,6 +48,9 @@ pub const REFUSED_LINGER: Duration = Duration::from_millis(500);
 /// cannot hold the descriptors legitimate clients need.
 pub const REFUSED_LINGERING_MAX_PER_SHARD: usize = 256;
 
+/// A slab key of a connection on its shard: the low 32 bits of its [`ConnId`].
+pub type ConnKey = u32;
+
 /// A connection's identity across the server: `[shard:8][serial:24][slab key:32]`, shown as 16
 /// hex digits. The shard is recoverable from the id, so commands find their connection without a
 /// global table; the serial (never 0, so the id is never 0) tells a reused slab key from its
@@ -57,7 +60,7 @@ pub struct ConnId(NonZeroU64);
 
 impl ConnId {
     /// Packs the three parts; the serial is cut to 24 bits and raised to 1 if 0.
-    pub fn new(shard: usize, serial: u32, key: u32) -> Self {
+    pub fn new(shard: usize, serial: u32, key: ConnKey) -> Self {
         debug_assert!(shard < 256);
         let serial = u64::from(serial & 0xff_ffff).max(1);
         let v = ((shard as u64) << 56) | (serial << 32) | u64::from(key);
@@ -68,8 +71,8 @@ impl ConnId {
         (self.0.get() >> 56) as usize
     }
     /// The connection's slot in its shard's slab.
-    pub fn key(self) -> u32 {
-        self.0.get() as u32
+    pub fn key(self) -> ConnKey {
+        self.0.get() as ConnKey
     }
     /// The id as a number (its 16-hex-digit form is this, zero-padded).
     pub fn as_u64(self) -> u64 {
@@ -480,26 +483,24 @@ impl Conn {
         }
     }
 
-    /// Checks an application's subscription for this connection as a client's would be
-    /// checked. `None` unless live.
+    /// Checks an application's subscription for this connection (`command::AppSubscribe`'s
+    /// parts) as a client's would be checked. `None` unless live.
     pub fn admit_subscription(
         &self,
-        sub: &crate::command::AppSubscribe,
+        topics: &[String],
+        presence: Option<&[u8]>,
+        group: Option<&str>,
+        recover: &[(String, Option<u32>, u64)],
         cfg: &Config,
     ) -> Option<SubscribeRequest> {
         let Phase::Live { session, .. } = &self.phase else {
             return None;
         };
-        let presence = sub
-            .presence
-            .as_deref()
-            .and_then(|p| std::str::from_utf8(p).ok());
-        let topics = sub.topics.iter().map(|t| Cow::Borrowed(t.as_str()));
-        let group = sub.queue_group.as_deref();
+        let presence = presence.and_then(|p| std::str::from_utf8(p).ok());
+        let topics = topics.iter().map(|t| Cow::Borrowed(t.as_str()));
         let mut req = session.admit(topics, presence, group, cfg);
         if cfg.recovery.enabled && req.queue_group.is_none() {
-            req.recover = sub
-                .recover
+            req.recover = recover
                 .iter()
                 .filter(|r| req.topics.contains(&r.0))
                 .cloned()
@@ -1128,8 +1129,8 @@ impl Session {
             (cfg.presence.enabled && queue_group.is_none()).then(|| presence.unwrap_or("{}"));
         let presence_too_large = presence.is_some_and(|p| p.len() > cfg.presence.max_data_size);
         let default_groups = &cfg.auth.default_queue_groups;
-        let group_problem = queue_group
-            .and_then(|g| crate::queue_groups::join_refusal(&self.identity, g, default_groups));
+        let group_problem =
+            queue_group.and_then(|g| self.identity.queue_group_refusal(g, default_groups));
         for topic in topics {
             let reason = if let Some(p) = protocol::topic_problem(&topic) {
                 p

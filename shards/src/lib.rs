@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod accept;
+pub mod admission;
 pub mod alarms;
 pub mod auth;
 pub mod close;
@@ -23,8 +24,11 @@ pub mod command;
 pub mod config;
 pub mod conn;
 pub mod fabric;
+pub mod fabric_plan;
 pub mod handshake;
 pub mod inbound;
+#[cfg(test)]
+mod layering;
 pub mod metrics;
 pub mod msgpack_json;
 pub mod presence;
@@ -32,6 +36,7 @@ pub mod protocol;
 pub mod queue_groups;
 pub mod ratelimit;
 pub mod recovery;
+pub mod reply;
 pub mod runtime;
 pub mod server;
 pub mod shard;

@@ -35,9 +35,7 @@ use crate::queue_groups::{LocalGroups, Membership};
 use crate::recovery::RingId;
 
 use crate::config::SHARDS_MAX;
-
-/// A slab key of a connection on this shard.
-pub type ConnKey = u32;
+use crate::conn::ConnKey;
 
 /// The shard that owns `topic`: stable for the life of the process and equal on every shard.
 pub fn owner_of(topic: &str, shards: usize) -> usize {

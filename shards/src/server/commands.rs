@@ -22,8 +22,9 @@ use crate::command::{
     SubscribeOutcome, close_code_allowed,
 };
 use crate::conn::ConnId;
-use crate::fabric::{FabricMsg, Responder, Sent};
+use crate::fabric::{FabricMsg, Sent};
 use crate::metrics::DropReason;
+use crate::reply::Responder;
 
 /// Bytes of one application send (text, binary or event): the server's inbound message limit
 /// does not apply outbound, but one frame must still fit in a connection's outbound queue.

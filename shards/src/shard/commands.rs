@@ -17,10 +17,10 @@ use crate::command::{
     TopicSubscribers,
 };
 use crate::conn::ConnId;
-use crate::fabric::Responder;
+use crate::conn::ConnKey;
 use crate::inbound::AppEvent;
 use crate::protocol::{self, Clock, Wire};
-use crate::topics::ConnKey;
+use crate::reply::Responder;
 
 impl<T: Transport> Shard<T> {
     pub(super) fn handle_command(&mut self, cmd: Command, clock: Clock) {
@@ -212,7 +212,14 @@ impl<T: Transport> Shard<T> {
     ) {
         let req = self.live_key(conn).and_then(|key| {
             let slot = self.conns.get(key as usize)?;
-            Some((key, slot.conn.admit_subscription(request, &self.cfg)?))
+            let req = slot.conn.admit_subscription(
+                &request.topics,
+                request.presence.as_deref(),
+                request.queue_group.as_deref(),
+                &request.recover,
+                &self.cfg,
+            )?;
+            Some((key, req))
         });
         match req {
             Some((key, req)) => self.subscribe(key, req, Some(reply), clock),

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::topics::ConnKey;
+use crate::conn::ConnKey;
 
 /// Share of the drain timeout over which the close frames are spread, percent. The remainder is
 /// what the last batch has to answer its close frame before the drain times out.

@@ -32,21 +32,23 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use bytes::Bytes;
 use slab::Slab;
 
+use crate::admission::Admission;
 use crate::alarms::{AUTH_REFUSAL_LINES_PER_SEC, AttackSummary, LineBudget};
 use crate::auth::AuthError;
 use crate::auth::{Acl, Authenticator};
 use crate::close::CloseCode;
 use crate::command::{Command, CommandError, SubscribeOutcome};
 use crate::config::{Config, ProtocolConfig};
+use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
-use crate::fabric::{Endpoint, FabricMsg, Responder, Sent};
+use crate::fabric::{Endpoint, FabricMsg, Reload, Sent};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
@@ -54,8 +56,9 @@ use crate::protocol::{self, Clock};
 use crate::queue_groups::GroupName;
 use crate::ratelimit::RateLimits;
 use crate::recovery::History;
+use crate::reply::Responder;
 use crate::timer::{Tick, TimerWheel};
-use crate::topics::{ConnKey, Topics};
+use crate::topics::Topics;
 
 /// Frames handed to one `writev`. Linux accepts 1024; 64 covers any realistic backlog per turn
 /// while keeping the slice array on the stack.
@@ -66,46 +69,6 @@ const FABRIC_BATCH_PER_SOURCE: usize = 4096;
 /// it. The kernel spreads connections by hash (or, with SO_INCOMING_CPU, by the core that handled
 /// the packets, which on loopback is the client's), so imbalance is the rule for few clients.
 pub const BALANCE_SLACK: u64 = 8;
-
-/// The global cap on live connections (`server.max_connections`). Touched on upgrade and release
-/// only, never per message.
-#[derive(Debug)]
-pub struct Admission {
-    live: AtomicUsize,
-    /// Changed by a reload; lowering it closes no connection, it only refuses new ones.
-    max: AtomicUsize,
-}
-
-impl Admission {
-    /// A budget of `max` live connections, none taken.
-    pub fn new(max: usize) -> Self {
-        Self {
-            live: AtomicUsize::new(0),
-            max: AtomicUsize::new(max),
-        }
-    }
-    /// Changes the cap (reload); connections over a lowered cap stay.
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-    /// Takes a place if one is free.
-    pub fn try_admit(&self) -> bool {
-        if self.live.fetch_add(1, Ordering::AcqRel) >= self.max.load(Ordering::Relaxed) {
-            self.live.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        true
-    }
-    /// Gives a place back; exactly once per successful [`Admission::try_admit`].
-    pub fn release(&self) {
-        let before = self.live.fetch_sub(1, Ordering::AcqRel);
-        assert!(before > 0, "admission released more often than taken");
-    }
-    /// Places taken now.
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-}
 
 /// State every shard reads; built once at start.
 #[derive(Debug)]
@@ -124,36 +87,6 @@ pub struct Shared {
     /// Every shard's metrics, in shard order; a shard reads the others' socket gauges to
     /// balance connections (on accept only).
     pub metrics: Vec<Arc<ShardMetrics>>,
-}
-
-/// A new running configuration, sent by `Server::reload` to every shard in a
-/// [`FabricMsg::Reload`]. A shard swaps it in between two connection events, so each event sees
-/// one configuration; connections keep what they already derived (an authenticated identity, a
-/// deadline already armed).
-#[derive(Debug)]
-pub struct Reload {
-    /// The configuration to run with from now on.
-    pub cfg: Arc<Config>,
-    /// The verifier built from it (`None`: authentication off).
-    pub auth: Option<Arc<Authenticator>>,
-    /// Each shard sends its id once it runs with the new configuration.
-    applied: mpsc::Sender<usize>,
-}
-
-impl Reload {
-    /// The message, and the receiver on which the shards confirm.
-    pub fn new(
-        cfg: Arc<Config>,
-        auth: Option<Arc<Authenticator>>,
-    ) -> (Arc<Reload>, mpsc::Receiver<usize>) {
-        let (tx, rx) = mpsc::channel();
-        let reload = Reload {
-            cfg,
-            auth,
-            applied: tx,
-        };
-        (Arc::new(reload), rx)
-    }
 }
 
 /// The socket side of a connection, as the shard needs it.
@@ -891,8 +824,7 @@ impl<T: Transport> Shard<T> {
         self.auth = reload.auth.clone();
         self.rate = rate_limits(&self.cfg.protocol);
         self.default_publish = Acl::new(self.cfg.auth.default_publish.clone(), Vec::new());
-        // An error means the reloader stopped waiting; the new configuration applies regardless.
-        let _ = reload.applied.send(self.me);
+        reload.confirm(self.me);
     }
 
     /// Arms the connection's timer when its next deadline is earlier than the armed one.

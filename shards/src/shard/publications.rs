@@ -8,10 +8,10 @@ use bytes::Bytes;
 
 use super::{Shard, Slot, Transport, mark_dirty, send, write_out};
 use crate::conn::ConnId;
+use crate::conn::ConnKey;
 use crate::fabric::FabricMsg;
 use crate::metrics::{DropReason, ShardMetrics};
 use crate::protocol::{self, Clock};
-use crate::topics::ConnKey;
 
 impl<T: Transport> Shard<T> {
     /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).

@@ -11,12 +11,13 @@ use bytes::Bytes;
 
 use super::{PendingAck, Shard, Transport, send};
 use crate::command::{CommandError, SubscribeOutcome};
+use crate::conn::ConnKey;
 use crate::conn::{ConnId, SessionMut, SubscribeRequest};
-use crate::fabric::Responder;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
 use crate::metrics::DropReason;
 use crate::protocol::{self, Clock, ErrorCode, FailedTopic};
-use crate::topics::{ConnKey, Delta};
+use crate::reply::Responder;
+use crate::topics::Delta;
 
 /// Where an application's subscribe command is answered.
 type Reply = Responder<Result<SubscribeOutcome, CommandError>>;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::sample::Index;
+use wse_shards::admission::Admission;
 use wse_shards::auth::Acl;
 use wse_shards::codec::{CONTROL_PAYLOAD_MAX, OpCode, write_frame};
 use wse_shards::config::Config;
@@ -17,7 +18,6 @@ use wse_shards::conn::{Conn, ConnEvent, ConnId, Cx};
 use wse_shards::metrics::ShardMetrics;
 use wse_shards::protocol::Clock;
 use wse_shards::ratelimit::RateLimits;
-use wse_shards::shard::Admission;
 
 use crate::cases;
 
