@@ -41,6 +41,7 @@ pub mod runtime;
 pub mod server;
 pub mod shard;
 pub mod timer;
+pub mod topic_owner;
 pub mod topics;
 
 pub use command::{CommandError, Payload, SendOutcome};

@@ -86,11 +86,7 @@ impl<T: Transport> Shard<T> {
                         .get(&topic)
                         .map_or_else(Default::default, |t| TopicSubscribers {
                             count: t.subscriber_count(),
-                            queue_groups: t
-                                .groups
-                                .iter()
-                                .map(|(g, n)| (g.to_string(), n))
-                                .collect(),
+                            queue_groups: t.groups().map(|(g, n)| (g.to_string(), n)).collect(),
                         });
                 reply.send(answer);
             }

@@ -55,9 +55,9 @@ use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, Clock};
 use crate::queue_groups::GroupName;
 use crate::ratelimit::RateLimits;
-use crate::recovery::History;
 use crate::reply::Responder;
 use crate::timer::{Tick, TimerWheel};
+use crate::topic_owner::TopicOwner;
 use crate::topics::Topics;
 
 /// Frames handed to one `writev`. Linux accepts 1024; 64 covers any realistic backlog per turn
@@ -153,8 +153,9 @@ pub struct Shard<T: Transport> {
     expired: Vec<(u32, Tick)>,
     evict: Vec<ConnKey>,
     ping: Option<Bytes>,
-    /// The history of the topics this shard owns (recovery on).
-    history: Option<History>,
+    /// The owner's role for the topics this shard owns: sequencing, history, interested
+    /// shards, presence, queue-group counts.
+    owner: TopicOwner,
     pending_acks: HashMap<u64, PendingAck>,
     next_request: u64,
     /// Scratch for the queue-group picks of one publication (kept to reuse its allocation).
@@ -206,11 +207,8 @@ impl<T: Transport> Shard<T> {
         let rate = rate_limits(&cfg.protocol);
         let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
         let shards = shared.shards;
-        let history = cfg
-            .recovery
-            .enabled
-            .then(|| History::new(&cfg.recovery, shards));
         let alarms = AttackSummary::new(now, cfg.log.attack_summary_interval, &metrics);
+        let owner = TopicOwner::new(me, shards, &cfg.recovery);
         Self {
             me,
             topics: Topics::new(me, shared.shards),
@@ -230,7 +228,7 @@ impl<T: Transport> Shard<T> {
             expired: Vec::new(),
             evict: Vec::new(),
             ping: None,
-            history,
+            owner,
             pending_acks: HashMap::new(),
             next_request: 0,
             group_picks: Vec::new(),
@@ -773,11 +771,7 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
             FabricMsg::Deliver { topic, frame } => {
                 // The owner queues its own subscribers directly; the fabric carries the rest.
-                debug_assert_ne!(
-                    self.topics.owner_of(&topic),
-                    self.me,
-                    "delivery to the owner"
-                );
+                debug_assert!(!self.owner.owns(&topic), "delivery to the owner");
                 // A private copy per shard: cloning the sender's buffer for every local subscriber
                 // would bounce its reference count between cores.
                 let local = Bytes::copy_from_slice(&frame);

@@ -51,7 +51,7 @@ impl<T: Transport> Shard<T> {
         }
         let max = self.cfg.limits.max_outbound_queue_bytes;
         let mut delivered = 0;
-        for &key in &t.subscribers {
+        for &key in t.subscribers() {
             let Some(slot) = self.conns.get_mut(key as usize) else {
                 debug_assert!(false, "subscriber {key} has no slot");
                 continue;
@@ -82,8 +82,8 @@ impl<T: Transport> Shard<T> {
             return;
         };
         // Each member at most once: a full round of refusals means nobody here can take it.
-        for _ in 0..t.groups.members(group) {
-            let Some(key) = t.groups.pick(group) else {
+        for _ in 0..t.group_members(group) {
+            let Some(key) = t.pick_member(group) else {
                 break;
             };
             let Some(slot) = self.conns.get_mut(key as usize) else {

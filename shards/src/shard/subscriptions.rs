@@ -130,12 +130,8 @@ impl<T: Transport> Shard<T> {
                         queue_group: joined_group,
                     },
                 ));
-            } else if group.is_none()
-                && let Some(t) = self.topics.get_mut(&topic)
-                && !t.is_live()
-            {
+            } else if group.is_none() && self.topics.await_confirmation(&topic, request) {
                 // Another connection's request is registering this shard's interest: wait for it.
-                t.waiters.push(request);
                 ack.remaining += 1;
             }
             ack.succeeded.push(topic);
@@ -332,6 +328,8 @@ impl<T: Transport> Shard<T> {
                 let group = group.map(|g| (&**g, group_members));
                 self.handle_leave(topic, conn, false, user, group);
             }
+            // Its connections here may have been all that kept the owner's entry.
+            self.release_owned(topic);
         } else if interest_off || user.is_some() || group.is_some() {
             send(
                 &mut self.fabric,
