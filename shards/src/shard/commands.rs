@@ -18,7 +18,6 @@ use crate::command::{
 };
 use crate::conn::ConnId;
 use crate::conn::ConnKey;
-use crate::inbound::AppEvent;
 use crate::protocol::{self, Clock, Wire};
 use crate::reply::Responder;
 
@@ -100,35 +99,9 @@ impl<T: Transport> Shard<T> {
                 self.begin_drain_with(close_code, &reason, clock.now + timeout, clock);
                 reply.send(());
             }
-            Command::TakeEvents { max, reply } => {
-                if self.app_events.is_empty() {
-                    // Waits for the end of a turn that queued events (see `answer_event_waiter`).
-                    if let Some((_, earlier)) = self.event_waiter.replace((max, reply)) {
-                        earlier.send(Vec::new());
-                    }
-                } else {
-                    reply.send(self.take_events(max));
-                }
-            }
+            // Waits, when nothing is queued, for the end of a turn that queues events.
+            Command::TakeEvents { max, reply } => self.app.request(max, reply),
         }
-    }
-
-    /// Answers a waiting [`Command::TakeEvents`] when events are queued; once per turn, so a
-    /// busy shard hands out a turn's events in one batch.
-    pub(super) fn answer_event_waiter(&mut self) {
-        if !self.app_events.is_empty()
-            && let Some((max, reply)) = self.event_waiter.take()
-        {
-            reply.send(self.take_events(max));
-        }
-    }
-
-    /// The oldest `max` queued application events.
-    pub(super) fn take_events(&mut self, max: usize) -> Vec<AppEvent> {
-        let n = max.min(self.app_events.len());
-        let batch: Vec<AppEvent> = self.app_events.drain(..n).collect();
-        self.app_event_bytes -= batch.iter().map(AppEvent::size).sum::<usize>();
-        batch
     }
 
     /// The slab key of `conn` when it is a live connection of this shard.
@@ -168,7 +141,7 @@ impl<T: Transport> Shard<T> {
                 let (wire, bytes) = protocol::encode_for_connection(
                     event.envelope(ts, seq),
                     slot.conn.is_msgpack(),
-                    self.cfg.protocol.compression_threshold,
+                    self.run.cfg().protocol.compression_threshold,
                 );
                 let op = match wire {
                     Wire::Text => OpCode::Text,
@@ -178,7 +151,7 @@ impl<T: Transport> Shard<T> {
             }
         };
         let bytes = frame.len();
-        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
         if offer(
             slot,
             key,
@@ -213,7 +186,7 @@ impl<T: Transport> Shard<T> {
                 request.presence.as_deref(),
                 request.queue_group.as_deref(),
                 &request.recover,
-                &self.cfg,
+                self.run.cfg(),
             )?;
             Some((key, req))
         });
@@ -290,7 +263,7 @@ impl<T: Transport> Shard<T> {
         // A private copy: cloning the control plane's buffer per connection would bounce its
         // reference count between cores.
         let frame = Bytes::copy_from_slice(frame);
-        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
         let mut sent = 0;
         for (key, slot) in self.conns.iter_mut() {
             if !slot.conn.is_live() {

@@ -15,12 +15,14 @@
 //! owner: sequencing, history, interest, presence, queue-group picks) and `publications`
 //! (routing and fan-out).
 
+mod app_events;
 mod commands;
 mod dedup;
 mod drain;
 mod owner;
 mod presence_events;
 mod publications;
+mod running;
 mod subscriptions;
 mod users;
 
@@ -28,7 +30,7 @@ pub use dedup::SEND_DEDUP_WINDOW;
 pub use drain::{DRAIN_BATCH_INTERVAL, DRAIN_CLOSE_SPREAD_PERCENT};
 pub use presence_events::PRESENCE_LEAVE_WAIT;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -42,20 +44,18 @@ use slab::Slab;
 use crate::admission::Admission;
 use crate::alarms::{AUTH_REFUSAL_LINES_PER_SEC, AttackSummary, LineBudget};
 use crate::auth::AuthError;
-use crate::auth::{Acl, Authenticator};
+use crate::auth::Authenticator;
 use crate::close::CloseCode;
-use crate::command::{Command, CommandError, SubscribeOutcome};
-use crate::config::{Config, ProtocolConfig};
+use crate::command::Command;
+use crate::config::Config;
 use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::fabric::{Endpoint, FabricMsg, Reload, Sent};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
-use crate::protocol::{self, Clock};
+use crate::protocol::Clock;
 use crate::queue_groups::GroupName;
-use crate::ratelimit::RateLimits;
-use crate::reply::Responder;
 use crate::timer::{Tick, TimerWheel};
 use crate::topic_owner::TopicOwner;
 use crate::topics::Topics;
@@ -118,28 +118,13 @@ struct Slot<T> {
     upgraded: bool,
 }
 
-/// A subscribe acknowledgement waiting for the owners of some of its topics.
-struct PendingAck {
-    conn: ConnId,
-    /// Where the outcome goes when the application asked (else to the client, as a frame).
-    reply: Option<Responder<Result<SubscribeOutcome, CommandError>>>,
-    /// Owner replies (or interest confirmations) still awaited.
-    remaining: u32,
-    succeeded: Vec<String>,
-    failed: Vec<protocol::FailedTopic>,
-    recovery: Vec<(String, protocol::RecoveryInfo)>,
-}
-
 /// One core's state: its connections, topic table, timers, fabric endpoint and queues.
 /// Driven by `runtime` through a [`Transport`] that does the actual socket I/O.
 pub struct Shard<T: Transport> {
     me: usize,
     shared: Arc<Shared>,
     /// The running configuration and verifier: `shared`'s at start, then each reload's.
-    cfg: Arc<Config>,
-    auth: Option<Arc<Authenticator>>,
-    rate: RateLimits,
-    default_publish: Acl,
+    run: running::Running,
     metrics: Arc<ShardMetrics>,
     conns: Slab<Slot<T>>,
     serial: u32,
@@ -156,17 +141,12 @@ pub struct Shard<T: Transport> {
     /// The owner's role for the topics this shard owns: sequencing, history, interested
     /// shards, presence, queue-group counts.
     owner: TopicOwner,
-    pending_acks: HashMap<u64, PendingAck>,
-    next_request: u64,
+    /// Subscribe acknowledgements waiting for topic owners.
+    acks: subscriptions::PendingAcks,
     /// Scratch for the queue-group picks of one publication (kept to reuse its allocation).
     group_picks: Vec<(usize, Arc<GroupName>)>,
-    /// Application events for the event stream, oldest first. Bounded by
-    /// `limits.app_event_queue_capacity` events and `limits.app_event_queue_bytes` bytes; past
-    /// either the oldest is dropped and counted (`app_event_overflow`).
-    app_events: VecDeque<AppEvent>,
-    app_event_bytes: usize,
-    /// A `TakeEvents` waiting for events: (max, responder). At most one (one consumer).
-    event_waiter: Option<(usize, Responder<Vec<AppEvent>>)>,
+    /// Application events for the event stream, and the request waiting for them.
+    app: app_events::AppEvents,
     /// Live connections by user, for `send_user`.
     users: users::Users,
     /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them.
@@ -182,9 +162,8 @@ pub struct Shard<T: Transport> {
     handshakes: usize,
     /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
     refused_lingering: usize,
-    draining_until: Option<Instant>,
-    /// The close frames a drain has still to send, in batches (see `drain`).
-    drain_closes: Option<drain::DrainCloses>,
+    /// The drain, once one has started.
+    drain: drain::Drain,
     /// Logs what this shard refused, once per kind and `log.attack_summary_interval`.
     alarms: AttackSummary,
     /// Scratch for the summary's lines (kept to reuse its allocation).
@@ -203,9 +182,7 @@ impl<T: Transport> Shard<T> {
         now: Instant,
     ) -> Self {
         let cfg = shared.cfg.clone();
-        let auth = shared.auth.clone();
-        let rate = rate_limits(&cfg.protocol);
-        let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
+        let run = running::Running::new(cfg.clone(), shared.auth.clone());
         let shards = shared.shards;
         let alarms = AttackSummary::new(now, cfg.log.attack_summary_interval, &metrics);
         let owner = TopicOwner::new(me, shards, &cfg.recovery);
@@ -213,10 +190,7 @@ impl<T: Transport> Shard<T> {
             me,
             topics: Topics::new(me, shared.shards),
             shared,
-            cfg,
-            auth,
-            rate,
-            default_publish,
+            run,
             metrics,
             conns: Slab::new(),
             serial: 0,
@@ -229,12 +203,9 @@ impl<T: Transport> Shard<T> {
             evict: Vec::new(),
             ping: None,
             owner,
-            pending_acks: HashMap::new(),
-            next_request: 0,
+            acks: Default::default(),
             group_picks: Vec::new(),
-            app_events: VecDeque::new(),
-            app_event_bytes: 0,
-            event_waiter: None,
+            app: Default::default(),
             users: users::Users::default(),
             recent_ids: dedup::RecentIds::default(),
             awaited_leaves: Default::default(),
@@ -243,8 +214,7 @@ impl<T: Transport> Shard<T> {
             handed: vec![0; shards],
             handshakes: 0,
             refused_lingering: 0,
-            draining_until: None,
-            drain_closes: None,
+            drain: Default::default(),
             alarms,
             alarm_lines: Vec::new(),
             auth_refusal_log: LineBudget::new(AUTH_REFUSAL_LINES_PER_SEC),
@@ -263,13 +233,13 @@ impl<T: Transport> Shard<T> {
 
     /// A drain has started: no new connections, existing ones are being closed.
     pub fn is_draining(&self) -> bool {
-        self.draining_until.is_some()
+        self.drain.is_draining()
     }
 
     /// Draining and either every connection is gone (its `disconnect` reported) or the drain
     /// deadline has passed.
     pub fn is_drained(&self, now: Instant) -> bool {
-        self.draining_until.is_some_and(|until| {
+        self.drain.until().is_some_and(|until| {
             (self.conns.is_empty() && !self.awaited_leaves.holds_disconnects()) || now >= until
         })
     }
@@ -277,9 +247,9 @@ impl<T: Transport> Shard<T> {
     /// When the shard next needs `handle_timers`.
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.timers.next_expiry();
-        let drain = self.drain_closes.as_ref().and_then(|d| d.poll_timeout());
+        let drain = self.drain.next_batch_at();
         let leaves = self.awaited_leaves.poll_timeout();
-        let t = [t, self.draining_until, drain, leaves]
+        let t = [t, self.drain.until(), drain, leaves]
             .into_iter()
             .flatten()
             .min();
@@ -302,7 +272,7 @@ impl<T: Transport> Shard<T> {
 
     /// The application events waiting for the event stream (oldest first).
     pub fn app_events(&self) -> &VecDeque<AppEvent> {
-        &self.app_events
+        self.app.queued()
     }
 
     // --------------------------------------------------------------------------------------------
@@ -344,7 +314,7 @@ impl<T: Transport> Shard<T> {
     /// refusal has been written and the socket should be dropped.
     pub fn accept(&mut self, io: T, clock: Clock) -> Option<ConnKey> {
         self.metrics.connections_accepted_total.inc();
-        if self.handshakes >= self.cfg.limits.max_pending_handshakes || self.is_draining() {
+        if self.handshakes >= self.run.cfg().limits.max_pending_handshakes || self.is_draining() {
             self.metrics.rejected(RejectReason::PendingHandshakes).inc();
             let reply = handshake::response_reject(&handshake::Reject {
                 status: 503,
@@ -439,8 +409,8 @@ impl<T: Transport> Shard<T> {
     /// `server.drain_timeout` to go; the close frames are spread over part of it (see
     /// [`DRAIN_CLOSE_SPREAD_PERCENT`]).
     pub fn begin_drain(&mut self, clock: Clock) {
-        let code = self.cfg.server.shutdown_close_code;
-        let until = clock.now + self.cfg.server.drain_timeout;
+        let code = self.run.cfg().server.shutdown_close_code;
+        let until = clock.now + self.run.cfg().server.drain_timeout;
         self.begin_drain_with(code, CloseCode::Shutdown.reason(), until, clock);
     }
 
@@ -448,24 +418,20 @@ impl<T: Transport> Shard<T> {
     /// first batch of close frames goes now, the others one per [`DRAIN_BATCH_INTERVAL`] (from
     /// `handle_timers`). A drain already under way keeps its own.
     pub fn begin_drain_with(&mut self, code: u16, reason: &str, until: Instant, clock: Clock) {
-        if self.draining_until.is_some() {
+        if self.drain.is_draining() {
             return;
         }
-        self.draining_until = Some(until);
         let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k as ConnKey).collect();
-        let timeout = until.saturating_duration_since(clock.now);
-        let plan = drain::DrainCloses::new(code, reason, keys, clock.now, timeout);
-        self.drain_closes = Some(plan);
+        self.drain.begin(code, reason, keys, clock.now, until);
         self.close_drain_batch(clock);
     }
 
     /// Sends the drain's close frames that are due.
     fn close_drain_batch(&mut self, clock: Clock) {
-        let Some(plan) = self.drain_closes.as_mut() else {
+        let Some((code, reason, keys)) = self.drain.due(clock.now) else {
             return;
         };
-        let (code, reason) = (plan.code, plan.reason.clone());
-        for key in plan.handle_timeout(clock.now) {
+        for key in keys {
             self.with_conn(key, clock, |c, cx| c.close(code, &reason, cx));
         }
     }
@@ -493,7 +459,7 @@ impl<T: Transport> Shard<T> {
     /// queued to it is dropped (a command's responder answers "not running").
     pub fn close_fabric(&mut self) {
         self.report_awaited_disconnects();
-        let mut last = self.event_waiter.take().map(|(_, reply)| reply);
+        let mut last = self.app.take_waiter();
         let mut inbox = Vec::new();
         self.fabric.receive(usize::MAX, |_, m| inbox.push(m));
         for m in inbox {
@@ -505,14 +471,14 @@ impl<T: Transport> Shard<T> {
             }
         }
         if let Some(reply) = last {
-            reply.send(self.take_events(usize::MAX));
+            reply.send(self.app.take(usize::MAX));
         }
     }
 
     /// Runs due deadlines: pings, idle closes, handshake and close timeouts, the attack summary.
     pub fn handle_timers(&mut self, clock: Clock) {
         self.ping = None;
-        let interval = self.cfg.log.attack_summary_interval;
+        let interval = self.run.cfg().log.attack_summary_interval;
         let mut lines = std::mem::take(&mut self.alarm_lines);
         self.alarms
             .handle_timeout(clock.now, interval, &self.metrics, &mut lines);
@@ -534,7 +500,7 @@ impl<T: Transport> Shard<T> {
             slot.armed = None;
             if slot.conn.is_closed() {
                 // Past the close deadline: stop waiting for the peer's FIN.
-                if clock.now >= slot.conn.poll_timeout(&self.cfg) {
+                if clock.now >= slot.conn.poll_timeout(self.run.cfg()) {
                     slot.io.shutdown(Shutdown::Both);
                 } else {
                     self.rearm(key);
@@ -584,7 +550,7 @@ impl<T: Transport> Shard<T> {
                 slot.io.shutdown(Shutdown::Both);
             }
         }
-        self.answer_event_waiter();
+        self.app.answer_waiter();
         let held = self.fabric.flush();
         self.handed.iter_mut().for_each(|h| *h = 0);
         let m = &self.metrics;
@@ -592,7 +558,7 @@ impl<T: Transport> Shard<T> {
         m.fabric_inflight_bytes.set(self.fabric.inflight_bytes());
         m.fabric_inbound_depth
             .set(self.fabric.inbound_depth() as u64);
-        m.app_event_queue_depth.set(self.app_events.len() as u64);
+        m.app_event_queue_depth.set(self.app.queued().len() as u64);
     }
 
     // --------------------------------------------------------------------------------------------
@@ -608,10 +574,10 @@ impl<T: Transport> Shard<T> {
         let was_handshaking = slot.conn.is_handshaking();
         let mut cx = Cx {
             clock,
-            cfg: &self.cfg,
-            rate: &self.rate,
-            auth: self.auth.as_deref(),
-            default_publish: &self.default_publish,
+            cfg: self.run.cfg(),
+            rate: self.run.rate(),
+            auth: self.run.auth(),
+            default_publish: self.run.default_publish(),
             admission: &self.shared.admission,
             metrics: &self.metrics,
             events: &mut self.events,
@@ -619,7 +585,11 @@ impl<T: Transport> Shard<T> {
             refused_lingering: &mut self.refused_lingering,
         };
         f(&mut slot.conn, &mut cx);
-        if slot.conn.out.over(self.cfg.limits.max_outbound_queue_bytes) {
+        if slot
+            .conn
+            .out
+            .over(self.run.cfg().limits.max_outbound_queue_bytes)
+        {
             // A reply queued outside the read path (a subscription or publish acknowledgement,
             // an error) crossed the cap: the client is not reading what it asks for.
             slot.conn.evict(&mut cx);
@@ -747,18 +717,7 @@ impl<T: Transport> Shard<T> {
             user: user.into(),
             payload,
         };
-        self.metrics.app_events_total.inc();
-        self.app_event_bytes += ev.size();
-        self.app_events.push_back(ev);
-        while self.app_events.len() > self.cfg.limits.app_event_queue_capacity
-            || self.app_event_bytes > self.cfg.limits.app_event_queue_bytes
-        {
-            let Some(old) = self.app_events.pop_front() else {
-                break;
-            };
-            self.app_event_bytes -= old.size();
-            self.metrics.dropped(DropReason::AppEventOverflow).inc();
-        }
+        self.app.push(ev, &self.run.cfg().limits, &self.metrics);
     }
 
     /// Queues a per-connection JSON message to `key`.
@@ -814,10 +773,7 @@ impl<T: Transport> Shard<T> {
 
     /// Runs with the reloaded configuration from the next connection event on.
     fn apply_reload(&mut self, reload: &Reload) {
-        self.cfg = reload.cfg.clone();
-        self.auth = reload.auth.clone();
-        self.rate = rate_limits(&self.cfg.protocol);
-        self.default_publish = Acl::new(self.cfg.auth.default_publish.clone(), Vec::new());
+        self.run.apply(reload);
         reload.confirm(self.me);
     }
 
@@ -826,7 +782,7 @@ impl<T: Transport> Shard<T> {
         let Some(slot) = self.conns.get_mut(key as usize) else {
             return;
         };
-        let at = slot.conn.poll_timeout(&self.cfg);
+        let at = slot.conn.poll_timeout(self.run.cfg());
         let wanted = self.timers.arm_tick_for(at);
         if slot.armed.is_some_and(|t| t <= wanted) {
             return;
@@ -850,15 +806,6 @@ impl std::fmt::Display for Peer {
 /// The payload of events that carry nothing: `{}`.
 fn empty() -> Bytes {
     Bytes::from_static(b"{}")
-}
-
-fn rate_limits(p: &ProtocolConfig) -> RateLimits {
-    RateLimits {
-        capacity: p.rate_limit_capacity,
-        refill_per_sec: p.rate_limit_refill,
-        abuse_drops: p.rate_limit_abuse_drops,
-        abuse_window_ms: p.rate_limit_abuse_window.as_millis() as u64,
-    }
 }
 
 fn mark_dirty<T>(dirty: &mut Vec<ConnKey>, slot: &mut Slot<T>, key: ConnKey) {

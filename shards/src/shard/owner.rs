@@ -145,7 +145,7 @@ impl<T: Transport> Shard<T> {
         }
         let mut event = None;
         if let Some((user, data)) = j.presence {
-            let max = self.cfg.presence.max_members;
+            let max = self.run.cfg().presence.max_members;
             match self.owner.presence_join(&j.topic, &user, data.clone(), max) {
                 Joined::New => {
                     let payload = presence_payload(&j.topic, &user, &data);
@@ -232,7 +232,7 @@ impl<T: Transport> Shard<T> {
 
     /// Answers a question about a topic this shard owns.
     pub(super) fn handle_query(&mut self, q: Query) {
-        let presence_on = self.cfg.presence.enabled;
+        let presence_on = self.run.cfg().presence.enabled;
         let members = |topic: &str| self.owner.presence(topic);
         let answer = match (&q.kind, presence_on) {
             (_, false) => QueryAnswer::PresenceDisabled,

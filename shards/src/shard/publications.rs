@@ -49,7 +49,7 @@ impl<T: Transport> Shard<T> {
             // Sequenced before this shard's subscription took effect.
             return;
         }
-        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
         let mut delivered = 0;
         for &key in t.subscribers() {
             let Some(slot) = self.conns.get_mut(key as usize) else {
@@ -76,7 +76,7 @@ impl<T: Transport> Shard<T> {
     /// with no member left (they left or were evicted since the owner picked this shard) the
     /// publication is dropped for the group and counted (`queue_group_no_member`).
     pub(super) fn deliver_group(&mut self, topic: &str, group: &str, frame: Bytes) {
-        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
         let Some(t) = self.topics.get_mut(topic) else {
             self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
             return;
