@@ -8,7 +8,6 @@
 
 use bytes::Bytes;
 
-use super::publications::offer;
 use super::{Shard, Transport};
 use crate::auth::Acl;
 use crate::codec::{self, OpCode};
@@ -152,22 +151,14 @@ impl<T: Transport> Shard<T> {
         };
         let bytes = frame.len();
         let max = self.run.cfg().limits.max_outbound_queue_bytes;
-        if offer(
-            slot,
-            key,
-            frame,
-            max,
-            &self.metrics,
-            &mut self.blocked,
-            &mut self.dirty,
-        ) {
+        if slot.offer(key, frame, max, &self.metrics, &mut self.turn) {
             self.metrics.messages_out_total.inc();
             Ok(SendOutcome {
                 bytes,
                 duplicate: false,
             })
         } else {
-            self.evict.push(key);
+            self.turn.evict(key);
             Err(CommandError::SlowConsumer)
         }
     }
@@ -270,11 +261,10 @@ impl<T: Transport> Shard<T> {
                 continue;
             }
             let key = key as ConnKey;
-            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
-            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
                 sent += 1;
             } else {
-                self.evict.push(key);
+                self.turn.evict(key);
             }
         }
         self.metrics.messages_out_total.add(sent as u64);

@@ -24,6 +24,7 @@ mod presence_events;
 mod publications;
 mod running;
 mod subscriptions;
+mod turn;
 mod users;
 
 pub use dedup::SEND_DEDUP_WINDOW;
@@ -55,7 +56,6 @@ use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::Clock;
-use crate::queue_groups::GroupName;
 use crate::timer::{Tick, TimerWheel};
 use crate::topic_owner::TopicOwner;
 use crate::topics::Topics;
@@ -120,56 +120,75 @@ struct Slot<T> {
 
 /// One core's state: its connections, topic table, timers, fabric endpoint and queues.
 /// Driven by `runtime` through a [`Transport`] that does the actual socket I/O.
+///
+/// Each field has one owner: this module (the connection slots and the loop turn), or the
+/// submodule or building block named on it, which alone changes it, through its methods.
 pub struct Shard<T: Transport> {
     me: usize,
     shared: Arc<Shared>,
-    /// The running configuration and verifier: `shared`'s at start, then each reload's.
+    /// The running configuration and verifier (`running`): `shared`'s at start, then each
+    /// reload's.
     run: running::Running,
     metrics: Arc<ShardMetrics>,
+    /// Connection slots, with their bookkeeping (this module).
     conns: Slab<Slot<T>>,
-    serial: u32,
-    topics: Topics,
+    slots: SlotCounts,
+    /// One deadline per connection (this module arms them).
     timers: TimerWheel,
+    /// This shard's end of the fabric, and the sockets it hands over and adopts.
     fabric: Endpoint,
-    /// Connections with output queued this turn (each listed once).
-    dirty: Vec<ConnKey>,
-    events: Vec<ConnEvent>,
-    inbox: Vec<(usize, FabricMsg)>,
-    expired: Vec<(u32, Tick)>,
-    evict: Vec<ConnKey>,
-    ping: Option<Bytes>,
-    /// The owner's role for the topics this shard owns: sequencing, history, interested
-    /// shards, presence, queue-group counts.
+    handoff: Handoff,
+    /// Which local connections are on which topic (`topics`, through `subscriptions`).
+    topics: Topics,
+    /// The owner's role for the topics this shard owns (`topic_owner`, through `owner`):
+    /// sequencing, history, interested shards, presence, queue-group counts.
     owner: TopicOwner,
-    /// Subscribe acknowledgements waiting for topic owners.
+    /// Subscribe acknowledgements waiting for topic owners (`subscriptions`).
     acks: subscriptions::PendingAcks,
-    /// Scratch for the queue-group picks of one publication (kept to reuse its allocation).
-    group_picks: Vec<(usize, Arc<GroupName>)>,
-    /// Application events for the event stream, and the request waiting for them.
+    /// Application events for the event stream, and the request waiting for them
+    /// (`app_events`).
     app: app_events::AppEvents,
-    /// Live connections by user, for `send_user`.
+    /// Live connections by user, for `send_user` (`users`).
     users: users::Users,
-    /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them.
+    /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them
+    /// (`presence_events`).
     awaited_leaves: presence_events::AwaitedLeaves,
-    /// Event ids recently sent per connection, for `send_event` deduplication.
+    /// Event ids recently sent per connection, for `send_event` deduplication (`dedup`).
     recent_ids: dedup::RecentIds,
-    /// Connections whose socket filled up outside `flush`, reported by the next `flush`.
-    blocked: Vec<ConnKey>,
+    /// The drain, once one has started (`drain`).
+    drain: drain::Drain,
+    /// What the turn's end has to do: connections to write, blocked, to evict (`turn`).
+    turn: turn::Turn,
+    /// Buffers reused from call to call (`turn`).
+    scratch: turn::Scratch,
+    /// What this shard logs about refusals (this module).
+    logs: RefusalLogs,
+}
+
+/// The connection slots' bookkeeping.
+struct SlotCounts {
+    /// The serial of the last connection accepted (part of its [`ConnId`]).
+    serial: u32,
+    /// Connections still in the upgrade.
+    handshakes: usize,
+    /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
+    refused_lingering: usize,
+}
+
+/// Sockets moved between shards to balance them.
+struct Handoff {
     /// Sockets other shards handed over, for the I/O layer to adopt.
     adopted: Vec<OwnedFd>,
     /// Sockets handed to each shard since the last flush (their gauges lag by a turn).
     handed: Vec<u64>,
-    handshakes: usize,
-    /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
-    refused_lingering: usize,
-    /// The drain, once one has started.
-    drain: drain::Drain,
-    /// Logs what this shard refused, once per kind and `log.attack_summary_interval`.
-    alarms: AttackSummary,
-    /// Scratch for the summary's lines (kept to reuse its allocation).
-    alarm_lines: Vec<String>,
+}
+
+/// The log lines about what this shard refused.
+struct RefusalLogs {
+    /// What was refused, once per kind and `log.attack_summary_interval`.
+    attacks: AttackSummary,
     /// Authentication refusals logged one by one, at most `AUTH_REFUSAL_LINES_PER_SEC`.
-    auth_refusal_log: LineBudget,
+    auth_refusals: LineBudget,
 }
 
 impl<T: Transport> Shard<T> {
@@ -193,31 +212,30 @@ impl<T: Transport> Shard<T> {
             run,
             metrics,
             conns: Slab::new(),
-            serial: 0,
+            slots: SlotCounts {
+                serial: 0,
+                handshakes: 0,
+                refused_lingering: 0,
+            },
             timers: TimerWheel::new(now),
             fabric,
-            dirty: Vec::new(),
-            events: Vec::new(),
-            inbox: Vec::new(),
-            expired: Vec::new(),
-            evict: Vec::new(),
-            ping: None,
+            handoff: Handoff {
+                adopted: Vec::new(),
+                handed: vec![0; shards],
+            },
             owner,
             acks: Default::default(),
-            group_picks: Vec::new(),
             app: Default::default(),
             users: users::Users::default(),
-            recent_ids: dedup::RecentIds::default(),
             awaited_leaves: Default::default(),
-            blocked: Vec::new(),
-            adopted: Vec::new(),
-            handed: vec![0; shards],
-            handshakes: 0,
-            refused_lingering: 0,
+            recent_ids: dedup::RecentIds::default(),
             drain: Default::default(),
-            alarms,
-            alarm_lines: Vec::new(),
-            auth_refusal_log: LineBudget::new(AUTH_REFUSAL_LINES_PER_SEC),
+            turn: Default::default(),
+            scratch: Default::default(),
+            logs: RefusalLogs {
+                attacks: alarms,
+                auth_refusals: LineBudget::new(AUTH_REFUSAL_LINES_PER_SEC),
+            },
         }
     }
 
@@ -253,7 +271,7 @@ impl<T: Transport> Shard<T> {
             .into_iter()
             .flatten()
             .min();
-        let alarms = self.alarms.poll_timeout();
+        let alarms = self.logs.attacks.poll_timeout();
         Some(t.map_or(alarms, |t| t.min(alarms)))
     }
 
@@ -285,7 +303,7 @@ impl<T: Transport> Shard<T> {
         if self.is_draining() || self.shared.shards == 1 {
             return Some(fd);
         }
-        let load = |s: usize, me: &Self| me.shared.metrics[s].sockets.get() + me.handed[s];
+        let load = |s: usize, me: &Self| me.shared.metrics[s].sockets.get() + me.handoff.handed[s];
         let mine = self.conns.len() as u64;
         let (target, least) = (0..self.shared.shards)
             .filter(|&s| s != self.me)
@@ -297,7 +315,7 @@ impl<T: Transport> Shard<T> {
         }
         match self.fabric.send(target, FabricMsg::Adopt { fd }) {
             Sent::Queued => {
-                self.handed[target] += 1;
+                self.handoff.handed[target] += 1;
                 self.metrics.handed_off_total.inc();
             }
             Sent::Dropped => self.metrics.dropped(DropReason::FabricOverflow).inc(),
@@ -307,14 +325,16 @@ impl<T: Transport> Shard<T> {
 
     /// Sockets handed over by other shards since the last call, to be accepted here.
     pub fn take_adopted(&mut self, into: &mut Vec<OwnedFd>) {
-        into.append(&mut self.adopted);
+        into.append(&mut self.handoff.adopted);
     }
 
     /// Takes a freshly accepted socket. `None` when refused (too many handshakes in flight); the
     /// refusal has been written and the socket should be dropped.
     pub fn accept(&mut self, io: T, clock: Clock) -> Option<ConnKey> {
         self.metrics.connections_accepted_total.inc();
-        if self.handshakes >= self.run.cfg().limits.max_pending_handshakes || self.is_draining() {
+        if self.slots.handshakes >= self.run.cfg().limits.max_pending_handshakes
+            || self.is_draining()
+        {
             self.metrics.rejected(RejectReason::PendingHandshakes).inc();
             let reply = handshake::response_reject(&handshake::Reject {
                 status: 503,
@@ -326,8 +346,8 @@ impl<T: Transport> Shard<T> {
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key() as ConnKey;
-        self.serial = self.serial.wrapping_add(1);
-        let conn = Conn::new(ConnId::new(self.me, self.serial, key), clock.now);
+        self.slots.serial = self.slots.serial.wrapping_add(1);
+        let conn = Conn::new(ConnId::new(self.me, self.slots.serial, key), clock.now);
         tracing::debug!(shard = self.me, conn = %conn.id(), peer = %Peer(io.peer_addr()), "accepted");
         entry.insert(Slot {
             conn,
@@ -338,8 +358,10 @@ impl<T: Transport> Shard<T> {
             write_shut: false,
             upgraded: false,
         });
-        self.handshakes += 1;
-        self.metrics.handshakes_pending.set(self.handshakes as u64);
+        self.slots.handshakes += 1;
+        self.metrics
+            .handshakes_pending
+            .set(self.slots.handshakes as u64);
         self.metrics.sockets.set(self.conns.len() as u64);
         self.rearm(key);
         Some(key)
@@ -355,11 +377,18 @@ impl<T: Transport> Shard<T> {
         self.with_conn(key, clock, |c, cx| c.handle_eof(cx));
     }
 
+    /// Lists connection `key` for the next flush (once).
+    fn mark_dirty(&mut self, key: ConnKey) {
+        if let Some(slot) = self.conns.get_mut(key as usize) {
+            self.turn.mark_dirty(&mut slot.dirty, key);
+        }
+    }
+
     /// The socket of `key` can take more bytes.
     pub fn handle_writable(&mut self, key: ConnKey) {
         if let Some(slot) = self.conns.get_mut(key as usize) {
             slot.write_blocked = false;
-            mark_dirty(&mut self.dirty, slot, key);
+            self.turn.mark_dirty(&mut slot.dirty, key);
         }
     }
 
@@ -378,17 +407,19 @@ impl<T: Transport> Shard<T> {
         };
         if slot.dirty {
             // Unlisted, so a successor in the slot is not listed twice ("each listed once").
-            self.dirty.retain(|&k| k != key);
+            self.turn.unlist(key);
         }
         if slot.conn.is_handshaking() {
-            self.handshakes -= 1;
-            self.metrics.handshakes_pending.set(self.handshakes as u64);
+            self.slots.handshakes -= 1;
+            self.metrics
+                .handshakes_pending
+                .set(self.slots.handshakes as u64);
         }
         if slot.conn.admitted {
             self.shared.admission.release();
         }
         if slot.conn.was_refused() {
-            self.refused_lingering -= 1;
+            self.slots.refused_lingering -= 1;
         }
         if slot.upgraded {
             self.metrics
@@ -442,14 +473,14 @@ impl<T: Transport> Shard<T> {
 
     /// Handles what other shards and the control plane sent. Returns how many entries.
     pub fn handle_fabric(&mut self, clock: Clock) -> usize {
-        let mut inbox = std::mem::take(&mut self.inbox);
+        let mut inbox = std::mem::take(&mut self.scratch.inbox);
         let n = self
             .fabric
             .receive(FABRIC_BATCH_PER_SOURCE, |from, m| inbox.push((from, m)));
         for (_, m) in inbox.drain(..) {
             self.handle_fabric_msg(m, clock);
         }
-        self.inbox = inbox;
+        self.scratch.inbox = inbox;
         self.evict_pending(clock);
         n
     }
@@ -477,18 +508,19 @@ impl<T: Transport> Shard<T> {
 
     /// Runs due deadlines: pings, idle closes, handshake and close timeouts, the attack summary.
     pub fn handle_timers(&mut self, clock: Clock) {
-        self.ping = None;
+        self.scratch.ping = None;
         let interval = self.run.cfg().log.attack_summary_interval;
-        let mut lines = std::mem::take(&mut self.alarm_lines);
-        self.alarms
+        let mut lines = std::mem::take(&mut self.scratch.alarm_lines);
+        self.logs
+            .attacks
             .handle_timeout(clock.now, interval, &self.metrics, &mut lines);
         for line in lines.drain(..) {
             tracing::warn!(target: "wse_shards::alarms", shard = self.me, "{line}");
         }
-        self.alarm_lines = lines;
+        self.scratch.alarm_lines = lines;
         self.close_drain_batch(clock);
         self.expire_awaited_leaves(clock.now);
-        let mut expired = std::mem::take(&mut self.expired);
+        let mut expired = std::mem::take(&mut self.scratch.expired);
         self.timers.expire(clock.now, &mut expired);
         for (key, tick) in expired.drain(..) {
             let Some(slot) = self.conns.get_mut(key as usize) else {
@@ -509,16 +541,16 @@ impl<T: Transport> Shard<T> {
             }
             self.with_conn(key, clock, |c, cx| c.handle_timeout(cx));
         }
-        self.expired = expired;
+        self.scratch.expired = expired;
     }
 
     /// Writes every connection with queued output (one `writev` each), shuts down the write side
     /// of finished connections, and pushes cross-shard entries. Keys whose socket is full are
     /// added to `blocked`: the I/O layer waits for them to drain and calls `handle_writable`.
     pub fn flush(&mut self, blocked: &mut Vec<ConnKey>, clock: Clock) {
-        blocked.append(&mut self.blocked);
+        self.turn.take_blocked(blocked);
         let mut broken = Vec::new();
-        for key in std::mem::take(&mut self.dirty) {
+        for key in self.turn.take_dirty() {
             let Some(slot) = self.conns.get_mut(key as usize) else {
                 continue;
             };
@@ -530,7 +562,7 @@ impl<T: Transport> Shard<T> {
             if slot.write_blocked {
                 continue;
             }
-            match write_out(slot, &self.metrics) {
+            match slot.write_out(&self.metrics) {
                 Ok(()) => {
                     if slot.conn.wants_shutdown() && !slot.write_shut {
                         slot.write_shut = true;
@@ -552,7 +584,7 @@ impl<T: Transport> Shard<T> {
         }
         self.app.answer_waiter();
         let held = self.fabric.flush();
-        self.handed.iter_mut().for_each(|h| *h = 0);
+        self.handoff.handed.iter_mut().for_each(|h| *h = 0);
         let m = &self.metrics;
         m.fabric_overflow_depth.set(held as u64);
         m.fabric_inflight_bytes.set(self.fabric.inflight_bytes());
@@ -580,9 +612,9 @@ impl<T: Transport> Shard<T> {
             default_publish: self.run.default_publish(),
             admission: &self.shared.admission,
             metrics: &self.metrics,
-            events: &mut self.events,
-            ping: &mut self.ping,
-            refused_lingering: &mut self.refused_lingering,
+            events: &mut self.scratch.events,
+            ping: &mut self.scratch.ping,
+            refused_lingering: &mut self.slots.refused_lingering,
         };
         f(&mut slot.conn, &mut cx);
         if slot
@@ -595,18 +627,20 @@ impl<T: Transport> Shard<T> {
             slot.conn.evict(&mut cx);
         }
         if was_handshaking && !slot.conn.is_handshaking() {
-            self.handshakes -= 1;
-            self.metrics.handshakes_pending.set(self.handshakes as u64);
+            self.slots.handshakes -= 1;
+            self.metrics
+                .handshakes_pending
+                .set(self.slots.handshakes as u64);
         }
-        let mut events = std::mem::take(&mut self.events);
+        let mut events = std::mem::take(&mut self.scratch.events);
         for ev in events.drain(..) {
             self.handle_event(key, ev, clock);
         }
-        self.events = events;
+        self.scratch.events = events;
         if let Some(slot) = self.conns.get_mut(key as usize)
             && (!slot.conn.out.is_empty() || slot.conn.is_closed())
         {
-            mark_dirty(&mut self.dirty, slot, key);
+            self.turn.mark_dirty(&mut slot.dirty, key);
         }
         self.rearm(key);
     }
@@ -660,7 +694,7 @@ impl<T: Transport> Shard<T> {
     /// Logs a refused token: why, and from where (never the token), within the shard's line
     /// budget; the attack summary counts every one.
     fn log_auth_refusal(&mut self, key: ConnKey, e: &AuthError, clock: Clock) {
-        let Some(suppressed) = self.auth_refusal_log.admit(clock.now) else {
+        let Some(suppressed) = self.logs.auth_refusals.admit(clock.now) else {
             return;
         };
         let peer = Peer(self.conns.get(key as usize).and_then(|s| s.io.peer_addr()));
@@ -764,7 +798,7 @@ impl<T: Transport> Shard<T> {
             FabricMsg::PresenceLeft(answer) => self.handle_presence_left(*answer),
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
             FabricMsg::Query(q) => self.handle_query(*q),
-            FabricMsg::Adopt { fd } => self.adopted.push(fd),
+            FabricMsg::Adopt { fd } => self.handoff.adopted.push(fd),
             FabricMsg::Reload(reload) => self.apply_reload(&reload),
             FabricMsg::Command(cmd) => self.handle_command(*cmd, clock),
         }
@@ -808,33 +842,59 @@ fn empty() -> Bytes {
     Bytes::from_static(b"{}")
 }
 
-fn mark_dirty<T>(dirty: &mut Vec<ConnKey>, slot: &mut Slot<T>, key: ConnKey) {
-    if !slot.dirty {
-        slot.dirty = true;
-        dirty.push(key);
-    }
-}
-
 fn send(fabric: &mut Endpoint, metrics: &ShardMetrics, to: usize, m: FabricMsg) {
     if fabric.send(to, m) == Sent::Dropped {
         metrics.dropped(DropReason::FabricOverflow).inc();
     }
 }
 
-/// Writes as much of the slot's queue as the socket takes.
-fn write_out<T: Transport>(slot: &mut Slot<T>, metrics: &ShardMetrics) -> io::Result<()> {
-    while !slot.conn.out.is_empty() {
-        let mut iov = [IoSlice::new(&[]); IOV_PER_WRITE];
-        let n = slot.conn.out.slices(&mut iov);
-        match slot.io.write_vectored(&iov[..n]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => {
-                metrics.bytes_out_total.add(written as u64);
-                slot.conn.out.advance(written);
+impl<T: Transport> Slot<T> {
+    /// Queues a shared `frame` to this connection (`key`) under the outbound cap `max`. When
+    /// it does not fit, the connection is written first (the cap measures what the socket will
+    /// not take, not what one turn queued) and offered the frame again; `false` means it is
+    /// still over the cap and the caller evicts it. A connection that is not live takes (and
+    /// discards) anything.
+    fn offer(
+        &mut self,
+        key: ConnKey,
+        frame: Bytes,
+        max: usize,
+        metrics: &ShardMetrics,
+        turn: &mut turn::Turn,
+    ) -> bool {
+        let mut queued = self.conn.push_delivery(frame.clone(), max);
+        if !queued && !self.write_blocked {
+            match self.write_out(metrics) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_blocked = true;
+                    turn.block(key);
+                }
+                Err(_) => {} // the read side sees the failure and releases the slot
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            queued = self.conn.push_delivery(frame, max);
         }
+        if queued {
+            turn.mark_dirty(&mut self.dirty, key);
+        }
+        queued
     }
-    Ok(())
+
+    /// Writes as much of the queue as the socket takes.
+    fn write_out(&mut self, metrics: &ShardMetrics) -> io::Result<()> {
+        while !self.conn.out.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV_PER_WRITE];
+            let n = self.conn.out.slices(&mut iov);
+            match self.io.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => {
+                    metrics.bytes_out_total.add(written as u64);
+                    self.conn.out.advance(written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }

@@ -85,9 +85,9 @@ impl<T: Transport> Shard<T> {
     /// member. Members get it without recovery stamps (`stamped`: `frame` carries them), so a
     /// member never sees the gaps its share leaves in the topic's offsets.
     fn deliver_groups(&mut self, topic: &str, body: &[u8], frame: &Bytes, stamped: bool) {
-        let mut picks = std::mem::take(&mut self.group_picks);
+        let mut picks = std::mem::take(&mut self.scratch.group_picks);
         if !self.owner.pick_groups(topic, &mut picks) {
-            self.group_picks = picks;
+            self.scratch.group_picks = picks;
             return;
         }
         let unstamped = if stamped {
@@ -106,7 +106,7 @@ impl<T: Transport> Shard<T> {
                 send(&mut self.fabric, &self.metrics, shard, m);
             }
         }
-        self.group_picks = picks;
+        self.scratch.group_picks = picks;
     }
 
     /// A connection (on this shard or another) subscribes to a topic this shard owns.

@@ -1,16 +1,14 @@
 //! Routing publications to their topic's owner, and queueing frames to local subscribers and
 //! to one local member of a queue group.
 
-use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Shard, Slot, Transport, mark_dirty, send, write_out};
+use super::{Shard, Transport, send};
 use crate::conn::ConnId;
-use crate::conn::ConnKey;
 use crate::fabric::FabricMsg;
-use crate::metrics::{DropReason, ShardMetrics};
+use crate::metrics::DropReason;
 use crate::protocol::{self, Clock};
 
 impl<T: Transport> Shard<T> {
@@ -60,11 +58,10 @@ impl<T: Transport> Shard<T> {
                 // Part of the replay on its way (or older than the position it recovers to).
                 continue;
             }
-            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
-            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
                 delivered += 1;
             } else {
-                self.evict.push(key);
+                self.turn.evict(key);
             }
         }
         self.metrics.deliveries_total.add(delivered);
@@ -90,19 +87,18 @@ impl<T: Transport> Shard<T> {
                 debug_assert!(false, "group member {key} has no slot");
                 continue;
             };
-            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
-            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
                 self.metrics.deliveries_total.inc();
                 self.metrics.messages_out_total.inc();
                 return;
             }
-            self.evict.push(key);
+            self.turn.evict(key);
         }
         self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
     }
 
     pub(super) fn evict_pending(&mut self, clock: Clock) {
-        while let Some(key) = self.evict.pop() {
+        while let Some(key) = self.turn.next_eviction() {
             self.with_conn(key, clock, |c, cx| c.evict(cx));
         }
     }
@@ -129,35 +125,4 @@ impl<T: Transport> Shard<T> {
             self.metrics.dropped(DropReason::ConnectionGone).inc();
         }
     }
-}
-
-/// Queues a shared `frame` to connection `key` under the outbound cap `max`. When it does not
-/// fit, the connection is written first (the cap measures what the socket will not take, not
-/// what one turn queued) and offered the frame again; `false` means it is still over the cap and
-/// the caller evicts it. A connection that is not live takes (and discards) anything.
-pub(super) fn offer<T: Transport>(
-    slot: &mut Slot<T>,
-    key: ConnKey,
-    frame: Bytes,
-    max: usize,
-    metrics: &ShardMetrics,
-    blocked: &mut Vec<ConnKey>,
-    dirty: &mut Vec<ConnKey>,
-) -> bool {
-    let mut queued = slot.conn.push_delivery(frame.clone(), max);
-    if !queued && !slot.write_blocked {
-        match write_out(slot, metrics) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                slot.write_blocked = true;
-                blocked.push(key);
-            }
-            Err(_) => {} // the read side sees the failure and releases the slot
-        }
-        queued = slot.conn.push_delivery(frame, max);
-    }
-    if queued {
-        mark_dirty(dirty, slot, key);
-    }
-    queued
 }

@@ -228,7 +228,7 @@ impl<T: Transport> Shard<T> {
                     info.count = 0;
                     self.metrics.dropped(DropReason::ReplayOverBudget).inc();
                 }
-                super::mark_dirty(&mut self.dirty, slot, key);
+                self.mark_dirty(key);
             }
         }
         if let Some(p) = self.acks.by_request.get_mut(&r.request) {
