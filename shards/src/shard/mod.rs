@@ -11,9 +11,18 @@
 //! `release` / `handle_writable` (as I/O completes), then `handle_fabric`, `handle_timers`,
 //! `flush`.
 //!
-//! The rules live in submodules: `subscriptions` (a subscriber's shard), `owner` (a topic's
-//! owner: sequencing, history, interest, presence, queue-group picks) and `publications`
-//! (routing and fan-out).
+//! The rules live in submodules, each owning its own state (private fields, changed only
+//! through its methods): `subscriptions` (a subscriber's shard, and the acknowledgements it
+//! waits to send), `owner` (turns the topic owner's decisions — [`crate::topic_owner`] keeps
+//! that state — into frames and fabric entries), `publications` (routing and local fan-out),
+//! `commands` (the application's commands), `presence_events` and `app_events` (the event
+//! stream), `drain`, `running` (the configuration in force), `turn` (what a loop turn's end
+//! writes, evicts and reuses), `users` and `dedup`. This module owns the connection slots and
+//! the loop turn itself; it is the only one that writes a slot's fields.
+//!
+//! Layering: the shard sits above the building blocks (`conn`, `topics`, `topic_owner`,
+//! `fabric`, ...) and below `runtime` and `server`; none of them names it
+//! (`layering.rs` checks).
 
 mod app_events;
 mod commands;
