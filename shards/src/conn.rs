@@ -207,10 +207,10 @@ pub struct Cx<'a> {
     pub events: &'a mut Vec<ConnEvent>,
     /// This tick's ping frame, built by the first connection that needs it.
     pub ping: &'a mut Option<Bytes>,
-    /// Refused connections of this shard still lingering (see [`REFUSED_LINGER`]); a refusal
-    /// adds one, the shard takes it off when it releases a connection that
-    /// [`Conn::was_refused`].
-    pub refused_lingering: &'a mut usize,
+    /// Refused connections of this shard still lingering (see [`REFUSED_LINGER`]). The shard
+    /// counts them: one more when a connection becomes [`Conn::was_refused`], one less when it
+    /// releases it.
+    pub refused_lingering: usize,
 }
 
 impl Cx<'_> {
@@ -781,12 +781,11 @@ impl Conn {
     /// the shard already has [`REFUSED_LINGERING_MAX_PER_SHARD`] refusals lingering).
     fn refuse(&mut self, cx: &mut Cx<'_>) {
         debug_assert!(!self.refused && !self.admitted);
-        let linger = if *cx.refused_lingering < REFUSED_LINGERING_MAX_PER_SHARD {
+        let linger = if cx.refused_lingering < REFUSED_LINGERING_MAX_PER_SHARD {
             REFUSED_LINGER
         } else {
             Duration::ZERO
         };
-        *cx.refused_lingering += 1;
         self.refused = true;
         self.phase = Phase::Closed {
             deadline: cx.clock.now + linger,

@@ -613,6 +613,7 @@ impl<T: Transport> Shard<T> {
             return;
         };
         let was_handshaking = slot.conn.is_handshaking();
+        let was_refused = slot.conn.was_refused();
         let mut cx = Cx {
             clock,
             cfg: self.run.cfg(),
@@ -623,7 +624,7 @@ impl<T: Transport> Shard<T> {
             metrics: &self.metrics,
             events: &mut self.scratch.events,
             ping: &mut self.scratch.ping,
-            refused_lingering: &mut self.slots.refused_lingering,
+            refused_lingering: self.slots.refused_lingering,
         };
         f(&mut slot.conn, &mut cx);
         if slot
@@ -640,6 +641,9 @@ impl<T: Transport> Shard<T> {
             self.metrics
                 .handshakes_pending
                 .set(self.slots.handshakes as u64);
+        }
+        if !was_refused && slot.conn.was_refused() {
+            self.slots.refused_lingering += 1;
         }
         let mut events = std::mem::take(&mut self.scratch.events);
         for ev in events.drain(..) {

@@ -43,7 +43,6 @@ struct Harness {
     metrics: ShardMetrics,
     events: Vec<ConnEvent>,
     ping: Option<Bytes>,
-    refused_lingering: usize,
     clock: Clock,
 }
 
@@ -64,7 +63,6 @@ impl Harness {
             metrics: ShardMetrics::default(),
             events: Vec::new(),
             ping: None,
-            refused_lingering: 0,
             clock: Clock {
                 now: Instant::now(),
                 wall_ms: 1_800_000_000_000,
@@ -83,7 +81,7 @@ impl Harness {
             metrics: &self.metrics,
             events: &mut self.events,
             ping: &mut self.ping,
-            refused_lingering: &mut self.refused_lingering,
+            refused_lingering: 0,
         };
         f(&mut cx)
     }
