@@ -104,7 +104,7 @@ fn refused_connections_linger_up_to_the_cap() {
     use wse_shards::config::TIMER_TICK;
     use wse_shards::conn::{REFUSED_LINGER, REFUSED_LINGERING_MAX_PER_SHARD};
     let mut e = Engine::new(config(1));
-    let mut refuse = |e: &mut Engine| {
+    let refuse = |e: &mut Engine| {
         let c = e.accept(0);
         e.set_reading(c, false);
         let request = crate::harness::upgrade_request("/wse?token=not-a-jwt");
