@@ -1,5 +1,6 @@
 //! The shard's queue of application events for the event stream (`Server::next_inbound`), and
-//! the one event request that may wait on it.
+//! the one event request that may wait on it; and [`AppSide`], which groups it with the other
+//! parts of what a shard keeps for the application.
 //!
 //! Owns: the queue, its byte count and the waiting request. Never: decides what an event is
 //! (the shard's connection events and presence reports do), or how the stream distributes it.
@@ -9,10 +10,27 @@
 
 use std::collections::VecDeque;
 
+use super::dedup::RecentIds;
+use super::presence_events::AwaitedLeaves;
+use super::users::Users;
 use crate::config::LimitsConfig;
 use crate::inbound::AppEvent;
 use crate::metrics::{DropReason, ShardMetrics};
 use crate::reply::Responder;
+
+/// What a shard keeps for the application, each part owned by its own module.
+#[derive(Default)]
+pub(super) struct AppSide {
+    /// Application events for the event stream, and the request waiting for them.
+    pub events: AppEvents,
+    /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them
+    /// (`presence_events`).
+    pub leaves: AwaitedLeaves,
+    /// Live connections by user, for `send_user` (`users`).
+    pub users: Users,
+    /// Event ids recently sent per connection, for `send_event` deduplication (`dedup`).
+    pub recent_ids: RecentIds,
+}
 
 /// Application events waiting for the event stream, oldest first.
 #[derive(Default)]

@@ -40,7 +40,7 @@ impl<T: Transport> Shard<T> {
                 reply,
             } => {
                 let ts = clock.iso();
-                let keys = self.users.get(&user).to_vec();
+                let keys = self.app.users.get(&user).to_vec();
                 let sent = keys
                     .into_iter()
                     .filter(|&key| {
@@ -99,7 +99,7 @@ impl<T: Transport> Shard<T> {
                 reply.send(());
             }
             // Waits, when nothing is queued, for the end of a turn that queues events.
-            Command::TakeEvents { max, reply } => self.app.request(max, reply),
+            Command::TakeEvents { max, reply } => self.app.events.request(max, reply),
         }
     }
 
@@ -127,7 +127,7 @@ impl<T: Transport> Shard<T> {
             Payload::Text(text) => codec::encode_frame(OpCode::Text, text),
             Payload::Binary(bytes) => codec::encode_frame(OpCode::Binary, bytes),
             Payload::Event(event) => {
-                if !self.recent_ids.first_time(slot.conn.id(), &event.id) {
+                if !self.app.recent_ids.first_time(slot.conn.id(), &event.id) {
                     return Ok(SendOutcome {
                         bytes: 0,
                         duplicate: true,

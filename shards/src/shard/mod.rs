@@ -154,16 +154,9 @@ pub struct Shard<T: Transport> {
     owner: TopicOwner,
     /// Subscribe acknowledgements waiting for topic owners (`subscriptions`).
     acks: subscriptions::PendingAcks,
-    /// Application events for the event stream, and the request waiting for them
-    /// (`app_events`).
-    app: app_events::AppEvents,
-    /// Live connections by user, for `send_user` (`users`).
-    users: users::Users,
-    /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them
-    /// (`presence_events`).
-    awaited_leaves: presence_events::AwaitedLeaves,
-    /// Event ids recently sent per connection, for `send_event` deduplication (`dedup`).
-    recent_ids: dedup::RecentIds,
+    /// What the shard keeps for the application: the event stream's queue, held
+    /// `disconnect`s, the user index, `send_event` dedup (`app_events`).
+    app: app_events::AppSide,
     /// The drain, once one has started (`drain`).
     drain: drain::Drain,
     /// What the turn's end has to do: connections to write, blocked, to evict (`turn`).
@@ -235,9 +228,6 @@ impl<T: Transport> Shard<T> {
             owner,
             acks: Default::default(),
             app: Default::default(),
-            users: users::Users::default(),
-            awaited_leaves: Default::default(),
-            recent_ids: dedup::RecentIds::default(),
             drain: Default::default(),
             turn: Default::default(),
             scratch: Default::default(),
@@ -267,7 +257,7 @@ impl<T: Transport> Shard<T> {
     /// deadline has passed.
     pub fn is_drained(&self, now: Instant) -> bool {
         self.drain.until().is_some_and(|until| {
-            (self.conns.is_empty() && !self.awaited_leaves.holds_disconnects()) || now >= until
+            (self.conns.is_empty() && !self.app.leaves.holds_disconnects()) || now >= until
         })
     }
 
@@ -275,7 +265,7 @@ impl<T: Transport> Shard<T> {
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.timers.next_expiry();
         let drain = self.drain.next_batch_at();
-        let leaves = self.awaited_leaves.poll_timeout();
+        let leaves = self.app.leaves.poll_timeout();
         let t = [t, self.drain.until(), drain, leaves]
             .into_iter()
             .flatten()
@@ -299,7 +289,7 @@ impl<T: Transport> Shard<T> {
 
     /// The application events waiting for the event stream (oldest first).
     pub fn app_events(&self) -> &VecDeque<AppEvent> {
-        self.app.queued()
+        self.app.events.queued()
     }
 
     // --------------------------------------------------------------------------------------------
@@ -499,7 +489,7 @@ impl<T: Transport> Shard<T> {
     /// queued to it is dropped (a command's responder answers "not running").
     pub fn close_fabric(&mut self) {
         self.report_awaited_disconnects();
-        let mut last = self.app.take_waiter();
+        let mut last = self.app.events.take_waiter();
         let mut inbox = Vec::new();
         self.fabric.receive(usize::MAX, |_, m| inbox.push(m));
         for m in inbox {
@@ -511,7 +501,7 @@ impl<T: Transport> Shard<T> {
             }
         }
         if let Some(reply) = last {
-            reply.send(self.app.take(usize::MAX));
+            reply.send(self.app.events.take(usize::MAX));
         }
     }
 
@@ -591,7 +581,7 @@ impl<T: Transport> Shard<T> {
                 slot.io.shutdown(Shutdown::Both);
             }
         }
-        self.app.answer_waiter();
+        self.app.events.answer_waiter();
         let held = self.fabric.flush();
         self.handoff.handed.iter_mut().for_each(|h| *h = 0);
         let m = &self.metrics;
@@ -599,7 +589,8 @@ impl<T: Transport> Shard<T> {
         m.fabric_inflight_bytes.set(self.fabric.inflight_bytes());
         m.fabric_inbound_depth
             .set(self.fabric.inbound_depth() as u64);
-        m.app_event_queue_depth.set(self.app.queued().len() as u64);
+        m.app_event_queue_depth
+            .set(self.app.events.queued().len() as u64);
     }
 
     // --------------------------------------------------------------------------------------------
@@ -695,7 +686,7 @@ impl<T: Transport> Shard<T> {
                 let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
                     return;
                 };
-                self.users.remove(&user, key);
+                self.app.users.remove(&user, key);
                 // Its presence departures are reported before its `disconnect`.
                 self.begin_disconnect(conn, &user, clock.now);
                 self.leave_all(conn, subs, Some(&user));
@@ -731,7 +722,7 @@ impl<T: Transport> Shard<T> {
         };
         let conn = slot.conn.id();
         tracing::debug!(shard = self.me, %conn, user, "session started");
-        self.users.insert(user, key);
+        self.app.users.insert(user, key);
         let kind = if claims.is_some() {
             AppEventKind::AuthConnect
         } else {
@@ -764,7 +755,9 @@ impl<T: Transport> Shard<T> {
             user: user.into(),
             payload,
         };
-        self.app.push(ev, &self.run.cfg().limits, &self.metrics);
+        self.app
+            .events
+            .push(ev, &self.run.cfg().limits, &self.metrics);
     }
 
     /// Queues a per-connection JSON message to `key`.
