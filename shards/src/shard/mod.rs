@@ -133,11 +133,14 @@ struct Slot<T> {
 /// Each field has one owner: this module (the connection slots and the loop turn), or the
 /// submodule or building block named on it, which alone changes it, through its methods.
 pub struct Shard<T: Transport> {
+    /// This shard's index.
     me: usize,
+    /// What every shard reads (the connection cap, the shutdown flag, every shard's metrics).
     shared: Arc<Shared>,
     /// The running configuration and verifier (`running`): `shared`'s at start, then each
     /// reload's.
     run: running::Running,
+    /// This shard's single-writer counters.
     metrics: Arc<ShardMetrics>,
     /// Connection slots, with their bookkeeping (this module).
     conns: Slab<Slot<T>>,
