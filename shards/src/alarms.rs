@@ -23,6 +23,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::auth::AuthError;
+use crate::close::CloseCode;
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::JSON_DEPTH_MAX;
 
@@ -109,7 +110,7 @@ const KINDS: [Kind; 13] = [
     },
     Kind {
         what: "connections closed for rate-limit abuse (4429)",
-        count: |m| m.closes(4429).get(),
+        count: |m| m.closes(CloseCode::RateLimited.code()).get(),
     },
     Kind {
         what: "messages dropped by the rate limit",
@@ -117,11 +118,14 @@ const KINDS: [Kind; 13] = [
     },
     Kind {
         what: "connections closed for a message over limits.max_message_size (1009)",
-        count: |m| m.closes(1009).get(),
+        count: |m| m.closes(CloseCode::MessageTooBig.code()).get(),
     },
     Kind {
         what: "connections failed for WebSocket protocol violations (1002, 1007)",
-        count: |m| m.closes(1002).get() + m.closes(1007).get(),
+        count: |m| {
+            m.closes(CloseCode::ProtocolError.code()).get()
+                + m.closes(CloseCode::InvalidPayload.code()).get()
+        },
     },
     Kind {
         what: "messages refused for nesting deeper than JSON_DEPTH_MAX levels",

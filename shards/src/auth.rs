@@ -19,6 +19,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::config::{AuthConfig, ConfigError, JwtAlgorithm, TOKEN_LEN_MAX};
+use crate::protocol::ErrorCode;
 
 /// An authenticated (or anonymous) connection's identity and rights.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +58,16 @@ impl Identity {
             Some(acl) => acl.permits(group),
             None => default.iter().any(|glob| glob_match(glob, group)),
         }
+    }
+
+    /// Why it may not join queue group `group` (each topic of the subscription fails with
+    /// it), or `None`: a malformed name ([`ErrorCode::InvalidQueueGroup`]), then a group its
+    /// `wse_queue_groups` claim, or without one `default` (`auth.default_queue_groups`), does not
+    /// permit ([`ErrorCode::QueueGroupForbidden`]).
+    pub fn queue_group_refusal(&self, group: &str, default: &[String]) -> Option<ErrorCode> {
+        crate::protocol::queue_group_problem(group).or_else(|| {
+            (!self.may_join_queue_group(group, default)).then_some(ErrorCode::QueueGroupForbidden)
+        })
     }
 }
 
@@ -207,10 +218,10 @@ impl AuthError {
     ];
 
     /// The WSE error code: `AUTH_REQUIRED` when no token was given, else `AUTH_FAILED`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Missing => "AUTH_REQUIRED",
-            _ => "AUTH_FAILED",
+            Self::Missing => ErrorCode::AuthRequired,
+            _ => ErrorCode::AuthFailed,
         }
     }
 }
@@ -1474,12 +1485,12 @@ mod tests {
 
     #[test]
     fn error_codes() {
-        assert_eq!(AuthError::Missing.code(), "AUTH_REQUIRED");
+        assert_eq!(AuthError::Missing.code().as_str(), "AUTH_REQUIRED");
         for e in AuthError::ALL
             .into_iter()
             .filter(|e| *e != AuthError::Missing)
         {
-            assert_eq!(e.code(), "AUTH_FAILED", "{e:?}");
+            assert_eq!(e.code().as_str(), "AUTH_FAILED", "{e:?}");
         }
     }
 
@@ -1571,6 +1582,34 @@ mod tests {
             start.elapsed() < Duration::from_secs(5),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    #[test]
+    fn joining_a_group_takes_a_valid_name_and_the_right_to_it() {
+        let anonymous = Identity::anonymous("c1", &Acl::deny_all());
+        let default = ["workers".to_owned()];
+        assert_eq!(anonymous.queue_group_refusal("workers", &default), None);
+        assert_eq!(
+            anonymous.queue_group_refusal("junk-17", &default),
+            Some(ErrorCode::QueueGroupForbidden)
+        );
+        assert_eq!(
+            anonymous.queue_group_refusal("workers", &[]),
+            Some(ErrorCode::QueueGroupForbidden),
+            "no claim and no default: no group"
+        );
+        // A malformed name is that, whatever the rights.
+        assert_eq!(
+            anonymous.queue_group_refusal("", &["*".to_owned()]),
+            Some(ErrorCode::InvalidQueueGroup)
+        );
+        let mut worker = anonymous.clone();
+        worker.queue_groups = Some(Box::new(Acl::new(vec!["work*".into()], vec![])));
+        assert_eq!(worker.queue_group_refusal("workers", &[]), None);
+        assert_eq!(
+            worker.queue_group_refusal("junk", &["*".to_owned()]),
+            Some(ErrorCode::QueueGroupForbidden)
         );
     }
 }

@@ -18,6 +18,8 @@ use std::ops::ControlFlow;
 
 use bytes::Bytes;
 
+use crate::close::CloseCode;
+
 /// Longest frame header: 2 bytes + 8 bytes extended length + 4 bytes mask.
 pub const FRAME_HEADER_MAX: usize = 14;
 /// RFC 6455 §5.5: control frame payloads are at most this long.
@@ -48,11 +50,6 @@ const MASK_WORD_BYTES: usize = 8;
 /// A close payload starts with a big-endian status code; the reason gets the rest.
 const CLOSE_CODE_BYTES: usize = 2;
 const CLOSE_REASON_MAX: usize = CONTROL_PAYLOAD_MAX - CLOSE_CODE_BYTES;
-
-/// RFC 6455 §7.4.1 close codes we answer protocol errors with.
-const CLOSE_PROTOCOL_ERROR: u16 = 1002;
-const CLOSE_INVALID_PAYLOAD: u16 = 1007;
-const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 
 /// A UTF-8 sequence is at most 4 bytes, so at most 3 of it can end a fragment unfinished.
 const UTF8_CARRY_MAX: usize = 3;
@@ -163,12 +160,13 @@ pub enum FrameError {
 }
 
 impl FrameError {
-    /// The close code to answer this error with: 1007 for bad UTF-8, 1009 for size, else 1002.
-    pub fn close_code(&self) -> u16 {
+    /// The close code to answer this error with: invalid payload (1007) for bad UTF-8, message
+    /// too big (1009) for size, else protocol error (1002).
+    pub fn close_code(&self) -> CloseCode {
         match self {
-            Self::InvalidUtf8 => CLOSE_INVALID_PAYLOAD,
-            Self::MessageTooLarge { .. } => CLOSE_MESSAGE_TOO_BIG,
-            _ => CLOSE_PROTOCOL_ERROR,
+            Self::InvalidUtf8 => CloseCode::InvalidPayload,
+            Self::MessageTooLarge { .. } => CloseCode::MessageTooBig,
+            _ => CloseCode::ProtocolError,
         }
     }
 }
@@ -1326,7 +1324,7 @@ mod tests {
         );
         let huge = [0x82, 0xFF, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF];
         let error = feed(&mut Decoder::new(Role::Server), &huge, 1000).expect_err("too large");
-        assert_eq!(error.close_code(), 1009);
+        assert_eq!(error.close_code().code(), 1009);
     }
 
     #[test]
@@ -1419,7 +1417,7 @@ mod tests {
             (FrameError::MessageTooLarge { size: 2, limit: 1 }, 1009),
         ];
         for (error, code) in cases {
-            assert_eq!(error.close_code(), code, "{error}");
+            assert_eq!(error.close_code().code(), code, "{error}");
         }
     }
 

@@ -17,10 +17,11 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::close::{APPLICATION_CODES, CloseCode};
 use crate::conn::ConnId;
-use crate::fabric::Responder;
 use crate::inbound::AppEvent;
 use crate::protocol::{FailedTopic, RecoveryInfo};
+use crate::reply::Responder;
 
 /// Why a command failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -317,7 +318,7 @@ impl OutboundEvent {
 /// Whether the application may close a connection with `code` (RFC 6455 §7.4: 1000, or the
 /// ranges for libraries and applications; the clients reconnect on 4000..=4999).
 pub fn close_code_allowed(code: u16) -> bool {
-    code == 1000 || (3000..=4999).contains(&code)
+    code == CloseCode::Normal.code() || APPLICATION_CODES.contains(&code)
 }
 
 #[cfg(test)]

@@ -117,7 +117,7 @@ impl Default for ServerConfig {
             echo_path: None,
             max_connections: 1_000_000,
             drain_timeout: Duration::from_secs(10),
-            shutdown_close_code: 4300,
+            shutdown_close_code: crate::close::CloseCode::Shutdown.code(),
         }
     }
 }
@@ -156,7 +156,7 @@ pub struct LimitsConfig {
     pub close_timeout: Duration,
     /// Most entries in each cross-shard queue (one per ordered pair of participants). A queue
     /// gets fewer when its sender's share of `fabric_memory_per_shard` does not hold this many
-    /// (see `fabric::Plan`); at least 64.
+    /// (see `fabric_plan::Plan`); at least 64.
     pub fabric_queue_capacity: usize,
     /// Bytes of cross-shard traffic each shard (and the control plane) may hold: the slots of its
     /// outbound queues (at most an eighth of it) plus the bytes of the entries it sent that their
@@ -508,7 +508,7 @@ impl Config {
         if s.max_connections == 0 {
             return Err(bad("server.max_connections", "must be at least 1"));
         }
-        if !(4000..=4999).contains(&s.shutdown_close_code) {
+        if !crate::close::RECONNECT_CODES.contains(&s.shutdown_close_code) {
             return Err(bad(
                 "server.shutdown_close_code",
                 "must be in 4000..=4999 so clients reconnect",
@@ -544,7 +544,7 @@ impl Config {
                 "must be at least 64 KiB",
             ));
         }
-        if l.fabric_queue_capacity < crate::fabric::QUEUE_CAPACITY_MIN {
+        if l.fabric_queue_capacity < crate::fabric_plan::QUEUE_CAPACITY_MIN {
             return Err(bad("limits.fabric_queue_capacity", "must be at least 64"));
         }
         if l.fabric_memory_per_shard < 2 * l.max_message_size {
@@ -832,8 +832,8 @@ impl Config {
     ///
     /// # Errors
     /// When `limits.fabric_memory_per_shard` is too small for that many shards.
-    pub fn fabric_plan(&self) -> Result<crate::fabric::Plan, crate::fabric::PlanError> {
-        crate::fabric::Plan::new(
+    pub fn fabric_plan(&self) -> Result<crate::fabric_plan::Plan, crate::fabric_plan::PlanError> {
+        crate::fabric_plan::Plan::new(
             self.shard_count(),
             self.limits.fabric_memory_per_shard,
             self.limits.fabric_queue_capacity,

@@ -29,14 +29,15 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use serde_json::value::RawValue;
 
+use crate::admission::Admission;
 use crate::auth::{Acl, Authenticator, Identity};
+use crate::close::CloseCode;
 use crate::codec::{self, Decoder, FrameError, Message, OpCode, Role};
 use crate::config::Config;
 use crate::handshake::{self, Outcome};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
-use crate::protocol::{self, ClientMessage, Clock, FailedTopic, Wire};
+use crate::protocol::{self, ClientMessage, Clock, ErrorCode, FailedTopic, Wire};
 use crate::ratelimit::{RateLimits, TokenBucket, Verdict};
-use crate::shard::Admission;
 
 /// Time a refused connection (bad or missing token, server at its connection limit) has to read
 /// its error frame and close frame before its socket is closed. Short, because a refused client
@@ -47,6 +48,9 @@ pub const REFUSED_LINGER: Duration = Duration::from_millis(500);
 /// cannot hold the descriptors legitimate clients need.
 pub const REFUSED_LINGERING_MAX_PER_SHARD: usize = 256;
 
+/// A slab key of a connection on its shard: the low 32 bits of its [`ConnId`].
+pub type ConnKey = u32;
+
 /// A connection's identity across the server: `[shard:8][serial:24][slab key:32]`, shown as 16
 /// hex digits. The shard is recoverable from the id, so commands find their connection without a
 /// global table; the serial (never 0, so the id is never 0) tells a reused slab key from its
@@ -56,7 +60,7 @@ pub struct ConnId(NonZeroU64);
 
 impl ConnId {
     /// Packs the three parts; the serial is cut to 24 bits and raised to 1 if 0.
-    pub fn new(shard: usize, serial: u32, key: u32) -> Self {
+    pub fn new(shard: usize, serial: u32, key: ConnKey) -> Self {
         debug_assert!(shard < 256);
         let serial = u64::from(serial & 0xff_ffff).max(1);
         let v = ((shard as u64) << 56) | (serial << 32) | u64::from(key);
@@ -67,8 +71,8 @@ impl ConnId {
         (self.0.get() >> 56) as usize
     }
     /// The connection's slot in its shard's slab.
-    pub fn key(self) -> u32 {
-        self.0.get() as u32
+    pub fn key(self) -> ConnKey {
+        self.0.get() as ConnKey
     }
     /// The id as a number (its 16-hex-digit form is this, zero-padded).
     pub fn as_u64(self) -> u64 {
@@ -203,10 +207,10 @@ pub struct Cx<'a> {
     pub events: &'a mut Vec<ConnEvent>,
     /// This tick's ping frame, built by the first connection that needs it.
     pub ping: &'a mut Option<Bytes>,
-    /// Refused connections of this shard still lingering (see [`REFUSED_LINGER`]); a refusal
-    /// adds one, the shard takes it off when it releases a connection that
-    /// [`Conn::was_refused`].
-    pub refused_lingering: &'a mut usize,
+    /// Refused connections of this shard still lingering (see [`REFUSED_LINGER`]). The shard
+    /// counts them: one more when a connection becomes [`Conn::was_refused`], one less when it
+    /// releases it.
+    pub refused_lingering: usize,
 }
 
 impl Cx<'_> {
@@ -362,11 +366,12 @@ enum Phase {
 enum Next {
     Continue,
     /// Close and wait for the peer's close frame (it did nothing wrong at the WebSocket level).
-    Close(u16, &'static str),
+    Close(CloseCode),
     /// Fail the connection (RFC 6455 §7.1.7): send the close frame and close at once, without
     /// waiting for a peer that just broke the protocol.
-    Fail(u16, &'static str),
-    /// The peer sent a close frame (which we have answered) with this code (1005: none).
+    Fail(CloseCode),
+    /// The peer sent a close frame (which we have answered) with this code
+    /// ([`CloseCode::NoStatus`]: none).
     PeerClosed(u16),
     /// More is queued than `limits.max_outbound_queue_bytes` (replies to what the client sent
     /// count too): evict it with 4413, as any consumer that does not read.
@@ -478,26 +483,24 @@ impl Conn {
         }
     }
 
-    /// Checks an application's subscription for this connection as a client's would be
-    /// checked. `None` unless live.
+    /// Checks an application's subscription for this connection (`command::AppSubscribe`'s
+    /// parts) as a client's would be checked. `None` unless live.
     pub fn admit_subscription(
         &self,
-        sub: &crate::command::AppSubscribe,
+        topics: &[String],
+        presence: Option<&[u8]>,
+        group: Option<&str>,
+        recover: &[(String, Option<u32>, u64)],
         cfg: &Config,
     ) -> Option<SubscribeRequest> {
         let Phase::Live { session, .. } = &self.phase else {
             return None;
         };
-        let presence = sub
-            .presence
-            .as_deref()
-            .and_then(|p| std::str::from_utf8(p).ok());
-        let topics = sub.topics.iter().map(|t| Cow::Borrowed(t.as_str()));
-        let group = sub.queue_group.as_deref();
+        let presence = presence.and_then(|p| std::str::from_utf8(p).ok());
+        let topics = topics.iter().map(|t| Cow::Borrowed(t.as_str()));
         let mut req = session.admit(topics, presence, group, cfg);
         if cfg.recovery.enabled && req.queue_group.is_none() {
-            req.recover = sub
-                .recover
+            req.recover = recover
                 .iter()
                 .filter(|r| req.topics.contains(&r.0))
                 .cloned()
@@ -627,7 +630,7 @@ impl Conn {
             }
             Phase::Live { .. } | Phase::Echo { .. } => {
                 if now >= self.last_rx + cx.cfg.protocol.idle_timeout {
-                    self.close(4408, "idle timeout", cx);
+                    self.close_with(CloseCode::IdleTimeout, cx);
                 } else if self.is_live() && now >= self.next_ping {
                     let ping = cx.ping_frame();
                     self.queue(ping, cx);
@@ -670,6 +673,11 @@ impl Conn {
         self.phase = Phase::Closing { decoder, deadline };
     }
 
+    /// [`Conn::close`] with one of the server's own codes and its reason.
+    pub fn close_with(&mut self, code: CloseCode, cx: &mut Cx<'_>) {
+        self.close(code.code(), code.reason(), cx);
+    }
+
     /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
     /// late anyway) and it is closed with 4413 so it reconnects and recovers.
     pub fn evict(&mut self, cx: &mut Cx<'_>) {
@@ -678,7 +686,7 @@ impl Conn {
         }
         self.out.discard_unsent();
         cx.metrics.dropped(DropReason::SlowConsumer).inc();
-        self.close(4413, "slow consumer", cx);
+        self.close_with(CloseCode::SlowConsumer, cx);
     }
 
     /// Queues a shared publication frame. `false` when it does not fit under
@@ -716,7 +724,7 @@ impl Conn {
         self.queue(codec::encode_frame(OpCode::Text, json), cx);
     }
 
-    fn send_error(&mut self, code: &str, message: &str, recoverable: bool, cx: &mut Cx<'_>) {
+    fn send_error(&mut self, code: ErrorCode, message: &str, recoverable: bool, cx: &mut Cx<'_>) {
         let json = protocol::error(code, message, recoverable, &cx.clock);
         self.send_json(json, cx);
     }
@@ -773,12 +781,11 @@ impl Conn {
     /// the shard already has [`REFUSED_LINGERING_MAX_PER_SHARD`] refusals lingering).
     fn refuse(&mut self, cx: &mut Cx<'_>) {
         debug_assert!(!self.refused && !self.admitted);
-        let linger = if *cx.refused_lingering < REFUSED_LINGERING_MAX_PER_SHARD {
+        let linger = if cx.refused_lingering < REFUSED_LINGERING_MAX_PER_SHARD {
             REFUSED_LINGER
         } else {
             Duration::ZERO
         };
-        *cx.refused_lingering += 1;
         self.refused = true;
         self.phase = Phase::Closed {
             deadline: cx.clock.now + linger,
@@ -810,19 +817,21 @@ impl Conn {
             Ok(found) => found,
             Err(e) => {
                 cx.metrics.auth_failed(&e);
-                self.note_close(4401, cx);
+                let code = CloseCode::Unauthorized;
+                self.note_close(code.code(), cx);
                 cx.events.push(ConnEvent::AuthRefused(e.clone()));
                 let message = format!("Authentication failed: {e}");
                 self.send_text(&protocol::error(e.code(), &message, false, &cx.clock), cx);
-                self.queue(codec::encode_close(4401, "Authentication failed"), cx);
+                self.queue(codec::encode_close(code.code(), code.reason()), cx);
                 self.refuse(cx);
                 return;
             }
         };
         if !cx.admission.try_admit() {
             cx.metrics.rejected(RejectReason::MaxConnections).inc();
-            self.note_close(1013, cx);
-            self.queue(codec::encode_close(1013, "server at connection limit"), cx);
+            let code = CloseCode::TryAgainLater;
+            self.note_close(code.code(), cx);
+            self.queue(codec::encode_close(code.code(), code.reason()), cx);
             self.refuse(cx);
             return;
         }
@@ -908,8 +917,8 @@ impl Conn {
         };
         match next {
             Next::Continue => {}
-            Next::Close(code, reason) => self.close(code, reason, cx),
-            Next::Fail(code, reason) => self.fail(code, reason, cx),
+            Next::Close(code) => self.close_with(code, cx),
+            Next::Fail(code) => self.fail(code, cx),
             Next::PeerClosed(code) => {
                 self.close_code.get_or_insert(code);
                 let now = cx.clock.now;
@@ -948,7 +957,7 @@ impl Conn {
             }),
             Phase::Closing { decoder, .. } => decoder.decode(buf, max, |m| {
                 if let Message::Close(c) = m {
-                    next = Next::PeerClosed(c.map_or(1005, |c| c.code));
+                    next = Next::PeerClosed(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
@@ -963,27 +972,22 @@ impl Conn {
         if let FrameError::MessageTooLarge { .. } = e
             && self.is_live()
         {
-            self.send_error("MESSAGE_TOO_LARGE", &e.to_string(), false, cx);
+            self.send_error(ErrorCode::MessageTooLarge, &e.to_string(), false, cx);
         }
         let code = e.close_code();
-        let reason = match code {
-            1007 => "invalid UTF-8",
-            1009 => "message too large",
-            _ => "protocol error",
-        };
         if matches!(self.phase, Phase::Closing { .. }) {
             let now = cx.clock.now;
             self.enter_closed(now, cx);
             return Next::Continue;
         }
-        Next::Fail(code, reason)
+        Next::Fail(code)
     }
 
     /// Queues the close frame and goes straight to `Closed`.
-    fn fail(&mut self, code: u16, reason: &str, cx: &mut Cx<'_>) {
+    fn fail(&mut self, code: CloseCode, cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Live { .. } | Phase::Echo { .. }) {
-            self.note_close(code, cx);
-            self.queue(codec::encode_close(code, reason), cx);
+            self.note_close(code.code(), cx);
+            self.queue(codec::encode_close(code.code(), code.reason()), cx);
         }
         let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
         self.enter_closed(deadline, cx);
@@ -1026,7 +1030,7 @@ fn echo(m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
 
 /// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
 fn reply_close(c: Option<codec::CloseFrame<'_>>, out: &mut OutQueue) -> Next {
-    let code = c.as_ref().map_or(1005, |c| c.code);
+    let code = c.as_ref().map_or(CloseCode::NoStatus.code(), |c| c.code);
     let frame = match c {
         Some(c) => codec::encode_close(c.code, ""),
         None => codec::encode_frame(OpCode::Close, &[]),
@@ -1046,7 +1050,8 @@ impl Session {
             }
             Message::Pong(_) => return Next::Continue,
             Message::Close(c) => {
-                cx.metrics.closed_with(c.map_or(1005, |c| c.code));
+                cx.metrics
+                    .closed_with(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
                 return reply_close(c, out);
             }
             Message::Text(t) => t.as_bytes(),
@@ -1123,17 +1128,17 @@ impl Session {
             (cfg.presence.enabled && queue_group.is_none()).then(|| presence.unwrap_or("{}"));
         let presence_too_large = presence.is_some_and(|p| p.len() > cfg.presence.max_data_size);
         let default_groups = &cfg.auth.default_queue_groups;
-        let group_problem = queue_group
-            .and_then(|g| crate::queue_groups::join_refusal(&self.identity, g, default_groups));
+        let group_problem =
+            queue_group.and_then(|g| self.identity.queue_group_refusal(g, default_groups));
         for topic in topics {
             let reason = if let Some(p) = protocol::topic_problem(&topic) {
                 p
             } else if !self.identity.subscribe.permits(&topic) {
-                "FORBIDDEN"
+                ErrorCode::Forbidden.as_str()
             } else if presence_too_large {
-                "PRESENCE_DATA_TOO_LARGE"
+                ErrorCode::PresenceDataTooLarge.as_str()
             } else if let Some(p) = group_problem {
-                p
+                p.as_str()
             } else {
                 req.topics.push(topic.into_owned());
                 continue;
@@ -1202,13 +1207,13 @@ impl SessionOut<'_> {
                 cx.metrics.rate_limited_total.inc();
                 cx.metrics.dropped(DropReason::RateLimited).inc();
                 if notify {
-                    self.error("RATE_LIMITED", "Rate limit exceeded", cx);
+                    self.error(ErrorCode::RateLimited, "Rate limit exceeded", cx);
                 }
                 Some(Next::Continue)
             }
             Verdict::Abuse => {
                 cx.metrics.rate_limited_total.inc();
-                Some(Next::Close(4429, "rate limit exceeded"))
+                Some(Next::Close(CloseCode::RateLimited))
             }
         }
     }
@@ -1226,7 +1231,9 @@ impl SessionOut<'_> {
             }
             let json = item.get().as_bytes();
             match protocol::parse_client_message(json) {
-                Ok(ClientMessage::Batch(_)) => self.error("INVALID_MESSAGE", "nested batch", cx),
+                Ok(ClientMessage::Batch(_)) => {
+                    self.error(ErrorCode::InvalidMessage, "nested batch", cx);
+                }
                 Ok(msg) => {
                     let next = self.dispatch(msg, json, cx);
                     if !matches!(next, Next::Continue) {
@@ -1262,13 +1269,13 @@ impl SessionOut<'_> {
             ClientMessage::PresenceUpdate { data } => {
                 if !cx.cfg.presence.enabled {
                     self.error(
-                        "INVALID_MESSAGE",
+                        ErrorCode::InvalidMessage,
                         "presence is not enabled on this server",
                         cx,
                     );
                 } else if data.get().len() > cx.cfg.presence.max_data_size {
                     self.error(
-                        "PRESENCE_DATA_TOO_LARGE",
+                        ErrorCode::PresenceDataTooLarge,
                         "presence data over presence.max_data_size",
                         cx,
                     );
@@ -1288,10 +1295,10 @@ impl SessionOut<'_> {
                 ack,
             } => {
                 if let Some(problem) = protocol::topic_problem(&topic) {
-                    self.error("INVALID_MESSAGE", problem, cx);
+                    self.error(ErrorCode::InvalidMessage, problem, cx);
                 } else if !self.session.identity.publish.permits(&topic) {
                     let msg = format!("not allowed to publish to '{topic}'");
-                    self.error("FORBIDDEN", &msg, cx);
+                    self.error(ErrorCode::Forbidden, &msg, cx);
                 } else {
                     cx.events.push(ConnEvent::Publish {
                         topic: topic.into_owned(),
@@ -1323,7 +1330,7 @@ impl SessionOut<'_> {
         self.out.push(codec::encode_frame(op, &bytes));
     }
 
-    fn error(&mut self, code: &str, message: &str, cx: &mut Cx<'_>) {
+    fn error(&mut self, code: ErrorCode, message: &str, cx: &mut Cx<'_>) {
         let json = protocol::error(code, message, true, &cx.clock);
         self.json(json, cx);
     }

@@ -10,7 +10,7 @@
 //! the destination runtime's waker, which only makes a syscall when that runtime is parked, so a
 //! busy peer costs one atomic per turn.
 //!
-//! Memory, bounded in bytes ([`Plan`], from `limits.fabric_memory_per_shard`): each participant
+//! Memory, bounded in bytes ([`Plan`](crate::fabric_plan::Plan), from `limits.fabric_memory_per_shard`): each participant
 //! owns its outbound queues' slots (`capacity` entries of [`SLOT_BYTES`] each, allocated at start
 //! but touched only as traffic fills them) and may have at most `inflight_max` bytes in flight —
 //! the [`FabricMsg::charge`] of every entry it sent that its destination has not taken yet,
@@ -30,16 +30,19 @@
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::task::Waker;
 
 use bytes::Bytes;
 
+use crate::auth::Authenticator;
 use crate::command::{Command, Payload};
+use crate::config::Config;
 use crate::conn::ConnId;
-use crate::protocol::RecoveryInfo;
+use crate::fabric_plan::SLOT_BYTES;
+use crate::protocol::{ErrorCode, RecoveryInfo};
 use crate::queue_groups::GroupName;
-use crate::shard::Reload;
+use crate::reply::ReplySlot;
 
 /// Cross-core traffic: one enum, every variant says who sends it, who receives it, and what
 /// losing it costs.
@@ -181,7 +184,7 @@ pub struct JoinReply {
     pub frames: Bytes,
     /// The presence or queue-group join was refused (`PRESENCE_LIMIT`, `QUEUE_GROUP_LIMIT`):
     /// the subscription of this topic fails.
-    pub refused: Option<&'static str>,
+    pub refused: Option<ErrorCode>,
     /// The queue group the request joined, if any (a refusal concerns only a connection still in
     /// it).
     pub queue_group: Option<Arc<str>>,
@@ -246,101 +249,47 @@ pub struct Query {
     pub reply: Arc<ReplySlot<QueryAnswer>>,
 }
 
-/// A one-shot answer: filled once by a shard, awaited by whoever asked (any runtime).
+/// A new running configuration, sent by `Server::reload` to every shard in a
+/// [`FabricMsg::Reload`]. A shard swaps it in between two connection events, so each event sees
+/// one configuration; connections keep what they already derived (an authenticated identity, a
+/// deadline already armed).
 #[derive(Debug)]
-pub struct ReplySlot<T> {
-    state: std::sync::Mutex<(Option<T>, Option<Waker>)>,
+pub struct Reload {
+    /// The configuration to run with from now on.
+    pub cfg: Arc<Config>,
+    /// The verifier built from it (`None`: authentication off).
+    pub auth: Option<Arc<Authenticator>>,
+    /// Each shard sends its id once it runs with the new configuration.
+    applied: mpsc::Sender<usize>,
 }
 
-impl<T> ReplySlot<T> {
-    /// An empty slot, shared by the asker and the shard that answers.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            state: std::sync::Mutex::new((None, None)),
-        })
-    }
-
-    /// Fills the slot and wakes the asker.
-    pub fn complete(&self, value: T) {
-        let waker = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            s.0 = Some(value);
-            s.1.take()
+impl Reload {
+    /// The message, and the receiver on which the shards confirm.
+    pub fn new(
+        cfg: Arc<Config>,
+        auth: Option<Arc<Authenticator>>,
+    ) -> (Arc<Reload>, mpsc::Receiver<usize>) {
+        let (tx, rx) = mpsc::channel();
+        let reload = Reload {
+            cfg,
+            auth,
+            applied: tx,
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    /// The answer, once it is there.
-    pub fn wait(self: Arc<Self>) -> ReplyFuture<T> {
-        ReplyFuture(self)
+        (Arc::new(reload), rx)
     }
 }
 
-/// The answering end of a one-shot reply, carried inside a command. Sending consumes it;
-/// dropping it unsent (a shard that stops with the command still queued, a command it could not
-/// handle) answers `None`, so an asker never waits for a reply that cannot come.
-#[derive(Debug)]
-pub struct Responder<T> {
-    slot: Option<Arc<ReplySlot<Option<T>>>>,
-}
-
-impl<T> Responder<T> {
-    /// A responder and the future its answer resolves (`None`: dropped unanswered).
-    pub fn pair() -> (Responder<T>, ReplyFuture<Option<T>>) {
-        let slot = ReplySlot::new();
-        let fut = slot.clone().wait();
-        (Responder { slot: Some(slot) }, fut)
-    }
-
-    /// Answers and wakes the asker.
-    pub fn send(mut self, value: T) {
-        if let Some(slot) = self.slot.take() {
-            slot.complete(Some(value));
-        }
+impl Reload {
+    /// Shard `shard` runs with the new configuration from now on.
+    pub fn confirm(&self, shard: usize) {
+        // An error means the reloader stopped waiting; the new configuration applies regardless.
+        let _ = self.applied.send(shard);
     }
 }
 
-impl<T> Drop for Responder<T> {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            slot.complete(None);
-        }
-    }
-}
-
-/// Resolves when the shard answered.
-#[derive(Debug)]
-pub struct ReplyFuture<T>(Arc<ReplySlot<T>>);
-
-impl<T> std::future::Future for ReplyFuture<T> {
-    type Output = T;
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
-        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-        match s.0.take() {
-            Some(v) => std::task::Poll::Ready(v),
-            None => {
-                s.1 = Some(cx.waker().clone());
-                std::task::Poll::Pending
-            }
-        }
-    }
-}
-
-// Every queue slot is this size; keep it within one cache line.
-const _: () = assert!(std::mem::size_of::<FabricMsg>() <= 64);
-
-/// Bytes of one queue slot (one [`FabricMsg`]).
-pub const SLOT_BYTES: usize = std::mem::size_of::<FabricMsg>();
-/// Fabric participants besides the shards: the control plane, and a reserved slot for the
-/// cluster core (a later participant with its own thread).
-pub const EXTRA_PARTICIPANTS: usize = 2;
-/// Fewest entries a queue may have: below this a burst goes to overflow at once.
-pub const QUEUE_CAPACITY_MIN: usize = 64;
-/// The share of a participant's budget its outbound queues' slots may take: 1/8. The rest is for
-/// bytes in flight.
-const RING_SHARE_DIVISOR: usize = 8;
+// Every queue slot is this size: one cache line, which the fabric's memory plan counts per
+// entry (`fabric_plan::SLOT_BYTES`; change both together).
+const _: () = assert!(std::mem::size_of::<FabricMsg>() == SLOT_BYTES);
 
 impl FabricMsg {
     /// The bytes this entry keeps alive while in flight, as charged against its sender's budget:
@@ -382,69 +331,6 @@ impl FabricMsg {
             }
         };
         (SLOT_BYTES + heap) as u64
-    }
-}
-
-/// How a participant's memory budget is split, worked out once at start.
-///
-/// Every participant (each shard, the control plane, the cluster core) gets the same budget:
-/// up to 1/8 of it for the slots of its outbound queues, the rest for bytes in flight. The
-/// fabric as a whole is bounded by `participants × per-participant budget`: linear in the shard
-/// count, although there is a queue for each of the `participants²` ordered pairs — the queues
-/// get shorter as shards are added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    /// Shards plus [`EXTRA_PARTICIPANTS`].
-    pub participants: usize,
-    /// Entries in each queue.
-    pub capacity: usize,
-    /// Bytes of every queue's slots together (`participants × (participants − 1) × capacity ×
-    /// SLOT_BYTES`).
-    pub ring_bytes: u64,
-    /// Bytes one participant may have in flight: its budget less its queues' slots.
-    pub inflight_max: u64,
-    /// What the whole fabric may hold: `participants × budget`.
-    pub total_bytes: u64,
-}
-
-/// Why a [`Plan`] cannot be made: the budget does not leave queues of [`QUEUE_CAPACITY_MIN`]
-/// entries within their share.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{shards} shards need at least {needed} bytes per shard for queues of {QUEUE_CAPACITY_MIN} entries"
-)]
-pub struct PlanError {
-    /// The shard count the budget was split for.
-    pub shards: usize,
-    /// The smallest `limits.fabric_memory_per_shard` that would do, in bytes.
-    pub needed: u64,
-}
-
-impl Plan {
-    /// Splits `budget` bytes per participant among `shards + EXTRA_PARTICIPANTS` participants;
-    /// queues get `capacity_max` entries or what their share allows, whichever is fewer.
-    ///
-    /// # Errors
-    /// When a queue of [`QUEUE_CAPACITY_MIN`] entries does not fit the share.
-    pub fn new(shards: usize, budget: usize, capacity_max: usize) -> Result<Plan, PlanError> {
-        let participants = shards + EXTRA_PARTICIPANTS;
-        let peers = participants - 1;
-        let ring_share = budget / RING_SHARE_DIVISOR;
-        let capacity = (ring_share / (peers * SLOT_BYTES)).min(capacity_max);
-        if capacity < QUEUE_CAPACITY_MIN {
-            return Err(PlanError {
-                shards,
-                needed: (peers * SLOT_BYTES * QUEUE_CAPACITY_MIN * RING_SHARE_DIVISOR) as u64,
-            });
-        }
-        let own_rings = (peers * capacity * SLOT_BYTES) as u64;
-        Ok(Plan {
-            participants,
-            capacity,
-            ring_bytes: participants as u64 * own_rings,
-            inflight_max: budget as u64 - own_rings,
-            total_bytes: (participants * budget) as u64,
-        })
     }
 }
 
@@ -526,7 +412,7 @@ pub struct Endpoint {
 }
 
 /// Builds the full grid: `participants` endpoints, a queue of `capacity` entries for every
-/// ordered pair, and at most `inflight_max` bytes in flight per sender ([`Plan`] works these out
+/// ordered pair, and at most `inflight_max` bytes in flight per sender ([`Plan`](crate::fabric_plan::Plan) works these out
 /// from a budget).
 pub fn grid(participants: usize, capacity: usize, inflight_max: u64) -> Vec<Endpoint> {
     let doorbells = Doorbells::new(participants);
@@ -716,6 +602,7 @@ impl Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fabric_plan::QUEUE_CAPACITY_MIN;
 
     fn deliver(n: u8) -> FabricMsg {
         FabricMsg::Deliver {
@@ -809,29 +696,6 @@ mod tests {
         }
         let out = eps[0].outboxes[1].as_ref().unwrap();
         assert!(out.overflow.capacity() <= OVERFLOW_KEEP);
-    }
-
-    #[test]
-    fn plan_keeps_the_fabric_linear_in_shards() {
-        const MIB: usize = 1 << 20;
-        let budget = 64 * MIB;
-        // Few shards: the queues keep their configured length.
-        let p = Plan::new(2, budget, 16_384).unwrap();
-        assert_eq!(p.participants, 4);
-        assert_eq!(p.capacity, 16_384);
-        assert_eq!(p.inflight_max, (budget - 3 * 16_384 * SLOT_BYTES) as u64);
-        for shards in [16, 64, 128, 256] {
-            let p = Plan::new(shards, budget, 16_384).unwrap();
-            let peers = (p.participants - 1) as u64;
-            // Each participant's queues stay within an eighth of its budget...
-            assert!(peers * p.capacity as u64 * SLOT_BYTES as u64 <= (budget / 8) as u64);
-            // ... and the whole fabric within participants × budget.
-            assert!(p.ring_bytes + p.participants as u64 * p.inflight_max <= p.total_bytes);
-            assert_eq!(p.total_bytes, ((shards + 2) * budget) as u64);
-        }
-        let e = Plan::new(256, MIB, 16_384).unwrap_err();
-        assert_eq!(e.needed, (257 * SLOT_BYTES * QUEUE_CAPACITY_MIN * 8) as u64);
-        assert!(Plan::new(256, e.needed as usize, 16_384).is_ok());
     }
 
     #[test]

@@ -15,15 +15,20 @@
 #![warn(missing_docs)]
 
 pub mod accept;
+pub mod admission;
 pub mod alarms;
 pub mod auth;
+pub mod close;
 pub mod codec;
 pub mod command;
 pub mod config;
 pub mod conn;
 pub mod fabric;
+pub mod fabric_plan;
 pub mod handshake;
 pub mod inbound;
+#[cfg(test)]
+mod layering;
 pub mod metrics;
 pub mod msgpack_json;
 pub mod presence;
@@ -31,10 +36,12 @@ pub mod protocol;
 pub mod queue_groups;
 pub mod ratelimit;
 pub mod recovery;
+pub mod reply;
 pub mod runtime;
 pub mod server;
 pub mod shard;
 pub mod timer;
+pub mod topic_owner;
 pub mod topics;
 
 pub use command::{CommandError, Payload, SendOutcome};

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::auth::AuthError;
+use crate::close::CloseCode;
 
 /// A single-writer counter or gauge.
 #[derive(Debug, Default)]
@@ -131,7 +132,18 @@ impl RejectReason {
 
 /// Close codes we count separately in `wse_closes_total{code}`; others count as `other`.
 pub const COUNTED_CLOSE_CODES: [u16; 12] = [
-    1000, 1001, 1002, 1007, 1009, 1011, 1013, 4300, 4401, 4408, 4413, 4429,
+    CloseCode::Normal.code(),
+    CloseCode::GoingAway.code(),
+    CloseCode::ProtocolError.code(),
+    CloseCode::InvalidPayload.code(),
+    CloseCode::MessageTooBig.code(),
+    CloseCode::InternalError.code(),
+    CloseCode::TryAgainLater.code(),
+    CloseCode::Shutdown.code(),
+    CloseCode::Unauthorized.code(),
+    CloseCode::IdleTimeout.code(),
+    CloseCode::SlowConsumer.code(),
+    CloseCode::RateLimited.code(),
 ];
 
 /// Upper bounds (seconds) of the handshake latency histogram buckets.

@@ -112,10 +112,10 @@ pub enum InboundError {
 
 impl InboundError {
     /// The WSE error code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            InboundError::BadPayload("subscription_update") => "INVALID_SUBSCRIPTION",
-            _ => "INVALID_MESSAGE",
+            InboundError::BadPayload("subscription_update") => ErrorCode::InvalidSubscription,
+            _ => ErrorCode::InvalidMessage,
         }
     }
 }
@@ -442,10 +442,10 @@ pub const QUEUE_GROUP_LEN_MAX: usize = 256;
 
 /// Why a queue-group name is refused (the subscription's topics fail with this reason), or
 /// `None` when it is acceptable.
-pub fn queue_group_problem(group: &str) -> Option<&'static str> {
+pub fn queue_group_problem(group: &str) -> Option<ErrorCode> {
     if group.is_empty() || group.len() > QUEUE_GROUP_LEN_MAX || group.chars().any(char::is_control)
     {
-        Some("INVALID_QUEUE_GROUP")
+        Some(ErrorCode::InvalidQueueGroup)
     } else {
         None
     }
@@ -648,9 +648,66 @@ pub fn pong(client_timestamp: Option<&RawValue>, clock: &Clock) -> Vec<u8> {
     })
 }
 
+/// Every error code the server puts on the wire: the `code` of an `error` message
+/// (PROTOCOL.md §10) and the `reason` of a topic refused in a `subscription_update`. One
+/// mapping to the wire string: [`ErrorCode::as_str`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The upgrade's token was refused (bad signature, expired, wrong claims); close 4401
+    /// follows.
+    AuthFailed,
+    /// Authentication is on and the upgrade carried no token; close 4401 follows.
+    AuthRequired,
+    /// A message was dropped by the inbound rate limit (at most one notice per second); the
+    /// only code sent with `retry_after`.
+    RateLimited,
+    /// A message over `limits.max_message_size`; close 1009 follows.
+    MessageTooLarge,
+    /// Not JSON, no `t`, a payload of the wrong shape, a nested batch, presence while presence
+    /// is off, a malformed topic in a publish.
+    InvalidMessage,
+    /// A `subscription_update` whose payload has the wrong shape.
+    InvalidSubscription,
+    /// The connection's ACL does not permit the publish or subscribe.
+    Forbidden,
+    /// A subscription past `limits.max_subscriptions_per_connection`.
+    SubscriptionLimit,
+    /// Presence data over `presence.max_data_size`.
+    PresenceDataTooLarge,
+    /// The topic already has `presence.max_members` members.
+    PresenceLimit,
+    /// A queue-group name that is empty, too long or has control characters.
+    InvalidQueueGroup,
+    /// The connection may not join the queue group it names.
+    QueueGroupForbidden,
+    /// The topic already has `QUEUE_GROUPS_PER_TOPIC_MAX` queue groups.
+    QueueGroupLimit,
+}
+
+impl ErrorCode {
+    /// The string on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::AuthFailed => "AUTH_FAILED",
+            Self::AuthRequired => "AUTH_REQUIRED",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            Self::InvalidMessage => "INVALID_MESSAGE",
+            Self::InvalidSubscription => "INVALID_SUBSCRIPTION",
+            Self::Forbidden => "FORBIDDEN",
+            Self::SubscriptionLimit => "SUBSCRIPTION_LIMIT",
+            Self::PresenceDataTooLarge => "PRESENCE_DATA_TOO_LARGE",
+            Self::PresenceLimit => "PRESENCE_LIMIT",
+            Self::InvalidQueueGroup => "INVALID_QUEUE_GROUP",
+            Self::QueueGroupForbidden => "QUEUE_GROUP_FORBIDDEN",
+            Self::QueueGroupLimit => "QUEUE_GROUP_LIMIT",
+        }
+    }
+}
+
 /// An `error` event (protocol.md §10). `recoverable: false` only when the connection is about to
 /// be closed.
-pub fn error(code: &str, message: &str, recoverable: bool, clock: &Clock) -> Vec<u8> {
+pub fn error(code: ErrorCode, message: &str, recoverable: bool, clock: &Clock) -> Vec<u8> {
     #[derive(Serialize)]
     struct P<'a> {
         code: &'a str,
@@ -660,12 +717,12 @@ pub fn error(code: &str, message: &str, recoverable: bool, clock: &Clock) -> Vec
         retry_after: Option<f64>,
         timestamp: String,
     }
-    let retry_after = (code == "RATE_LIMITED").then_some(1.0);
+    let retry_after = (code == ErrorCode::RateLimited).then_some(1.0);
     to_json(&Out {
         c: "WSE",
         t: "error",
         p: P {
-            code,
+            code: code.as_str(),
             message,
             recoverable,
             retry_after,
@@ -702,7 +759,8 @@ pub fn rate_limit_warning(current_rate: u32, limit: u32, remaining: u32) -> Vec<
 pub struct FailedTopic {
     /// The topic as the client sent it.
     pub topic: String,
-    /// Why it was refused (`INVALID_TOPIC`, `ACCESS_DENIED`, `PRESENCE_LIMIT`, ...).
+    /// Why it was refused: an [`ErrorCode`]'s string, or what is wrong with the topic's name
+    /// ([`topic_problem`]).
     pub reason: String,
 }
 
@@ -1015,9 +1073,9 @@ mod tests {
         );
         let e =
             parse_client_message(br#"{"t":"subscription_update","p":{"topics":"a"}}"#).unwrap_err();
-        assert_eq!(e.code(), "INVALID_SUBSCRIPTION");
+        assert_eq!(e.code().as_str(), "INVALID_SUBSCRIPTION");
         let e = parse_client_message(br#"{"t":"publish","p":{"event":"x"}}"#).unwrap_err();
-        assert_eq!(e.code(), "INVALID_MESSAGE");
+        assert_eq!(e.code().as_str(), "INVALID_MESSAGE");
     }
 
     #[test]
@@ -1123,7 +1181,7 @@ mod tests {
         }
         let e = parse_client_message(publish(JSON_DEPTH_MAX - 1).as_bytes()).unwrap_err();
         assert_eq!(e, InboundError::TooDeep);
-        assert_eq!(e.code(), "INVALID_MESSAGE");
+        assert_eq!(e.code().as_str(), "INVALID_MESSAGE");
         assert!(e.to_string().contains("64 levels"), "{e}");
     }
 

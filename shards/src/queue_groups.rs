@@ -33,7 +33,8 @@
 //!
 //! Limits: [`QUEUE_GROUPS_PER_TOPIC_MAX`] groups per topic (counted by the owner, so across
 //! shards); a join that would create one more is refused with `QUEUE_GROUP_LIMIT`. Since that
-//! bound is shared by everyone on the topic, joining a group is a right ([`join_refusal`]): a
+//! bound is shared by everyone on the topic, joining a group is a right
+//! ([`Identity::queue_group_refusal`](crate::auth::Identity::queue_group_refusal)): a
 //! connection joins only the groups its token's `wse_queue_groups` claim (or, without one,
 //! `auth.default_queue_groups`) permits, so made-up names cannot fill a topic's slots and lock
 //! its real workers out.
@@ -42,31 +43,12 @@ use std::sync::Arc;
 
 use indexmap::IndexSet;
 
-use crate::auth::Identity;
-use crate::protocol;
-use crate::topics::ConnKey;
+use crate::conn::ConnKey;
 
 /// Queue groups one topic may have at once, over all shards. Each group costs the owner one pick
 /// and (at most) one cross-shard entry per publication, so this bounds the per-publication
 /// work a client can cause by inventing group names.
 pub const QUEUE_GROUPS_PER_TOPIC_MAX: usize = 64;
-
-/// The reason a subscription fails when its topic already has [`QUEUE_GROUPS_PER_TOPIC_MAX`]
-/// groups and the request names another.
-pub const QUEUE_GROUP_LIMIT: &str = "QUEUE_GROUP_LIMIT";
-
-/// The reason a subscription fails when the connection may not join the group it names.
-pub const QUEUE_GROUP_FORBIDDEN: &str = "QUEUE_GROUP_FORBIDDEN";
-
-/// Why the connection of `identity` may not join `group` (each topic of the subscription fails
-/// with it), or `None`: a malformed name (`INVALID_QUEUE_GROUP`), then a group its
-/// `wse_queue_groups` claim, or without one `default` (`auth.default_queue_groups`), does not
-/// permit ([`QUEUE_GROUP_FORBIDDEN`]).
-pub fn join_refusal(identity: &Identity, group: &str, default: &[String]) -> Option<&'static str> {
-    protocol::queue_group_problem(group).or_else(|| {
-        (!identity.may_join_queue_group(group, default)).then_some(QUEUE_GROUP_FORBIDDEN)
-    })
-}
 
 /// A group of a topic, as one shared allocation: the owner holds one per group and hands a
 /// clone to each cross-shard delivery (one pointer in the fabric entry instead of two names).
@@ -305,36 +287,6 @@ fn count(n: usize) -> u32 {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-
-    use crate::auth::Acl;
-
-    #[test]
-    fn joining_a_group_takes_a_valid_name_and_the_right_to_it() {
-        let anonymous = Identity::anonymous("c1", &Acl::deny_all());
-        let default = ["workers".to_owned()];
-        assert_eq!(join_refusal(&anonymous, "workers", &default), None);
-        assert_eq!(
-            join_refusal(&anonymous, "junk-17", &default),
-            Some(QUEUE_GROUP_FORBIDDEN)
-        );
-        assert_eq!(
-            join_refusal(&anonymous, "workers", &[]),
-            Some(QUEUE_GROUP_FORBIDDEN),
-            "no claim and no default: no group"
-        );
-        // A malformed name is that, whatever the rights.
-        assert_eq!(
-            join_refusal(&anonymous, "", &["*".to_owned()]),
-            Some("INVALID_QUEUE_GROUP")
-        );
-        let mut worker = anonymous.clone();
-        worker.queue_groups = Some(Box::new(Acl::new(vec!["work*".into()], vec![])));
-        assert_eq!(join_refusal(&worker, "workers", &[]), None);
-        assert_eq!(
-            join_refusal(&worker, "junk", &["*".to_owned()]),
-            Some(QUEUE_GROUP_FORBIDDEN)
-        );
-    }
 
     fn arc(s: &str) -> Arc<str> {
         Arc::from(s)

@@ -24,11 +24,11 @@ use compio::runtime::fd::PollFd;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
+use crate::conn::ConnKey;
 use crate::fabric::Endpoint;
 use crate::metrics::{RejectReason, ShardMetrics};
 use crate::protocol::Clock;
 use crate::shard::{Shard, Shared, Transport};
-use crate::topics::ConnKey;
 
 /// Bytes read per `read(2)`; one buffer per shard, shared by all its connections.
 const READ_SCRATCH_BYTES: usize = 64 * 1024;

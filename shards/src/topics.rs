@@ -1,8 +1,9 @@
-//! One shard's view of topics: its local subscribers, and — for the topics it owns — which other
-//! shards have subscribers and how many publications it has sequenced.
+//! One shard's local view of topics: which of its connections are subscribed to what, and
+//! whether the topic's owner has confirmed this shard's interest yet.
 //!
-//! Owns: the topic table. Never: sends anything; the shard turns the [`Delta`]s returned here
-//! into fabric messages and acknowledgements.
+//! Owns: the local topic table. Never: sends anything (the shard turns the [`Delta`]s returned
+//! here into fabric messages and acknowledgements), nor keeps what only a topic's owner keeps
+//! (sequencing, history, interested shards, presence, queue-group counts: [`crate::topic_owner`]).
 //!
 //! Ownership: every topic has exactly one owner shard, computed from its name ([`owner_of`]).
 //! All publications of a topic pass through its owner, which numbers them and fans them out, so
@@ -20,9 +21,8 @@
 //! mode changes nothing. Only plain subscribers make a shard *interested* (the owner sends it
 //! every publication); group members are counted by the owner per group and shard instead.
 //!
-//! Invariant: an entry exists iff it has local subscribers or queue-group members, or it is
-//! owned here and some shard is interested, has history, presence members or queue-group
-//! members, or a confirmation is pending.
+//! Invariant: an entry exists iff it has local subscribers or queue-group members, or a
+//! confirmation is pending; a confirmation is awaited only for a topic owned elsewhere.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -30,14 +30,10 @@ use std::sync::Arc;
 
 use indexmap::IndexSet;
 
-use crate::presence::Members;
-use crate::queue_groups::{LocalGroups, Membership};
-use crate::recovery::RingId;
+use crate::queue_groups::LocalGroups;
 
 use crate::config::SHARDS_MAX;
-
-/// A slab key of a connection on this shard.
-pub type ConnKey = u32;
+use crate::conn::ConnKey;
 
 /// The shard that owns `topic`: stable for the life of the process and equal on every shard.
 pub fn owner_of(topic: &str, shards: usize) -> usize {
@@ -73,35 +69,28 @@ impl ShardSet {
     }
 }
 
-/// A topic as one shard knows it: its local subscribers, and (on the owner) what the owner
-/// keeps for every shard.
+/// A topic as one shard's connections hold it: its local subscribers, and whether deliveries
+/// flow yet. What the topic's owner keeps for every shard is in [`crate::topic_owner`].
 #[derive(Debug)]
 pub struct Topic {
-    /// The topic's name, shared with fabric entries and connection subscription lists.
-    pub name: Arc<str>,
+    /// The topic's name, shared with connection subscription lists.
+    name: Arc<str>,
     /// Connections on this shard subscribed to the topic, plain (not in a queue group).
-    pub subscribers: IndexSet<ConnKey>,
+    subscribers: IndexSet<ConnKey>,
     /// Connections on this shard subscribed in a queue group.
-    pub groups: LocalGroups,
+    groups: LocalGroups,
     /// Interest confirmations still awaited from the owner (0 = deliveries flow).
     pending_confirms: u32,
     /// Subscribe requests (ids) waiting for this topic's confirmation.
-    pub waiters: Vec<u64>,
-    /// Owner only: other shards with subscribers.
-    pub interested: ShardSet,
-    /// Owner only: publications sequenced so far; the last one's offset.
-    pub published: u64,
-    /// Owner only, with recovery: the topic's history ring and its epoch.
-    pub ring: Option<RingId>,
-    /// Owner only, with recovery: the history's epoch (changes when the ring is recreated).
-    pub epoch: u32,
-    /// Owner only, with presence: the topic's members.
-    pub presence: Option<Box<Members>>,
-    /// Owner only: the topic's queue groups, members counted per shard.
-    pub membership: Option<Box<Membership>>,
+    waiters: Vec<u64>,
 }
 
 impl Topic {
+    /// The topic's name, shared with the connections' subscription lists.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// Deliveries reach local subscribers only once the owner has confirmed this shard's interest.
     pub fn is_live(&self) -> bool {
         self.pending_confirms == 0
@@ -110,6 +99,26 @@ impl Topic {
     /// Local subscribers of the topic, queue-group members included.
     pub fn subscriber_count(&self) -> usize {
         self.subscribers.len() + self.groups.total()
+    }
+
+    /// The plain subscribers (every publication goes to each).
+    pub fn subscribers(&self) -> &IndexSet<ConnKey> {
+        &self.subscribers
+    }
+
+    /// The local queue groups and their member counts.
+    pub fn groups(&self) -> impl Iterator<Item = (&Arc<str>, usize)> + '_ {
+        self.groups.iter()
+    }
+
+    /// Members of `group` here.
+    pub fn group_members(&self, group: &str) -> usize {
+        self.groups.members(group)
+    }
+
+    /// The next member of `group` in round-robin order.
+    pub fn pick_member(&mut self, group: &str) -> Option<ConnKey> {
+        self.groups.pick(group)
     }
 }
 
@@ -133,8 +142,7 @@ pub struct Delta {
     pub joined_group: Option<(Arc<str>, u32)>,
 }
 
-/// A shard's topic table: the topics with a local subscriber or owned by this shard with
-/// state to keep.
+/// A shard's local topic table: the topics with a local subscriber or a pending confirmation.
 pub struct Topics {
     me: usize,
     shards: usize,
@@ -159,6 +167,23 @@ impl Topics {
     /// The topic, mutably, if this shard knows it.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Topic> {
         self.map.get_mut(name)
+    }
+
+    /// Whether a local connection is on `name` or a confirmation for it is pending.
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    /// Subscribe request `request` waits for the confirmation pending on `name` (another
+    /// request is registering this shard's interest). `false` when deliveries already flow.
+    pub fn await_confirmation(&mut self, name: &str, request: u64) -> bool {
+        match self.map.get_mut(name) {
+            Some(t) if !t.is_live() => {
+                t.waiters.push(request);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Topics in the table.
@@ -272,32 +297,8 @@ impl Topics {
         waiters
     }
 
-    /// Owner side: `shard` gained or lost subscribers of `name`.
-    pub fn set_interest(&mut self, name: &str, shard: usize, on: bool) {
-        debug_assert_eq!(self.owner_of(name), self.me, "interest sent to a non-owner");
-        if on {
-            self.entry(name).interested.insert(shard);
-        } else if let Some(t) = self.map.get_mut(name) {
-            t.interested.remove(shard);
-            self.gc(name);
-        }
-    }
-
-    /// Owner side: numbers the next publication of `name`; returns its offset and the topic.
-    pub fn sequence(&mut self, name: &str) -> &mut Topic {
-        let t = self.entry(name);
-        t.published += 1;
-        t
-    }
-
-    /// Owner side: forgets a topic that was only created to sequence a publication nobody
-    /// receives.
-    pub fn release_if_unused(&mut self, name: &str) {
-        self.gc(name);
-    }
-
     /// The topic, created if absent.
-    pub fn entry(&mut self, name: &str) -> &mut Topic {
+    fn entry(&mut self, name: &str) -> &mut Topic {
         if !self.map.contains_key(name) {
             let name: Arc<str> = Arc::from(name);
             self.map.insert(
@@ -308,29 +309,22 @@ impl Topics {
                     groups: LocalGroups::default(),
                     pending_confirms: 0,
                     waiters: Vec::new(),
-                    interested: ShardSet::default(),
-                    published: 0,
-                    ring: None,
-                    epoch: 0,
-                    presence: None,
-                    membership: None,
                 },
             );
         }
         self.map.get_mut(name).expect("inserted above")
     }
 
-    /// Drops the entry when nothing keeps it (see the module invariant; a history ring and
-    /// presence members keep it too).
-    pub fn gc(&mut self, name: &str) {
+    /// Drops the entry when nothing keeps it (see the module invariant).
+    fn gc(&mut self, name: &str) {
         if !self.map.get(name).is_some_and(is_kept) {
             self.map.remove(name);
         }
     }
 
     /// Asserts the module's invariants for `name` (debug builds): an entry is kept only while
-    /// something keeps it; owner-only state lives on the owner only, and a confirmation is
-    /// awaited by a non-owner only; requests wait only while a confirmation is pending.
+    /// something keeps it; a confirmation is awaited by a non-owner only; requests wait only
+    /// while a confirmation is pending.
     fn debug_check(&self, name: &str) {
         if !cfg!(debug_assertions) {
             return;
@@ -342,16 +336,6 @@ impl Topics {
                 t.pending_confirms, 0,
                 "topic {name}: the owner awaits itself"
             );
-        } else {
-            debug_assert!(
-                t.interested.is_empty()
-                    && t.published == 0
-                    && t.ring.is_none()
-                    && t.presence.is_none()
-                    && t.membership.is_none(),
-                "topic {name}: owner-only state on shard {}",
-                self.me
-            );
         }
         debug_assert!(
             t.waiters.is_empty() || t.pending_confirms > 0,
@@ -362,13 +346,7 @@ impl Topics {
 
 /// Whether anything keeps a topic's entry (the module invariant).
 fn is_kept(t: &Topic) -> bool {
-    !t.subscribers.is_empty()
-        || !t.groups.is_empty()
-        || !t.interested.is_empty()
-        || t.pending_confirms > 0
-        || t.ring.is_some()
-        || t.presence.as_ref().is_some_and(|p| !p.is_empty())
-        || t.membership.as_ref().is_some_and(|m| !m.is_empty())
+    !t.subscribers.is_empty() || !t.groups.is_empty() || t.pending_confirms > 0
 }
 
 #[cfg(test)]
@@ -423,7 +401,7 @@ mod tests {
         // Entry kept: a confirmation is pending.
         assert!(t.get(&name).is_some());
         t.subscribe(&name, 2, None);
-        t.get_mut(&name).unwrap().waiters.push(42);
+        assert!(t.await_confirmation(&name, 42));
         assert!(
             t.confirm(&name).is_empty(),
             "first confirmation is for the old request"
@@ -445,7 +423,7 @@ mod tests {
         assert!(!d.added_or_removed, "still on the topic");
         assert_eq!((d.interest, d.plain), (Some(false), Some(false)));
         assert_eq!(d.joined_group, Some((w.clone(), 1)));
-        assert!(t.get(&name).unwrap().subscribers.is_empty());
+        assert!(t.get(&name).unwrap().subscribers().is_empty());
         assert_eq!(t.get(&name).unwrap().subscriber_count(), 1);
         // The same group again changes nothing; another group moves it.
         assert_eq!(t.subscribe(&name, 1, Some(&w)).1, Delta::default());
@@ -471,7 +449,7 @@ mod tests {
     }
 
     #[test]
-    fn owner_interest_and_sequence() {
+    fn the_owner_needs_no_confirmation() {
         let mut t = Topics::new(0, 1);
         assert_eq!(
             t.subscribe("x", 1, None).1.interest,
@@ -479,8 +457,11 @@ mod tests {
             "owner needs no confirmation"
         );
         assert!(t.get("x").unwrap().is_live());
-        assert_eq!(t.sequence("x").published, 1);
-        assert_eq!(t.sequence("x").published, 2);
+        assert!(!t.await_confirmation("x", 7), "nothing to wait for");
+    }
+
+    #[test]
+    fn shard_sets_list_their_members() {
         let mut set = ShardSet::default();
         set.insert(3);
         set.insert(200);

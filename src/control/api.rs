@@ -16,7 +16,7 @@ use axum::routing::{MethodRouter, get, post};
 use serde_json::{Map, Value, json};
 
 use super::commands::{ApiCommand, invalid_request};
-use super::{ApiError, Shared};
+use super::{ApiError, ApiErrorCode, Shared};
 
 /// Commands one batch may hold; more is refused whole (400) before any runs.
 pub(super) const BATCH_COMMANDS_MAX: usize = 1000;
@@ -151,7 +151,7 @@ fn add_path_param(
     let Path(value) = path.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "INVALID_REQUEST",
+            ApiErrorCode::InvalidRequest,
             format!("path: {}", e.body_text()),
         )
     })?;

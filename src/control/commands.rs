@@ -16,11 +16,12 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use wse_shards::close::CloseCode;
 use wse_shards::command::{AppSubscribe, OutboundEvent};
 use wse_shards::protocol::{epoch_hex, parse_epoch};
 use wse_shards::{CommandError, ConnId, Payload, PublishError, QueryError, Server};
 
-use super::ApiError;
+use super::{ApiError, ApiErrorCode};
 
 /// How long one command may take before it fails with 504. Shards answer within a loop turn;
 /// anything near this means one is stuck.
@@ -116,7 +117,7 @@ pub(super) struct DisconnectArgs {
 }
 
 fn normal_closure() -> u16 {
-    1000
+    CloseCode::Normal.code()
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,7 +186,7 @@ pub(super) struct DrainArgs {
 }
 
 fn shutdown_code() -> u16 {
-    4300
+    CloseCode::Shutdown.code()
 }
 
 impl ApiCommand {
@@ -257,7 +258,7 @@ impl ApiCommand {
             Ok(result) => result,
             Err(_) => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
-                "TIMEOUT",
+                ApiErrorCode::Timeout,
                 "a shard did not answer in time",
             )),
         }
@@ -434,7 +435,7 @@ impl Target {
         ConnId::parse(&self.connection_id).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "INVALID_CONNECTION_ID",
+                ApiErrorCode::InvalidConnectionId,
                 format!(
                     "{:?} is not a connection id (16 hex digits)",
                     self.connection_id
@@ -525,20 +526,26 @@ fn no_args(fields: Map<String, Value>, cmd: ApiCommand) -> Result<ApiCommand, Ap
 }
 
 pub(super) fn invalid_request(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ApiErrorCode::InvalidRequest,
+        message,
+    )
 }
 
 /// The engine's refusals as HTTP: the caller's fault is 4xx, the server's state 503.
 pub(super) fn command_error(e: CommandError) -> ApiError {
     let (status, code) = match &e {
-        CommandError::UnknownConnection => (StatusCode::NOT_FOUND, "UNKNOWN_CONNECTION"),
-        CommandError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "INVALID_TOPIC"),
-        CommandError::InvalidEvent(_) => (StatusCode::BAD_REQUEST, "INVALID_EVENT"),
-        CommandError::InvalidCloseCode(_) => (StatusCode::BAD_REQUEST, "INVALID_CLOSE_CODE"),
+        CommandError::UnknownConnection => (StatusCode::NOT_FOUND, ApiErrorCode::UnknownConnection),
+        CommandError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, ApiErrorCode::InvalidTopic),
+        CommandError::InvalidEvent(_) => (StatusCode::BAD_REQUEST, ApiErrorCode::InvalidEvent),
+        CommandError::InvalidCloseCode(_) => {
+            (StatusCode::BAD_REQUEST, ApiErrorCode::InvalidCloseCode)
+        }
         // The message was refused because of the connection's state, not the request's shape.
-        CommandError::SlowConsumer => (StatusCode::CONFLICT, "SLOW_CONSUMER"),
-        CommandError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "OVERLOADED"),
-        CommandError::NotRunning => (StatusCode::SERVICE_UNAVAILABLE, "NOT_RUNNING"),
+        CommandError::SlowConsumer => (StatusCode::CONFLICT, ApiErrorCode::SlowConsumer),
+        CommandError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, ApiErrorCode::Overloaded),
+        CommandError::NotRunning => (StatusCode::SERVICE_UNAVAILABLE, ApiErrorCode::NotRunning),
     };
     ApiError::new(status, code, e.to_string())
 }
@@ -556,7 +563,7 @@ pub(super) fn query_error(e: QueryError) -> ApiError {
         QueryError::InvalidTopic(p) => command_error(CommandError::InvalidTopic(p)),
         QueryError::PresenceDisabled => ApiError::new(
             StatusCode::NOT_FOUND,
-            "PRESENCE_DISABLED",
+            ApiErrorCode::PresenceDisabled,
             format!("{e}: set presence.enabled"),
         ),
         QueryError::Overloaded => command_error(CommandError::Overloaded),

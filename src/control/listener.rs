@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use wse_shards::Server;
 
-use super::{ApiError, STOP_GRACE, Shared};
+use super::{ApiError, ApiErrorCode, STOP_GRACE, Shared};
 
 /// Wait after an accept error (out of descriptors, typically) before accepting again, so the
 /// loop does not spin while nothing can be accepted.
@@ -179,7 +179,7 @@ pub(super) async fn request_deadline(
                 .fetch_add(1, Ordering::Relaxed);
             let mut response = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
-                "REQUEST_TIMEOUT",
+                ApiErrorCode::RequestTimeout,
                 format!("the request was not complete within control.request_timeout ({limit:?})"),
             )
             .into_response();

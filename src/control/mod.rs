@@ -299,7 +299,7 @@ async fn prometheus(State(state): State<Shared>) -> Result<Response, ApiError> {
     prometheus_client::encoding::text::encode(&mut text, &state.registry).map_err(|_| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "SERVER_ERROR",
+            ApiErrorCode::ServerError,
             "cannot encode the metrics",
         )
     })?;
@@ -309,7 +309,7 @@ async fn prometheus(State(state): State<Shared>) -> Result<Response, ApiError> {
 async fn not_found(uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "NOT_FOUND",
+        ApiErrorCode::NotFound,
         format!("no route for {}", uri.path()),
     )
 }
@@ -317,9 +317,83 @@ async fn not_found(uri: Uri) -> ApiError {
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
+        ApiErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+/// Every error code the server API answers with (docs/API.md, "Errors"), each with the HTTP
+/// status it goes with. One mapping to the wire: [`ApiErrorCode::as_str`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ApiErrorCode {
+    /// 400: the body is not JSON.
+    InvalidJson,
+    /// 400: missing, unknown or ill-typed fields; an unknown `op`.
+    InvalidRequest,
+    /// 400: a topic the protocol does not allow (empty, too long, bad characters).
+    InvalidTopic,
+    /// 400: not 16 hex digits.
+    InvalidConnectionId,
+    /// 400: an event object without `t`/`type`, or not an object.
+    InvalidEvent,
+    /// 400: a close code other than 1000 or 3000–4999.
+    InvalidCloseCode,
+    /// 401: no key, or the wrong key.
+    Unauthorized,
+    /// 403: no `control.api_key` configured.
+    ApiDisabled,
+    /// 404: no such connection (it may have just left).
+    UnknownConnection,
+    /// 404: a presence query with `presence.enabled = false`.
+    PresenceDisabled,
+    /// 404: no such route.
+    NotFound,
+    /// 405: the route does not take this method.
+    MethodNotAllowed,
+    /// 408: the request was not complete within `control.request_timeout`; the connection is closed.
+    RequestTimeout,
+    /// 409: the connection's outbound queue is full; the message was not queued.
+    SlowConsumer,
+    /// 413: a body over `limits.max_message_size`.
+    PayloadTooLarge,
+    /// 426: `GET /api/v1/events` without a WebSocket upgrade.
+    UpgradeRequired,
+    /// 500: the metrics could not be encoded (a bug, never the request).
+    ServerError,
+    /// 503: a cross-shard queue is full; retry later.
+    Overloaded,
+    /// 503: the server is stopping.
+    NotRunning,
+    /// 504: a shard did not answer in time.
+    Timeout,
+}
+
+impl ApiErrorCode {
+    /// The string on the wire.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "INVALID_JSON",
+            Self::InvalidRequest => "INVALID_REQUEST",
+            Self::InvalidTopic => "INVALID_TOPIC",
+            Self::InvalidConnectionId => "INVALID_CONNECTION_ID",
+            Self::InvalidEvent => "INVALID_EVENT",
+            Self::InvalidCloseCode => "INVALID_CLOSE_CODE",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::ApiDisabled => "API_DISABLED",
+            Self::UnknownConnection => "UNKNOWN_CONNECTION",
+            Self::PresenceDisabled => "PRESENCE_DISABLED",
+            Self::NotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::RequestTimeout => "REQUEST_TIMEOUT",
+            Self::SlowConsumer => "SLOW_CONSUMER",
+            Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Self::UpgradeRequired => "UPGRADE_REQUIRED",
+            Self::ServerError => "SERVER_ERROR",
+            Self::Overloaded => "OVERLOADED",
+            Self::NotRunning => "NOT_RUNNING",
+            Self::Timeout => "TIMEOUT",
+        }
+    }
 }
 
 /// Every error the control plane answers: `{"error":{"code":"...","message":"..."}}`.
@@ -332,10 +406,10 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: ApiErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
-            code,
+            code: code.as_str(),
             message: message.into(),
         }
     }

@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use wse_shards::protocol::topic_problem;
 use wse_shards::{PublishError, Server};
 
-use super::{ApiError, Shared};
+use super::{ApiError, ApiErrorCode, Shared};
 
 /// The event type a publication gets when the request names none.
 const DEFAULT_EVENT: &str = "publication";
@@ -103,7 +103,7 @@ pub(super) fn authorize(configured: Option<&str>, headers: &HeaderMap) -> Result
     let Some(expected) = configured else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "API_DISABLED",
+            ApiErrorCode::ApiDisabled,
             "the server API is disabled: set control.api_key to enable it",
         ));
     };
@@ -113,12 +113,12 @@ pub(super) fn authorize(configured: Option<&str>, headers: &HeaderMap) -> Result
         Some(key) if constant_time_eq(key, expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
+            ApiErrorCode::Unauthorized,
             "invalid API key",
         )),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
+            ApiErrorCode::Unauthorized,
             "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
         )),
     }
@@ -209,7 +209,7 @@ fn publish_all(server: &Server, publications: &[Publication<'_>]) -> Result<Publ
             Err(PublishError::Overloaded) => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "OVERLOADED",
+                    ApiErrorCode::Overloaded,
                     format!(
                         "the queue to the shard owning topic {:?} is full; {i} of {} \
                          publications were published before it",
@@ -235,7 +235,7 @@ pub(super) fn json_error(e: serde_json::Error) -> ApiError {
         Category::Data => invalid_request(e.to_string()),
         Category::Syntax | Category::Eof | Category::Io => ApiError::new(
             StatusCode::BAD_REQUEST,
-            "INVALID_JSON",
+            ApiErrorCode::InvalidJson,
             format!("malformed JSON: {e}"),
         ),
     }
@@ -246,7 +246,7 @@ pub(super) fn body_error(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
+            ApiErrorCode::PayloadTooLarge,
             "the body is larger than limits.max_message_size",
         )
     } else {
@@ -255,13 +255,17 @@ pub(super) fn body_error(rejection: BytesRejection) -> ApiError {
 }
 
 fn invalid_request(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ApiErrorCode::InvalidRequest,
+        message,
+    )
 }
 
 fn invalid_topic(problem: &str) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
-        "INVALID_TOPIC",
+        ApiErrorCode::InvalidTopic,
         format!("invalid topic: {problem}"),
     )
 }

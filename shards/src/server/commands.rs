@@ -22,8 +22,9 @@ use crate::command::{
     SubscribeOutcome, close_code_allowed,
 };
 use crate::conn::ConnId;
-use crate::fabric::{FabricMsg, Responder, Sent};
+use crate::fabric::{FabricMsg, Sent};
 use crate::metrics::DropReason;
+use crate::reply::Responder;
 
 /// Bytes of one application send (text, binary or event): the server's inbound message limit
 /// does not apply outbound, but one frame must still fit in a connection's outbound queue.
@@ -322,7 +323,7 @@ impl Server {
         reason: &str,
         timeout: Duration,
     ) -> Result<(), CommandError> {
-        if !(4000..=4999).contains(&close_code) {
+        if !crate::close::RECONNECT_CODES.contains(&close_code) {
             return Err(CommandError::InvalidCloseCode(close_code));
         }
         if !self.is_running() {

@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use super::Server;
 use crate::command::Command;
-use crate::fabric::{FabricMsg, ReplyFuture, Responder, Sent};
+use crate::fabric::{FabricMsg, Sent};
 use crate::inbound::AppEvent;
+use crate::reply::{ReplyFuture, Responder};
 
 /// Events one shard hands out per request.
 pub const INBOUND_BATCH_MAX: usize = 1024;

@@ -31,12 +31,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::accept;
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Reloaded};
+use crate::fabric::Reload;
 use crate::fabric::{self, Endpoint, FabricMsg, Sent};
 use crate::metrics::ShardMetrics;
 use crate::runtime::{self, Boot};
-use crate::shard::{Admission, Reload, Shared};
+use crate::shard::Shared;
 
 /// How long [`Server::reload`] waits for every shard to confirm the new configuration. A shard
 /// handles the fabric once per loop turn, so anything near this means it is stuck.

@@ -11,8 +11,9 @@ use serde_json::value::RawValue;
 
 use super::{PresenceMember, PublishError, QueryError, Server};
 use crate::command::{Command, CommandError, TopicSubscribers};
-use crate::fabric::{FabricMsg, Query, QueryAnswer, QueryKind, ReplyFuture, ReplySlot, Sent};
+use crate::fabric::{FabricMsg, Query, QueryAnswer, QueryKind, Sent};
 use crate::protocol;
+use crate::reply::{ReplyFuture, ReplySlot};
 use crate::topics::owner_of;
 
 impl Server {

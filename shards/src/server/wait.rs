@@ -64,7 +64,7 @@ fn run<F: Future>(fut: F, deadline: Option<Instant>) -> Option<F::Output> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fabric::Responder;
+    use crate::reply::Responder;
 
     #[test]
     fn wakes_on_an_answer_from_another_thread_and_times_out() {

@@ -8,7 +8,6 @@
 
 use bytes::Bytes;
 
-use super::publications::offer;
 use super::{Shard, Transport};
 use crate::auth::Acl;
 use crate::codec::{self, OpCode};
@@ -17,10 +16,9 @@ use crate::command::{
     TopicSubscribers,
 };
 use crate::conn::ConnId;
-use crate::fabric::Responder;
-use crate::inbound::AppEvent;
+use crate::conn::ConnKey;
 use crate::protocol::{self, Clock, Wire};
-use crate::topics::ConnKey;
+use crate::reply::Responder;
 
 impl<T: Transport> Shard<T> {
     pub(super) fn handle_command(&mut self, cmd: Command, clock: Clock) {
@@ -42,7 +40,7 @@ impl<T: Transport> Shard<T> {
                 reply,
             } => {
                 let ts = clock.iso();
-                let keys = self.users.get(&user).to_vec();
+                let keys = self.app.users.get(&user).to_vec();
                 let sent = keys
                     .into_iter()
                     .filter(|&key| {
@@ -86,11 +84,7 @@ impl<T: Transport> Shard<T> {
                         .get(&topic)
                         .map_or_else(Default::default, |t| TopicSubscribers {
                             count: t.subscriber_count(),
-                            queue_groups: t
-                                .groups
-                                .iter()
-                                .map(|(g, n)| (g.to_string(), n))
-                                .collect(),
+                            queue_groups: t.groups().map(|(g, n)| (g.to_string(), n)).collect(),
                         });
                 reply.send(answer);
             }
@@ -104,35 +98,9 @@ impl<T: Transport> Shard<T> {
                 self.begin_drain_with(close_code, &reason, clock.now + timeout, clock);
                 reply.send(());
             }
-            Command::TakeEvents { max, reply } => {
-                if self.app_events.is_empty() {
-                    // Waits for the end of a turn that queued events (see `answer_event_waiter`).
-                    if let Some((_, earlier)) = self.event_waiter.replace((max, reply)) {
-                        earlier.send(Vec::new());
-                    }
-                } else {
-                    reply.send(self.take_events(max));
-                }
-            }
+            // Waits, when nothing is queued, for the end of a turn that queues events.
+            Command::TakeEvents { max, reply } => self.app.events.request(max, reply),
         }
-    }
-
-    /// Answers a waiting [`Command::TakeEvents`] when events are queued; once per turn, so a
-    /// busy shard hands out a turn's events in one batch.
-    pub(super) fn answer_event_waiter(&mut self) {
-        if !self.app_events.is_empty()
-            && let Some((max, reply)) = self.event_waiter.take()
-        {
-            reply.send(self.take_events(max));
-        }
-    }
-
-    /// The oldest `max` queued application events.
-    pub(super) fn take_events(&mut self, max: usize) -> Vec<AppEvent> {
-        let n = max.min(self.app_events.len());
-        let batch: Vec<AppEvent> = self.app_events.drain(..n).collect();
-        self.app_event_bytes -= batch.iter().map(AppEvent::size).sum::<usize>();
-        batch
     }
 
     /// The slab key of `conn` when it is a live connection of this shard.
@@ -159,7 +127,7 @@ impl<T: Transport> Shard<T> {
             Payload::Text(text) => codec::encode_frame(OpCode::Text, text),
             Payload::Binary(bytes) => codec::encode_frame(OpCode::Binary, bytes),
             Payload::Event(event) => {
-                if !self.recent_ids.first_time(slot.conn.id(), &event.id) {
+                if !self.app.recent_ids.first_time(slot.conn.id(), &event.id) {
                     return Ok(SendOutcome {
                         bytes: 0,
                         duplicate: true,
@@ -172,7 +140,7 @@ impl<T: Transport> Shard<T> {
                 let (wire, bytes) = protocol::encode_for_connection(
                     event.envelope(ts, seq),
                     slot.conn.is_msgpack(),
-                    self.cfg.protocol.compression_threshold,
+                    self.run.cfg().protocol.compression_threshold,
                 );
                 let op = match wire {
                     Wire::Text => OpCode::Text,
@@ -182,23 +150,15 @@ impl<T: Transport> Shard<T> {
             }
         };
         let bytes = frame.len();
-        let max = self.cfg.limits.max_outbound_queue_bytes;
-        if offer(
-            slot,
-            key,
-            frame,
-            max,
-            &self.metrics,
-            &mut self.blocked,
-            &mut self.dirty,
-        ) {
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
+        if slot.offer(key, frame, max, &self.metrics, &mut self.turn) {
             self.metrics.messages_out_total.inc();
             Ok(SendOutcome {
                 bytes,
                 duplicate: false,
             })
         } else {
-            self.evict.push(key);
+            self.turn.evict(key);
             Err(CommandError::SlowConsumer)
         }
     }
@@ -212,7 +172,14 @@ impl<T: Transport> Shard<T> {
     ) {
         let req = self.live_key(conn).and_then(|key| {
             let slot = self.conns.get(key as usize)?;
-            Some((key, slot.conn.admit_subscription(request, &self.cfg)?))
+            let req = slot.conn.admit_subscription(
+                &request.topics,
+                request.presence.as_deref(),
+                request.queue_group.as_deref(),
+                &request.recover,
+                self.run.cfg(),
+            )?;
+            Some((key, req))
         });
         match req {
             Some((key, req)) => self.subscribe(key, req, Some(reply), clock),
@@ -287,18 +254,17 @@ impl<T: Transport> Shard<T> {
         // A private copy: cloning the control plane's buffer per connection would bounce its
         // reference count between cores.
         let frame = Bytes::copy_from_slice(frame);
-        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
         let mut sent = 0;
         for (key, slot) in self.conns.iter_mut() {
             if !slot.conn.is_live() {
                 continue;
             }
             let key = key as ConnKey;
-            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
-            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
                 sent += 1;
             } else {
-                self.evict.push(key);
+                self.turn.evict(key);
             }
         }
         self.metrics.messages_out_total.add(sent as u64);

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::topics::ConnKey;
+use crate::conn::ConnKey;
 
 /// Share of the drain timeout over which the close frames are spread, percent. The remainder is
 /// what the last batch has to answer its close frame before the drain times out.
@@ -19,11 +19,63 @@ pub const DRAIN_CLOSE_SPREAD_PERCENT: u32 = 50;
 /// Time between two batches of close frames during a drain.
 pub const DRAIN_BATCH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// A shard's drain: whether one has started, until when it may run, and the close frames it
+/// has still to send.
+#[derive(Debug, Default)]
+pub(super) struct Drain {
+    /// When the drain ends at the latest (`None`: not draining).
+    until: Option<Instant>,
+    closes: Option<DrainCloses>,
+}
+
+impl Drain {
+    /// A drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// When the drain ends at the latest.
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    /// Starts a drain closing `keys` with `code` and `reason` from `now`, ending at `until` at
+    /// the latest. `false` (and nothing changes) when one is already under way.
+    pub fn begin(
+        &mut self,
+        code: u16,
+        reason: &str,
+        keys: Vec<ConnKey>,
+        now: Instant,
+        until: Instant,
+    ) -> bool {
+        if self.until.is_some() {
+            return false;
+        }
+        self.until = Some(until);
+        let timeout = until.saturating_duration_since(now);
+        self.closes = Some(DrainCloses::new(code, reason, keys, now, timeout));
+        true
+    }
+
+    /// When the next batch of close frames is due.
+    pub fn next_batch_at(&self) -> Option<Instant> {
+        self.closes.as_ref().and_then(DrainCloses::poll_timeout)
+    }
+
+    /// The close code, reason and connections of the batch due at `now` (`None` when not
+    /// draining; no connections before the next batch is due).
+    pub fn due(&mut self, now: Instant) -> Option<(u16, Arc<str>, Vec<ConnKey>)> {
+        let plan = self.closes.as_mut()?;
+        Some((plan.code, plan.reason.clone(), plan.handle_timeout(now)))
+    }
+}
+
 /// The closes a drain has still to send.
 #[derive(Debug)]
-pub(super) struct DrainCloses {
-    pub code: u16,
-    pub reason: Arc<str>,
+struct DrainCloses {
+    code: u16,
+    reason: Arc<str>,
     /// Connections not closed yet, in the order they will be (last first: popped from the end).
     left: Vec<ConnKey>,
     /// Connections closed per batch: all of them spread over the batches the spread allows.

@@ -11,50 +11,63 @@
 //! `release` / `handle_writable` (as I/O completes), then `handle_fabric`, `handle_timers`,
 //! `flush`.
 //!
-//! The rules live in submodules: `subscriptions` (a subscriber's shard), `owner` (a topic's
-//! owner: sequencing, history, interest, presence, queue-group picks) and `publications`
-//! (routing and fan-out).
+//! The rules live in submodules, each owning its own state (private fields, changed only
+//! through its methods): `subscriptions` (a subscriber's shard, and the acknowledgements it
+//! waits to send), `owner` (turns the topic owner's decisions — [`crate::topic_owner`] keeps
+//! that state — into frames and fabric entries), `publications` (routing and local fan-out),
+//! `commands` (the application's commands), `presence_events` and `app_events` (the event
+//! stream), `drain`, `running` (the configuration in force), `turn` (what a loop turn's end
+//! writes, evicts and reuses), `users` and `dedup`. This module owns the connection slots and
+//! the loop turn itself; it is the only one that writes a slot's fields.
+//!
+//! Layering: the shard sits above the building blocks (`conn`, `topics`, `topic_owner`,
+//! `fabric`, ...) and below `runtime` and `server`; none of them names it
+//! (`layering.rs` checks).
 
+mod app_events;
 mod commands;
 mod dedup;
 mod drain;
 mod owner;
 mod presence_events;
 mod publications;
+mod running;
 mod subscriptions;
+mod turn;
 mod users;
 
 pub use dedup::SEND_DEDUP_WINDOW;
 pub use drain::{DRAIN_BATCH_INTERVAL, DRAIN_CLOSE_SPREAD_PERCENT};
 pub use presence_events::PRESENCE_LEAVE_WAIT;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use bytes::Bytes;
 use slab::Slab;
 
+use crate::admission::Admission;
 use crate::alarms::{AUTH_REFUSAL_LINES_PER_SEC, AttackSummary, LineBudget};
 use crate::auth::AuthError;
-use crate::auth::{Acl, Authenticator};
-use crate::command::{Command, CommandError, SubscribeOutcome};
-use crate::config::{Config, ProtocolConfig};
+use crate::auth::Authenticator;
+use crate::close::CloseCode;
+use crate::command::Command;
+use crate::config::Config;
+use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
-use crate::fabric::{Endpoint, FabricMsg, Responder, Sent};
+use crate::fabric::{Endpoint, FabricMsg, Reload, Sent};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
-use crate::protocol::{self, Clock};
-use crate::queue_groups::GroupName;
-use crate::ratelimit::RateLimits;
-use crate::recovery::History;
+use crate::protocol::Clock;
 use crate::timer::{Tick, TimerWheel};
-use crate::topics::{ConnKey, Topics};
+use crate::topic_owner::TopicOwner;
+use crate::topics::Topics;
 
 /// Frames handed to one `writev`. Linux accepts 1024; 64 covers any realistic backlog per turn
 /// while keeping the slice array on the stack.
@@ -65,46 +78,6 @@ const FABRIC_BATCH_PER_SOURCE: usize = 4096;
 /// it. The kernel spreads connections by hash (or, with SO_INCOMING_CPU, by the core that handled
 /// the packets, which on loopback is the client's), so imbalance is the rule for few clients.
 pub const BALANCE_SLACK: u64 = 8;
-
-/// The global cap on live connections (`server.max_connections`). Touched on upgrade and release
-/// only, never per message.
-#[derive(Debug)]
-pub struct Admission {
-    live: AtomicUsize,
-    /// Changed by a reload; lowering it closes no connection, it only refuses new ones.
-    max: AtomicUsize,
-}
-
-impl Admission {
-    /// A budget of `max` live connections, none taken.
-    pub fn new(max: usize) -> Self {
-        Self {
-            live: AtomicUsize::new(0),
-            max: AtomicUsize::new(max),
-        }
-    }
-    /// Changes the cap (reload); connections over a lowered cap stay.
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-    /// Takes a place if one is free.
-    pub fn try_admit(&self) -> bool {
-        if self.live.fetch_add(1, Ordering::AcqRel) >= self.max.load(Ordering::Relaxed) {
-            self.live.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        true
-    }
-    /// Gives a place back; exactly once per successful [`Admission::try_admit`].
-    pub fn release(&self) {
-        let before = self.live.fetch_sub(1, Ordering::AcqRel);
-        assert!(before > 0, "admission released more often than taken");
-    }
-    /// Places taken now.
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-}
 
 /// State every shard reads; built once at start.
 #[derive(Debug)]
@@ -123,36 +96,6 @@ pub struct Shared {
     /// Every shard's metrics, in shard order; a shard reads the others' socket gauges to
     /// balance connections (on accept only).
     pub metrics: Vec<Arc<ShardMetrics>>,
-}
-
-/// A new running configuration, sent by `Server::reload` to every shard in a
-/// [`FabricMsg::Reload`]. A shard swaps it in between two connection events, so each event sees
-/// one configuration; connections keep what they already derived (an authenticated identity, a
-/// deadline already armed).
-#[derive(Debug)]
-pub struct Reload {
-    /// The configuration to run with from now on.
-    pub cfg: Arc<Config>,
-    /// The verifier built from it (`None`: authentication off).
-    pub auth: Option<Arc<Authenticator>>,
-    /// Each shard sends its id once it runs with the new configuration.
-    applied: mpsc::Sender<usize>,
-}
-
-impl Reload {
-    /// The message, and the receiver on which the shards confirm.
-    pub fn new(
-        cfg: Arc<Config>,
-        auth: Option<Arc<Authenticator>>,
-    ) -> (Arc<Reload>, mpsc::Receiver<usize>) {
-        let (tx, rx) = mpsc::channel();
-        let reload = Reload {
-            cfg,
-            auth,
-            applied: tx,
-        };
-        (Arc::new(reload), rx)
-    }
 }
 
 /// The socket side of a connection, as the shard needs it.
@@ -184,78 +127,73 @@ struct Slot<T> {
     upgraded: bool,
 }
 
-/// A subscribe acknowledgement waiting for the owners of some of its topics.
-struct PendingAck {
-    conn: ConnId,
-    /// Where the outcome goes when the application asked (else to the client, as a frame).
-    reply: Option<Responder<Result<SubscribeOutcome, CommandError>>>,
-    /// Owner replies (or interest confirmations) still awaited.
-    remaining: u32,
-    succeeded: Vec<String>,
-    failed: Vec<protocol::FailedTopic>,
-    recovery: Vec<(String, protocol::RecoveryInfo)>,
-}
-
 /// One core's state: its connections, topic table, timers, fabric endpoint and queues.
 /// Driven by `runtime` through a [`Transport`] that does the actual socket I/O.
+///
+/// Each field has one owner: this module (the connection slots and the loop turn), or the
+/// submodule or building block named on it, which alone changes it, through its methods.
 pub struct Shard<T: Transport> {
+    /// This shard's index.
     me: usize,
+    /// What every shard reads (the connection cap, the shutdown flag, every shard's metrics).
     shared: Arc<Shared>,
-    /// The running configuration and verifier: `shared`'s at start, then each reload's.
-    cfg: Arc<Config>,
-    auth: Option<Arc<Authenticator>>,
-    rate: RateLimits,
-    default_publish: Acl,
+    /// The running configuration and verifier (`running`): `shared`'s at start, then each
+    /// reload's.
+    run: running::Running,
+    /// This shard's single-writer counters.
     metrics: Arc<ShardMetrics>,
+    /// Connection slots, with their bookkeeping (this module).
     conns: Slab<Slot<T>>,
-    serial: u32,
-    topics: Topics,
+    slots: SlotCounts,
+    /// One deadline per connection (this module arms them).
     timers: TimerWheel,
+    /// This shard's end of the fabric, and the sockets it hands over and adopts.
     fabric: Endpoint,
-    /// Connections with output queued this turn (each listed once).
-    dirty: Vec<ConnKey>,
-    events: Vec<ConnEvent>,
-    inbox: Vec<(usize, FabricMsg)>,
-    expired: Vec<(u32, Tick)>,
-    evict: Vec<ConnKey>,
-    ping: Option<Bytes>,
-    /// The history of the topics this shard owns (recovery on).
-    history: Option<History>,
-    pending_acks: HashMap<u64, PendingAck>,
-    next_request: u64,
-    /// Scratch for the queue-group picks of one publication (kept to reuse its allocation).
-    group_picks: Vec<(usize, Arc<GroupName>)>,
-    /// Application events for the event stream, oldest first. Bounded by
-    /// `limits.app_event_queue_capacity` events and `limits.app_event_queue_bytes` bytes; past
-    /// either the oldest is dropped and counted (`app_event_overflow`).
-    app_events: VecDeque<AppEvent>,
-    app_event_bytes: usize,
-    /// A `TakeEvents` waiting for events: (max, responder). At most one (one consumer).
-    event_waiter: Option<(usize, Responder<Vec<AppEvent>>)>,
-    /// Live connections by user, for `send_user`.
-    users: users::Users,
-    /// Presence departures awaited from topic owners, and the `disconnect`s waiting for them.
-    awaited_leaves: presence_events::AwaitedLeaves,
-    /// Event ids recently sent per connection, for `send_event` deduplication.
-    recent_ids: dedup::RecentIds,
-    /// Connections whose socket filled up outside `flush`, reported by the next `flush`.
-    blocked: Vec<ConnKey>,
+    handoff: Handoff,
+    /// Which local connections are on which topic (`topics`, through `subscriptions`).
+    topics: Topics,
+    /// The owner's role for the topics this shard owns (`topic_owner`, through `owner`):
+    /// sequencing, history, interested shards, presence, queue-group counts.
+    owner: TopicOwner,
+    /// Subscribe acknowledgements waiting for topic owners (`subscriptions`).
+    acks: subscriptions::PendingAcks,
+    /// What the shard keeps for the application: the event stream's queue, held
+    /// `disconnect`s, the user index, `send_event` dedup (`app_events`).
+    app: app_events::AppSide,
+    /// The drain, once one has started (`drain`).
+    drain: drain::Drain,
+    /// What the turn's end has to do: connections to write, blocked, to evict (`turn`).
+    turn: turn::Turn,
+    /// Buffers reused from call to call (`turn`).
+    scratch: turn::Scratch,
+    /// What this shard logs about refusals (this module).
+    logs: RefusalLogs,
+}
+
+/// The connection slots' bookkeeping.
+struct SlotCounts {
+    /// The serial of the last connection accepted (part of its [`ConnId`]).
+    serial: u32,
+    /// Connections still in the upgrade.
+    handshakes: usize,
+    /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
+    refused_lingering: usize,
+}
+
+/// Sockets moved between shards to balance them.
+struct Handoff {
     /// Sockets other shards handed over, for the I/O layer to adopt.
     adopted: Vec<OwnedFd>,
     /// Sockets handed to each shard since the last flush (their gauges lag by a turn).
     handed: Vec<u64>,
-    handshakes: usize,
-    /// Connections refused after the upgrade and not yet released (see `conn::REFUSED_LINGER`).
-    refused_lingering: usize,
-    draining_until: Option<Instant>,
-    /// The close frames a drain has still to send, in batches (see `drain`).
-    drain_closes: Option<drain::DrainCloses>,
-    /// Logs what this shard refused, once per kind and `log.attack_summary_interval`.
-    alarms: AttackSummary,
-    /// Scratch for the summary's lines (kept to reuse its allocation).
-    alarm_lines: Vec<String>,
+}
+
+/// The log lines about what this shard refused.
+struct RefusalLogs {
+    /// What was refused, once per kind and `log.attack_summary_interval`.
+    attacks: AttackSummary,
     /// Authentication refusals logged one by one, at most `AUTH_REFUSAL_LINES_PER_SEC`.
-    auth_refusal_log: LineBudget,
+    auth_refusals: LineBudget,
 }
 
 impl<T: Transport> Shard<T> {
@@ -268,54 +206,38 @@ impl<T: Transport> Shard<T> {
         now: Instant,
     ) -> Self {
         let cfg = shared.cfg.clone();
-        let auth = shared.auth.clone();
-        let rate = rate_limits(&cfg.protocol);
-        let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
+        let run = running::Running::new(cfg.clone(), shared.auth.clone());
         let shards = shared.shards;
-        let history = cfg
-            .recovery
-            .enabled
-            .then(|| History::new(&cfg.recovery, shards));
         let alarms = AttackSummary::new(now, cfg.log.attack_summary_interval, &metrics);
+        let owner = TopicOwner::new(me, shards, &cfg.recovery);
         Self {
             me,
             topics: Topics::new(me, shared.shards),
             shared,
-            cfg,
-            auth,
-            rate,
-            default_publish,
+            run,
             metrics,
             conns: Slab::new(),
-            serial: 0,
+            slots: SlotCounts {
+                serial: 0,
+                handshakes: 0,
+                refused_lingering: 0,
+            },
             timers: TimerWheel::new(now),
             fabric,
-            dirty: Vec::new(),
-            events: Vec::new(),
-            inbox: Vec::new(),
-            expired: Vec::new(),
-            evict: Vec::new(),
-            ping: None,
-            history,
-            pending_acks: HashMap::new(),
-            next_request: 0,
-            group_picks: Vec::new(),
-            app_events: VecDeque::new(),
-            app_event_bytes: 0,
-            event_waiter: None,
-            users: users::Users::default(),
-            recent_ids: dedup::RecentIds::default(),
-            awaited_leaves: Default::default(),
-            blocked: Vec::new(),
-            adopted: Vec::new(),
-            handed: vec![0; shards],
-            handshakes: 0,
-            refused_lingering: 0,
-            draining_until: None,
-            drain_closes: None,
-            alarms,
-            alarm_lines: Vec::new(),
-            auth_refusal_log: LineBudget::new(AUTH_REFUSAL_LINES_PER_SEC),
+            handoff: Handoff {
+                adopted: Vec::new(),
+                handed: vec![0; shards],
+            },
+            owner,
+            acks: Default::default(),
+            app: Default::default(),
+            drain: Default::default(),
+            turn: Default::default(),
+            scratch: Default::default(),
+            logs: RefusalLogs {
+                attacks: alarms,
+                auth_refusals: LineBudget::new(AUTH_REFUSAL_LINES_PER_SEC),
+            },
         }
     }
 
@@ -331,27 +253,27 @@ impl<T: Transport> Shard<T> {
 
     /// A drain has started: no new connections, existing ones are being closed.
     pub fn is_draining(&self) -> bool {
-        self.draining_until.is_some()
+        self.drain.is_draining()
     }
 
     /// Draining and either every connection is gone (its `disconnect` reported) or the drain
     /// deadline has passed.
     pub fn is_drained(&self, now: Instant) -> bool {
-        self.draining_until.is_some_and(|until| {
-            (self.conns.is_empty() && !self.awaited_leaves.holds_disconnects()) || now >= until
+        self.drain.until().is_some_and(|until| {
+            (self.conns.is_empty() && !self.app.leaves.holds_disconnects()) || now >= until
         })
     }
 
     /// When the shard next needs `handle_timers`.
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.timers.next_expiry();
-        let drain = self.drain_closes.as_ref().and_then(|d| d.poll_timeout());
-        let leaves = self.awaited_leaves.poll_timeout();
-        let t = [t, self.draining_until, drain, leaves]
+        let drain = self.drain.next_batch_at();
+        let leaves = self.app.leaves.poll_timeout();
+        let t = [t, self.drain.until(), drain, leaves]
             .into_iter()
             .flatten()
             .min();
-        let alarms = self.alarms.poll_timeout();
+        let alarms = self.logs.attacks.poll_timeout();
         Some(t.map_or(alarms, |t| t.min(alarms)))
     }
 
@@ -370,7 +292,7 @@ impl<T: Transport> Shard<T> {
 
     /// The application events waiting for the event stream (oldest first).
     pub fn app_events(&self) -> &VecDeque<AppEvent> {
-        &self.app_events
+        self.app.events.queued()
     }
 
     // --------------------------------------------------------------------------------------------
@@ -383,7 +305,7 @@ impl<T: Transport> Shard<T> {
         if self.is_draining() || self.shared.shards == 1 {
             return Some(fd);
         }
-        let load = |s: usize, me: &Self| me.shared.metrics[s].sockets.get() + me.handed[s];
+        let load = |s: usize, me: &Self| me.shared.metrics[s].sockets.get() + me.handoff.handed[s];
         let mine = self.conns.len() as u64;
         let (target, least) = (0..self.shared.shards)
             .filter(|&s| s != self.me)
@@ -395,7 +317,7 @@ impl<T: Transport> Shard<T> {
         }
         match self.fabric.send(target, FabricMsg::Adopt { fd }) {
             Sent::Queued => {
-                self.handed[target] += 1;
+                self.handoff.handed[target] += 1;
                 self.metrics.handed_off_total.inc();
             }
             Sent::Dropped => self.metrics.dropped(DropReason::FabricOverflow).inc(),
@@ -405,14 +327,16 @@ impl<T: Transport> Shard<T> {
 
     /// Sockets handed over by other shards since the last call, to be accepted here.
     pub fn take_adopted(&mut self, into: &mut Vec<OwnedFd>) {
-        into.append(&mut self.adopted);
+        into.append(&mut self.handoff.adopted);
     }
 
     /// Takes a freshly accepted socket. `None` when refused (too many handshakes in flight); the
     /// refusal has been written and the socket should be dropped.
     pub fn accept(&mut self, io: T, clock: Clock) -> Option<ConnKey> {
         self.metrics.connections_accepted_total.inc();
-        if self.handshakes >= self.cfg.limits.max_pending_handshakes || self.is_draining() {
+        if self.slots.handshakes >= self.run.cfg().limits.max_pending_handshakes
+            || self.is_draining()
+        {
             self.metrics.rejected(RejectReason::PendingHandshakes).inc();
             let reply = handshake::response_reject(&handshake::Reject {
                 status: 503,
@@ -424,8 +348,8 @@ impl<T: Transport> Shard<T> {
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key() as ConnKey;
-        self.serial = self.serial.wrapping_add(1);
-        let conn = Conn::new(ConnId::new(self.me, self.serial, key), clock.now);
+        self.slots.serial = self.slots.serial.wrapping_add(1);
+        let conn = Conn::new(ConnId::new(self.me, self.slots.serial, key), clock.now);
         tracing::debug!(shard = self.me, conn = %conn.id(), peer = %Peer(io.peer_addr()), "accepted");
         entry.insert(Slot {
             conn,
@@ -436,8 +360,10 @@ impl<T: Transport> Shard<T> {
             write_shut: false,
             upgraded: false,
         });
-        self.handshakes += 1;
-        self.metrics.handshakes_pending.set(self.handshakes as u64);
+        self.slots.handshakes += 1;
+        self.metrics
+            .handshakes_pending
+            .set(self.slots.handshakes as u64);
         self.metrics.sockets.set(self.conns.len() as u64);
         self.rearm(key);
         Some(key)
@@ -453,11 +379,18 @@ impl<T: Transport> Shard<T> {
         self.with_conn(key, clock, |c, cx| c.handle_eof(cx));
     }
 
+    /// Lists connection `key` for the next flush (once).
+    fn mark_dirty(&mut self, key: ConnKey) {
+        if let Some(slot) = self.conns.get_mut(key as usize) {
+            self.turn.mark_dirty(&mut slot.dirty, key);
+        }
+    }
+
     /// The socket of `key` can take more bytes.
     pub fn handle_writable(&mut self, key: ConnKey) {
         if let Some(slot) = self.conns.get_mut(key as usize) {
             slot.write_blocked = false;
-            mark_dirty(&mut self.dirty, slot, key);
+            self.turn.mark_dirty(&mut slot.dirty, key);
         }
     }
 
@@ -476,17 +409,19 @@ impl<T: Transport> Shard<T> {
         };
         if slot.dirty {
             // Unlisted, so a successor in the slot is not listed twice ("each listed once").
-            self.dirty.retain(|&k| k != key);
+            self.turn.unlist(key);
         }
         if slot.conn.is_handshaking() {
-            self.handshakes -= 1;
-            self.metrics.handshakes_pending.set(self.handshakes as u64);
+            self.slots.handshakes -= 1;
+            self.metrics
+                .handshakes_pending
+                .set(self.slots.handshakes as u64);
         }
         if slot.conn.admitted {
             self.shared.admission.release();
         }
         if slot.conn.was_refused() {
-            self.refused_lingering -= 1;
+            self.slots.refused_lingering -= 1;
         }
         if slot.upgraded {
             self.metrics
@@ -507,33 +442,29 @@ impl<T: Transport> Shard<T> {
     /// `server.drain_timeout` to go; the close frames are spread over part of it (see
     /// [`DRAIN_CLOSE_SPREAD_PERCENT`]).
     pub fn begin_drain(&mut self, clock: Clock) {
-        let code = self.cfg.server.shutdown_close_code;
-        let until = clock.now + self.cfg.server.drain_timeout;
-        self.begin_drain_with(code, "server shutting down", until, clock);
+        let code = self.run.cfg().server.shutdown_close_code;
+        let until = clock.now + self.run.cfg().server.drain_timeout;
+        self.begin_drain_with(code, CloseCode::Shutdown.reason(), until, clock);
     }
 
     /// Starts a drain with this close code and reason, ending at `until` at the latest: the
     /// first batch of close frames goes now, the others one per [`DRAIN_BATCH_INTERVAL`] (from
     /// `handle_timers`). A drain already under way keeps its own.
     pub fn begin_drain_with(&mut self, code: u16, reason: &str, until: Instant, clock: Clock) {
-        if self.draining_until.is_some() {
+        if self.drain.is_draining() {
             return;
         }
-        self.draining_until = Some(until);
         let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k as ConnKey).collect();
-        let timeout = until.saturating_duration_since(clock.now);
-        let plan = drain::DrainCloses::new(code, reason, keys, clock.now, timeout);
-        self.drain_closes = Some(plan);
+        self.drain.begin(code, reason, keys, clock.now, until);
         self.close_drain_batch(clock);
     }
 
     /// Sends the drain's close frames that are due.
     fn close_drain_batch(&mut self, clock: Clock) {
-        let Some(plan) = self.drain_closes.as_mut() else {
+        let Some((code, reason, keys)) = self.drain.due(clock.now) else {
             return;
         };
-        let (code, reason) = (plan.code, plan.reason.clone());
-        for key in plan.handle_timeout(clock.now) {
+        for key in keys {
             self.with_conn(key, clock, |c, cx| c.close(code, &reason, cx));
         }
     }
@@ -544,14 +475,14 @@ impl<T: Transport> Shard<T> {
 
     /// Handles what other shards and the control plane sent. Returns how many entries.
     pub fn handle_fabric(&mut self, clock: Clock) -> usize {
-        let mut inbox = std::mem::take(&mut self.inbox);
+        let mut inbox = std::mem::take(&mut self.scratch.inbox);
         let n = self
             .fabric
             .receive(FABRIC_BATCH_PER_SOURCE, |from, m| inbox.push((from, m)));
         for (_, m) in inbox.drain(..) {
             self.handle_fabric_msg(m, clock);
         }
-        self.inbox = inbox;
+        self.scratch.inbox = inbox;
         self.evict_pending(clock);
         n
     }
@@ -561,7 +492,7 @@ impl<T: Transport> Shard<T> {
     /// queued to it is dropped (a command's responder answers "not running").
     pub fn close_fabric(&mut self) {
         self.report_awaited_disconnects();
-        let mut last = self.event_waiter.take().map(|(_, reply)| reply);
+        let mut last = self.app.events.take_waiter();
         let mut inbox = Vec::new();
         self.fabric.receive(usize::MAX, |_, m| inbox.push(m));
         for m in inbox {
@@ -573,24 +504,25 @@ impl<T: Transport> Shard<T> {
             }
         }
         if let Some(reply) = last {
-            reply.send(self.take_events(usize::MAX));
+            reply.send(self.app.events.take(usize::MAX));
         }
     }
 
     /// Runs due deadlines: pings, idle closes, handshake and close timeouts, the attack summary.
     pub fn handle_timers(&mut self, clock: Clock) {
-        self.ping = None;
-        let interval = self.cfg.log.attack_summary_interval;
-        let mut lines = std::mem::take(&mut self.alarm_lines);
-        self.alarms
+        self.scratch.ping = None;
+        let interval = self.run.cfg().log.attack_summary_interval;
+        let mut lines = std::mem::take(&mut self.scratch.alarm_lines);
+        self.logs
+            .attacks
             .handle_timeout(clock.now, interval, &self.metrics, &mut lines);
         for line in lines.drain(..) {
             tracing::warn!(target: "wse_shards::alarms", shard = self.me, "{line}");
         }
-        self.alarm_lines = lines;
+        self.scratch.alarm_lines = lines;
         self.close_drain_batch(clock);
         self.expire_awaited_leaves(clock.now);
-        let mut expired = std::mem::take(&mut self.expired);
+        let mut expired = std::mem::take(&mut self.scratch.expired);
         self.timers.expire(clock.now, &mut expired);
         for (key, tick) in expired.drain(..) {
             let Some(slot) = self.conns.get_mut(key as usize) else {
@@ -602,7 +534,7 @@ impl<T: Transport> Shard<T> {
             slot.armed = None;
             if slot.conn.is_closed() {
                 // Past the close deadline: stop waiting for the peer's FIN.
-                if clock.now >= slot.conn.poll_timeout(&self.cfg) {
+                if clock.now >= slot.conn.poll_timeout(self.run.cfg()) {
                     slot.io.shutdown(Shutdown::Both);
                 } else {
                     self.rearm(key);
@@ -611,16 +543,16 @@ impl<T: Transport> Shard<T> {
             }
             self.with_conn(key, clock, |c, cx| c.handle_timeout(cx));
         }
-        self.expired = expired;
+        self.scratch.expired = expired;
     }
 
     /// Writes every connection with queued output (one `writev` each), shuts down the write side
     /// of finished connections, and pushes cross-shard entries. Keys whose socket is full are
     /// added to `blocked`: the I/O layer waits for them to drain and calls `handle_writable`.
     pub fn flush(&mut self, blocked: &mut Vec<ConnKey>, clock: Clock) {
-        blocked.append(&mut self.blocked);
+        self.turn.take_blocked(blocked);
         let mut broken = Vec::new();
-        for key in std::mem::take(&mut self.dirty) {
+        for key in self.turn.take_dirty() {
             let Some(slot) = self.conns.get_mut(key as usize) else {
                 continue;
             };
@@ -632,7 +564,7 @@ impl<T: Transport> Shard<T> {
             if slot.write_blocked {
                 continue;
             }
-            match write_out(slot, &self.metrics) {
+            match slot.write_out(&self.metrics) {
                 Ok(()) => {
                     if slot.conn.wants_shutdown() && !slot.write_shut {
                         slot.write_shut = true;
@@ -652,15 +584,16 @@ impl<T: Transport> Shard<T> {
                 slot.io.shutdown(Shutdown::Both);
             }
         }
-        self.answer_event_waiter();
+        self.app.events.answer_waiter();
         let held = self.fabric.flush();
-        self.handed.iter_mut().for_each(|h| *h = 0);
+        self.handoff.handed.iter_mut().for_each(|h| *h = 0);
         let m = &self.metrics;
         m.fabric_overflow_depth.set(held as u64);
         m.fabric_inflight_bytes.set(self.fabric.inflight_bytes());
         m.fabric_inbound_depth
             .set(self.fabric.inbound_depth() as u64);
-        m.app_event_queue_depth.set(self.app_events.len() as u64);
+        m.app_event_queue_depth
+            .set(self.app.events.queued().len() as u64);
     }
 
     // --------------------------------------------------------------------------------------------
@@ -674,37 +607,47 @@ impl<T: Transport> Shard<T> {
             return;
         };
         let was_handshaking = slot.conn.is_handshaking();
+        let was_refused = slot.conn.was_refused();
         let mut cx = Cx {
             clock,
-            cfg: &self.cfg,
-            rate: &self.rate,
-            auth: self.auth.as_deref(),
-            default_publish: &self.default_publish,
+            cfg: self.run.cfg(),
+            rate: self.run.rate(),
+            auth: self.run.auth(),
+            default_publish: self.run.default_publish(),
             admission: &self.shared.admission,
             metrics: &self.metrics,
-            events: &mut self.events,
-            ping: &mut self.ping,
-            refused_lingering: &mut self.refused_lingering,
+            events: &mut self.scratch.events,
+            ping: &mut self.scratch.ping,
+            refused_lingering: self.slots.refused_lingering,
         };
         f(&mut slot.conn, &mut cx);
-        if slot.conn.out.over(self.cfg.limits.max_outbound_queue_bytes) {
+        if slot
+            .conn
+            .out
+            .over(self.run.cfg().limits.max_outbound_queue_bytes)
+        {
             // A reply queued outside the read path (a subscription or publish acknowledgement,
             // an error) crossed the cap: the client is not reading what it asks for.
             slot.conn.evict(&mut cx);
         }
         if was_handshaking && !slot.conn.is_handshaking() {
-            self.handshakes -= 1;
-            self.metrics.handshakes_pending.set(self.handshakes as u64);
+            self.slots.handshakes -= 1;
+            self.metrics
+                .handshakes_pending
+                .set(self.slots.handshakes as u64);
         }
-        let mut events = std::mem::take(&mut self.events);
+        if !was_refused && slot.conn.was_refused() {
+            self.slots.refused_lingering += 1;
+        }
+        let mut events = std::mem::take(&mut self.scratch.events);
         for ev in events.drain(..) {
             self.handle_event(key, ev, clock);
         }
-        self.events = events;
+        self.scratch.events = events;
         if let Some(slot) = self.conns.get_mut(key as usize)
             && (!slot.conn.out.is_empty() || slot.conn.is_closed())
         {
-            mark_dirty(&mut self.dirty, slot, key);
+            self.turn.mark_dirty(&mut slot.dirty, key);
         }
         self.rearm(key);
     }
@@ -746,7 +689,7 @@ impl<T: Transport> Shard<T> {
                 let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
                     return;
                 };
-                self.users.remove(&user, key);
+                self.app.users.remove(&user, key);
                 // Its presence departures are reported before its `disconnect`.
                 self.begin_disconnect(conn, &user, clock.now);
                 self.leave_all(conn, subs, Some(&user));
@@ -758,7 +701,7 @@ impl<T: Transport> Shard<T> {
     /// Logs a refused token: why, and from where (never the token), within the shard's line
     /// budget; the attack summary counts every one.
     fn log_auth_refusal(&mut self, key: ConnKey, e: &AuthError, clock: Clock) {
-        let Some(suppressed) = self.auth_refusal_log.admit(clock.now) else {
+        let Some(suppressed) = self.logs.auth_refusals.admit(clock.now) else {
             return;
         };
         let peer = Peer(self.conns.get(key as usize).and_then(|s| s.io.peer_addr()));
@@ -782,7 +725,7 @@ impl<T: Transport> Shard<T> {
         };
         let conn = slot.conn.id();
         tracing::debug!(shard = self.me, %conn, user, "session started");
-        self.users.insert(user, key);
+        self.app.users.insert(user, key);
         let kind = if claims.is_some() {
             AppEventKind::AuthConnect
         } else {
@@ -815,18 +758,9 @@ impl<T: Transport> Shard<T> {
             user: user.into(),
             payload,
         };
-        self.metrics.app_events_total.inc();
-        self.app_event_bytes += ev.size();
-        self.app_events.push_back(ev);
-        while self.app_events.len() > self.cfg.limits.app_event_queue_capacity
-            || self.app_event_bytes > self.cfg.limits.app_event_queue_bytes
-        {
-            let Some(old) = self.app_events.pop_front() else {
-                break;
-            };
-            self.app_event_bytes -= old.size();
-            self.metrics.dropped(DropReason::AppEventOverflow).inc();
-        }
+        self.app
+            .events
+            .push(ev, &self.run.cfg().limits, &self.metrics);
     }
 
     /// Queues a per-connection JSON message to `key`.
@@ -839,11 +773,7 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
             FabricMsg::Deliver { topic, frame } => {
                 // The owner queues its own subscribers directly; the fabric carries the rest.
-                debug_assert_ne!(
-                    self.topics.owner_of(&topic),
-                    self.me,
-                    "delivery to the owner"
-                );
+                debug_assert!(!self.owner.owns(&topic), "delivery to the owner");
                 // A private copy per shard: cloning the sender's buffer for every local subscriber
                 // would bounce its reference count between cores.
                 let local = Bytes::copy_from_slice(&frame);
@@ -877,7 +807,7 @@ impl<T: Transport> Shard<T> {
             FabricMsg::PresenceLeft(answer) => self.handle_presence_left(*answer),
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
             FabricMsg::Query(q) => self.handle_query(*q),
-            FabricMsg::Adopt { fd } => self.adopted.push(fd),
+            FabricMsg::Adopt { fd } => self.handoff.adopted.push(fd),
             FabricMsg::Reload(reload) => self.apply_reload(&reload),
             FabricMsg::Command(cmd) => self.handle_command(*cmd, clock),
         }
@@ -886,12 +816,8 @@ impl<T: Transport> Shard<T> {
 
     /// Runs with the reloaded configuration from the next connection event on.
     fn apply_reload(&mut self, reload: &Reload) {
-        self.cfg = reload.cfg.clone();
-        self.auth = reload.auth.clone();
-        self.rate = rate_limits(&self.cfg.protocol);
-        self.default_publish = Acl::new(self.cfg.auth.default_publish.clone(), Vec::new());
-        // An error means the reloader stopped waiting; the new configuration applies regardless.
-        let _ = reload.applied.send(self.me);
+        self.run.apply(reload);
+        reload.confirm(self.me);
     }
 
     /// Arms the connection's timer when its next deadline is earlier than the armed one.
@@ -899,7 +825,7 @@ impl<T: Transport> Shard<T> {
         let Some(slot) = self.conns.get_mut(key as usize) else {
             return;
         };
-        let at = slot.conn.poll_timeout(&self.cfg);
+        let at = slot.conn.poll_timeout(self.run.cfg());
         let wanted = self.timers.arm_tick_for(at);
         if slot.armed.is_some_and(|t| t <= wanted) {
             return;
@@ -925,42 +851,59 @@ fn empty() -> Bytes {
     Bytes::from_static(b"{}")
 }
 
-fn rate_limits(p: &ProtocolConfig) -> RateLimits {
-    RateLimits {
-        capacity: p.rate_limit_capacity,
-        refill_per_sec: p.rate_limit_refill,
-        abuse_drops: p.rate_limit_abuse_drops,
-        abuse_window_ms: p.rate_limit_abuse_window.as_millis() as u64,
-    }
-}
-
-fn mark_dirty<T>(dirty: &mut Vec<ConnKey>, slot: &mut Slot<T>, key: ConnKey) {
-    if !slot.dirty {
-        slot.dirty = true;
-        dirty.push(key);
-    }
-}
-
 fn send(fabric: &mut Endpoint, metrics: &ShardMetrics, to: usize, m: FabricMsg) {
     if fabric.send(to, m) == Sent::Dropped {
         metrics.dropped(DropReason::FabricOverflow).inc();
     }
 }
 
-/// Writes as much of the slot's queue as the socket takes.
-fn write_out<T: Transport>(slot: &mut Slot<T>, metrics: &ShardMetrics) -> io::Result<()> {
-    while !slot.conn.out.is_empty() {
-        let mut iov = [IoSlice::new(&[]); IOV_PER_WRITE];
-        let n = slot.conn.out.slices(&mut iov);
-        match slot.io.write_vectored(&iov[..n]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => {
-                metrics.bytes_out_total.add(written as u64);
-                slot.conn.out.advance(written);
+impl<T: Transport> Slot<T> {
+    /// Queues a shared `frame` to this connection (`key`) under the outbound cap `max`. When
+    /// it does not fit, the connection is written first (the cap measures what the socket will
+    /// not take, not what one turn queued) and offered the frame again; `false` means it is
+    /// still over the cap and the caller evicts it. A connection that is not live takes (and
+    /// discards) anything.
+    fn offer(
+        &mut self,
+        key: ConnKey,
+        frame: Bytes,
+        max: usize,
+        metrics: &ShardMetrics,
+        turn: &mut turn::Turn,
+    ) -> bool {
+        let mut queued = self.conn.push_delivery(frame.clone(), max);
+        if !queued && !self.write_blocked {
+            match self.write_out(metrics) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_blocked = true;
+                    turn.block(key);
+                }
+                Err(_) => {} // the read side sees the failure and releases the slot
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            queued = self.conn.push_delivery(frame, max);
         }
+        if queued {
+            turn.mark_dirty(&mut self.dirty, key);
+        }
+        queued
     }
-    Ok(())
+
+    /// Writes as much of the queue as the socket takes.
+    fn write_out(&mut self, metrics: &ShardMetrics) -> io::Result<()> {
+        while !self.conn.out.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV_PER_WRITE];
+            let n = self.conn.out.slices(&mut iov);
+            match self.io.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => {
+                    metrics.bytes_out_total.add(written as u64);
+                    self.conn.out.advance(written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,6 +1,6 @@
-//! A topic's owner: numbering publications (with recovery stamps and history), registering the
-//! interest of other shards, replaying history, keeping presence members and queue-group
-//! membership (picking each group's shard per publication), answering queries.
+//! The shard's side of the topic-owner role: what the owner decides ([`TopicOwner`], which
+//! keeps the state) turned into frames for local subscribers and fabric entries for the other
+//! shards.
 //!
 //! Every publication and every join of a topic passes through its owner, in the order the owner
 //! handles them; that order is the topic's order on every shard.
@@ -14,45 +14,30 @@ use crate::fabric::{
     FabricMsg, JoinReply, JoinRequest, PresenceLeft, Query, QueryAnswer, QueryKind,
 };
 use crate::presence::Joined;
-use crate::protocol::{self, Clock, RecoveryInfo};
-use crate::queue_groups::QUEUE_GROUP_LIMIT;
-use crate::recovery::RingId;
+use crate::protocol::{self, Clock, ErrorCode};
+#[cfg(doc)]
+use crate::topic_owner::TopicOwner;
 
 impl<T: Transport> Shard<T> {
     /// Numbers a publication, frames it once (stamped and recorded when recovery is on), queues
     /// it to local subscribers and sends one entry to each other shard with subscribers, then
     /// one entry per queue group to the shard picked for it.
     pub(super) fn sequence(&mut self, topic: &str, body: &[u8], ack: Option<ConnId>, clock: Clock) {
-        debug_assert_eq!(
-            self.topics.owner_of(topic),
-            self.me,
-            "sequenced off its owner"
-        );
         self.metrics.publications_total.inc();
-        let (frame, offset, epoch) = if self.history.is_some() {
-            let (ring, epoch, last) = self.ensure_ring(topic, clock.wall_ms);
-            let offset = last + 1;
-            self.topics.entry(topic).published = offset;
-            let frame =
-                codec::encode_frame(OpCode::Text, &protocol::stamped(topic, epoch, offset, body));
-            let history = self.history.as_mut().expect("checked above");
-            history.append(ring, offset, &frame, clock.wall_ms);
-            (frame, offset, Some(epoch))
-        } else {
-            let offset = self.topics.sequence(topic).published;
-            (codec::encode_frame(OpCode::Text, body), offset, None)
-        };
-        self.fan_out(topic, &frame);
-        self.deliver_groups(topic, body, &frame, epoch.is_some());
-        self.topics.release_if_unused(topic);
+        let seq = self.owner.sequence(topic, body, clock.wall_ms);
+        self.fan_out(topic, &seq.frame);
+        self.deliver_groups(topic, body, &seq.frame, seq.epoch.is_some());
+        self.release_owned(topic);
         if let Some(conn) = ack {
+            let (offset, epoch) = (seq.offset, seq.epoch);
             if conn.shard() == self.me {
                 self.send_publish_ack(conn, topic, epoch, offset, clock);
             } else {
                 let topic = self
-                    .topics
-                    .get(topic)
-                    .map_or_else(|| topic.into(), |t| t.name.clone());
+                    .owner
+                    .name(topic)
+                    .or_else(|| self.topics.get(topic).map(|t| t.name()))
+                    .map_or_else(|| topic.into(), |name| name.clone());
                 send(
                     &mut self.fabric,
                     &self.metrics,
@@ -69,11 +54,18 @@ impl<T: Transport> Shard<T> {
         self.evict_pending(clock);
     }
 
+    /// The owner forgets `topic` unless something keeps it (the shard's own connections
+    /// included).
+    pub(super) fn release_owned(&mut self, topic: &str) {
+        let held = self.topics.contains(topic);
+        self.owner.release(topic, held);
+    }
+
     /// Sends `frame` to every shard interested in `topic` and queues it to local subscribers.
     fn fan_out(&mut self, topic: &str, frame: &Bytes) {
-        if let Some(t) = self.topics.get(topic) {
-            let name = t.name.clone();
-            for shard in t.interested.iter() {
+        if let Some((name, interested)) = self.owner.interest(topic) {
+            let name = name.clone();
+            for shard in interested.iter() {
                 send(
                     &mut self.fabric,
                     &self.metrics,
@@ -88,20 +80,16 @@ impl<T: Transport> Shard<T> {
         self.deliver_local(topic, frame);
     }
 
-    /// Hands the publication to one member of each of the topic's queue groups: picks the shard
-    /// per group (weighted round-robin, see [`crate::queue_groups`]), which picks the member.
-    /// Members get it without recovery stamps (`stamped`: `frame` carries them), so a member
-    /// never sees the gaps its share leaves in the topic's offsets.
+    /// Hands the publication to one member of each of the topic's queue groups: the owner picks
+    /// the shard per group (weighted round-robin, see [`crate::queue_groups`]), which picks the
+    /// member. Members get it without recovery stamps (`stamped`: `frame` carries them), so a
+    /// member never sees the gaps its share leaves in the topic's offsets.
     fn deliver_groups(&mut self, topic: &str, body: &[u8], frame: &Bytes, stamped: bool) {
-        let Some(membership) = self
-            .topics
-            .get_mut(topic)
-            .and_then(|t| t.membership.as_deref_mut())
-        else {
+        let mut picks = std::mem::take(&mut self.scratch.group_picks);
+        if !self.owner.pick_groups(topic, &mut picks) {
+            self.scratch.group_picks = picks;
             return;
-        };
-        let mut picks = std::mem::take(&mut self.group_picks);
-        membership.pick(&mut picks);
+        }
         let unstamped = if stamped {
             codec::encode_frame(OpCode::Text, body)
         } else {
@@ -118,39 +106,14 @@ impl<T: Transport> Shard<T> {
                 send(&mut self.fabric, &self.metrics, shard, m);
             }
         }
-        self.group_picks = picks;
-    }
-
-    /// The topic's history ring, opened (with a new epoch, offsets restarting at 1) if it has
-    /// none. Returns the ring, its epoch and the last offset.
-    fn ensure_ring(&mut self, topic: &str, now_ms: u64) -> (RingId, u32, u64) {
-        let history = self.history.as_mut().expect("recovery is on");
-        let t = self.topics.entry(topic);
-        if let Some(ring) = t.ring {
-            return (ring, t.epoch, t.published);
-        }
-        let (ring, epoch, evicted) = history.open(t.name.clone(), now_ms);
-        t.ring = Some(ring);
-        t.epoch = epoch;
-        t.published = 0;
-        if let Some(evicted) = evicted {
-            if let Some(old) = self.topics.get_mut(&evicted) {
-                old.ring = None;
-            }
-            self.topics.gc(&evicted);
-        }
-        (ring, epoch, 0)
+        self.scratch.group_picks = picks;
     }
 
     /// A connection (on this shard or another) subscribes to a topic this shard owns.
     pub(super) fn handle_join(&mut self, j: JoinRequest, clock: Clock) {
-        debug_assert_eq!(
-            self.topics.owner_of(&j.topic),
-            self.me,
-            "join sent to a non-owner"
-        );
+        debug_assert!(self.owner.owns(&j.topic), "join sent to a non-owner");
         if j.interest {
-            self.topics
+            self.owner
                 .set_interest(&j.topic, usize::from(j.shard), true);
         }
         let mut reply = JoinReply {
@@ -165,39 +128,25 @@ impl<T: Transport> Shard<T> {
             presence_joined: None,
         };
         if let Some((group, members)) = &j.queue_group {
-            let t = self.topics.entry(&j.topic);
-            let membership = t.membership.get_or_insert_with(Default::default);
-            if membership
-                .join(&t.name, group, usize::from(j.shard), *members)
+            let shard = usize::from(j.shard);
+            if self
+                .owner
+                .join_group(&j.topic, group, shard, *members)
                 .is_err()
             {
-                reply.refused = Some(QUEUE_GROUP_LIMIT);
-            }
-            if membership.is_empty() {
-                t.membership = None;
+                reply.refused = Some(ErrorCode::QueueGroupLimit);
             }
         }
-        if let (Some((epoch, after)), true) = (j.recover, self.history.is_some()) {
-            let (ring, current, last) = self.ensure_ring(&j.topic, clock.wall_ms);
-            let history = self.history.as_ref().expect("checked above");
-            let replay = history.replay(ring, epoch, after, last, clock.wall_ms);
-            reply.recovery = Some(RecoveryInfo {
-                epoch: current,
-                offset: last,
-                recovered: replay.recovered,
-                count: replay.count,
-            });
-            reply.frames = replay.frames;
+        if let Some((epoch, after)) = j.recover
+            && let Some((info, frames)) = self.owner.replay(&j.topic, epoch, after, clock.wall_ms)
+        {
+            reply.recovery = Some(info);
+            reply.frames = frames;
         }
         let mut event = None;
         if let Some((user, data)) = j.presence {
-            let max = self.cfg.presence.max_members;
-            let members = self
-                .topics
-                .entry(&j.topic)
-                .presence
-                .get_or_insert_with(Default::default);
-            match members.join(&user, data.clone(), max) {
+            let max = self.run.cfg().presence.max_members;
+            match self.owner.presence_join(&j.topic, &user, data.clone(), max) {
                 Joined::New => {
                     let payload = presence_payload(&j.topic, &user, &data);
                     reply.presence_joined = Some((user.clone(), payload));
@@ -209,7 +158,7 @@ impl<T: Transport> Shard<T> {
                 Joined::Again {
                     data_changed: false,
                 } => {}
-                Joined::Full => reply.refused = Some("PRESENCE_LIMIT"),
+                Joined::Full => reply.refused = Some(ErrorCode::PresenceLimit),
             }
         }
         // The reply goes first: the joining shard must be live before the presence event arrives.
@@ -230,7 +179,7 @@ impl<T: Transport> Shard<T> {
             let json = protocol::presence_event(kind, &j.topic, &user, &data);
             self.fan_out(&j.topic, &codec::encode_frame(OpCode::Text, &json));
         }
-        self.topics.gc(&j.topic);
+        self.release_owned(&j.topic);
     }
 
     /// Connection `conn` left a topic this shard owns (or replaced its subscription): its shard
@@ -247,20 +196,14 @@ impl<T: Transport> Shard<T> {
     ) {
         let shard = conn.shard();
         if interest_off {
-            self.topics.set_interest(topic, shard, false);
+            self.owner.set_interest(topic, shard, false);
         }
-        if let Some((group, members)) = group
-            && let Some(t) = self.topics.get_mut(topic)
-            && let Some(membership) = t.membership.as_mut()
-        {
-            membership.leave(group, shard, members);
-            if membership.is_empty() {
-                t.membership = None;
-            }
+        if let Some((group, members)) = group {
+            self.owner.leave_group(topic, group, shard, members);
         }
         let left = user.and_then(|user| {
-            let members = self.topics.get_mut(topic)?.presence.as_mut()?;
-            members.leave(user).map(|data| (user, data))
+            let data = self.owner.presence_leave(topic, user)?;
+            Some((user, data))
         });
         let event = left.as_ref().map(|(user, data)| {
             let json = protocol::presence_event("presence_leave", topic, user, data);
@@ -276,17 +219,12 @@ impl<T: Transport> Shard<T> {
                 send(&mut self.fabric, &self.metrics, shard, m);
             }
         }
-        self.topics.gc(topic);
+        self.release_owned(topic);
     }
 
     /// A member of a topic this shard owns has new data.
     pub(super) fn handle_presence_update(&mut self, topic: &str, user: &str, data: Bytes) {
-        let changed = self
-            .topics
-            .get_mut(topic)
-            .and_then(|t| t.presence.as_mut())
-            .is_some_and(|m| m.update(user, data.clone()));
-        if changed {
+        if self.owner.presence_update(topic, user, data.clone()) {
             let json = protocol::presence_event("presence_update", topic, user, &data);
             self.fan_out(topic, &codec::encode_frame(OpCode::Text, &json));
         }
@@ -294,8 +232,8 @@ impl<T: Transport> Shard<T> {
 
     /// Answers a question about a topic this shard owns.
     pub(super) fn handle_query(&mut self, q: Query) {
-        let presence_on = self.cfg.presence.enabled;
-        let members = |topic: &str| self.topics.get(topic).and_then(|t| t.presence.as_deref());
+        let presence_on = self.run.cfg().presence.enabled;
+        let members = |topic: &str| self.owner.presence(topic);
         let answer = match (&q.kind, presence_on) {
             (_, false) => QueryAnswer::PresenceDisabled,
             (QueryKind::Presence { topic }, true) => QueryAnswer::Presence(

@@ -61,14 +61,14 @@ impl<T: Transport> Shard<T> {
     /// Connection `conn` of this shard left (its session ended): from here until its
     /// `disconnect` is reported, its presence departures are still reported.
     pub(super) fn begin_disconnect(&mut self, conn: ConnId, user: &str, now: Instant) {
-        let a = self.awaited_leaves.by_conn.entry(conn).or_default();
+        let a = self.app.leaves.by_conn.entry(conn).or_default();
         a.disconnect = Some((user.into(), now + PRESENCE_LEAVE_WAIT));
     }
 
     /// The departure of `conn` has announced all its leaves: its `disconnect` goes now, unless
     /// an owner's answer is still on its way.
     pub(super) fn settle_disconnect(&mut self, conn: ConnId) {
-        let Some(a) = self.awaited_leaves.by_conn.get_mut(&conn) else {
+        let Some(a) = self.app.leaves.by_conn.get_mut(&conn) else {
             return;
         };
         a.settled = true;
@@ -80,11 +80,7 @@ impl<T: Transport> Shard<T> {
     /// A presence departure of `conn` was announced to its topic's owner; its answer
     /// ([`Shard::handle_presence_left`]) is awaited.
     pub(super) fn await_presence_left(&mut self, conn: ConnId) {
-        self.awaited_leaves
-            .by_conn
-            .entry(conn)
-            .or_default()
-            .outstanding += 1;
+        self.app.leaves.by_conn.entry(conn).or_default().outstanding += 1;
     }
 
     /// An owner's answer about a presence departure of `conn` (a connection of this shard).
@@ -95,7 +91,7 @@ impl<T: Transport> Shard<T> {
         {
             self.push_app_event(AppEventKind::PresenceLeave, Some(conn), &user, payload);
         }
-        let Some(a) = self.awaited_leaves.by_conn.get_mut(&conn) else {
+        let Some(a) = self.app.leaves.by_conn.get_mut(&conn) else {
             return; // its disconnect went out already (the wait expired)
         };
         a.outstanding = a.outstanding.saturating_sub(1);
@@ -105,7 +101,7 @@ impl<T: Transport> Shard<T> {
         if a.settled {
             self.report_disconnect(conn);
         } else if a.disconnect.is_none() {
-            self.awaited_leaves.by_conn.remove(&conn);
+            self.app.leaves.by_conn.remove(&conn);
         }
     }
 
@@ -119,7 +115,8 @@ impl<T: Transport> Shard<T> {
     /// Reports the `disconnect`s whose wait has expired.
     pub(super) fn expire_awaited_leaves(&mut self, now: Instant) {
         let due: Vec<ConnId> = self
-            .awaited_leaves
+            .app
+            .leaves
             .by_conn
             .iter()
             .filter(|(_, a)| {
@@ -136,7 +133,7 @@ impl<T: Transport> Shard<T> {
 
     /// The shard exits: every `disconnect` held back goes now.
     pub(super) fn report_awaited_disconnects(&mut self) {
-        let held: Vec<ConnId> = self.awaited_leaves.by_conn.keys().copied().collect();
+        let held: Vec<ConnId> = self.app.leaves.by_conn.keys().copied().collect();
         for conn in held {
             self.report_disconnect(conn);
         }
@@ -145,7 +142,8 @@ impl<T: Transport> Shard<T> {
     /// Whether `conn`'s presence events are still reported: it is live, or has left without its
     /// `disconnect` reported yet.
     fn reports_presence(&self, conn: ConnId) -> bool {
-        self.awaited_leaves
+        self.app
+            .leaves
             .by_conn
             .get(&conn)
             .is_some_and(|a| a.disconnect.is_some())
@@ -156,7 +154,7 @@ impl<T: Transport> Shard<T> {
     }
 
     fn report_disconnect(&mut self, conn: ConnId) {
-        let Some(a) = self.awaited_leaves.by_conn.remove(&conn) else {
+        let Some(a) = self.app.leaves.by_conn.remove(&conn) else {
             return;
         };
         if let Some((user, _)) = a.disconnect {

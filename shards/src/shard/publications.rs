@@ -1,17 +1,15 @@
 //! Routing publications to their topic's owner, and queueing frames to local subscribers and
 //! to one local member of a queue group.
 
-use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Shard, Slot, Transport, mark_dirty, send, write_out};
+use super::{Shard, Transport, send};
 use crate::conn::ConnId;
 use crate::fabric::FabricMsg;
-use crate::metrics::{DropReason, ShardMetrics};
+use crate::metrics::DropReason;
 use crate::protocol::{self, Clock};
-use crate::topics::ConnKey;
 
 impl<T: Transport> Shard<T> {
     /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
@@ -49,9 +47,9 @@ impl<T: Transport> Shard<T> {
             // Sequenced before this shard's subscription took effect.
             return;
         }
-        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
         let mut delivered = 0;
-        for &key in &t.subscribers {
+        for &key in t.subscribers() {
             let Some(slot) = self.conns.get_mut(key as usize) else {
                 debug_assert!(false, "subscriber {key} has no slot");
                 continue;
@@ -60,11 +58,10 @@ impl<T: Transport> Shard<T> {
                 // Part of the replay on its way (or older than the position it recovers to).
                 continue;
             }
-            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
-            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
                 delivered += 1;
             } else {
-                self.evict.push(key);
+                self.turn.evict(key);
             }
         }
         self.metrics.deliveries_total.add(delivered);
@@ -76,33 +73,32 @@ impl<T: Transport> Shard<T> {
     /// with no member left (they left or were evicted since the owner picked this shard) the
     /// publication is dropped for the group and counted (`queue_group_no_member`).
     pub(super) fn deliver_group(&mut self, topic: &str, group: &str, frame: Bytes) {
-        let max = self.cfg.limits.max_outbound_queue_bytes;
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
         let Some(t) = self.topics.get_mut(topic) else {
             self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
             return;
         };
         // Each member at most once: a full round of refusals means nobody here can take it.
-        for _ in 0..t.groups.members(group) {
-            let Some(key) = t.groups.pick(group) else {
+        for _ in 0..t.group_members(group) {
+            let Some(key) = t.pick_member(group) else {
                 break;
             };
             let Some(slot) = self.conns.get_mut(key as usize) else {
                 debug_assert!(false, "group member {key} has no slot");
                 continue;
             };
-            let (blocked, dirty) = (&mut self.blocked, &mut self.dirty);
-            if offer(slot, key, frame.clone(), max, &self.metrics, blocked, dirty) {
+            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
                 self.metrics.deliveries_total.inc();
                 self.metrics.messages_out_total.inc();
                 return;
             }
-            self.evict.push(key);
+            self.turn.evict(key);
         }
         self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
     }
 
     pub(super) fn evict_pending(&mut self, clock: Clock) {
-        while let Some(key) = self.evict.pop() {
+        while let Some(key) = self.turn.next_eviction() {
             self.with_conn(key, clock, |c, cx| c.evict(cx));
         }
     }
@@ -129,35 +125,4 @@ impl<T: Transport> Shard<T> {
             self.metrics.dropped(DropReason::ConnectionGone).inc();
         }
     }
-}
-
-/// Queues a shared `frame` to connection `key` under the outbound cap `max`. When it does not
-/// fit, the connection is written first (the cap measures what the socket will not take, not
-/// what one turn queued) and offered the frame again; `false` means it is still over the cap and
-/// the caller evicts it. A connection that is not live takes (and discards) anything.
-pub(super) fn offer<T: Transport>(
-    slot: &mut Slot<T>,
-    key: ConnKey,
-    frame: Bytes,
-    max: usize,
-    metrics: &ShardMetrics,
-    blocked: &mut Vec<ConnKey>,
-    dirty: &mut Vec<ConnKey>,
-) -> bool {
-    let mut queued = slot.conn.push_delivery(frame.clone(), max);
-    if !queued && !slot.write_blocked {
-        match write_out(slot, metrics) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                slot.write_blocked = true;
-                blocked.push(key);
-            }
-            Err(_) => {} // the read side sees the failure and releases the slot
-        }
-        queued = slot.conn.push_delivery(frame, max);
-    }
-    if queued {
-        mark_dirty(dirty, slot, key);
-    }
-    queued
 }

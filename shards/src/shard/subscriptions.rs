@@ -5,21 +5,52 @@
 //! Invariant: a connection is in a topic's local subscriber set iff the topic is in its
 //! session's subscription list; both change together here, and nowhere else.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{PendingAck, Shard, Transport, send};
+use super::{Shard, Transport, send};
 use crate::command::{CommandError, SubscribeOutcome};
+use crate::conn::ConnKey;
 use crate::conn::{ConnId, SessionMut, SubscribeRequest};
-use crate::fabric::Responder;
 use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
 use crate::metrics::DropReason;
-use crate::protocol::{self, Clock, FailedTopic};
-use crate::topics::{ConnKey, Delta};
+use crate::protocol::{self, Clock, ErrorCode, FailedTopic};
+use crate::reply::Responder;
+use crate::topics::Delta;
 
 /// Where an application's subscribe command is answered.
 type Reply = Responder<Result<SubscribeOutcome, CommandError>>;
+
+/// A subscribe acknowledgement waiting for the owners of some of its topics.
+pub(super) struct PendingAck {
+    conn: ConnId,
+    /// Where the outcome goes when the application asked (else to the client, as a frame).
+    reply: Option<Responder<Result<SubscribeOutcome, CommandError>>>,
+    /// Owner replies (or interest confirmations) still awaited.
+    remaining: u32,
+    succeeded: Vec<String>,
+    failed: Vec<protocol::FailedTopic>,
+    recovery: Vec<(String, protocol::RecoveryInfo)>,
+}
+
+/// The subscribe acknowledgements a shard waits to send, by request id.
+#[derive(Default)]
+pub(super) struct PendingAcks {
+    by_request: HashMap<u64, PendingAck>,
+    /// The id of the next subscribe request.
+    next: u64,
+}
+
+impl PendingAcks {
+    /// A fresh request id.
+    fn next_request(&mut self) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+}
 
 impl<T: Transport> Shard<T> {
     /// A connection asks to subscribe. Each topic is added to the local table at once; the
@@ -33,8 +64,8 @@ impl<T: Transport> Shard<T> {
         reply: Option<Reply>,
         clock: Clock,
     ) {
-        let max = self.cfg.limits.max_subscriptions_per_connection;
-        let presence_on = self.cfg.presence.enabled;
+        let max = self.run.cfg().limits.max_subscriptions_per_connection;
+        let presence_on = self.run.cfg().presence.enabled;
         let Some(slot) = self.conns.get_mut(key as usize) else {
             if let Some(r) = reply {
                 r.send(Err(CommandError::UnknownConnection));
@@ -55,8 +86,7 @@ impl<T: Transport> Shard<T> {
             return;
         };
         let user: Box<str> = user.into();
-        let request = self.next_request;
-        self.next_request += 1;
+        let request = self.acks.next_request();
         let mut ack = PendingAck {
             conn,
             reply,
@@ -75,7 +105,7 @@ impl<T: Transport> Shard<T> {
             if subs.len() >= max && !subs.iter().any(|s| **s == *topic) {
                 ack.failed.push(FailedTopic {
                     topic,
-                    reason: "SUBSCRIPTION_LIMIT".to_owned(),
+                    reason: ErrorCode::SubscriptionLimit.as_str().to_owned(),
                 });
                 continue;
             }
@@ -129,12 +159,8 @@ impl<T: Transport> Shard<T> {
                         queue_group: joined_group,
                     },
                 ));
-            } else if group.is_none()
-                && let Some(t) = self.topics.get_mut(&topic)
-                && !t.is_live()
-            {
+            } else if group.is_none() && self.topics.await_confirmation(&topic, request) {
                 // Another connection's request is registering this shard's interest: wait for it.
-                t.waiters.push(request);
                 ack.remaining += 1;
             }
             ack.succeeded.push(topic);
@@ -146,7 +172,7 @@ impl<T: Transport> Shard<T> {
             self.send_ack(key, ack, clock);
             return;
         }
-        self.pending_acks.insert(request, ack);
+        self.acks.by_request.insert(request, ack);
         for (owner, join) in joins {
             if owner == self.me {
                 self.handle_join(join, clock);
@@ -186,8 +212,8 @@ impl<T: Transport> Shard<T> {
                 self.drop_subscription(key, &r.topic, None);
             } else if let Some(info) = &mut r.recovery {
                 let slot = self.conns.get_mut(key as usize).expect("checked");
-                let limits = &self.cfg.limits;
-                let max_replay = self.cfg.recovery.max_replay_bytes;
+                let limits = &self.run.cfg().limits;
+                let max_replay = self.run.cfg().recovery.max_replay_bytes;
                 let frames = std::mem::take(&mut r.frames);
                 if slot.conn.push_replay(
                     &r.topic,
@@ -202,10 +228,10 @@ impl<T: Transport> Shard<T> {
                     info.count = 0;
                     self.metrics.dropped(DropReason::ReplayOverBudget).inc();
                 }
-                super::mark_dirty(&mut self.dirty, slot, key);
+                self.mark_dirty(key);
             }
         }
-        if let Some(p) = self.pending_acks.get_mut(&r.request) {
+        if let Some(p) = self.acks.by_request.get_mut(&r.request) {
             if let Some(info) = r.recovery {
                 p.recovery.push((r.topic.to_string(), info));
             }
@@ -213,7 +239,7 @@ impl<T: Transport> Shard<T> {
                 p.succeeded.retain(|t| **t != *r.topic);
                 p.failed.push(FailedTopic {
                     topic: r.topic.to_string(),
-                    reason: reason.to_owned(),
+                    reason: reason.as_str().to_owned(),
                 });
             }
         }
@@ -222,7 +248,7 @@ impl<T: Transport> Shard<T> {
 
     /// One answer for `request` is in; sends the acknowledgement after the last.
     fn ack_progress(&mut self, request: u64, clock: Clock) {
-        let Some(p) = self.pending_acks.get_mut(&request) else {
+        let Some(p) = self.acks.by_request.get_mut(&request) else {
             return;
         };
         debug_assert!(p.remaining > 0);
@@ -230,7 +256,7 @@ impl<T: Transport> Shard<T> {
         if p.remaining > 0 {
             return;
         }
-        let p = self.pending_acks.remove(&request).expect("present");
+        let p = self.acks.by_request.remove(&request).expect("present");
         let key = p.conn.key();
         if self
             .conns
@@ -317,7 +343,7 @@ impl<T: Transport> Shard<T> {
     /// (`presence_events`).
     fn announce_leave(&mut self, topic: &str, conn: ConnId, delta: &Delta, user: Option<&str>) {
         let interest_off = delta.interest == Some(false);
-        let user = user.filter(|_| self.cfg.presence.enabled && delta.plain == Some(false));
+        let user = user.filter(|_| self.run.cfg().presence.enabled && delta.plain == Some(false));
         let (group, group_members) = match &delta.left_group {
             Some((g, n)) => (Some(g), *n),
             None => (None, 0),
@@ -331,6 +357,8 @@ impl<T: Transport> Shard<T> {
                 let group = group.map(|g| (&**g, group_members));
                 self.handle_leave(topic, conn, false, user, group);
             }
+            // Its connections here may have been all that kept the owner's entry.
+            self.release_owned(topic);
         } else if interest_off || user.is_some() || group.is_some() {
             send(
                 &mut self.fabric,

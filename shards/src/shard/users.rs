@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::topics::ConnKey;
+use crate::conn::ConnKey;
 
 #[derive(Debug)]
 enum Keys {

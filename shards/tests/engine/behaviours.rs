@@ -96,6 +96,39 @@ fn a_bad_token_gets_an_error_then_4401_after_the_upgrade() {
     assert!(e.is_released(c));
 }
 
+/// Refused connections whose peer does not answer linger for `REFUSED_LINGER` (so the error
+/// frame can be read), but at most `REFUSED_LINGERING_MAX_PER_SHARD` of them at once: past that a
+/// refused connection goes at its next timer tick, and a released one makes room again.
+#[test]
+fn refused_connections_linger_up_to_the_cap() {
+    use wse_shards::config::TIMER_TICK;
+    use wse_shards::conn::{REFUSED_LINGER, REFUSED_LINGERING_MAX_PER_SHARD};
+    let mut e = Engine::new(config(1));
+    let refuse = |e: &mut Engine| {
+        let c = e.accept(0);
+        e.set_reading(c, false);
+        let request = crate::harness::upgrade_request("/wse?token=not-a-jwt");
+        e.send_raw(c, request.as_bytes());
+        e.settle();
+        c
+    };
+    let lingering: Vec<Client> = (0..REFUSED_LINGERING_MAX_PER_SHARD)
+        .map(|_| refuse(&mut e))
+        .collect();
+    let over = refuse(&mut e);
+    e.advance(TIMER_TICK * 2);
+    assert!(e.is_released(over), "over the cap: gone at its first tick");
+    assert!(lingering.iter().all(|&c| !e.is_released(c)));
+    e.advance(REFUSED_LINGER);
+    assert!(lingering.iter().all(|&c| e.is_released(c)));
+    // The count went back down: the next refusal lingers again.
+    let next = refuse(&mut e);
+    e.advance(TIMER_TICK * 2);
+    assert!(!e.is_released(next));
+    e.advance(REFUSED_LINGER);
+    assert!(e.is_released(next));
+}
+
 #[test]
 fn hello_and_ping_are_answered_exactly() {
     let mut e = Engine::new(config(1));

@@ -28,13 +28,15 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use wse_shards::admission::Admission;
 use wse_shards::codec::{Decoder, Message, OpCode, Role, write_frame};
 use wse_shards::config::Config;
+use wse_shards::conn::ConnKey;
 use wse_shards::fabric::{self, Endpoint};
 use wse_shards::metrics::ShardMetrics;
 use wse_shards::protocol::Clock;
-use wse_shards::shard::{Admission, Shard, Shared, Transport};
-use wse_shards::topics::{ConnKey, owner_of};
+use wse_shards::shard::{Shard, Shared, Transport};
+use wse_shards::topics::owner_of;
 
 /// The HS256 secret of [`config`]; [`token`] signs with it.
 pub const SECRET: &str = "wse-harness-secret-0123456789abcdef0123";

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::sample::Index;
+use wse_shards::admission::Admission;
 use wse_shards::auth::Acl;
 use wse_shards::codec::{CONTROL_PAYLOAD_MAX, OpCode, write_frame};
 use wse_shards::config::Config;
@@ -17,7 +18,6 @@ use wse_shards::conn::{Conn, ConnEvent, ConnId, Cx};
 use wse_shards::metrics::ShardMetrics;
 use wse_shards::protocol::Clock;
 use wse_shards::ratelimit::RateLimits;
-use wse_shards::shard::Admission;
 
 use crate::cases;
 
@@ -43,7 +43,6 @@ struct Harness {
     metrics: ShardMetrics,
     events: Vec<ConnEvent>,
     ping: Option<Bytes>,
-    refused_lingering: usize,
     clock: Clock,
 }
 
@@ -64,7 +63,6 @@ impl Harness {
             metrics: ShardMetrics::default(),
             events: Vec::new(),
             ping: None,
-            refused_lingering: 0,
             clock: Clock {
                 now: Instant::now(),
                 wall_ms: 1_800_000_000_000,
@@ -83,7 +81,7 @@ impl Harness {
             metrics: &self.metrics,
             events: &mut self.events,
             ping: &mut self.ping,
-            refused_lingering: &mut self.refused_lingering,
+            refused_lingering: 0,
         };
         f(&mut cx)
     }

@@ -74,7 +74,7 @@ fn check_message(json: &[u8]) -> Result<(), TestCaseError> {
 /// Every error is one of the typed ones, with a WSE code and a message to send.
 fn check_error(e: &InboundError) -> Result<(), TestCaseError> {
     prop_assert!(matches!(
-        e.code(),
+        e.code().as_str(),
         "INVALID_MESSAGE" | "INVALID_SUBSCRIPTION"
     ));
     prop_assert!(!e.to_string().is_empty());

@@ -32,7 +32,7 @@ use super::{Consumer, Hub};
 use crate::control::api::{command_from, outcome_json};
 use crate::control::commands::invalid_request;
 use crate::control::publish::{authorize, constant_time_eq};
-use crate::control::{ApiError, Shared};
+use crate::control::{ApiError, ApiErrorCode, Shared};
 
 /// Events per frame at most.
 const EVENTS_PER_FRAME: usize = 256;
@@ -61,7 +61,7 @@ pub(in crate::control) async fn upgrade(
             (Some(_), Some(_)) => {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    "UNAUTHORIZED",
+                    ApiErrorCode::Unauthorized,
                     "invalid API key",
                 ));
             }
@@ -110,14 +110,14 @@ fn accept_key(headers: &HeaderMap) -> Result<String, ApiError> {
     if !has(UPGRADE, "websocket") || !has(CONNECTION, "upgrade") {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
-            "UPGRADE_REQUIRED",
+            ApiErrorCode::UpgradeRequired,
             "GET /api/v1/events is a WebSocket: send Upgrade: websocket",
         ));
     }
     if headers.get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13") {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
-            "UPGRADE_REQUIRED",
+            ApiErrorCode::UpgradeRequired,
             "Sec-WebSocket-Version must be 13",
         ));
     }
@@ -192,7 +192,7 @@ where
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    let reply = json!({"id": null, "ok": false, "error": {"code": "INVALID_REQUEST",
+                    let reply = json!({"id": null, "ok": false, "error": {"code": ApiErrorCode::InvalidRequest.as_str(),
                         "message": "commands are JSON text frames", "status": 400}});
                     ws.send(Message::text(reply.to_string())).await?;
                 }

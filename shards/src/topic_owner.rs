@@ -1,0 +1,349 @@
+//! The topic owner's role, for the topics one shard owns: numbering publications (with their
+//! history ring when recovery is on), which other shards are interested, presence members, and
+//! queue-group membership as the owner counts it.
+//!
+//! Owns: that state, and the shard's recovery history. Never: sends anything or touches a
+//! connection (the shard's `owner` glue turns what these methods return into frames and fabric
+//! entries), nor knows which local connections are subscribed (the local view,
+//! [`crate::topics`]).
+//!
+//! Every publication and every join of a topic passes through its owner, in the order the owner
+//! handles them; that order is the topic's order on every shard.
+//!
+//! Invariants: only topics owned here have an entry; an entry exists while some shard is
+//! interested, or the topic has a history ring, presence members or queue-group members, or the
+//! shard's own connections hold the topic (`held_locally` in [`TopicOwner::release`]: without
+//! recovery its offsets count on while anyone here listens); offsets in a history ring are
+//! gap-free from 1.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::codec::{self, OpCode};
+use crate::config::RecoveryConfig;
+use crate::presence::{Joined, Members};
+use crate::protocol::{self, RecoveryInfo};
+use crate::queue_groups::{GroupLimit, GroupName, Membership};
+use crate::recovery::{History, RingId};
+use crate::topics::{ShardSet, owner_of};
+
+/// A publication as its owner numbered it.
+#[derive(Debug)]
+pub struct Sequenced {
+    /// The frame every plain subscriber gets: stamped (`tp`/`e`/`o`) when recovery is on.
+    pub frame: Bytes,
+    /// The publication's offset in its topic.
+    pub offset: u64,
+    /// The history's epoch, when recovery is on.
+    pub epoch: Option<u32>,
+}
+
+/// What the owner keeps for one topic it owns.
+#[derive(Debug)]
+struct Owned {
+    /// The topic's name, shared with the fabric entries that carry it.
+    name: Arc<str>,
+    /// Other shards with plain subscribers.
+    interested: ShardSet,
+    /// Publications sequenced so far: the last one's offset.
+    published: u64,
+    /// With recovery: the topic's history ring.
+    ring: Option<RingId>,
+    /// With recovery: the history's epoch (changes when the ring is recreated).
+    epoch: u32,
+    /// With presence: the topic's members.
+    presence: Option<Box<Members>>,
+    /// The topic's queue groups, members counted per shard.
+    membership: Option<Box<Membership>>,
+}
+
+impl Owned {
+    /// Whether anything the owner keeps keeps the entry (besides the shard's own connections).
+    fn is_kept(&self) -> bool {
+        !self.interested.is_empty()
+            || self.ring.is_some()
+            || self.presence.as_ref().is_some_and(|p| !p.is_empty())
+            || self.membership.as_ref().is_some_and(|m| !m.is_empty())
+    }
+}
+
+/// The topics one shard owns, as their owner.
+pub struct TopicOwner {
+    me: usize,
+    shards: usize,
+    topics: HashMap<Arc<str>, Owned>,
+    /// The history of the owned topics (recovery on); allocated at start.
+    history: Option<History>,
+}
+
+impl TopicOwner {
+    /// The owner role of shard `me` of `shards`, its history allocated when recovery is on.
+    pub fn new(me: usize, shards: usize, recovery: &RecoveryConfig) -> Self {
+        Self {
+            me,
+            shards,
+            topics: HashMap::new(),
+            history: recovery.enabled.then(|| History::new(recovery, shards)),
+        }
+    }
+
+    /// Whether this shard owns `topic`.
+    pub fn owns(&self, topic: &str) -> bool {
+        owner_of(topic, self.shards) == self.me
+    }
+
+    /// Numbers the next publication of `topic` and frames it once: stamped and recorded in the
+    /// topic's history when recovery is on.
+    pub fn sequence(&mut self, topic: &str, body: &[u8], now_ms: u64) -> Sequenced {
+        debug_assert!(self.owns(topic), "sequenced off its owner");
+        if self.history.is_some() {
+            let (ring, epoch, last) = self.ensure_ring(topic, now_ms);
+            let offset = last + 1;
+            self.entry(topic).published = offset;
+            let frame =
+                codec::encode_frame(OpCode::Text, &protocol::stamped(topic, epoch, offset, body));
+            let history = self.history.as_mut().expect("checked above");
+            history.append(ring, offset, &frame, now_ms);
+            Sequenced {
+                frame,
+                offset,
+                epoch: Some(epoch),
+            }
+        } else {
+            let t = self.entry(topic);
+            t.published += 1;
+            Sequenced {
+                frame: codec::encode_frame(OpCode::Text, body),
+                offset: t.published,
+                epoch: None,
+            }
+        }
+    }
+
+    /// The topic's shared name and the other shards interested in it (`None`: no entry).
+    pub fn interest(&self, topic: &str) -> Option<(&Arc<str>, ShardSet)> {
+        self.topics.get(topic).map(|t| (&t.name, t.interested))
+    }
+
+    /// The topic's shared name, if it has an entry.
+    pub fn name(&self, topic: &str) -> Option<&Arc<str>> {
+        self.topics.get(topic).map(|t| &t.name)
+    }
+
+    /// Shard `shard` gained (`on`) or lost its plain subscribers of `topic`.
+    pub fn set_interest(&mut self, topic: &str, shard: usize, on: bool) {
+        debug_assert!(self.owns(topic), "interest sent to a non-owner");
+        if on {
+            self.entry(topic).interested.insert(shard);
+        } else if let Some(t) = self.topics.get_mut(topic) {
+            t.interested.remove(shard);
+        }
+    }
+
+    /// Picks, per queue group of `topic`, the shard whose member gets the publication (weighted
+    /// round-robin, see [`crate::queue_groups`]). `false` when the topic has no groups.
+    pub fn pick_groups(&mut self, topic: &str, picks: &mut Vec<(usize, Arc<GroupName>)>) -> bool {
+        let Some(membership) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.membership.as_deref_mut())
+        else {
+            return false;
+        };
+        membership.pick(picks);
+        true
+    }
+
+    /// Shard `shard` now has `members` members of queue group `group` of `topic`.
+    ///
+    /// # Errors
+    /// [`GroupLimit`] when that would make one group more than the topic may have.
+    pub fn join_group(
+        &mut self,
+        topic: &str,
+        group: &Arc<str>,
+        shard: usize,
+        members: u32,
+    ) -> Result<(), GroupLimit> {
+        let t = self.entry(topic);
+        let membership = t.membership.get_or_insert_with(Default::default);
+        let joined = membership.join(&t.name, group, shard, members);
+        if membership.is_empty() {
+            t.membership = None;
+        }
+        joined
+    }
+
+    /// Shard `shard` has `members` members of queue group `group` of `topic` left.
+    pub fn leave_group(&mut self, topic: &str, group: &str, shard: usize, members: u32) {
+        if let Some(t) = self.topics.get_mut(topic)
+            && let Some(membership) = t.membership.as_mut()
+        {
+            membership.leave(group, shard, members);
+            if membership.is_empty() {
+                t.membership = None;
+            }
+        }
+    }
+
+    /// The replay for a subscriber recovering `topic` from (`epoch`, `after`): where the
+    /// history stands and the frames it missed. `None` when recovery is off.
+    pub fn replay(
+        &mut self,
+        topic: &str,
+        epoch: Option<u32>,
+        after: u64,
+        now_ms: u64,
+    ) -> Option<(RecoveryInfo, Bytes)> {
+        self.history.as_ref()?;
+        let (ring, current, last) = self.ensure_ring(topic, now_ms);
+        let history = self.history.as_ref().expect("checked above");
+        let replay = history.replay(ring, epoch, after, last, now_ms);
+        let info = RecoveryInfo {
+            epoch: current,
+            offset: last,
+            recovered: replay.recovered,
+            count: replay.count,
+        };
+        Some((info, replay.frames))
+    }
+
+    /// `user` (with `data`) joins `topic`'s presence, of at most `max` members.
+    pub fn presence_join(&mut self, topic: &str, user: &str, data: Bytes, max: usize) -> Joined {
+        let members = self
+            .entry(topic)
+            .presence
+            .get_or_insert_with(Default::default);
+        members.join(user, data, max)
+    }
+
+    /// One of `user`'s connections left `topic`: the member's data when that was its last.
+    pub fn presence_leave(&mut self, topic: &str, user: &str) -> Option<Bytes> {
+        let members = self.topics.get_mut(topic)?.presence.as_mut()?;
+        members.leave(user)
+    }
+
+    /// New data for member `user` of `topic`; `true` when it changed.
+    pub fn presence_update(&mut self, topic: &str, user: &str, data: Bytes) -> bool {
+        self.topics
+            .get_mut(topic)
+            .and_then(|t| t.presence.as_mut())
+            .is_some_and(|m| m.update(user, data))
+    }
+
+    /// The topic's presence members.
+    pub fn presence(&self, topic: &str) -> Option<&Members> {
+        self.topics.get(topic).and_then(|t| t.presence.as_deref())
+    }
+
+    /// Forgets `topic` when nothing keeps it (see the module invariants); `held_locally`: this
+    /// shard's own connections are on it.
+    pub fn release(&mut self, topic: &str, held_locally: bool) {
+        if !held_locally && !self.topics.get(topic).is_some_and(Owned::is_kept) {
+            self.topics.remove(topic);
+        }
+    }
+
+    /// The topic's entry, created if absent.
+    fn entry(&mut self, topic: &str) -> &mut Owned {
+        debug_assert!(self.owns(topic), "owner-only state off the owner");
+        if !self.topics.contains_key(topic) {
+            let name: Arc<str> = Arc::from(topic);
+            self.topics.insert(
+                name.clone(),
+                Owned {
+                    name,
+                    interested: ShardSet::default(),
+                    published: 0,
+                    ring: None,
+                    epoch: 0,
+                    presence: None,
+                    membership: None,
+                },
+            );
+        }
+        self.topics.get_mut(topic).expect("inserted above")
+    }
+
+    /// The topic's history ring, opened (with a new epoch, offsets restarting at 1) if it has
+    /// none. Returns the ring, its epoch and the last offset. Opening one may take the ring of
+    /// the least recently used topic, whose entry then goes unless something else keeps it:
+    /// without a ring its offsets restart with its next ring, so nothing else is lost.
+    fn ensure_ring(&mut self, topic: &str, now_ms: u64) -> (RingId, u32, u64) {
+        let t = self.entry(topic);
+        if let Some(ring) = t.ring {
+            return (ring, t.epoch, t.published);
+        }
+        let history = self.history.as_mut().expect("recovery is on");
+        let t = self.topics.get_mut(topic).expect("created above");
+        let (ring, epoch, evicted) = history.open(t.name.clone(), now_ms);
+        t.ring = Some(ring);
+        t.epoch = epoch;
+        t.published = 0;
+        if let Some(evicted) = evicted
+            && let Some(old) = self.topics.get_mut(&evicted)
+        {
+            old.ring = None;
+            if !old.is_kept() {
+                self.topics.remove(&evicted);
+            }
+        }
+        (ring, epoch, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recovery(enabled: bool) -> RecoveryConfig {
+        RecoveryConfig {
+            enabled,
+            memory_budget: 1 << 20,
+            max_topics: 16,
+            ..RecoveryConfig::default()
+        }
+    }
+
+    #[test]
+    fn offsets_count_on_while_the_topic_is_held() {
+        let mut o = TopicOwner::new(0, 1, &recovery(false));
+        assert_eq!(o.sequence("x", b"{}", 0).offset, 1);
+        o.release("x", true);
+        assert_eq!(o.sequence("x", b"{}", 0).offset, 2);
+        // Nobody listens: the count starts again.
+        o.release("x", false);
+        assert!(o.name("x").is_none());
+        assert_eq!(o.sequence("x", b"{}", 0).offset, 1);
+    }
+
+    #[test]
+    fn interest_keeps_the_entry() {
+        let mut o = TopicOwner::new(0, 1, &recovery(false));
+        o.set_interest("x", 3, true);
+        o.release("x", false);
+        let (_, set) = o.interest("x").expect("kept by the interest");
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![3]);
+        o.set_interest("x", 3, false);
+        o.release("x", false);
+        assert!(o.interest("x").is_none());
+    }
+
+    #[test]
+    fn history_stamps_and_replays() {
+        let mut o = TopicOwner::new(0, 1, &recovery(true));
+        let first = o.sequence("x", b"{}", 0);
+        assert_eq!((first.offset, first.epoch.is_some()), (1, true));
+        o.sequence("x", b"{}", 0);
+        o.release("x", false);
+        let (info, _) = o.replay("x", first.epoch, 1, 0).expect("recovery is on");
+        assert_eq!((info.offset, info.count, info.recovered), (2, 1, true));
+        assert!(
+            TopicOwner::new(0, 1, &recovery(false))
+                .replay("x", None, 0, 0)
+                .is_none()
+        );
+    }
+}
