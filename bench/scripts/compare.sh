@@ -217,7 +217,10 @@ main() {
     mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/median"
     log "building release binaries"
     cargo build --release -q -p wse-server -p wse-bench --bins --examples
-    [[ -x $UPSTREAM_PY ]] || { log "no upstream venv: run $PEERS_DIR/setup_upstream.sh"; exit 2; }
+    if [[ " $TARGETS " == *" upstream "* && ! -x $UPSTREAM_PY ]]; then
+        log "no upstream venv: run $PEERS_DIR/setup_upstream.sh"
+        exit 2
+    fi
     log "results in $OUT"
     for rep in $(seq 1 "$REPEATS"); do
         for scenario in $SCENARIOS; do

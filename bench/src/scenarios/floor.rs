@@ -122,7 +122,11 @@ pub fn run(
     let mut report = fanout::run_with(&setup, args, "floor", |_, _| {
         vec![Ok(publisher.take().expect("one sender"))]
     });
+    // No server was measured: say so where the target is recorded.
+    report.set("target", "floor");
     report.set("floor_listen", addr.to_string());
+    // Both ends of every subscriber connection are descriptors of this process.
+    setup.check_nofile(2 * args.subscribers, &mut report);
     if args.publishers > 1 {
         report.note("floor: one sender plays every publisher (--publishers ignored)");
     }
