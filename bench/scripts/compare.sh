@@ -19,7 +19,9 @@
 # Environment (defaults in brackets):
 #   OUT          result directory [target/bench-results/<timestamp>]
 #   REPEATS      runs per scenario and target [3]
-#   TARGETS      which servers [wse upstream]
+#   TARGETS      which servers [wse upstream]; `floor` adds the minimal sender (wse-bench floor,
+#                its threads pinned to SERVER_CPU) for the fan-out scenarios (latency-1k,
+#                latency-10k, fanout, fanout-max), compared as b/a = wse-server / floor
 #   SCENARIOS    which scenarios [connect-storm hold latency-1k latency-10k fanout-max ping]
 #                (also: fanout, inbound, recovery). latency-1k / latency-10k: fanout at a fixed 50,000
 #                deliveries/s to 1,000 / 9,900 subscribers of one topic (50 and 5 publications/s);
@@ -145,6 +147,11 @@ start_server() {
     wait_listening "$WS_PORT"
 }
 
+# Whether scenario $1 runs on target $2: the floor has only the fan-out scenarios.
+applies() {
+    [[ $2 != floor ]] || [[ $1 == latency-1k || $1 == latency-10k || $1 == fanout || $1 == fanout-max ]]
+}
+
 # Runs scenario $1 against target $2 (repeat $3).
 run_one() {
     local scenario=$1 target=$2 rep=$3
@@ -181,11 +188,20 @@ run_one() {
             ;;
         *) log "unknown scenario $scenario"; return 1 ;;
     esac
-    start_server "$target" "$tag"
-    log "$tag (server pid $SERVER_PID)"
+    local -a where
+    if [[ $target == floor ]]; then
+        # No server: wse-bench's own sender, on the server's CPU.
+        args[0]=floor
+        where=(--floor-cpu "$SERVER_CPU")
+        log "$tag (the floor, in wse-bench)"
+    else
+        start_server "$target" "$tag"
+        log "$tag (server pid $SERVER_PID)"
+        where=(--url "$URL" --target "$target" --server-pid "$SERVER_PID")
+    fi
     # Rotating source addresses avoids TIME_WAIT collisions between back-to-back runs.
-    if ! taskset -c "$BENCH_CPU" "$BENCH" "${args[@]}" --url "$URL" --target "$target" \
-        --secret "$SECRET" --server-pid "$SERVER_PID" --source 127.0.0.2-127.0.0.250 \
+    if ! taskset -c "$BENCH_CPU" "$BENCH" "${args[@]}" "${where[@]}" \
+        --secret "$SECRET" --source 127.0.0.2-127.0.0.250 \
         --json "$OUT/runs/$tag.json" >"$OUT/logs/$tag.txt" 2>"$OUT/logs/$tag.err"; then
         log "$tag failed; see $OUT/logs/$tag.err (run discarded)"
         rm -f "$OUT/runs/$tag.json"
@@ -201,11 +217,15 @@ main() {
     mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/median"
     log "building release binaries"
     cargo build --release -q -p wse-server -p wse-bench --bins --examples
-    [[ -x $UPSTREAM_PY ]] || { log "no upstream venv: run $PEERS_DIR/setup_upstream.sh"; exit 2; }
+    if [[ " $TARGETS " == *" upstream "* && ! -x $UPSTREAM_PY ]]; then
+        log "no upstream venv: run $PEERS_DIR/setup_upstream.sh"
+        exit 2
+    fi
     log "results in $OUT"
     for rep in $(seq 1 "$REPEATS"); do
         for scenario in $SCENARIOS; do
             for target in $TARGETS; do
+                applies "$scenario" "$target" || continue
                 run_one "$scenario" "$target" "$rep"
             done
         done
@@ -213,6 +233,7 @@ main() {
     local short=()
     for scenario in $SCENARIOS; do
         for target in $TARGETS; do
+            applies "$scenario" "$target" || continue
             local -a runs=()
             for rep in $(seq 1 "$REPEATS"); do
                 local f="$OUT/runs/$scenario-$target-$rep.json"
@@ -225,6 +246,11 @@ main() {
             fi
             "$BENCH" median -o "$OUT/median/$scenario-$target.json" "${runs[@]}" >/dev/null
         done
+        if [[ -f $OUT/median/$scenario-floor.json && -f $OUT/median/$scenario-wse.json ]]; then
+            echo
+            echo "### $scenario (median of $REPEATS; b/a = wse-server / floor)"
+            "$BENCH" compare "$OUT/median/$scenario-floor.json" "$OUT/median/$scenario-wse.json"
+        fi
         if [[ -f $OUT/median/$scenario-upstream.json && -f $OUT/median/$scenario-wse.json ]]; then
             echo
             echo "### $scenario (median of $REPEATS; b/a = wse-server / upstream)"

@@ -45,6 +45,17 @@ pub enum Command {
         #[command(flatten)]
         args: scenarios::fanout::FanoutArgs,
     },
+    /// `fanout` against a minimal sender in this process (plain TCP, canned upgrade and set-up,
+    /// then only frame writes; no protocol, no fabric): the floor the server's CPU per delivery
+    /// and latency are quoted against (`compare floor.json fanout.json`).
+    Floor {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenarios::fanout::FanoutArgs,
+        #[command(flatten)]
+        floor: scenarios::floor::FloorArgs,
+    },
     /// Application-level ping/PONG round trips on N concurrent connections.
     Ping {
         #[command(flatten)]
@@ -156,6 +167,11 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Hold { common, args } => scenarios::hold::run(&Setup::new(common)?, &args),
         Command::Fanout { common, args } => scenarios::fanout::run(&Setup::new(common)?, &args),
+        Command::Floor {
+            common,
+            args,
+            floor,
+        } => scenarios::floor::run(common, &args, &floor)?,
         Command::Ping { common, args } => scenarios::ping::run(&Setup::new(common)?, &args),
         Command::Inbound { common, args } => scenarios::inbound::run(&Setup::new(common)?, &args),
         Command::Recovery { common, args } => scenarios::recovery::run(&Setup::new(common)?, &args),

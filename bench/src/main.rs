@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::ConnectStorm { common, .. }
         | Command::Hold { common, .. }
         | Command::Fanout { common, .. }
+        | Command::Floor { common, .. }
         | Command::Ping { common, .. }
         | Command::Inbound { common, .. }
         | Command::Recovery { common, .. } => common.json.clone(),

@@ -391,6 +391,123 @@ fn report_renders_html() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The floor (a minimal sender in wse-bench) against the same client side as `fanout`: every
+/// publication reaches every subscriber of its topic, and its sender's CPU is measured.
+#[test]
+fn floor_delivers_everything_from_its_own_sender() {
+    let argv = [
+        "wse-bench",
+        "floor",
+        "--subscribers",
+        "20",
+        "--topics",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--threads",
+        "1",
+        "--quiet",
+    ];
+    let r = match run_args(argv).expect("floor runs") {
+        Outcome::Report(r) => *r,
+        Outcome::Text(t) => panic!("expected a report, got {t}"),
+    };
+    println!("{}", r.table());
+    assert_eq!(r.scenario, "floor");
+    assert!(!r.partial, "{}", r.table());
+    assert_eq!(num(&r, "subscribers_ready"), 20.0);
+    assert_eq!(num(&r, "publications"), 200.0);
+    assert_eq!(num(&r, "deliveries_expected"), 1000.0);
+    assert_eq!(num(&r, "deliveries"), 1000.0);
+    assert_eq!(num(&r, "gaps"), 0.0);
+    assert_eq!(num(&r, "duplicates"), 0.0);
+    assert_eq!(num(&r, "wrong_topic"), 0.0);
+    assert!(num(&r, "latency_p50_ms") > 0.0);
+    // Clock ticks again (see fanout_fixed_rate_delivers_everything): measured, possibly 0.
+    let cpu = num(&r, "server_cpu_s_per_million_deliveries");
+    assert!(cpu.is_finite() && cpu >= 0.0, "{cpu}");
+}
+
+/// What the floor writes a subscriber is, byte for byte, what the server writes for the same
+/// publication: the floor's ratio compares the same frames.
+#[test]
+fn floor_writes_the_servers_message() {
+    use std::sync::Arc;
+    use wse_bench::conn::{Conn, Endpoint, Target, is_type};
+    use wse_bench::wire::{self, Stamp};
+
+    let s = server();
+    let url = format!("ws://{}/wse", s.local_addr());
+    let token = |sub: &str, publish: bool| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut claims = serde_json::json!({"sub": sub, "iat": now, "exp": now + 600});
+        if publish {
+            claims["wse_publish"] = serde_json::json!({"allow": ["*"]});
+        }
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(DEFAULT_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let t = std::time::Duration::from_secs(10);
+    let ep = Endpoint {
+        target: Arc::new(Target::parse(&url).unwrap()),
+        source: None,
+    };
+    let stamp = Stamp {
+        step: 1,
+        publisher: 0,
+        topic: 0,
+        seq: 1,
+        scheduled_ns: 987_654_321,
+    };
+    let got = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut sub = Conn::open(&ep, &token("sub", false), 4096, t)
+                .await
+                .unwrap();
+            sub.subscribe(&["bench.0".to_owned()]).await.unwrap();
+            let mut publisher = Conn::open(&ep, &token("pub", true), 4096, t).await.unwrap();
+            let mut json = Vec::new();
+            wire::publish(&mut json, "bench.0", &stamp, "xyz");
+            publisher.queue_text(&json);
+            publisher.flush().await.unwrap();
+            let mut got = None;
+            while got.is_none() {
+                tokio::time::timeout(
+                    t,
+                    sub.recv(|m| {
+                        if is_type(m, b"bench") {
+                            got = Some(m.to_vec());
+                        }
+                    }),
+                )
+                .await
+                .expect("the delivery arrives")
+                .unwrap();
+            }
+            got.unwrap()
+        });
+    let mut want = Vec::new();
+    wse_bench::scenarios::floor::delivery(&mut want, &stamp, "xyz");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+}
+
 #[test]
 fn compare_reads_two_results() {
     let dir = std::env::temp_dir().join(format!("wse-bench-smoke-{}", std::process::id()));

@@ -255,9 +255,24 @@ impl StepResult {
 
 /// Runs the scenario and returns its report.
 pub fn run(setup: &Setup, args: &FanoutArgs) -> Report {
-    let mut report = setup.report("fanout", args);
+    let topic_names = (0..args.topics.max(1)).map(topic_name).collect();
+    run_with(setup, args, "fanout", |setup, tids| {
+        start_publishers(setup, args.publishers, topic_names, args.size, tids)
+    })
+}
+
+/// The scenario with the publishers `publishers` starts (given the setup and the list the
+/// load generator's thread ids go to): `fanout`'s publisher connections, or the `floor`'s
+/// sender. Reported as `scenario`.
+pub(super) fn run_with(
+    setup: &Setup,
+    args: &FanoutArgs,
+    scenario: &'static str,
+    publishers: impl FnOnce(&Setup, &Arc<Mutex<Vec<u32>>>) -> Vec<Result<Publisher, String>>,
+) -> Report {
+    let mut report = setup.report(scenario, args);
     if !setup.local_only(
-        "fanout",
+        scenario,
         "latency is measured against one process's monotonic clock",
         &mut report,
     ) {
@@ -277,7 +292,7 @@ pub fn run(setup: &Setup, args: &FanoutArgs) -> Report {
             subscriber_thread(shared.clone(), subs.clone(), t, i)
         })
     };
-    let publishers = start_publishers(setup, p, (0..t).map(topic_name).collect(), args.size, &tids);
+    let publishers = publishers(setup, &tids);
     let prog = &shared.progress;
     let mut complete = wait_until(
         setup,
@@ -513,7 +528,13 @@ impl StepRunner<'_> {
         complete &= drained || !stop_requested();
         let wall = window.elapsed().as_secs_f64();
         let server_after = self.setup.server_sample();
-        let loadgen = cpu.measure();
+        let mut loadgen = cpu.measure();
+        if !self.setup.server_tids.is_empty()
+            && let Some((b, a)) = server_before.zip(server_after)
+        {
+            // The floor's sender runs in this process: its share is the server's, not ours.
+            loadgen.0 = (loadgen.0 - (a.cpu_s - b.cpu_s) / wall.max(1e-9)).max(0.0);
+        }
         let mut latency = Latency::default();
         let mut deliveries = Deliveries::default();
         for i in 0..subs.stats.len() {

@@ -10,6 +10,7 @@
 
 pub mod connect_storm;
 pub mod fanout;
+pub mod floor;
 pub mod hold;
 pub mod inbound;
 pub mod ping;
@@ -148,6 +149,9 @@ pub struct Setup {
     pub nofile: u64,
     /// Connected agents (`--agents`): connections are opened there, not here.
     pub agents: Option<Agents>,
+    /// Threads of this process that stand in for the server (the `floor`'s sender): their CPU
+    /// time is the server's when no `--server-pid` is given.
+    pub server_tids: Vec<u32>,
     started: Instant,
 }
 
@@ -206,6 +210,7 @@ impl Setup {
             sources,
             threads,
             agents: None,
+            server_tids: Vec::new(),
             started: Instant::now(),
         })
     }
@@ -314,6 +319,19 @@ impl Setup {
 
     /// Samples every `--server-pid`, in order; `None` when none was given or one is gone.
     pub fn server_samples(&self) -> Option<Vec<ServerSample>> {
+        if self.common.server_pid.is_empty() && !self.server_tids.is_empty() {
+            // Threads of this process have no RSS of their own: 0, and no scenario that runs
+            // the floor reports it.
+            let cpu_s = self
+                .server_tids
+                .iter()
+                .map(|&tid| sys::thread_cpu_seconds(tid))
+                .sum::<Option<f64>>()?;
+            return Some(vec![ServerSample {
+                rss_bytes: 0,
+                cpu_s,
+            }]);
+        }
         if self.common.server_pid.is_empty() {
             return None;
         }
