@@ -17,6 +17,7 @@
 pub mod accept;
 pub mod alarms;
 pub mod auth;
+pub mod centrifuge;
 pub mod codec;
 pub mod command;
 pub mod config;
