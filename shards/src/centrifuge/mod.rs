@@ -25,4 +25,4 @@ pub use codec::Format;
 pub use codes::{DisconnectCode, ErrorCode, UnsubscribeCode};
 pub use config::{CentrifugeConfig, NamespaceConfig};
 pub use requests::{Answer, Request, Ticket, encode_publication};
-pub use session::{Session, Settings};
+pub use session::{Cx, Session, Settings};

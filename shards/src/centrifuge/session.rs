@@ -12,10 +12,15 @@
 //! 3. Any `Err(DisconnectCode)` ends the session: close the socket with its code and reason.
 //!
 //! Commands are handled strictly in order, each before the next is decoded, so a subscribe
-//! that follows a connect in the same message sees the connection authenticated. Replies go
-//! out in command order: a reply that waits for the shard holds back the replies and pushes
-//! queued after it (bounded by [`Settings::queued_bytes_max`]), so a subscriber never sees a
-//! publication of a channel before the reply that subscribed it.
+//! that follows a connect in the same message sees the connection authenticated; a command
+//! after a subscribe that waits for the shard waits for that answer too (the subscribe's
+//! outcome can change what it gets: 105, the channel limit), so how commands are grouped into
+//! messages never changes the outcome. Other requests (publish, history, presence) are
+//! pipelined. Replies go out in command order: a reply that waits for the shard holds back the
+//! replies and pushes queued after it (bounded by [`Settings::queued_bytes_max`]), so a
+//! subscriber never sees a publication of a channel before the reply that subscribed it. A
+//! fault closes at once: replies still waiting for the shard are not sent (the fault codes are
+//! terminal for the clients).
 //!
 //! Phases: `Connecting` (only `connect` is valid; a token-expired connect leaves the session
 //! here) → `Connected` (holds the user, which only a verified token or disabled auth gives) →
@@ -49,6 +54,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// (temporary: the client retries). Above `COMMANDS_PER_MESSAGE_MAX` plus the server-side
 /// subscriptions of a connect, which one message can cause at most.
 pub const PENDING_MAX: usize = 4096;
+/// Commands one connection may have waiting behind its pending subscribes; past it the
+/// connection is closed with 3013 (too many requests). Holds a connect and a full channel
+/// limit's subscribes, which centrifuge-js sends in one message, many times over.
+pub const HELD_COMMANDS_MAX: usize = 4096;
 /// Subscribe request flag: reject an unrecovered subscription with error 112.
 pub const FLAG_REJECT_UNRECOVERED: i64 = 2;
 
@@ -87,6 +96,17 @@ impl Settings {
     }
 }
 
+/// What a session may use while handling input, lent by the connection for one call.
+#[derive(Clone, Copy)]
+pub struct Cx<'a> {
+    /// The shard's monotonic time for this turn.
+    pub now: Instant,
+    /// Unix seconds, for token expiry.
+    pub wall_s: u64,
+    /// The token verifier; `None` when authentication is off (connections are anonymous).
+    pub auth: Option<&'a Authenticator>,
+}
+
 /// One Centrifuge connection.
 pub struct Session {
     format: Format,
@@ -98,6 +118,11 @@ pub struct Session {
     channels: HashMap<Arc<str>, ChannelState>,
     /// Requests waiting for an answer.
     pending: HashMap<Ticket, Pending>,
+    /// Subscribes (client or server-side) waiting for an answer: commands after them wait too.
+    subscribing: usize,
+    /// Commands (or the decoding fault that ended a message) waiting for the subscribes,
+    /// in order; at most [`HELD_COMMANDS_MAX`].
+    held: VecDeque<Result<Command, DisconnectCode>>,
     next_ticket: u64,
     requests: VecDeque<Request>,
     /// Replies and pushes in order; a `Waiting` slot holds back everything after it.
@@ -216,6 +241,8 @@ impl Session {
             phase: Phase::Connecting,
             channels: HashMap::new(),
             pending: HashMap::new(),
+            subscribing: 0,
+            held: VecDeque::new(),
             next_ticket: 1,
             requests: VecDeque::new(),
             out: VecDeque::new(),
@@ -246,21 +273,27 @@ impl Session {
         }
     }
 
-    /// Handles one WebSocket data message at `now` (`wall_s`: Unix seconds, for token expiry).
-    /// `auth` is `None` when authentication is off: connections are then anonymous.
+    /// Handles one WebSocket data message. Its commands are handled in order; a command that
+    /// follows a subscribe still waiting for the shard waits too (it is handled when that
+    /// subscribe is answered), since the subscribe's outcome can change what it gets.
     ///
     /// # Errors
-    /// The code to close the connection with; commands before the fault were handled.
-    pub fn handle_message(
-        &mut self,
-        now: Instant,
-        wall_s: u64,
-        auth: Option<&Authenticator>,
-        message: &[u8],
-    ) -> Result<(), DisconnectCode> {
+    /// The code to close the connection with; the commands before the fault were handled.
+    pub fn handle_message(&mut self, cx: Cx<'_>, message: &[u8]) -> Result<(), DisconnectCode> {
         for command in Commands::new(self.format, message) {
-            let command = command.map_err(|_| DisconnectCode::BadRequest)?;
-            self.handle_command(now, wall_s, auth, command)?;
+            let command = command.map_err(|_| DisconnectCode::BadRequest);
+            if self.subscribing > 0 || !self.held.is_empty() {
+                if self.held.len() >= HELD_COMMANDS_MAX {
+                    return Err(DisconnectCode::TooManyRequests);
+                }
+                let stop = command.is_err();
+                self.held.push_back(command);
+                if stop {
+                    break;
+                }
+                continue;
+            }
+            self.handle_command(cx, command?)?;
         }
         Ok(())
     }
@@ -335,11 +368,25 @@ impl Session {
         self.queue(Slot::Ready(message))
     }
 
-    /// The shard's answer to one of this session's requests.
+    /// The shard's answer to one of this session's requests; then the commands that waited
+    /// for it.
     ///
     /// # Errors
-    /// The code to close the connection with (data the encoding cannot carry: 3506).
-    pub fn answer(&mut self, answer: Answer) -> Result<(), DisconnectCode> {
+    /// The code to close the connection with (data the encoding cannot carry: 3506; or a fault
+    /// in a command that waited).
+    pub fn answer(&mut self, cx: Cx<'_>, answer: Answer) -> Result<(), DisconnectCode> {
+        self.apply(answer)?;
+        // Commands held behind a subscribe go on once no subscribe waits.
+        while self.subscribing == 0 {
+            let Some(command) = self.held.pop_front() else {
+                break;
+            };
+            self.handle_command(cx, command?)?;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, answer: Answer) -> Result<(), DisconnectCode> {
         let ticket = match &answer {
             Answer::Subscribed { ticket, .. }
             | Answer::Published { ticket }
@@ -428,13 +475,8 @@ impl Session {
 
 /// Commands.
 impl Session {
-    fn handle_command(
-        &mut self,
-        now: Instant,
-        wall_s: u64,
-        auth: Option<&Authenticator>,
-        cmd: Command,
-    ) -> Result<(), DisconnectCode> {
+    fn handle_command(&mut self, cx: Cx<'_>, cmd: Command) -> Result<(), DisconnectCode> {
+        let Cx { now, wall_s, auth } = cx;
         let connected = matches!(self.phase, Phase::Connected(_));
         if cmd.connect.is_some() {
             if connected {
@@ -881,6 +923,7 @@ impl Session {
         });
         self.channels
             .insert(Arc::clone(&channel), ChannelState::Subscribing);
+        self.subscribing += 1;
         self.requests.push_back(Request::Subscribe {
             ticket,
             channel: Arc::clone(&channel),
@@ -924,6 +967,7 @@ impl Session {
         else {
             unreachable!("called with a subscribe");
         };
+        self.subscribing -= 1;
         let outcome = match answer {
             Answer::Subscribed { top, recovery, .. } => {
                 let top = top.unwrap_or_default();

@@ -92,8 +92,21 @@ impl Harness {
     }
 
     fn send(&mut self, message: &str) -> Result<(), DisconnectCode> {
-        self.s
-            .handle_message(self.now, wall(), Some(&self.auth), message.as_bytes())
+        let cx = Cx {
+            now: self.now,
+            wall_s: wall(),
+            auth: Some(&self.auth),
+        };
+        self.s.handle_message(cx, message.as_bytes())
+    }
+
+    fn answer(&mut self, answer: Answer) -> Result<(), DisconnectCode> {
+        let cx = Cx {
+            now: self.now,
+            wall_s: wall(),
+            auth: Some(&self.auth),
+        };
+        self.s.answer(cx, answer)
     }
 
     fn sent(&mut self) -> Vec<String> {
@@ -164,7 +177,7 @@ fn connect_and_subscribe_in_one_message_are_handled_in_order() {
     assert_eq!(presence.as_ref().unwrap().user, "alice");
     assert!(!join_leave);
     assert!(h.sent().is_empty(), "the reply waits for the shard");
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket: *ticket,
         top: None,
         recovery: None,
@@ -193,7 +206,7 @@ fn token_channels_are_server_side_subscriptions_and_a_client_subscribe_gets_105(
         "connect waits for its server-side subscriptions"
     );
     for r in &requests {
-        h.s.answer(Answer::Subscribed {
+        h.answer(Answer::Subscribed {
             ticket: Harness::ticket_of(r),
             top: Some(StreamPosition {
                 offset: 4,
@@ -240,7 +253,7 @@ fn connect_subs_recover_server_side_subscriptions() {
             epoch: "0000beef".into()
         })
     );
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket: *ticket,
         top: Some(StreamPosition {
             offset: 3,
@@ -352,9 +365,11 @@ fn anonymous_when_auth_is_off() {
     let now = Instant::now();
     let mut s = Session::new(Format::Json, "c9".into(), settings(), now);
     s.handle_message(
-        now,
-        wall(),
-        None,
+        Cx {
+            now,
+            wall_s: wall(),
+            auth: None,
+        },
         b"{\"id\":1,\"connect\":{\"name\":\"python\"}}",
     )
     .unwrap();
@@ -520,12 +535,24 @@ fn subscribe_refusals_have_their_codes() {
     // Listed in a user-limited channel: allowed.
     h.send("{\"id\":9,\"subscribe\":{\"channel\":\"room:dm#alice,bob\"}}")
         .unwrap();
-    assert_eq!(h.requests().len(), 1);
-    assert!(h.requests().is_empty());
+    let requests = h.requests();
+    assert_eq!(requests.len(), 1);
+    // A command after a subscribe that waits for the shard waits too: its fault shows once
+    // the subscribe is answered.
     assert_eq!(
         h.send("{\"id\":10,\"subscribe\":{\"channel\":\"room:x\",\"delta\":\"zstd\"}}"),
+        Ok(())
+    );
+    assert!(h.requests().is_empty());
+    assert_eq!(
+        h.answer(Answer::Subscribed {
+            ticket: Harness::ticket_of(&requests[0]),
+            top: None,
+            recovery: None,
+        }),
         Err(DisconnectCode::BadRequest)
     );
+    assert_eq!(h.sent(), ["{\"id\":9,\"subscribe\":{}}"]);
 }
 
 #[test]
@@ -546,13 +573,20 @@ fn channel_limit_is_106() {
         Arc::new(Settings::new(&cfg, QUEUED_MAX)),
         now,
     );
-    s.handle_message(now, wall(), None, b"{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"room:a\"}}\n{\"id\":3,\"subscribe\":{\"channel\":\"room:b\"}}").unwrap();
+    s.handle_message(Cx { now, wall_s: wall(), auth: None }, b"{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"room:a\"}}\n{\"id\":3,\"subscribe\":{\"channel\":\"room:b\"}}").unwrap();
     let ticket = Harness::ticket_of(&s.poll_request().unwrap());
-    s.answer(Answer::Subscribed {
-        ticket,
-        top: None,
-        recovery: None,
-    })
+    s.answer(
+        Cx {
+            now,
+            wall_s: wall(),
+            auth: None,
+        },
+        Answer::Subscribed {
+            ticket,
+            top: None,
+            recovery: None,
+        },
+    )
     .unwrap();
     let sent: Vec<String> = std::iter::from_fn(|| s.poll_transmit())
         .map(|b| String::from_utf8(b.to_vec()).unwrap())
@@ -594,7 +628,7 @@ fn recovery_replies_and_flag_bit_2() {
         offset: n,
         ..Default::default()
     };
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket: *ticket,
         top: Some(StreamPosition {
             offset: 5,
@@ -615,7 +649,7 @@ fn recovery_replies_and_flag_bit_2() {
     // Another epoch: not recovered, the current top, no publications.
     h.send("{\"id\":3,\"subscribe\":{\"channel\":\"room:other\",\"recover\":true,\"offset\":3,\"epoch\":\"old00000\"}}").unwrap();
     let ticket = Harness::ticket_of(&h.requests()[0]);
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket,
         top: Some(StreamPosition {
             offset: 9,
@@ -635,7 +669,7 @@ fn recovery_replies_and_flag_bit_2() {
     // Flag bit 2: 112 instead, and the shard's subscription is undone.
     h.send("{\"id\":4,\"subscribe\":{\"channel\":\"room:gone\",\"recover\":true,\"offset\":1,\"epoch\":\"abcd0001\",\"flag\":3}}").unwrap();
     let ticket = Harness::ticket_of(&h.requests()[0]);
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket,
         top: Some(StreamPosition {
             offset: 900,
@@ -659,7 +693,7 @@ fn recovery_replies_and_flag_bit_2() {
     h.send("{\"id\":5,\"subscribe\":{\"channel\":\"forced:a\"}}")
         .unwrap();
     let ticket = Harness::ticket_of(&h.requests()[0]);
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket,
         top: Some(StreamPosition {
             offset: 2,
@@ -740,11 +774,11 @@ fn publish_presence_history_unsubscribe() {
     );
     // Replies wait in order behind the publish.
     assert!(h.sent().is_empty());
-    h.s.answer(Answer::Published {
+    h.answer(Answer::Published {
         ticket: Harness::ticket_of(&requests[0]),
     })
     .unwrap();
-    h.s.answer(Answer::History {
+    h.answer(Answer::History {
         ticket: Harness::ticket_of(&requests[3]),
         publications: vec![Publication {
             data: Bytes::from_static(b"{\"text\":\"hi\"}"),
@@ -766,12 +800,12 @@ fn publish_presence_history_unsubscribe() {
             "{\"id\":4,\"error\":{\"code\":103,\"message\":\"permission denied\"}}",
         ]
     );
-    h.s.answer(Answer::Presence {
+    h.answer(Answer::Presence {
         ticket: Harness::ticket_of(&requests[1]),
         clients: vec![alice],
     })
     .unwrap();
-    h.s.answer(Answer::PresenceStats {
+    h.answer(Answer::PresenceStats {
         ticket: Harness::ticket_of(&requests[2]),
         num_clients: 2,
         num_users: 1,
@@ -810,7 +844,7 @@ fn publications_wait_behind_the_subscribe_reply_and_are_bounded() {
     .unwrap();
     h.s.push(publication.clone()).unwrap();
     assert!(h.sent().is_empty());
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket,
         top: None,
         recovery: None,
@@ -883,7 +917,7 @@ fn subscription_tokens_open_private_channels() {
     ))
     .unwrap();
     let ticket = Harness::ticket_of(&h.requests()[0]);
-    h.s.answer(Answer::Subscribed {
+    h.answer(Answer::Subscribed {
         ticket,
         top: None,
         recovery: None,
@@ -928,8 +962,15 @@ fn protobuf_session_speaks_the_same() {
     ] {
         command.encode_length_delimited(&mut message).unwrap();
     }
-    h.s.handle_message(h.now, wall(), Some(&h.auth), &message)
-        .unwrap();
+    h.s.handle_message(
+        Cx {
+            now: h.now,
+            wall_s: wall(),
+            auth: Some(&h.auth),
+        },
+        &message,
+    )
+    .unwrap();
     let replies: Vec<Reply> = std::iter::from_fn(|| h.s.poll_transmit())
         .map(|b| Reply::decode_length_delimited(&b[..]).unwrap())
         .collect();
@@ -951,7 +992,7 @@ fn protobuf_session_speaks_the_same() {
         "binary data cannot enter the JSON topic space"
     );
     let r = h.requests();
-    h.s.answer(Answer::Published {
+    h.answer(Answer::Published {
         ticket: Harness::ticket_of(&r[0]),
     })
     .unwrap();
@@ -965,10 +1006,24 @@ fn protobuf_session_speaks_the_same() {
     h.now += Duration::from_secs(25);
     h.s.handle_timeout(h.now).unwrap();
     assert_eq!(&h.s.poll_transmit().unwrap()[..], [0]);
-    h.s.handle_message(h.now, wall(), Some(&h.auth), &[0])
-        .unwrap();
+    h.s.handle_message(
+        Cx {
+            now: h.now,
+            wall_s: wall(),
+            auth: Some(&h.auth),
+        },
+        &[0],
+    )
+    .unwrap();
     assert_eq!(
-        h.s.handle_message(h.now, wall(), Some(&h.auth), &[0]),
+        h.s.handle_message(
+            Cx {
+                now: h.now,
+                wall_s: wall(),
+                auth: Some(&h.auth)
+            },
+            &[0]
+        ),
         Err(DisconnectCode::BadRequest)
     );
 }
@@ -992,13 +1047,27 @@ fn tokens_verify_with_the_wse_keys_including_the_previous_one() {
     let now = Instant::now();
     let message = format!("{{\"id\":1,\"connect\":{{\"token\":\"{old}\"}}}}");
     let mut s = Session::new(Format::Json, "c1".into(), settings(), now);
-    s.handle_message(now, wall(), Some(&rotating), message.as_bytes())
-        .unwrap();
+    s.handle_message(
+        Cx {
+            now,
+            wall_s: wall(),
+            auth: Some(&rotating),
+        },
+        message.as_bytes(),
+    )
+    .unwrap();
     assert_eq!(s.user(), Some("alice"));
     // Without the rotation the same token is refused.
     let mut s = Session::new(Format::Json, "c1".into(), settings(), now);
     assert_eq!(
-        s.handle_message(now, wall(), Some(&auth()), message.as_bytes()),
+        s.handle_message(
+            Cx {
+                now,
+                wall_s: wall(),
+                auth: Some(&auth())
+            },
+            message.as_bytes()
+        ),
         Err(DisconnectCode::InvalidToken)
     );
 }
