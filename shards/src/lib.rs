@@ -22,6 +22,7 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod conn;
+pub mod dialect;
 pub mod fabric;
 pub mod handshake;
 pub mod inbound;

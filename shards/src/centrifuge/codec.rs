@@ -38,28 +38,10 @@ pub enum Format {
 
 /// The WebSocket subprotocol that selects [`Format::Protobuf`].
 pub const PROTOBUF_SUBPROTOCOL: &str = "centrifuge-protobuf";
+/// The WebSocket subprotocol that names [`Format::Json`] (the default without one).
+pub const JSON_SUBPROTOCOL: &str = "centrifuge-json";
 
 impl Format {
-    /// The encoding a client asked for with its `Sec-WebSocket-Protocol` offer (a comma
-    /// separated list) or the `format` / `cf_protocol` query parameter (`protobuf`).
-    pub fn negotiate(subprotocols: Option<&str>, query: Option<&str>) -> Self {
-        let offered = subprotocols
-            .into_iter()
-            .flat_map(|s| s.split(','))
-            .any(|p| p.trim() == PROTOBUF_SUBPROTOCOL);
-        let asked = query.into_iter().flat_map(|q| q.split('&')).any(|pair| {
-            matches!(
-                pair.split_once('='),
-                Some(("format" | "cf_protocol", "protobuf"))
-            )
-        });
-        if offered || asked {
-            Self::Protobuf
-        } else {
-            Self::Json
-        }
-    }
-
     /// Whether messages in this encoding go in binary frames.
     pub fn is_binary(self) -> bool {
         self == Self::Protobuf
@@ -386,22 +368,5 @@ mod tests {
             b"{\"id\":1}\n{}"
         );
         assert_eq!(&join(Format::Protobuf, &[a, b])[..], b"{\"id\":1}{}");
-    }
-
-    #[test]
-    fn negotiation() {
-        assert_eq!(Format::negotiate(None, None), Format::Json);
-        assert_eq!(
-            Format::negotiate(Some("centrifuge-json, centrifuge-protobuf"), None),
-            Format::Protobuf
-        );
-        assert_eq!(
-            Format::negotiate(None, Some("cf_protocol=protobuf")),
-            Format::Protobuf
-        );
-        assert_eq!(
-            Format::negotiate(Some("centrifuge-json"), Some("format=json")),
-            Format::Json
-        );
     }
 }
