@@ -26,7 +26,7 @@
 //! here) → `Connected` (holds the user, which only a verified token or disabled auth gives) →
 //! ended by an error. Never: touches sockets, the shard or a clock.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,13 +36,14 @@ use serde_json::value::RawValue;
 
 use super::channel::Namespaces;
 use super::codec::{self, Commands, Format};
-use super::codes::{DisconnectCode, ErrorCode};
+use super::codes::{DisconnectCode, ErrorCode, UnsubscribeCode};
 use super::config::CentrifugeConfig;
 use super::proto::{
     ClientInfo, Command, ConnectRequest, ConnectResult, Empty, Error, HistoryRequest,
     HistoryResult, PresenceRequest, PresenceResult, PresenceStatsResult, PublishRequest,
-    RefreshResult, Reply, StreamPosition, SubscribeRequest, SubscribeResult,
+    RefreshResult, Reply, StreamPosition, SubRefreshResult, SubscribeRequest, SubscribeResult,
 };
+use super::requests::encode_unsubscribe;
 pub use super::requests::{Answer, Request, Ticket, encode_publication};
 use crate::auth::{AuthError, Authenticator};
 use crate::protocol::{JSON_DEPTH_MAX, SERVER_VERSION, nests_deeper_than};
@@ -116,6 +117,8 @@ pub struct Session {
     phase: Phase,
     /// Channels subscribed or being subscribed, with what their subscribe asked.
     channels: HashMap<Arc<str>, ChannelState>,
+    /// The `close_at` of every channel that has one, soonest first.
+    sub_deadlines: BTreeSet<(Instant, Arc<str>)>,
     /// Requests waiting for an answer.
     pending: HashMap<Ticket, Pending>,
     /// Subscribes (client or server-side) waiting for an answer: commands after them wait too.
@@ -152,10 +155,16 @@ struct Connected {
     expires_at: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ChannelState {
-    Subscribing,
-    Live,
+/// A channel the connection is on, or getting on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChannelState {
+    /// The shard confirmed the subscription.
+    live: bool,
+    /// Subscribed with a subscription token: only then may `sub_refresh` extend it.
+    token: bool,
+    /// When the subscription ends because its token expired (and was not refreshed), plus
+    /// [`Settings::expired_close_delay`]; also in `Session::sub_deadlines`.
+    close_at: Option<Instant>,
 }
 
 enum Slot {
@@ -174,6 +183,8 @@ enum Pending {
         recovering: Option<StreamPosition>,
         reject_unrecovered: bool,
         data: Bytes,
+        /// Seconds until its subscription token expires.
+        ttl: Option<u64>,
         /// The connect reply it belongs to (server-side subscriptions).
         connect: Option<Ticket>,
     },
@@ -228,7 +239,22 @@ struct SubscriptionClaims {
     sub: String,
     channel: String,
     client: Option<String>,
+    info: Option<Box<RawValue>>,
     data: Option<Box<RawValue>>,
+    exp: Option<u64>,
+    /// Overrides `exp`; 0 = never.
+    expire_at: Option<u64>,
+}
+
+impl SubscriptionClaims {
+    /// Unix seconds at which the subscription expires; `None` = never.
+    fn expires_at(&self) -> Option<u64> {
+        match self.expire_at {
+            Some(0) => None,
+            Some(at) => Some(at),
+            None => self.exp,
+        }
+    }
 }
 
 impl Session {
@@ -240,6 +266,7 @@ impl Session {
             settings,
             phase: Phase::Connecting,
             channels: HashMap::new(),
+            sub_deadlines: BTreeSet::new(),
             pending: HashMap::new(),
             subscribing: 0,
             held: VecDeque::new(),
@@ -313,6 +340,21 @@ impl Session {
         if self.expiry_close.is_some_and(|d| now >= d) {
             return Err(DisconnectCode::ConnectionExpired);
         }
+        // Subscriptions whose token expired unrefreshed: unsubscribed with 2501, which makes
+        // the clients resubscribe with a new token.
+        while let Some((at, channel)) = self.sub_deadlines.first().cloned()
+            && now >= at
+        {
+            self.forget_channel(&channel);
+            self.requests.push_back(Request::Unsubscribe {
+                channel: Arc::clone(&channel),
+            });
+            self.queue(Slot::Ready(encode_unsubscribe(
+                self.format,
+                &channel,
+                UnsubscribeCode::Expired,
+            )))?;
+        }
         if let Some(at) = self.next_ping
             && now >= at
         {
@@ -337,6 +379,7 @@ impl Session {
             self.pong_due,
             self.expiry_close,
             self.next_ping,
+            self.sub_deadlines.first().map(|(at, _)| *at),
         ]
         .into_iter()
         .flatten()
@@ -500,12 +543,14 @@ impl Session {
         if let Some(req) = cmd.connect {
             self.connect(now, wall_s, auth, id, req)
         } else if let Some(req) = cmd.subscribe {
-            self.subscribe(auth, id, req)
+            self.subscribe(cx, id, req)
         } else if let Some(req) = cmd.unsubscribe {
             if req.channel.is_empty() {
                 return Err(DisconnectCode::BadRequest);
             }
-            if let Some((channel, _)) = self.channels.remove_entry(req.channel.as_str()) {
+            if let Some((channel, _)) = self.channels.get_key_value(req.channel.as_str()) {
+                let channel = Arc::clone(channel);
+                self.forget_channel(&channel);
                 self.requests.push_back(Request::Unsubscribe { channel });
             }
             self.reply(Reply {
@@ -533,7 +578,9 @@ impl Session {
             }
             self.requests.push_back(Request::Send { data: req.data });
             Ok(())
-        } else if cmd.rpc.is_some() || cmd.sub_refresh.is_some() {
+        } else if let Some(req) = cmd.sub_refresh {
+            self.sub_refresh(cx, id, &req.channel, &req.token)
+        } else if cmd.rpc.is_some() {
             // Not served yet (docs/CENTRIFUGO.md): Centrifugo's answer without an RPC proxy.
             self.reply(error_reply(id, ErrorCode::NotAvailable))
         } else if let Some(req) = cmd.refresh {
@@ -644,7 +691,11 @@ impl Session {
                     reject_unrecovered: false,
                     presence: ns.presence,
                     join_leave: ns.join_leave && ns.force_push_join_leave,
-                    data,
+                    close_at: None,
+                    granted: Granted {
+                        data,
+                        ..Granted::default()
+                    },
                 },
                 Some(connect),
             );
@@ -694,12 +745,64 @@ impl Session {
         })
     }
 
+    fn sub_refresh(
+        &mut self,
+        cx: Cx<'_>,
+        id: u32,
+        channel: &str,
+        token: &str,
+    ) -> Result<(), DisconnectCode> {
+        if channel.is_empty() {
+            return Err(DisconnectCode::BadRequest);
+        }
+        let Some((name, state)) = self.channels.get_key_value(channel) else {
+            // Must be subscribed to refresh.
+            return self.reply(error_reply(id, ErrorCode::PermissionDenied));
+        };
+        if !state.token {
+            // Nothing to refresh: it was not subscribed with a token (Centrifuge: "server-side
+            // sub refresh expected").
+            return Err(DisconnectCode::BadRequest);
+        }
+        if token.is_empty() {
+            return self.reply(error_reply(id, ErrorCode::BadRequest));
+        }
+        let (name, old) = (Arc::clone(name), state.close_at);
+        let user = self.user().unwrap_or_default().to_owned();
+        let claims = match self.verify_subscription(cx.auth, token, channel, &user, cx.wall_s) {
+            Ok(claims) => claims,
+            Err(ErrorCode::TokenExpired) => return self.reply(error_reply(id, ErrorCode::Expired)),
+            Err(code) => return self.reply(error_reply(id, code)),
+        };
+        let ttl = claims.expires_at().map(|at| at.saturating_sub(cx.wall_s));
+        let close_at =
+            ttl.map(|ttl| cx.now + Duration::from_secs(ttl) + self.settings.expired_close_delay);
+        if let Some(at) = old {
+            self.sub_deadlines.remove(&(at, Arc::clone(&name)));
+        }
+        if let Some(at) = close_at {
+            self.sub_deadlines.insert((at, Arc::clone(&name)));
+        }
+        if let Some(state) = self.channels.get_mut(&name) {
+            state.close_at = close_at;
+        }
+        self.reply(Reply {
+            id,
+            sub_refresh: Some(SubRefreshResult {
+                expires: ttl.is_some(),
+                ttl: ttl.map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
+            }),
+            ..Default::default()
+        })
+    }
+
     fn subscribe(
         &mut self,
-        auth: Option<&Authenticator>,
+        cx: Cx<'_>,
         id: u32,
         req: SubscribeRequest,
     ) -> Result<(), DisconnectCode> {
+        let Cx { now, wall_s, auth } = cx;
         if req.channel.is_empty() {
             return Err(DisconnectCode::BadRequest);
         }
@@ -722,26 +825,19 @@ impl Session {
             return self.reply(error_reply(id, ErrorCode::LimitExceeded));
         }
         let user = self.user().unwrap_or_default().to_owned();
-        let mut data = Bytes::new();
+        let mut granted = Granted::default();
         if !req.token.is_empty() {
             // A subscription token grants the channel whatever the namespace allows clients.
-            let Some(auth) = auth else {
-                return self.reply(error_reply(id, ErrorCode::PermissionDenied));
-            };
-            match auth.verify_as::<SubscriptionClaims>(&req.token) {
-                Ok(claims)
-                    if claims.channel == req.channel
-                        && claims.sub == user
-                        && claims.client.as_deref().is_none_or(|c| c == &*self.client) =>
-                {
-                    data = claims.data.map_or_else(Bytes::new, |raw| raw_bytes(&raw));
+            match self.verify_subscription(auth, &req.token, &req.channel, &user, wall_s) {
+                Ok(claims) => {
+                    granted = Granted {
+                        token: true,
+                        ttl: claims.expires_at().map(|at| at.saturating_sub(wall_s)),
+                        chan_info: claims.info.as_deref().map_or_else(Bytes::new, raw_bytes),
+                        data: claims.data.as_deref().map_or_else(Bytes::new, raw_bytes),
+                    };
                 }
-                Err(AuthError::Expired) => {
-                    return self.reply(error_reply(id, ErrorCode::TokenExpired));
-                }
-                Ok(_) | Err(_) => {
-                    return self.reply(error_reply(id, ErrorCode::PermissionDenied));
-                }
+                Err(code) => return self.reply(error_reply(id, code)),
             }
         } else if channel.private
             || !channel.namespace.allow_subscribe_for_client
@@ -766,7 +862,10 @@ impl Session {
             reject_unrecovered: req.flag & FLAG_REJECT_UNRECOVERED != 0,
             presence: ns.presence,
             join_leave: ns.join_leave && (req.join_leave || ns.force_push_join_leave),
-            data,
+            close_at: granted
+                .ttl
+                .map(|ttl| now + Duration::from_secs(ttl) + self.settings.expired_close_delay),
+            granted,
         };
         if self.pending.len() >= PENDING_MAX {
             return self.reply(error_reply(id, ErrorCode::TooManyRequests));
@@ -886,11 +985,63 @@ struct SubscribeOptions {
     reject_unrecovered: bool,
     presence: bool,
     join_leave: bool,
+    close_at: Option<Instant>,
+    granted: Granted,
+}
+
+/// What a subscription token granted (all empty without one).
+#[derive(Default)]
+struct Granted {
+    token: bool,
+    /// Seconds until the token expires; `None` = never.
+    ttl: Option<u64>,
+    /// The token's `info`, raw JSON (`chan_info` in presence and join/leave).
+    chan_info: Bytes,
+    /// The token's `data`, raw JSON, returned in the subscribe result.
     data: Bytes,
 }
 
 /// Helpers.
 impl Session {
+    /// Drops a channel and its expiry; whether it was there.
+    fn forget_channel(&mut self, channel: &Arc<str>) -> bool {
+        let Some(state) = self.channels.remove(channel) else {
+            return false;
+        };
+        if let Some(at) = state.close_at {
+            self.sub_deadlines.remove(&(at, Arc::clone(channel)));
+        }
+        true
+    }
+
+    /// A subscription token for `channel`, for this user (and this client, if it names one).
+    fn verify_subscription(
+        &self,
+        auth: Option<&Authenticator>,
+        token: &str,
+        channel: &str,
+        user: &str,
+        wall_s: u64,
+    ) -> Result<SubscriptionClaims, ErrorCode> {
+        let Some(auth) = auth else {
+            return Err(ErrorCode::PermissionDenied);
+        };
+        match auth.verify_as::<SubscriptionClaims>(token) {
+            Ok(claims) if claims.expires_at().is_some_and(|at| at <= wall_s) => {
+                Err(ErrorCode::TokenExpired)
+            }
+            Ok(claims)
+                if claims.channel == channel
+                    && claims.sub == user
+                    && claims.client.as_deref().is_none_or(|c| c == &*self.client) =>
+            {
+                Ok(claims)
+            }
+            Err(AuthError::Expired) => Err(ErrorCode::TokenExpired),
+            Ok(_) | Err(_) => Err(ErrorCode::PermissionDenied),
+        }
+    }
+
     fn ticket(&mut self) -> Ticket {
         let t = Ticket(self.next_ticket);
         self.next_ticket += 1;
@@ -918,11 +1069,20 @@ impl Session {
         let ticket = self.ticket();
         let presence = o.presence.then(|| {
             let mut info = self.client_info();
-            info.chan_info = Bytes::new();
+            info.chan_info = o.granted.chan_info.clone();
             info
         });
-        self.channels
-            .insert(Arc::clone(&channel), ChannelState::Subscribing);
+        self.channels.insert(
+            Arc::clone(&channel),
+            ChannelState {
+                live: false,
+                token: o.granted.token,
+                close_at: o.close_at,
+            },
+        );
+        if let Some(at) = o.close_at {
+            self.sub_deadlines.insert((at, Arc::clone(&channel)));
+        }
         self.subscribing += 1;
         self.requests.push_back(Request::Subscribe {
             ticket,
@@ -941,7 +1101,8 @@ impl Session {
                 positioned: o.positioned,
                 recovering: o.recovering,
                 reject_unrecovered: o.reject_unrecovered,
-                data: o.data,
+                data: o.granted.data,
+                ttl: o.granted.ttl,
                 connect,
             },
         );
@@ -962,6 +1123,7 @@ impl Session {
             recovering,
             reject_unrecovered,
             data,
+            ttl,
             connect,
         } = pending
         else {
@@ -975,6 +1137,8 @@ impl Session {
                     recoverable,
                     positioned,
                     data,
+                    expires: ttl.is_some(),
+                    ttl: ttl.map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
                     ..Default::default()
                 };
                 if positioned {
@@ -1004,12 +1168,12 @@ impl Session {
         match &outcome {
             Ok(_) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    *state = ChannelState::Live;
+                    state.live = true;
                 }
             }
             Err(_) => {
                 // The shard may have subscribed (112 comes after it did): undo it.
-                if self.channels.remove(&channel).is_some() {
+                if self.forget_channel(&channel) {
                     self.requests.push_back(Request::Unsubscribe {
                         channel: Arc::clone(&channel),
                     });
@@ -1191,7 +1355,7 @@ fn verify_connection(auth: &Authenticator, token: &str, wall_s: u64) -> Result<V
     }
     Ok((
         claims.sub.into(),
-        claims.info.map_or_else(Bytes::new, |raw| raw_bytes(&raw)),
+        claims.info.as_deref().map_or_else(Bytes::new, raw_bytes),
         expires_at,
         subs,
     ))

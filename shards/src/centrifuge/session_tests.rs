@@ -923,7 +923,131 @@ fn subscription_tokens_open_private_channels() {
         recovery: None,
     })
     .unwrap();
-    assert_eq!(h.sent(), ["{\"id\":6,\"subscribe\":{\"data\":{\"k\":1}}}"]);
+    assert_eq!(
+        h.sent(),
+        ["{\"id\":6,\"subscribe\":{\"expires\":true,\"ttl\":60,\"data\":{\"k\":1}}}"]
+    );
+}
+
+#[test]
+fn subscription_tokens_expire_unless_refreshed() {
+    let mut h = Harness::new(Format::Json);
+    h.connect("alice");
+    let sub = |ttl: i64| {
+        token(
+            json!({"sub": "alice", "channel": "$room:p", "exp": wall() as i64 + ttl,
+                     "info": {"role": "mod"}}),
+        )
+    };
+    h.send(&format!(
+        "{{\"id\":2,\"subscribe\":{{\"channel\":\"$room:p\",\"token\":\"{}\"}}}}",
+        sub(60)
+    ))
+    .unwrap();
+    let r = h.requests();
+    let Request::Subscribe { presence, .. } = &r[0] else {
+        panic!()
+    };
+    assert_eq!(
+        &presence.as_ref().unwrap().chan_info[..],
+        b"{\"role\":\"mod\"}"
+    );
+    h.answer(Answer::Subscribed {
+        ticket: Harness::ticket_of(&r[0]),
+        top: None,
+        recovery: None,
+    })
+    .unwrap();
+    assert_eq!(
+        h.sent(),
+        ["{\"id\":2,\"subscribe\":{\"expires\":true,\"ttl\":60}}"]
+    );
+    // Refreshing: not subscribed, not a token subscription, no token, an expired one.
+    h.send("{\"id\":3,\"sub_refresh\":{\"channel\":\"$room:q\",\"token\":\"x\"}}")
+        .unwrap();
+    h.send("{\"id\":4,\"sub_refresh\":{\"channel\":\"$room:p\"}}")
+        .unwrap();
+    h.send(&format!(
+        "{{\"id\":5,\"sub_refresh\":{{\"channel\":\"$room:p\",\"token\":\"{}\"}}}}",
+        sub(-3600)
+    ))
+    .unwrap();
+    assert_eq!(
+        h.sent(),
+        [
+            "{\"id\":3,\"error\":{\"code\":103,\"message\":\"permission denied\"}}",
+            "{\"id\":4,\"error\":{\"code\":107,\"message\":\"bad request\"}}",
+            "{\"id\":5,\"error\":{\"code\":110,\"message\":\"expired\"}}",
+        ]
+    );
+    // Not refreshed: 60 s + the 25 s delay, then unsubscribed with 2501 (clients resubscribe).
+    let deadline = h.now + Duration::from_secs(85);
+    assert_eq!(
+        h.s.poll_timeout(),
+        Some(h.now + Duration::from_secs(25)),
+        "the ping comes first"
+    );
+    h.s.handle_timeout(h.now + Duration::from_secs(25)).unwrap();
+    h.send("{}").unwrap();
+    h.s.handle_timeout(h.now + Duration::from_secs(50)).unwrap();
+    h.send("{}").unwrap();
+    h.s.handle_timeout(h.now + Duration::from_secs(75)).unwrap();
+    h.send("{}").unwrap();
+    h.sent();
+    assert_eq!(h.s.poll_timeout(), Some(deadline));
+    h.s.handle_timeout(deadline).unwrap();
+    assert_eq!(
+        h.sent(),
+        [
+            "{\"push\":{\"channel\":\"$room:p\",\"unsubscribe\":{\"code\":2501,\"reason\":\"subscription expired\"}}}"
+        ]
+    );
+    assert_eq!(
+        h.requests(),
+        [Request::Unsubscribe {
+            channel: "$room:p".into()
+        }]
+    );
+
+    // Refreshed in time: extended, and a plain subscription cannot be refreshed.
+    let mut h = Harness::new(Format::Json);
+    h.connect("alice");
+    h.send(&format!(
+        "{{\"id\":2,\"subscribe\":{{\"channel\":\"$room:p\",\"token\":\"{}\"}}}}\n\
+         {{\"id\":3,\"subscribe\":{{\"channel\":\"room:open\"}}}}",
+        sub(60)
+    ))
+    .unwrap();
+    for _ in 0..2 {
+        let r = h.requests();
+        h.answer(Answer::Subscribed {
+            ticket: Harness::ticket_of(&r[0]),
+            top: None,
+            recovery: None,
+        })
+        .unwrap();
+    }
+    h.sent();
+    h.send(&format!(
+        "{{\"id\":4,\"sub_refresh\":{{\"channel\":\"$room:p\",\"token\":\"{}\"}}}}",
+        sub(3600)
+    ))
+    .unwrap();
+    assert_eq!(
+        h.sent(),
+        ["{\"id\":4,\"sub_refresh\":{\"expires\":true,\"ttl\":3600}}"]
+    );
+    // Past the old deadline (85 s): still subscribed, only pings went out.
+    for t in [25, 50, 75, 100] {
+        h.s.handle_timeout(h.now + Duration::from_secs(t)).unwrap();
+        h.send("{}").unwrap();
+    }
+    assert_eq!(h.sent(), ["{}", "{}", "{}", "{}"]);
+    assert!(h.requests().is_empty());
+    assert_eq!(
+        h.send("{\"id\":5,\"sub_refresh\":{\"channel\":\"room:open\",\"token\":\"x\"}}"),
+        Err(DisconnectCode::BadRequest)
+    );
 }
 
 #[test]
