@@ -1,9 +1,10 @@
-//! The Centrifuge session (`wse_shards::centrifuge`, sans-IO) against the published
-//! centrifuge-python 0.7.0, unmodified, in JSON and in protobuf, over a real WebSocket.
+//! The Centrifuge session (`wse_shards::centrifuge`, sans-IO) against the published clients,
+//! unmodified, in JSON and in protobuf, over a real WebSocket: centrifuge-python 0.7.0 and
+//! centrifuge-js 5.7.4 under Node (with `ws`).
 //!
 //! What this checks is the protocol engine — the dialect choice at the upgrade, the codec, the
-//! session's replies and pushes, recovery after a forced reconnect (3011) — as a real client
-//! reads them. It is not the server: the
+//! session's replies and pushes, recovery after a forced reconnect (3011, Python), connect and
+//! subscribe in one message (js) — as real clients read them. It is not the server: the
 //! listener here is the test's own (tokio-tungstenite) and the topic table an in-memory
 //! stand-in for the shard, because the engine is not wired into the shard's connections yet
 //! (docs/CENTRIFUGO.md). The stand-in does what the session asks and nothing more.
@@ -84,6 +85,8 @@ struct Hub {
     history: HashMap<String, Vec<Publication>>,
     /// Publication pushes encoded, per format: once per publication and format in use.
     encodes: HashMap<Format, usize>,
+    /// Each connection's first data message, as received.
+    first_messages: Vec<Vec<u8>>,
 }
 
 impl Hub {
@@ -247,6 +250,12 @@ impl Hub {
     }
 }
 
+fn note_first(hub: &Mutex<Hub>, first: &mut bool, message: &[u8]) {
+    if std::mem::take(first) {
+        hub.lock().unwrap().first_messages.push(message.to_vec());
+    }
+}
+
 fn cx(auth: &Authenticator) -> Cx<'_> {
     Cx {
         now: Instant::now(),
@@ -305,6 +314,7 @@ async fn serve_connection(
         panic!("the client did not reach the Centrifuge endpoint: {choice:?}");
     };
     let client = format!("client-{serial}");
+    let mut first = true;
     let mut session = Session::new(format, client.clone().into(), settings, Instant::now());
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     loop {
@@ -324,8 +334,14 @@ async fn serve_connection(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let result = tokio::select! {
             message = ws.next() => match message {
-                Some(Ok(Message::Text(t))) => session.handle_message(cx(&auth), t.as_bytes()),
-                Some(Ok(Message::Binary(b))) => session.handle_message(cx(&auth), &b),
+                Some(Ok(Message::Text(t))) => {
+                    note_first(&hub, &mut first, t.as_bytes());
+                    session.handle_message(cx(&auth), t.as_bytes())
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    note_first(&hub, &mut first, &b);
+                    session.handle_message(cx(&auth), &b)
+                }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => Ok(()),
             },
@@ -367,8 +383,46 @@ async fn serve_connection(
 
 /// Runs `centrifuge_client.py` against a fresh stand-in and returns its transcript (one JSON
 /// value per step) and the hub.
-async fn run_client(encoding: &str) -> (Vec<Value>, Arc<Mutex<Hub>>) {
-    let python = venv_python();
+/// The published clients this test drives.
+#[derive(Clone, Copy, PartialEq)]
+enum Sdk {
+    /// centrifuge-python 0.7.0 (`tests/python/centrifuge_client.py`).
+    Python,
+    /// centrifuge-js 5.7.4 under Node (`tests/node/centrifuge_client.mjs`).
+    Js,
+}
+
+/// The command that runs `sdk`'s script; its last arguments are the URL, the token and the
+/// encoding.
+fn client_command(sdk: Sdk) -> Command {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    match sdk {
+        Sdk::Python => {
+            let mut c = Command::new(venv_python());
+            c.arg(root.join("tests/python/centrifuge_client.py"))
+                .env("PYTHONUNBUFFERED", "1");
+            c
+        }
+        Sdk::Js => {
+            let status = Command::new(root.join("tests/node/setup-centrifuge-js.sh"))
+                .status()
+                .expect("run tests/node/setup-centrifuge-js.sh");
+            assert!(
+                status.success(),
+                "installing centrifuge-js failed: {status}"
+            );
+            let dir = std::env::var_os("CENTRIFUGE_JS_DIR")
+                .map_or_else(|| root.join("target/centrifuge-js"), PathBuf::from);
+            let mut c = Command::new("node");
+            c.arg(root.join("tests/node/centrifuge_client.mjs"))
+                .arg(dir);
+            c
+        }
+    }
+}
+
+async fn run_client(sdk: Sdk, encoding: &str) -> (Vec<Value>, Arc<Mutex<Hub>>) {
+    let mut command = client_command(sdk);
     let cfg = Arc::new(config());
     let settings = Arc::new(Settings::new(
         &cfg.centrifuge,
@@ -401,18 +455,14 @@ async fn run_client(encoding: &str) -> (Vec<Value>, Arc<Mutex<Hub>>) {
         }
     });
 
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_client.py");
-    let mut child = Command::new(python)
-        .arg(script)
+    let mut child = command
         .arg(format!("ws://{addr}/connection/websocket"))
-        .arg(token("py-user", json!({"info": {"name": "Py"}})))
+        .arg(token("sdk-user", json!({"info": {"name": "Sdk"}})))
         .arg(encoding)
-        .env("PYTHONUNBUFFERED", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start centrifuge_client.py");
+        .expect("start the client's script");
     let errors = collect_stderr(&mut child);
     let (tx, mut rx) = mpsc::unbounded_channel();
     for_each_line(child.stdout.take().unwrap(), move |line| {
@@ -430,7 +480,7 @@ async fn run_client(encoding: &str) -> (Vec<Value>, Arc<Mutex<Hub>>) {
             });
         let Some(line) = line else { break };
         let value: Value = serde_json::from_str(&line).unwrap();
-        if value["step"] == "presence_stats" {
+        if sdk == Sdk::Python && value["step"] == "presence_stats" {
             // Force a reconnect, and publish what the client will have to recover.
             let mut hub = hub.lock().unwrap();
             hub.kick_all(DisconnectCode::ForceReconnect);
@@ -453,71 +503,107 @@ async fn run_client(encoding: &str) -> (Vec<Value>, Arc<Mutex<Hub>>) {
     (transcript, hub)
 }
 
-async fn connect_subscribe_publish_history_presence(encoding: &str) {
-    let (transcript, hub) = run_client(encoding).await;
+/// The step named `name` of a transcript.
+fn step<'t>(transcript: &'t [Value], name: &str) -> &'t Value {
+    transcript
+        .iter()
+        .find(|v| v["step"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {transcript:?}"))
+}
+
+async fn connect_subscribe_publish_history_presence(sdk: Sdk, encoding: &str) {
+    let (transcript, hub) = run_client(sdk, encoding).await;
     let steps: Vec<&str> = transcript
         .iter()
         .map(|v| v["step"].as_str().unwrap())
+        .filter(|s| *s != "connected")
         .collect();
+    let mut expected = vec![
+        "subscribed",
+        "publication",
+        "history",
+        "presence",
+        "presence_stats",
+    ];
+    if sdk == Sdk::Python {
+        expected.push("recovered");
+    }
+    expected.push("done");
+    assert_eq!(steps, expected);
     assert_eq!(
-        steps,
-        [
-            "connected",
-            "subscribed",
-            "publication",
-            "history",
-            "presence",
-            "presence_stats",
-            "recovered",
-            "done"
-        ]
-    );
-    assert_eq!(
-        transcript[1],
-        json!({"step": "subscribed", "recoverable": true, "positioned": true,
+        step(&transcript, "subscribed"),
+        &json!({"step": "subscribed", "recoverable": true, "positioned": true,
                "epoch": EPOCH, "offset": 0})
     );
-    let message = json!({"text": "hello", "from": "python"});
+    let from = if sdk == Sdk::Python { "python" } else { "js" };
+    let message = json!({"text": "hello", "from": from});
     assert_eq!(
-        transcript[2],
-        json!({"step": "publication", "data": message, "offset": 1, "user": "py-user"})
+        step(&transcript, "publication"),
+        &json!({"step": "publication", "data": message, "offset": 1, "user": "sdk-user"})
     );
     assert_eq!(
-        transcript[3],
-        json!({"step": "history", "epoch": EPOCH, "offset": 1,
+        step(&transcript, "history"),
+        &json!({"step": "history", "epoch": EPOCH, "offset": 1,
                "publications": [{"offset": 1, "data": message}]})
     );
     assert_eq!(
-        transcript[4],
-        json!({"step": "presence", "users": ["py-user"]})
+        step(&transcript, "presence"),
+        &json!({"step": "presence", "users": ["sdk-user"]})
     );
     assert_eq!(
-        transcript[5],
-        json!({"step": "presence_stats", "num_clients": 1, "num_users": 1})
+        step(&transcript, "presence_stats"),
+        &json!({"step": "presence_stats", "num_clients": 1, "num_users": 1})
     );
-    // centrifuge-python reports the close code as the reason it is connecting again.
-    assert_eq!(
-        transcript[6],
-        json!({"step": "recovered", "was_recovering": true, "recovered": true,
-               "connecting": [0, 3011],
-               "publications": [{"offset": 2, "data": {"n": 2}}, {"offset": 3, "data": {"n": 3}}]})
-    );
+    if sdk == Sdk::Python {
+        // centrifuge-python reports the close code as the reason it is connecting again.
+        assert_eq!(
+            step(&transcript, "recovered"),
+            &json!({"step": "recovered", "was_recovering": true, "recovered": true,
+                   "connecting": [0, 3011],
+                   "publications": [{"offset": 2, "data": {"n": 2}}, {"offset": 3, "data": {"n": 3}}]})
+        );
+    }
+    let hub = hub.lock().unwrap();
+    if sdk == Sdk::Js && encoding == "json" {
+        // The client sent its connect and its subscribe in one message, id after the body.
+        let first = String::from_utf8(hub.first_messages[0].clone()).unwrap();
+        let lines: Vec<Value> = first
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{first}");
+        assert!(
+            lines[0]["connect"].is_object() && lines[1]["subscribe"].is_object(),
+            "{first}"
+        );
+        assert!(first.starts_with("{\"connect\":"), "{first}");
+    }
     let format = if encoding == "protobuf" {
         Format::Protobuf
     } else {
         Format::Json
     };
-    // One encode per publication with a subscriber (the two published while it was away had
-    // none).
-    assert_eq!(hub.lock().unwrap().encodes.get(&format), Some(&1));
+    // One encode per publication with a subscriber (the two published while the Python client
+    // was away had none).
+    assert_eq!(hub.encodes.get(&format), Some(&1));
 }
 
 #[tokio::test]
 async fn centrifuge_python_json() {
-    connect_subscribe_publish_history_presence("json").await;
+    connect_subscribe_publish_history_presence(Sdk::Python, "json").await;
 }
 
 #[tokio::test]
 async fn centrifuge_python_protobuf() {
-    connect_subscribe_publish_history_presence("protobuf").await;
+    connect_subscribe_publish_history_presence(Sdk::Python, "protobuf").await;
+}
+
+#[tokio::test]
+async fn centrifuge_js_json() {
+    connect_subscribe_publish_history_presence(Sdk::Js, "json").await;
+}
+
+#[tokio::test]
+async fn centrifuge_js_protobuf() {
+    connect_subscribe_publish_history_presence(Sdk::Js, "protobuf").await;
 }
