@@ -31,7 +31,7 @@ use wse_shards::auth::Authenticator;
 use wse_shards::centrifuge::proto::{ClientInfo, Publication, StreamPosition};
 use wse_shards::centrifuge::{
     Answer, Cx, DisconnectCode, Format, NamespaceConfig, Request as SessionRequest, Session,
-    Settings, encode_publication,
+    Settings, encode_join_leave, encode_publication,
 };
 use wse_shards::config::AuthConfig;
 use wse_shards::dialect::{Choice, Dialect};
@@ -84,6 +84,8 @@ enum Out {
 struct Member {
     client: String,
     info: Option<ClientInfo>,
+    /// It asked for join/leave pushes.
+    join_leave: bool,
     format: Format,
     tx: mpsc::UnboundedSender<Out>,
 }
@@ -128,7 +130,7 @@ impl Hub {
                 stream,
                 recover,
                 presence,
-                ..
+                join_leave,
             } => {
                 let top = self.top(&channel);
                 let recovery = recover.map(|from| {
@@ -142,12 +144,16 @@ impl Hub {
                         .collect();
                     (from.epoch.is_empty() || from.epoch == EPOCH, missed)
                 });
+                if let Some(info) = &presence {
+                    self.join_leave(&channel, true, info);
+                }
                 self.members
                     .entry(channel.to_string())
                     .or_default()
                     .push(Member {
                         client: client.to_owned(),
                         info: presence,
+                        join_leave,
                         format,
                         tx: tx.clone(),
                     });
@@ -158,9 +164,7 @@ impl Hub {
                 })
             }
             SessionRequest::Unsubscribe { channel } => {
-                if let Some(m) = self.members.get_mut(&*channel) {
-                    m.retain(|m| m.client != client);
-                }
+                self.remove(&channel, client);
                 None
             }
             SessionRequest::Publish {
@@ -255,9 +259,31 @@ impl Hub {
         }
     }
 
+    /// A connection left `channel`: the others that asked are told.
+    fn remove(&mut self, channel: &str, client: &str) {
+        let Some(members) = self.members.get_mut(channel) else {
+            return;
+        };
+        let gone: Vec<Member> = members.extract_if(.., |m| m.client == client).collect();
+        for info in gone.into_iter().filter_map(|m| m.info) {
+            self.join_leave(channel, false, &info);
+        }
+    }
+
+    /// Sends a join or leave push of `who` to the members of `channel` that asked for them.
+    fn join_leave(&mut self, channel: &str, joined: bool, who: &ClientInfo) {
+        for m in self.members.get(channel).into_iter().flatten() {
+            if m.join_leave && m.client != who.client {
+                let push = encode_join_leave(m.format, channel, joined, who.clone()).unwrap();
+                let _ = m.tx.send(Out::Push(push));
+            }
+        }
+    }
+
     fn leave(&mut self, client: &str) {
-        for members in self.members.values_mut() {
-            members.retain(|m| m.client != client);
+        let channels: Vec<String> = self.members.keys().cloned().collect();
+        for channel in channels {
+            self.remove(&channel, client);
         }
     }
 }
@@ -482,6 +508,7 @@ async fn run_client(sdk: Sdk, encoding: &str) -> (Vec<Value>, Arc<Mutex<Hub>>) {
         .arg(format!("ws://{addr}/connection/websocket"))
         .arg(token("sdk-user", json!({"info": {"name": "Sdk"}})))
         .arg(encoding)
+        .args((sdk == Sdk::Python).then(|| token("other-user", json!({"info": {"name": "Other"}}))))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -549,6 +576,9 @@ async fn connect_subscribe_publish_history_presence(sdk: Sdk, encoding: &str) {
         "presence_stats",
     ];
     if sdk == Sdk::Python {
+        expected.insert(3, "join_leave");
+    }
+    if sdk == Sdk::Python {
         expected.push("recovered");
     }
     expected.push("done");
@@ -578,6 +608,13 @@ async fn connect_subscribe_publish_history_presence(sdk: Sdk, encoding: &str) {
         &json!({"step": "presence_stats", "num_clients": 1, "num_users": 1})
     );
     if sdk == Sdk::Python {
+        // Join and leave pushes, with the joiner's connection info embedded as JSON.
+        assert_eq!(
+            step(&transcript, "join_leave"),
+            &json!({"step": "join_leave",
+                   "join": {"user": "other-user", "conn_info": {"name": "Other"}},
+                   "leave": {"user": "other-user", "same_client": true}})
+        );
         // centrifuge-python reports the close code as the reason it is connecting again.
         assert_eq!(
             step(&transcript, "recovered"),

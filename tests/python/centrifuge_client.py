@@ -1,9 +1,10 @@
 """The published centrifuge-python client (0.7.0, unmodified) against a Centrifuge endpoint.
 
-Usage: centrifuge_client.py URL TOKEN json|protobuf
+Usage: centrifuge_client.py URL TOKEN json|protobuf OTHER_TOKEN
 
-Connects, subscribes to room:main (recoverable), publishes, waits for its own publication,
-then asks for history, presence and presence stats; then waits for the server to force a
+Connects, subscribes to room:main (recoverable, with join/leave), publishes, waits for its own
+publication, asks for history, sees another user's connection join and leave the channel, asks
+for presence and presence stats; then waits for the server to force a
 reconnect (3011) and for the subscription to come back recovered with the publications it
 missed. Prints one JSON line per step on stdout; the caller asserts what they hold. Any failure
 is a traceback on stderr and exit status 1.
@@ -23,7 +24,7 @@ def out(**fields):
 
 
 async def main():
-    url, token, encoding = sys.argv[1:4]
+    url, token, encoding, other_token = sys.argv[1:5]
     protobuf = encoding == "protobuf"
     events = asyncio.Queue()
 
@@ -33,6 +34,12 @@ async def main():
 
         async def on_publication(self, ctx):
             await events.put(("publication", ctx.pub))
+
+        async def on_join(self, ctx):
+            await events.put(("join", ctx.info))
+
+        async def on_leave(self, ctx):
+            await events.put(("leave", ctx.info))
 
     connecting = []
 
@@ -56,7 +63,9 @@ async def main():
     await client.ready(timeout=STEP_TIMEOUT)
     out(step="connected")
 
-    sub = client.new_subscription("room:main", events=Events(), recoverable=True)
+    sub = client.new_subscription(
+        "room:main", events=Events(), recoverable=True, join_leave=True
+    )
     await sub.subscribe()
     ctx = await next_event("subscribed")
     position = ctx.stream_position
@@ -84,6 +93,20 @@ async def main():
         epoch=history.epoch,
         offset=history.offset,
         publications=[{"offset": p.offset, "data": data(p.data)} for p in history.publications],
+    )
+
+    other = Client(url, token=other_token, use_protobuf=protobuf, proxy=None)
+    await other.connect()
+    other_sub = other.new_subscription("room:main")
+    await other_sub.subscribe()
+    await other_sub.ready(timeout=STEP_TIMEOUT)
+    joined = await next_event("join")
+    await other.disconnect()
+    left = await next_event("leave")
+    out(
+        step="join_leave",
+        join={"user": joined.user, "conn_info": data(joined.conn_info)},
+        leave={"user": left.user, "same_client": left.client == joined.client},
     )
 
     presence = await sub.presence()
