@@ -1195,3 +1195,30 @@ fn tokens_verify_with_the_wse_keys_including_the_previous_one() {
         Err(DisconnectCode::InvalidToken)
     );
 }
+
+#[test]
+fn exp_is_required_and_expire_at_zero_never_expires() {
+    let mut h = Harness::new(Format::Json);
+    let no_exp = token(json!({"sub": "alice"}));
+    assert_eq!(
+        h.send(&format!(
+            "{{\"id\":1,\"connect\":{{\"token\":\"{no_exp}\"}}}}"
+        )),
+        Err(DisconnectCode::InvalidToken)
+    );
+    let mut h = Harness::new(Format::Json);
+    let forever = token(json!({"sub": "alice", "exp": wall() + 60, "expire_at": 0}));
+    h.send(&format!(
+        "{{\"id\":1,\"connect\":{{\"token\":\"{forever}\"}}}}"
+    ))
+    .unwrap();
+    assert_eq!(
+        h.sent(),
+        [format!(
+            "{{\"id\":1,\"connect\":{{\"client\":\"c1\",\"version\":\"{SERVER_VERSION}\",\
+             \"ping\":25,\"pong\":true}}}}"
+        )]
+    );
+    // Only the ping schedule is armed: no 3005 deadline.
+    assert_eq!(h.s.poll_timeout(), Some(h.now + Duration::from_secs(25)));
+}
