@@ -349,6 +349,8 @@ struct Flags {
     #[command(flatten)]
     events: EventsFlags,
     #[command(flatten)]
+    centrifuge: CentrifugeFlags,
+    #[command(flatten)]
     log: LogFlags,
 }
 
@@ -1039,6 +1041,124 @@ struct EventsFlags {
     webhook_queue_bytes: Option<usize>,
 }
 
+/// `[centrifuge]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Centrifuge protocol")]
+struct CentrifugeFlags {
+    /// Speak the Centrifuge client protocol v2 (centrifuge-js, centrifuge-python) on
+    /// --centrifuge-path of the WebSocket listener. Not served by this build yet (the engine
+    /// exists and is tested; its wiring into the connections is to come): docs/CENTRIFUGO.md.
+    #[arg(
+        id = "centrifuge.enabled",
+        long = "centrifuge-enabled",
+        env = "WSE_CENTRIFUGE_ENABLED",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new()
+    )]
+    enabled: Option<bool>,
+
+    /// The Centrifuge endpoint's path, for JSON and for protobuf (subprotocol
+    /// centrifuge-protobuf).
+    #[arg(
+        id = "centrifuge.path",
+        long = "centrifuge-path",
+        env = "WSE_CENTRIFUGE_PATH",
+        value_name = "PATH"
+    )]
+    path: Option<String>,
+
+    /// Interval between the server's pings ({}) to each Centrifuge connection, duration (sent
+    /// to clients in whole seconds); must be longer than --centrifuge-pong-timeout.
+    #[arg(
+        id = "centrifuge.ping_interval",
+        long = "centrifuge-ping-interval",
+        env = "WSE_CENTRIFUGE_PING_INTERVAL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    ping_interval: Option<Duration>,
+
+    /// Time a Centrifuge client has to answer a ping, duration; past it the connection is
+    /// closed with 3012.
+    #[arg(
+        id = "centrifuge.pong_timeout",
+        long = "centrifuge-pong-timeout",
+        env = "WSE_CENTRIFUGE_PONG_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    pong_timeout: Option<Duration>,
+
+    /// Time after a connection token expired without a refresh before the connection is
+    /// closed with 3005, duration.
+    #[arg(
+        id = "centrifuge.expired_close_delay",
+        long = "centrifuge-expired-close-delay",
+        env = "WSE_CENTRIFUGE_EXPIRED_CLOSE_DELAY",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    expired_close_delay: Option<Duration>,
+
+    /// Longest channel name, bytes; a longer one is refused with error 107.
+    #[arg(
+        id = "centrifuge.channel_max_length",
+        long = "centrifuge-channel-max-length",
+        env = "WSE_CENTRIFUGE_CHANNEL_MAX_LENGTH",
+        value_name = "BYTES"
+    )]
+    channel_max_length: Option<usize>,
+
+    /// Channels one Centrifuge connection may be subscribed to, server-side subscriptions
+    /// included; past it a subscribe gets error 106.
+    #[arg(
+        id = "centrifuge.channel_limit",
+        long = "centrifuge-channel-limit",
+        env = "WSE_CENTRIFUGE_CHANNEL_LIMIT",
+        value_name = "N"
+    )]
+    channel_limit: Option<usize>,
+
+    /// Most publications one history reply or recovery returns, publications; a larger
+    /// recovery answers recovered: false.
+    #[arg(
+        id = "centrifuge.history_limit_max",
+        long = "centrifuge-history-limit-max",
+        env = "WSE_CENTRIFUGE_HISTORY_LIMIT_MAX",
+        value_name = "N"
+    )]
+    history_limit_max: Option<usize>,
+
+    /// Channel namespaces as a JSON array of objects with Centrifugo's option names (name,
+    /// history_size, history_ttl, force_recovery, force_positioning,
+    /// allow_subscribe_for_client, allow_publish_for_client, allow_history_for_client,
+    /// allow_presence_for_client, presence, join_leave, force_push_join_leave); name "" sets the
+    /// channels without a namespace. In the file: [[centrifuge.namespaces]] tables.
+    #[arg(
+        id = "centrifuge.namespaces",
+        long = "centrifuge-namespaces",
+        env = "WSE_CENTRIFUGE_NAMESPACES",
+        value_name = "JSON",
+        value_parser = namespaces
+    )]
+    namespaces: Option<Namespaces>,
+}
+
+/// `--centrifuge-namespaces`: a wrapper, because clap reads `Option<Vec<_>>` as a list flag.
+#[derive(Debug, Clone)]
+struct Namespaces(Vec<wse_shards::centrifuge::NamespaceConfig>);
+
+/// An empty value empties the list, as for every list flag.
+fn namespaces(text: &str) -> Result<Namespaces, String> {
+    if text.trim().is_empty() {
+        return Ok(Namespaces(Vec::new()));
+    }
+    serde_json::from_str(text)
+        .map(Namespaces)
+        .map_err(|e| format!("not a JSON array of namespaces: {e}"))
+}
+
 /// `[log]`.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Logging")]
@@ -1077,6 +1197,7 @@ impl Flags {
             presence,
             control,
             events,
+            centrifuge,
             log,
         } = self;
 
@@ -1242,6 +1363,28 @@ impl Flags {
         set(&mut e.webhook_timeout, webhook_timeout);
         set(&mut e.webhook_queue_capacity, webhook_queue_capacity);
         set(&mut e.webhook_queue_bytes, webhook_queue_bytes);
+
+        let CentrifugeFlags {
+            enabled,
+            path,
+            ping_interval,
+            pong_timeout,
+            expired_close_delay,
+            channel_max_length,
+            channel_limit,
+            history_limit_max,
+            namespaces,
+        } = centrifuge;
+        let c = &mut cfg.centrifuge;
+        set(&mut c.enabled, enabled);
+        set(&mut c.path, path);
+        set(&mut c.ping_interval, ping_interval);
+        set(&mut c.pong_timeout, pong_timeout);
+        set(&mut c.expired_close_delay, expired_close_delay);
+        set(&mut c.channel_max_length, channel_max_length);
+        set(&mut c.channel_limit, channel_limit);
+        set(&mut c.history_limit_max, history_limit_max);
+        set(&mut c.namespaces, namespaces.map(|n| n.0));
 
         let LogFlags {
             level,
@@ -1854,10 +1997,44 @@ mod tests {
                     Some(serde_json::Value::Null)
                 ) || id == "auth.audience"
                     || id == "auth.default_publish"
-                    || id == "auth.default_queue_groups";
+                    || id == "auth.default_queue_groups"
+                    || id == "centrifuge.namespaces";
                 assert_eq!(arg.get_default_values().is_empty(), unset, "--{long}");
             }
         }
+    }
+
+    #[test]
+    fn centrifuge_namespaces_are_json_on_the_command_line_and_tables_in_the_file() {
+        let c = config(&[
+            "--recovery-enabled",
+            "true",
+            "--centrifuge-namespaces",
+            r#"[{"name":"room","history_size":100,"history_ttl":"300s","presence":true},
+                {"name":"user","allow_publish_for_client":true}]"#,
+        ]);
+        let ns = &c.centrifuge.namespaces;
+        assert_eq!(ns.len(), 2);
+        assert_eq!(
+            (ns[0].name.as_str(), ns[0].history_size, ns[0].history_ttl),
+            ("room", 100, Duration::from_secs(300))
+        );
+        assert!(ns[0].presence && !ns[0].allow_publish_for_client);
+        assert!(ns[1].allow_publish_for_client);
+        let text = render_toml(&c);
+        assert!(
+            text.contains("[[centrifuge.namespaces]]\nname = \"room\""),
+            "{text}"
+        );
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
+        // Centrifugo v3's names, which v5 ignores silently, are refused here.
+        let e = error(&[
+            "--centrifuge-namespaces",
+            r#"[{"name":"room","history_recover":true}]"#,
+        ]);
+        assert!(e.contains("history_recover"), "{e}");
+        let empty = config(&["--centrifuge-namespaces", ""]);
+        assert!(empty.centrifuge.namespaces.is_empty());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! `?token=`), JWT verification with the configured, pinned algorithm (HS256/RS256/ES256 via
 //! `jsonwebtoken`), key rotation (current key, then previous), and the claims we read: `sub`,
 //! `iss` (a string, when `auth.issuer` is set), `wse_topics`, `wse_publish`, `wse_subscribe`,
-//! `wse_queue_groups`. Topic and queue-group ACLs and their glob matching.
+//! `wse_queue_groups`. Topic and queue-group ACLs and their glob matching. A second client
+//! protocol reads its own claims with the same verification through [`Authenticator::verify_as`].
 //!
 //! Never: touches sockets; reads files only in [`Authenticator::new`] (PEM keys at start-up).
 
@@ -433,6 +434,46 @@ fn query_token(query: &str) -> Option<Cow<'_, str>> {
         .filter(|(key, _)| *key == "token")
         .filter_map(|(_, value)| percent_decode_str(value).decode_utf8().ok())
         .find(|value| is_token(value))
+}
+
+impl Authenticator {
+    /// Verifies `token` as [`Authenticator::verify`] does — size cap, `kid`, the pinned
+    /// algorithm, the current key then the previous one, `exp` (required), `nbf`, `iss`, `aud`
+    /// — and reads its claims as `T`: for a client protocol whose tokens carry claims of their
+    /// own (the Centrifuge dialect's connection and subscription tokens, where `sub` may be
+    /// empty). Same keys and rules as WSE tokens, so a rotation covers both.
+    ///
+    /// # Errors
+    /// Why the token was refused; [`AuthError::BadClaims`] when its claims do not read as `T`.
+    pub fn verify_as<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, AuthError> {
+        if token.len() > TOKEN_LEN_MAX {
+            return Err(AuthError::TooLarge);
+        }
+        if let Some(kid) = &self.kid {
+            let header = jsonwebtoken::decode_header(token).map_err(|e| refusal(&e))?;
+            if header.kid.as_deref() != Some(&**kid) {
+                return Err(AuthError::WrongKid);
+            }
+        }
+        let decode = |key: &DecodingKey| {
+            jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation)
+                .map(|data| data.claims)
+        };
+        let claims = match (decode(&self.key), &self.previous_key) {
+            (Err(e), Some(previous)) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
+                decode(previous)
+            }
+            (decoded, _) => decoded,
+        }
+        .map_err(|e| refusal(&e))?;
+        // As in `verify_with_claims`: the issuer must be this very string, not an array holding it.
+        if let Some(issuer) = &self.issuer
+            && claims.get("iss").and_then(serde_json::Value::as_str) != Some(&**issuer)
+        {
+            return Err(AuthError::WrongIssuer);
+        }
+        serde_json::from_value(claims).map_err(|_| AuthError::BadClaims)
+    }
 }
 
 impl Authenticator {

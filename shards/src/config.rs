@@ -80,6 +80,8 @@ pub struct Config {
     pub control: ControlConfig,
     /// `[events]`: how application events reach the backend (event stream or webhook).
     pub events: EventsConfig,
+    /// `[centrifuge]`: the Centrifuge client protocol's endpoint, timing and namespaces.
+    pub centrifuge: crate::centrifuge::CentrifugeConfig,
     /// `[log]`: log level and the refusal summary interval.
     pub log: LogConfig,
 }
@@ -675,6 +677,8 @@ impl Config {
                 "must be an http:// URL (terminate TLS in a local proxy)",
             ));
         }
+        self.centrifuge
+            .validate(&self.recovery, self.server.echo_path.as_deref())?;
         if self.log.attack_summary_interval < ATTACK_SUMMARY_INTERVAL_MIN {
             return Err(bad("log.attack_summary_interval", "must be at least 100ms"));
         }
@@ -794,8 +798,9 @@ impl Config {
             &running.webhook_queue_bytes,
             webhook_queue_bytes,
         );
-        // Every key of [protocol], [auth] and [log] is live: the shards read the first two per
-        // use (auth through a new Authenticator), the binary applies the log filter.
+        // Every key of [protocol], [auth], [centrifuge] and [log] is live: the shards read the
+        // first three per use (auth through a new Authenticator), the binary applies the log
+        // filter.
         Reloaded {
             config,
             needs_restart,

@@ -86,6 +86,8 @@ pub struct UpgradeRequest {
     pub authorization: Option<String>,
     /// The `Origin` header.
     pub origin: Option<String>,
+    /// The `Sec-WebSocket-Protocol` offers, comma-separated (several headers joined with `, `).
+    pub protocols: Option<String>,
 }
 
 /// Why a request cannot be upgraded; written back as an HTTP error and the socket closed.
@@ -148,6 +150,21 @@ pub fn response_101(accept: &str) -> Vec<u8> {
          Upgrade: websocket\r\n\
          Connection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\n\
+         \r\n"
+    )
+    .into_bytes()
+}
+
+/// The 101 Switching Protocols response selecting `protocol`, one of the subprotocols the
+/// client offered (RFC 6455 §4.2.2: a browser that offered subprotocols fails a response that
+/// selects none).
+pub fn response_101_with_protocol(accept: &str, protocol: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\n\
+         Upgrade: websocket\r\n\
+         Connection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\
+         Sec-WebSocket-Protocol: {protocol}\r\n\
          \r\n"
     )
     .into_bytes()
@@ -227,6 +244,7 @@ fn validate(request: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, Rejec
         cookie: fields.cookie,
         authorization: fields.authorization.map(str::to_owned),
         origin: fields.origin.map(str::to_owned),
+        protocols: fields.protocols,
     })
 }
 
@@ -243,6 +261,7 @@ struct Fields<'b> {
     cookie: Option<String>,
     authorization: Option<&'b str>,
     origin: Option<&'b str>,
+    protocols: Option<String>,
 }
 
 impl<'b> Fields<'b> {
@@ -271,6 +290,16 @@ impl<'b> Fields<'b> {
             set_once(&mut self.origin, text(value)?)?;
         } else if is("cookie") {
             self.add_cookie(text(value)?);
+        } else if is("sec-websocket-protocol") {
+            // RFC 6455 §11.3.4: the header may repeat; its values form one list.
+            let value = text(value)?;
+            match &mut self.protocols {
+                Some(list) => {
+                    list.push_str(", ");
+                    list.push_str(value);
+                }
+                None => self.protocols = Some(value.to_owned()),
+            }
         }
         Ok(())
     }
@@ -417,6 +446,7 @@ mod tests {
             cookie: Some("session=abc".into()),
             authorization: Some("Bearer t0k3n".into()),
             origin: Some("https://example.com".into()),
+            protocols: None,
         };
         let outcome = parse(&buf, MAX);
         assert_eq!(
@@ -445,6 +475,26 @@ mod tests {
             ..UpgradeRequest::default()
         };
         assert_eq!(upgrade(&text), expected);
+    }
+
+    #[test]
+    fn subprotocol_offers_are_one_list() {
+        let text = replacing(
+            "origin",
+            &[
+                "Sec-WebSocket-Protocol: centrifuge-json",
+                "sec-websocket-protocol:  centrifuge-protobuf, other ",
+            ],
+        );
+        assert_eq!(
+            upgrade(&text).protocols.as_deref(),
+            Some("centrifuge-json, centrifuge-protobuf, other")
+        );
+        let response =
+            String::from_utf8(response_101_with_protocol("k", "centrifuge-json")).unwrap();
+        assert!(response.ends_with(
+            "Sec-WebSocket-Accept: k\r\nSec-WebSocket-Protocol: centrifuge-json\r\n\r\n"
+        ));
     }
 
     #[test]

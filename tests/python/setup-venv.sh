@@ -2,7 +2,9 @@
 # Creates the Python venv the wire-compatibility tests use: the published wse-client 2.5.1 and
 # the upstream wse-server 2.5.1 (the independent server the Rust client is checked against,
 # run by upstream_server.py), unmodified, on Python >= 3.12 (found on PATH or via pyenv), plus
-# the packages of the Python example backend (examples/python-chat/requirements.txt).
+# the packages of the Python example backend (examples/python-chat/requirements.txt) and the
+# published Centrifuge clients: centrifuge-python 0.7.0 (tests/python/centrifuge_client.py) and
+# token-bowl-chat 4.0.2 (tests/python/token_bowl_client.py).
 # Idempotent and safe to run concurrently (a lock serialises installs).
 #   WSE_PY_VENV  where the venv goes (default: <repo>/target/py-venv)
 set -euo pipefail
@@ -15,7 +17,12 @@ reqs="$here/../../examples/python-chat/requirements.txt"
 # Up to date when every pinned package is installed at its pin.
 if "$venv/bin/python" - "$reqs" 2>/dev/null <<'PY'; then
 import sys, importlib.metadata as md
-want = {"wse-client": "2.5.1", "wse-server": "2.5.1"}
+want = {
+    "wse-client": "2.5.1",
+    "wse-server": "2.5.1",
+    "centrifuge-python": "0.7.0",
+    "token-bowl-chat": "4.0.2",
+}
 for line in open(sys.argv[1]):
     line = line.split("#")[0].strip()
     if line:
@@ -34,5 +41,6 @@ done
 [ -n "$py" ] || { echo "setup-venv.sh: need Python >= 3.12 (wse-client and wse-server require it)" >&2; exit 2; }
 rm -rf "$venv"
 "$py" -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1" "wse-server==2.5.1" -r "$reqs"
+"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1" "wse-server==2.5.1" \
+  "centrifuge-python==0.7.0" "token-bowl-chat==4.0.2" -r "$reqs"
 "$venv/bin/python" -c 'import wse_client, wse_server; print("wse-client", wse_client.__version__)' >&2

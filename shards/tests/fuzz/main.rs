@@ -1,5 +1,6 @@
 //! Property-based fuzzing of everything in the engine that parses peer input: the RFC 6455 frame
-//! decoder, the HTTP upgrade parser, the WSE message decoder (JSON, `C:` zlib, `M:` MessagePack)
+//! decoder, the HTTP upgrade parser, the WSE message decoder (JSON, `C:` zlib, `M:` MessagePack),
+//! the Centrifuge session (JSON lines and protobuf)
 //! and a whole connection fed arbitrary bytes after a valid upgrade.
 //!
 //! Each property says more than "does not panic": results do not depend on how the input was
@@ -17,6 +18,7 @@
 //! Failures are not persisted to files: a case that once failed is kept as a named regression
 //! test next to the property that found it.
 
+mod centrifuge;
 mod codec;
 mod conn;
 mod handshake;
