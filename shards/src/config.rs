@@ -11,6 +11,8 @@
 //! every key except [`RESTART_KEYS`] (see [`Config::reloaded`]); those keep their running value
 //! until a restart.
 
+pub mod centrifuge;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,7 +83,7 @@ pub struct Config {
     /// `[events]`: how application events reach the backend (event stream or webhook).
     pub events: EventsConfig,
     /// `[centrifuge]`: the Centrifuge client protocol's endpoint, timing and namespaces.
-    pub centrifuge: crate::centrifuge::CentrifugeConfig,
+    pub centrifuge: centrifuge::CentrifugeConfig,
     /// `[log]`: log level and the refusal summary interval.
     pub log: LogConfig,
 }

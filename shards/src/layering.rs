@@ -20,11 +20,11 @@ fn layer(module: &str) -> usize {
         .map_or(0, |i| i + 1)
 }
 
-/// Every top-level module (a file in `src/`, or a directory with a `mod.rs`) and the text of
-/// its files.
+/// Every top-level module (a file in `src/` with its directory of submodules, or a directory
+/// with a `mod.rs`) and the text of its files.
 fn modules() -> BTreeMap<String, String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
     for entry in std::fs::read_dir(&src).expect("src/ is readable") {
         let path = entry.expect("a directory entry").path();
         let name = path
@@ -48,7 +48,8 @@ fn modules() -> BTreeMap<String, String> {
             continue;
         };
         if name != "lib" && name != "layering" {
-            out.insert(name, text);
+            // `config.rs` and its submodules in `config/` are one module.
+            out.entry(name).or_default().push_str(&text);
         }
     }
     out

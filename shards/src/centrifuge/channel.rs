@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::codes::ErrorCode;
-use super::config::{CentrifugeConfig, NamespaceConfig};
+use crate::config::centrifuge::{CentrifugeConfig, NamespaceConfig};
 
 /// The private-channel prefix.
 pub const PRIVATE_PREFIX: char = '$';

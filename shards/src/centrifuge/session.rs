@@ -37,7 +37,6 @@ use serde_json::value::RawValue;
 use super::channel::Namespaces;
 use super::codec::{self, Commands, Format};
 use super::codes::{DisconnectCode, ErrorCode, UnsubscribeCode};
-use super::config::CentrifugeConfig;
 use super::proto::{
     ClientInfo, Command, ConnectRequest, ConnectResult, Empty, Error, HistoryRequest,
     HistoryResult, PresenceRequest, PresenceResult, PresenceStatsResult, PublishRequest,
@@ -46,6 +45,7 @@ use super::proto::{
 use super::requests::encode_unsubscribe;
 pub use super::requests::{Answer, Request, Ticket, encode_publication};
 use crate::auth::{AuthError, Authenticator};
+use crate::config::centrifuge::CentrifugeConfig;
 use crate::protocol::{JSON_DEPTH_MAX, SERVER_VERSION, nests_deeper_than};
 
 /// Time a connection has to send its connect command; past it it is closed with 3502 (stale),

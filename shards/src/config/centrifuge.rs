@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, RecoveryConfig, TIMER_TICK, TOPIC_LEN_MAX};
+use super::{ConfigError, RecoveryConfig, TIMER_TICK, TOPIC_LEN_MAX};
 
 /// Longest namespace name, bytes (a namespace is a channel's prefix, so it is bounded by the
 /// channel's length anyway; this keeps configuration mistakes short).
