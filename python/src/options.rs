@@ -133,6 +133,13 @@ impl Options {
                 idle.as_secs()
             ));
         }
+        // Upstream hands client subscriptions and publications to the application (which calls
+        // subscribe_connection / broadcast itself); code written for it expects them.
+        cfg.protocol.app_handles_requests = true;
+        // Upstream asks no permission to put a connection in a queue group: the application
+        // decides. Ours asks the connection's (`wse_queue_groups` claim, else this default), so
+        // every group is allowed unless a token's own claim says otherwise.
+        cfg.auth.default_queue_groups = vec!["*".to_owned()];
         cfg.protocol.ping_interval = ping;
         cfg.protocol.idle_timeout = idle;
         cfg.validate()

@@ -255,16 +255,10 @@ def test_queue_groups(make_server) -> None:
             assert srv.get_queue_group_info("jobs") == {"workers": 1}
             assert srv.get_topic_subscriber_count("jobs") == 0
 
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        try:
-            run(go())
-        except AssertionError:
-            # Ours applies the client's queue-group permission (auth.default_queue_groups,
-            # `wse_queue_groups`) to subscriptions the application makes; upstream does not.
-            if w and "refused" in str(w[0].message):
-                pytest.xfail(f"not yet: {w[0].message}")
-            raise
+    # No permission asked, as upstream: no "refused" warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(go())
 
 
 def test_disconnect(make_server) -> None:

@@ -206,6 +206,12 @@ pub struct ProtocolConfig {
     pub rate_limit_abuse_window: Duration,
     /// Per-connection JSON sends larger than this are sent `C:`+zlib compressed, bytes.
     pub compression_threshold: usize,
+    /// Client `subscription_update` (`subscription`, `subscribe`, `unsubscribe`) and `publish`
+    /// messages go to the application's event stream as they are, instead of being served by
+    /// the engine. Upstream's Python API leaves them to the application, so the Python package
+    /// (`python/`) sets it; an embedder's switch, not a configuration-file key.
+    #[serde(skip)]
+    pub app_handles_requests: bool,
 }
 
 impl Default for ProtocolConfig {
@@ -218,6 +224,7 @@ impl Default for ProtocolConfig {
             rate_limit_abuse_drops: 100_000,
             rate_limit_abuse_window: Duration::from_secs(10),
             compression_threshold: 1024,
+            app_handles_requests: false,
         }
     }
 }
