@@ -89,7 +89,7 @@ def test_upstream_names_not_yet_provided_say_so() -> None:
     with pytest.raises(AttributeError, match="not implemented by the wse-shards package yet"):
         wse_server.RustCompressionManager  # noqa: B018
     with pytest.raises(ImportError):
-        from wse_server import EventFilter  # noqa: F401
+        from wse_server import rust_transform_event  # noqa: F401
     for name in wse_server.__all__:  # what `from wse_server import *` needs
         getattr(wse_server, name)
 
@@ -110,3 +110,19 @@ def test_jwt_round_trip() -> None:
     aud = rust_jwt_encode({"sub": "a", "exp": 4_000_000_000, "aud": "app", "iss": "me"}, secret)
     assert rust_jwt_decode(aud, secret, issuer="me", audience="app")["aud"] == "app"
     assert rust_jwt_decode(aud, secret, issuer="other") is None
+
+
+def test_every_public_name_has_a_stub_and_a_docstring() -> None:
+    import ast
+    from pathlib import Path
+
+    stub = Path(wse_server.__file__).with_name("_wse_accel.pyi")
+    stubbed = {node.name for node in ast.parse(stub.read_text()).body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    typed_python = {"EventFilter", "EventPriority", "DeliveryGuarantee"}  # .py with annotations
+    for name in wse_server.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(wse_server, name)
+        assert (obj.__doc__ or "").strip(), f"{name} has no docstring"
+        assert name in stubbed or name in typed_python, f"{name} is not in _wse_accel.pyi"
