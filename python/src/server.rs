@@ -660,14 +660,27 @@ impl RustWSEServer {
         ]))
     }
 
-    /// Update presence data for a connection across all its presence topics. Not implemented
-    /// yet: raises NotImplementedError.
-    fn update_presence(&self, conn_id: String, data: &Bound<'_, PyDict>) -> PyResult<()> {
-        let _ = (conn_id, data);
-        Err(PyNotImplementedError::new_err(
-            "update_presence is not implemented in wse-shards yet; re-subscribe the connection \
-             with subscribe_connection(conn_id, topics, data) meanwhile",
-        ))
+    /// Update presence data for a connection across all its presence topics (its clients get
+    /// `presence_update`). RuntimeError, as upstream, for an unknown connection or data over
+    /// `presence_max_data_size`.
+    fn update_presence(
+        &self,
+        py: Python<'_>,
+        conn_id: String,
+        data: &Bound<'_, PyDict>,
+    ) -> PyResult<()> {
+        const FAILED: &str = "Failed to update presence data (size limit or unknown connection)";
+        let data = py_to_json(data.as_any())?.to_string();
+        if data.len() > self.cfg.presence.max_data_size {
+            return Err(PyRuntimeError::new_err(FAILED));
+        }
+        let conn = ConnId::parse(&conn_id).ok_or_else(|| PyRuntimeError::new_err(FAILED))?;
+        let server = self.running()?;
+        match wait(py, server.update_presence(conn, Bytes::from(data)))? {
+            Ok(()) => Ok(()),
+            Err(CommandError::UnknownConnection) => Err(PyRuntimeError::new_err(FAILED)),
+            Err(e) => Err(command_error(e)),
+        }
     }
 
     // -- Cluster --------------------------------------------------------------------------

@@ -7,12 +7,13 @@ import json
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import websockets
 
 from conftest import SECRET, free_port, recv_json, recv_raw, token, wait_connect, wait_events
-from wse_server import RustWSEServer
+from wse_server import RustWSEServer, rust_jwt_encode
 
 UPSTREAM_HEALTH_KEYS = {
     "connections", "inbound_queue_depth", "inbound_dropped", "cluster_connected",
@@ -37,12 +38,45 @@ def test_constructor_refuses_and_adjusts_like_upstream() -> None:
         RustWSEServer("127.0.0.1", 1, max_message_size=100)
     with pytest.warns(RuntimeWarning, match="recovery_buffer_size"):
         RustWSEServer("127.0.0.1", 1, recovery_buffer_size=100)
-    with pytest.raises(NotImplementedError, match="RS256"):
+    with pytest.raises(ValueError, match="RS256 public key"):
         RustWSEServer("127.0.0.1", 1, jwt_secret=b"-----BEGIN PUBLIC KEY-----", jwt_algorithm="RS256")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RustWSEServer("127.0.0.1", 1, jwt_secret=SECRET, jwt_issuer="me", jwt_audience="app",
                       recovery_enabled=True, presence_enabled=True, rate_limit_capacity=50.0)
+
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shards/tests/fixtures"
+
+
+@pytest.mark.parametrize("alg,key", [("RS256", "rsa"), ("ES256", "ec")])
+def test_public_key_algorithms(make_server, alg: str, key: str) -> None:
+    """As upstream: with RS256/ES256, `jwt_secret` is the PEM public key (and
+    `jwt_previous_secret` the previous one, accepted during a rotation)."""
+    pem = {n: (FIXTURES / f"{key}{n}").read_bytes()
+           for n in ("1-public.pem", "1-private.pem", "2-public.pem", "2-private.pem")}
+    srv, url = make_server(jwt_secret=pem["1-public.pem"], jwt_previous_secret=pem["2-public.pem"],
+                           jwt_algorithm=alg)
+    now = int(time.time())
+
+    def signed(sub: str, private: str) -> str:
+        return rust_jwt_encode({"sub": sub, "iat": now, "exp": now + 600}, pem[private], alg)
+
+    async def go() -> None:
+        for sub, private in (("current", "1-private.pem"), ("previous", "2-private.pem")):
+            async with websockets.connect(url, additional_headers={
+                    "Authorization": f"Bearer {signed(sub, private)}"}):
+                ev = wait_events(srv, lambda e: e[0] == "auth_connect")
+                assert ev[2] == sub
+        # An HS256 token (another algorithm, another key): refused.
+        async with websockets.connect(url, additional_headers={
+                "Authorization": f"Bearer {token('intruder')}"}) as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 4401
+
+    run(go())
 
 
 def test_lifecycle(make_server) -> None:
@@ -284,15 +318,21 @@ def test_presence(make_server) -> None:
 
     async def go() -> None:
         hdr = {"Authorization": "Bearer " + token("alice")}
-        async with websockets.connect(url, additional_headers=hdr):
+        async with websockets.connect(url, additional_headers=hdr) as ws:
             conn = wait_events(srv, lambda e: e[0] == "auth_connect")[1]
             srv.subscribe_connection(conn, ["room"], {"status": "on"})
             assert srv.presence("room") == {"alice": {"data": {"status": "on"}, "connections": 1}}
             assert srv.presence_stats("room") == {"num_users": 1, "num_connections": 1}
             ev = wait_events(srv, lambda e: e[0] == "presence_join")
             assert ev == ("presence_join", None, {"topic": "room", "user_id": "alice", "data": {"status": "on"}})
-            with pytest.raises(NotImplementedError):
-                srv.update_presence(conn, {"status": "away"})
+            srv.update_presence(conn, {"status": "away"})
+            update = await recv_json(ws, lambda m: m.get("t") == "presence_update")
+            assert update["p"] == {"topic": "room", "user_id": "alice", "data": {"status": "away"}}
+            assert srv.presence("room") == {"alice": {"data": {"status": "away"}, "connections": 1}}
+            # As upstream: over presence_max_data_size (4096) or unknown -> RuntimeError.
+            for bad_conn, data in ((conn, {"x": "y" * 5000}), ("0" * 16, {"a": 1})):
+                with pytest.raises(RuntimeError, match="Failed to update presence data"):
+                    srv.update_presence(bad_conn, data)
         ev = wait_events(srv, lambda e: e[0] == "presence_leave")
         assert ev[1] is None and ev[2]["user_id"] == "alice" and ev[2]["topic"] == "room"
         assert srv.presence("room") == {}

@@ -346,7 +346,9 @@ class RustWSEServer:
         """{"num_users": int, "num_connections": int} for a topic."""
         ...
     def update_presence(self, conn_id: str, data: dict[str, Any]) -> None:
-        """Not implemented yet: raises NotImplementedError."""
+        """Replace the connection's presence data in all its presence topics (members get
+        `presence_update`). RuntimeError for an unknown connection or data over
+        presence_max_data_size."""
         ...
 
     # -- Cluster (not implemented yet: single-node) ---------------------------

@@ -258,6 +258,13 @@ pub struct AuthConfig {
     pub previous_secret: Option<String>,
     /// Previous RS256/ES256 public key (PEM file), still accepted during a key rotation.
     pub previous_public_key_file: Option<PathBuf>,
+    /// RS256/ES256 public key as PEM text, instead of `public_key_file`: an embedder's way to
+    /// hand the key over (the Python package's `jwt_secret`), not a configuration-file key.
+    #[serde(skip)]
+    pub public_key_pem: Option<String>,
+    /// Previous public key as PEM text, instead of `previous_public_key_file` (embedders).
+    #[serde(skip)]
+    pub previous_public_key_pem: Option<String>,
     /// Required `iss` claim, when set.
     pub issuer: Option<String>,
     /// Accepted `aud` values (the token's `aud` may be a string or an array), when non-empty.
@@ -288,6 +295,8 @@ impl Default for AuthConfig {
             public_key_file: None,
             previous_secret: None,
             previous_public_key_file: None,
+            public_key_pem: None,
+            previous_public_key_pem: None,
             issuer: None,
             audience: Vec::new(),
             kid: None,
@@ -620,7 +629,7 @@ impl Config {
                     Some(_) => {}
                 },
                 JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
-                    if a.public_key_file.is_none() {
+                    if a.public_key_file.is_none() && a.public_key_pem.is_none() {
                         return Err(bad("auth.public_key_file", "required for RS256/ES256"));
                     }
                 }

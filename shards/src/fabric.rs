@@ -377,6 +377,7 @@ impl FabricMsg {
                                 Payload::Event(_) => 0,
                             }
                         }
+                        Command::UpdatePresence { data, .. } => data.len(),
                         _ => 0,
                     }
             }

@@ -266,6 +266,18 @@ impl Server {
         answer.await.ok_or(CommandError::NotRunning)?
     }
 
+    /// Replaces `conn`'s presence data in every topic it is present in (upstream's
+    /// `update_presence`; the same as the client's own `presence_update`). `data` is a JSON
+    /// object's text within `presence.max_data_size` (the caller checks).
+    ///
+    /// # Errors
+    /// `UnknownConnection`, `Overloaded`, `NotRunning`.
+    pub async fn update_presence(&self, conn: ConnId, data: Bytes) -> Result<(), CommandError> {
+        let (reply, answer) = Responder::pair();
+        self.to_connection(conn, Command::UpdatePresence { conn, data, reply })?;
+        answer.await.ok_or(CommandError::NotRunning)?
+    }
+
     /// Every live WSE connection, gathered from every shard (each as it was when it answered).
     ///
     /// # Errors
