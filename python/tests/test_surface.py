@@ -87,7 +87,7 @@ def test_jwt_helpers_signatures() -> None:
 def test_upstream_names_not_yet_provided_say_so() -> None:
     assert "RustWSEServer" in wse_server.__all__
     with pytest.raises(AttributeError, match="not implemented by the wse-shards package yet"):
-        wse_server.RustCompressionManager  # noqa: B018
+        wse_server.rust_transform_event  # noqa: B018
     with pytest.raises(ImportError):
         from wse_server import rust_transform_event  # noqa: F401
     for name in wse_server.__all__:  # what `from wse_server import *` needs

@@ -29,6 +29,7 @@ for _name in _utilities.__all__:
     setattr(_wse_accel, _name, getattr(_utilities, _name))
 del _name
 from wse_server._utilities import (  # noqa: E402
+    RustCompressionManager,
     RustEventSequencer,
     RustPriorityMessageQueue,
     RustPriorityQueue,

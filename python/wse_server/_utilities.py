@@ -10,13 +10,18 @@ has its own rate limits, queues and sequencing.
 from __future__ import annotations
 
 import heapq
+import json
 import operator
 import re
+import struct
 import time
 from collections import OrderedDict, deque
 from typing import Any
 
+from wse_server import _wse_accel as _accel
+
 __all__ = [
+    "RustCompressionManager",
     "RustTokenBucket",
     "RustSequencer",
     "RustEventSequencer",
@@ -548,3 +553,343 @@ def rust_match_event(event: dict, criteria: dict) -> bool:
         elif not value == expected:
             return False
     return True
+
+
+# -- MessagePack and the compression manager ---------------------------------------------------
+
+
+def _to_plain(obj: Any) -> Any:
+    """The value upstream's packer sees: UUIDs as their text, dates as ISO 8601, enums as their
+    value, objects as their __dict__, anything else unknown as str(obj); ints past 64 bits as
+    text."""
+    if obj is None or isinstance(obj, (bool, float, str, bytes)):
+        return obj
+    if isinstance(obj, int):
+        return obj if -(1 << 63) <= obj < (1 << 64) else str(obj)
+    if isinstance(obj, dict):
+        return {_Key(_to_plain(k)): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    hex_attr = getattr(obj, "hex", None)
+    if isinstance(hex_attr, str) and len(hex_attr) == 32:
+        return str(obj)
+    if hasattr(obj, "isoformat") and hasattr(obj, "year"):
+        return obj.isoformat()
+    if hasattr(obj, "value") and hasattr(obj, "name"):
+        return _to_plain(obj.value)
+    if isinstance(getattr(obj, "__dict__", None), dict):
+        return _to_plain(obj.__dict__)
+    return str(obj)
+
+
+class _Key:
+    """A map key kept apart from its value's hashability (keys may be lists upstream)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _pack(value: Any, out: bytearray) -> None:
+    if value is None:
+        out.append(0xC0)
+    elif value is True or value is False:
+        out.append(0xC3 if value else 0xC2)
+    elif isinstance(value, int):
+        if value >= 0:
+            if value < 0x80:
+                out.append(value)
+            elif value <= 0xFF:
+                out += b"\xcc" + value.to_bytes(1, "big")
+            elif value <= 0xFFFF:
+                out += b"\xcd" + value.to_bytes(2, "big")
+            elif value <= 0xFFFFFFFF:
+                out += b"\xce" + value.to_bytes(4, "big")
+            else:
+                out += b"\xcf" + value.to_bytes(8, "big")
+        elif value >= -32:
+            out += value.to_bytes(1, "big", signed=True)
+        elif value >= -0x80:
+            out += b"\xd0" + value.to_bytes(1, "big", signed=True)
+        elif value >= -0x8000:
+            out += b"\xd1" + value.to_bytes(2, "big", signed=True)
+        elif value >= -0x80000000:
+            out += b"\xd2" + value.to_bytes(4, "big", signed=True)
+        else:
+            out += b"\xd3" + value.to_bytes(8, "big", signed=True)
+    elif isinstance(value, float):
+        out += b"\xcb" + struct.pack(">d", value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+        _head(out, len(data), 0xA0, 32, b"\xd9", b"\xda", b"\xdb")
+        out += data
+    elif isinstance(value, bytes):
+        _head(out, len(value), None, 0, b"\xc4", b"\xc5", b"\xc6")
+        out += value
+    elif isinstance(value, list):
+        _head(out, len(value), 0x90, 16, None, b"\xdc", b"\xdd")
+        for v in value:
+            _pack(v, out)
+    else:  # dict of _Key
+        _head(out, len(value), 0x80, 16, None, b"\xde", b"\xdf")
+        for k, v in value.items():
+            _pack(k.value, out)
+            _pack(v, out)
+
+
+def _head(out: bytearray, n: int, fix: int | None, fix_max: int, b8: bytes | None, b16: bytes,
+          b32: bytes) -> None:
+    if fix is not None and n < fix_max:
+        out.append(fix | n)
+    elif b8 is not None and n <= 0xFF:
+        out += b8 + n.to_bytes(1, "big")
+    elif n <= 0xFFFF:
+        out += b16 + n.to_bytes(2, "big")
+    else:
+        out += b32 + n.to_bytes(4, "big")
+
+
+class _Truncated(Exception):
+    pass
+
+
+#: Containers nested deeper than this are refused when unpacking (no unbounded recursion).
+_UNPACK_DEPTH_MAX = 1024
+
+
+def _unpack(data: bytes, pos: int, depth: int = 0) -> tuple[Any, int]:
+    if depth > _UNPACK_DEPTH_MAX:
+        raise ValueError("nested too deeply")
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise _Truncated("unexpected end of data")
+        chunk = data[pos:pos + n]
+        pos += n
+        return chunk
+
+    def uint(n: int) -> int:
+        return int.from_bytes(take(n), "big")
+
+    def sint(n: int) -> int:
+        return int.from_bytes(take(n), "big", signed=True)
+
+    def text(n: int) -> str:
+        try:
+            return take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            return ""
+
+    def seq(n: int) -> list:
+        nonlocal pos
+        items = []
+        for _ in range(n):
+            item, pos = _unpack(data, pos, depth + 1)
+            items.append(item)
+        return items
+
+    def mapping(n: int) -> dict:
+        nonlocal pos
+        out = {}
+        for _ in range(n):
+            k, pos = _unpack(data, pos, depth + 1)
+            v, pos = _unpack(data, pos, depth + 1)
+            out[k] = v
+        return out
+
+    b = take(1)[0]
+    if b <= 0x7F:
+        value: Any = b
+    elif b <= 0x8F:
+        value = mapping(b & 0x0F)
+    elif b <= 0x9F:
+        value = seq(b & 0x0F)
+    elif b <= 0xBF:
+        value = text(b & 0x1F)
+    elif b >= 0xE0:
+        value = b - 0x100
+    else:
+        simple = {0xC0: None, 0xC2: False, 0xC3: True}
+        if b in simple:
+            value = simple[b]
+        elif b in (0xC4, 0xC5, 0xC6):
+            value = take(uint(1 << (b - 0xC4)))
+        elif b in (0xC7, 0xC8, 0xC9):  # ext 8/16/32: the data, as bytes
+            n = uint(1 << (b - 0xC7))
+            take(1)
+            value = take(n)
+        elif b == 0xCA:
+            value = struct.unpack(">f", take(4))[0]
+        elif b == 0xCB:
+            value = struct.unpack(">d", take(8))[0]
+        elif 0xCC <= b <= 0xCF:
+            value = uint(1 << (b - 0xCC))
+        elif 0xD0 <= b <= 0xD3:
+            value = sint(1 << (b - 0xD0))
+        elif 0xD4 <= b <= 0xD8:  # fixext 1..16
+            take(1)
+            value = take(1 << (b - 0xD4))
+        elif b in (0xD9, 0xDA, 0xDB):
+            value = text(uint(1 << (b - 0xD9)))
+        elif b in (0xDC, 0xDD):
+            value = seq(uint(2 << (b - 0xDC)))
+        elif b in (0xDE, 0xDF):
+            value = mapping(uint(2 << (b - 0xDE)))
+        else:  # 0xC1, never used
+            raise ValueError(f"reserved marker 0x{b:02x}")
+    return value, pos
+
+
+def _json_ready(value: Any) -> Any:
+    """`_to_plain`'s value as upstream's JSON fallback writes it: bytes as hex, non-finite
+    floats as null, keys as text (sorted, as its JSON maps are)."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        items = {(k.value if isinstance(k.value, str) else _display(k.value)): _json_ready(v)
+                 for k, v in value.items()}
+        return dict(sorted(items.items()))
+    return value
+
+
+def _display(value: Any) -> str:
+    """A non-text map key as upstream's MessagePack value prints it."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bytes):
+        return "[" + ", ".join(str(b) for b in value) + "]"
+    if isinstance(value, list):
+        return "[" + ", ".join(_display(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_display(k.value)}: {_display(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+class RustCompressionManager:
+    """zlib compression with statistics, MessagePack and event packing (JSON fallback)."""
+
+    __module__ = _MODULE
+
+    def __init__(self, threshold: int = 1024, compression_level: int = 6) -> None:
+        self._threshold = _count("threshold", threshold)
+        self._level = _count("compression_level", compression_level)
+        self.reset_stats()
+
+    def should_compress(self, data: bytes) -> bool:
+        """Return True if data exceeds the compression threshold."""
+        return len(_bytes("data", data)) > self._threshold
+
+    def compress(self, data: bytes, level: int | None = None) -> bytes:
+        """Compress data with zlib (the manager's level unless one is given)."""
+        data = _bytes("data", data)
+        level = self._level if level is None else _count("level", level)
+        try:
+            out = _accel.rust_compress(data, level)
+        except Exception:
+            self._failures_c += 1
+            raise
+        saved = len(data) - len(out)
+        if saved > 0:
+            self._saved += saved
+        self._compressed += 1
+        return out
+
+    def decompress(self, data: bytes) -> bytes:
+        """Decompress zlib data (10 MiB of output at most)."""
+        try:
+            out = _accel.rust_decompress(_bytes("data", data))
+        except Exception:
+            self._failures_d += 1
+            raise
+        self._decompressed += 1
+        return out
+
+    def pack_msgpack(self, data: dict[str, Any]) -> bytes:
+        """Serialize dict to msgpack bytes."""
+        if not isinstance(data, dict):
+            raise TypeError(f"argument 'data': '{type(data).__name__}' object cannot be "
+                            "converted to 'PyDict'")
+        out = bytearray()
+        _pack(_to_plain(data), out)
+        return bytes(out)
+
+    def unpack_msgpack(self, data: bytes) -> Any:
+        """Deserialize msgpack bytes (the first value; what follows it is ignored)."""
+        try:
+            return _unpack(_bytes("data", data), 0)[0]
+        except (_Truncated, ValueError) as exc:
+            raise RuntimeError(f"msgpack unpacking failed: {exc}") from None
+
+    def pack_event(self, event: dict[str, Any], use_msgpack: bool = True) -> bytes:
+        """Pack event as msgpack, or as compact JSON with use_msgpack=False."""
+        if use_msgpack:
+            return self.pack_msgpack(event)
+        if not isinstance(event, dict):
+            raise TypeError(f"argument 'event': '{type(event).__name__}' object cannot be "
+                            "converted to 'PyDict'")
+        return json.dumps(_json_ready(_to_plain(event)), separators=(",", ":"),
+                          ensure_ascii=False).encode()
+
+    def unpack_event(self, data: bytes, is_msgpack: bool = True) -> Any:
+        """Unpack event from msgpack (falling back to JSON), or from JSON."""
+        data = _bytes("data", data)
+        if is_msgpack:
+            try:
+                return _unpack(data, 0)[0]
+            except (_Truncated, ValueError, TypeError):
+                pass
+        for text in _decodings(data):
+            try:
+                return json.loads(text)
+            except ValueError:
+                continue
+        if is_msgpack:
+            raise RuntimeError("Failed to unpack event (tried msgpack + JSON)")
+        return {"_raw_hex": data.hex(), "_decode_error": True}
+
+    def get_stats(self) -> dict[str, int | float]:
+        """Compression statistics."""
+        c_attempts = self._compressed + self._failures_c
+        d_attempts = self._decompressed + self._failures_d
+        return {
+            "total_compressed": self._compressed,
+            "total_decompressed": self._decompressed,
+            "compression_failures": self._failures_c,
+            "decompression_failures": self._failures_d,
+            "total_bytes_saved": self._saved,
+            "compression_success_rate": self._compressed / c_attempts if c_attempts else 0.0,
+            "decompression_success_rate": self._decompressed / d_attempts if d_attempts else 0.0,
+            "average_bytes_saved": self._saved / self._compressed if self._compressed else 0.0,
+        }
+
+    def reset_stats(self) -> None:
+        """Reset all compression statistics to zero."""
+        self._compressed = self._decompressed = 0
+        self._failures_c = self._failures_d = 0
+        self._saved = 0
+
+
+def _decodings(data: bytes):
+    try:
+        yield data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    # Upstream's latin-1 and cp1252 attempts both map each byte to one character.
+    yield data.decode("latin-1")
+
+
+def _bytes(name: str, value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"argument '{name}': '{type(value).__name__}' object cannot be "
+                        "converted to 'PyBytes'")
+    return value
