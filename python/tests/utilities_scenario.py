@@ -38,13 +38,13 @@ def topics_sorted(stats):
 
 # -- names --
 # Not provided by ours yet (docs/PYTHON.md says so): left out of the comparison.
-NOT_YET = {"rust_transform_event"}
+NOT_YET: set = set()
 show("all", sorted(set(w.__all__) - NOT_YET))
 show("version", w.__version__)
 show("priority", [(p.name, p.value) for p in w.EventPriority])
 show("guarantee", [(g.name, g.value) for g in w.DeliveryGuarantee])
 for name in ["RustCompressionManager", "RustTokenBucket", "RustSequencer", "RustEventSequencer", "RustPriorityQueue",
-             "RustPriorityMessageQueue", "rust_match_event", "rust_sha256", "rust_compress"]:
+             "RustPriorityMessageQueue", "rust_match_event", "rust_transform_event", "rust_sha256", "rust_compress"]:
     from wse_server import _wse_accel
     show(f"accel.{name}", hasattr(_wse_accel, name))
 
@@ -228,6 +228,59 @@ for label, blob in [("empty", b""), ("truncated", b"\x92\x01"), ("reserved", b"\
     out(f"unpack_msgpack {label}", cm.unpack_msgpack, blob)
     out(f"unpack_event {label}", cm.unpack_event, blob)
     out(f"unpack_event json {label}", cm.unpack_event, blob, False)
+
+# -- event envelope --
+import re
+
+UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+NOW = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+
+
+def envelope(label, event, seq, type_map):
+    given = dict(event) if isinstance(event, dict) else event
+    env = out(label, lambda: normalized(w.rust_transform_event(event, seq, type_map)))
+    if isinstance(given, dict) and isinstance(env, dict) and env is not None:
+        show(label + " input kept", event == given or sorted(set(event) - set(given)))
+
+
+def normalized(env):
+    env = dict(env)
+    if "latency_ms" in env:
+        env["latency_ms"] = type(env["latency_ms"]).__name__
+    if isinstance(env.get("id"), str) and UUID7.fullmatch(env["id"]):
+        env["id"] = "<uuid7>"
+    if isinstance(env.get("ts"), str) and NOW.fullmatch(env["ts"]):
+        env["ts"] = "<now>"
+    return env
+
+
+META = {"event_id": "e1", "timestamp": "2026-01-02T03:04:05Z", "correlation_id": "c1",
+        "priority": 8, "version": 3, "trace_id": "tr"}
+PAYLOAD = {"a": 1, "u": uuid.UUID(int=7), "d": datetime.datetime(2026, 1, 2, 3, 4, 5),
+           "b": b"x\xff", "t": (1, (2, 3)), "e": Color.RED, "o": Plain(), "s": {1}}
+EVENTS = [
+    ({"event_type": "OrderPlaced", "payload": PAYLOAD, "_metadata": META}, {}),
+    ({"event_type": "OrderPlaced", "payload": PAYLOAD, "_metadata": META}, {"OrderPlaced": "order_placed"}),
+    ({"type": "X_Snapshot", "event_id": b"id", "timestamp": "2026-01-02T03:04:05.123",
+      "x": {"y": {"z": uuid.UUID(int=1)}, "w": [uuid.UUID(int=2)]}, "_metadata": None}, {}),
+    ({"type": "Snapshot_Done", "x": {"y": {"z": {"q": uuid.UUID(int=1)}}}}, {"Snapshot_Done": 5}),
+    ({"t": "x", "p": {}, "v": 1, "id": "i", "ts": "s"}, {}),
+    ({"t": "x", "p": {}, "v": 1, "id": "i", "ts": "s", "seq": 9}, {}),
+    ({}, {}),
+    ({"event_type": Color.RED, "c": "custom", "pri": 3, "version": True, "correlation_id": "",
+      "trace_id": "", "payload": "not a dict"}, {}),
+    ({"event_type": "Error", "timestamp": datetime.datetime(2026, 1, 2, 3, 4, 5), "version": 2.0,
+      "_metadata": {"version": 7, "correlation_id": "", "timestamp": None}}, {}),
+    ({"event_type": "pong", "timestamp": "2026-01-02 03:04:05+00:00", "payload": {"type": "inner"}}, {}),
+    ({"event_type": "ServerReady", "timestamp": "garbage", "event_id": uuid.UUID(int=3),
+      "payload": {"event_type": "kept", "type": "t"}}, {"ServerReady": "server_ready"}),
+    ({"event_type": "", "_metadata": {"event_id": 5, "priority": 0}}, {}),
+]
+for i, (event, type_map) in enumerate(EVENTS):
+    envelope(f"envelope {i}", event, i, type_map)
+out("envelope list", w.rust_transform_event, [], 1, {})
+out("envelope seq str", w.rust_transform_event, {}, "1", {})
+out("envelope map list", w.rust_transform_event, {}, 1, [])
 
 # -- event filter --
 ev = {"event_type": "OrderPlaced", "symbol": "AAPL.X", "quantity": 150, "flag": True,

@@ -36,6 +36,7 @@ from wse_server._utilities import (  # noqa: E402
     RustSequencer,
     RustTokenBucket,
     rust_match_event,
+    rust_transform_event,
 )
 from wse_server.core.filters import EventFilter  # noqa: E402
 from wse_server.core.types import DeliveryGuarantee, EventPriority  # noqa: E402
@@ -45,8 +46,8 @@ __version__ = "2.4.0"
 #: This package's own version (the wse-shards engine it was built from).
 __engine_version__ = ENGINE_VERSION
 
-# Upstream 2.5.1's __all__; the names not provided yet raise AttributeError with a pointer.
-_UPSTREAM_ALL = [
+# Upstream 2.5.1's __all__, every name provided.
+__all__ = [
     "RustWSEServer",
     "RustCompressionManager",
     "RustEventSequencer",
@@ -73,16 +74,3 @@ _UPSTREAM_ALL = [
     "DeliveryGuarantee",
     "__version__",
 ]
-
-# Names of upstream's __all__ this package does not provide yet (see docs/PYTHON.md).
-_NOT_YET = frozenset(_UPSTREAM_ALL) - set(globals()) - {"__version__"}
-__all__ = [n for n in _UPSTREAM_ALL if n not in _NOT_YET]
-
-
-def __getattr__(name: str) -> object:
-    if name in _NOT_YET:
-        raise AttributeError(
-            f"wse_server.{name} is not implemented by the wse-shards package yet "
-            "(see docs/PYTHON.md, 'Compatibility')"
-        )
-    raise AttributeError(f"module 'wse_server' has no attribute {name!r}")

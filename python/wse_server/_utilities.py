@@ -28,6 +28,7 @@ __all__ = [
     "RustPriorityQueue",
     "RustPriorityMessageQueue",
     "rust_match_event",
+    "rust_transform_event",
 ]
 
 _MODULE = "wse_server._wse_accel"
@@ -893,3 +894,203 @@ def _bytes(name: str, value: Any) -> bytes:
         raise TypeError(f"argument '{name}': '{type(value).__name__}' object cannot be "
                         "converted to 'PyBytes'")
     return value
+
+
+# -- event envelope ---------------------------------------------------------------------------
+
+#: Event types whose envelope category is "WSE" (the rest: "U", snapshots "S").
+_WSE_TYPES = frozenset({"server_ready", "snapshot_complete", "client_hello_ack",
+                        "connection_state_change", "error", "pong"})
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+_NAIVE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?")
+
+
+def _clean(obj: Any) -> bool:
+    return obj is None or isinstance(obj, (str, bool, int, float))
+
+
+def _shallow_clean(obj: Any) -> bool:
+    return _clean(obj) or isinstance(obj, (list, dict))
+
+
+def _needs_conversion(d: dict) -> bool:
+    """Whether anything in the first two levels of `d` is not JSON-ready (deeper is not looked
+    at, as upstream)."""
+    for v in d.values():
+        if not _shallow_clean(v):
+            return True
+        inner = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        if any(not _shallow_clean(x) for x in inner):
+            return True
+    return False
+
+
+def _text_of(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _convert(obj: Any) -> Any:
+    """A JSON-ready copy: bytes as text, UUIDs as text, dates as ISO 8601, enums as their
+    value, tuples as lists, objects as their __dict__."""
+    if _clean(obj):
+        return obj
+    if isinstance(obj, dict):
+        if not _needs_conversion(obj):
+            return obj
+        return {k: _convert(v) for k, v in obj.items()}
+    if isinstance(obj, bytes):
+        return _text_of(obj)
+    hex_attr = getattr(obj, "hex", None)
+    if isinstance(hex_attr, str) and len(hex_attr) == 32:
+        return str(obj)
+    if hasattr(obj, "isoformat") and hasattr(obj, "year"):
+        return obj.isoformat()
+    if hasattr(obj, "value") and hasattr(obj, "name"):
+        return _convert(obj.value)
+    if isinstance(obj, (list, tuple)):
+        return [_convert(v) for v in obj]
+    if isinstance(getattr(obj, "__dict__", None), dict):
+        return _convert(obj.__dict__)
+    return obj
+
+
+def _as_text(obj: Any) -> str:
+    """str() of an id-like value after upstream's conversions (bytes, UUID, date, enum)."""
+    if isinstance(obj, bytes):
+        return _text_of(obj)
+    hex_attr = getattr(obj, "hex", None)
+    if isinstance(hex_attr, str) and len(hex_attr) == 32:
+        return str(obj)
+    if hasattr(obj, "isoformat") and hasattr(obj, "year"):
+        return str(obj.isoformat())
+    if hasattr(obj, "value") and hasattr(obj, "name"):
+        return str(obj.value)
+    return str(obj)
+
+
+def _get(d: dict | None, key: str) -> Any:
+    """d[key] unless absent or None (then None)."""
+    return None if d is None else d.get(key)
+
+
+def _latency_ms(stamp: str) -> int | None:
+    import datetime as dt
+
+    if _RFC3339.fullmatch(stamp):
+        text = stamp[:-1] + "+00:00" if stamp[-1] in "Zz" else stamp
+        when = dt.datetime.fromisoformat(text.replace("t", "T").replace(" ", "T"))
+    elif _NAIVE.fullmatch(stamp):
+        when = dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.timezone.utc)
+    else:
+        return None
+    delta = dt.datetime.now(dt.timezone.utc) - when
+    # Whole milliseconds, toward zero.
+    return int(delta / dt.timedelta(milliseconds=1))
+
+
+def _uuid7() -> str:
+    """A UUIDv7 (time-ordered) as text: 48-bit Unix milliseconds, version 7, random rest."""
+    import os
+    import uuid
+
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 \
+        | 0b10 << 62 | (rand & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+def rust_transform_event(event: dict[str, Any], sequence: int,
+                         event_type_map: dict[str, Any]) -> dict[str, Any]:
+    """Transform a raw event dict into a WSE wire envelope `{c, t, id, ts, seq, p, v, ...}`.
+
+    The type is `event_type` (or `type`) mapped through event_type_map, else lowercased; id,
+    timestamp, correlation id, priority, version and trace id come from `_metadata` or the event;
+    the payload is `payload` (or the event itself, `_metadata` left out), made JSON-ready. An
+    event that already has v, t, p, id and ts is returned as it is (with `seq` added if absent).
+    """
+    import datetime as dt
+
+    if not isinstance(event, dict):
+        raise TypeError(f"argument 'event': '{type(event).__name__}' object cannot be "
+                        "converted to 'PyDict'")
+    if isinstance(sequence, bool) or not isinstance(sequence, int):
+        raise TypeError(f"argument 'sequence': '{type(sequence).__name__}' object cannot be "
+                        "interpreted as an integer")
+    if not isinstance(event_type_map, dict):
+        raise TypeError(f"argument 'event_type_map': '{type(event_type_map).__name__}' object "
+                        "cannot be converted to 'PyDict'")
+    if all(k in event for k in ("v", "t", "p", "id", "ts")):
+        event.setdefault("seq", sequence)
+        return event
+
+    raw = _get(event, "event_type")
+    raw = _get(event, "type") if raw is None else raw
+    raw_type = "unknown" if raw is None else _as_text(raw)
+    mapped = event_type_map.get(raw_type)
+    ws_type = raw_type.lower() if mapped is None else str(mapped)
+
+    meta = event.get("_metadata")
+    meta = meta if isinstance(meta, dict) else None
+
+    def text_of(key: str, meta_key: str | None = None) -> str | None:
+        value = _get(meta, meta_key or key)
+        return None if value is None else str(value)
+
+    stamp_text = text_of("timestamp")
+    if stamp_text is None and _get(event, "timestamp") is not None:
+        stamp_text = str(event["timestamp"])
+    latency = None if stamp_text is None else _latency_ms(stamp_text)
+
+    ident = _get(meta, "event_id")
+    ident = _get(event, "event_id") if ident is None else ident
+    event_id = _uuid7() if ident is None else _as_text(ident)
+
+    stamp = _get(meta, "timestamp")
+    stamp = _get(event, "timestamp") if stamp is None else stamp
+    if stamp is None:
+        timestamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    else:
+        timestamp = _as_text(stamp)
+
+    source = _get(event, "payload")
+    source = source if isinstance(source, dict) else event
+    payload = {k: _convert(v) for k, v in source.items() if str(k) != "_metadata"}
+    if "event_type" not in payload and _get(payload, "type") is not None:
+        payload["event_type"] = payload["type"]
+    payload = _convert(payload)
+
+    category = _get(event, "c")
+    if category is None:
+        if "_snapshot" in ws_type or "snapshot_" in ws_type:
+            category = "S"
+        else:
+            category = "WSE" if ws_type in _WSE_TYPES else "U"
+    envelope: dict[str, Any] = {"c": category, "t": ws_type, "id": event_id, "ts": timestamp,
+                                "seq": sequence, "p": payload, "v": 1}
+    if raw_type != ws_type:
+        envelope["original_event_type"] = raw_type
+    if latency is not None:
+        envelope["latency_ms"] = latency
+    cid = text_of("correlation_id")
+    if cid is None and _get(event, "correlation_id") is not None:
+        cid = str(event["correlation_id"]) or None
+    if cid is not None:
+        envelope["cid"] = cid
+    pri = _get(meta, "priority")
+    pri = _get(event, "pri") if pri is None else pri
+    if pri is not None:
+        envelope["pri"] = pri
+    version = _get(event, "version")
+    version = _get(meta, "version") if version is None else version
+    envelope["event_version"] = (int(version) if isinstance(version, int)
+                                 and -(1 << 63) <= version < (1 << 63) else 1)
+    trace = text_of("trace_id")
+    if trace is None and _get(event, "trace_id") is not None:
+        trace = str(event["trace_id"]) or None
+    if trace is not None:
+        envelope["trace_id"] = trace
+    return envelope

@@ -99,6 +99,12 @@ def rust_match_event(event: dict[str, Any], criteria: dict[str, Any]) -> bool:
     """Match an event against MongoDB-style filter criteria."""
     ...
 
+def rust_transform_event(
+    event: dict[str, Any], sequence: int, event_type_map: dict[str, Any]
+) -> dict[str, Any]:
+    """Transform a raw event dict into a WSE wire envelope `{c, t, id, ts, seq, p, v, ...}`."""
+    ...
+
 class RustCompressionManager:
     """zlib compression with statistics, MessagePack and event packing (JSON fallback)."""
 
