@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyNotImplementedError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use wse_shards::Config;
 use wse_shards::config::JwtAlgorithm;
@@ -169,8 +169,8 @@ impl Options {
         match self.jwt_algorithm.as_deref().unwrap_or("HS256") {
             "HS256" => {
                 cfg.auth.algorithm = JwtAlgorithm::HS256;
-                cfg.auth.secret = Some(hs256_key("jwt_secret", secret)?);
-                cfg.auth.previous_secret = self
+                cfg.auth.secret_bytes = Some(hs256_key("jwt_secret", secret)?);
+                cfg.auth.previous_secret_bytes = self
                     .jwt_previous_secret
                     .as_deref()
                     .map(|s| hs256_key("jwt_previous_secret", s))
@@ -209,17 +209,14 @@ impl Options {
     }
 }
 
-fn hs256_key(name: &str, key: &[u8]) -> PyResult<String> {
+fn hs256_key(name: &str, key: &[u8]) -> PyResult<Vec<u8>> {
     if key.len() < HS256_KEY_MIN {
         return Err(PyValueError::new_err(format!(
             "{name} must be at least 32 bytes (RFC 7518 HS256 minimum)"
         )));
     }
-    String::from_utf8(key.to_vec()).map_err(|_| {
-        PyNotImplementedError::new_err(format!(
-            "{name} must be UTF-8 for now (binary HS256 keys are not supported yet)"
-        ))
-    })
+    // Any bytes, as upstream (a binary key too).
+    Ok(key.to_vec())
 }
 
 fn pem_text(name: &str, key: &[u8]) -> PyResult<String> {

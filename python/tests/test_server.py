@@ -79,6 +79,20 @@ def test_public_key_algorithms(make_server, alg: str, key: str) -> None:
     run(go())
 
 
+def test_binary_hs256_secret(make_server) -> None:
+    """As upstream, any bytes make a secret (not only UTF-8)."""
+    secret = bytes(range(200, 256)) + b"\x00\xff"
+    srv, url = make_server(jwt_secret=secret)
+    now = int(time.time())
+    tok = rust_jwt_encode({"sub": "bin", "iat": now, "exp": now + 600}, secret)
+
+    async def go() -> None:
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {tok}"}):
+            assert wait_events(srv, lambda e: e[0] == "auth_connect")[2] == "bin"
+
+    run(go())
+
+
 def test_lifecycle(make_server) -> None:
     srv, _ = make_server(start=False)
     assert not srv.is_running()

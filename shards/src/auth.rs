@@ -249,8 +249,14 @@ impl Authenticator {
                 let secret = cfg
                     .secret
                     .as_deref()
+                    .map(str::as_bytes)
+                    .or(cfg.secret_bytes.as_deref())
                     .ok_or_else(|| bad("auth.secret", "required for HS256"))?;
-                let previous = cfg.previous_secret.as_deref();
+                let previous = cfg
+                    .previous_secret
+                    .as_deref()
+                    .map(str::as_bytes)
+                    .or(cfg.previous_secret_bytes.as_deref());
                 (
                     Algorithm::HS256,
                     hmac_key("auth.secret", secret)?,
@@ -593,7 +599,7 @@ fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
 /// Shortest HS256 secret we accept (protocol.md §1).
 const HS256_SECRET_MIN: usize = 32;
 
-fn hmac_key(key: &'static str, secret: &str) -> Result<DecodingKey, ConfigError> {
+fn hmac_key(key: &'static str, secret: &[u8]) -> Result<DecodingKey, ConfigError> {
     // Config::validate checks this too; repeated because `new` may be given a configuration that
     // was not validated, and a short HMAC secret can be brute-forced offline from any token.
     if secret.len() < HS256_SECRET_MIN {
@@ -602,7 +608,7 @@ fn hmac_key(key: &'static str, secret: &str) -> Result<DecodingKey, ConfigError>
             format!("must be at least {HS256_SECRET_MIN} bytes"),
         ));
     }
-    Ok(DecodingKey::from_secret(secret.as_bytes()))
+    Ok(DecodingKey::from_secret(secret))
 }
 
 fn pem_key(

@@ -258,6 +258,14 @@ pub struct AuthConfig {
     pub previous_secret: Option<String>,
     /// Previous RS256/ES256 public key (PEM file), still accepted during a key rotation.
     pub previous_public_key_file: Option<PathBuf>,
+    /// HS256 secret as raw bytes (any bytes, not only UTF-8), instead of `secret`: an
+    /// embedder's way to hand a binary key over (the Python package's `jwt_secret`), not a
+    /// configuration-file key.
+    #[serde(skip)]
+    pub secret_bytes: Option<Vec<u8>>,
+    /// Previous HS256 secret as raw bytes, instead of `previous_secret` (embedders).
+    #[serde(skip)]
+    pub previous_secret_bytes: Option<Vec<u8>>,
     /// RS256/ES256 public key as PEM text, instead of `public_key_file`: an embedder's way to
     /// hand the key over (the Python package's `jwt_secret`), not a configuration-file key.
     #[serde(skip)]
@@ -295,6 +303,8 @@ impl Default for AuthConfig {
             public_key_file: None,
             previous_secret: None,
             previous_public_key_file: None,
+            secret_bytes: None,
+            previous_secret_bytes: None,
             public_key_pem: None,
             previous_public_key_pem: None,
             issuer: None,
@@ -621,7 +631,12 @@ impl Config {
         let a = &self.auth;
         if a.enabled {
             match a.algorithm {
-                JwtAlgorithm::HS256 => match &a.secret {
+                JwtAlgorithm::HS256 => match a
+                    .secret
+                    .as_deref()
+                    .map(str::as_bytes)
+                    .or(a.secret_bytes.as_deref())
+                {
                     None => return Err(bad("auth.secret", "required for HS256")),
                     Some(s) if s.len() < 32 => {
                         return Err(bad("auth.secret", "must be at least 32 bytes"));
