@@ -772,11 +772,11 @@ impl RustWSEServer {
             h.as_ref().map_or(0.0, |h| h.uptime.as_secs_f64()),
         )?;
         d.set_item("recovery_enabled", self.cfg.recovery.enabled)?;
-        d.set_item("recovery_topic_count", 0)?;
-        d.set_item("recovery_total_bytes", 0)?;
+        d.set_item("recovery_topic_count", n(|h| h.recovery_topics))?;
+        d.set_item("recovery_total_bytes", n(|h| h.recovery_bytes))?;
         d.set_item("presence_enabled", self.cfg.presence.enabled)?;
-        d.set_item("presence_topics", 0)?;
-        d.set_item("presence_total_users", 0)?;
+        d.set_item("presence_topics", n(|h| h.presence_topics))?;
+        d.set_item("presence_total_users", n(|h| h.presence_users))?;
         // Ours.
         d.set_item("running", h.as_ref().is_some_and(|h| h.running))?;
         d.set_item("draining", h.as_ref().is_some_and(|h| h.draining))?;

@@ -29,6 +29,19 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def health_until(srv: RustWSEServer, pred, timeout: float = 5.0) -> dict:
+    """The first health_snapshot() matching `pred`: its gauges are sampled by the shards at the
+    end of each loop turn, so a change shows up a turn after the event that caused it."""
+    end = time.monotonic() + timeout
+    while True:
+        h = srv.health_snapshot()
+        if pred(h):
+            return h
+        if time.monotonic() >= end:
+            raise AssertionError(f"health_snapshot never matched in {timeout}s: {h}")
+        time.sleep(0.01)
+
+
 # -- constructor and lifecycle -------------------------------------------------------------
 
 def test_constructor_refuses_and_adjusts_like_upstream() -> None:
@@ -339,6 +352,8 @@ def test_presence(make_server) -> None:
             assert srv.presence_stats("room") == {"num_users": 1, "num_connections": 1}
             ev = wait_events(srv, lambda e: e[0] == "presence_join")
             assert ev == ("presence_join", None, {"topic": "room", "user_id": "alice", "data": {"status": "on"}})
+            h = health_until(srv, lambda h: h["presence_topics"] == 1)
+            assert h["presence_total_users"] == 1
             srv.update_presence(conn, {"status": "away"})
             update = await recv_json(ws, lambda m: m.get("t") == "presence_update")
             assert update["p"] == {"topic": "room", "user_id": "alice", "data": {"status": "away"}}
@@ -350,6 +365,7 @@ def test_presence(make_server) -> None:
         ev = wait_events(srv, lambda e: e[0] == "presence_leave")
         assert ev[1] is None and ev[2]["user_id"] == "alice" and ev[2]["topic"] == "room"
         assert srv.presence("room") == {}
+        health_until(srv, lambda h: h["presence_topics"] == 0 == h["presence_total_users"])
 
     run(go())
     srv2, _ = make_server()
@@ -378,6 +394,9 @@ def test_subscribe_with_recovery(make_server) -> None:
             assert res["recovered"] is True and info["count"] == 2, res
             got = [(await recv_json(ws, lambda m: m.get("t") == "p"))["p"]["v"] for _ in range(2)]
             assert got == [2, 3]
+            # The owner's gauges, sampled at the end of its loop turn.
+            h = health_until(srv, lambda h: h["recovery_topic_count"] == 1)
+            assert h["recovery_enabled"] is True and h["recovery_total_bytes"] > 0
 
     run(go())
 

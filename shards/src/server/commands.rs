@@ -418,6 +418,10 @@ impl Server {
             fabric_overflow_drops: sum(|m| m.dropped(DropReason::FabricOverflow).get()),
             recovery_enabled: cfg.recovery.enabled,
             presence_enabled: cfg.presence.enabled,
+            recovery_topics: sum(|m| m.recovery_topics.get()),
+            recovery_bytes: sum(|m| m.recovery_bytes.get()),
+            presence_topics: sum(|m| m.presence_topics.get()),
+            presence_users: sum(|m| m.presence_users.get()),
         }
     }
 
@@ -514,4 +518,12 @@ pub struct HealthSnapshot {
     pub recovery_enabled: bool,
     /// `presence.enabled` in the running configuration.
     pub presence_enabled: bool,
+    /// Topics with a recovery history ring, all shards.
+    pub recovery_topics: u64,
+    /// Bytes held for recovery history, all shards (allocated at start).
+    pub recovery_bytes: u64,
+    /// Topics with at least one presence member, all shards.
+    pub presence_topics: u64,
+    /// Presence members (distinct users per topic), summed over topics.
+    pub presence_users: u64,
 }

@@ -661,6 +661,10 @@ impl<T: Transport> Shard<T> {
         m.fabric_inbound_depth
             .set(self.fabric.inbound_depth() as u64);
         m.app_event_queue_depth.set(self.app_events.len() as u64);
+        if let Some(h) = &self.history {
+            m.recovery_topics.set(h.topic_count() as u64);
+            m.recovery_bytes.set(h.footprint() as u64);
+        }
     }
 
     // --------------------------------------------------------------------------------------------

@@ -197,8 +197,15 @@ impl<T: Transport> Shard<T> {
                 .entry(&j.topic)
                 .presence
                 .get_or_insert_with(Default::default);
+            let first = members.is_empty();
             match members.join(&user, data.clone(), max) {
                 Joined::New => {
+                    // Single writer: the shard's own gauges.
+                    let m = &self.metrics;
+                    m.presence_users.inc();
+                    if first {
+                        m.presence_topics.inc();
+                    }
                     let payload = presence_payload(&j.topic, &user, &data);
                     reply.presence_joined = Some((user.clone(), payload));
                     event = Some(("presence_join", user, data));
@@ -260,7 +267,15 @@ impl<T: Transport> Shard<T> {
         }
         let left = user.and_then(|user| {
             let members = self.topics.get_mut(topic)?.presence.as_mut()?;
-            members.leave(user).map(|data| (user, data))
+            let data = members.leave(user)?;
+            let m = &self.metrics;
+            m.presence_users
+                .set(m.presence_users.get().saturating_sub(1));
+            if members.is_empty() {
+                m.presence_topics
+                    .set(m.presence_topics.get().saturating_sub(1));
+            }
+            Some((user, data))
         });
         let event = left.as_ref().map(|(user, data)| {
             let json = protocol::presence_event("presence_leave", topic, user, data);
