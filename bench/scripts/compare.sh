@@ -2,11 +2,13 @@
 # Runs the wse-server vs upstream comparison suite end to end on this machine:
 #
 #   1. builds the release binaries (wse-server, wse-bench, the in-process engine example);
-#   2. for each repeat, for each target (wse-server, then the upstream peer), for each scenario:
+#   2. for each repeat, for each target (wse-server, the upstream peer, and with TARGETS naming it
+#      wse-py: the same peer launcher on this repository's Python package), for each scenario:
 #      starts a fresh server pinned to CPU 0 (`taskset -c 0`), runs wse-bench pinned to CPU 1
 #      (`taskset -c 1`) with --server-pid, writes the JSON result, stops the server;
 #   3. writes per-scenario medians over the repeats and prints `wse-bench compare` tables
-#      (a = upstream, b = wse-server, so ratios read "wse-server / upstream").
+#      (a = upstream, b = wse-server, so ratios read "wse-server / upstream"; with wse-py also
+#      wse-py / upstream and wse-py / wse-server).
 #
 # A median is quoted only over exactly REPEATS complete runs: a run that fails or reports itself
 # partial is discarded, and a scenario/target left with fewer runs gets no median; the script
@@ -21,7 +23,10 @@
 #   REPEATS      runs per scenario and target [3]
 #   TARGETS      which servers [wse upstream]; `floor` adds the minimal sender (wse-bench floor,
 #                its threads pinned to SERVER_CPU) for the fan-out scenarios (latency-1k,
-#                latency-10k, fanout, fanout-max), compared as b/a = wse-server / floor
+#                latency-10k, fanout, fanout-max), compared as b/a = wse-server / floor;
+#                `wse-py` adds upstream's launcher (wse_upstream_server.py, unchanged) on our
+#                package (`pip install ./python`, release build, in target/py-pkg-release;
+#                WSE_CORES=1 like the binary's --cores 1)
 #   SCENARIOS    which scenarios [connect-storm hold latency-1k latency-10k fanout-max ping]
 #                (also: fanout, inbound, recovery). latency-1k / latency-10k: fanout at a fixed 50,000
 #                deliveries/s to 1,000 / 9,900 subscribers of one topic (50 and 5 publications/s);
@@ -39,6 +44,7 @@
 #   REC_SUBS REC_RATE REC_S REC_CHURN   recovery sizes [1000 200 20s 50]
 #   SERVER_CPU BENCH_CPU   cores for taskset [0 1]
 #   UPSTREAM_PY  the upstream venv's python [/tmp/wse-peers/venv/bin/python]
+#   WSE_PY       the python with our package for wse-py [target/py-pkg-release/bin/python, built]
 #   PEERS_DIR    where wse_upstream_server.py lives [<repo>/../shared/peers, else /work/shared/peers]
 #
 # The upstream peer accepts at most ~9,995 connections per process and has a listen backlog of
@@ -71,6 +77,7 @@ REC_CHURN=${REC_CHURN:-50}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
 UPSTREAM_PY=${UPSTREAM_PY:-/tmp/wse-peers/venv/bin/python}
+WSE_PY=${WSE_PY:-}
 if [[ -z ${PEERS_DIR:-} ]]; then
     PEERS_DIR=$ROOT/../shared/peers
     [[ -f $PEERS_DIR/wse_upstream_server.py ]] || PEERS_DIR=/work/shared/peers
@@ -135,8 +142,11 @@ start_server() {
             fi
             METRICS_URL=http://127.0.0.1:$CONTROL_PORT/metrics
             ;;
-        upstream)
-            WSE_JWT_SECRET=$SECRET taskset -c "$SERVER_CPU" "$UPSTREAM_PY" \
+        upstream | wse-py)
+            # The same launcher, unchanged, on upstream's package or on ours.
+            local py=$UPSTREAM_PY
+            [[ $target == wse-py ]] && py=$WSE_PY
+            WSE_CORES=1 WSE_JWT_SECRET=$SECRET taskset -c "$SERVER_CPU" "$py" \
                 "$PEERS_DIR/wse_upstream_server.py" "$WS_PORT" --publishers publisher \
                 --idle-timeout 3600 --max-connections 20000 ${SCENARIO_UPSTREAM_ARGS:-} \
                 >"$SERVER_LOG" 2>&1 &
@@ -221,6 +231,11 @@ main() {
         log "no upstream venv: run $PEERS_DIR/setup_upstream.sh"
         exit 2
     fi
+    if [[ " $TARGETS " == *" wse-py "* && -z $WSE_PY ]]; then
+        log "building the Python package (release) into target/py-pkg-release"
+        WSE_PY=$(WSE_PY_PKG_VENV=$ROOT/target/py-pkg-release WSE_PY_PKG_PROFILE=release \
+            "$ROOT/tests/python/package-venv.sh")
+    fi
     log "results in $OUT"
     for rep in $(seq 1 "$REPEATS"); do
         for scenario in $SCENARIOS; do
@@ -246,16 +261,17 @@ main() {
             fi
             "$BENCH" median -o "$OUT/median/$scenario-$target.json" "${runs[@]}" >/dev/null
         done
-        if [[ -f $OUT/median/$scenario-floor.json && -f $OUT/median/$scenario-wse.json ]]; then
+        local compared=0
+        for pair in "floor wse wse-server / floor" "upstream wse wse-server / upstream" \
+            "upstream wse-py wse-py / upstream" "wse wse-py wse-py / wse-server"; do
+            read -r a b label <<<"$pair"
+            [[ -f $OUT/median/$scenario-$a.json && -f $OUT/median/$scenario-$b.json ]] || continue
             echo
-            echo "### $scenario (median of $REPEATS; b/a = wse-server / floor)"
-            "$BENCH" compare "$OUT/median/$scenario-floor.json" "$OUT/median/$scenario-wse.json"
-        fi
-        if [[ -f $OUT/median/$scenario-upstream.json && -f $OUT/median/$scenario-wse.json ]]; then
-            echo
-            echo "### $scenario (median of $REPEATS; b/a = wse-server / upstream)"
-            "$BENCH" compare "$OUT/median/$scenario-upstream.json" "$OUT/median/$scenario-wse.json"
-        else
+            echo "### $scenario (median of $REPEATS; b/a = $label)"
+            "$BENCH" compare "$OUT/median/$scenario-$a.json" "$OUT/median/$scenario-$b.json"
+            compared=1
+        done
+        if ((!compared)); then
             for target in $TARGETS; do
                 [[ -f $OUT/median/$scenario-$target.json ]] || continue
                 echo

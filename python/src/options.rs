@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyNotImplementedError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use wse_shards::Config;
 use wse_shards::config::JwtAlgorithm;
@@ -56,8 +56,8 @@ impl Options {
     /// The engine configuration these options describe, and the warnings for values adjusted.
     ///
     /// # Errors
-    /// `ValueError` for a value neither server accepts (an HS256 secret under 32 bytes, a host
-    /// that does not resolve); `NotImplementedError` for RS256/ES256 (not yet from Python).
+    /// `ValueError` for a value neither server accepts (an HS256 secret under 32 bytes, a PEM
+    /// key that is not one, a host that does not resolve).
     pub fn to_config(&self) -> PyResult<(Config, Vec<String>)> {
         let mut warnings = Vec::new();
         let mut cfg = Config::default();
@@ -133,10 +133,22 @@ impl Options {
                 idle.as_secs()
             ));
         }
+        // Upstream hands client subscriptions and publications to the application (which calls
+        // subscribe_connection / broadcast itself); code written for it expects them.
+        cfg.protocol.app_handles_requests = true;
+        // Upstream asks no permission to put a connection in a queue group: the application
+        // decides. Ours asks the connection's (`wse_queue_groups` claim, else this default), so
+        // every group is allowed unless a token's own claim says otherwise.
+        cfg.auth.default_queue_groups = vec!["*".to_owned()];
         cfg.protocol.ping_interval = ping;
         cfg.protocol.idle_timeout = idle;
         cfg.validate()
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        // Parses the keys now (a bad PEM fails here, not at start()).
+        if cfg.auth.enabled {
+            wse_shards::auth::Authenticator::new(&cfg.auth)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        }
         Ok((cfg, warnings))
     }
 
@@ -153,13 +165,30 @@ impl Options {
             }
             return Ok(());
         };
+        cfg.auth.enabled = true;
         match self.jwt_algorithm.as_deref().unwrap_or("HS256") {
-            "HS256" => {}
+            "HS256" => {
+                cfg.auth.algorithm = JwtAlgorithm::HS256;
+                cfg.auth.secret_bytes = Some(hs256_key("jwt_secret", secret)?);
+                cfg.auth.previous_secret_bytes = self
+                    .jwt_previous_secret
+                    .as_deref()
+                    .map(|s| hs256_key("jwt_previous_secret", s))
+                    .transpose()?;
+            }
             alg @ ("RS256" | "ES256") => {
-                return Err(PyNotImplementedError::new_err(format!(
-                    "jwt_algorithm={alg:?} is not supported by this package yet (HS256 is); \
-                     the wse-server binary supports it with auth.public_key_file"
-                )));
+                // As upstream: `jwt_secret` (and `jwt_previous_secret`) hold the PEM public key.
+                cfg.auth.algorithm = if alg == "RS256" {
+                    JwtAlgorithm::RS256
+                } else {
+                    JwtAlgorithm::ES256
+                };
+                cfg.auth.public_key_pem = Some(pem_text("jwt_secret", secret)?);
+                cfg.auth.previous_public_key_pem = self
+                    .jwt_previous_secret
+                    .as_deref()
+                    .map(|s| pem_text("jwt_previous_secret", s))
+                    .transpose()?;
             }
             other => {
                 return Err(PyValueError::new_err(format!(
@@ -167,14 +196,6 @@ impl Options {
                 )));
             }
         }
-        cfg.auth.enabled = true;
-        cfg.auth.algorithm = JwtAlgorithm::HS256;
-        cfg.auth.secret = Some(hs256_key("jwt_secret", secret)?);
-        cfg.auth.previous_secret = self
-            .jwt_previous_secret
-            .as_deref()
-            .map(|s| hs256_key("jwt_previous_secret", s))
-            .transpose()?;
         cfg.auth.issuer = self.jwt_issuer.clone();
         cfg.auth.audience = self.jwt_audience.iter().cloned().collect();
         cfg.auth.kid = self.jwt_key_id.clone();
@@ -188,17 +209,19 @@ impl Options {
     }
 }
 
-fn hs256_key(name: &str, key: &[u8]) -> PyResult<String> {
+fn hs256_key(name: &str, key: &[u8]) -> PyResult<Vec<u8>> {
     if key.len() < HS256_KEY_MIN {
         return Err(PyValueError::new_err(format!(
             "{name} must be at least 32 bytes (RFC 7518 HS256 minimum)"
         )));
     }
-    String::from_utf8(key.to_vec()).map_err(|_| {
-        PyNotImplementedError::new_err(format!(
-            "{name} must be UTF-8 for now (binary HS256 keys are not supported yet)"
-        ))
-    })
+    // Any bytes, as upstream (a binary key too).
+    Ok(key.to_vec())
+}
+
+fn pem_text(name: &str, key: &[u8]) -> PyResult<String> {
+    String::from_utf8(key.to_vec())
+        .map_err(|_| PyValueError::new_err(format!("{name} must be a PEM public key (text)")))
 }
 
 fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {

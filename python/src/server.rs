@@ -660,14 +660,27 @@ impl RustWSEServer {
         ]))
     }
 
-    /// Update presence data for a connection across all its presence topics. Not implemented
-    /// yet: raises NotImplementedError.
-    fn update_presence(&self, conn_id: String, data: &Bound<'_, PyDict>) -> PyResult<()> {
-        let _ = (conn_id, data);
-        Err(PyNotImplementedError::new_err(
-            "update_presence is not implemented in wse-shards yet; re-subscribe the connection \
-             with subscribe_connection(conn_id, topics, data) meanwhile",
-        ))
+    /// Update presence data for a connection across all its presence topics (its clients get
+    /// `presence_update`). RuntimeError, as upstream, for an unknown connection or data over
+    /// `presence_max_data_size`.
+    fn update_presence(
+        &self,
+        py: Python<'_>,
+        conn_id: String,
+        data: &Bound<'_, PyDict>,
+    ) -> PyResult<()> {
+        const FAILED: &str = "Failed to update presence data (size limit or unknown connection)";
+        let data = py_to_json(data.as_any())?.to_string();
+        if data.len() > self.cfg.presence.max_data_size {
+            return Err(PyRuntimeError::new_err(FAILED));
+        }
+        let conn = ConnId::parse(&conn_id).ok_or_else(|| PyRuntimeError::new_err(FAILED))?;
+        let server = self.running()?;
+        match wait(py, server.update_presence(conn, Bytes::from(data)))? {
+            Ok(()) => Ok(()),
+            Err(CommandError::UnknownConnection) => Err(PyRuntimeError::new_err(FAILED)),
+            Err(e) => Err(command_error(e)),
+        }
     }
 
     // -- Cluster --------------------------------------------------------------------------
@@ -759,11 +772,11 @@ impl RustWSEServer {
             h.as_ref().map_or(0.0, |h| h.uptime.as_secs_f64()),
         )?;
         d.set_item("recovery_enabled", self.cfg.recovery.enabled)?;
-        d.set_item("recovery_topic_count", 0)?;
-        d.set_item("recovery_total_bytes", 0)?;
+        d.set_item("recovery_topic_count", n(|h| h.recovery_topics))?;
+        d.set_item("recovery_total_bytes", n(|h| h.recovery_bytes))?;
         d.set_item("presence_enabled", self.cfg.presence.enabled)?;
-        d.set_item("presence_topics", 0)?;
-        d.set_item("presence_total_users", 0)?;
+        d.set_item("presence_topics", n(|h| h.presence_topics))?;
+        d.set_item("presence_total_users", n(|h| h.presence_users))?;
         // Ours.
         d.set_item("running", h.as_ref().is_some_and(|h| h.running))?;
         d.set_item("draining", h.as_ref().is_some_and(|h| h.draining))?;

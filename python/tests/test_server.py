@@ -7,12 +7,13 @@ import json
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import websockets
 
 from conftest import SECRET, free_port, recv_json, recv_raw, token, wait_connect, wait_events
-from wse_server import RustWSEServer
+from wse_server import RustWSEServer, rust_jwt_encode
 
 UPSTREAM_HEALTH_KEYS = {
     "connections", "inbound_queue_depth", "inbound_dropped", "cluster_connected",
@@ -28,6 +29,19 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def health_until(srv: RustWSEServer, pred, timeout: float = 5.0) -> dict:
+    """The first health_snapshot() matching `pred`: its gauges are sampled by the shards at the
+    end of each loop turn, so a change shows up a turn after the event that caused it."""
+    end = time.monotonic() + timeout
+    while True:
+        h = srv.health_snapshot()
+        if pred(h):
+            return h
+        if time.monotonic() >= end:
+            raise AssertionError(f"health_snapshot never matched in {timeout}s: {h}")
+        time.sleep(0.01)
+
+
 # -- constructor and lifecycle -------------------------------------------------------------
 
 def test_constructor_refuses_and_adjusts_like_upstream() -> None:
@@ -37,12 +51,59 @@ def test_constructor_refuses_and_adjusts_like_upstream() -> None:
         RustWSEServer("127.0.0.1", 1, max_message_size=100)
     with pytest.warns(RuntimeWarning, match="recovery_buffer_size"):
         RustWSEServer("127.0.0.1", 1, recovery_buffer_size=100)
-    with pytest.raises(NotImplementedError, match="RS256"):
+    with pytest.raises(ValueError, match="RS256 public key"):
         RustWSEServer("127.0.0.1", 1, jwt_secret=b"-----BEGIN PUBLIC KEY-----", jwt_algorithm="RS256")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RustWSEServer("127.0.0.1", 1, jwt_secret=SECRET, jwt_issuer="me", jwt_audience="app",
                       recovery_enabled=True, presence_enabled=True, rate_limit_capacity=50.0)
+
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shards/tests/fixtures"
+
+
+@pytest.mark.parametrize("alg,key", [("RS256", "rsa"), ("ES256", "ec")])
+def test_public_key_algorithms(make_server, alg: str, key: str) -> None:
+    """As upstream: with RS256/ES256, `jwt_secret` is the PEM public key (and
+    `jwt_previous_secret` the previous one, accepted during a rotation)."""
+    pem = {n: (FIXTURES / f"{key}{n}").read_bytes()
+           for n in ("1-public.pem", "1-private.pem", "2-public.pem", "2-private.pem")}
+    srv, url = make_server(jwt_secret=pem["1-public.pem"], jwt_previous_secret=pem["2-public.pem"],
+                           jwt_algorithm=alg)
+    now = int(time.time())
+
+    def signed(sub: str, private: str) -> str:
+        return rust_jwt_encode({"sub": sub, "iat": now, "exp": now + 600}, pem[private], alg)
+
+    async def go() -> None:
+        for sub, private in (("current", "1-private.pem"), ("previous", "2-private.pem")):
+            async with websockets.connect(url, additional_headers={
+                    "Authorization": f"Bearer {signed(sub, private)}"}):
+                ev = wait_events(srv, lambda e: e[0] == "auth_connect")
+                assert ev[2] == sub
+        # An HS256 token (another algorithm, another key): refused.
+        async with websockets.connect(url, additional_headers={
+                "Authorization": f"Bearer {token('intruder')}"}) as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 4401
+
+    run(go())
+
+
+def test_binary_hs256_secret(make_server) -> None:
+    """As upstream, any bytes make a secret (not only UTF-8)."""
+    secret = bytes(range(200, 256)) + b"\x00\xff"
+    srv, url = make_server(jwt_secret=secret)
+    now = int(time.time())
+    tok = rust_jwt_encode({"sub": "bin", "iat": now, "exp": now + 600}, secret)
+
+    async def go() -> None:
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {tok}"}):
+            assert wait_events(srv, lambda e: e[0] == "auth_connect")[2] == "bin"
+
+    run(go())
 
 
 def test_lifecycle(make_server) -> None:
@@ -255,16 +316,10 @@ def test_queue_groups(make_server) -> None:
             assert srv.get_queue_group_info("jobs") == {"workers": 1}
             assert srv.get_topic_subscriber_count("jobs") == 0
 
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        try:
-            run(go())
-        except AssertionError:
-            # Ours applies the client's queue-group permission (auth.default_queue_groups,
-            # `wse_queue_groups`) to subscriptions the application makes; upstream does not.
-            if w and "refused" in str(w[0].message):
-                pytest.xfail(f"not yet: {w[0].message}")
-            raise
+    # No permission asked, as upstream: no "refused" warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(go())
 
 
 def test_disconnect(make_server) -> None:
@@ -290,18 +345,27 @@ def test_presence(make_server) -> None:
 
     async def go() -> None:
         hdr = {"Authorization": "Bearer " + token("alice")}
-        async with websockets.connect(url, additional_headers=hdr):
+        async with websockets.connect(url, additional_headers=hdr) as ws:
             conn = wait_events(srv, lambda e: e[0] == "auth_connect")[1]
             srv.subscribe_connection(conn, ["room"], {"status": "on"})
             assert srv.presence("room") == {"alice": {"data": {"status": "on"}, "connections": 1}}
             assert srv.presence_stats("room") == {"num_users": 1, "num_connections": 1}
             ev = wait_events(srv, lambda e: e[0] == "presence_join")
             assert ev == ("presence_join", None, {"topic": "room", "user_id": "alice", "data": {"status": "on"}})
-            with pytest.raises(NotImplementedError):
-                srv.update_presence(conn, {"status": "away"})
+            h = health_until(srv, lambda h: h["presence_topics"] == 1)
+            assert h["presence_total_users"] == 1
+            srv.update_presence(conn, {"status": "away"})
+            update = await recv_json(ws, lambda m: m.get("t") == "presence_update")
+            assert update["p"] == {"topic": "room", "user_id": "alice", "data": {"status": "away"}}
+            assert srv.presence("room") == {"alice": {"data": {"status": "away"}, "connections": 1}}
+            # As upstream: over presence_max_data_size (4096) or unknown -> RuntimeError.
+            for bad_conn, data in ((conn, {"x": "y" * 5000}), ("0" * 16, {"a": 1})):
+                with pytest.raises(RuntimeError, match="Failed to update presence data"):
+                    srv.update_presence(bad_conn, data)
         ev = wait_events(srv, lambda e: e[0] == "presence_leave")
         assert ev[1] is None and ev[2]["user_id"] == "alice" and ev[2]["topic"] == "room"
         assert srv.presence("room") == {}
+        health_until(srv, lambda h: h["presence_topics"] == 0 == h["presence_total_users"])
 
     run(go())
     srv2, _ = make_server()
@@ -330,6 +394,9 @@ def test_subscribe_with_recovery(make_server) -> None:
             assert res["recovered"] is True and info["count"] == 2, res
             got = [(await recv_json(ws, lambda m: m.get("t") == "p"))["p"]["v"] for _ in range(2)]
             assert got == [2, 3]
+            # The owner's gauges, sampled at the end of its loop turn.
+            h = health_until(srv, lambda h: h["recovery_topic_count"] == 1)
+            assert h["recovery_enabled"] is True and h["recovery_total_bytes"] > 0
 
     run(go())
 

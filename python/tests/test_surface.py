@@ -84,14 +84,20 @@ def test_jwt_helpers_signatures() -> None:
         '(token, secret, algorithm="HS256", issuer=None, audience=None, previous_secret=None, key_id=None)'
 
 
-def test_upstream_names_not_yet_provided_say_so() -> None:
-    assert "RustWSEServer" in wse_server.__all__
-    with pytest.raises(AttributeError, match="not implemented by the wse-shards package yet"):
-        wse_server.RustCompressionManager  # noqa: B018
-    with pytest.raises(ImportError):
-        from wse_server import EventFilter  # noqa: F401
+def test_every_upstream_top_level_name_is_provided() -> None:
+    # Upstream 2.5.1's __all__ (its wse_server/__init__.py), in its order.
+    assert wse_server.__all__ == [
+        "RustWSEServer", "RustCompressionManager", "RustEventSequencer",
+        "RustPriorityMessageQueue", "RustPriorityQueue", "RustSequencer", "RustTokenBucket",
+        "rust_jwt_encode", "rust_jwt_decode", "rust_aes_gcm_encrypt", "rust_aes_gcm_decrypt",
+        "rust_ecdh_generate_keypair", "rust_ecdh_derive_shared_secret", "rust_hmac_sha256",
+        "rust_sha256", "rust_compress", "rust_decompress", "rust_should_compress",
+        "rust_sign_message", "rust_match_event", "rust_transform_event", "EventFilter",
+        "EventPriority", "DeliveryGuarantee", "__version__"]
     for name in wse_server.__all__:  # what `from wse_server import *` needs
         getattr(wse_server, name)
+    with pytest.raises(AttributeError, match="no attribute 'WSERouter'"):
+        wse_server.WSERouter  # noqa: B018
 
 
 def test_jwt_round_trip() -> None:
@@ -110,3 +116,19 @@ def test_jwt_round_trip() -> None:
     aud = rust_jwt_encode({"sub": "a", "exp": 4_000_000_000, "aud": "app", "iss": "me"}, secret)
     assert rust_jwt_decode(aud, secret, issuer="me", audience="app")["aud"] == "app"
     assert rust_jwt_decode(aud, secret, issuer="other") is None
+
+
+def test_every_public_name_has_a_stub_and_a_docstring() -> None:
+    import ast
+    from pathlib import Path
+
+    stub = Path(wse_server.__file__).with_name("_wse_accel.pyi")
+    stubbed = {node.name for node in ast.parse(stub.read_text()).body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    typed_python = {"EventFilter", "EventPriority", "DeliveryGuarantee"}  # .py with annotations
+    for name in wse_server.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(wse_server, name)
+        assert (obj.__doc__ or "").strip(), f"{name} has no docstring"
+        assert name in stubbed or name in typed_python, f"{name} is not in _wse_accel.pyi"

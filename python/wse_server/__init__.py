@@ -4,21 +4,50 @@ Drop-in for PyPI ``wse-server`` 2.5.1: ``from wse_server import RustWSEServer`` 
 the code stays as it is. What is implemented and what is not yet: docs/PYTHON.md.
 """
 
+from wse_server import _utilities, _wse_accel
 from wse_server._wse_accel import (
     ENGINE,
     ENGINE_VERSION,
     RustWSEServer,
+    rust_aes_gcm_decrypt,
+    rust_aes_gcm_encrypt,
+    rust_compress,
+    rust_decompress,
+    rust_ecdh_derive_shared_secret,
+    rust_ecdh_generate_keypair,
+    rust_hmac_sha256,
     rust_jwt_decode,
     rust_jwt_encode,
+    rust_sha256,
+    rust_should_compress,
+    rust_sign_message,
 )
+
+# Upstream compiles these into `_wse_accel`; ours are Python (`_utilities`). Attached to the
+# compiled module as well, so that `from wse_server._wse_accel import RustTokenBucket` works.
+for _name in _utilities.__all__:
+    setattr(_wse_accel, _name, getattr(_utilities, _name))
+del _name
+from wse_server._utilities import (  # noqa: E402
+    RustCompressionManager,
+    RustEventSequencer,
+    RustPriorityMessageQueue,
+    RustPriorityQueue,
+    RustSequencer,
+    RustTokenBucket,
+    rust_match_event,
+    rust_transform_event,
+)
+from wse_server.core.filters import EventFilter  # noqa: E402
+from wse_server.core.types import DeliveryGuarantee, EventPriority  # noqa: E402
 
 # The API version this package mirrors: upstream 2.5.1's package reports "2.4.0".
 __version__ = "2.4.0"
 #: This package's own version (the wse-shards engine it was built from).
 __engine_version__ = ENGINE_VERSION
 
-# Upstream 2.5.1's __all__; the names not provided yet raise AttributeError with a pointer.
-_UPSTREAM_ALL = [
+# Upstream 2.5.1's __all__, every name provided.
+__all__ = [
     "RustWSEServer",
     "RustCompressionManager",
     "RustEventSequencer",
@@ -45,16 +74,3 @@ _UPSTREAM_ALL = [
     "DeliveryGuarantee",
     "__version__",
 ]
-
-# Names of upstream's __all__ this package does not provide yet (see docs/PYTHON.md).
-_NOT_YET = frozenset(_UPSTREAM_ALL) - set(globals()) - {"__version__"}
-__all__ = [n for n in _UPSTREAM_ALL if n not in _NOT_YET]
-
-
-def __getattr__(name: str) -> object:
-    if name in _NOT_YET:
-        raise AttributeError(
-            f"wse_server.{name} is not implemented by the wse-shards package yet "
-            "(see docs/PYTHON.md, 'Compatibility'); RustWSEServer and the JWT helpers are"
-        )
-    raise AttributeError(f"module 'wse_server' has no attribute {name!r}")

@@ -261,8 +261,14 @@ impl Authenticator {
                 let secret = cfg
                     .secret
                     .as_deref()
+                    .map(str::as_bytes)
+                    .or(cfg.secret_bytes.as_deref())
                     .ok_or_else(|| bad("auth.secret", "required for HS256"))?;
-                let previous = cfg.previous_secret.as_deref();
+                let previous = cfg
+                    .previous_secret
+                    .as_deref()
+                    .map(str::as_bytes)
+                    .or(cfg.previous_secret_bytes.as_deref());
                 (
                     Algorithm::HS256,
                     hmac_key("auth.secret", secret)?,
@@ -277,18 +283,28 @@ impl Authenticator {
                 } else {
                     Algorithm::ES256
                 };
-                let path = cfg
-                    .public_key_file
-                    .as_deref()
-                    .ok_or_else(|| bad("auth.public_key_file", "required for RS256/ES256"))?;
-                let previous = cfg.previous_public_key_file.as_deref();
-                (
-                    algorithm,
-                    pem_key("auth.public_key_file", path, algorithm)?,
-                    previous
-                        .map(|p| pem_key("auth.previous_public_key_file", p, algorithm))
-                        .transpose()?,
-                )
+                let current = match (&cfg.public_key_pem, cfg.public_key_file.as_deref()) {
+                    (Some(pem), _) => pem_text_key("auth.public_key_pem", pem, algorithm)?,
+                    (None, Some(path)) => pem_key("auth.public_key_file", path, algorithm)?,
+                    (None, None) => {
+                        return Err(bad("auth.public_key_file", "required for RS256/ES256"));
+                    }
+                };
+                let previous = match (
+                    &cfg.previous_public_key_pem,
+                    cfg.previous_public_key_file.as_deref(),
+                ) {
+                    (Some(pem), _) => Some(pem_text_key(
+                        "auth.previous_public_key_pem",
+                        pem,
+                        algorithm,
+                    )?),
+                    (None, Some(p)) => {
+                        Some(pem_key("auth.previous_public_key_file", p, algorithm)?)
+                    }
+                    (None, None) => None,
+                };
+                (algorithm, current, previous)
             }
         };
 
@@ -635,7 +651,7 @@ fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
 /// Shortest HS256 secret we accept (protocol.md §1).
 const HS256_SECRET_MIN: usize = 32;
 
-fn hmac_key(key: &'static str, secret: &str) -> Result<DecodingKey, ConfigError> {
+fn hmac_key(key: &'static str, secret: &[u8]) -> Result<DecodingKey, ConfigError> {
     // Config::validate checks this too; repeated because `new` may be given a configuration that
     // was not validated, and a short HMAC secret can be brute-forced offline from any token.
     if secret.len() < HS256_SECRET_MIN {
@@ -644,7 +660,7 @@ fn hmac_key(key: &'static str, secret: &str) -> Result<DecodingKey, ConfigError>
             format!("must be at least {HS256_SECRET_MIN} bytes"),
         ));
     }
-    Ok(DecodingKey::from_secret(secret.as_bytes()))
+    Ok(DecodingKey::from_secret(secret))
 }
 
 fn pem_key(
@@ -654,22 +670,35 @@ fn pem_key(
 ) -> Result<DecodingKey, ConfigError> {
     let pem = std::fs::read(path)
         .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+    parse_pem(&pem, algorithm).map_err(|e| {
+        bad(
+            key,
+            format!(
+                "{}: not a {algorithm:?} public key in PEM ({e})",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// A public key handed over as PEM text (embedders), checked as a file's would be.
+fn pem_text_key(
+    key: &'static str,
+    pem: &str,
+    algorithm: Algorithm,
+) -> Result<DecodingKey, ConfigError> {
+    parse_pem(pem.as_bytes(), algorithm)
+        .map_err(|e| bad(key, format!("not a {algorithm:?} public key in PEM ({e})")))
+}
+
+fn parse_pem(pem: &[u8], algorithm: Algorithm) -> jsonwebtoken::errors::Result<DecodingKey> {
     let parsed = if algorithm == Algorithm::RS256 {
-        DecodingKey::from_rsa_pem(&pem)
+        DecodingKey::from_rsa_pem(pem)
     } else {
-        DecodingKey::from_ec_pem(&pem)
+        DecodingKey::from_ec_pem(pem)
     };
     parsed
         .and_then(|decoding_key| check_public_key(&decoding_key, algorithm).map(|()| decoding_key))
-        .map_err(|e| {
-            bad(
-                key,
-                format!(
-                    "{}: not a {algorithm:?} public key in PEM ({e})",
-                    path.display()
-                ),
-            )
-        })
 }
 
 /// jsonwebtoken parses RSA key material only when it verifies (and then every time); parsing it

@@ -184,6 +184,17 @@ pub enum Command {
         /// Answered with the subscriptions dropped because the new ACL refuses them.
         reply: Reply<Vec<String>>,
     },
+    /// New presence data for every topic `conn` is present in, as its own `presence_update`
+    /// message would set it (`presence_update` events follow). Answer: done, or the connection
+    /// is unknown.
+    UpdatePresence {
+        /// The connection whose presence data changes.
+        conn: ConnId,
+        /// The new data, a JSON object's text (the caller checks its size).
+        data: Bytes,
+        /// Answered once the update has been sent to the topics' owners.
+        reply: Reply<()>,
+    },
     /// The shard's live connections.
     ListConnections {
         /// Answered with this shard's live connections.

@@ -210,6 +210,12 @@ pub struct ProtocolConfig {
     pub rate_limit_abuse_window: Duration,
     /// Per-connection JSON sends larger than this are sent `C:`+zlib compressed, bytes.
     pub compression_threshold: usize,
+    /// Client `subscription_update` (`subscription`, `subscribe`, `unsubscribe`) and `publish`
+    /// messages go to the application's event stream as they are, instead of being served by
+    /// the engine. Upstream's Python API leaves them to the application, so the Python package
+    /// (`python/`) sets it; an embedder's switch, not a configuration-file key.
+    #[serde(skip)]
+    pub app_handles_requests: bool,
 }
 
 impl Default for ProtocolConfig {
@@ -222,6 +228,7 @@ impl Default for ProtocolConfig {
             rate_limit_abuse_drops: 100_000,
             rate_limit_abuse_window: Duration::from_secs(10),
             compression_threshold: 1024,
+            app_handles_requests: false,
         }
     }
 }
@@ -255,6 +262,21 @@ pub struct AuthConfig {
     pub previous_secret: Option<String>,
     /// Previous RS256/ES256 public key (PEM file), still accepted during a key rotation.
     pub previous_public_key_file: Option<PathBuf>,
+    /// HS256 secret as raw bytes (any bytes, not only UTF-8), instead of `secret`: an
+    /// embedder's way to hand a binary key over (the Python package's `jwt_secret`), not a
+    /// configuration-file key.
+    #[serde(skip)]
+    pub secret_bytes: Option<Vec<u8>>,
+    /// Previous HS256 secret as raw bytes, instead of `previous_secret` (embedders).
+    #[serde(skip)]
+    pub previous_secret_bytes: Option<Vec<u8>>,
+    /// RS256/ES256 public key as PEM text, instead of `public_key_file`: an embedder's way to
+    /// hand the key over (the Python package's `jwt_secret`), not a configuration-file key.
+    #[serde(skip)]
+    pub public_key_pem: Option<String>,
+    /// Previous public key as PEM text, instead of `previous_public_key_file` (embedders).
+    #[serde(skip)]
+    pub previous_public_key_pem: Option<String>,
     /// Required `iss` claim, when set.
     pub issuer: Option<String>,
     /// Accepted `aud` values (the token's `aud` may be a string or an array), when non-empty.
@@ -285,6 +307,10 @@ impl Default for AuthConfig {
             public_key_file: None,
             previous_secret: None,
             previous_public_key_file: None,
+            secret_bytes: None,
+            previous_secret_bytes: None,
+            public_key_pem: None,
+            previous_public_key_pem: None,
             issuer: None,
             audience: Vec::new(),
             kid: None,
@@ -609,7 +635,12 @@ impl Config {
         let a = &self.auth;
         if a.enabled {
             match a.algorithm {
-                JwtAlgorithm::HS256 => match &a.secret {
+                JwtAlgorithm::HS256 => match a
+                    .secret
+                    .as_deref()
+                    .map(str::as_bytes)
+                    .or(a.secret_bytes.as_deref())
+                {
                     None => return Err(bad("auth.secret", "required for HS256")),
                     Some(s) if s.len() < 32 => {
                         return Err(bad("auth.secret", "must be at least 32 bytes"));
@@ -617,7 +648,7 @@ impl Config {
                     Some(_) => {}
                 },
                 JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
-                    if a.public_key_file.is_none() {
+                    if a.public_key_file.is_none() && a.public_key_pem.is_none() {
                         return Err(bad("auth.public_key_file", "required for RS256/ES256"));
                     }
                 }

@@ -1077,6 +1077,7 @@ impl Session {
         match protocol::parse_client_message(&json) {
             Ok(ClientMessage::Batch(items)) => s.batch(&items, cx),
             Ok(msg) => s.dispatch(msg, &json, cx),
+            Err(e) if app_handles(&e, cx.cfg) => s.hand_to_app(&json, cx),
             Err(e) => {
                 if e == protocol::InboundError::TooDeep {
                     cx.metrics.dropped(DropReason::JsonTooDeep).inc();
@@ -1182,6 +1183,16 @@ fn recovery_positions(
         .collect()
 }
 
+/// Whether a message the engine could not parse is still the application's: a malformed
+/// subscription or publication when `protocol.app_handles_requests` leaves those to it.
+fn app_handles(e: &protocol::InboundError, cfg: &Config) -> bool {
+    cfg.protocol.app_handles_requests
+        && matches!(
+            e,
+            protocol::InboundError::BadPayload("subscription_update" | "publish")
+        )
+}
+
 /// A session and its connection's outbound queue, borrowed together for one message.
 struct SessionOut<'s> {
     id: ConnId,
@@ -1240,6 +1251,9 @@ impl SessionOut<'_> {
                         return next;
                     }
                 }
+                Err(e) if app_handles(&e, cx.cfg) => {
+                    self.hand_to_app(json, cx);
+                }
                 Err(e) => self.error(e.code(), &e.to_string(), cx),
             }
         }
@@ -1248,6 +1262,13 @@ impl SessionOut<'_> {
 
     fn dispatch(&mut self, msg: ClientMessage<'_>, json: &[u8], cx: &mut Cx<'_>) -> Next {
         match msg {
+            ClientMessage::Subscribe(_)
+            | ClientMessage::Unsubscribe { .. }
+            | ClientMessage::Publish { .. }
+                if cx.cfg.protocol.app_handles_requests =>
+            {
+                return self.hand_to_app(json, cx);
+            }
             ClientMessage::Hello { protocol_version } => {
                 let hello = protocol::server_hello(
                     &self.id.to_string(),
@@ -1308,11 +1329,17 @@ impl SessionOut<'_> {
                 }
             }
             ClientMessage::Batch(_) => unreachable!("batches are unpacked by the caller"),
-            ClientMessage::App { t: _ } => cx.events.push(ConnEvent::App {
-                user: self.session.identity.user_id.clone(),
-                payload: Bytes::copy_from_slice(json),
-            }),
+            ClientMessage::App { t: _ } => return self.hand_to_app(json, cx),
         }
+        Next::Continue
+    }
+
+    /// Hands the message, as it is, to the application's event stream.
+    fn hand_to_app(&mut self, json: &[u8], cx: &mut Cx<'_>) -> Next {
+        cx.events.push(ConnEvent::App {
+            user: self.session.identity.user_id.clone(),
+            payload: Bytes::copy_from_slice(json),
+        });
         Next::Continue
     }
 

@@ -326,6 +326,7 @@ impl FabricMsg {
                                 Payload::Event(_) => 0,
                             }
                         }
+                        Command::UpdatePresence { data, .. } => data.len(),
                         _ => 0,
                     }
             }

@@ -214,6 +214,14 @@ pub struct ShardMetrics {
     pub app_events_total: Counter,
     /// Gauge: application events waiting in this shard's queue.
     pub app_event_queue_depth: Counter,
+    /// Gauge: topics this shard owns that have a recovery history ring (sampled each turn).
+    pub recovery_topics: Counter,
+    /// Gauge: bytes this shard holds for recovery history (allocated and touched at start).
+    pub recovery_bytes: Counter,
+    /// Gauge: topics this shard owns with at least one presence member.
+    pub presence_topics: Counter,
+    /// Gauge: presence members (distinct users per topic) over the topics this shard owns.
+    pub presence_users: Counter,
     /// Gauge: cross-shard entries waiting in this shard's inbound queues (sampled each turn).
     pub fabric_inbound_depth: Counter,
     /// Gauge: entries held back because a destination's queue was full.

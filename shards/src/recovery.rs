@@ -113,6 +113,11 @@ impl History {
         }
     }
 
+    /// Topics with a ring now.
+    pub fn topic_count(&self) -> usize {
+        self.rings.len() - self.free.len()
+    }
+
     /// Bytes held for history (the log and the ring entries).
     pub fn footprint(&self) -> usize {
         self.log.len() + self.entries.len() * size_of::<Entry>()

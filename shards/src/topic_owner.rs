@@ -76,6 +76,17 @@ pub struct TopicOwner {
     topics: HashMap<Arc<str>, Owned>,
     /// The history of the owned topics (recovery on); allocated at start.
     history: Option<History>,
+    /// Presence members and the topics that have any, over the owned topics (for the gauges).
+    presence: PresenceCounts,
+}
+
+/// How many presence members a shard's owned topics have, and how many of them have any.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PresenceCounts {
+    /// Owned topics with at least one member.
+    pub topics: usize,
+    /// Members over all owned topics (a user counts once per topic).
+    pub users: usize,
 }
 
 impl TopicOwner {
@@ -86,6 +97,7 @@ impl TopicOwner {
             shards,
             topics: HashMap::new(),
             history: recovery.enabled.then(|| History::new(recovery, shards)),
+            presence: PresenceCounts::default(),
         }
     }
 
@@ -216,13 +228,34 @@ impl TopicOwner {
             .entry(topic)
             .presence
             .get_or_insert_with(Default::default);
-        members.join(user, data, max)
+        let first = members.is_empty();
+        let joined = members.join(user, data, max);
+        if matches!(joined, Joined::New) {
+            self.presence.users += 1;
+            self.presence.topics += usize::from(first);
+        }
+        joined
     }
 
     /// One of `user`'s connections left `topic`: the member's data when that was its last.
     pub fn presence_leave(&mut self, topic: &str, user: &str) -> Option<Bytes> {
         let members = self.topics.get_mut(topic)?.presence.as_mut()?;
-        members.leave(user)
+        let data = members.leave(user)?;
+        self.presence.users -= 1;
+        self.presence.topics -= usize::from(members.is_empty());
+        Some(data)
+    }
+
+    /// Presence members and topics with members, over the owned topics.
+    pub fn presence_counts(&self) -> PresenceCounts {
+        self.presence
+    }
+
+    /// The history's topics and bytes held (`None`: recovery off).
+    pub fn history_footprint(&self) -> Option<(usize, usize)> {
+        self.history
+            .as_ref()
+            .map(|h| (h.topic_count(), h.footprint()))
     }
 
     /// New data for member `user` of `topic`; `true` when it changed.

@@ -51,6 +51,10 @@ const POLL_EVERY: Duration = Duration::from_millis(10);
 pub enum TargetKind {
     Wse,
     Upstream,
+    /// Upstream's launcher (`wse_upstream_server.py`) on this repository's Python package.
+    #[value(name = "wse-py")]
+    #[serde(rename = "wse-py")]
+    WsePy,
 }
 
 /// Flags every scenario takes. They travel to agents as JSON (all but the secret, which goes in
@@ -253,6 +257,7 @@ impl Setup {
             match self.common.target {
                 TargetKind::Wse => "wse",
                 TargetKind::Upstream => "upstream",
+                TargetKind::WsePy => "wse-py",
             },
         );
         r.args = serde_json::json!({

@@ -267,6 +267,18 @@ impl Server {
         answer.await.ok_or(CommandError::NotRunning)?
     }
 
+    /// Replaces `conn`'s presence data in every topic it is present in (upstream's
+    /// `update_presence`; the same as the client's own `presence_update`). `data` is a JSON
+    /// object's text within `presence.max_data_size` (the caller checks).
+    ///
+    /// # Errors
+    /// `UnknownConnection`, `Overloaded`, `NotRunning`.
+    pub async fn update_presence(&self, conn: ConnId, data: Bytes) -> Result<(), CommandError> {
+        let (reply, answer) = Responder::pair();
+        self.to_connection(conn, Command::UpdatePresence { conn, data, reply })?;
+        answer.await.ok_or(CommandError::NotRunning)?
+    }
+
     /// Every live WSE connection, gathered from every shard (each as it was when it answered).
     ///
     /// # Errors
@@ -407,6 +419,10 @@ impl Server {
             fabric_overflow_drops: sum(|m| m.dropped(DropReason::FabricOverflow).get()),
             recovery_enabled: cfg.recovery.enabled,
             presence_enabled: cfg.presence.enabled,
+            recovery_topics: sum(|m| m.recovery_topics.get()),
+            recovery_bytes: sum(|m| m.recovery_bytes.get()),
+            presence_topics: sum(|m| m.presence_topics.get()),
+            presence_users: sum(|m| m.presence_users.get()),
         }
     }
 
@@ -503,4 +519,12 @@ pub struct HealthSnapshot {
     pub recovery_enabled: bool,
     /// `presence.enabled` in the running configuration.
     pub presence_enabled: bool,
+    /// Topics with a recovery history ring, all shards.
+    pub recovery_topics: u64,
+    /// Bytes held for recovery history, all shards (allocated at start).
+    pub recovery_bytes: u64,
+    /// Topics with at least one presence member, all shards.
+    pub presence_topics: u64,
+    /// Presence members (distinct users per topic), summed over topics.
+    pub presence_users: u64,
 }

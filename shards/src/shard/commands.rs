@@ -77,6 +77,16 @@ impl<T: Transport> Shard<T> {
                 deny,
                 reply,
             } => reply.send(self.set_acl(conn, allow, deny)),
+            Command::UpdatePresence { conn, data, reply } => {
+                let answer = match self.live_key(conn) {
+                    Some(key) => {
+                        self.presence_update(key, data);
+                        Ok(())
+                    }
+                    None => Err(CommandError::UnknownConnection),
+                };
+                reply.send(answer);
+            }
             Command::ListConnections { reply } => reply.send(self.list_connections()),
             Command::SubscriberCount { topic, reply } => {
                 let answer =

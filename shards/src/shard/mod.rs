@@ -594,6 +594,13 @@ impl<T: Transport> Shard<T> {
             .set(self.fabric.inbound_depth() as u64);
         m.app_event_queue_depth
             .set(self.app.events.queued().len() as u64);
+        let presence = self.owner.presence_counts();
+        m.presence_topics.set(presence.topics as u64);
+        m.presence_users.set(presence.users as u64);
+        if let Some((topics, bytes)) = self.owner.history_footprint() {
+            m.recovery_topics.set(topics as u64);
+            m.recovery_bytes.set(bytes as u64);
+        }
     }
 
     // --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use wse_shards::AppEventKind;
 use wse_shards::metrics::DropReason;
 
 use crate::harness::{Client, Engine, Frame, config, topic_owned_by};
@@ -635,4 +636,44 @@ fn drain_closes_everyone_with_4300() {
     for s in 0..2 {
         assert!(e.shard(s).is_drained(e.clock().now));
     }
+}
+
+/// With `protocol.app_handles_requests` (the Python package's upstream mode), subscriptions and
+/// publications, well-formed or not, reach the event stream as they were sent; the engine neither
+/// answers nor acts on them, and other application messages still reach it too.
+#[test]
+fn app_handled_requests_go_to_the_event_stream_untouched() {
+    let mut cfg = config(2);
+    cfg.protocol.app_handles_requests = true;
+    let mut e = Engine::new(cfg);
+    let c = connected(&mut e, 0, "alice");
+    let other = connected(&mut e, 1, "bob");
+    let sent = [
+        r#"{"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":["news"]}}"#,
+        r#"{"t":"unsubscribe","p":{"topics":["news"]}}"#,
+        r#"{"c":"U","t":"publish","p":{"topic":"news","event":"e","data":{"x":1},"ack":true}}"#,
+        r#"{"t":"subscription_update","p":{"topics":"not-a-list"}}"#,
+        r#"{"t":"publish","p":{"no_topic":true}}"#,
+        r#"{"t":"chat","p":{"text":"hi"}}"#,
+    ];
+    for m in sent {
+        e.send(c, m);
+    }
+    e.settle();
+    assert!(e.recv(c).is_empty(), "no acknowledgement, ack or error");
+    assert!(e.recv(other).is_empty());
+    let got: Vec<(AppEventKind, &str)> = e
+        .shard(0)
+        .app_events()
+        .iter()
+        .filter(|ev| ev.kind != AppEventKind::AuthConnect)
+        .map(|ev| (ev.kind, std::str::from_utf8(&ev.payload).unwrap()))
+        .collect();
+    let want: Vec<(AppEventKind, &str)> = sent.iter().map(|m| (AppEventKind::Msg, *m)).collect();
+    assert_eq!(got, want);
+    // The engine published nothing.
+    assert_eq!(
+        e.metrics(0).publications_total.get() + e.metrics(1).publications_total.get(),
+        0
+    );
 }
