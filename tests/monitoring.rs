@@ -142,7 +142,13 @@ fn selectors(text: &str) -> BTreeSet<Selector> {
                 }
             }
         }
-        if !NOT_METRICS.contains(&name) && !text[end..].starts_with("::") {
+        // `wse_x::y` is a Rust path and `wse_x.py` a file name, not metrics.
+        let file_name = text[end..].starts_with('.')
+            && text[end + 1..]
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic());
+        if !NOT_METRICS.contains(&name) && !text[end..].starts_with("::") && !file_name {
             out.insert(Selector {
                 name: name.to_owned(),
                 equals,
