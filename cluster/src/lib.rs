@@ -3,4 +3,7 @@
 //! thread that owns the sockets (the cluster core) comes later and only moves bytes.
 #![warn(missing_docs)]
 
+pub mod handshake;
+pub mod interest;
+pub mod membership;
 pub mod wire;
