@@ -6,4 +6,5 @@
 pub mod handshake;
 pub mod interest;
 pub mod membership;
+pub mod node;
 pub mod wire;
