@@ -848,7 +848,21 @@ impl Node {
                     self.close_duplicate(conn);
                     return;
                 }
+                // What was held for the peer on the old session moves to the survivor, which
+                // filters it through the snapshot it will receive.
+                let held = self.session_mut(old).map(|s| {
+                    s.hold_bytes = 0;
+                    std::mem::take(&mut s.hold)
+                });
                 self.close_duplicate(old);
+                self.make_primary(conn, &p.name);
+                if let Some(s) = self.session_mut(conn) {
+                    for r in held.unwrap_or_default() {
+                        s.hold_bytes += r.encoded_len();
+                        s.hold.push(r);
+                    }
+                }
+                return;
             }
             _ => {}
         }

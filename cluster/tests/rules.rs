@@ -1,0 +1,333 @@
+//! The pair and membership rules, one scenario each, on the simulated network (no sockets):
+//! duplicate resolution, self-dial, name conflict, restart by incarnation, a stale
+//! incarnation, wrong PSK, drain and leave, the unauthenticated caps, hold-until-snapshot,
+//! queue caps with the DLQ, and compression.
+
+mod common;
+
+use common::*;
+use wse_cluster::handshake::Security;
+use wse_cluster::node::{Compression, Event, Node};
+use wse_cluster::wire::{MemberState, Pattern};
+
+fn node(sim: &Sim, i: usize) -> &Node {
+    sim.nodes[i].node.as_ref().unwrap()
+}
+
+fn state_of(sim: &Sim, i: usize, name: &str) -> Option<(MemberState, u64)> {
+    node(sim, i)
+        .members()
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(|m| (m.state, m.incarnation))
+}
+
+/// Both nodes list each other as seeds and dial at the same instant: two sessions complete,
+/// both ends keep the one the lower name dialled and close the other as a duplicate.
+#[test]
+fn simultaneous_dials_keep_the_lower_names_session() {
+    for seed in 0..8 {
+        let mut cfgs = vec![config(0, 2, true), config(1, 2, true)];
+        cfgs[0].seeds = vec![cfgs[1].advertised.clone()];
+        cfgs[1].seeds = vec![cfgs[0].advertised.clone()];
+        let mut sim = Sim::with_configs(cfgs, seed, (MS, MS));
+        sim.run_until(5 * SEC);
+        sim.check_quiescent()
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let (c0, _) = node(&sim, 0).sessions()[0].clone();
+        assert!(
+            sim.nodes[0].dialled.contains(&c0),
+            "seed {seed}: n0 (the lower name) dialled the survivor"
+        );
+        assert_eq!(node(&sim, 0).stats().duplicates_closed, 1, "seed {seed}");
+        assert_eq!(node(&sim, 1).stats().duplicates_closed, 1, "seed {seed}");
+        // The duplicate was no sign of failure: nobody was suspected.
+        for i in 0..2 {
+            assert_eq!(node(&sim, i).stats().suspicions, 0, "seed {seed}");
+        }
+    }
+}
+
+/// A seed address that turns out to be this node: refused as SELF and never dialled again.
+#[test]
+fn self_dial_is_detected_and_not_repeated() {
+    let mut cfgs = vec![config(0, 2, false), config(1, 2, false)];
+    cfgs[0].seeds = vec!["self.example:9999".into(), cfgs[1].advertised.clone()];
+    let mut sim = Sim::with_configs(cfgs, 1, (MS, 2 * MS));
+    sim.aliases.insert("self.example:9999".into(), 0);
+    sim.run_until(60 * SEC);
+    assert_eq!(sim.dials.get("self.example:9999"), Some(&1));
+    assert!(sim.nodes[0].events.iter().any(
+        |(_, e)| matches!(e, Event::HandshakeFailed { error, .. } if error.contains("SelfDial"))
+    ));
+    sim.check_quiescent().unwrap();
+}
+
+/// Two processes configured with the same name: the second is refused with NAME_CONFLICT
+/// (an alarm) while the first is alive, and the first keeps its place.
+#[test]
+fn name_conflict_is_refused_and_reported() {
+    let mut cfgs = vec![config(0, 3, true), config(1, 3, true), config(2, 3, true)];
+    cfgs[2].name = "n1".into();
+    let mut sim = Sim::with_configs(cfgs, 3, (MS, 2 * MS));
+    // Start the impostor later, at a higher incarnation, so it looks like a restart.
+    let impostor = sim.nodes[2].node.take();
+    sim.run_until(5 * SEC);
+    let first = node(&sim, 1).incarnation();
+    drop(impostor);
+    sim.restart_at(2, first + 10);
+    sim.run_until(20 * SEC);
+    assert!(
+        sim.nodes[0]
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::NameConflict { name, .. } if name == "n1"))
+    );
+    assert_eq!(state_of(&sim, 0, "n1"), Some((MemberState::Alive, first)));
+    let links: Vec<_> = node(&sim, 0).sessions();
+    assert_eq!(links.len(), 1);
+    assert!(
+        sim.links
+            .get(&(0, links[0].0))
+            .is_some_and(|(peer, _)| peer.0 == 1),
+        "n0's link is to the first n1"
+    );
+}
+
+/// A restarted node (new, higher incarnation) replaces its old self at once: the old one is
+/// never declared dead, the new one is Alive everywhere right after its handshake.
+#[test]
+fn restart_replaces_the_old_incarnation_at_once() {
+    let mut sim = Sim::new(4, 5, (MS, 2 * MS), true);
+    sim.subscribe(3, "a");
+    sim.run_until(10 * SEC);
+    sim.check_quiescent().unwrap();
+    let old = node(&sim, 3).incarnation();
+    sim.kill(3);
+    sim.run_until(sim.now + 100 * MS);
+    sim.restart_at(3, old + 1);
+    sim.run_until(sim.now + 500 * MS);
+    for i in 0..3 {
+        assert_eq!(
+            state_of(&sim, i, "n3"),
+            Some((MemberState::Alive, old + 1)),
+            "at n{i}"
+        );
+        assert!(!sim.nodes[i].events.iter().any(|(_, e)| matches!(e, Event::Member { name, state: MemberState::Dead, .. } if name == "n3")));
+    }
+    sim.run_until(sim.now + 10 * SEC);
+    sim.check_quiescent().unwrap();
+    assert_eq!(
+        node(&sim, 0).remote_interest("n3"),
+        Some([Pattern::parse("a")].into())
+    );
+}
+
+/// A node restarted with a lower incarnation than its peers remember (a clock that went back)
+/// is told STALE_INCARNATION, jumps past the known one and joins.
+#[test]
+fn stale_incarnation_jumps_past_the_known_one() {
+    let mut sim = Sim::new(3, 6, (MS, 2 * MS), false);
+    sim.run_until(10 * SEC);
+    let old = node(&sim, 2).incarnation();
+    sim.kill(2);
+    sim.run_until(sim.now + 100 * MS);
+    sim.restart_at(2, 1);
+    sim.run_until(sim.now + 20 * SEC);
+    sim.check_quiescent().unwrap();
+    assert!(node(&sim, 2).incarnation() > old);
+    assert!(node(&sim, 2).stats().refutations >= 1);
+}
+
+/// A node with another PSK never gets a session, so it never becomes a member.
+#[test]
+fn wrong_psk_never_joins() {
+    let mut cfgs = vec![config(0, 3, true), config(1, 3, true), config(2, 3, true)];
+    cfgs[2].security = Security::Psk {
+        current: b"other".to_vec(),
+        previous: None,
+    };
+    let mut sim = Sim::with_configs(cfgs, 7, (MS, 2 * MS));
+    sim.run_until(30 * SEC);
+    for i in 0..2 {
+        assert_eq!(state_of(&sim, i, "n2"), None, "n{i} never learnt n2");
+    }
+    assert!(node(&sim, 2).sessions().is_empty());
+    assert!(sim.nodes[0].events.iter().any(
+        |(_, e)| matches!(e, Event::HandshakeFailed { error, .. } if error.contains("AuthFailed"))
+    ));
+    // Rotation: n2 now holds the cluster's key as the previous one and gets in.
+    let mut sim = {
+        let mut cfgs = vec![config(0, 3, true), config(1, 3, true), config(2, 3, true)];
+        cfgs[2].security = Security::Psk {
+            current: b"new".to_vec(),
+            previous: Some(b"secret".to_vec()),
+        };
+        Sim::with_configs(cfgs, 7, (MS, 2 * MS))
+    };
+    sim.run_until(10 * SEC);
+    sim.check_quiescent().unwrap();
+}
+
+/// Drain is lame duck: peers see Leaving, the drained node's interest stays and it still
+/// receives; after leave it is Left everywhere and never redialled.
+#[test]
+fn drain_keeps_interest_then_leave_is_final() {
+    let mut sim = Sim::new(3, 8, (MS, 2 * MS), true);
+    sim.subscribe(2, "a");
+    sim.run_until(10 * SEC);
+    let now = sim.now;
+    sim.nodes[2].node.as_mut().unwrap().drain(now);
+    sim.drain(2);
+    sim.run_until(sim.now + SEC);
+    let inc = node(&sim, 2).incarnation();
+    for i in 0..2 {
+        assert_eq!(state_of(&sim, i, "n2"), Some((MemberState::Leaving, inc)));
+        assert_eq!(
+            node(&sim, i).remote_interest("n2"),
+            Some([Pattern::parse("a")].into())
+        );
+    }
+    let start = sim.now;
+    sim.publish(0, "a");
+    sim.run_until(sim.now + SEC);
+    assert_eq!(
+        sim.check_deliveries(start),
+        Ok(1),
+        "the draining node still receives"
+    );
+    let now = sim.now;
+    sim.nodes[2].node.as_mut().unwrap().leave(now);
+    sim.drain(2);
+    sim.run_until(sim.now + SEC);
+    let dials_before = sim.dials.get(&sim.nodes[2].addr).copied().unwrap_or(0);
+    sim.run_until(sim.now + 60 * SEC);
+    for i in 0..2 {
+        assert_eq!(state_of(&sim, i, "n2"), Some((MemberState::Left, inc)));
+        assert_eq!(node(&sim, i).sessions().len(), 1);
+    }
+    assert_eq!(
+        sim.dials.get(&sim.nodes[2].addr).copied().unwrap_or(0),
+        dials_before,
+        "never redialled"
+    );
+}
+
+/// At most 64 unauthenticated inbound sockets (8 per IP); silence is closed after 5 s.
+#[test]
+fn unauthenticated_sockets_are_capped_and_timed_out() {
+    let mut n = Node::new(config(0, 1, true), 1, 1, 0);
+    let mut accepted = Vec::new();
+    for ip in 0..20 {
+        for port in 0..10 {
+            if let Some(c) = n.accept(&format!("192.0.2.{ip}:{port}"), 0) {
+                accepted.push(c);
+            }
+        }
+    }
+    assert_eq!(accepted.len(), 64);
+    assert_eq!(n.stats().refused_unauthenticated, 200 - 64);
+    assert_eq!(n.accept("192.0.2.0:99", 0), None, "8 per IP");
+    n.tick(4_999_999);
+    assert_eq!(n.connection_count(), 64);
+    n.tick(5_000_000);
+    assert_eq!(n.connection_count(), 0, "all closed at the 5 s deadline");
+    let closes = std::iter::from_fn(|| n.poll_action())
+        .filter(|a| matches!(a, wse_cluster::node::Action::Close { .. }))
+        .count();
+    assert_eq!(closes, 64);
+}
+
+/// A publication made while the new peer's snapshot is still unknown is held, then sent
+/// filtered through it: delivered once, nothing unwanted sent.
+#[test]
+fn publications_for_a_new_peer_wait_for_its_snapshot() {
+    for seed in 0..6 {
+        let mut sim = Sim::new(2, seed, (20 * MS, 30 * MS), false);
+        sim.subscribe(0, "a");
+        sim.run_until(0);
+        // Step until n1's link to n0 is up but n0's interest not yet known there.
+        let mut held = false;
+        for _ in 0..10_000 {
+            sim.run_until(sim.now + 100);
+            let n1 = node(&sim, 1);
+            if !n1.sessions().is_empty() && n1.remote_interest("n0").is_none() {
+                sim.publish(1, "a");
+                sim.publish(1, "b");
+                held = true;
+                break;
+            }
+        }
+        assert!(held, "seed {seed}: never saw the window");
+        sim.run_until(sim.now + 2 * SEC);
+        assert_eq!(sim.check_deliveries(0), Ok(1), "seed {seed}");
+        assert_eq!(
+            node(&sim, 0).stats().unwanted,
+            0,
+            "seed {seed}: b was filtered out at the sender"
+        );
+        assert_eq!(node(&sim, 1).stats().hold_overflows, 0, "seed {seed}");
+    }
+}
+
+/// A peer whose socket does not drain: past its byte cap publications are dropped, counted
+/// and kept in the bounded DLQ.
+#[test]
+fn peer_queue_cap_drops_into_a_bounded_dlq() {
+    let mut cfgs = vec![config(0, 2, false), config(1, 2, false)];
+    cfgs[1].limits.peer_queue_bytes = 64 * 1024;
+    cfgs[1].limits.dlq_entries = 16;
+    let mut sim = Sim::with_configs(cfgs, 9, (MS, 2 * MS));
+    sim.subscribe(0, "a");
+    sim.run_until(5 * SEC);
+    sim.nodes[1].stall_writes = true;
+    let payload = vec![b'x'; 1000];
+    let now = sim.now;
+    for _ in 0..200 {
+        sim.nodes[1]
+            .node
+            .as_mut()
+            .unwrap()
+            .publish("a", &payload, now);
+    }
+    sim.drain(1);
+    let n1 = node(&sim, 1);
+    assert!(
+        n1.stats().dropped_queue >= 130,
+        "{}",
+        n1.stats().dropped_queue
+    );
+    let dlq: Vec<_> = n1.dlq().collect();
+    assert_eq!(dlq.len(), 16);
+    assert!(dlq.iter().all(|e| e.peer == "n0"
+        && e.topic == "a"
+        && e.bytes == 1000
+        && e.prefix.len() == 64
+        && e.reason == "peer_queue_full"));
+}
+
+/// `on` compresses batches of 4 KiB and more, `off` never does; either way they arrive.
+#[test]
+fn compression_modes() {
+    for (mode, compressed) in [(Compression::On, true), (Compression::Off, false)] {
+        let mut cfgs = vec![config(0, 2, false), config(1, 2, false)];
+        cfgs[1].compression = mode;
+        let mut sim = Sim::with_configs(cfgs, 10, (MS, 2 * MS));
+        sim.subscribe(0, "prices");
+        sim.run_until(5 * SEC);
+        let start = sim.now;
+        sim.publish_many(1, "prices", 200, 120);
+        sim.run_until(sim.now + SEC);
+        assert_eq!(sim.check_deliveries(start), Ok(200));
+        let st = node(&sim, 1).stats();
+        assert!(st.batch_bytes_raw > 200 * 120);
+        if compressed {
+            assert!(
+                st.batch_bytes_wire * 4 < st.batch_bytes_raw,
+                "{mode:?}: {st:?}"
+            );
+        } else {
+            assert_eq!(st.batch_bytes_wire, st.batch_bytes_raw, "{mode:?}: {st:?}");
+        }
+    }
+}
