@@ -320,6 +320,8 @@ struct Conn {
     last_recv: u64,
     last_sent: u64,
     outstanding: usize,
+    /// Last time the socket took bytes (or had none pending): enqueueing is not progress.
+    last_progress: u64,
 }
 
 struct Member {
@@ -548,6 +550,9 @@ impl Node {
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.last_sent = self.now;
+            if c.outstanding == 0 {
+                c.last_progress = self.now;
+            }
             c.outstanding += bytes.len();
         }
         self.actions.push_back(Action::Send { conn, bytes });
@@ -610,6 +615,9 @@ impl Node {
     pub fn transmitted(&mut self, conn: ConnId, n: usize) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.outstanding = c.outstanding.saturating_sub(n);
+            if n > 0 {
+                c.last_progress = self.now;
+            }
         }
     }
 
@@ -669,6 +677,7 @@ impl Node {
                 last_recv: now,
                 last_sent: now,
                 outstanding: 0,
+                last_progress: now,
             },
         );
         id
@@ -1397,6 +1406,8 @@ impl Node {
                 continue;
             };
             let (last_recv, last_sent) = (c.last_recv, c.last_sent);
+            let write_stalled =
+                c.outstanding > 0 && now.saturating_sub(c.last_progress) >= t.link_timeout;
             match &mut c.phase {
                 Phase::Handshake(h) => {
                     let mut out = Vec::new();
@@ -1406,7 +1417,8 @@ impl Node {
                     }
                 }
                 Phase::Session(_) => {
-                    if now.saturating_sub(last_recv) >= t.link_timeout {
+                    // Silence, or a socket that takes nothing: the link is dead either way.
+                    if now.saturating_sub(last_recv) >= t.link_timeout || write_stalled {
                         self.drop_conn(id, true);
                     } else if now.saturating_sub(last_sent) >= t.ping_interval {
                         let mut out = Vec::new();

@@ -281,16 +281,7 @@ fn peer_queue_cap_drops_into_a_bounded_dlq() {
     sim.subscribe(0, "a");
     sim.run_until(5 * SEC);
     sim.nodes[1].stall_writes = true;
-    let payload = vec![b'x'; 1000];
-    let now = sim.now;
-    for _ in 0..200 {
-        sim.nodes[1]
-            .node
-            .as_mut()
-            .unwrap()
-            .publish("a", &payload, now);
-    }
-    sim.drain(1);
+    sim.publish_many(1, "a", 200, 990);
     let n1 = node(&sim, 1);
     assert!(
         n1.stats().dropped_queue >= 130,
@@ -301,9 +292,25 @@ fn peer_queue_cap_drops_into_a_bounded_dlq() {
     assert_eq!(dlq.len(), 16);
     assert!(dlq.iter().all(|e| e.peer == "n0"
         && e.topic == "a"
-        && e.bytes == 1000
+        && (990..=1000).contains(&e.bytes)
         && e.prefix.len() == 64
         && e.reason == "peer_queue_full"));
+    // A socket that takes nothing is no live link: dropped after link_timeout (3 s).
+    let t0 = sim.now;
+    sim.run_until(t0 + 2 * SEC);
+    assert!(
+        !sim.nodes[1]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= t0 && matches!(e, Event::LinkDown { .. }))
+    );
+    sim.run_until(t0 + 4 * SEC);
+    assert!(
+        sim.nodes[1]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= t0 && matches!(e, Event::LinkDown { peer } if peer == "n0"))
+    );
 }
 
 /// `on` compresses batches of 4 KiB and more, `off` never does; either way they arrive.
