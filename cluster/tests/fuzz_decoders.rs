@@ -5,7 +5,6 @@ use proptest::prelude::*;
 use wse_cluster::wire::*;
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
     fn frame_decoder_never_panics_and_stays_bounded(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..600), 0..12)) {
