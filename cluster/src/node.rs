@@ -19,6 +19,10 @@ use crate::wire::{
 /// A connection, named by the node (for dials) or returned by [`Node::accept`].
 pub type ConnId = u64;
 
+/// Indirect probes this node runs for others at once; past it it answers "no" at once (a
+/// member asks at most one per lost link, so only a misbehaving peer gets here).
+pub const MAX_RELAYS: usize = 256;
+
 /// Batch compression policy (`cluster.compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
@@ -1148,7 +1152,7 @@ impl Node {
             } => {
                 let target_conn = self.members.get(&target).and_then(|m| m.primary);
                 match target_conn {
-                    Some(tc) => {
+                    Some(tc) if self.relays.len() < MAX_RELAYS => {
                         let mut out = Vec::new();
                         wire::encode_frame(&mut out, FrameType::Ping, 0, &u64_body(self.now));
                         self.send_raw(tc, out);
@@ -1161,7 +1165,7 @@ impl Node {
                             deadline,
                         });
                     }
-                    None => {
+                    _ => {
                         if let Some(s) = self.session_mut(conn) {
                             s.ctrl.push(CtrlRecord::ProbeAck { id, alive: false });
                         }
@@ -1299,6 +1303,15 @@ impl Node {
             None => {
                 if matches!(r.state, MemberState::Dead | MemberState::Left) {
                     return; // nothing to forget
+                }
+                // A peer cannot grow the table past the cluster's size.
+                let live = self
+                    .members
+                    .values()
+                    .filter(|m| !matches!(m.state, MemberState::Dead | MemberState::Left))
+                    .count();
+                if live + 1 >= self.cfg.limits.max_members {
+                    return;
                 }
                 self.set_member(&r.name, r.incarnation, &r.addr, r.state);
             }
