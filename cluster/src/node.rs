@@ -338,6 +338,9 @@ struct Member {
     breaker: Breaker,
     confirmations: BTreeSet<String>,
     no_reconnect: bool,
+    /// Publications for this peer taken off a session closed as a duplicate before its
+    /// survivor was up here; the survivor sends them, filtered by its snapshot.
+    carried: Vec<PubRecord>,
 }
 
 struct Probe {
@@ -883,8 +886,10 @@ impl Node {
     }
 
     fn make_primary(&mut self, conn: ConnId, peer: &str) {
+        let hold_max = self.cfg.limits.hold_bytes;
         let m = self.members.get_mut(peer).expect("member");
         m.primary = Some(conn);
+        let carried = std::mem::take(&mut m.carried);
         // Full table push/pull at session start, then the interest snapshot.
         let mut table = vec![self.own_record()];
         table.extend(self.members.keys().filter_map(|n| self.record_of(n)));
@@ -893,6 +898,20 @@ impl Node {
         s.ctrl.push(CtrlRecord::Members(table));
         s.ctrl.extend(snapshot);
         s.next_gen = 2;
+        let mut over = Vec::new();
+        for r in carried {
+            if s.hold_bytes + r.encoded_len() > hold_max {
+                over.push(r);
+            } else {
+                s.hold_bytes += r.encoded_len();
+                s.hold.push(r);
+            }
+        }
+        let now = self.now;
+        for r in over {
+            self.stats.dropped_queue += 1;
+            self.dead_letter(peer.to_owned(), &r, "hold_full", now);
+        }
         self.event(Event::LinkUp {
             peer: peer.to_owned(),
         });
@@ -954,7 +973,9 @@ impl Node {
             Phase::Dialing | Phase::Handshake(_) => self.target_failed(&c.target),
             Phase::Closing(..) => {}
             Phase::Session(s) => {
-                let peer = s.peer;
+                let Session {
+                    peer, hold, batch, ..
+                } = *s;
                 let Some(m) = self.members.get_mut(&peer) else {
                     return;
                 };
@@ -962,6 +983,13 @@ impl Node {
                     return;
                 }
                 m.primary = None;
+                if !probe {
+                    // Closed as a duplicate (or replaced): what was waiting for the peer goes
+                    // with the next session instead of being lost.
+                    m.carried.extend(hold);
+                    m.carried
+                        .extend(wire::decode_batch(0, &batch).unwrap_or_default());
+                }
                 m.no_session_since = self.now;
                 let (state, inc) = (m.state, m.incarnation);
                 self.event(Event::LinkDown { peer: peer.clone() });
@@ -1247,6 +1275,7 @@ impl Node {
                 breaker: Breaker::default(),
                 confirmations: BTreeSet::new(),
                 no_reconnect: false,
+                carried: Vec::new(),
             });
         let changed = (m.state, m.incarnation) != (state, incarnation);
         if incarnation > m.incarnation {
@@ -1283,6 +1312,9 @@ impl Node {
                 self.drop_conn(c, true);
             }
             self.probes.retain(|_, p| p.target != name);
+            if let Some(m) = self.members.get_mut(name) {
+                m.carried.clear();
+            }
         }
     }
 

@@ -74,6 +74,55 @@ fn join_by_one_seed_and_no_loss_with_links_up() {
     }
 }
 
+/// Every node lists every other as a seed and all start at once, with traffic from the first
+/// instant: concurrent dials make duplicate sessions everywhere. No faults, so every link that
+/// closes closes as a duplicate; nothing a publisher sent to a peer it was linked to is lost.
+fn run_dial_storm(seed: u64, n: usize) {
+    let cfgs = (0..n)
+        .map(|i| {
+            let mut c = config(i, n, seed.is_multiple_of(2));
+            c.seeds = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| format!("10.0.0.{j}:9999"))
+                .collect();
+            c
+        })
+        .collect();
+    let mut sim = Sim::with_configs(cfgs, seed, (100, 4 * MS));
+    for _ in 0..600 {
+        let i = sim.rng.random_range(0..n);
+        if sim.rng.random_bool(0.1) {
+            let t = random_topic(&mut sim.rng);
+            sim.subscribe(i, t);
+        } else {
+            let t = random_topic(&mut sim.rng);
+            sim.publish(i, t);
+        }
+        let until = sim.now + sim.rng.random_range(0..MS);
+        sim.run_until(until);
+    }
+    sim.run_until(sim.now + 10 * SEC);
+    sim.check_quiescent()
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let checked = sim
+        .check_deliveries_linked()
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let dups: u64 = sim
+        .nodes
+        .iter()
+        .map(|s| s.node.as_ref().unwrap().stats().duplicates_closed)
+        .sum();
+    assert!(checked > 100, "seed {seed}: {checked} checked");
+    assert!(dups > 0, "seed {seed}: the storm made no duplicate");
+}
+
+#[test]
+fn dial_storm_loses_nothing_between_linked_nodes() {
+    for seed in seeds(24) {
+        run_dial_storm(seed, 5);
+    }
+}
+
 /// Delays, resets, partitions, kills and restarts; then the network heals and the cluster must
 /// settle: one link per pair, converged membership, equal interest, and delivery again.
 fn run_chaos(seed: u64, n: usize) {

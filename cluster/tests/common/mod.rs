@@ -73,6 +73,8 @@ pub struct Sim {
     pub aliases: BTreeMap<String, usize>,
     /// Dials per address.
     pub dials: BTreeMap<String, u32>,
+    /// Per publication, the peers its publisher had a link to when it published.
+    pub linked: BTreeMap<(String, u64), BTreeSet<String>>,
 }
 
 pub fn config(i: usize, n: usize, psk: bool) -> Config {
@@ -146,6 +148,7 @@ impl Sim {
             psk: false,
             aliases: BTreeMap::new(),
             dials: BTreeMap::new(),
+            linked: BTreeMap::new(),
         }
     }
 
@@ -370,6 +373,13 @@ impl Sim {
         let Some(n) = self.nodes[i].node.as_mut() else {
             return;
         };
+        let linked = n
+            .members()
+            .into_iter()
+            .filter(|m| m.link.is_some())
+            .map(|m| m.name)
+            .collect();
+        self.linked.insert((name.clone(), seq), linked);
         n.publish(topic, format!("{name}:{seq}").as_bytes(), now);
         self.published.push((name, seq, topic.to_owned(), now));
         self.drain(i);
@@ -592,6 +602,36 @@ impl Sim {
 
     /// Every publication made after a subscription was acknowledged (and from `since` on)
     /// reached that subscriber exactly once; nothing is ever delivered twice or out of order.
+    /// With links that only ever close as duplicates: every publication reaches every node
+    /// its publisher had a link to and whose subscription was acknowledged before it.
+    pub fn check_deliveries_linked(&self) -> Result<usize, String> {
+        let mut checked = 0;
+        for sn in &self.nodes {
+            for (origin, seq, topic, at) in &self.published {
+                let linked = self
+                    .linked
+                    .get(&(origin.clone(), *seq))
+                    .is_some_and(|l| l.contains(&sn.name));
+                if !linked
+                    || !sn
+                        .acked
+                        .values()
+                        .any(|(t, ack_at)| t == topic && ack_at <= at)
+                {
+                    continue;
+                }
+                checked += 1;
+                if !sn.delivered.contains_key(&(origin.clone(), *seq)) {
+                    return Err(format!(
+                        "{} lost {origin}:{seq} on {topic} (published at {} µs)",
+                        sn.name, at
+                    ));
+                }
+            }
+        }
+        self.check_deliveries(u64::MAX).map(|_| checked)
+    }
+
     pub fn check_deliveries(&self, since: u64) -> Result<usize, String> {
         let mut checked = 0;
         for sn in &self.nodes {
