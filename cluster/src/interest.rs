@@ -102,13 +102,14 @@ pub struct LocalInterest {
 }
 
 impl LocalInterest {
-    /// One more subscriber; true on 0 → 1 (advertise).
+    /// One more subscriber; true if the pattern was not advertised (send SUB). A pattern whose
+    /// last subscriber left is still advertised until [`LocalInterest::withdraw`], so a quick
+    /// resubscription costs nothing.
     pub fn add(&mut self, p: &Pattern) -> bool {
-        let c = self.counts.entry(p.clone()).or_insert(0);
-        *c += 1;
-        *c == 1 && self.set.insert(p)
+        *self.counts.entry(p.clone()).or_insert(0) += 1;
+        self.set.insert(p)
     }
-    /// One subscriber fewer; true on 1 → 0 (withdraw).
+    /// One subscriber fewer; true on 1 → 0 (withdraw it after the linger).
     pub fn remove(&mut self, p: &Pattern) -> bool {
         match self.counts.get_mut(p) {
             Some(c) if *c > 1 => {
@@ -117,10 +118,22 @@ impl LocalInterest {
             }
             Some(_) => {
                 self.counts.remove(p);
-                self.set.remove(p)
+                true
             }
             None => false,
         }
+    }
+    /// Stops advertising `p` if it still has no subscriber; true if it did (send UNSUB).
+    pub fn withdraw(&mut self, p: &Pattern) -> bool {
+        !self.counts.contains_key(p) && self.set.remove(p)
+    }
+    /// Whether a local subscriber wants `topic` now.
+    pub fn wanted(&self, topic: &str) -> bool {
+        self.set.matches(topic)
+            && self.counts.keys().any(|p| match p.kind {
+                PatternKind::Exact => p.text == topic,
+                PatternKind::Glob => glob_match(&p.text, topic),
+            })
     }
     /// The advertised set.
     pub fn set(&self) -> &PatternSet {
@@ -291,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn local_interest_advertises_on_first_and_withdraws_on_last() {
+    fn local_interest_advertises_on_first_and_withdraws_after_the_last() {
         let mut l = LocalInterest::default();
         let p = Pattern::parse("t");
         assert!(l.add(&p));
@@ -299,7 +312,16 @@ mod tests {
         assert!(!l.remove(&p));
         assert!(l.remove(&p));
         assert!(!l.remove(&p));
+        assert!(
+            !l.wanted("t") && l.set().matches("t"),
+            "lingering: advertised, not wanted"
+        );
+        assert!(!l.add(&p), "back within the linger: nothing to send");
+        assert!(!l.withdraw(&p), "a subscriber again: stays");
+        assert!(l.remove(&p));
+        assert!(l.withdraw(&p));
         assert!(l.set().is_empty());
+        assert!(!l.withdraw(&p));
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct Timing {
     pub sub_ack_timeout: u64,
     /// Publications for a peer whose snapshot is unknown are held at most this long.
     pub hold_timeout: u64,
+    /// A pattern whose last local subscriber left stays advertised this long (absorbs churn).
+    pub unsub_linger: u64,
     /// A session closed as a duplicate is read until the peer's GOODBYE, at most this long.
     pub closing_timeout: u64,
 }
@@ -79,6 +81,7 @@ impl Default for Timing {
             tombstone: 300_000 * MS,
             sub_ack_timeout: 250 * MS,
             hold_timeout: 500 * MS,
+            unsub_linger: 2_000 * MS,
             closing_timeout: 3_000 * MS,
         }
     }
@@ -379,6 +382,8 @@ pub struct Node {
     probes: BTreeMap<u64, Probe>,
     relays: Vec<Relay>,
     tickets: BTreeMap<u64, Ticket>,
+    /// Patterns without local subscribers, withdrawn at the time given.
+    lingering: BTreeMap<Pattern, u64>,
     actions: VecDeque<Action>,
     dlq: VecDeque<DlqEntry>,
     stats: Stats,
@@ -439,6 +444,7 @@ impl Node {
             probes: BTreeMap::new(),
             relays: Vec::new(),
             tickets: BTreeMap::new(),
+            lingering: BTreeMap::new(),
             actions: VecDeque::new(),
             dlq: VecDeque::new(),
             stats: Stats::default(),
@@ -1109,7 +1115,7 @@ impl Node {
         match wire::decode_batch(f.flags, &f.body) {
             Ok(recs) => {
                 for r in recs {
-                    if self.local.set().matches(&r.topic) {
+                    if self.local.wanted(&r.topic) {
                         self.actions.push_back(Action::Deliver {
                             from: peer.clone(),
                             topic: r.topic,
@@ -1556,6 +1562,7 @@ impl Node {
         for n in gone {
             self.members.remove(&n);
         }
+        self.withdraw_lingering();
         self.check_tickets();
         self.dials();
     }
@@ -1629,6 +1636,7 @@ impl Node {
     pub fn subscribe(&mut self, pattern: &str, now: u64) -> u64 {
         self.now = now;
         let p = Pattern::parse(pattern);
+        self.lingering.remove(&p);
         let ticket = self.next_id;
         self.next_id += 1;
         let mut waiting = BTreeMap::new();
@@ -1670,6 +1678,23 @@ impl Node {
         self.now = now;
         let p = Pattern::parse(pattern);
         if self.local.remove(&p) {
+            self.lingering.insert(p, now + self.cfg.timing.unsub_linger);
+        }
+    }
+
+    fn withdraw_lingering(&mut self) {
+        let now = self.now;
+        let due: Vec<Pattern> = self
+            .lingering
+            .iter()
+            .filter(|(_, t)| now >= **t)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in due {
+            self.lingering.remove(&p);
+            if !self.local.withdraw(&p) {
+                continue;
+            }
             for c in self.primaries() {
                 let Some(s) = self.session_mut(c) else {
                     continue;

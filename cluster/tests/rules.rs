@@ -338,3 +338,56 @@ fn compression_modes() {
         }
     }
 }
+
+/// A pattern whose last subscriber leaves stays advertised for `unsub_linger` (2 s): a quick
+/// resubscription sends nothing; after the linger the peers drop it. Meanwhile publications that
+/// still arrive are not delivered (nobody wants them) but counted.
+#[test]
+fn unsubscribe_lingers_before_withdrawing() {
+    let mut sim = Sim::new(2, 11, (MS, 2 * MS), false);
+    sim.subscribe(0, "a");
+    sim.run_until(5 * SEC);
+    let a: std::collections::BTreeSet<Pattern> = [Pattern::parse("a")].into();
+    assert_eq!(node(&sim, 1).remote_interest("n0"), Some(a.clone()));
+    let now = sim.now;
+    sim.nodes[0].node.as_mut().unwrap().unsubscribe("a", now);
+    sim.run_until(now + SEC);
+    assert_eq!(
+        node(&sim, 1).remote_interest("n0"),
+        Some(a.clone()),
+        "lingering"
+    );
+    sim.publish(1, "a");
+    sim.run_until(sim.now + 100 * MS);
+    assert!(sim.nodes[0].delivered.is_empty());
+    assert_eq!(node(&sim, 0).stats().unwanted, 1);
+    let now = sim.now;
+    let ticket = sim.nodes[0].node.as_mut().unwrap().subscribe("a", now);
+    sim.nodes[0].pending_tickets.insert(ticket, "a".into());
+    sim.drain(0);
+    assert_eq!(
+        sim.nodes[0].acked.get(&ticket).map(|(_, t)| *t),
+        Some(now),
+        "still advertised: acked at once"
+    );
+    sim.run_until(now + 3 * SEC);
+    assert_eq!(
+        node(&sim, 1).remote_interest("n0"),
+        Some(a),
+        "resubscribed within the linger"
+    );
+    let now = sim.now;
+    sim.nodes[0].node.as_mut().unwrap().unsubscribe("a", now);
+    sim.run_until(now + 1_900 * MS);
+    assert!(
+        node(&sim, 1)
+            .remote_interest("n0")
+            .unwrap()
+            .contains(&Pattern::parse("a"))
+    );
+    sim.run_until(now + 2_200 * MS);
+    assert_eq!(
+        node(&sim, 1).remote_interest("n0"),
+        Some(Default::default())
+    );
+}
