@@ -206,6 +206,14 @@ impl RemoteInterest {
     pub fn table(&self) -> &PatternSet {
         &self.table
     }
+    /// Whether a DIGEST agrees with the table (a DIGEST for another generation, or during a
+    /// snapshot, cannot be compared and counts as agreeing).
+    pub fn agrees(&self, generation: u64, count: u64, digest: u64) -> bool {
+        self.pending.is_some()
+            || !self.synced
+            || generation != self.applied
+            || self.table.digest() == (count, digest)
+    }
     /// Applies an interest record; `Ok(true)` if an ACK is due.
     pub fn apply(&mut self, rec: &CtrlRecord) -> Result<bool, InterestError> {
         match rec {

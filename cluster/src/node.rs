@@ -62,6 +62,8 @@ pub struct Timing {
     pub hold_timeout: u64,
     /// A pattern whose last local subscriber left stays advertised this long (absorbs churn).
     pub unsub_linger: u64,
+    /// Each link sends a DIGEST of this node's interest this often (anti-entropy).
+    pub digest_interval: u64,
     /// A session closed as a duplicate is read until the peer's GOODBYE, at most this long.
     pub closing_timeout: u64,
 }
@@ -82,6 +84,7 @@ impl Default for Timing {
             sub_ack_timeout: 250 * MS,
             hold_timeout: 500 * MS,
             unsub_linger: 2_000 * MS,
+            digest_interval: 30_000 * MS,
             closing_timeout: 3_000 * MS,
         }
     }
@@ -274,6 +277,8 @@ pub struct Stats {
     pub sub_ack_timeouts: u64,
     /// Held publications sent unfiltered (hold buffer overflow or timeout).
     pub hold_overflows: u64,
+    /// Fresh snapshots asked for because a peer's DIGEST disagreed with its table here.
+    pub resyncs: u64,
     /// Inbound sockets refused over the unauthenticated caps.
     pub refused_unauthenticated: u64,
     /// Batch bytes before compression.
@@ -309,6 +314,7 @@ struct Session {
     batch: Vec<u8>,
     batch_records: usize,
     rtt_us: Option<u64>,
+    next_digest: u64,
 }
 
 enum Phase {
@@ -856,6 +862,7 @@ impl Node {
             batch: Vec::new(),
             batch_records: 0,
             rtt_us: None,
+            next_digest: now + self.cfg.timing.digest_interval,
         };
         self.conns.get_mut(&conn).expect("live").phase = Phase::Session(Box::new(session));
         // Rule 3: of two sessions of a pair, both ends keep the one dialled by the lower name
@@ -1224,6 +1231,29 @@ impl Node {
                 }
                 self.check_tickets();
             }
+            CtrlRecord::Digest {
+                generation,
+                count,
+                digest,
+            } => {
+                let Some(s) = self.session_mut(conn) else {
+                    return;
+                };
+                if !s.remote.agrees(generation, count, digest) {
+                    s.ctrl.push(CtrlRecord::Resync);
+                    self.stats.resyncs += 1;
+                }
+            }
+            CtrlRecord::Resync => {
+                let Some(generation) = self.session(conn).map(|s| s.next_gen) else {
+                    return;
+                };
+                let snapshot = self.local.snapshot(generation);
+                if let Some(s) = self.session_mut(conn) {
+                    s.ctrl.extend(snapshot);
+                    s.next_gen = generation + 1;
+                }
+            }
             CtrlRecord::Unknown(_) => {}
             rec => {
                 let Some(s) = self.session_mut(conn) else {
@@ -1488,6 +1518,21 @@ impl Node {
                         self.actions.push_back(Action::Close { conn: id });
                     }
                 }
+            }
+        }
+        // Anti-entropy: each link tells the peer what it should hold for us.
+        let (count, digest) = self.local.set().digest();
+        for c in self.primaries() {
+            if let Some(s) = self.session_mut(c)
+                && now >= s.next_digest
+            {
+                s.next_digest = now + t.digest_interval;
+                let generation = s.next_gen - 1;
+                s.ctrl.push(CtrlRecord::Digest {
+                    generation,
+                    count,
+                    digest,
+                });
             }
         }
         // Holds that waited too long go out unfiltered (the receiver filters; nothing is lost).

@@ -620,6 +620,8 @@ mod ctrl_kind {
     pub const SYNC_BEGIN: u8 = 6;
     pub const SYNC_END: u8 = 7;
     pub const ACK: u8 = 8;
+    pub const DIGEST: u8 = 9;
+    pub const RESYNC: u8 = 10;
 }
 
 /// A control-lane record.
@@ -676,6 +678,18 @@ pub enum CtrlRecord {
         /// Highest applied generation.
         generation: u64,
     },
+    /// The sender's advertised interest as of `generation` (sent every 30 s): a receiver whose
+    /// table differs asks for a fresh snapshot.
+    Digest {
+        /// Generation the digest describes.
+        generation: u64,
+        /// Patterns.
+        count: u64,
+        /// XOR of the patterns' hashes.
+        digest: u64,
+    },
+    /// "Send me a fresh snapshot": the receiver's table disagreed with a DIGEST.
+    Resync,
     /// A record kind this build does not know (skipped: records carry their length).
     Unknown(u8),
 }
@@ -767,6 +781,17 @@ impl CtrlRecord {
                 put_varint(&mut b, *generation);
                 ACK
             }
+            Self::Digest {
+                generation,
+                count,
+                digest,
+            } => {
+                put_varint(&mut b, *generation);
+                put_varint(&mut b, *count);
+                b.extend_from_slice(&digest.to_le_bytes());
+                DIGEST
+            }
+            Self::Resync => RESYNC,
             Self::Unknown(k) => *k,
         };
         put_record(out, kind, &b);
@@ -829,6 +854,12 @@ impl CtrlRecord {
             ACK => Self::Ack {
                 generation: r.varint()?,
             },
+            DIGEST => Self::Digest {
+                generation: r.varint()?,
+                count: r.varint()?,
+                digest: r.u64()?,
+            },
+            RESYNC => Self::Resync,
             k => Self::Unknown(k),
         })
     }

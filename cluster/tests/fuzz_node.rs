@@ -81,6 +81,14 @@ fn record() -> impl Strategy<Value = CtrlRecord> {
             }
         }),
         any::<u64>().prop_map(|generation| CtrlRecord::Ack { generation }),
+        (0u64..4, 0u64..4, any::<u64>()).prop_map(|(generation, count, digest)| {
+            CtrlRecord::Digest {
+                generation,
+                count,
+                digest,
+            }
+        }),
+        Just(CtrlRecord::Resync),
     ]
 }
 

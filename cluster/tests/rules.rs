@@ -391,3 +391,160 @@ fn unsubscribe_lingers_before_withdrawing() {
         Some(Default::default())
     );
 }
+
+/// Anti-entropy, with a hand-driven peer on the other end of one session: every 30 s the node
+/// sends a DIGEST of its interest; a DIGEST that disagrees with the table held for the peer
+/// makes it ask for a fresh snapshot (RESYNC), and a RESYNC makes it send one.
+#[test]
+fn digest_mismatch_asks_for_a_fresh_snapshot() {
+    use wse_cluster::node::Action;
+    use wse_cluster::wire::*;
+
+    let mut cfg = config(0, 2, false);
+    cfg.seeds.clear();
+    let mut n = Node::new(cfg, 1, 1, 0);
+    n.subscribe("a", 0);
+    let c = n.accept("10.0.0.1:4000", 0).unwrap();
+    let mut input = Vec::new();
+    encode_preface(&mut input);
+    let hello = Hello {
+        cluster: "sim".into(),
+        name: "n1".into(),
+        incarnation: 5,
+        advertised: "10.0.0.1:9999".into(),
+        capabilities: CAPABILITIES,
+        fingerprint: 42,
+        dial_seq: 1,
+        nonce: [0; 32],
+    };
+    encode_frame(&mut input, FrameType::Hello, 0, &hello.encode());
+    n.input(c, &input, 0);
+
+    let mut from_node = FrameDecoder::new(MAX_FRAME);
+    let mut preface_seen = false;
+    // Feeds CTRL records at `now`, runs a loop turn, returns the CTRL records the node sent.
+    let mut turn = |n: &mut Node, recs: &[CtrlRecord], now: u64| -> Vec<CtrlRecord> {
+        if !recs.is_empty() {
+            let mut f = Vec::new();
+            encode_frame(&mut f, FrameType::Ctrl, 0, &encode_ctrl(recs));
+            n.input(c, &f, now);
+        }
+        n.tick(now);
+        n.flush(now);
+        let mut out = Vec::new();
+        while let Some(a) = n.poll_action() {
+            if let Action::Send { conn, bytes } = a {
+                assert_eq!(conn, c);
+                n.transmitted(conn, bytes.len());
+                from_node.push(&bytes);
+            }
+        }
+        if !preface_seen {
+            preface_seen = from_node.take_raw::<PREFACE_LEN>().is_some();
+        }
+        while let Some(f) = from_node.next_frame().unwrap() {
+            if f.ty == FrameType::Ctrl {
+                out.extend(decode_ctrl(&f.body).unwrap());
+            }
+        }
+        out
+    };
+    let x = Pattern::parse("x");
+    let a = Pattern::parse("a");
+    let digest_of = |p: &Pattern| stable_hash(p.kind, &p.text);
+    let sent = turn(
+        &mut n,
+        &[
+            CtrlRecord::SyncBegin { generation: 1 },
+            CtrlRecord::Sub {
+                generation: 1,
+                pattern: x.clone(),
+            },
+            CtrlRecord::SyncEnd {
+                generation: 1,
+                count: 1,
+                digest: digest_of(&x),
+            },
+        ],
+        1_000,
+    );
+    assert_eq!(n.remote_interest("n1"), Some([x.clone()].into()));
+    assert!(
+        sent.contains(&CtrlRecord::Sub {
+            generation: 1,
+            pattern: a.clone()
+        }),
+        "{sent:?}"
+    );
+
+    let sent = turn(
+        &mut n,
+        &[CtrlRecord::Digest {
+            generation: 1,
+            count: 1,
+            digest: digest_of(&x),
+        }],
+        2_000,
+    );
+    assert!(
+        !sent.contains(&CtrlRecord::Resync),
+        "agreeing digest: {sent:?}"
+    );
+    let sent = turn(
+        &mut n,
+        &[CtrlRecord::Digest {
+            generation: 1,
+            count: 2,
+            digest: 0,
+        }],
+        3_000,
+    );
+    assert!(sent.contains(&CtrlRecord::Resync), "{sent:?}");
+    assert_eq!(n.stats().resyncs, 1);
+
+    let sent = turn(&mut n, &[CtrlRecord::Resync], 4_000);
+    let (count, digest) = (1, digest_of(&a));
+    assert_eq!(
+        sent.iter()
+            .filter(|r| !matches!(r, CtrlRecord::Ack { .. }))
+            .cloned()
+            .collect::<Vec<_>>(),
+        [
+            CtrlRecord::SyncBegin { generation: 2 },
+            CtrlRecord::Sub {
+                generation: 2,
+                pattern: a.clone()
+            },
+            CtrlRecord::SyncEnd {
+                generation: 2,
+                count,
+                digest
+            },
+        ]
+    );
+
+    // The periodic digest, 30 s after the session started (the peer keeps it alive).
+    let mut digests = Vec::new();
+    for s in 1..=31u64 {
+        let mut ping = Vec::new();
+        encode_frame(&mut ping, FrameType::Ping, 0, &0u64.to_le_bytes());
+        n.input(c, &ping, s * 1_000_000);
+        let sent = turn(&mut n, &[], s * 1_000_000);
+        digests.extend(
+            sent.into_iter()
+                .filter(|r| matches!(r, CtrlRecord::Digest { .. }))
+                .map(|r| (s, r)),
+        );
+    }
+    assert_eq!(
+        digests,
+        [(
+            30,
+            CtrlRecord::Digest {
+                generation: 2,
+                count,
+                digest
+            }
+        )]
+    );
+}

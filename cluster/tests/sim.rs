@@ -197,8 +197,13 @@ fn run_chaos(seed: u64, n: usize) {
 
 #[test]
 fn chaos_then_heal_converges() {
+    // `WSE_SIM_NODES=8` tries larger meshes locally.
+    let n = std::env::var("WSE_SIM_NODES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     for seed in seeds(10) {
-        run_chaos(seed, 5);
+        run_chaos(seed, n);
     }
 }
 
