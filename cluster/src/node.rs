@@ -315,6 +315,10 @@ struct Session {
     batch_records: usize,
     rtt_us: Option<u64>,
     next_digest: u64,
+    /// Data frames received while an older session of this pair is still draining: processed
+    /// once it has, so one publisher's publications never overtake each other.
+    deferred: VecDeque<RawFrame>,
+    deferred_bytes: usize,
 }
 
 enum Phase {
@@ -863,6 +867,8 @@ impl Node {
             batch_records: 0,
             rtt_us: None,
             next_digest: now + self.cfg.timing.digest_interval,
+            deferred: VecDeque::new(),
+            deferred_bytes: 0,
         };
         self.conns.get_mut(&conn).expect("live").phase = Phase::Session(Box::new(session));
         // Rule 3: of two sessions of a pair, both ends keep the one dialled by the lower name
@@ -984,7 +990,7 @@ impl Node {
         self.ticket_conn_gone(conn);
         match c.phase {
             Phase::Dialing | Phase::Handshake(_) => self.target_failed(&c.target),
-            Phase::Closing(..) => {}
+            Phase::Closing(_, _, peer) => self.release_deferred(&peer),
             Phase::Session(s) => {
                 let Session {
                     peer, hold, batch, ..
@@ -1104,12 +1110,54 @@ impl Node {
                 }
                 Err(_) => self.protocol_error(conn),
             },
-            FrameType::Batch => self.on_batch(conn, &f),
+            FrameType::Batch => {
+                let hold_max = self.cfg.limits.hold_bytes;
+                let Some(peer) = self.session(conn).map(|s| s.peer.clone()) else {
+                    return;
+                };
+                let draining = self.closing_to(&peer);
+                let Some(s) = self.session_mut(conn) else {
+                    return;
+                };
+                if (draining || !s.deferred.is_empty())
+                    && s.deferred_bytes + f.body.len() <= hold_max
+                {
+                    s.deferred_bytes += f.body.len();
+                    s.deferred.push_back(f);
+                } else {
+                    self.on_batch(conn, &f);
+                }
+            }
             FrameType::Goodbye => {
                 let g = Goodbye::decode(&f.body).ok();
                 self.on_goodbye(conn, g);
             }
             FrameType::Hello | FrameType::Auth => self.protocol_error(conn),
+        }
+    }
+
+    /// Whether a session to `peer` closed as a duplicate is still being read.
+    fn closing_to(&self, peer: &str) -> bool {
+        self.conns
+            .values()
+            .any(|c| matches!(&c.phase, Phase::Closing(_, _, p) if p == peer))
+    }
+
+    /// The older session to `peer` has drained: its successor's deferred data goes now.
+    fn release_deferred(&mut self, peer: &str) {
+        if self.closing_to(peer) {
+            return;
+        }
+        let Some(c) = self.members.get(peer).and_then(|m| m.primary) else {
+            return;
+        };
+        let Some(s) = self.session_mut(c) else {
+            return;
+        };
+        let frames = std::mem::take(&mut s.deferred);
+        s.deferred_bytes = 0;
+        for f in frames {
+            self.on_batch(c, &f);
         }
     }
 

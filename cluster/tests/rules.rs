@@ -548,3 +548,94 @@ fn digest_mismatch_asks_for_a_fresh_snapshot() {
         )]
     );
 }
+
+/// Two sessions of a pair: the peer's publications on the older one (still draining after the
+/// duplicate rule closed it) are delivered before those it sent later on the survivor, even
+/// when the survivor's bytes arrive first.
+#[test]
+fn the_survivor_waits_for_the_loser_to_drain() {
+    use wse_cluster::node::Action;
+    use wse_cluster::wire::*;
+
+    let hello = |dial_seq: u64| {
+        let mut b = Vec::new();
+        encode_preface(&mut b);
+        let h = Hello {
+            cluster: "sim".into(),
+            name: "n1".into(),
+            incarnation: 5,
+            advertised: "10.0.0.1:9999".into(),
+            capabilities: CAPABILITIES,
+            fingerprint: 42,
+            dial_seq,
+            nonce: [0; 32],
+        };
+        encode_frame(&mut b, FrameType::Hello, 0, &h.encode());
+        b
+    };
+    let batch = |seq: u64| {
+        let mut body = Vec::new();
+        PubRecord {
+            topic: "a".into(),
+            payload: format!("n1:{seq}").into_bytes(),
+        }
+        .encode(&mut body);
+        let mut f = Vec::new();
+        encode_frame(&mut f, FrameType::Batch, 0, &body);
+        f
+    };
+    let drain = |n: &mut Node| -> (Vec<u64>, Vec<String>) {
+        n.flush(0);
+        let (mut dials, mut got) = (Vec::new(), Vec::new());
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::Dial { conn, .. } => dials.push(conn),
+                Action::Deliver { payload, .. } => got.push(String::from_utf8(payload).unwrap()),
+                _ => {}
+            }
+        }
+        (dials, got)
+    };
+
+    let mut cfg = config(0, 2, false);
+    cfg.seeds = vec!["10.0.0.1:9999".into()];
+    let mut n = Node::new(cfg, 1, 1, 0);
+    n.subscribe("a", 0);
+    n.tick(0);
+    let (dials, _) = drain(&mut n);
+    let b = dials[0];
+    // n1 dials n0 first: session A, dialled by the higher name.
+    let a = n.accept("10.0.0.1:4000", 0).unwrap();
+    n.input(a, &hello(7), 0);
+    drain(&mut n);
+    assert_eq!(n.sessions(), [(a, "n1".to_string())]);
+    // n0's own dial completes: session B, dialled by the lower name, wins; A drains.
+    n.connected(b, 0);
+    n.input(b, &hello(0), 0);
+    drain(&mut n);
+    assert_eq!(n.sessions(), [(b, "n1".to_string())]);
+    assert_eq!(n.stats().duplicates_closed, 1);
+    // n1 had sent #1 on A before it learnt of B, then #2 on B; B's bytes come first.
+    n.input(b, &batch(2), 0);
+    let (_, got) = drain(&mut n);
+    assert!(got.is_empty(), "#2 waits for A to drain: {got:?}");
+    n.input(a, &batch(1), 0);
+    let mut goodbye = Vec::new();
+    encode_frame(
+        &mut goodbye,
+        FrameType::Goodbye,
+        0,
+        &Goodbye {
+            reason: Reason::Duplicate,
+            retry_after_ms: 0,
+            no_reconnect: false,
+            incarnation: 0,
+        }
+        .encode(),
+    );
+    n.input(a, &goodbye, 0);
+    let (_, got) = drain(&mut n);
+    assert_eq!(got, ["n1:1", "n1:2"]);
+    n.input(b, &batch(3), 0);
+    assert_eq!(drain(&mut n).1, ["n1:3"], "no deferral once A is gone");
+}

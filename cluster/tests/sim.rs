@@ -59,12 +59,14 @@ fn run_stable(seed: u64, n: usize, psk: bool) {
     }
 }
 
-/// Seeds per test: a few in CI; `WSE_SIM_SEEDS=500` explores more locally.
+/// Seeds per test: a few in CI; `WSE_SIM_SEEDS=500` explores more locally, `WSE_SIM_SEEDS=48..49`
+/// replays one.
 fn seeds(default: u64) -> std::ops::Range<u64> {
-    0..std::env::var("WSE_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    let v = std::env::var("WSE_SIM_SEEDS").unwrap_or_default();
+    match v.split_once("..") {
+        Some((a, b)) => a.parse().unwrap_or(0)..b.parse().unwrap_or(0),
+        None => 0..v.parse().unwrap_or(default),
+    }
 }
 
 #[test]
