@@ -60,6 +60,21 @@ pub struct Identity {
     pub fingerprint: u64,
 }
 
+/// Record keys of a PSK session.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKeys {
+    /// Seals what this end sends.
+    pub send: [u8; 32],
+    /// Opens what the peer sends.
+    pub recv: [u8; 32],
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKeys(<redacted>)")
+    }
+}
+
 /// What the handshake learnt about the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -132,6 +147,8 @@ pub struct Handshake {
     peer_hello: Option<(Hello, Vec<u8>)>,
     version: u16,
     state: State,
+    /// The PSK both ends hold (the first in the dialer's order), once AUTH verified.
+    shared: Option<Vec<u8>>,
     decoder: FrameDecoder,
     /// Virtual-clock time (µs) by which the handshake must be done.
     pub deadline: u64,
@@ -182,6 +199,7 @@ impl Handshake {
             peer_hello: None,
             version: 0,
             state: State::AwaitPreface,
+            shared: None,
             decoder: FrameDecoder::new(PREAUTH_MAX_FRAME),
             deadline,
         }
@@ -239,6 +257,36 @@ impl Handshake {
         self.decoder
     }
 
+    /// With `psk`, once established: the record keys (send, receive) for every byte after AUTH,
+    /// one per direction, from HKDF over the shared key and both nonces.
+    pub fn session_keys(&self) -> Option<SessionKeys> {
+        let psk = self.shared.as_ref()?;
+        let (peer, _) = self.peer_hello.as_ref()?;
+        let (nd, na) = match self.role {
+            Role::Dialer => (&self.local_hello.nonce, &peer.nonce),
+            Role::Acceptor => (&peer.nonce, &self.local_hello.nonce),
+        };
+        let mut salt = [0u8; 64];
+        salt[..32].copy_from_slice(nd);
+        salt[32..].copy_from_slice(na);
+        let kdf = Hkdf::<Sha256>::new(Some(&salt), psk);
+        let (mut d2a, mut a2d) = ([0u8; 32], [0u8; 32]);
+        kdf.expand(b"wse-cluster/1 seal dialer", &mut d2a)
+            .expect("32 bytes is a valid HKDF length");
+        kdf.expand(b"wse-cluster/1 seal acceptor", &mut a2d)
+            .expect("32 bytes is a valid HKDF length");
+        Some(match self.role {
+            Role::Dialer => SessionKeys {
+                send: d2a,
+                recv: a2d,
+            },
+            Role::Acceptor => SessionKeys {
+                send: a2d,
+                recv: d2a,
+            },
+        })
+    }
+
     fn on_frame(&mut self, f: RawFrame, out: &mut Vec<u8>) -> Option<Step> {
         match (self.state, f.ty) {
             (_, FrameType::Goodbye) => {
@@ -291,12 +339,22 @@ impl Handshake {
                     Role::Dialer => Role::Acceptor,
                     Role::Acceptor => Role::Dialer,
                 };
-                let ok = self.keys().iter().any(|k| {
-                    auth.macs
+                let verifies =
+                    |k: &[u8], m: &[u8; 32]| self.mac_state(k, peer_role).verify_slice(m).is_ok();
+                // Both ends pick the same key: the first, in the dialer's order, that both hold.
+                let shared = match self.role {
+                    Role::Dialer => self
+                        .keys()
+                        .into_iter()
+                        .find(|k| auth.macs.iter().any(|m| verifies(k, m))),
+                    Role::Acceptor => auth
+                        .macs
                         .iter()
-                        .any(|m| self.mac_state(k, peer_role).verify_slice(m).is_ok())
-                });
-                if ok {
+                        .find_map(|m| self.keys().into_iter().find(|k| verifies(k, m))),
+                }
+                .map(<[u8]>::to_vec);
+                if shared.is_some() {
+                    self.shared = shared;
                     Some(self.established())
                 } else {
                     Some(self.fail(
@@ -479,6 +537,44 @@ mod tests {
             (a, b),
             (Step::Established(_), Step::Established(_))
         ));
+    }
+
+    #[test]
+    fn both_ends_derive_the_same_record_keys_even_during_a_rotation() {
+        for (a, b) in [
+            (psk(b"k1", None), psk(b"k1", None)),
+            (psk(b"k2", Some(b"k1")), psk(b"k1", None)),
+            (psk(b"k1", None), psk(b"k2", Some(b"k1"))),
+            (psk(b"k2", Some(b"k1")), psk(b"k1", Some(b"k2"))),
+        ] {
+            let (mut oa, mut ob) = (Vec::new(), Vec::new());
+            let mut ha = Handshake::start(Role::Dialer, ident("a", 1), a, 1, [1; 32], 100, &mut oa);
+            let mut hb =
+                Handshake::start(Role::Acceptor, ident("b", 2), b, 0, [2; 32], 100, &mut ob);
+            let mut to_a = Vec::new();
+            assert!(matches!(hb.feed(&oa, 0, &mut to_a), Step::Continue));
+            ob.extend(to_a);
+            let mut to_b = Vec::new();
+            assert!(matches!(ha.feed(&ob, 0, &mut to_b), Step::Established(_)));
+            assert!(matches!(
+                hb.feed(&to_b, 0, &mut Vec::new()),
+                Step::Established(_)
+            ));
+            let (ka, kb) = (ha.session_keys().unwrap(), hb.session_keys().unwrap());
+            assert_eq!((ka.send, ka.recv), (kb.recv, kb.send));
+            assert_ne!(ka.send, ka.recv);
+        }
+        let mut out = Vec::new();
+        let h = Handshake::start(
+            Role::Dialer,
+            ident("a", 1),
+            Security::None,
+            1,
+            [1; 32],
+            100,
+            &mut out,
+        );
+        assert!(h.session_keys().is_none());
     }
 
     #[test]

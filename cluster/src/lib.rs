@@ -7,4 +7,5 @@ pub mod handshake;
 pub mod interest;
 pub mod membership;
 pub mod node;
+pub mod seal;
 pub mod wire;

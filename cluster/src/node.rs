@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use crate::handshake::{self, Handshake, HandshakeError, Identity, PeerInfo, Role, Security, Step};
 use crate::interest::{LocalInterest, PatternSet, RemoteInterest};
 use crate::membership::{Breaker, jitter, supersedes, suspicion_timeout};
+use crate::seal::{Opener, Sealer};
 use crate::wire::{
     self, CtrlRecord, FrameDecoder, FrameType, Goodbye, MemberRecord, MemberState, Pattern,
     PubRecord, RawFrame, Reason,
@@ -339,6 +340,9 @@ struct Conn {
     outstanding: usize,
     /// Last time the socket took bytes (or had none pending): enqueueing is not progress.
     last_progress: u64,
+    /// PSK sessions after AUTH: every byte each way is sealed.
+    sealer: Option<Sealer>,
+    opener: Option<Opener>,
 }
 
 struct Member {
@@ -571,7 +575,13 @@ impl Node {
         if bytes.is_empty() {
             return;
         }
+        let mut bytes = bytes;
         if let Some(c) = self.conns.get_mut(&conn) {
+            if let Some(s) = &mut c.sealer {
+                let mut sealed = Vec::with_capacity(bytes.len() + 64);
+                s.seal(&bytes, &mut sealed);
+                bytes = sealed;
+            }
             c.last_sent = self.now;
             if c.outstanding == 0 {
                 c.last_progress = self.now;
@@ -651,6 +661,22 @@ impl Node {
             return;
         };
         c.last_recv = now;
+        let opened;
+        let bytes = match &mut c.opener {
+            Some(o) => {
+                let mut plain = Vec::new();
+                if o.open(bytes, &mut plain).is_err() {
+                    // Tampered, replayed or not ours: nothing from this socket is trusted.
+                    return self.protocol_error(conn);
+                }
+                opened = plain;
+                &opened[..]
+            }
+            None => bytes,
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         match &mut c.phase {
             Phase::Dialing => {}
             Phase::Handshake(h) => {
@@ -667,7 +693,22 @@ impl Node {
                         let Phase::Handshake(h) = std::mem::replace(phase, Phase::Dialing) else {
                             return;
                         };
-                        let decoder = h.into_decoder();
+                        let keys = h.session_keys();
+                        let mut decoder = h.into_decoder();
+                        if let Some(k) = keys {
+                            // From here on both directions are sealed; what followed AUTH in
+                            // this read is already sealed.
+                            let mut opener = Opener::new(&k.recv);
+                            let mut plain = Vec::new();
+                            let ok = opener.open(&decoder.take_buffered(), &mut plain).is_ok();
+                            decoder.push(&plain);
+                            let c = self.conns.get_mut(&conn).expect("live");
+                            c.sealer = Some(Sealer::new(&k.send));
+                            c.opener = Some(opener);
+                            if !ok {
+                                return self.protocol_error(conn);
+                            }
+                        }
                         self.established(conn, p, decoder);
                         // Frames that followed the handshake in the same read.
                         self.process_frames(conn);
@@ -701,6 +742,8 @@ impl Node {
                 last_sent: now,
                 outstanding: 0,
                 last_progress: now,
+                sealer: None,
+                opener: None,
             },
         );
         id

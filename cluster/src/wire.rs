@@ -202,6 +202,15 @@ impl FrameDecoder {
         self.buf.len() - self.start
     }
 
+    /// Takes everything buffered and not yet consumed (the bytes after a handshake, when a
+    /// record layer takes over the stream).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.start);
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+
     /// Takes `n` raw bytes (the preface) if that many are buffered.
     pub fn take_raw<const N: usize>(&mut self) -> Option<[u8; N]> {
         if self.buffered() < N {

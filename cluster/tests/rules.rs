@@ -639,3 +639,34 @@ fn the_survivor_waits_for_the_loser_to_drain() {
     n.input(b, &batch(3), 0);
     assert_eq!(drain(&mut n).1, ["n1:3"], "no deferral once A is gone");
 }
+
+/// With `psk` every byte after AUTH is sealed: a bit flipped on the path closes the link
+/// instead of delivering a corrupted publication, and the link comes back.
+#[test]
+fn psk_sessions_are_sealed_against_tampering() {
+    let mut sim = Sim::new(2, 12, (MS, 2 * MS), true);
+    sim.subscribe(0, "a");
+    sim.run_until(5 * SEC);
+    sim.check_quiescent().unwrap();
+    let t0 = sim.now;
+    sim.corrupt_next_to = Some(0);
+    sim.publish(1, "a");
+    sim.run_until(t0 + SEC);
+    assert!(sim.corrupt_next_to.is_none(), "the publication went out");
+    assert!(
+        sim.nodes[0].delivered.is_empty(),
+        "nothing tampered is delivered"
+    );
+    assert!(
+        sim.nodes[0]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= t0 && matches!(e, Event::LinkDown { peer } if peer == "n1"))
+    );
+    sim.run_until(t0 + 10 * SEC);
+    sim.check_quiescent().unwrap();
+    let t1 = sim.now;
+    sim.publish(1, "a");
+    sim.run_until(t1 + SEC);
+    assert_eq!(sim.check_deliveries(t1), Ok(1));
+}

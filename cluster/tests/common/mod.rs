@@ -75,6 +75,8 @@ pub struct Sim {
     pub dials: BTreeMap<String, u32>,
     /// Per publication, the peers its publisher had a link to when it published.
     pub linked: BTreeMap<(String, u64), BTreeSet<String>>,
+    /// Flip one bit in the next chunk of bytes sent to this node (an on-path attacker).
+    pub corrupt_next_to: Option<usize>,
 }
 
 pub fn config(i: usize, n: usize, psk: bool) -> Config {
@@ -149,6 +151,7 @@ impl Sim {
             aliases: BTreeMap::new(),
             dials: BTreeMap::new(),
             linked: BTreeMap::new(),
+            corrupt_next_to: None,
         }
     }
 
@@ -210,6 +213,12 @@ impl Sim {
                         if self.cut(i, peer.0) {
                             self.stalled.push(((i, conn), bytes));
                         } else {
+                            let mut bytes = bytes;
+                            if self.corrupt_next_to == Some(peer.0) {
+                                self.corrupt_next_to = None;
+                                let mid = bytes.len() / 2;
+                                bytes[mid] ^= 0x10;
+                            }
                             let at = next.max(self.now + self.delay());
                             self.links.get_mut(&(i, conn)).unwrap().1 = at;
                             self.schedule(at, Ev::Deliver(peer, bytes));
