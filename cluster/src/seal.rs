@@ -84,6 +84,11 @@ impl Opener {
         }
     }
 
+    /// Bytes received and not yet opened (at most one partial record plus the last read).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Opens every complete record in `bytes` (plus what was buffered), appending the plaintext
     /// to `out`. After an error the session must be closed.
     pub fn open(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
