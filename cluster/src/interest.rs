@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::wire::{CtrlRecord, Pattern, PatternKind, stable_hash};
+use crate::wire::{CtrlRecord, GROUP_SEP, Pattern, PatternKind, stable_hash};
 
 /// Most exact topics one peer may advertise (memory bound; past it the session is closed).
 pub const MAX_REMOTE_TOPICS: usize = 1_000_000;
@@ -40,6 +40,8 @@ pub fn glob_match(pattern: &str, topic: &str) -> bool {
 pub struct PatternSet {
     exact: BTreeSet<String>,
     globs: BTreeSet<String>,
+    /// Queue groups as `group` U+001F `topic` (see [`Pattern::group`]).
+    groups: BTreeSet<String>,
 }
 
 impl PatternSet {
@@ -47,21 +49,34 @@ impl PatternSet {
     pub fn matches(&self, topic: &str) -> bool {
         self.exact.contains(topic) || self.globs.iter().any(|g| glob_match(g, topic))
     }
-    fn insert(&mut self, p: &Pattern) -> bool {
-        match p.kind {
-            PatternKind::Exact => self.exact.insert(p.text.clone()),
-            PatternKind::Glob => self.globs.insert(p.text.clone()),
+    /// Whether a member of queue group `group` on `topic` is here.
+    pub fn has_group(&self, topic: &str, group: &str) -> bool {
+        self.groups.contains(&Pattern::group(topic, group).text)
+    }
+    /// The queue groups on `topic`.
+    pub fn groups_of<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.groups.iter().filter_map(move |t| {
+            t.split_once(GROUP_SEP)
+                .filter(|(_, tp)| *tp == topic)
+                .map(|(g, _)| g)
+        })
+    }
+    fn set_of(&mut self, kind: PatternKind) -> &mut BTreeSet<String> {
+        match kind {
+            PatternKind::Exact => &mut self.exact,
+            PatternKind::Glob => &mut self.globs,
+            PatternKind::Group => &mut self.groups,
         }
     }
+    fn insert(&mut self, p: &Pattern) -> bool {
+        self.set_of(p.kind).insert(p.text.clone())
+    }
     fn remove(&mut self, p: &Pattern) -> bool {
-        match p.kind {
-            PatternKind::Exact => self.exact.remove(&p.text),
-            PatternKind::Glob => self.globs.remove(&p.text),
-        }
+        self.set_of(p.kind).remove(&p.text)
     }
     /// Number of patterns.
     pub fn len(&self) -> usize {
-        self.exact.len() + self.globs.len()
+        self.exact.len() + self.globs.len() + self.groups.len()
     }
     /// Whether empty.
     pub fn is_empty(&self) -> bool {
@@ -77,7 +92,11 @@ impl PatternSet {
             kind: PatternKind::Glob,
             text: t.clone(),
         });
-        e.chain(g).collect()
+        let q = self.groups.iter().map(|t| Pattern {
+            kind: PatternKind::Group,
+            text: t.clone(),
+        });
+        e.chain(g).chain(q).collect()
     }
     /// Count and XOR of the patterns' stable hashes (SYNC_END's check).
     pub fn digest(&self) -> (u64, u64) {
@@ -86,11 +105,17 @@ impl PatternSet {
             .iter()
             .map(|t| stable_hash(PatternKind::Exact, t))
             .chain(self.globs.iter().map(|t| stable_hash(PatternKind::Glob, t)))
+            .chain(
+                self.groups
+                    .iter()
+                    .map(|t| stable_hash(PatternKind::Group, t)),
+            )
             .fold(0, |a, h| a ^ h);
         (self.len() as u64, d)
     }
     fn within_limits(&self) -> bool {
-        self.exact.len() <= MAX_REMOTE_TOPICS && self.globs.len() <= MAX_REMOTE_GLOBS
+        self.exact.len() + self.groups.len() <= MAX_REMOTE_TOPICS
+            && self.globs.len() <= MAX_REMOTE_GLOBS
     }
 }
 
@@ -133,7 +158,12 @@ impl LocalInterest {
             && self.counts.keys().any(|p| match p.kind {
                 PatternKind::Exact => p.text == topic,
                 PatternKind::Glob => glob_match(&p.text, topic),
+                PatternKind::Group => false,
             })
+    }
+    /// Whether a local member of queue group `group` on `topic` is here now.
+    pub fn wanted_group(&self, topic: &str, group: &str) -> bool {
+        self.counts.contains_key(&Pattern::group(topic, group))
     }
     /// The advertised set.
     pub fn set(&self) -> &PatternSet {

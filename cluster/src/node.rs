@@ -188,6 +188,17 @@ pub enum Action {
         /// Payload.
         payload: Vec<u8>,
     },
+    /// A publication for a local queue group: hand it to one of the group's members.
+    DeliverGroup {
+        /// The peer it came from.
+        from: String,
+        /// Topic.
+        topic: String,
+        /// The queue group.
+        group: String,
+        /// Payload.
+        payload: Vec<u8>,
+    },
     /// A subscription's remote interest is confirmed (or the bounded wait ran out).
     SubscribeAcked {
         /// The ticket [`Node::subscribe`] returned.
@@ -396,6 +407,8 @@ pub struct Node {
     probes: BTreeMap<u64, Probe>,
     relays: Vec<Relay>,
     tickets: BTreeMap<u64, Ticket>,
+    /// Round-robin position for queue-group picks.
+    group_turn: u64,
     /// Patterns without local subscribers, withdrawn at the time given.
     lingering: BTreeMap<Pattern, u64>,
     actions: VecDeque<Action>,
@@ -458,6 +471,7 @@ impl Node {
             probes: BTreeMap::new(),
             relays: Vec::new(),
             tickets: BTreeMap::new(),
+            group_turn: 0,
             lingering: BTreeMap::new(),
             actions: VecDeque::new(),
             dlq: VecDeque::new(),
@@ -1213,14 +1227,24 @@ impl Node {
         match wire::decode_batch(f.flags, &f.body) {
             Ok(recs) => {
                 for r in recs {
-                    if self.local.wanted(&r.topic) {
-                        self.actions.push_back(Action::Deliver {
-                            from: peer.clone(),
-                            topic: r.topic,
-                            payload: r.payload,
-                        });
-                    } else {
-                        self.stats.unwanted += 1;
+                    match r.group {
+                        Some(group) if self.local.wanted_group(&r.topic, &group) => {
+                            self.actions.push_back(Action::DeliverGroup {
+                                from: peer.clone(),
+                                topic: r.topic,
+                                group,
+                                payload: r.payload,
+                            });
+                        }
+                        None if self.local.wanted(&r.topic) => {
+                            self.actions.push_back(Action::Deliver {
+                                from: peer.clone(),
+                                topic: r.topic,
+                                payload: r.payload,
+                            });
+                        }
+                        // The member left meanwhile: at most once, counted.
+                        _ => self.stats.unwanted += 1,
                     }
                 }
             }
@@ -1770,8 +1794,23 @@ impl Node {
     /// [`Action::SubscribeAcked`] once every linked peer has acknowledged the interest (bounded
     /// by `sub_ack_timeout`): after that, a publication anywhere reaches this node.
     pub fn subscribe(&mut self, pattern: &str, now: u64) -> u64 {
+        self.subscribe_pattern(Pattern::parse(pattern), now)
+    }
+
+    /// A local member of queue group `group` on `topic`: each publication on `topic` made
+    /// anywhere goes to one member per group, cluster-wide (a local one when there is one).
+    /// Acknowledged like [`Node::subscribe`].
+    pub fn subscribe_group(&mut self, topic: &str, group: &str, now: u64) -> u64 {
+        self.subscribe_pattern(Pattern::group(topic, group), now)
+    }
+
+    /// A local queue-group member left.
+    pub fn unsubscribe_group(&mut self, topic: &str, group: &str, now: u64) {
+        self.unsubscribe_pattern(Pattern::group(topic, group), now);
+    }
+
+    fn subscribe_pattern(&mut self, p: Pattern, now: u64) -> u64 {
         self.now = now;
-        let p = Pattern::parse(pattern);
         self.lingering.remove(&p);
         let ticket = self.next_id;
         self.next_id += 1;
@@ -1811,8 +1850,11 @@ impl Node {
 
     /// A local subscriber left.
     pub fn unsubscribe(&mut self, pattern: &str, now: u64) {
+        self.unsubscribe_pattern(Pattern::parse(pattern), now);
+    }
+
+    fn unsubscribe_pattern(&mut self, p: Pattern, now: u64) {
         self.now = now;
-        let p = Pattern::parse(pattern);
         if self.local.remove(&p) {
             self.lingering.insert(p, now + self.cfg.timing.unsub_linger);
         }
@@ -1888,10 +1930,7 @@ impl Node {
             self.stats.dropped_too_large += 1;
             return;
         }
-        let rec = PubRecord {
-            topic: topic.to_owned(),
-            payload: payload.to_vec(),
-        };
+        let rec = PubRecord::new(topic, payload);
         let hold_max = self.cfg.limits.hold_bytes;
         for c in self.primaries() {
             let Some(s) = self.session_mut(c) else {
@@ -1912,6 +1951,36 @@ impl Node {
                 }
             }
         }
+        self.publish_to_groups(topic, payload);
+    }
+
+    /// Queue groups: one member per group per publication, cluster-wide. A group with a member
+    /// here is the shards' (local members first); otherwise one peer advertising the group gets
+    /// the publication, in turn. Only peers whose interest is known are candidates (a group
+    /// delivery is at most once: with no candidate it is dropped and counted).
+    fn publish_to_groups(&mut self, topic: &str, payload: &[u8]) {
+        let mut candidates: BTreeMap<String, Vec<ConnId>> = BTreeMap::new();
+        for c in self.primaries() {
+            let Some(s) = self.session(c) else { continue };
+            if s.remote.synced() {
+                for g in s.remote.table().groups_of(topic) {
+                    candidates.entry(g.to_owned()).or_default().push(c);
+                }
+            }
+        }
+        for (group, conns) in candidates {
+            if self.local.wanted_group(topic, &group) {
+                continue;
+            }
+            self.group_turn = self.group_turn.wrapping_add(1);
+            let c = conns[(self.group_turn % conns.len() as u64) as usize];
+            let rec = PubRecord {
+                topic: topic.to_owned(),
+                group: Some(group),
+                payload: payload.to_vec(),
+            };
+            self.enqueue(c, &rec);
+        }
     }
 
     /// Sends what was held for a session: filtered through its snapshot if known, else all of
@@ -1931,7 +2000,11 @@ impl Node {
             s.forward_all = false;
         }
         for r in held {
-            if filter.as_ref().is_none_or(|f| f.matches(&r.topic)) {
+            let wanted = |f: &PatternSet| match &r.group {
+                Some(g) => f.has_group(&r.topic, g),
+                None => f.matches(&r.topic),
+            };
+            if filter.as_ref().is_none_or(wanted) {
                 self.enqueue(c, &r);
             }
         }

@@ -593,7 +593,13 @@ pub enum PatternKind {
     Exact = 0,
     /// A character-level glob (`*` any run, `?` one character).
     Glob = 1,
+    /// A queue group on an exact topic: `text` is `group` U+001F `topic` (one member per group
+    /// gets each publication, cluster-wide).
+    Group = 2,
 }
+
+/// Separates group and topic in a [`PatternKind::Group`] pattern's text.
+pub const GROUP_SEP: char = '\u{1f}';
 
 /// An interest pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -616,6 +622,23 @@ impl Pattern {
             kind,
             text: s.to_owned(),
         }
+    }
+
+    /// A queue-group membership on `topic`.
+    pub fn group(topic: &str, group: &str) -> Self {
+        Self {
+            kind: PatternKind::Group,
+            text: format!("{group}{GROUP_SEP}{topic}"),
+        }
+    }
+
+    /// `(topic, group)` of a group pattern.
+    pub fn group_parts(&self) -> Option<(&str, &str)> {
+        if self.kind != PatternKind::Group {
+            return None;
+        }
+        let (g, t) = self.text.split_once(GROUP_SEP)?;
+        Some((t, g))
     }
 }
 
@@ -712,12 +735,17 @@ fn get_pattern(r: &mut Reader<'_>) -> Result<Pattern, WireError> {
     let kind = match r.u8()? {
         0 => PatternKind::Exact,
         1 => PatternKind::Glob,
+        2 => PatternKind::Group,
         _ => return Err(WireError::Malformed("pattern kind")),
     };
-    Ok(Pattern {
+    let p = Pattern {
         kind,
         text: r.string()?,
-    })
+    };
+    if kind == PatternKind::Group && p.group_parts().is_none() {
+        return Err(WireError::Malformed("group pattern"));
+    }
+    Ok(p)
 }
 
 fn put_record(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
@@ -918,24 +946,55 @@ const PUB_DIRECT: u8 = 1;
 pub struct PubRecord {
     /// Topic.
     pub topic: String,
+    /// For a queue-group delivery: the group, of which the receiver hands it to one member.
+    pub group: Option<String>,
     /// The message as the shards would send it.
     pub payload: Vec<u8>,
 }
 
+/// Record kind of a queue-group publication (no recovery stamp).
+const PUB_GROUP: u8 = 2;
+
 impl PubRecord {
+    /// A plain publication.
+    pub fn new(topic: &str, payload: &[u8]) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            group: None,
+            payload: payload.to_vec(),
+        }
+    }
     /// Bytes this record takes in a batch (for batch and queue accounting).
     pub fn encoded_len(&self) -> usize {
         let t = self.topic.len();
-        let inner =
-            varint_len(t as u64) + t + varint_len(self.payload.len() as u64) + self.payload.len();
+        let g = self
+            .group
+            .as_ref()
+            .map_or(0, |g| varint_len(g.len() as u64) + g.len());
+        let inner = varint_len(t as u64)
+            + t
+            + g
+            + varint_len(self.payload.len() as u64)
+            + self.payload.len();
         1 + varint_len(inner as u64) + inner
     }
     /// Appends this record.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut b = Vec::with_capacity(self.encoded_len());
         put_str(&mut b, &self.topic);
+        if let Some(g) = &self.group {
+            put_str(&mut b, g);
+        }
         put_bytes(&mut b, &self.payload);
-        put_record(out, PUB_DIRECT, &b);
+        put_record(
+            out,
+            if self.group.is_some() {
+                PUB_GROUP
+            } else {
+                PUB_DIRECT
+            },
+            &b,
+        );
     }
 }
 
@@ -978,13 +1037,22 @@ pub fn decode_batch(flags: u8, body: &[u8]) -> Result<Vec<PubRecord>, WireError>
     let mut out = Vec::new();
     for rec in split_records(body, "BATCH") {
         let (kind, b) = rec?;
-        if kind != PUB_DIRECT {
+        if kind != PUB_DIRECT && kind != PUB_GROUP {
             continue; // later kinds (FORWARD, stamped PUB) are skipped by this version
         }
         let mut r = Reader::new(b, "PUB");
         let topic = r.string()?;
+        let group = if kind == PUB_GROUP {
+            Some(r.string()?)
+        } else {
+            None
+        };
         let payload = r.bytes()?.to_vec();
-        out.push(PubRecord { topic, payload });
+        out.push(PubRecord {
+            topic,
+            group,
+            payload,
+        });
     }
     Ok(out)
 }
@@ -1087,6 +1155,7 @@ mod tests {
         let recs: Vec<PubRecord> = (0..200)
             .map(|i| PubRecord {
                 topic: format!("t{}", i % 7),
+                group: (i % 5 == 0).then(|| "workers".to_owned()),
                 payload: br#"{"t":"price","p":{"v":1}}"#.to_vec(),
             })
             .collect();
@@ -1108,13 +1177,16 @@ mod tests {
     #[test]
     fn encoded_len_matches() {
         for n in [0usize, 1, 127, 128, 300, 20000] {
-            let r = PubRecord {
-                topic: "x".repeat(n % 200),
-                payload: vec![1; n],
-            };
-            let mut b = Vec::new();
-            r.encode(&mut b);
-            assert_eq!(b.len(), r.encoded_len());
+            for group in [None, Some("g".repeat(n % 150))] {
+                let r = PubRecord {
+                    topic: "x".repeat(n % 200),
+                    group,
+                    payload: vec![1; n],
+                };
+                let mut b = Vec::new();
+                r.encode(&mut b);
+                assert_eq!(b.len(), r.encoded_len());
+            }
         }
     }
 }

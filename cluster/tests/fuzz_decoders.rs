@@ -63,7 +63,7 @@ proptest! {
     fn corrupted_compressed_batches_fail_cleanly(payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..40), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
         let mut body = Vec::new();
         for p in &payloads {
-            PubRecord { topic: "t".into(), payload: p.clone() }.encode(&mut body);
+            PubRecord::new("t", p).encode(&mut body);
         }
         let mut z = compress(&body);
         prop_assert_eq!(decode_batch(FLAG_ZSTD, &z).unwrap().len(), payloads.len());

@@ -39,7 +39,10 @@ fn hello(name: &str) -> Vec<u8> {
 
 fn record() -> impl Strategy<Value = CtrlRecord> {
     let name = "n[0-9]{1,3}";
-    let pattern = ("[a-c*?]{0,4}").prop_map(|s| Pattern::parse(&s));
+    let pattern = prop_oneof![
+        "[a-c*?]{0,4}".prop_map(|s| Pattern::parse(&s)),
+        ("[a-c]{1,2}", "[gh]").prop_map(|(t, g)| Pattern::group(&t, &g)),
+    ];
     let state = prop_oneof![
         Just(MemberState::Alive),
         Just(MemberState::Suspect),

@@ -575,11 +575,7 @@ fn the_survivor_waits_for_the_loser_to_drain() {
     };
     let batch = |seq: u64| {
         let mut body = Vec::new();
-        PubRecord {
-            topic: "a".into(),
-            payload: format!("n1:{seq}").into_bytes(),
-        }
-        .encode(&mut body);
+        PubRecord::new("a", format!("n1:{seq}").as_bytes()).encode(&mut body);
         let mut f = Vec::new();
         encode_frame(&mut f, FrameType::Batch, 0, &body);
         f
@@ -669,4 +665,62 @@ fn psk_sessions_are_sealed_against_tampering() {
     sim.publish(1, "a");
     sim.run_until(t1 + SEC);
     assert_eq!(sim.check_deliveries(t1), Ok(1));
+}
+
+/// Queue groups across nodes: each publication reaches one member of each group cluster-wide,
+/// members on different nodes take turns, a local member is preferred, and plain subscribers
+/// still get everything.
+#[test]
+fn queue_groups_deliver_once_per_group_cluster_wide() {
+    let mut sim = Sim::new(3, 13, (MS, 2 * MS), true);
+    let now = sim.now;
+    for i in [1, 2] {
+        let n = sim.nodes[i].node.as_mut().unwrap();
+        n.subscribe_group("jobs", "workers", now);
+    }
+    sim.subscribe(2, "jobs");
+    sim.run_until(5 * SEC);
+    sim.check_quiescent().unwrap();
+    for _ in 0..100 {
+        sim.publish(0, "jobs");
+    }
+    sim.run_until(sim.now + SEC);
+    let (g1, g2) = (&sim.nodes[1].group_delivered, &sim.nodes[2].group_delivered);
+    assert_eq!(g1.len() + g2.len(), 100, "one member per publication");
+    assert!(
+        g1.keys().all(|k| !g2.contains_key(k)) && g1.values().chain(g2.values()).all(|c| *c == 1)
+    );
+    assert!(
+        g1.len() >= 30 && g2.len() >= 30,
+        "members take turns: {} / {}",
+        g1.len(),
+        g2.len()
+    );
+    assert_eq!(
+        sim.nodes[2].delivered.len(),
+        100,
+        "the plain subscriber gets every one"
+    );
+    assert!(sim.nodes[1].delivered.is_empty());
+    // A member on the publishing node takes them all (the shards deliver locally).
+    let now = sim.now;
+    sim.nodes[0]
+        .node
+        .as_mut()
+        .unwrap()
+        .subscribe_group("jobs", "workers", now);
+    sim.drain(0);
+    for _ in 0..10 {
+        sim.publish(0, "jobs");
+    }
+    sim.run_until(sim.now + SEC);
+    let total: usize = sim.nodes.iter().map(|n| n.group_delivered.len()).sum();
+    assert_eq!(
+        total, 100,
+        "no remote group delivery while a local member exists"
+    );
+    assert_eq!(
+        node(&sim, 1).remote_interest("n0").unwrap(),
+        [Pattern::group("jobs", "workers")].into()
+    );
 }

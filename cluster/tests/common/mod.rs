@@ -49,6 +49,8 @@ pub struct SimNode {
     pub dialled: BTreeSet<ConnId>,
     /// The socket never drains: `transmitted` is not reported (a stalled peer).
     pub stall_writes: bool,
+    /// Queue-group deliveries: (origin, seq) → times.
+    pub group_delivered: BTreeMap<(String, u64), u32>,
 }
 
 pub struct Sim {
@@ -122,6 +124,7 @@ impl Sim {
                     events: Vec::new(),
                     dialled: BTreeSet::new(),
                     stall_writes: false,
+                    group_delivered: BTreeMap::new(),
                     incarnation: inc,
                     subs: BTreeSet::new(),
                     acked: BTreeMap::new(),
@@ -261,6 +264,15 @@ impl Sim {
                     if let Some(t) = sn.pending_tickets.remove(&ticket) {
                         sn.acked.insert(ticket, (t, now));
                     }
+                }
+                Action::DeliverGroup { payload, .. } => {
+                    let s = String::from_utf8(payload).unwrap();
+                    let (origin, seq) = s.split_once(':').unwrap();
+                    let seq: u64 = seq.split(' ').next().unwrap().parse().unwrap();
+                    *self.nodes[i]
+                        .group_delivered
+                        .entry((origin.to_owned(), seq))
+                        .or_insert(0) += 1;
                 }
                 Action::Event(e) => {
                     let now = self.now;
