@@ -21,7 +21,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser};
 use wse_shards::Config;
-use wse_shards::config::JwtAlgorithm;
+use wse_shards::config::{ClusterCompression, ClusterSecurity, JwtAlgorithm};
 
 /// What the command line asked for.
 #[derive(Debug)]
@@ -139,8 +139,8 @@ pub fn render_toml(cfg: &Config) -> String {
 pub const REDACTED: &str = "<redacted>";
 
 /// `cfg` with every secret replaced by [`REDACTED`], for `--print-config` without
-/// `--show-secrets`: the HS256 secrets, the API key, and the password of a webhook URL's
-/// `user:password@`. (The public key files are paths, not secrets.) An unset secret stays unset,
+/// `--show-secrets`: the HS256 secrets, the API key, the cluster PSKs, and the password of a
+/// webhook URL's `user:password@`. (The public key files are paths, not secrets.) An unset secret stays unset,
 /// so the output still says whether one is configured.
 pub fn redact_secrets(cfg: &Config) -> Config {
     let mut cfg = cfg.clone();
@@ -148,6 +148,8 @@ pub fn redact_secrets(cfg: &Config) -> Config {
         &mut cfg.auth.secret,
         &mut cfg.auth.previous_secret,
         &mut cfg.control.api_key,
+        &mut cfg.cluster.psk,
+        &mut cfg.cluster.psk_previous,
     ];
     for secret in secrets.into_iter().flatten() {
         *secret = REDACTED.to_owned();
@@ -312,8 +314,8 @@ struct Cli {
     config: Option<PathBuf>,
 
     /// Print the effective configuration as TOML and exit; secrets (auth.secret,
-    /// auth.previous_secret, control.api_key, a password in events.webhook_url) print as
-    /// "<redacted>" unless --show-secrets is given.
+    /// auth.previous_secret, control.api_key, a password in events.webhook_url, cluster.psk,
+    /// cluster.psk_previous) print as "<redacted>" unless --show-secrets is given.
     #[arg(long)]
     print_config: bool,
 
@@ -350,6 +352,8 @@ struct Flags {
     events: EventsFlags,
     #[command(flatten)]
     centrifuge: CentrifugeFlags,
+    #[command(flatten)]
+    cluster: ClusterFlags,
     #[command(flatten)]
     log: LogFlags,
 }
@@ -1159,6 +1163,255 @@ fn namespaces(text: &str) -> Result<Namespaces, String> {
         .map_err(|e| format!("not a JSON array of namespaces: {e}"))
 }
 
+/// `[cluster]`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Cluster (not running yet)")]
+struct ClusterFlags {
+    /// Join a cluster. Not available yet: refused until the cluster core exists (docs/CLUSTER.md).
+    #[arg(
+        id = "cluster.enabled",
+        long = "cluster-enabled",
+        env = "WSE_CLUSTER_ENABLED",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = BoolishValueParser::new()
+    )]
+    enabled: Option<bool>,
+
+    /// This node's name, unique and stable across restarts; empty = the host name.
+    #[arg(
+        id = "cluster.node_name",
+        long = "cluster-node-name",
+        env = "WSE_CLUSTER_NODE_NAME",
+        value_name = "NAME"
+    )]
+    node_name: Option<String>,
+
+    /// Cluster listener, ip:port; its own port, never the WebSocket or control one.
+    #[arg(
+        id = "cluster.listen",
+        long = "cluster-listen",
+        env = "WSE_CLUSTER_LISTEN",
+        value_name = "ADDR"
+    )]
+    listen: Option<SocketAddr>,
+
+    /// Address other nodes dial, host:port; empty = the listen address.
+    #[arg(
+        id = "cluster.advertised",
+        long = "cluster-advertised",
+        env = "WSE_CLUSTER_ADVERTISED",
+        value_name = "HOST:PORT"
+    )]
+    advertised: Option<String>,
+
+    /// Seed nodes, host:port, comma-separated, re-resolved on each attempt.
+    #[arg(
+        id = "cluster.seeds",
+        long = "cluster-seeds",
+        env = "WSE_CLUSTER_SEEDS",
+        value_name = "HOST:PORT,...",
+        value_delimiter = ','
+    )]
+    seeds: Option<Vec<String>>,
+
+    /// How links are authenticated: tls, psk, or none (loopback only).
+    #[arg(
+        id = "cluster.security",
+        long = "cluster-security",
+        env = "WSE_CLUSTER_SECURITY",
+        value_name = "MODE",
+        value_parser = PossibleValuesParser::new(["tls", "psk", "none"]).map(|s| cluster_security(&s))
+    )]
+    security: Option<ClusterSecurity>,
+
+    /// TLS: the private CA certificate, PEM file.
+    #[arg(
+        id = "cluster.tls_ca",
+        long = "cluster-tls-ca",
+        env = "WSE_CLUSTER_TLS_CA",
+        value_name = "FILE",
+        value_parser = optional_path()
+    )]
+    tls_ca: Option<PathBuf>,
+
+    /// TLS: this node's certificate chain, PEM file; its SAN must hold the node name.
+    #[arg(
+        id = "cluster.tls_cert",
+        long = "cluster-tls-cert",
+        env = "WSE_CLUSTER_TLS_CERT",
+        value_name = "FILE",
+        value_parser = optional_path()
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS: this node's private key, PEM file.
+    #[arg(
+        id = "cluster.tls_key",
+        long = "cluster-tls-key",
+        env = "WSE_CLUSTER_TLS_KEY",
+        value_name = "FILE",
+        value_parser = optional_path()
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// PSK: the shared key, at least 32 bytes.
+    #[arg(
+        id = "cluster.psk",
+        long = "cluster-psk",
+        env = "WSE_CLUSTER_PSK",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    psk: Option<String>,
+
+    /// PSK: the previous key, still accepted during a rotation.
+    #[arg(
+        id = "cluster.psk_previous",
+        long = "cluster-psk-previous",
+        env = "WSE_CLUSTER_PSK_PREVIOUS",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    psk_previous: Option<String>,
+
+    /// Core the cluster thread is pinned to; empty = not pinned.
+    #[arg(
+        id = "cluster.core",
+        long = "cluster-core",
+        env = "WSE_CLUSTER_CORE",
+        value_name = "CORE",
+        value_parser = parse_optional_core
+    )]
+    core: Option<String>,
+
+    /// Batch compression between nodes: off, on, or auto (batches of 4 KiB and more when the link is bandwidth-bound).
+    #[arg(
+        id = "cluster.compression",
+        long = "cluster-compression",
+        env = "WSE_CLUSTER_COMPRESSION",
+        value_name = "MODE",
+        value_parser = PossibleValuesParser::new(["off", "on", "auto"]).map(|s| cluster_compression(&s))
+    )]
+    compression: Option<ClusterCompression>,
+
+    /// Largest data batch to one peer, bytes.
+    #[arg(
+        id = "cluster.batch_max",
+        long = "cluster-batch-max",
+        env = "WSE_CLUSTER_BATCH_MAX",
+        value_name = "BYTES"
+    )]
+    batch_max: Option<usize>,
+
+    /// Bytes queued to one peer and not yet written, past which publications for it are dropped and kept in the dead letter queue.
+    #[arg(
+        id = "cluster.peer_queue_bytes",
+        long = "cluster-peer-queue-bytes",
+        env = "WSE_CLUSTER_PEER_QUEUE_BYTES",
+        value_name = "BYTES"
+    )]
+    peer_queue_bytes: Option<usize>,
+
+    /// Publications held for a new peer until its interest is known, bytes.
+    #[arg(
+        id = "cluster.hold_bytes",
+        long = "cluster-hold-bytes",
+        env = "WSE_CLUSTER_HOLD_BYTES",
+        value_name = "BYTES"
+    )]
+    hold_bytes: Option<usize>,
+
+    /// Nodes in the cluster, this one included, nodes; further joins are refused.
+    #[arg(
+        id = "cluster.max_members",
+        long = "cluster-max-members",
+        env = "WSE_CLUSTER_MAX_MEMBERS",
+        value_name = "N"
+    )]
+    max_members: Option<usize>,
+
+    /// Time an inbound cluster connection has to authenticate, duration.
+    #[arg(
+        id = "cluster.handshake_timeout",
+        long = "cluster-handshake-timeout",
+        env = "WSE_CLUSTER_HANDSHAKE_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    handshake_timeout: Option<Duration>,
+
+    /// A link sends a PING after this long without sending, duration.
+    #[arg(
+        id = "cluster.ping_interval",
+        long = "cluster-ping-interval",
+        env = "WSE_CLUSTER_PING_INTERVAL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    ping_interval: Option<Duration>,
+
+    /// A link that received or wrote nothing for this long is dead, duration.
+    #[arg(
+        id = "cluster.link_timeout",
+        long = "cluster-link-timeout",
+        env = "WSE_CLUSTER_LINK_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    link_timeout: Option<Duration>,
+
+    /// Time other nodes have to answer an indirect probe, duration.
+    #[arg(
+        id = "cluster.probe_timeout",
+        long = "cluster-probe-timeout",
+        env = "WSE_CLUSTER_PROBE_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    probe_timeout: Option<Duration>,
+
+    /// Suspicion to death without confirmations, duration.
+    #[arg(
+        id = "cluster.suspect_timeout",
+        long = "cluster-suspect-timeout",
+        env = "WSE_CLUSTER_SUSPECT_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    suspect_timeout: Option<Duration>,
+
+    /// Suspicion to death once half of the other nodes confirm, duration.
+    #[arg(
+        id = "cluster.suspect_min",
+        long = "cluster-suspect-min",
+        env = "WSE_CLUSTER_SUSPECT_MIN",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    suspect_min: Option<Duration>,
+
+    /// Dead nodes' addresses are redialled this often (jittered), duration.
+    #[arg(
+        id = "cluster.rejoin_interval",
+        long = "cluster-rejoin-interval",
+        env = "WSE_CLUSTER_REJOIN_INTERVAL",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    rejoin_interval: Option<Duration>,
+
+    /// Longest wait for other nodes to confirm a new subscription, duration.
+    #[arg(
+        id = "cluster.sub_ack_timeout",
+        long = "cluster-sub-ack-timeout",
+        env = "WSE_CLUSTER_SUB_ACK_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    sub_ack_timeout: Option<Duration>,
+}
+
 /// `[log]`.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Logging")]
@@ -1198,6 +1451,7 @@ impl Flags {
             control,
             events,
             centrifuge,
+            cluster,
             log,
         } = self;
 
@@ -1386,6 +1640,62 @@ impl Flags {
         set(&mut c.history_limit_max, history_limit_max);
         set(&mut c.namespaces, namespaces.map(|n| n.0));
 
+        let ClusterFlags {
+            enabled,
+            node_name,
+            listen,
+            advertised,
+            seeds,
+            security,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            psk,
+            psk_previous,
+            core,
+            compression,
+            batch_max,
+            peer_queue_bytes,
+            hold_bytes,
+            max_members,
+            handshake_timeout,
+            ping_interval,
+            link_timeout,
+            probe_timeout,
+            suspect_timeout,
+            suspect_min,
+            rejoin_interval,
+            sub_ack_timeout,
+        } = cluster;
+        let c = &mut cfg.cluster;
+        set(&mut c.enabled, enabled);
+        set(&mut c.node_name, node_name);
+        set(&mut c.listen, listen);
+        set_optional(&mut c.advertised, advertised);
+        set_list(&mut c.seeds, seeds);
+        set(&mut c.security, security);
+        set_optional(&mut c.tls_ca, tls_ca);
+        set_optional(&mut c.tls_cert, tls_cert);
+        set_optional(&mut c.tls_key, tls_key);
+        set_optional(&mut c.psk, psk);
+        set_optional(&mut c.psk_previous, psk_previous);
+        if let Some(v) = core {
+            c.core = v.parse().ok();
+        }
+        set(&mut c.compression, compression);
+        set(&mut c.batch_max, batch_max);
+        set(&mut c.peer_queue_bytes, peer_queue_bytes);
+        set(&mut c.hold_bytes, hold_bytes);
+        set(&mut c.max_members, max_members);
+        set(&mut c.handshake_timeout, handshake_timeout);
+        set(&mut c.ping_interval, ping_interval);
+        set(&mut c.link_timeout, link_timeout);
+        set(&mut c.probe_timeout, probe_timeout);
+        set(&mut c.suspect_timeout, suspect_timeout);
+        set(&mut c.suspect_min, suspect_min);
+        set(&mut c.rejoin_interval, rejoin_interval);
+        set(&mut c.sub_ack_timeout, sub_ack_timeout);
+
         let LogFlags {
             level,
             attack_summary_interval,
@@ -1426,6 +1736,33 @@ fn set_list(slot: &mut Vec<String>, flag: Option<Vec<String>>) {
 /// clap's `PathBuf` parser refuses the empty value, which here means "unset".
 fn optional_path() -> impl TypedValueParser<Value = PathBuf> {
     OsStringValueParser::new().map(PathBuf::from)
+}
+
+/// Only called with one of the possible values.
+fn cluster_security(name: &str) -> ClusterSecurity {
+    match name {
+        "psk" => ClusterSecurity::Psk,
+        "none" => ClusterSecurity::None,
+        _ => ClusterSecurity::Tls,
+    }
+}
+
+/// Only called with one of the possible values.
+fn cluster_compression(name: &str) -> ClusterCompression {
+    match name {
+        "off" => ClusterCompression::Off,
+        "on" => ClusterCompression::On,
+        _ => ClusterCompression::Auto,
+    }
+}
+
+/// A core number, or empty for "not pinned".
+fn parse_optional_core(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.parse::<usize>().is_ok() {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a core number"))
+    }
 }
 
 /// Only called with one of the possible values (in any case).
@@ -1996,6 +2333,7 @@ mod tests {
                     defaults.pointer(&format!("/{}", id.replace('.', "/"))),
                     Some(serde_json::Value::Null)
                 ) || id == "auth.audience"
+                    || id == "cluster.seeds"
                     || id == "auth.default_publish"
                     || id == "auth.default_queue_groups"
                     || id == "centrifuge.namespaces";
@@ -2128,6 +2466,56 @@ mod tests {
     }
 
     #[test]
+    fn cluster_flags_reach_the_config_and_enabling_is_refused_for_now() {
+        let c = config(&[
+            "--cores",
+            "16",
+            "--cluster-listen",
+            "0.0.0.0:9999",
+            "--cluster-seeds",
+            "10.0.0.2:9999,node3.example:9999",
+            "--cluster-security",
+            "psk",
+            "--cluster-psk",
+            &"k".repeat(32),
+            "--cluster-core",
+            "15",
+            "--cluster-compression",
+            "off",
+            "--cluster-link-timeout",
+            "5s",
+            "--cluster-peer-queue-bytes",
+            "1048576",
+        ]);
+        let cl = &c.cluster;
+        assert_eq!(cl.listen, "0.0.0.0:9999".parse().unwrap());
+        assert_eq!(cl.seeds, ["10.0.0.2:9999", "node3.example:9999"]);
+        assert_eq!(cl.security, ClusterSecurity::Psk);
+        assert_eq!(cl.core, Some(15));
+        assert_eq!(cl.compression, ClusterCompression::Off);
+        assert_eq!(cl.link_timeout, Duration::from_secs(5));
+        assert_eq!(cl.peer_queue_bytes, 1 << 20);
+        let e = error(&["--cluster-listen", "0.0.0.0:5007"]);
+        assert!(e.starts_with("cluster.listen: "), "{e}");
+        let e = error(&["--cluster-security", "none"]);
+        assert!(e.starts_with("cluster.security: "), "{e}");
+        let e = error(&[
+            "--cluster-enabled",
+            "true",
+            "--cluster-security",
+            "none",
+            "--cluster-listen",
+            "127.0.0.1:9999",
+        ]);
+        assert!(
+            e.starts_with("cluster.enabled: clustering is not available yet"),
+            "{e}"
+        );
+        let e = error(&["--cluster-core", "x"]);
+        assert!(e.contains("not a core number"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_in_the_file_is_named() {
         let f = TempFile::new(
             "unknown_key",
@@ -2222,6 +2610,8 @@ mod tests {
         cfg.auth.previous_secret = Some("p".repeat(32));
         cfg.control.api_key = Some("k".repeat(16));
         cfg.events.webhook_url = Some("http://hook:pa55@backend:8080/ev?x=1".into());
+        cfg.cluster.psk = Some("q".repeat(32));
+        cfg.cluster.psk_previous = Some("r".repeat(32));
         cfg.server.cores = 3;
         let r = redact_secrets(&cfg);
         assert_eq!(r.auth.secret.as_deref(), Some(REDACTED));
@@ -2233,7 +2623,7 @@ mod tests {
         );
         assert_eq!(r.server, cfg.server);
         let text = render_toml(&r);
-        for secret in ["sss", "ppp", "kkk", "pa55"] {
+        for secret in ["sss", "ppp", "kkk", "pa55", "qqq", "rrr"] {
             assert!(!text.contains(secret), "{secret} leaked:\n{text}");
         }
         assert_eq!(
@@ -2284,6 +2674,14 @@ mod tests {
         cfg.events.webhook_url = Some("http://127.0.0.1:8080/events".into());
         cfg.events.webhook_batch_interval = Duration::from_millis(20);
         cfg.log.level = "wse_shards=debug,info".into();
+        cfg.cluster.advertised = Some("node1.example:9999".into());
+        cfg.cluster.core = Some(3);
+        cfg.cluster.psk = Some("q".repeat(32));
+        cfg.cluster.psk_previous = Some("r".repeat(32));
+        cfg.cluster.tls_ca = Some("ca.pem".into());
+        cfg.cluster.tls_cert = Some("node.pem".into());
+        cfg.cluster.tls_key = Some("node.key".into());
+        cfg.cluster.seeds = vec!["10.0.0.2:9999".into()];
         let text = render_toml(&cfg);
         assert_eq!(toml::from_str::<Config>(&text).unwrap(), cfg, "{text}");
         assert!(!text.contains("Unset optional keys"), "{text}");

@@ -38,7 +38,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Keys a reload cannot change: they shape what was built at start (threads, listeners, the
 /// cross-shard queues, the control plane's body limit). A reload keeps their running value and
 /// reports them; every other key takes effect live.
-pub const RESTART_KEYS: [&str; 18] = [
+pub const RESTART_KEYS: [&str; 22] = [
     "server.cores",
     "server.listen",
     "server.pin_threads",
@@ -60,6 +60,12 @@ pub const RESTART_KEYS: [&str; 18] = [
     "events.webhook_url",
     "events.webhook_queue_capacity",
     "events.webhook_queue_bytes",
+    // The cluster core's thread, listener and identity are set up at start; keys, certificates
+    // and limits apply to new links.
+    "cluster.enabled",
+    "cluster.node_name",
+    "cluster.listen",
+    "cluster.core",
 ];
 
 /// The whole configuration. `Config::default()` is the embedded laptop configuration.
@@ -84,6 +90,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// `[centrifuge]`: the Centrifuge client protocol's endpoint, timing and namespaces.
     pub centrifuge: centrifuge::CentrifugeConfig,
+    /// `[cluster]`: the mesh of wse-server nodes (validated; not running yet, docs/CLUSTER.md).
+    pub cluster: ClusterConfig,
     /// `[log]`: log level and the refusal summary interval.
     pub log: LogConfig,
 }
@@ -487,6 +495,269 @@ impl Default for EventsConfig {
 /// Shortest `log.attack_summary_interval`: the summary is a rate limit on the log, not a feed.
 pub const ATTACK_SUMMARY_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
+/// How cluster links are authenticated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterSecurity {
+    /// TLS 1.3 with certificates from a private CA; the certificate's SAN holds the node name.
+    #[default]
+    Tls,
+    /// A pre-shared key (HMAC challenge–response; frames sealed).
+    Psk,
+    /// Plaintext, unauthenticated: refused unless `listen` is a loopback address.
+    None,
+}
+
+/// Batch compression between nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterCompression {
+    /// Never.
+    Off,
+    /// Every batch of at least 4 KiB.
+    On,
+    /// Batches of at least 4 KiB when the link is bandwidth-bound (RTT ≥ 5 ms or a backlog).
+    #[default]
+    Auto,
+}
+
+/// Largest cluster frame, bytes (the wire format's bound, `wse_cluster::wire::MAX_FRAME`).
+pub const CLUSTER_FRAME_MAX: usize = 4 << 20;
+/// Most nodes in one cluster (peer sets are 64-bit masks).
+pub const CLUSTER_MEMBERS_MAX: usize = 64;
+
+/// The cluster (docs/CLUSTER.md): a full mesh of nodes on a dedicated cluster core. The section
+/// is read and validated, but clustering does not run yet: `enabled = true` is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Join a cluster. Not available yet: refused until the cluster core exists.
+    pub enabled: bool,
+    /// This node's name, unique and stable across restarts. Empty: the host name.
+    pub node_name: String,
+    /// Cluster listener, ip:port; its own port, never the WebSocket or control one.
+    pub listen: SocketAddr,
+    /// Address other nodes dial, host:port. Unset: `listen` (which must then be a specific address).
+    pub advertised: Option<String>,
+    /// Seed nodes, host:port, re-resolved on each attempt; one reachable seed is enough to join.
+    pub seeds: Vec<String>,
+    /// How links are authenticated: `tls`, `psk` or `none` (loopback only).
+    pub security: ClusterSecurity,
+    /// TLS: the private CA certificate (PEM) both ends verify against.
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: this node's certificate chain (PEM); its SAN must hold `node_name`.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this node's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// PSK: the shared key, at least 32 bytes.
+    pub psk: Option<String>,
+    /// PSK: the previous key, still accepted during a rotation.
+    pub psk_previous: Option<String>,
+    /// Core the cluster thread is pinned to. Unset: not pinned.
+    pub core: Option<usize>,
+    /// Batch compression: `off`, `on` or `auto`.
+    pub compression: ClusterCompression,
+    /// Largest data batch to one peer, bytes.
+    pub batch_max: usize,
+    /// Bytes queued to one peer and not yet written, past which publications for it are dropped
+    /// (counted, kept in the dead letter queue).
+    pub peer_queue_bytes: usize,
+    /// Publications held for a new peer until its interest is known, bytes.
+    pub hold_bytes: usize,
+    /// Nodes in the cluster, this one included; further joins are refused with CLUSTER_FULL.
+    pub max_members: usize,
+    /// Time an inbound cluster connection has to authenticate before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A link sends a PING after this long without sending anything.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A link that received nothing (or wrote nothing) for this long is dead.
+    #[serde(with = "humantime_serde")]
+    pub link_timeout: Duration,
+    /// Time other nodes have to answer an indirect probe.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Time from suspicion to death without confirmations from other nodes.
+    #[serde(with = "humantime_serde")]
+    pub suspect_timeout: Duration,
+    /// Time from suspicion to death once half of the other nodes confirm it.
+    #[serde(with = "humantime_serde")]
+    pub suspect_min: Duration,
+    /// Dead nodes' addresses are redialled this often (jittered), so healed partitions rejoin.
+    #[serde(with = "humantime_serde")]
+    pub rejoin_interval: Duration,
+    /// Longest wait for other nodes to confirm a new subscription before it is acknowledged anyway.
+    #[serde(with = "humantime_serde")]
+    pub sub_ack_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            node_name: String::new(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 9999)),
+            advertised: None,
+            seeds: Vec::new(),
+            security: ClusterSecurity::Tls,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            psk: None,
+            psk_previous: None,
+            core: None,
+            compression: ClusterCompression::Auto,
+            batch_max: 64 * 1024,
+            peer_queue_bytes: 16 << 20,
+            hold_bytes: 4 << 20,
+            max_members: 32,
+            handshake_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(1),
+            link_timeout: Duration::from_secs(3),
+            probe_timeout: Duration::from_millis(500),
+            suspect_timeout: Duration::from_secs(4),
+            suspect_min: Duration::from_secs(1),
+            rejoin_interval: Duration::from_secs(5),
+            sub_ack_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks the section; `ws` and `control` are the other listeners it must not share.
+    fn validate(&self, ws: SocketAddr, control: SocketAddr) -> Result<(), ConfigError> {
+        let overlaps = |a: SocketAddr, b: SocketAddr| {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
+        if overlaps(self.listen, ws) {
+            return Err(bad(
+                "cluster.listen",
+                "must not share the WebSocket listener's port",
+            ));
+        }
+        if overlaps(self.listen, control) {
+            return Err(bad(
+                "cluster.listen",
+                "must not share the control listener's port",
+            ));
+        }
+        if self.node_name.len() > 255 || self.node_name.contains(char::is_whitespace) {
+            return Err(bad(
+                "cluster.node_name",
+                "at most 255 bytes, without whitespace",
+            ));
+        }
+        let host_port = |s: &str| {
+            s.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+        };
+        if let Some(a) = &self.advertised
+            && !host_port(a)
+        {
+            return Err(bad("cluster.advertised", "must be host:port"));
+        }
+        if let Some(s) = self.seeds.iter().find(|s| !host_port(s)) {
+            return Err(bad("cluster.seeds", format!("{s:?} is not host:port")));
+        }
+        match self.security {
+            ClusterSecurity::None if !self.listen.ip().is_loopback() => {
+                return Err(bad(
+                    "cluster.security",
+                    "none (no authentication) is only allowed on a loopback listen address",
+                ));
+            }
+            ClusterSecurity::Psk => {
+                for (key, psk) in [
+                    ("cluster.psk", &self.psk),
+                    ("cluster.psk_previous", &self.psk_previous),
+                ] {
+                    match psk {
+                        Some(k) if k.len() < 32 => {
+                            return Err(bad(key, "must be at least 32 bytes"));
+                        }
+                        None if key == "cluster.psk" && self.enabled => {
+                            return Err(bad(key, "required with security = psk"));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            ClusterSecurity::Tls if self.enabled => {
+                for (key, file) in [
+                    ("cluster.tls_ca", &self.tls_ca),
+                    ("cluster.tls_cert", &self.tls_cert),
+                    ("cluster.tls_key", &self.tls_key),
+                ] {
+                    if file.is_none() {
+                        return Err(bad(key, "required with security = tls"));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if self.batch_max < 4096 || self.batch_max > CLUSTER_FRAME_MAX - 1024 {
+            return Err(bad("cluster.batch_max", "must be 4 KiB..=4 MiB - 1 KiB"));
+        }
+        if self.peer_queue_bytes < self.batch_max {
+            return Err(bad(
+                "cluster.peer_queue_bytes",
+                "must be at least cluster.batch_max",
+            ));
+        }
+        if !(2..=CLUSTER_MEMBERS_MAX).contains(&self.max_members) {
+            return Err(bad(
+                "cluster.max_members",
+                format!("must be 2..={CLUSTER_MEMBERS_MAX}"),
+            ));
+        }
+        let ms = Duration::from_millis(10);
+        if [
+            self.handshake_timeout,
+            self.ping_interval,
+            self.probe_timeout,
+            self.suspect_min,
+            self.rejoin_interval,
+            self.sub_ack_timeout,
+        ]
+        .iter()
+        .any(|d| *d < ms)
+        {
+            return Err(bad(
+                "cluster.ping_interval",
+                "cluster timers must be at least 10ms",
+            ));
+        }
+        if self.ping_interval >= self.link_timeout {
+            return Err(bad(
+                "cluster.link_timeout",
+                "must exceed cluster.ping_interval",
+            ));
+        }
+        if self.probe_timeout >= self.link_timeout {
+            return Err(bad(
+                "cluster.probe_timeout",
+                "must be below cluster.link_timeout",
+            ));
+        }
+        if self.suspect_min > self.suspect_timeout {
+            return Err(bad(
+                "cluster.suspect_min",
+                "must not exceed cluster.suspect_timeout",
+            ));
+        }
+        if self.enabled {
+            return Err(bad(
+                "cluster.enabled",
+                "clustering is not available yet: its protocol core exists but no cluster core \
+                 runs it (docs/CLUSTER.md)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -715,6 +986,8 @@ impl Config {
         if self.log.attack_summary_interval < ATTACK_SUMMARY_INTERVAL_MIN {
             return Err(bad("log.attack_summary_interval", "must be at least 100ms"));
         }
+        self.cluster
+            .validate(self.server.listen, self.control.listen)?;
         Ok(())
     }
 
@@ -831,6 +1104,38 @@ impl Config {
             &running.webhook_queue_bytes,
             webhook_queue_bytes,
         );
+        let ClusterConfig {
+            enabled,
+            node_name,
+            listen,
+            advertised: _,
+            seeds: _,
+            security: _,
+            tls_ca: _,
+            tls_cert: _,
+            tls_key: _,
+            psk: _,
+            psk_previous: _,
+            core,
+            compression: _,
+            batch_max: _,
+            peer_queue_bytes: _,
+            hold_bytes: _,
+            max_members: _,
+            handshake_timeout: _,
+            ping_interval: _,
+            link_timeout: _,
+            probe_timeout: _,
+            suspect_timeout: _,
+            suspect_min: _,
+            rejoin_interval: _,
+            sub_ack_timeout: _,
+        } = &mut config.cluster;
+        let running = &self.cluster;
+        keep.key("cluster.enabled", &running.enabled, enabled);
+        keep.key("cluster.node_name", &running.node_name, node_name);
+        keep.key("cluster.listen", &running.listen, listen);
+        keep.key("cluster.core", &running.core, core);
         // Every key of [protocol], [auth], [centrifuge] and [log] is live: the shards read the
         // first three per use (auth through a new Authenticator), the binary applies the log
         // filter.
@@ -921,6 +1226,37 @@ mod tests {
     }
 
     #[test]
+    fn cluster_section_is_validated_and_not_yet_enabled() {
+        let mut c = Config::default();
+        c.cluster.listen = "0.0.0.0:5007".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "cluster.listen");
+        c.cluster.listen = "127.0.0.1:5008".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "cluster.listen");
+        c.cluster.listen = "10.0.0.1:9999".parse().unwrap();
+        c.cluster.security = ClusterSecurity::None;
+        assert_eq!(c.validate().unwrap_err().key, "cluster.security");
+        c.cluster.listen = "127.0.0.2:9999".parse().unwrap();
+        c.validate().unwrap();
+        c.cluster.seeds = vec!["10.0.0.2".into()];
+        assert_eq!(c.validate().unwrap_err().key, "cluster.seeds");
+        c.cluster.seeds = vec!["node2.example:9999".into(), "[::1]:9999".into()];
+        c.validate().unwrap();
+        c.cluster.security = ClusterSecurity::Psk;
+        c.cluster.psk = Some("short".into());
+        assert_eq!(c.validate().unwrap_err().key, "cluster.psk");
+        c.cluster.psk = Some("k".repeat(32));
+        c.cluster.ping_interval = Duration::from_secs(3);
+        assert_eq!(c.validate().unwrap_err().key, "cluster.link_timeout");
+        c.cluster.ping_interval = Duration::from_secs(1);
+        c.validate().unwrap();
+        // Everything else in order, enabling is refused until the cluster core exists.
+        c.cluster.enabled = true;
+        assert_eq!(c.validate().unwrap_err().key, "cluster.enabled");
+        c.cluster.security = ClusterSecurity::Tls;
+        assert_eq!(c.validate().unwrap_err().key, "cluster.tls_ca");
+    }
+
+    #[test]
     fn hs256_needs_a_long_secret() {
         let mut c = Config::default();
         c.auth.enabled = true;
@@ -953,6 +1289,10 @@ mod tests {
         next.events.webhook_url = Some("http://127.0.0.1:9/hook".into());
         next.events.webhook_queue_capacity = 7;
         next.events.webhook_queue_bytes = 7;
+        next.cluster.enabled = true;
+        next.cluster.node_name = "n2".into();
+        next.cluster.listen = "127.0.0.1:3".parse().unwrap();
+        next.cluster.core = Some(1);
         let r = running.reloaded(&next);
         assert_eq!(r.needs_restart, RESTART_KEYS);
         assert_eq!(
