@@ -151,19 +151,24 @@ fn fanout_fixed_rate_delivers_everything() {
         ],
     );
     assert!(!r.partial, "{}", r.table());
-    assert_eq!(num(&r, "subscribers_ready"), 20.0);
-    assert_eq!(num(&r, "publications"), 200.0);
-    // 200 publications over 4 topics, 5 subscribers each.
-    assert_eq!(num(&r, "deliveries_expected"), 1000.0);
-    assert_eq!(num(&r, "deliveries"), 1000.0);
-    assert_eq!(num(&r, "gaps"), 0.0);
-    assert_eq!(num(&r, "duplicates"), 0.0);
-    assert_eq!(num(&r, "wrong_topic"), 0.0);
-    assert!(num(&r, "latency_p50_ms") > 0.0);
+    assert_small_fanout_complete(&r);
+}
+
+/// The small fan-out both the server and the floor run: 200 publications over 4 topics, 5
+/// subscribers each, every delivery made once, in order, on its topic, with its figures measured.
+fn assert_small_fanout_complete(r: &Report) {
+    assert_eq!(num(r, "subscribers_ready"), 20.0);
+    assert_eq!(num(r, "publications"), 200.0);
+    assert_eq!(num(r, "deliveries_expected"), 1000.0);
+    assert_eq!(num(r, "deliveries"), 1000.0);
+    assert_eq!(num(r, "gaps"), 0.0);
+    assert_eq!(num(r, "duplicates"), 0.0);
+    assert_eq!(num(r, "wrong_topic"), 0.0);
+    assert!(num(r, "latency_p50_ms") > 0.0);
     // The server's CPU time is read in clock ticks (10 ms), so 0 is a true reading for a run this
     // small; what must hold is that the figure was measured (a missing server process or no
     // deliveries would make it NaN).
-    let cpu = num(&r, "server_cpu_s_per_million_deliveries");
+    let cpu = num(r, "server_cpu_s_per_million_deliveries");
     assert!(cpu.is_finite() && cpu >= 0.0, "{cpu}");
 }
 
@@ -419,17 +424,7 @@ fn floor_delivers_everything_from_its_own_sender() {
     println!("{}", r.table());
     assert_eq!(r.scenario, "floor");
     assert!(!r.partial, "{}", r.table());
-    assert_eq!(num(&r, "subscribers_ready"), 20.0);
-    assert_eq!(num(&r, "publications"), 200.0);
-    assert_eq!(num(&r, "deliveries_expected"), 1000.0);
-    assert_eq!(num(&r, "deliveries"), 1000.0);
-    assert_eq!(num(&r, "gaps"), 0.0);
-    assert_eq!(num(&r, "duplicates"), 0.0);
-    assert_eq!(num(&r, "wrong_topic"), 0.0);
-    assert!(num(&r, "latency_p50_ms") > 0.0);
-    // Clock ticks again (see fanout_fixed_rate_delivers_everything): measured, possibly 0.
-    let cpu = num(&r, "server_cpu_s_per_million_deliveries");
-    assert!(cpu.is_finite() && cpu >= 0.0, "{cpu}");
+    assert_small_fanout_complete(&r);
 }
 
 /// What the floor writes a subscriber is, byte for byte, what the server writes for the same

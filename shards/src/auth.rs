@@ -373,17 +373,7 @@ impl Authenticator {
     /// # Errors
     /// Why the token was refused.
     pub fn verify_with_claims(&self, token: &str) -> Result<(Identity, bytes::Bytes), AuthError> {
-        // Before any parsing: the client controls the size, and the base64 and JSON work grow
-        // with it.
-        if token.len() > TOKEN_LEN_MAX {
-            return Err(AuthError::TooLarge);
-        }
-        if let Some(kid) = &self.kid {
-            let header = jsonwebtoken::decode_header(token).map_err(|e| refusal(&e))?;
-            if header.kid.as_deref() != Some(&**kid) {
-                return Err(AuthError::WrongKid);
-            }
-        }
+        self.check_size_and_kid(token)?;
         let decoded = match (self.decode(token, &self.key), &self.previous_key) {
             // Only a signature mismatch means "maybe the other key": any other refusal is about
             // the token itself, and the previous key's verdict on a token it signed (expired,
@@ -453,15 +443,9 @@ fn query_token(query: &str) -> Option<Cow<'_, str>> {
 }
 
 impl Authenticator {
-    /// Verifies `token` as [`Authenticator::verify`] does — size cap, `kid`, the pinned
-    /// algorithm, the current key then the previous one, `exp` (required), `nbf`, `iss`, `aud`
-    /// — and reads its claims as `T`: for a client protocol whose tokens carry claims of their
-    /// own (the Centrifuge dialect's connection and subscription tokens, where `sub` may be
-    /// empty). Same keys and rules as WSE tokens, so a rotation covers both.
-    ///
-    /// # Errors
-    /// Why the token was refused; [`AuthError::BadClaims`] when its claims do not read as `T`.
-    pub fn verify_as<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, AuthError> {
+    /// The checks made before a token's signature: its size first (the client controls it, and
+    /// the base64 and JSON work grow with it), then the pinned `kid`, if any.
+    fn check_size_and_kid(&self, token: &str) -> Result<(), AuthError> {
         if token.len() > TOKEN_LEN_MAX {
             return Err(AuthError::TooLarge);
         }
@@ -471,6 +455,19 @@ impl Authenticator {
                 return Err(AuthError::WrongKid);
             }
         }
+        Ok(())
+    }
+
+    /// Verifies `token` as [`Authenticator::verify`] does — size cap, `kid`, the pinned
+    /// algorithm, the current key then the previous one, `exp` (required), `nbf`, `iss`, `aud`
+    /// — and reads its claims as `T`: for a client protocol whose tokens carry claims of their
+    /// own (the Centrifuge dialect's connection and subscription tokens, where `sub` may be
+    /// empty). Same keys and rules as WSE tokens, so a rotation covers both.
+    ///
+    /// # Errors
+    /// Why the token was refused; [`AuthError::BadClaims`] when its claims do not read as `T`.
+    pub fn verify_as<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, AuthError> {
+        self.check_size_and_kid(token)?;
         let decode = |key: &DecodingKey| {
             jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation)
                 .map(|data| data.claims)
