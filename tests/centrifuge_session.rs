@@ -7,8 +7,10 @@
 //! session's replies and pushes, recovery after a forced reconnect (3011, Python), connect and
 //! subscribe in one message (js) — as real clients read them. It is not the server: the
 //! listener here is the test's own (tokio-tungstenite) and the topic table an in-memory
-//! stand-in for the shard, because the engine is not wired into the shard's connections yet
-//! (docs/CENTRIFUGO.md). The stand-in does what the session asks and nothing more.
+//! stand-in for the shard, which answers what the server does not serve yet (history,
+//! recovery, presence, join/leave: docs/CENTRIFUGO.md). The stand-in does what the session
+//! asks and nothing more. The server itself, with the published client and a WSE client on
+//! one topic, is `tests/centrifuge_server.rs`.
 
 mod support;
 

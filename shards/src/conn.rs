@@ -9,16 +9,24 @@
 //!
 //! ```text
 //! Handshake ──upgrade + auth──▶ Live ──close sent──▶ Closing ──close received──▶ Closed
-//!     │   └──echo path──────▶ Echo ──┘                  │                           ▲
+//!     │   ├──echo path──────▶ Echo ──┘                  │                           ▲
+//!     │   └──centrifuge path▶ Centrifuge ┘              │                           │
 //!     └──bad request / timeout / auth failure ──────────┴───────────────────────────┘
 //! ```
+//!
+//! The dialect is chosen at the upgrade ([`crate::dialect`]). A Centrifuge connection runs the
+//! [`crate::centrifuge::Session`] instead of the WSE message handling; what it asks of the
+//! shard leaves as the same [`ConnEvent`]s a WSE connection's requests do, and what the shard
+//! answers comes back through the same dialect-neutral methods ([`Conn::subscribed`],
+//! [`Conn::unsubscribed`], [`Conn::publish_acked`], [`Conn::push_delivery`]), so the shard
+//! never asks which dialect a connection speaks.
 //!
 //! Calling order (the shard's side): [`Conn::handle_bytes`] for every read, [`Conn::handle_eof`]
 //! when the peer is gone, [`Conn::handle_timeout`] when [`Conn::poll_timeout`] is due; after each
 //! call, drain [`Conn::out`] to the socket and, once [`Conn::wants_shutdown`], close the write side.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::IoSlice;
 use std::num::NonZeroU64;
@@ -31,9 +39,11 @@ use serde_json::value::RawValue;
 
 use crate::admission::Admission;
 use crate::auth::{Acl, Authenticator, Identity};
+use crate::centrifuge::{self, DisconnectCode};
 use crate::close::CloseCode;
 use crate::codec::{self, Decoder, FrameError, Message, OpCode, Role};
 use crate::config::Config;
+use crate::dialect::{CENTRIFUGE_PUBLISH_EVENT, Choice, Delivery, Dialect};
 use crate::handshake::{self, Outcome};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, ClientMessage, Clock, ErrorCode, FailedTopic, Wire};
@@ -197,6 +207,8 @@ pub struct Cx<'a> {
     pub rate: &'a RateLimits,
     /// The JWT verifier; `None` when authentication is off.
     pub auth: Option<&'a Authenticator>,
+    /// What every Centrifuge session shares (from `[centrifuge]`, replaced on reload).
+    pub centrifuge: &'a Arc<centrifuge::Settings>,
     /// The publish rights of a token without a `wse_publish` claim.
     pub default_publish: &'a Acl,
     /// The server-wide connection budget (`server.max_connections`).
@@ -355,6 +367,11 @@ enum Phase {
     },
     /// The conformance echo route: RFC 6455 only, no WSE protocol.
     Echo { decoder: Decoder },
+    /// The Centrifuge client protocol (before and after its `connect` command).
+    Centrifuge {
+        decoder: Decoder,
+        session: Box<CentrifugeSession>,
+    },
     /// Our close frame is queued; waiting for the peer's.
     Closing { decoder: Decoder, deadline: Instant },
     /// Nothing more will be read or queued; once the queue is written, the write side is shut and
@@ -376,6 +393,8 @@ enum Next {
     /// More is queued than `limits.max_outbound_queue_bytes` (replies to what the client sent
     /// count too): evict it with 4413, as any consumer that does not read.
     Evict,
+    /// The Centrifuge session ended with this code.
+    Disconnect(DisconnectCode),
 }
 
 /// One client connection, sans-IO: bytes in through the `handle_*` methods, frames out in
@@ -438,6 +457,7 @@ impl Conn {
     pub fn user_id(&self) -> Option<&str> {
         match &self.phase {
             Phase::Live { session, .. } => Some(&session.identity.user_id),
+            Phase::Centrifuge { session, .. } => session.user.as_deref(),
             _ => None,
         }
     }
@@ -475,6 +495,14 @@ impl Conn {
                 let s = &mut **session;
                 Some(SessionMut {
                     user: &s.identity.user_id,
+                    subs: &mut s.subs,
+                    recovering: &mut s.recovering,
+                })
+            }
+            Phase::Centrifuge { session, .. } => {
+                let s = &mut **session;
+                Some(SessionMut {
+                    user: s.user.as_deref()?,
                     subs: &mut s.subs,
                     recovering: &mut s.recovering,
                 })
@@ -529,6 +557,7 @@ impl Conn {
     pub fn subscriptions(&self) -> &[Arc<str>] {
         match &self.phase {
             Phase::Live { session, .. } => &session.subs,
+            Phase::Centrifuge { session, .. } => &session.subs,
             _ => &[],
         }
     }
@@ -597,6 +626,8 @@ impl Conn {
             Phase::Handshake => self.accepted_at + cfg.limits.handshake_timeout,
             Phase::Live { .. } => idle.min(self.next_ping),
             Phase::Echo { .. } => idle,
+            // Its own liveness (pings and the pong timeout), not the WSE idle timeout.
+            Phase::Centrifuge { session, .. } => session.session.poll_timeout().unwrap_or(idle),
             Phase::Closing { deadline, .. } | Phase::Closed { deadline } => *deadline,
         }
     }
@@ -637,6 +668,7 @@ impl Conn {
                     self.next_ping = now + cx.cfg.protocol.ping_interval;
                 }
             }
+            Phase::Centrifuge { .. } => self.centrifuge_step(cx, |s, _| s.handle_timeout(now)),
             Phase::Closing { deadline, .. } => {
                 if now >= *deadline {
                     self.phase = Phase::Closed { deadline: now };
@@ -657,6 +689,12 @@ impl Conn {
                 decoder
             }
             Phase::Echo { decoder } => decoder,
+            Phase::Centrifuge { decoder, session } => {
+                if let Some(left) = session.left() {
+                    cx.events.push(left);
+                }
+                decoder
+            }
             Phase::Handshake => {
                 self.phase = Phase::Closed {
                     deadline: cx.clock.now,
@@ -681,21 +719,45 @@ impl Conn {
     /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
     /// late anyway) and it is closed with 4413 so it reconnects and recovers.
     pub fn evict(&mut self, cx: &mut Cx<'_>) {
-        if !matches!(self.phase, Phase::Live { .. } | Phase::Echo { .. }) {
-            return; // already on its way out
-        }
+        let slow = match self.phase {
+            Phase::Live { .. } | Phase::Echo { .. } => CloseCode::SlowConsumer.code(),
+            // Centrifuge's own code for it; the clients reconnect (and recover).
+            Phase::Centrifuge { .. } => DisconnectCode::Slow.code(),
+            _ => return, // already on its way out
+        };
         self.out.discard_unsent();
         cx.metrics.dropped(DropReason::SlowConsumer).inc();
-        self.close_with(CloseCode::SlowConsumer, cx);
+        let reason = match self.phase {
+            Phase::Centrifuge { .. } => DisconnectCode::Slow.reason(),
+            _ => CloseCode::SlowConsumer.reason(),
+        };
+        self.close(slow, reason, cx);
     }
 
-    /// Queues a shared publication frame. `false` when it does not fit under
-    /// `limits.max_outbound_queue_bytes` (the caller evicts).
+    /// Queues a shared frame (a publication of a topic the connection is on, or a frame for it
+    /// alone) in the connection's dialect; a frame that does not exist in its dialect (a WSE
+    /// presence event for a Centrifuge connection) is skipped. `false` when it does not fit
+    /// under `limits.max_outbound_queue_bytes` (the caller evicts).
     #[must_use]
-    pub fn push_delivery(&mut self, frame: Bytes, max_queue: usize) -> bool {
-        if !self.is_live() {
-            return true;
-        }
+    pub fn push_delivery(&mut self, delivery: &mut Delivery<'_>, max_queue: usize) -> bool {
+        let frame = match &mut self.phase {
+            Phase::Live { .. } => delivery.wse().clone(),
+            Phase::Centrifuge { session, .. } => {
+                let Some((frame, message)) = delivery.centrifuge(session.session.format()) else {
+                    return true;
+                };
+                if session.session.holds_output() {
+                    // Behind a reply that waits for the shard: the session orders it (and
+                    // frames it when its turn comes).
+                    if session.session.push(message).is_err() {
+                        return false;
+                    }
+                    return self.transmit_centrifuge(max_queue);
+                }
+                frame
+            }
+            _ => return true,
+        };
         if !self.out.fits(frame.len(), max_queue) {
             return false;
         }
@@ -703,8 +765,96 @@ impl Conn {
         true
     }
 
+    /// Moves what a Centrifuge session has ready into the outbound queue; `false` when it went
+    /// past `max_queue`.
+    fn transmit_centrifuge(&mut self, max_queue: usize) -> bool {
+        if let Phase::Centrifuge { session, .. } = &mut self.phase {
+            let op = session.opcode();
+            while let Some(message) = session.session.poll_transmit() {
+                self.out.push(codec::encode_frame(op, &message));
+            }
+        }
+        !self.out.over(max_queue)
+    }
+
+    /// The shard's acknowledgement of a subscribe request: `succeeded` topics are live (every
+    /// later publication reaches the connection), `failed` ones were refused, with the
+    /// recovery outcome per topic.
+    pub fn subscribed(
+        &mut self,
+        succeeded: &[String],
+        failed: &[FailedTopic],
+        recovery: &[(String, protocol::RecoveryInfo)],
+        cx: &mut Cx<'_>,
+    ) {
+        if !matches!(self.phase, Phase::Centrifuge { .. }) {
+            let names: Vec<&str> = succeeded.iter().map(String::as_str).collect();
+            let frame = protocol::subscription_ack("subscribe", &names, failed, recovery);
+            self.send_json(frame, cx);
+            return;
+        }
+        let mut answers = Vec::new();
+        if let Phase::Centrifuge { session, .. } = &mut self.phase {
+            for topic in succeeded {
+                if let Some(ticket) = session.subscribing.remove(topic.as_str()) {
+                    answers.push(centrifuge::Answer::Subscribed {
+                        ticket,
+                        top: None,
+                        recovery: None,
+                    });
+                }
+            }
+            for f in failed {
+                if let Some(ticket) = session.subscribing.remove(f.topic.as_str()) {
+                    answers.push(centrifuge::Answer::Failed {
+                        ticket,
+                        code: refusal_code(&f.reason),
+                    });
+                }
+            }
+        }
+        for answer in answers {
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
+    /// The shard left `topics` for the connection (an unsubscribe request).
+    pub fn unsubscribed(&mut self, topics: &[String], cx: &mut Cx<'_>) {
+        if matches!(self.phase, Phase::Centrifuge { .. }) {
+            return; // Centrifuge's unsubscribe has its reply already.
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let frame = protocol::subscription_ack("unsubscribe", &names, &[], &[]);
+        self.send_json(frame, cx);
+    }
+
+    /// The owner sequenced a publication this connection asked to have acknowledged.
+    pub fn publish_acked(&mut self, topic: &str, epoch: Option<u32>, offset: u64, cx: &mut Cx<'_>) {
+        let ticket = match &mut self.phase {
+            Phase::Centrifuge { session, .. } => {
+                // A connection's publications to one topic pass through one owner in order.
+                let Some(i) = session.publishing.iter().position(|(t, _)| **t == *topic) else {
+                    return;
+                };
+                session.publishing.remove(i).map(|(_, ticket)| ticket)
+            }
+            _ => {
+                self.send_json(protocol::publish_ack(topic, epoch, offset), cx);
+                return;
+            }
+        };
+        if let Some(ticket) = ticket {
+            let answer = centrifuge::Answer::Published { ticket };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
     /// Queues a per-connection JSON message (MessagePack or compressed as negotiated).
     pub fn send_json(&mut self, json: Vec<u8>, cx: &mut Cx<'_>) {
+        if !matches!(self.phase, Phase::Live { .. }) {
+            // WSE messages only go to WSE sessions.
+            return;
+        }
         let msgpack = matches!(&self.phase, Phase::Live { session, .. } if session.msgpack);
         let (wire, bytes) =
             protocol::encode_for_connection(json, msgpack, cx.cfg.protocol.compression_threshold);
@@ -733,10 +883,14 @@ impl Conn {
         if matches!(self.phase, Phase::Closed { .. }) {
             return;
         }
-        if let Phase::Live { session, .. } =
-            std::mem::replace(&mut self.phase, Phase::Closed { deadline })
-        {
-            cx.events.push(left(session));
+        match std::mem::replace(&mut self.phase, Phase::Closed { deadline }) {
+            Phase::Live { session, .. } => cx.events.push(left(session)),
+            Phase::Centrifuge { session, .. } => {
+                if let Some(left) = session.left() {
+                    cx.events.push(left);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -760,14 +914,21 @@ impl Conn {
                 let mut rest = self.inbuf.split_off(consumed);
                 self.inbuf = Vec::new();
                 let accept = handshake::accept_key(&request.key);
-                self.queue(Bytes::from(handshake::response_101(&accept)), cx);
-                if cx.cfg.server.echo_path.as_deref() == Some(request.path.as_str()) {
-                    cx.events.push(ConnEvent::Upgraded);
-                    self.phase = Phase::Echo {
-                        decoder: Decoder::new(Role::Server),
-                    };
-                } else {
-                    self.start_session(&request, cx);
+                let choice = Choice::select(&request, cx.cfg);
+                let response = match choice.subprotocol {
+                    Some(p) => handshake::response_101_with_protocol(&accept, p),
+                    None => handshake::response_101(&accept),
+                };
+                self.queue(Bytes::from(response), cx);
+                match choice.dialect {
+                    Dialect::Echo => {
+                        cx.events.push(ConnEvent::Upgraded);
+                        self.phase = Phase::Echo {
+                            decoder: Decoder::new(Role::Server),
+                        };
+                    }
+                    Dialect::Wse => self.start_session(&request, cx),
+                    Dialect::Centrifuge(format) => self.start_centrifuge(format, cx),
                 }
                 if !rest.is_empty() && !self.is_closed() {
                     self.handle_frame_bytes(&mut rest, cx);
@@ -790,6 +951,60 @@ impl Conn {
         self.phase = Phase::Closed {
             deadline: cx.clock.now + linger,
         };
+    }
+
+    /// A Centrifuge connection: admitted now, authenticated by its `connect` command.
+    fn start_centrifuge(&mut self, format: centrifuge::Format, cx: &mut Cx<'_>) {
+        if !cx.admission.try_admit() {
+            cx.metrics.rejected(RejectReason::MaxConnections).inc();
+            let code = CloseCode::TryAgainLater;
+            self.note_close(code.code(), cx);
+            self.queue(codec::encode_close(code.code(), code.reason()), cx);
+            self.refuse(cx);
+            return;
+        }
+        self.admitted = true;
+        cx.events.push(ConnEvent::Upgraded);
+        cx.metrics
+            .handshake_latency
+            .observe(cx.clock.now.saturating_duration_since(self.accepted_at));
+        let session = centrifuge::Session::new(
+            format,
+            self.id.to_string().into(),
+            Arc::clone(cx.centrifuge),
+            cx.clock.now,
+        );
+        self.phase = Phase::Centrifuge {
+            decoder: Decoder::new(Role::Server),
+            session: Box::new(CentrifugeSession {
+                session,
+                user: None,
+                subs: Vec::new(),
+                recovering: Vec::new(),
+                subscribing: HashMap::new(),
+                publishing: VecDeque::new(),
+            }),
+        };
+    }
+
+    /// Runs `f` on the Centrifuge session, then hands what it asks of the shard to the shard
+    /// and what it sends to the socket; closes with its code when it ends.
+    fn centrifuge_step(
+        &mut self,
+        cx: &mut Cx<'_>,
+        f: impl FnOnce(&mut centrifuge::Session, centrifuge::Cx<'_>) -> Result<(), DisconnectCode>,
+    ) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        let result = session.step(cx, f);
+        let max = cx.cfg.limits.max_outbound_queue_bytes;
+        let fits = self.transmit_centrifuge(max);
+        match result {
+            Err(code) => self.close(code.code(), code.reason(), cx),
+            Ok(()) if !fits => self.evict(cx),
+            Ok(()) => {}
+        }
     }
 
     fn start_session(&mut self, request: &handshake::UpgradeRequest, cx: &mut Cx<'_>) {
@@ -899,7 +1114,12 @@ impl Conn {
             // Closing (ours) goes on decoding the same stream, looking for the peer's close
             // frame: the bytes after the message that made us close are kept for it, or the
             // next read would start in the middle of a frame.
-            Ok(consumed) if matches!(next, Next::Continue | Next::Close(..) | Next::Evict) => {
+            Ok(consumed)
+                if matches!(
+                    next,
+                    Next::Continue | Next::Close(..) | Next::Evict | Next::Disconnect(..)
+                ) =>
+            {
                 if inbuf.is_empty() {
                     if consumed < data.len() {
                         self.inbuf = data[consumed..].to_vec();
@@ -917,6 +1137,7 @@ impl Conn {
         };
         match next {
             Next::Continue => {}
+            Next::Disconnect(code) => self.close(code.code(), code.reason(), cx),
             Next::Close(code) => self.close_with(code, cx),
             Next::Fail(code) => self.fail(code, cx),
             Next::PeerClosed(code) => {
@@ -948,6 +1169,13 @@ impl Conn {
                     cont(&next)
                 })
             }
+            Phase::Centrifuge { decoder, session } => decoder.decode(buf, max, |m| {
+                next = session.handle(m, out, cx);
+                if matches!(next, Next::Continue) && out.over(max_queue) {
+                    next = Next::Evict;
+                }
+                cont(&next)
+            }),
             Phase::Echo { decoder } => decoder.decode(buf, max, |m| {
                 next = echo(m, out, cx);
                 if matches!(next, Next::Continue) && out.over(max_queue) {
@@ -1001,6 +1229,188 @@ impl Conn {
 }
 
 /// The event that hands a departing session's subscriptions to the shard.
+/// A Centrifuge connection's live state: the protocol session, and what the shard keeps on it
+/// as on a WSE session.
+struct CentrifugeSession {
+    session: centrifuge::Session,
+    /// The user, once its `connect` succeeded (empty: anonymous).
+    user: Option<Box<str>>,
+    /// Topics this connection is subscribed to (names shared with the shard's topic table).
+    subs: Vec<Arc<str>>,
+    /// Topics whose recovery replay is on its way (not used by Centrifuge subscribes yet).
+    recovering: Vec<Arc<str>>,
+    /// Subscribes waiting for the shard's acknowledgement, by channel (the session subscribes
+    /// a channel once at a time).
+    subscribing: HashMap<Arc<str>, centrifuge::Ticket>,
+    /// Publishes waiting for the owner's sequencing, oldest first: bounded by the session's
+    /// `PENDING_MAX` requests.
+    publishing: VecDeque<(Arc<str>, centrifuge::Ticket)>,
+}
+
+impl fmt::Debug for CentrifugeSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CentrifugeSession")
+            .field("client", &self.session.client())
+            .field("user", &self.user)
+            .field("subs", &self.subs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CentrifugeSession {
+    fn opcode(&self) -> OpCode {
+        match self.session.format() {
+            centrifuge::Format::Json => OpCode::Text,
+            centrifuge::Format::Protobuf => OpCode::Binary,
+        }
+    }
+
+    fn left(self: Box<Self>) -> Option<ConnEvent> {
+        let user = self.user?;
+        Some(ConnEvent::Left {
+            subs: self.subs,
+            user,
+        })
+    }
+
+    fn handle(&mut self, m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
+        let payload: &[u8] = match m {
+            Message::Ping(p) => {
+                out.push_pong(p, cx.cfg.limits.max_outbound_queue_bytes);
+                return Next::Continue;
+            }
+            Message::Pong(_) => return Next::Continue,
+            Message::Close(c) => {
+                cx.metrics
+                    .closed_with(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
+                return reply_close(c, out);
+            }
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(b) => b,
+        };
+        cx.metrics.messages_in_total.inc();
+        cx.metrics.bytes_in_total.add(payload.len() as u64);
+        let result = self.step(cx, |s, ccx| s.handle_message(ccx, payload));
+        let op = self.opcode();
+        while let Some(message) = self.session.poll_transmit() {
+            cx.metrics.messages_out_total.inc();
+            out.push(codec::encode_frame(op, &message));
+        }
+        match result {
+            Ok(()) => Next::Continue,
+            Err(code) => Next::Disconnect(code),
+        }
+    }
+
+    /// Runs `f` on the session, then turns its requests into the shard's [`ConnEvent`]s.
+    fn step(
+        &mut self,
+        cx: &mut Cx<'_>,
+        f: impl FnOnce(&mut centrifuge::Session, centrifuge::Cx<'_>) -> Result<(), DisconnectCode>,
+    ) -> Result<(), DisconnectCode> {
+        let ccx = centrifuge::Cx {
+            now: cx.clock.now,
+            wall_s: cx.clock.wall_ms / 1000,
+            auth: cx.auth,
+        };
+        f(&mut self.session, ccx)?;
+        if self.user.is_none()
+            && let Some(user) = self.session.user()
+        {
+            // Anonymous connections are known by their id, as anonymous WSE sessions are.
+            let user: Box<str> = if user.is_empty() {
+                self.session.client().into()
+            } else {
+                user.into()
+            };
+            self.user = Some(user.clone());
+            cx.events.push(ConnEvent::Connected { user, claims: None });
+        }
+        while let Some(request) = self.session.poll_request() {
+            self.request(request, ccx, cx)?;
+        }
+        Ok(())
+    }
+
+    fn request(
+        &mut self,
+        request: centrifuge::Request,
+        ccx: centrifuge::Cx<'_>,
+        cx: &mut Cx<'_>,
+    ) -> Result<(), DisconnectCode> {
+        use centrifuge::{Answer, ErrorCode as Code, Request};
+        let failed = |ticket, code| Answer::Failed { ticket, code };
+        let answer = match request {
+            Request::Subscribe {
+                ticket, channel, ..
+            } => {
+                if protocol::topic_problem(&channel).is_some() {
+                    failed(ticket, Code::BadRequest)
+                } else {
+                    self.subscribing.insert(Arc::clone(&channel), ticket);
+                    cx.events.push(ConnEvent::Subscribe(SubscribeRequest {
+                        topics: vec![channel.to_string()],
+                        ..Default::default()
+                    }));
+                    return Ok(());
+                }
+            }
+            Request::Unsubscribe { channel } => {
+                self.subscribing.remove(&channel);
+                cx.events.push(ConnEvent::Unsubscribe {
+                    topics: vec![channel.to_string()],
+                });
+                return Ok(());
+            }
+            Request::Publish {
+                ticket,
+                channel,
+                data,
+                ..
+            } => match serde_json::from_slice::<&RawValue>(&data) {
+                Ok(data) if protocol::topic_problem(&channel).is_none() => {
+                    cx.events.push(ConnEvent::Publish {
+                        topic: channel.to_string(),
+                        body: protocol::publication(CENTRIFUGE_PUBLISH_EVENT, data),
+                        ack: true,
+                    });
+                    self.publishing.push_back((channel, ticket));
+                    return Ok(());
+                }
+                _ => failed(ticket, Code::BadRequest),
+            },
+            // Not served from the shard yet (docs/CENTRIFUGO.md): Centrifugo's answer for a
+            // feature it does not have.
+            Request::Presence { ticket, .. }
+            | Request::PresenceStats { ticket, .. }
+            | Request::History { ticket, .. } => failed(ticket, Code::NotAvailable),
+            Request::Send { data } => {
+                if let Some(user) = &self.user {
+                    cx.events.push(ConnEvent::App {
+                        user: user.clone(),
+                        payload: data,
+                    });
+                }
+                return Ok(());
+            }
+        };
+        self.session.answer(ccx, answer)
+    }
+}
+
+/// The Centrifuge reply error for a topic the shard refused (a WSE refusal reason).
+fn refusal_code(reason: &str) -> centrifuge::ErrorCode {
+    if reason == ErrorCode::SubscriptionLimit.as_str()
+        || reason == ErrorCode::PresenceLimit.as_str()
+    {
+        centrifuge::ErrorCode::LimitExceeded
+    } else if reason == ErrorCode::Forbidden.as_str() {
+        centrifuge::ErrorCode::PermissionDenied
+    } else {
+        centrifuge::ErrorCode::Internal
+    }
+}
+
 fn left(mut session: Box<Session>) -> ConnEvent {
     ConnEvent::Left {
         subs: std::mem::take(&mut session.subs),

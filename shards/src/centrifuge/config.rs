@@ -17,9 +17,8 @@ pub const NAMESPACE_NAME_MAX: usize = 64;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CentrifugeConfig {
-    /// Speak the Centrifuge client protocol v2 on `path` of the WebSocket listener. Not served
-    /// by this build yet: the protocol engine exists and is tested, its wiring into the
-    /// connections is to come (docs/CENTRIFUGO.md).
+    /// Speak the Centrifuge client protocol v2 on `path` of the WebSocket listener, on the
+    /// same topics as WSE clients (docs/CENTRIFUGO.md says which commands are served).
     pub enabled: bool,
     /// The endpoint's path (Centrifugo's default). Both encodings share it: JSON, and protobuf
     /// with the `centrifuge-protobuf` subprotocol.

@@ -403,6 +403,13 @@ impl Session {
         }
     }
 
+    /// Whether replies or pushes are held back behind a reply that waits for the shard: a push
+    /// must then go through [`Session::push`] to keep its place; otherwise it may go straight
+    /// to the socket (already framed, shared with the channel's other subscribers).
+    pub fn holds_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Queues a push (a publication, a join or leave) behind the replies queued before it.
     ///
     /// # Errors

@@ -17,6 +17,7 @@ use crate::command::{
 };
 use crate::conn::ConnId;
 use crate::conn::ConnKey;
+use crate::dialect::Delivery;
 use crate::protocol::{self, Clock, Wire};
 use crate::reply::Responder;
 
@@ -151,7 +152,13 @@ impl<T: Transport> Shard<T> {
         };
         let bytes = frame.len();
         let max = self.run.cfg().limits.max_outbound_queue_bytes;
-        if slot.offer(key, frame, max, &self.metrics, &mut self.turn) {
+        if slot.offer(
+            key,
+            &mut Delivery::new(None, &frame),
+            max,
+            &self.metrics,
+            &mut self.turn,
+        ) {
             self.metrics.messages_out_total.inc();
             Ok(SendOutcome {
                 bytes,
@@ -261,7 +268,13 @@ impl<T: Transport> Shard<T> {
                 continue;
             }
             let key = key as ConnKey;
-            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
+            if slot.offer(
+                key,
+                &mut Delivery::new(None, &frame),
+                max,
+                &self.metrics,
+                &mut self.turn,
+            ) {
                 sent += 1;
             } else {
                 self.turn.evict(key);

@@ -60,6 +60,7 @@ use crate::command::Command;
 use crate::config::Config;
 use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
+use crate::dialect::Delivery;
 use crate::fabric::{Endpoint, FabricMsg, Reload, Sent};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
@@ -614,6 +615,7 @@ impl<T: Transport> Shard<T> {
             rate: self.run.rate(),
             auth: self.run.auth(),
             default_publish: self.run.default_publish(),
+            centrifuge: self.run.centrifuge(),
             admission: &self.shared.admission,
             metrics: &self.metrics,
             events: &mut self.scratch.events,
@@ -763,11 +765,6 @@ impl<T: Transport> Shard<T> {
             .push(ev, &self.run.cfg().limits, &self.metrics);
     }
 
-    /// Queues a per-connection JSON message to `key`.
-    fn send_json(&mut self, key: ConnKey, json: Vec<u8>, clock: Clock) {
-        self.with_conn(key, clock, |c, cx| c.send_json(json, cx));
-    }
-
     fn handle_fabric_msg(&mut self, m: FabricMsg, clock: Clock) {
         match m {
             FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
@@ -866,12 +863,12 @@ impl<T: Transport> Slot<T> {
     fn offer(
         &mut self,
         key: ConnKey,
-        frame: Bytes,
+        frame: &mut Delivery<'_>,
         max: usize,
         metrics: &ShardMetrics,
         turn: &mut turn::Turn,
     ) -> bool {
-        let mut queued = self.conn.push_delivery(frame.clone(), max);
+        let mut queued = self.conn.push_delivery(frame, max);
         if !queued && !self.write_blocked {
             match self.write_out(metrics) {
                 Ok(()) => {}

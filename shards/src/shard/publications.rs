@@ -7,9 +7,10 @@ use bytes::Bytes;
 
 use super::{Shard, Transport, send};
 use crate::conn::ConnId;
+use crate::dialect::Delivery;
 use crate::fabric::FabricMsg;
 use crate::metrics::DropReason;
-use crate::protocol::{self, Clock};
+use crate::protocol::Clock;
 
 impl<T: Transport> Shard<T> {
     /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
@@ -48,6 +49,8 @@ impl<T: Transport> Shard<T> {
             return;
         }
         let max = self.run.cfg().limits.max_outbound_queue_bytes;
+        // Each dialect's frame is made once, for the first subscriber that speaks it.
+        let mut delivery = Delivery::new(Some(topic), frame);
         let mut delivered = 0;
         for &key in t.subscribers() {
             let Some(slot) = self.conns.get_mut(key as usize) else {
@@ -58,7 +61,7 @@ impl<T: Transport> Shard<T> {
                 // Part of the replay on its way (or older than the position it recovers to).
                 continue;
             }
-            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
+            if slot.offer(key, &mut delivery, max, &self.metrics, &mut self.turn) {
                 delivered += 1;
             } else {
                 self.turn.evict(key);
@@ -74,6 +77,7 @@ impl<T: Transport> Shard<T> {
     /// publication is dropped for the group and counted (`queue_group_no_member`).
     pub(super) fn deliver_group(&mut self, topic: &str, group: &str, frame: Bytes) {
         let max = self.run.cfg().limits.max_outbound_queue_bytes;
+        let mut delivery = Delivery::new(Some(topic), &frame);
         let Some(t) = self.topics.get_mut(topic) else {
             self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
             return;
@@ -87,7 +91,7 @@ impl<T: Transport> Shard<T> {
                 debug_assert!(false, "group member {key} has no slot");
                 continue;
             };
-            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
+            if slot.offer(key, &mut delivery, max, &self.metrics, &mut self.turn) {
                 self.metrics.deliveries_total.inc();
                 self.metrics.messages_out_total.inc();
                 return;
@@ -116,11 +120,9 @@ impl<T: Transport> Shard<T> {
             .get(conn.key() as usize)
             .is_some_and(|s| s.conn.id() == conn)
         {
-            self.send_json(
-                conn.key(),
-                protocol::publish_ack(topic, epoch, offset),
-                clock,
-            );
+            self.with_conn(conn.key(), clock, |c, cx| {
+                c.publish_acked(topic, epoch, offset, cx);
+            });
         } else {
             self.metrics.dropped(DropReason::ConnectionGone).inc();
         }

@@ -5,6 +5,7 @@
 //! `limits.max_outbound_queue_bytes`, whatever the peer sends and whether or not it reads; a
 //! connection past it is evicted with 4413, as the limit's documentation says.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use wse_shards::admission::Admission;
 use wse_shards::auth::Acl;
+use wse_shards::centrifuge;
 use wse_shards::codec::{CONTROL_PAYLOAD_MAX, OpCode, write_frame};
 use wse_shards::config::Config;
 use wse_shards::conn::{Conn, ConnEvent, ConnId, Cx};
@@ -44,6 +46,7 @@ struct Harness {
     events: Vec<ConnEvent>,
     ping: Option<Bytes>,
     clock: Clock,
+    centrifuge: Arc<centrifuge::Settings>,
 }
 
 impl Harness {
@@ -55,6 +58,10 @@ impl Harness {
             abuse_drops: cfg.protocol.rate_limit_abuse_drops,
             abuse_window_ms: cfg.protocol.rate_limit_abuse_window.as_millis() as u64,
         };
+        let centrifuge = Arc::new(centrifuge::Settings::new(
+            &cfg.centrifuge,
+            cfg.limits.max_outbound_queue_bytes,
+        ));
         Self {
             cfg,
             rate,
@@ -63,6 +70,7 @@ impl Harness {
             metrics: ShardMetrics::default(),
             events: Vec::new(),
             ping: None,
+            centrifuge,
             clock: Clock {
                 now: Instant::now(),
                 wall_ms: 1_800_000_000_000,
@@ -77,6 +85,7 @@ impl Harness {
             rate: &self.rate,
             auth: None,
             default_publish: &self.publish,
+            centrifuge: &self.centrifuge,
             admission: &self.admission,
             metrics: &self.metrics,
             events: &mut self.events,

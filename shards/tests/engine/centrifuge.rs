@@ -1,0 +1,273 @@
+//! The Centrifuge client protocol served by the shard (`/connection/websocket`), with the exact
+//! frames each connection receives: the dialect chosen at the upgrade, connect with a token,
+//! `{}` pings, subscribe acknowledged only after the topic owner's confirmation, and one topic
+//! space — a publication reaches WSE and Centrifuge (JSON and protobuf) subscribers of the
+//! topic alike, each in its own format, from either kind of publisher.
+
+use std::time::Duration;
+
+use prost::Message as _;
+use serde_json::json;
+use wse_shards::Config;
+use wse_shards::centrifuge::NamespaceConfig;
+use wse_shards::centrifuge::proto::Reply;
+use wse_shards::codec::OpCode;
+use wse_shards::protocol::SERVER_VERSION;
+
+use crate::harness::{Client, Engine, Frame, SECRET, WALL_START_MS, config, topic_owned_by};
+
+/// A configuration with the `room` namespace open to clients (subscribe and publish).
+fn centrifuge_config(shards: usize) -> Config {
+    let mut cfg = config(shards);
+    cfg.centrifuge.namespaces = vec![NamespaceConfig {
+        name: "room".into(),
+        allow_subscribe_for_client: true,
+        allow_publish_for_client: true,
+        ..Default::default()
+    }];
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// A connection token for `user` that expires an hour after the virtual wall clock's start
+/// (still in the future for the verifier, which reads the real clock).
+fn connection_token(user: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": WALL_START_MS / 1000 + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Upgrades a socket on `shard` to the Centrifuge endpoint, offering `protocol`.
+fn upgrade(e: &mut Engine, shard: usize, protocol: Option<&str>) -> Client {
+    let c = e.accept(shard);
+    let offer = protocol.map_or(String::new(), |p| {
+        format!("Sec-WebSocket-Protocol: {p}\r\n")
+    });
+    let request = format!(
+        "GET /connection/websocket HTTP/1.1\r\nHost: harness\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{offer}\r\n"
+    );
+    e.send_raw(c, request.as_bytes());
+    e.settle();
+    c
+}
+
+/// A JSON Centrifuge connection on `shard`, connected as `user`; returns it and its client id.
+fn connect_json(e: &mut Engine, shard: usize, user: &str) -> (Client, String) {
+    let c = upgrade(e, shard, None);
+    let response = e.upgrade_response(c).unwrap().to_owned();
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    assert!(!response.contains("Sec-WebSocket-Protocol"), "{response}");
+    let connect = json!({"id": 1, "connect": {"token": connection_token(user)}});
+    e.send(c, &connect.to_string());
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    let client = frames[0].json()["connect"]["client"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(client.len(), 16, "the connection id is the client id");
+    assert_eq!(
+        frames[0].text(),
+        format!(
+            "{{\"id\":1,\"connect\":{{\"client\":\"{client}\",\"version\":\"{SERVER_VERSION}\",\
+             \"expires\":true,\"ttl\":3600,\"ping\":25,\"pong\":true}}}}"
+        )
+    );
+    (c, client)
+}
+
+/// A WSE connection on `shard` subscribed to `topic`, its frames so far taken.
+fn wse_subscriber(e: &mut Engine, shard: usize, user: &str, topic: &str) -> Client {
+    let w = e.connect(shard, user);
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":[topic]}}),
+    );
+    e.settle();
+    let frames = e.recv(w);
+    assert_eq!(
+        frames.len(),
+        2,
+        "server_ready and the acknowledgement: {frames:?}"
+    );
+    assert_eq!(frames[1].json()["p"]["success_topics"], json!([topic]));
+    w
+}
+
+#[test]
+fn a_publication_reaches_wse_and_centrifuge_subscribers_each_in_its_format() {
+    let mut e = Engine::new(centrifuge_config(3));
+    // The topic lives on shard 0; the subscribers on the two others, so every hop crosses the
+    // fabric (interest, confirmation, delivery).
+    let topic = topic_owned_by("room:main", 0, 3);
+    let (cf, _) = connect_json(&mut e, 1, "alice");
+    let w = wse_subscriber(&mut e, 2, "bob", &topic);
+
+    // The subscribe is answered only once the owner confirmed the shard's interest.
+    e.send(
+        cf,
+        &json!({"id": 2, "subscribe": {"channel": topic}}).to_string(),
+    );
+    e.turn(1);
+    assert_eq!(
+        e.recv(cf),
+        [],
+        "acknowledged before the owner's confirmation"
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(r#"{"id":2,"subscribe":{}}"#.into())]
+    );
+
+    // A WSE publication: WSE frame to the WSE subscriber, a Centrifuge push to the other.
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":1}}}),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(w),
+        [Frame::Text(
+            r#"{"c":"U","t":"chat","p":{"n":1},"v":1}"#.into()
+        )]
+    );
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(format!(
+            r#"{{"push":{{"channel":"{topic}","pub":{{"data":{{"n":1}}}}}}}}"#
+        ))]
+    );
+
+    // A Centrifuge publication: replied once the owner sequenced it, delivered to both
+    // (the publisher too, being subscribed), as the `publication` event for WSE clients.
+    e.send(
+        cf,
+        &json!({"id": 3, "publish": {"channel": topic, "data": {"n": 2}}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(w),
+        [Frame::Text(
+            r#"{"c":"U","t":"publication","p":{"n":2},"v":1}"#.into()
+        )]
+    );
+    // The push arrived while the reply waited for the owner: it goes out behind the reply
+    // (replies and pushes leave in the order the session queued them).
+    assert_eq!(
+        e.recv(cf),
+        [
+            Frame::Text(r#"{"id":3,"publish":{}}"#.into()),
+            Frame::Text(format!(
+                r#"{{"push":{{"channel":"{topic}","pub":{{"data":{{"n":2}}}}}}}}"#
+            )),
+        ]
+    );
+
+    // Unsubscribed: nothing more arrives.
+    e.send(
+        cf,
+        &json!({"id": 4, "unsubscribe": {"channel": topic}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(r#"{"id":4,"unsubscribe":{}}"#.into())]
+    );
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":3}}}),
+    );
+    e.settle();
+    assert_eq!(e.recv(w).len(), 1);
+    assert_eq!(e.recv(cf), []);
+}
+
+#[test]
+fn protobuf_subscribers_get_binary_pushes() {
+    let mut e = Engine::new(centrifuge_config(2));
+    let topic = topic_owned_by("room:p", 1, 2);
+    let c = upgrade(&mut e, 0, Some("centrifuge-protobuf"));
+    let response = e.upgrade_response(c).unwrap().to_owned();
+    assert!(
+        response.contains("\r\nSec-WebSocket-Protocol: centrifuge-protobuf"),
+        "{response}"
+    );
+    // Command{id 1, connect (4): ConnectRequest{token (1)}}, varint-delimited; then a
+    // subscribe (6): SubscribeRequest{channel (1)}.
+    let token = connection_token("carol");
+    let mut connect = vec![0x0a, token.len() as u8];
+    connect.extend_from_slice(token.as_bytes());
+    let mut cmd = vec![0x08, 0x01, 0x22, connect.len() as u8];
+    cmd.extend_from_slice(&connect);
+    let mut sub = vec![0x0a, topic.len() as u8];
+    sub.extend_from_slice(topic.as_bytes());
+    let mut cmd2 = vec![0x08, 0x02, 0x2a, sub.len() as u8];
+    cmd2.extend_from_slice(&sub);
+    let mut message = Vec::new();
+    for c in [cmd, cmd2] {
+        prost::encoding::encode_varint(c.len() as u64, &mut message);
+        message.extend_from_slice(&c);
+    }
+    e.send_frame(c, OpCode::Binary, &message);
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    let decode = |f: &Frame| match f {
+        Frame::Binary(b) => Reply::decode_length_delimited(&b[..]).unwrap(),
+        other => panic!("not binary: {other:?}"),
+    };
+    let connected = decode(&frames[0]);
+    assert_eq!(connected.id, 1);
+    assert!(connected.connect.unwrap().pong);
+    let subscribed = decode(&frames[1]);
+    assert_eq!((subscribed.id, subscribed.subscribe.is_some()), (2, true));
+
+    let w = e.connect(0, "dave");
+    e.recv(w);
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":1}}}),
+    );
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    let push = decode(&frames[0]).push.unwrap();
+    assert_eq!(push.channel, topic);
+    assert_eq!(&push.publication.unwrap().data[..], br#"{"n":1}"#);
+}
+
+#[test]
+fn pings_go_out_on_schedule_and_a_missed_pong_closes_with_3012() {
+    let mut e = Engine::new(centrifuge_config(1));
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    e.advance(Duration::from_secs(25));
+    assert_eq!(e.recv(c), [Frame::Text("{}".into())]);
+    e.send(c, "{}");
+    e.advance(Duration::from_secs(25));
+    assert_eq!(e.recv(c), [Frame::Text("{}".into())]);
+    // No pong this time: closed with Centrifuge's code, a plain-word reason.
+    e.advance(Duration::from_secs(8));
+    assert_eq!(e.recv(c), [Frame::Close(Some((3012, "no pong".into())))]);
+}
+
+#[test]
+fn a_bad_token_closes_with_3500_and_a_wse_token_path_still_speaks_wse() {
+    let mut e = Engine::new(centrifuge_config(1));
+    let c = upgrade(&mut e, 0, None);
+    e.send(c, r#"{"id":1,"connect":{"token":"not.a.jwt"}}"#);
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [Frame::Close(Some((3500, "invalid token".into())))]
+    );
+    // Any other path is the WSE protocol, as before.
+    let w = e.connect(0, "bob");
+    assert_eq!(e.recv(w)[0].t().as_deref(), Some("server_ready"));
+}

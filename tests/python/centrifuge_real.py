@@ -1,0 +1,59 @@
+"""The published centrifuge-python client (0.7.0, unmodified) against the real wse-server.
+
+Usage: centrifuge_real.py URL TOKEN json|protobuf CHANNEL
+
+Connects, subscribes to CHANNEL, prints `subscribed`, then waits for one publication (the caller
+publishes it from a WSE client) and prints it; then publishes a message of its own, waits for it
+to come back through the subscription and prints it. One JSON line per step on stdout; any
+failure is a traceback on stderr and exit status 1.
+"""
+
+import asyncio
+import json
+import sys
+
+from centrifuge import Client, SubscriptionEventHandler
+
+STEP_TIMEOUT = 10.0
+
+
+def out(**fields):
+    print(json.dumps(fields, sort_keys=True), flush=True)
+
+
+async def main():
+    url, token, encoding, channel = sys.argv[1:5]
+    protobuf = encoding == "protobuf"
+    publications = asyncio.Queue()
+
+    class Events(SubscriptionEventHandler):
+        async def on_publication(self, ctx):
+            await publications.put(ctx.pub)
+
+    def data(raw):
+        # Protobuf carries bytes (JSON text here), JSON carries the value itself.
+        return json.loads(raw) if protobuf else raw
+
+    client = Client(url, token=token, use_protobuf=protobuf, proxy=None)
+    await client.connect()
+    await client.ready(timeout=STEP_TIMEOUT)
+    out(step="connected")
+
+    sub = client.new_subscription(channel, events=Events())
+    await sub.subscribe()
+    await sub.ready(timeout=STEP_TIMEOUT)
+    out(step="subscribed")
+
+    pub = await asyncio.wait_for(publications.get(), STEP_TIMEOUT)
+    out(step="publication", data=data(pub.data))
+
+    message = {"text": "hello", "from": "python"}
+    await sub.publish(json.dumps(message).encode() if protobuf else message)
+    pub = await asyncio.wait_for(publications.get(), STEP_TIMEOUT)
+    out(step="own_publication", data=data(pub.data))
+
+    await client.disconnect()
+    out(step="done")
+
+
+asyncio.run(main())
