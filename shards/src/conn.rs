@@ -581,12 +581,12 @@ impl Conn {
 
     /// Whether live frames of `topic` are held back for a replay in flight.
     pub fn is_recovering(&self, topic: &str) -> bool {
-        match &self.phase {
-            Phase::Live { session, .. } => {
-                !session.recovering.is_empty() && session.recovering.iter().any(|t| &**t == topic)
-            }
-            _ => false,
-        }
+        let recovering = match &self.phase {
+            Phase::Live { session, .. } => &session.recovering,
+            Phase::Centrifuge { session, .. } => &session.recovering,
+            _ => return false,
+        };
+        !recovering.is_empty() && recovering.iter().any(|t| &**t == topic)
     }
 
     /// Queues a replay: complete frames, one buffer. Its bytes become an allowance over the
@@ -603,8 +603,21 @@ impl Conn {
         max_queue: usize,
         max_replay_bytes: usize,
     ) -> bool {
-        let Phase::Live { session, .. } = &mut self.phase else {
-            return true;
+        let session = match &mut self.phase {
+            Phase::Live { session, .. } => session,
+            Phase::Centrifuge { session, .. } => {
+                // Centrifuge carries the replay in the subscribe reply, not as pushes: kept
+                // for `Conn::subscribed`, under the same budget.
+                session.recovering.retain(|t| &**t != topic);
+                if frames.len() > max_replay_bytes {
+                    return false;
+                }
+                if let Some(sub) = session.subscribing.get_mut(topic) {
+                    sub.replay = frames;
+                }
+                return true;
+            }
+            _ => return true,
         };
         session.recovering.retain(|t| &**t != topic);
         if frames.is_empty() {
@@ -795,19 +808,31 @@ impl Conn {
         }
         let mut answers = Vec::new();
         if let Phase::Centrifuge { session, .. } = &mut self.phase {
+            let limit = session.history_limit_max;
             for topic in succeeded {
-                if let Some(ticket) = session.subscribing.remove(topic.as_str()) {
+                if let Some(sub) = session.subscribing.remove(topic.as_str()) {
+                    let info = recovery.iter().find(|(t, _)| t == topic).map(|(_, i)| i);
+                    let top = info.map(|i| centrifuge::proto::StreamPosition {
+                        offset: i.offset,
+                        epoch: protocol::epoch_hex(i.epoch),
+                    });
+                    let recovery = sub.recover.then(|| match info {
+                        Some(i) if i.recovered && i.count as usize <= limit => {
+                            (true, replayed_publications(&sub.replay))
+                        }
+                        _ => (false, Vec::new()),
+                    });
                     answers.push(centrifuge::Answer::Subscribed {
-                        ticket,
-                        top: None,
-                        recovery: None,
+                        ticket: sub.ticket,
+                        top,
+                        recovery,
                     });
                 }
             }
             for f in failed {
-                if let Some(ticket) = session.subscribing.remove(f.topic.as_str()) {
+                if let Some(sub) = session.subscribing.remove(f.topic.as_str()) {
                     answers.push(centrifuge::Answer::Failed {
-                        ticket,
+                        ticket: sub.ticket,
                         code: refusal_code(&f.reason),
                     });
                 }
@@ -983,6 +1008,8 @@ impl Conn {
                 recovering: Vec::new(),
                 subscribing: HashMap::new(),
                 publishing: VecDeque::new(),
+                recovery_on: cx.cfg.recovery.enabled,
+                history_limit_max: cx.centrifuge.history_limit_max,
             }),
         };
     }
@@ -1237,14 +1264,46 @@ struct CentrifugeSession {
     user: Option<Box<str>>,
     /// Topics this connection is subscribed to (names shared with the shard's topic table).
     subs: Vec<Arc<str>>,
-    /// Topics whose recovery replay is on its way (not used by Centrifuge subscribes yet).
+    /// Topics whose position or replay is on its way from the owner (live frames of these are
+    /// skipped meanwhile: they are older than the position, or part of the replay).
     recovering: Vec<Arc<str>>,
     /// Subscribes waiting for the shard's acknowledgement, by channel (the session subscribes
     /// a channel once at a time).
-    subscribing: HashMap<Arc<str>, centrifuge::Ticket>,
+    subscribing: HashMap<Arc<str>, PendingSubscribe>,
+    /// `recovery.enabled`: topics have positions and history.
+    recovery_on: bool,
+    /// Most publications a recovery returns (`centrifuge.history_limit_max`); past it the
+    /// subscription is not recovered.
+    history_limit_max: usize,
     /// Publishes waiting for the owner's sequencing, oldest first: bounded by the session's
     /// `PENDING_MAX` requests.
     publishing: VecDeque<(Arc<str>, centrifuge::Ticket)>,
+}
+
+/// A Centrifuge subscribe waiting for the shard.
+struct PendingSubscribe {
+    ticket: centrifuge::Ticket,
+    /// The client asked to recover (else only the stream's position, if anything).
+    recover: bool,
+    /// The owner's replay (whole WSE frames), once it arrived.
+    replay: Bytes,
+}
+
+/// The publications of a replay (whole WSE publication frames, in order) for a subscribe reply.
+fn replayed_publications(frames: &Bytes) -> Vec<centrifuge::proto::Publication> {
+    let mut out = Vec::new();
+    let mut decoder = Decoder::new(Role::Client);
+    let mut buf = frames.to_vec();
+    // Frames the server built itself: a decoding error cannot happen; it would end the list.
+    let _ = decoder.decode(&mut buf, usize::MAX, |m| {
+        if let Message::Text(t) = m
+            && let Some(p) = crate::dialect::publication_of(t.as_bytes())
+        {
+            out.push(p);
+        }
+        ControlFlow::Continue(())
+    });
+    out
 }
 
 impl fmt::Debug for CentrifugeSession {
@@ -1342,14 +1401,38 @@ impl CentrifugeSession {
         let failed = |ticket, code| Answer::Failed { ticket, code };
         let answer = match request {
             Request::Subscribe {
-                ticket, channel, ..
+                ticket,
+                channel,
+                stream,
+                recover,
+                ..
             } => {
                 if protocol::topic_problem(&channel).is_some() {
                     failed(ticket, Code::BadRequest)
                 } else {
-                    self.subscribing.insert(Arc::clone(&channel), ticket);
+                    // The owner answers a recovery request with the stream's position (and the
+                    // replay when the position asked for is in its epoch); a position alone is
+                    // a request that recovers nothing.
+                    let position = match (&recover, stream || recover.is_some()) {
+                        _ if !self.recovery_on => None,
+                        (Some(p), _) => Some((protocol::parse_epoch(&p.epoch), p.offset)),
+                        (None, true) => Some((None, 0)),
+                        (None, false) => None,
+                    };
+                    self.subscribing.insert(
+                        Arc::clone(&channel),
+                        PendingSubscribe {
+                            ticket,
+                            recover: recover.is_some(),
+                            replay: Bytes::new(),
+                        },
+                    );
+                    let topic = channel.to_string();
                     cx.events.push(ConnEvent::Subscribe(SubscribeRequest {
-                        topics: vec![channel.to_string()],
+                        recover: position
+                            .map(|(epoch, offset)| vec![(topic.clone(), epoch, offset)])
+                            .unwrap_or_default(),
+                        topics: vec![topic],
                         ..Default::default()
                     }));
                     return Ok(());

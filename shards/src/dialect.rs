@@ -63,7 +63,7 @@ impl<'a> Delivery<'a> {
         let (topic, wse) = (self.topic, self.wse);
         self.centrifuge[i]
             .get_or_insert_with(|| {
-                let publication = wse_publication(wse_payload(wse)?)?;
+                let publication = publication_of(wse_payload(wse)?)?;
                 let message = encode_publication(format, topic?, publication).ok()?;
                 let op = match format {
                     Format::Json => OpCode::Text,
@@ -90,7 +90,7 @@ fn wse_payload(frame: &[u8]) -> Option<&[u8]> {
 /// A WSE publication's text (`{"tp","e","o", "c":"U","t","p"}`, protocol.md §5) as a
 /// Centrifuge publication: its data and offset. Other messages (`c` ≠ `U`) are not
 /// publications.
-fn wse_publication(text: &[u8]) -> Option<Publication> {
+pub fn publication_of(text: &[u8]) -> Option<Publication> {
     #[derive(Deserialize)]
     struct Wse<'a> {
         #[serde(borrow)]

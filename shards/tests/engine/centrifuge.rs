@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use prost::Message as _;
-use serde_json::json;
+use serde_json::{Value, json};
 use wse_shards::Config;
 use wse_shards::centrifuge::NamespaceConfig;
 use wse_shards::centrifuge::proto::Reply;
@@ -270,4 +270,91 @@ fn a_bad_token_closes_with_3500_and_a_wse_token_path_still_speaks_wse() {
     // Any other path is the WSE protocol, as before.
     let w = e.connect(0, "bob");
     assert_eq!(e.recv(w)[0].t().as_deref(), Some("server_ready"));
+}
+
+/// [`centrifuge_config`] with recovery on and a history in the `room` namespace.
+fn history_config(shards: usize) -> Config {
+    let mut cfg = centrifuge_config(shards);
+    cfg.recovery.enabled = true;
+    cfg.centrifuge.namespaces[0].history_size = 10;
+    cfg.centrifuge.namespaces[0].history_ttl = Duration::from_secs(300);
+    cfg.centrifuge.namespaces[0].allow_history_for_client = true;
+    cfg.validate().unwrap();
+    cfg
+}
+
+fn wse_publish(e: &mut Engine, w: Client, topic: &str, n: u64) {
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":n}}}),
+    );
+    e.settle();
+}
+
+#[test]
+fn a_recoverable_subscription_is_positioned_and_recovers_what_it_missed_from_the_ring() {
+    let mut e = Engine::new(history_config(2));
+    let topic = topic_owned_by("room:h", 1, 2);
+    let w = e.connect(0, "bob");
+    e.recv(w);
+    let (cf, _) = connect_json(&mut e, 0, "alice");
+    e.send(
+        cf,
+        &json!({"id": 2, "subscribe": {"channel": topic, "recoverable": true}}).to_string(),
+    );
+    e.settle();
+    // The stream's position comes from the owner's ring: epoch, offset 0 (nothing yet).
+    let reply = e.recv(cf)[0].json();
+    let epoch = reply["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(epoch.len(), 8);
+    assert_eq!(
+        reply,
+        json!({"id": 2, "subscribe": {"recoverable": true, "positioned": true, "epoch": epoch}})
+    );
+    wse_publish(&mut e, w, &topic, 1);
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(format!(
+            r#"{{"push":{{"channel":"{topic}","pub":{{"data":{{"n":1}},"offset":1}}}}}}"#
+        ))]
+    );
+
+    // Away while two more are published; back, it recovers exactly those, in the reply.
+    e.disconnect(cf);
+    e.settle();
+    wse_publish(&mut e, w, &topic, 2);
+    wse_publish(&mut e, w, &topic, 3);
+    let (back, _) = connect_json(&mut e, 0, "alice");
+    let recover = json!({"id": 2, "subscribe": {
+        "channel": topic, "recoverable": true, "recover": true, "epoch": epoch, "offset": 1}});
+    e.send(back, &recover.to_string());
+    e.settle();
+    assert_eq!(
+        e.recv(back)[0].json(),
+        json!({"id": 2, "subscribe": {
+            "recoverable": true, "positioned": true, "epoch": epoch, "offset": 1,
+            "was_recovering": true, "recovered": true,
+            "publications": [{"data": {"n": 2}, "offset": 2}, {"data": {"n": 3}, "offset": 3}]}})
+    );
+    wse_publish(&mut e, w, &topic, 4);
+    assert_eq!(e.recv(back).len(), 1, "live again, once");
+
+    // A position from another epoch is not recovered.
+    let (other, _) = connect_json(&mut e, 0, "alice");
+    let stale = json!({"id": 2, "subscribe": {
+        "channel": topic, "recoverable": true, "recover": true, "epoch": "00000bad", "offset": 1}});
+    e.send(other, &stale.to_string());
+    e.settle();
+    let reply = e.recv(other)[0].json();
+    assert_eq!(reply["subscribe"]["was_recovering"], json!(true));
+    assert_eq!(
+        reply["subscribe"]["recovered"],
+        Value::Null,
+        "false is omitted"
+    );
+    assert_eq!(
+        reply["subscribe"]["offset"],
+        json!(4),
+        "positioned at the top"
+    );
 }
