@@ -1,6 +1,9 @@
 //! The Centrifuge client protocol served by the real binary on `/connection/websocket`, with
 //! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
-//! Rust client) on the same topic: each receives the other's publication, in its own format.
+//! Rust client) on the same topic: each receives the other's publication, in its own format;
+//! and token-bowl-chat 4.0.2 (unmodified) with a stand-in of its backend that publishes through
+//! the server API: server-side subscriptions from the token's `channels`, a room and a direct
+//! message each exactly once at the right users.
 
 mod support;
 
@@ -9,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Wse, collect_stderr, for_each_line, publisher_token, token, venv_python};
+use support::{API_KEY, Wse, collect_stderr, for_each_line, publisher_token, token, venv_python};
 use wse_client::Connector;
 
 /// Longest wait for one step of either client.
@@ -110,4 +113,142 @@ async fn centrifuge_python_json_and_a_wse_client_share_a_topic() {
 #[tokio::test]
 async fn centrifuge_python_protobuf_and_a_wse_client_share_a_topic() {
     python_and_wse_share_a_topic("protobuf").await;
+}
+
+/// The stand-in Token Bowl backend (the spec's §1.6), publishing into the real server: its
+/// connection tokens' `channels` claim makes server-side subscriptions, its messages route
+/// publishes through `/api/v1/publish`.
+#[derive(Clone)]
+struct Backend {
+    control: std::net::SocketAddr,
+    ws_url: String,
+    next_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// `X-API-Key: key-<user>`.
+fn user_of(headers: &axum::http::HeaderMap) -> Result<String, axum::http::StatusCode> {
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|k| k.strip_prefix("key-"))
+        .map(str::to_owned)
+        .ok_or(axum::http::StatusCode::UNAUTHORIZED)
+}
+
+async fn connection_token(
+    axum::extract::State(b): axum::extract::State<Backend>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<Value>, axum::http::StatusCode> {
+    let user = user_of(&headers)?;
+    let dm = format!("user:{user}");
+    Ok(axum::Json(json!({
+        "token": token(&user, json!({"channels": ["room:main", dm]})),
+        "url": b.ws_url,
+        "channels": [dm, "room:main"],
+        "user": user,
+    })))
+}
+
+async fn messages(
+    axum::extract::State(b): axum::extract::State<Backend>,
+    headers: axum::http::HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Result<(axum::http::StatusCode, axum::Json<Value>), axum::http::StatusCode> {
+    let user = user_of(&headers)?;
+    let to = body["to_username"].as_str();
+    let n = b.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let message = json!({
+        "id": format!("m{n}"),
+        "from_user_id": "",
+        "from_username": user,
+        "to_username": to,
+        "content": body["content"],
+        "message_type": if to.is_some() { "direct" } else { "room" },
+        "timestamp": "2026-12-05T00:00:00Z",
+    });
+    // A direct message goes to the recipient's channel only, as the real backend does.
+    let channel = to.map_or_else(|| "room:main".to_owned(), |t| format!("user:{t}"));
+    let publish = json!({"topic": channel, "event": "message", "data": message}).to_string();
+    let (status, answer) = support::http(
+        b.control,
+        "POST",
+        "/api/v1/publish",
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        &publish,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    Ok((axum::http::StatusCode::CREATED, axum::Json(message)))
+}
+
+#[tokio::test]
+async fn token_bowl_chat_room_and_direct_messages() {
+    let python = venv_python();
+    let wse = Wse::start(&[
+        "--cores",
+        "2",
+        "--centrifuge-namespaces",
+        r#"[{"name":"room"},{"name":"user"}]"#,
+    ]);
+    let backend = Backend {
+        control: wse.control.unwrap(),
+        ws_url: format!("ws://{}/connection/websocket", wse.ws),
+        next_id: std::sync::Arc::default(),
+    };
+    let app = axum::Router::new()
+        .route(
+            "/centrifugo/connection-token",
+            axum::routing::get(connection_token),
+        )
+        .route("/messages", axum::routing::post(messages))
+        .with_state(backend);
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(http, app).await.unwrap() });
+
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/token_bowl_client.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(&base)
+        .env("PYTHONUNBUFFERED", "1")
+        // httpx honours proxy variables; the backend is on loopback.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start token_bowl_client.py");
+    let errors = collect_stderr(&mut child);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for_each_line(child.stdout.take().unwrap(), move |line| {
+        tx.send(line).is_ok()
+    });
+    let line = tokio::time::timeout(STEP_WAIT, rx.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            panic!(
+                "no result; stderr: {}\nserver log:\n{}",
+                errors.lock().unwrap(),
+                wse.log()
+            )
+        });
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}; stderr: {}",
+        errors.lock().unwrap()
+    );
+    let result: Value = serde_json::from_str(&line).unwrap();
+    let room = json!({"id": "m0", "content": "hello room", "type": "room", "from": "alice"});
+    let dm = json!({"id": "m1", "content": "psst bob", "type": "direct", "from": "alice"});
+    let end = json!({"id": "m2", "content": "end", "type": "room", "from": "bob"});
+    assert_eq!(
+        result,
+        json!({"got": {"alice": [room, end], "bob": [room, dm, end]}, "errors": []})
+    );
 }
