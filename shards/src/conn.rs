@@ -142,6 +142,19 @@ pub enum ConnEvent {
         /// The client asked for a `publish_ack` once the owner has sequenced it.
         ack: bool,
     },
+    /// Read `topic`'s history (its owner's ring); answer with [`Conn::history_read`].
+    History {
+        /// The connection's id for the request.
+        request: u64,
+        /// The topic.
+        topic: String,
+        /// Only publications after this offset; `None`: from the oldest the ring holds.
+        after: Option<u64>,
+        /// Most publications to return.
+        limit: usize,
+        /// The newest `limit` rather than the oldest.
+        reverse: bool,
+    },
     /// An application message (its JSON) for the event stream.
     App {
         /// Whose message it is.
@@ -843,6 +856,56 @@ impl Conn {
         }
     }
 
+    /// The owner's answer to a [`ConnEvent::History`] (`None`: recovery is off).
+    pub fn history_read(
+        &mut self,
+        request: u64,
+        read: Option<crate::recovery::HistoryRead>,
+        cx: &mut Cx<'_>,
+    ) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        let Some(asked) = session.histories.remove(&request) else {
+            return;
+        };
+        let answer = match read {
+            None => centrifuge::Answer::Failed {
+                ticket: asked.ticket,
+                code: centrifuge::ErrorCode::NotAvailable,
+            },
+            Some(read) => {
+                let epoch = protocol::epoch_hex(read.epoch);
+                // A position in another epoch, or one the ring no longer follows completely.
+                let lost = asked
+                    .since_epoch
+                    .as_deref()
+                    .is_some_and(|e| !e.is_empty() && e != epoch)
+                    || !read.complete;
+                if lost {
+                    centrifuge::Answer::Failed {
+                        ticket: asked.ticket,
+                        code: centrifuge::ErrorCode::UnrecoverablePosition,
+                    }
+                } else {
+                    let mut publications = replayed_publications(&read.frames);
+                    if asked.reverse {
+                        publications.reverse();
+                    }
+                    centrifuge::Answer::History {
+                        ticket: asked.ticket,
+                        publications,
+                        top: centrifuge::proto::StreamPosition {
+                            offset: read.offset,
+                            epoch,
+                        },
+                    }
+                }
+            }
+        };
+        self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+    }
+
     /// The shard left `topics` for the connection (an unsubscribe request).
     pub fn unsubscribed(&mut self, topics: &[String], cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Centrifuge { .. }) {
@@ -1008,6 +1071,8 @@ impl Conn {
                 recovering: Vec::new(),
                 subscribing: HashMap::new(),
                 publishing: VecDeque::new(),
+                histories: HashMap::new(),
+                next_history: 0,
                 recovery_on: cx.cfg.recovery.enabled,
                 history_limit_max: cx.centrifuge.history_limit_max,
             }),
@@ -1270,6 +1335,10 @@ struct CentrifugeSession {
     /// Subscribes waiting for the shard's acknowledgement, by channel (the session subscribes
     /// a channel once at a time).
     subscribing: HashMap<Arc<str>, PendingSubscribe>,
+    /// History reads waiting for the owner, by request id: bounded by the session's
+    /// `PENDING_MAX` requests.
+    histories: HashMap<u64, PendingHistory>,
+    next_history: u64,
     /// `recovery.enabled`: topics have positions and history.
     recovery_on: bool,
     /// Most publications a recovery returns (`centrifuge.history_limit_max`); past it the
@@ -1278,6 +1347,14 @@ struct CentrifugeSession {
     /// Publishes waiting for the owner's sequencing, oldest first: bounded by the session's
     /// `PENDING_MAX` requests.
     publishing: VecDeque<(Arc<str>, centrifuge::Ticket)>,
+}
+
+/// A Centrifuge `history` waiting for the topic's owner.
+struct PendingHistory {
+    ticket: centrifuge::Ticket,
+    /// The epoch of the `since` position, if one was given.
+    since_epoch: Option<String>,
+    reverse: bool,
 }
 
 /// A Centrifuge subscribe waiting for the shard.
@@ -1462,13 +1539,40 @@ impl CentrifugeSession {
                 }
                 _ => failed(ticket, Code::BadRequest),
             },
+            Request::History {
+                ticket,
+                channel,
+                limit,
+                since,
+                reverse,
+            } if self.recovery_on && protocol::topic_problem(&channel).is_none() => {
+                let request = self.next_history;
+                self.next_history += 1;
+                self.histories.insert(
+                    request,
+                    PendingHistory {
+                        ticket,
+                        since_epoch: since.as_ref().map(|p| p.epoch.clone()),
+                        reverse,
+                    },
+                );
+                cx.events.push(ConnEvent::History {
+                    request,
+                    topic: channel.to_string(),
+                    after: since.map(|p| p.offset),
+                    limit,
+                    reverse,
+                });
+                return Ok(());
+            }
             // Not served from the shard yet (docs/CENTRIFUGO.md): Centrifugo's answer for a
             // feature it does not have.
             Request::Presence { ticket, .. }
             | Request::PresenceStats { ticket, .. }
             | Request::History { ticket, .. } => failed(ticket, Code::NotAvailable),
             Request::Send { data } => {
-                if let Some(user) = &self.user {
+                // Empty data is valid Centrifuge and no JSON: nothing for the application.
+                if let Some(user) = self.user.as_ref().filter(|_| !data.is_empty()) {
                     cx.events.push(ConnEvent::App {
                         user: user.clone(),
                         payload: data,

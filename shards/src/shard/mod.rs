@@ -61,7 +61,7 @@ use crate::config::Config;
 use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::dialect::Delivery;
-use crate::fabric::{Endpoint, FabricMsg, Reload, Sent};
+use crate::fabric::{Endpoint, FabricMsg, HistoryReply, HistoryRequest, Reload, Sent};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
@@ -672,6 +672,32 @@ impl<T: Transport> Shard<T> {
                 let origin = self.conns.get(key as usize).map(|s| s.conn.id());
                 self.route_publication(&topic, body, origin.filter(|_| ack), clock);
             }
+            ConnEvent::History {
+                request,
+                topic,
+                after,
+                limit,
+                reverse,
+            } => {
+                let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
+                    return;
+                };
+                let h = HistoryRequest {
+                    topic: Arc::from(topic.as_str()),
+                    conn,
+                    request,
+                    after,
+                    limit,
+                    reverse,
+                };
+                let owner = self.topics.owner_of(&topic);
+                if owner == self.me {
+                    self.handle_history(h, clock);
+                } else {
+                    let m = FabricMsg::History(Box::new(h));
+                    send(&mut self.fabric, &self.metrics, owner, m);
+                }
+            }
             ConnEvent::App { user, payload } => {
                 self.conn_event(key, AppEventKind::Msg, &user, payload);
             }
@@ -789,6 +815,8 @@ impl<T: Transport> Shard<T> {
                 epoch,
             } => self.send_publish_ack(conn, &topic, epoch, offset, clock),
             FabricMsg::Join(j) => self.handle_join(*j, clock),
+            FabricMsg::History(h) => self.handle_history(*h, clock),
+            FabricMsg::HistoryRead(r) => self.handle_history_read(*r, clock),
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {
                 topic,
@@ -812,6 +840,37 @@ impl<T: Transport> Shard<T> {
     }
 
     /// Runs with the reloaded configuration from the next connection event on.
+    /// On the topic's owner: reads the history a connection asked for and answers its shard.
+    fn handle_history(&mut self, h: HistoryRequest, clock: Clock) {
+        let read = self
+            .owner
+            .history(&h.topic, h.after, h.limit, h.reverse, clock.wall_ms);
+        self.release_owned(&h.topic);
+        let reply = HistoryReply {
+            conn: h.conn,
+            request: h.request,
+            read,
+        };
+        let shard = h.conn.shard();
+        if shard == self.me {
+            self.handle_history_read(reply, clock);
+        } else {
+            let m = FabricMsg::HistoryRead(Box::new(reply));
+            send(&mut self.fabric, &self.metrics, shard, m);
+        }
+    }
+
+    fn handle_history_read(&mut self, r: HistoryReply, clock: Clock) {
+        let key = r.conn.key();
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == r.conn)
+        {
+            self.with_conn(key, clock, |c, cx| c.history_read(r.request, r.read, cx));
+        }
+    }
+
     fn apply_reload(&mut self, reload: &Reload) {
         self.run.apply(reload);
         reload.confirm(self.me);

@@ -358,3 +358,65 @@ fn a_recoverable_subscription_is_positioned_and_recovers_what_it_missed_from_the
         "positioned at the top"
     );
 }
+
+#[test]
+fn history_reads_the_owners_ring_with_limit_since_and_reverse() {
+    let mut e = Engine::new(history_config(2));
+    let topic = topic_owned_by("room:r", 1, 2);
+    let w = e.connect(0, "bob");
+    e.recv(w);
+    for n in 1..=5 {
+        wse_publish(&mut e, w, &topic, n);
+    }
+    let (cf, _) = connect_json(&mut e, 0, "alice");
+    let history = |e: &mut Engine, id: u32, request: Value| -> Value {
+        let mut command = json!({"id": id, "history": request});
+        command["history"]["channel"] = json!(topic);
+        e.send(cf, &command.to_string());
+        e.settle();
+        let frames = e.recv(cf);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        frames[0].json()
+    };
+    let pubs = |ns: &[u64]| -> Value {
+        ns.iter()
+            .map(|n| json!({"data": {"n": n}, "offset": n}))
+            .collect()
+    };
+    let all = history(&mut e, 3, json!({"limit": -1}));
+    let epoch = all["history"]["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(
+        all,
+        json!({"id": 3, "history": {"publications": pubs(&[1, 2, 3, 4, 5]), "epoch": epoch, "offset": 5}})
+    );
+    assert_eq!(
+        history(&mut e, 4, json!({"limit": 2}))["history"]["publications"],
+        pubs(&[1, 2])
+    );
+    assert_eq!(
+        history(&mut e, 5, json!({"limit": 2, "reverse": true}))["history"]["publications"],
+        pubs(&[5, 4])
+    );
+    assert_eq!(
+        history(
+            &mut e,
+            6,
+            json!({"limit": -1, "since": {"offset": 3, "epoch": epoch}})
+        )["history"]["publications"],
+        pubs(&[4, 5])
+    );
+    // Limit 0: only the stream's top.
+    assert_eq!(
+        history(&mut e, 7, json!({"limit": 0})),
+        json!({"id": 7, "history": {"epoch": epoch, "offset": 5}})
+    );
+    // A position in another epoch: 112.
+    assert_eq!(
+        history(
+            &mut e,
+            8,
+            json!({"limit": -1, "since": {"offset": 3, "epoch": "00000bad"}})
+        ),
+        json!({"id": 8, "error": {"code": 112, "message": "unrecoverable position"}})
+    );
+}
