@@ -1,6 +1,8 @@
 //! The Centrifuge client protocol served by the real binary on `/connection/websocket`, with
 //! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
-//! Rust client) on the same topic: each receives the other's publication, in its own format;
+//! Rust client) on the same topic: each receives the other's publication, in its own format,
+//! with the offsets of the topic owner's ring, which the Python client's positioned subscribe
+//! and `history` read;
 //! and token-bowl-chat 4.0.2 (unmodified) with a stand-in of its backend that publishes through
 //! the server API: server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
@@ -25,8 +27,11 @@ fn server() -> Wse {
     Wse::start(&[
         "--cores",
         "2",
+        "--recovery-enabled",
+        "true",
         "--centrifuge-namespaces",
-        r#"[{"name":"room","allow_subscribe_for_client":true,"allow_publish_for_client":true}]"#,
+        r#"[{"name":"room","allow_subscribe_for_client":true,"allow_publish_for_client":true,
+            "allow_history_for_client":true,"history_size":10,"history_ttl":"300s"}]"#,
     ])
 }
 
@@ -74,8 +79,12 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
     };
     step("connected").await;
     // Acknowledged by the server only once the topic's owner confirmed the subscription, so
-    // the publication below reaches it.
-    step("subscribed").await;
+    // the publication below reaches it; positioned at the top of the owner's ring.
+    let subscribed = step("subscribed").await;
+    assert_eq!(subscribed["recoverable"], json!(true));
+    assert_eq!(subscribed["offset"], json!(0));
+    let epoch = subscribed["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(epoch.len(), 8, "{subscribed}");
 
     wse_client
         .publish_acked(CHANNEL, "chat", json!({"text": "hi", "from": "wse"}))
@@ -88,17 +97,28 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
     assert_eq!(from_wse.p, json!({"text": "hi", "from": "wse"}));
     let line = step("publication").await;
     assert_eq!(line["data"], json!({"text": "hi", "from": "wse"}));
+    assert_eq!(line["offset"], json!(1));
 
     // The Python client's publication, as WSE clients see it: the `publication` event.
     let line = step("own_publication").await;
     assert_eq!(line["data"], json!({"text": "hello", "from": "python"}));
+    assert_eq!(line["offset"], json!(2));
     let from_python = wse_client
         .recv_until(|e| e.c.as_deref() == Some("U"), STEP_WAIT)
         .await
         .unwrap();
     assert_eq!(
         from_python.raw,
-        json!({"c": "U", "t": "publication", "p": {"text": "hello", "from": "python"}, "v": 1})
+        json!({"tp": CHANNEL, "e": epoch, "o": 2,
+            "c": "U", "t": "publication", "p": {"text": "hello", "from": "python"}, "v": 1})
+    );
+    // The history, read from the topic owner's ring.
+    let history = step("history").await;
+    assert_eq!(
+        history,
+        json!({"step": "history", "epoch": epoch, "offset": 2, "publications": [
+            {"offset": 1, "data": {"text": "hi", "from": "wse"}},
+            {"offset": 2, "data": {"text": "hello", "from": "python"}}]})
     );
     step("done").await;
     let status = child.wait().unwrap();

@@ -2,10 +2,11 @@
 
 Usage: centrifuge_real.py URL TOKEN json|protobuf CHANNEL
 
-Connects, subscribes to CHANNEL, prints `subscribed`, then waits for one publication (the caller
-publishes it from a WSE client) and prints it; then publishes a message of its own, waits for it
-to come back through the subscription and prints it. One JSON line per step on stdout; any
-failure is a traceback on stderr and exit status 1.
+Connects, subscribes to CHANNEL (recoverable), prints `subscribed` with the stream position,
+then waits for one publication (the caller publishes it from a WSE client) and prints it; then
+publishes a message of its own, waits for it to come back through the subscription and prints
+it; then reads the channel's history. One JSON line per step on stdout; any failure is a
+traceback on stderr and exit status 1.
 """
 
 import asyncio
@@ -39,18 +40,38 @@ async def main():
     await client.ready(timeout=STEP_TIMEOUT)
     out(step="connected")
 
-    sub = client.new_subscription(channel, events=Events())
+    subscribed = asyncio.Queue()
+
+    class SubEvents(Events):
+        async def on_subscribed(self, ctx):
+            await subscribed.put(ctx)
+
+    sub = client.new_subscription(channel, events=SubEvents(), recoverable=True)
     await sub.subscribe()
-    await sub.ready(timeout=STEP_TIMEOUT)
-    out(step="subscribed")
+    ctx = await asyncio.wait_for(subscribed.get(), STEP_TIMEOUT)
+    position = ctx.stream_position
+    out(
+        step="subscribed",
+        recoverable=ctx.recoverable,
+        epoch=position.epoch if position else None,
+        offset=position.offset if position else None,
+    )
 
     pub = await asyncio.wait_for(publications.get(), STEP_TIMEOUT)
-    out(step="publication", data=data(pub.data))
+    out(step="publication", data=data(pub.data), offset=pub.offset)
 
     message = {"text": "hello", "from": "python"}
     await sub.publish(json.dumps(message).encode() if protobuf else message)
     pub = await asyncio.wait_for(publications.get(), STEP_TIMEOUT)
-    out(step="own_publication", data=data(pub.data))
+    out(step="own_publication", data=data(pub.data), offset=pub.offset)
+
+    history = await sub.history(limit=-1)
+    out(
+        step="history",
+        epoch=history.epoch,
+        offset=history.offset,
+        publications=[{"offset": p.offset, "data": data(p.data)} for p in history.publications],
+    )
 
     await client.disconnect()
     out(step="done")
