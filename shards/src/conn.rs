@@ -1066,6 +1066,7 @@ impl Conn {
             decoder: Decoder::new(Role::Server),
             session: Box::new(CentrifugeSession {
                 session,
+                rate: TokenBucket::new(cx.rate, cx.clock.mono_ms()),
                 user: None,
                 subs: Vec::new(),
                 recovering: Vec::new(),
@@ -1325,6 +1326,8 @@ impl Conn {
 /// as on a WSE session.
 struct CentrifugeSession {
     session: centrifuge::Session,
+    /// The inbound rate limit, as on WSE sessions.
+    rate: TokenBucket,
     /// The user, once its `connect` succeeded (empty: anonymous).
     user: Option<Box<str>>,
     /// Topics this connection is subscribed to (names shared with the shard's topic table).
@@ -1426,6 +1429,17 @@ impl CentrifugeSession {
         };
         cx.metrics.messages_in_total.inc();
         cx.metrics.bytes_in_total.add(payload.len() as u64);
+        match self.rate.check(cx.rate, cx.clock.mono_ms()) {
+            Verdict::Allow | Verdict::AllowAndWarn { .. } => {}
+            // Centrifuge has no warning and a dropped command would leave its reply missing:
+            // past the limit the connection is closed with Centrifuge's code for it (the
+            // clients reconnect with backoff).
+            Verdict::Drop { .. } | Verdict::Abuse => {
+                cx.metrics.rate_limited_total.inc();
+                cx.metrics.dropped(DropReason::RateLimited).inc();
+                return Next::Disconnect(DisconnectCode::TooManyRequests);
+            }
+        }
         let result = self.step(cx, |s, ccx| s.handle_message(ccx, payload));
         let op = self.opcode();
         while let Some(message) = self.session.poll_transmit() {

@@ -420,3 +420,24 @@ fn history_reads_the_owners_ring_with_limit_since_and_reverse() {
         json!({"id": 8, "error": {"code": 112, "message": "unrecoverable position"}})
     );
 }
+
+#[test]
+fn past_the_rate_limit_a_centrifuge_connection_is_closed_with_3013() {
+    let mut cfg = centrifuge_config(1);
+    cfg.protocol.rate_limit_capacity = 3;
+    cfg.protocol.rate_limit_refill = 1;
+    let mut e = Engine::new(cfg);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    // The connect took one token; two more commands pass, the third message is over.
+    for id in 2..=3 {
+        e.send(c, &json!({"id": id, "ping": {}}).to_string());
+    }
+    e.settle();
+    assert_eq!(e.recv(c).len(), 2);
+    e.send(c, &json!({"id": 4, "ping": {}}).to_string());
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [Frame::Close(Some((3013, "too many requests".into())))]
+    );
+}
