@@ -2,8 +2,8 @@
 //! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
 //! Rust client) on the same topic: each receives the other's publication, in its own format,
 //! with the offsets of the topic owner's ring, which the Python client's positioned subscribe
-//! and `history` read;
-//! and token-bowl-chat 4.0.2 (unmodified) with a stand-in of its backend that publishes through
+//! and `history` read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
+//! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
 //! the server API: server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
 
@@ -123,6 +123,67 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
     step("done").await;
     let status = child.wait().unwrap();
     assert!(status.success(), "{}", stderr.lock().unwrap());
+}
+
+/// centrifuge-js 5.7.4 under Node (`tests/node/centrifuge_client.mjs`, without its presence
+/// steps, which the server does not serve yet): connect and subscribe in one message, a
+/// positioned subscription, its own publication back, history.
+fn centrifuge_js(encoding: &str) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(root.join("tests/node/setup-centrifuge-js.sh"))
+        .status()
+        .expect("run tests/node/setup-centrifuge-js.sh");
+    assert!(
+        status.success(),
+        "installing centrifuge-js failed: {status}"
+    );
+    let dir = std::env::var_os("CENTRIFUGE_JS_DIR")
+        .map_or_else(|| root.join("target/centrifuge-js"), PathBuf::from);
+    let wse = server();
+    let output = Command::new("node")
+        .arg(root.join("tests/node/centrifuge_client.mjs"))
+        .arg(dir)
+        .arg(format!("ws://{}/connection/websocket", wse.ws))
+        .arg(token("alice", json!({})))
+        .arg(encoding)
+        .arg("no-presence")
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        wse.log()
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let epoch = lines[0]["epoch"].as_str().unwrap().to_owned();
+    let message = json!({"text": "hello", "from": "js"});
+    assert_eq!(
+        lines,
+        [
+            json!({"step": "subscribed", "recoverable": true, "positioned": true,
+                   "epoch": epoch, "offset": 0}),
+            // The publisher's client info is not carried (docs/CENTRIFUGO.md).
+            json!({"step": "publication", "data": message, "offset": 1, "user": null}),
+            json!({"step": "history", "epoch": epoch, "offset": 1,
+                   "publications": [{"offset": 1, "data": message}]}),
+            json!({"step": "done"}),
+        ]
+    );
+}
+
+#[test]
+fn centrifuge_js_json() {
+    centrifuge_js("json");
+}
+
+#[test]
+fn centrifuge_js_protobuf() {
+    centrifuge_js("protobuf");
 }
 
 #[tokio::test]
