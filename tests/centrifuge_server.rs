@@ -85,6 +85,25 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
     assert_eq!(subscribed["offset"], json!(0));
     let epoch = subscribed["epoch"].as_str().unwrap().to_owned();
     assert_eq!(epoch.len(), 8, "{subscribed}");
+    // The application sees the Centrifuge connection like any other: alice, on one topic.
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let mut users: Vec<(String, u64)> = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["user_id"].as_str().unwrap().to_owned(),
+                c["topics"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    users.sort();
+    assert_eq!(users, [("alice".to_owned(), 1), ("bob".to_owned(), 1)]);
 
     wse_client
         .publish_acked(CHANNEL, "chat", json!({"text": "hi", "from": "wse"}))
@@ -331,5 +350,49 @@ async fn token_bowl_chat_room_and_direct_messages() {
     assert_eq!(
         result,
         json!({"got": {"alice": [room, end], "bob": [room, dm, end]}, "errors": []})
+    );
+}
+
+/// The application closes a Centrifuge connection through the server API with Centrifuge's
+/// 3011 ("force reconnect"), which the clients answer by reconnecting and recovering.
+#[tokio::test]
+async fn the_server_api_lists_and_disconnects_a_centrifuge_connection() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let wse = server();
+    let url = format!("ws://{}/connection/websocket", wse.ws);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let connect = json!({"id": 1, "connect": {"token": token("carol", json!({}))}});
+    ws.send(Message::text(connect.to_string())).await.unwrap();
+    let reply = tokio::time::timeout(STEP_WAIT, ws.next()).await.unwrap();
+    let reply: Value = serde_json::from_str(reply.unwrap().unwrap().to_text().unwrap()).unwrap();
+    let client = reply["connect"]["client"].as_str().unwrap().to_owned();
+
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["connections"][0]["connection_id"], json!(client));
+    assert_eq!(listed["connections"][0]["user_id"], json!("carol"));
+
+    let path = format!("/api/v1/connections/{client}/disconnect");
+    let body = json!({"code": 3011, "reason": "force reconnect"}).to_string();
+    let (status, answer) = wse
+        .http("POST", &path, &[("X-API-Key", API_KEY)], &body)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let close = loop {
+        match tokio::time::timeout(STEP_WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame.unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (3011, "force reconnect")
     );
 }

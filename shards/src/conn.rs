@@ -485,6 +485,12 @@ impl Conn {
         matches!(self.phase, Phase::Live { .. })
     }
 
+    /// A session with a user, in any dialect: a live WSE session, or a Centrifuge connection
+    /// after its `connect` (what the application sees as a connection).
+    pub fn has_session(&self) -> bool {
+        self.user_id().is_some()
+    }
+
     /// Closed and everything queued is written: the shard shuts the write side.
     pub fn wants_shutdown(&self) -> bool {
         matches!(self.phase, Phase::Closed { .. }) && self.out.is_empty()

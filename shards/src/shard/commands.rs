@@ -57,7 +57,7 @@ impl<T: Transport> Shard<T> {
                 reason,
                 reply,
             } => {
-                let done = self.live_key(conn).map(|key| {
+                let done = self.session_key(conn).map(|key| {
                     self.with_conn(key, clock, |c, cx| c.close(code, &reason, cx));
                 });
                 reply.send(done.ok_or(CommandError::UnknownConnection));
@@ -104,7 +104,18 @@ impl<T: Transport> Shard<T> {
         }
     }
 
-    /// The slab key of `conn` when it is a live connection of this shard.
+    /// The slab key of `conn` when it is a connection of this shard with a session, in any
+    /// dialect.
+    fn session_key(&self, conn: ConnId) -> Option<ConnKey> {
+        let key = conn.key();
+        self.conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == conn && s.conn.has_session())
+            .then_some(key)
+    }
+
+    /// The slab key of `conn` when it is a live WSE connection of this shard (per-connection
+    /// sends, subscriptions and ACLs are WSE's).
     fn live_key(&self, conn: ConnId) -> Option<ConnKey> {
         let key = conn.key();
         self.conns
@@ -247,7 +258,7 @@ impl<T: Transport> Shard<T> {
     fn list_connections(&self) -> Vec<ConnectionInfo> {
         self.conns
             .iter()
-            .filter(|(_, s)| s.conn.is_live())
+            .filter(|(_, s)| s.conn.has_session())
             .map(|(_, s)| ConnectionInfo {
                 id: s.conn.id(),
                 user_id: s.conn.user_id().unwrap_or_default().to_owned(),
