@@ -1,8 +1,8 @@
 //! The Centrifuge client protocol served by the real binary on `/connection/websocket`, with
 //! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
 //! Rust client) on the same topic: each receives the other's publication, in its own format,
-//! with the offsets of the topic owner's ring, which the Python client's positioned subscribe
-//! and `history` read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
+//! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
+//! `history` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
 //! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
 //! the server API: server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
@@ -138,6 +138,41 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
         json!({"step": "history", "epoch": epoch, "offset": 2, "publications": [
             {"offset": 1, "data": {"text": "hi", "from": "wse"}},
             {"offset": 2, "data": {"text": "hello", "from": "python"}}]})
+    );
+
+    // The application forces a reconnect (3011) and two publications happen meanwhile.
+    let (_, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let alice = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["user_id"] == "alice")
+        .unwrap()["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, answer) = wse
+        .http(
+            "POST",
+            &format!("/api/v1/connections/{alice}/disconnect"),
+            &[("X-API-Key", API_KEY)],
+            r#"{"code":3011,"reason":"force reconnect"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    for n in [3, 4] {
+        wse_client
+            .publish_acked(CHANNEL, "chat", json!({"n": n}))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        step("recovered").await,
+        json!({"step": "recovered", "was_recovering": true, "recovered": true,
+               "publications": [{"offset": 3, "data": {"n": 3}}, {"offset": 4, "data": {"n": 4}}]})
     );
     step("done").await;
     let status = child.wait().unwrap();

@@ -5,7 +5,9 @@ Usage: centrifuge_real.py URL TOKEN json|protobuf CHANNEL
 Connects, subscribes to CHANNEL (recoverable), prints `subscribed` with the stream position,
 then waits for one publication (the caller publishes it from a WSE client) and prints it; then
 publishes a message of its own, waits for it to come back through the subscription and prints
-it; then reads the channel's history. One JSON line per step on stdout; any failure is a
+it; then reads the channel's history. Then the caller closes the connection with 3011 (force
+reconnect) and publishes twice: the client reconnects, resubscribes recovering from its
+position, and prints what came back. One JSON line per step on stdout; any failure is a
 traceback on stderr and exit status 1.
 """
 
@@ -71,6 +73,17 @@ async def main():
         epoch=history.epoch,
         offset=history.offset,
         publications=[{"offset": p.offset, "data": data(p.data)} for p in history.publications],
+    )
+
+    # Closed with 3011 by the caller, who publishes twice meanwhile: the missed publications
+    # come back once each, in the resubscribe's reply or (published after it) live.
+    ctx = await asyncio.wait_for(subscribed.get(), STEP_TIMEOUT * 2)
+    missed = [await asyncio.wait_for(publications.get(), STEP_TIMEOUT) for _ in range(2)]
+    out(
+        step="recovered",
+        was_recovering=ctx.was_recovering,
+        recovered=ctx.recovered,
+        publications=[{"offset": p.offset, "data": data(p.data)} for p in missed],
     )
 
     await client.disconnect()
