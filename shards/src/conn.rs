@@ -780,11 +780,10 @@ impl Conn {
                 };
                 if session.session.holds_output() {
                     // Behind a reply that waits for the shard: the session orders it (and
-                    // frames it when its turn comes).
-                    if session.session.push(message).is_err() {
-                        return false;
-                    }
-                    return self.transmit_centrifuge(max_queue);
+                    // frames it when its turn comes), under its own cap on what it holds
+                    // (`limits.max_outbound_queue_bytes`). `false` only when it did not take
+                    // it, since the caller may offer it again.
+                    return session.session.push(message).is_ok();
                 }
                 frame
             }
