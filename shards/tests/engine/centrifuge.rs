@@ -441,3 +441,44 @@ fn past_the_rate_limit_a_centrifuge_connection_is_closed_with_3013() {
         [Frame::Close(Some((3013, "too many requests".into())))]
     );
 }
+
+/// A Centrifuge subscriber that stops reading is closed with Centrifuge's 3008 after an
+/// in-order prefix, as a WSE one is with 4413.
+#[test]
+fn a_slow_centrifuge_consumer_is_closed_with_3008() {
+    let mut cfg = centrifuge_config(2);
+    cfg.limits.max_outbound_queue_bytes = 64 * 1024;
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("room:fire", 1, 2);
+    let (slow, _) = connect_json(&mut e, 0, "slow");
+    e.send(
+        slow,
+        &json!({"id": 2, "subscribe": {"channel": topic}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(e.recv(slow).len(), 1);
+    let publisher = e.connect(1, "pub");
+    e.recv(publisher);
+    e.set_socket_capacity(slow, 16 * 1024);
+    e.set_reading(slow, false);
+    let pad = "x".repeat(4096);
+    for seq in 0..100u64 {
+        e.send_json(
+            publisher,
+            &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"m","data":{"seq":seq,"pad":pad}}}),
+        );
+        e.settle();
+    }
+    e.set_reading(slow, true);
+    e.settle();
+    let frames = e.recv(slow);
+    let (close, data) = frames.split_last().unwrap();
+    assert_eq!(close, &Frame::Close(Some((3008, "slow".into()))));
+    let seqs: Vec<u64> = data
+        .iter()
+        .map(|f| f.json()["push"]["pub"]["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert!(!seqs.is_empty() && seqs.len() < 100, "{}", seqs.len());
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(e.metrics(0).closes(3008).get(), 1);
+}
