@@ -154,6 +154,9 @@ pub enum ConnEvent {
         limit: usize,
         /// The newest `limit` rather than the oldest.
         reverse: bool,
+        /// Only the newest `keep` publications count as the topic's history (a Centrifuge
+        /// namespace's `history_size`; the ring may hold more).
+        keep: usize,
     },
     /// An application message (its JSON) for the event stream.
     App {
@@ -835,7 +838,7 @@ impl Conn {
                         epoch: protocol::epoch_hex(i.epoch),
                     });
                     let recovery = sub.recover.then(|| match info {
-                        Some(i) if i.recovered && i.count as usize <= limit => {
+                        Some(i) if i.recovered && i.count as usize <= limit.min(sub.keep) => {
                             (true, replayed_publications(&sub.replay))
                         }
                         _ => (false, Vec::new()),
@@ -1370,6 +1373,9 @@ struct PendingSubscribe {
     ticket: centrifuge::Ticket,
     /// The client asked to recover (else only the stream's position, if anything).
     recover: bool,
+    /// The namespace's `history_size`: a recovery of more than that many publications fails,
+    /// as the stream would not hold them in Centrifugo.
+    keep: usize,
     /// The owner's replay (whole WSE frames), once it arrived.
     replay: Bytes,
 }
@@ -1520,6 +1526,7 @@ impl CentrifugeSession {
                         PendingSubscribe {
                             ticket,
                             recover: recover.is_some(),
+                            keep: history_size(cx, &channel),
                             replay: Bytes::new(),
                         },
                     );
@@ -1581,6 +1588,7 @@ impl CentrifugeSession {
                     after: since.map(|p| p.offset),
                     limit,
                     reverse,
+                    keep: history_size(cx, &channel),
                 });
                 return Ok(());
             }
@@ -1602,6 +1610,15 @@ impl CentrifugeSession {
         };
         self.session.answer(ccx, answer)
     }
+}
+
+/// The `history_size` of `channel`'s namespace (0 when it resolves to none: the session
+/// refused such a channel before asking).
+fn history_size(cx: &Cx<'_>, channel: &str) -> usize {
+    cx.centrifuge
+        .namespaces
+        .resolve(channel)
+        .map_or(0, |c| c.namespace.history_size)
 }
 
 /// The Centrifuge reply error for a topic the shard refused (a WSE refusal reason).

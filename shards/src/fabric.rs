@@ -213,6 +213,8 @@ pub struct HistoryRequest {
     pub limit: usize,
     /// The newest `limit` rather than the oldest.
     pub reverse: bool,
+    /// Only the newest `keep` publications count as the topic's history.
+    pub keep: usize,
 }
 
 /// See [`FabricMsg::HistoryRead`].

@@ -210,21 +210,24 @@ impl TopicOwner {
         Some((info, replay.frames))
     }
 
-    /// A read of `topic`'s history: at most `limit` publications after `after` (or after the
-    /// oldest one the ring still holds), the oldest of them (`reverse`: the newest). `None`
-    /// when recovery is off.
+    /// A read of `topic`'s history, of which only the newest `keep` publications count: at
+    /// most `limit` publications after `after` (or after the oldest one held), the oldest of
+    /// them (`reverse`: the newest). `None` when recovery is off.
     pub fn history(
         &mut self,
         topic: &str,
         after: Option<u64>,
         limit: usize,
         reverse: bool,
+        keep: usize,
         now_ms: u64,
     ) -> Option<HistoryRead> {
         self.history.as_ref()?;
         let (ring, epoch, last) = self.ensure_ring(topic, now_ms);
         let history = self.history.as_ref().expect("checked above");
-        let held = history.intact_after(ring, last, now_ms);
+        let held = history
+            .intact_after(ring, last, now_ms)
+            .max(last.saturating_sub(keep as u64));
         // The asked position is still followed by everything after it (or is the top).
         let complete = after.is_none_or(|a| a >= held);
         let from = after.map_or(held, |a| a.max(held)).min(last);

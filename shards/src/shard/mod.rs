@@ -678,6 +678,7 @@ impl<T: Transport> Shard<T> {
                 after,
                 limit,
                 reverse,
+                keep,
             } => {
                 let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
                     return;
@@ -689,6 +690,7 @@ impl<T: Transport> Shard<T> {
                     after,
                     limit,
                     reverse,
+                    keep,
                 };
                 let owner = self.topics.owner_of(&topic);
                 if owner == self.me {
@@ -844,7 +846,7 @@ impl<T: Transport> Shard<T> {
     fn handle_history(&mut self, h: HistoryRequest, clock: Clock) {
         let read = self
             .owner
-            .history(&h.topic, h.after, h.limit, h.reverse, clock.wall_ms);
+            .history(&h.topic, h.after, h.limit, h.reverse, h.keep, clock.wall_ms);
         self.release_owned(&h.topic);
         let reply = HistoryReply {
             conn: h.conn,

@@ -279,6 +279,15 @@ fn history_config(shards: usize) -> Config {
     cfg.centrifuge.namespaces[0].history_size = 10;
     cfg.centrifuge.namespaces[0].history_ttl = Duration::from_secs(300);
     cfg.centrifuge.namespaces[0].allow_history_for_client = true;
+    // A namespace whose streams keep only 3 publications (the ring holds more).
+    cfg.centrifuge.namespaces.push(NamespaceConfig {
+        name: "small".into(),
+        history_size: 3,
+        history_ttl: Duration::from_secs(300),
+        allow_subscribe_for_client: true,
+        allow_history_for_client: true,
+        ..Default::default()
+    });
     cfg.validate().unwrap();
     cfg
 }
@@ -481,4 +490,55 @@ fn a_slow_centrifuge_consumer_is_closed_with_3008() {
     assert!(!seqs.is_empty() && seqs.len() < 100, "{}", seqs.len());
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
     assert_eq!(e.metrics(0).closes(3008).get(), 1);
+}
+
+#[test]
+fn a_namespaces_history_size_bounds_history_and_recovery() {
+    let mut e = Engine::new(history_config(2));
+    let topic = topic_owned_by("small:s", 1, 2);
+    let w = e.connect(0, "bob");
+    e.recv(w);
+    for n in 1..=5 {
+        wse_publish(&mut e, w, &topic, n);
+    }
+    let (cf, _) = connect_json(&mut e, 0, "alice");
+    let ask = |e: &mut Engine, command: Value| -> Value {
+        e.send(cf, &command.to_string());
+        e.settle();
+        let frames = e.recv(cf);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        frames[0].json()
+    };
+    let all = ask(
+        &mut e,
+        json!({"id": 2, "history": {"channel": topic, "limit": -1}}),
+    );
+    let offsets: Vec<u64> = all["history"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [3, 4, 5], "{all}");
+    let epoch = all["history"]["epoch"].as_str().unwrap().to_owned();
+    let since_1 = json!({"id": 3, "history": {"channel": topic, "limit": -1,
+                         "since": {"offset": 1, "epoch": epoch}}});
+    assert_eq!(ask(&mut e, since_1)["error"]["code"], json!(112));
+    // Four missed is more than the stream keeps: not recovered; two is fine.
+    let recover = |id: u32, offset: u64| {
+        json!({"id": id, "subscribe": {"channel": topic, "recoverable": true, "recover": true,
+               "epoch": epoch, "offset": offset}})
+    };
+    let reply = ask(&mut e, recover(4, 1));
+    assert_eq!(reply["subscribe"]["was_recovering"], json!(true));
+    assert_eq!(reply["subscribe"]["recovered"], Value::Null, "{reply}");
+    let (other, _) = connect_json(&mut e, 0, "alice");
+    e.send(other, &recover(2, 3).to_string());
+    e.settle();
+    let reply = e.recv(other)[0].json();
+    assert_eq!(reply["subscribe"]["recovered"], json!(true), "{reply}");
+    assert_eq!(
+        reply["subscribe"]["publications"].as_array().unwrap().len(),
+        2
+    );
 }
