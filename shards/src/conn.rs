@@ -914,6 +914,25 @@ impl Conn {
         self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
     }
 
+    /// A publication this connection asked to have acknowledged was dropped before its owner
+    /// sequenced it (the fabric was full): no acknowledgement will come. A Centrifuge client
+    /// gets error 100 (temporary: it may retry); a WSE one hears nothing, as before.
+    pub fn publish_lost(&mut self, topic: &str, cx: &mut Cx<'_>) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        let Some(i) = session.publishing.iter().rposition(|(t, _)| **t == *topic) else {
+            return;
+        };
+        if let Some((_, ticket)) = session.publishing.remove(i) {
+            let answer = centrifuge::Answer::Failed {
+                ticket,
+                code: centrifuge::ErrorCode::Internal,
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
     /// The shard left `topics` for the connection (an unsubscribe request).
     pub fn unsubscribed(&mut self, topics: &[String], cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Centrifuge { .. }) {

@@ -670,7 +670,11 @@ impl<T: Transport> Shard<T> {
             ConnEvent::Unsubscribe { topics } => self.unsubscribe(key, topics, clock),
             ConnEvent::Publish { topic, body, ack } => {
                 let origin = self.conns.get(key as usize).map(|s| s.conn.id());
-                self.route_publication(&topic, body, origin.filter(|_| ack), clock);
+                let routed = self.route_publication(&topic, body, origin.filter(|_| ack), clock);
+                if !routed && ack {
+                    // No acknowledgement will come: the connection hears it now.
+                    self.with_conn(key, clock, |c, cx| c.publish_lost(&topic, cx));
+                }
             }
             ConnEvent::History {
                 request,

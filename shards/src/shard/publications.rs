@@ -5,37 +5,39 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Shard, Transport, send};
+use super::{Shard, Transport};
 use crate::conn::ConnId;
 use crate::dialect::Delivery;
-use crate::fabric::FabricMsg;
+use crate::fabric::{FabricMsg, Sent};
 use crate::metrics::DropReason;
 use crate::protocol::Clock;
 
 impl<T: Transport> Shard<T> {
     /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
+    /// `false` when the fabric dropped it (counted): it never happens, and no acknowledgement
+    /// will come.
     pub fn route_publication(
         &mut self,
         topic: &str,
         body: Bytes,
         ack: Option<ConnId>,
         clock: Clock,
-    ) {
+    ) -> bool {
         let owner = self.topics.owner_of(topic);
         if owner == self.me {
             self.sequence(topic, &body, ack, clock);
-        } else {
-            send(
-                &mut self.fabric,
-                &self.metrics,
-                owner,
-                FabricMsg::Publish {
-                    topic: Arc::from(topic),
-                    body,
-                    ack,
-                },
-            );
+            return true;
         }
+        let m = FabricMsg::Publish {
+            topic: Arc::from(topic),
+            body,
+            ack,
+        };
+        if self.fabric.send(owner, m) == Sent::Dropped {
+            self.metrics.dropped(DropReason::FabricOverflow).inc();
+            return false;
+        }
+        true
     }
 
     /// Queues `frame` to every live local subscriber of `topic`; overflowing ones are listed for

@@ -12,6 +12,7 @@ use wse_shards::Config;
 use wse_shards::centrifuge::NamespaceConfig;
 use wse_shards::centrifuge::proto::Reply;
 use wse_shards::codec::OpCode;
+use wse_shards::metrics::DropReason;
 use wse_shards::protocol::SERVER_VERSION;
 
 use crate::harness::{Client, Engine, Frame, SECRET, WALL_START_MS, config, topic_owned_by};
@@ -541,4 +542,40 @@ fn a_namespaces_history_size_bounds_history_and_recovery() {
         reply["subscribe"]["publications"].as_array().unwrap().len(),
         2
     );
+}
+
+/// A publication the fabric drops (its sender's bytes in flight are over budget) is never
+/// sequenced: the Centrifuge publisher gets error 100 for it instead of a reply that never
+/// comes.
+#[test]
+fn a_publication_the_fabric_drops_is_answered_with_error_100() {
+    let mut cfg = centrifuge_config(2);
+    // At least twice the largest message, the configuration's floor; an eighth goes to ring
+    // slots, the rest bounds the bytes in flight.
+    cfg.limits.max_message_size = 128 * 1024;
+    cfg.limits.fabric_memory_per_shard = 256 * 1024;
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("room:big", 1, 2);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    let pad = "x".repeat(100 * 1024);
+    // Three in one go, before the owner has taken anything: the third finds the budget spent.
+    for id in [2, 3, 4] {
+        e.send(
+            c,
+            &json!({"id": id, "publish": {"channel": topic, "data": {"pad": pad}}}).to_string(),
+        );
+    }
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [
+            Frame::Text(r#"{"id":2,"publish":{}}"#.into()),
+            Frame::Text(r#"{"id":3,"publish":{}}"#.into()),
+            Frame::Text(
+                r#"{"id":4,"error":{"code":100,"message":"internal server error","temporary":true}}"#
+                    .into()
+            ),
+        ]
+    );
+    assert_eq!(e.metrics(0).dropped(DropReason::FabricOverflow).get(), 1);
 }
