@@ -933,6 +933,21 @@ impl Conn {
         }
     }
 
+    /// A [`ConnEvent::History`] request was dropped on its way to the topic's owner (the
+    /// fabric was full): answered with error 100 (temporary: the client may retry).
+    pub fn history_lost(&mut self, request: u64, cx: &mut Cx<'_>) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        if let Some(asked) = session.histories.remove(&request) {
+            let answer = centrifuge::Answer::Failed {
+                ticket: asked.ticket,
+                code: centrifuge::ErrorCode::Internal,
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
     /// The shard left `topics` for the connection (an unsubscribe request).
     pub fn unsubscribed(&mut self, topics: &[String], cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Centrifuge { .. }) {

@@ -699,9 +699,11 @@ impl<T: Transport> Shard<T> {
                 let owner = self.topics.owner_of(&topic);
                 if owner == self.me {
                     self.handle_history(h, clock);
-                } else {
-                    let m = FabricMsg::History(Box::new(h));
-                    send(&mut self.fabric, &self.metrics, owner, m);
+                } else if self.fabric.send(owner, FabricMsg::History(Box::new(h))) == Sent::Dropped
+                {
+                    self.metrics.dropped(DropReason::FabricOverflow).inc();
+                    // No answer will come: the connection hears it now.
+                    self.with_conn(key, clock, |c, cx| c.history_lost(request, cx));
                 }
             }
             ConnEvent::App { user, payload } => {
