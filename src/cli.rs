@@ -1050,8 +1050,8 @@ struct EventsFlags {
 #[command(next_help_heading = "Centrifuge protocol")]
 struct CentrifugeFlags {
     /// Speak the Centrifuge client protocol v2 (centrifuge-js, centrifuge-python) on
-    /// --centrifuge-path of the WebSocket listener. Not served by this build yet (the engine
-    /// exists and is tested; its wiring into the connections is to come): docs/CENTRIFUGO.md.
+    /// --centrifuge-path of the WebSocket listener, on the same topics as WSE clients
+    /// (docs/CENTRIFUGO.md says which commands are served).
     #[arg(
         id = "centrifuge.enabled",
         long = "centrifuge-enabled",

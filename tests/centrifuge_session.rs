@@ -1,14 +1,13 @@
 //! The Centrifuge session (`wse_shards::centrifuge`, sans-IO) against the published clients,
 //! unmodified, in JSON and in protobuf, over a real WebSocket: centrifuge-python 0.7.0 and
-//! centrifuge-js 5.7.4 under Node (with `ws`), and token-bowl-chat 4.0.2 with a stand-in of its
-//! backend.
+//! centrifuge-js 5.7.4 under Node (with `ws`).
 //!
-//! What this checks is the protocol engine — the dialect choice at the upgrade, the codec, the
-//! session's replies and pushes, recovery after a forced reconnect (3011, Python), connect and
-//! subscribe in one message (js) — as real clients read them. It is not the server: the
-//! listener here is the test's own (tokio-tungstenite) and the topic table an in-memory
-//! stand-in for the shard, because the engine is not wired into the shard's connections yet
-//! (docs/CENTRIFUGO.md). The stand-in does what the session asks and nothing more.
+//! What this checks is the protocol engine's side of what the server does not serve yet —
+//! presence, presence stats, join and leave pushes (docs/CENTRIFUGO.md) — along with the rest
+//! of each client's scenario, as real clients read it. It is not the server: the listener here
+//! is the test's own (tokio-tungstenite) and the topic table an in-memory stand-in for the
+//! shard, which does what the session asks and nothing more. The server itself, with these
+//! clients, token-bowl-chat and a WSE client on one topic, is `tests/centrifuge_server.rs`.
 
 mod support;
 
@@ -666,148 +665,4 @@ async fn centrifuge_js_json() {
 #[tokio::test]
 async fn centrifuge_js_protobuf() {
     connect_subscribe_publish_history_presence(Sdk::Js, "protobuf").await;
-}
-
-/// The stand-in Token Bowl backend (the spec's §1.6): connection tokens whose `channels` claim
-/// makes server-side subscriptions, and the messages route, publishing into the hub.
-#[derive(Clone)]
-struct Backend {
-    hub: Arc<Mutex<Hub>>,
-    ws_url: String,
-    next_id: Arc<std::sync::atomic::AtomicU64>,
-}
-
-/// `X-API-Key: key-<user>`.
-fn user_of(headers: &axum::http::HeaderMap) -> Result<String, axum::http::StatusCode> {
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|k| k.strip_prefix("key-"))
-        .map(str::to_owned)
-        .ok_or(axum::http::StatusCode::UNAUTHORIZED)
-}
-
-async fn connection_token(
-    axum::extract::State(b): axum::extract::State<Backend>,
-    headers: axum::http::HeaderMap,
-) -> Result<axum::Json<Value>, axum::http::StatusCode> {
-    let user = user_of(&headers)?;
-    let dm = format!("user:{user}");
-    Ok(axum::Json(json!({
-        "token": token(&user, json!({"channels": ["room:main", dm]})),
-        "url": b.ws_url,
-        "channels": [dm, "room:main"],
-        "user": user,
-    })))
-}
-
-async fn messages(
-    axum::extract::State(b): axum::extract::State<Backend>,
-    headers: axum::http::HeaderMap,
-    axum::Json(body): axum::Json<Value>,
-) -> Result<(axum::http::StatusCode, axum::Json<Value>), axum::http::StatusCode> {
-    let user = user_of(&headers)?;
-    let to = body["to_username"].as_str();
-    let n = b.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let message = json!({
-        "id": format!("m{n}"),
-        "from_user_id": "",
-        "from_username": user,
-        "to_username": to,
-        "content": body["content"],
-        "message_type": if to.is_some() { "direct" } else { "room" },
-        "timestamp": "2026-12-05T00:00:00Z",
-    });
-    // A direct message goes to the recipient's channel only, as the real backend does.
-    let channel = to.map_or_else(|| "room:main".to_owned(), |t| format!("user:{t}"));
-    b.hub
-        .lock()
-        .unwrap()
-        .publish(&channel, Bytes::from(message.to_string()), None);
-    Ok((axum::http::StatusCode::CREATED, axum::Json(message)))
-}
-
-/// token-bowl-chat 4.0.2, unmodified: its connect (only a token), its subscribes to channels
-/// it is already on server-side (105, which it ignores), the publications of those server-side
-/// subscriptions, each message exactly once and only to the right users.
-#[tokio::test]
-async fn token_bowl_chat_room_and_direct_messages() {
-    let python = venv_python();
-    let (addr, hub) = stand_in().await;
-    let backend = Backend {
-        hub: Arc::clone(&hub),
-        ws_url: format!("ws://{addr}/connection/websocket"),
-        next_id: Arc::default(),
-    };
-    let app = axum::Router::new()
-        .route(
-            "/centrifugo/connection-token",
-            axum::routing::get(connection_token),
-        )
-        .route("/messages", axum::routing::post(messages))
-        .with_state(backend);
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(http, app).await.unwrap() });
-
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/token_bowl_client.py");
-    let mut child = Command::new(python)
-        .arg(script)
-        .arg(&base)
-        .env("PYTHONUNBUFFERED", "1")
-        // httpx honours proxy variables; the backend is on loopback.
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start token_bowl_client.py");
-    let errors = collect_stderr(&mut child);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    for_each_line(child.stdout.take().unwrap(), move |line| {
-        tx.send(line).is_ok()
-    });
-    let line = tokio::time::timeout(STEP_WAIT, rx.recv())
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "token_bowl_client.py went quiet; stderr: {}",
-                errors.lock().unwrap()
-            )
-        })
-        .unwrap_or_else(|| panic!("no result; stderr: {}", errors.lock().unwrap()));
-    let status = child.wait().unwrap();
-    assert!(
-        status.success(),
-        "{status}; stderr: {}",
-        errors.lock().unwrap()
-    );
-    let result: Value = serde_json::from_str(&line).unwrap();
-    let room = json!({"id": "m0", "content": "hello room", "type": "room", "from": "alice"});
-    let dm = json!({"id": "m1", "content": "psst bob", "type": "direct", "from": "alice"});
-    let end = json!({"id": "m2", "content": "end", "type": "room", "from": "bob"});
-    assert_eq!(
-        result,
-        json!({"got": {"alice": [room, end], "bob": [room, dm, end]}, "errors": []})
-    );
-    // Each connection: the connect reply with its two server-side subscriptions, then 105 for
-    // both of the client's own subscribes (which it ignores), and no other error.
-    let hub = hub.lock().unwrap();
-    assert_eq!(hub.sent.len(), 2);
-    for sent in hub.sent.values() {
-        let replies: Vec<Value> = sent
-            .iter()
-            .map(|m| serde_json::from_slice(m).unwrap())
-            .filter(|v: &Value| v.get("id").is_some())
-            .collect();
-        assert_eq!(replies.len(), 3, "{replies:?}");
-        let subs = replies[0]["connect"]["subs"].as_object().unwrap();
-        assert_eq!(subs.len(), 2, "{replies:?}");
-        for r in &replies[1..] {
-            assert_eq!(r["error"]["code"], 105, "{replies:?}");
-        }
-    }
 }

@@ -9,16 +9,24 @@
 //!
 //! ```text
 //! Handshake ──upgrade + auth──▶ Live ──close sent──▶ Closing ──close received──▶ Closed
-//!     │   └──echo path──────▶ Echo ──┘                  │                           ▲
+//!     │   ├──echo path──────▶ Echo ──┘                  │                           ▲
+//!     │   └──centrifuge path▶ Centrifuge ┘              │                           │
 //!     └──bad request / timeout / auth failure ──────────┴───────────────────────────┘
 //! ```
+//!
+//! The dialect is chosen at the upgrade ([`crate::dialect`]). A Centrifuge connection runs the
+//! [`crate::centrifuge::Session`] instead of the WSE message handling; what it asks of the
+//! shard leaves as the same [`ConnEvent`]s a WSE connection's requests do, and what the shard
+//! answers comes back through the same dialect-neutral methods ([`Conn::subscribed`],
+//! [`Conn::unsubscribed`], [`Conn::publish_acked`], [`Conn::push_delivery`]), so the shard
+//! never asks which dialect a connection speaks.
 //!
 //! Calling order (the shard's side): [`Conn::handle_bytes`] for every read, [`Conn::handle_eof`]
 //! when the peer is gone, [`Conn::handle_timeout`] when [`Conn::poll_timeout`] is due; after each
 //! call, drain [`Conn::out`] to the socket and, once [`Conn::wants_shutdown`], close the write side.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::IoSlice;
 use std::num::NonZeroU64;
@@ -31,9 +39,11 @@ use serde_json::value::RawValue;
 
 use crate::admission::Admission;
 use crate::auth::{Acl, Authenticator, Identity};
+use crate::centrifuge::{self, DisconnectCode};
 use crate::close::CloseCode;
 use crate::codec::{self, Decoder, FrameError, Message, OpCode, Role};
 use crate::config::Config;
+use crate::dialect::{CENTRIFUGE_PUBLISH_EVENT, Choice, Delivery, Dialect};
 use crate::handshake::{self, Outcome};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
 use crate::protocol::{self, ClientMessage, Clock, ErrorCode, FailedTopic, Wire};
@@ -132,6 +142,22 @@ pub enum ConnEvent {
         /// The client asked for a `publish_ack` once the owner has sequenced it.
         ack: bool,
     },
+    /// Read `topic`'s history (its owner's ring); answer with [`Conn::history_read`].
+    History {
+        /// The connection's id for the request.
+        request: u64,
+        /// The topic.
+        topic: String,
+        /// Only publications after this offset; `None`: from the oldest the ring holds.
+        after: Option<u64>,
+        /// Most publications to return.
+        limit: usize,
+        /// The newest `limit` rather than the oldest.
+        reverse: bool,
+        /// Only the newest `keep` publications count as the topic's history (a Centrifuge
+        /// namespace's `history_size`; the ring may hold more).
+        keep: usize,
+    },
     /// An application message (its JSON) for the event stream.
     App {
         /// Whose message it is.
@@ -197,6 +223,8 @@ pub struct Cx<'a> {
     pub rate: &'a RateLimits,
     /// The JWT verifier; `None` when authentication is off.
     pub auth: Option<&'a Authenticator>,
+    /// What every Centrifuge session shares (from `[centrifuge]`, replaced on reload).
+    pub centrifuge: &'a Arc<centrifuge::Settings>,
     /// The publish rights of a token without a `wse_publish` claim.
     pub default_publish: &'a Acl,
     /// The server-wide connection budget (`server.max_connections`).
@@ -355,6 +383,11 @@ enum Phase {
     },
     /// The conformance echo route: RFC 6455 only, no WSE protocol.
     Echo { decoder: Decoder },
+    /// The Centrifuge client protocol (before and after its `connect` command).
+    Centrifuge {
+        decoder: Decoder,
+        session: Box<CentrifugeSession>,
+    },
     /// Our close frame is queued; waiting for the peer's.
     Closing { decoder: Decoder, deadline: Instant },
     /// Nothing more will be read or queued; once the queue is written, the write side is shut and
@@ -376,6 +409,8 @@ enum Next {
     /// More is queued than `limits.max_outbound_queue_bytes` (replies to what the client sent
     /// count too): evict it with 4413, as any consumer that does not read.
     Evict,
+    /// The Centrifuge session ended with this code.
+    Disconnect(DisconnectCode),
 }
 
 /// One client connection, sans-IO: bytes in through the `handle_*` methods, frames out in
@@ -438,6 +473,7 @@ impl Conn {
     pub fn user_id(&self) -> Option<&str> {
         match &self.phase {
             Phase::Live { session, .. } => Some(&session.identity.user_id),
+            Phase::Centrifuge { session, .. } => session.user.as_deref(),
             _ => None,
         }
     }
@@ -450,6 +486,12 @@ impl Conn {
     /// In the live phase: a WSE session or the echo route, exchanging messages.
     pub fn is_live(&self) -> bool {
         matches!(self.phase, Phase::Live { .. })
+    }
+
+    /// A session with a user, in any dialect: a live WSE session, or a Centrifuge connection
+    /// after its `connect` (what the application sees as a connection).
+    pub fn has_session(&self) -> bool {
+        self.user_id().is_some()
     }
 
     /// Closed and everything queued is written: the shard shuts the write side.
@@ -475,6 +517,14 @@ impl Conn {
                 let s = &mut **session;
                 Some(SessionMut {
                     user: &s.identity.user_id,
+                    subs: &mut s.subs,
+                    recovering: &mut s.recovering,
+                })
+            }
+            Phase::Centrifuge { session, .. } => {
+                let s = &mut **session;
+                Some(SessionMut {
+                    user: s.user.as_deref()?,
                     subs: &mut s.subs,
                     recovering: &mut s.recovering,
                 })
@@ -529,6 +579,7 @@ impl Conn {
     pub fn subscriptions(&self) -> &[Arc<str>] {
         match &self.phase {
             Phase::Live { session, .. } => &session.subs,
+            Phase::Centrifuge { session, .. } => &session.subs,
             _ => &[],
         }
     }
@@ -552,12 +603,12 @@ impl Conn {
 
     /// Whether live frames of `topic` are held back for a replay in flight.
     pub fn is_recovering(&self, topic: &str) -> bool {
-        match &self.phase {
-            Phase::Live { session, .. } => {
-                !session.recovering.is_empty() && session.recovering.iter().any(|t| &**t == topic)
-            }
-            _ => false,
-        }
+        let recovering = match &self.phase {
+            Phase::Live { session, .. } => &session.recovering,
+            Phase::Centrifuge { session, .. } => &session.recovering,
+            _ => return false,
+        };
+        !recovering.is_empty() && recovering.iter().any(|t| &**t == topic)
     }
 
     /// Queues a replay: complete frames, one buffer. Its bytes become an allowance over the
@@ -574,8 +625,21 @@ impl Conn {
         max_queue: usize,
         max_replay_bytes: usize,
     ) -> bool {
-        let Phase::Live { session, .. } = &mut self.phase else {
-            return true;
+        let session = match &mut self.phase {
+            Phase::Live { session, .. } => session,
+            Phase::Centrifuge { session, .. } => {
+                // Centrifuge carries the replay in the subscribe reply, not as pushes: kept
+                // for `Conn::subscribed`, under the same budget.
+                session.recovering.retain(|t| &**t != topic);
+                if frames.len() > max_replay_bytes {
+                    return false;
+                }
+                if let Some(sub) = session.subscribing.get_mut(topic) {
+                    sub.replay = frames;
+                }
+                return true;
+            }
+            _ => return true,
         };
         session.recovering.retain(|t| &**t != topic);
         if frames.is_empty() {
@@ -597,6 +661,8 @@ impl Conn {
             Phase::Handshake => self.accepted_at + cfg.limits.handshake_timeout,
             Phase::Live { .. } => idle.min(self.next_ping),
             Phase::Echo { .. } => idle,
+            // Its own liveness (pings and the pong timeout), not the WSE idle timeout.
+            Phase::Centrifuge { session, .. } => session.session.poll_timeout().unwrap_or(idle),
             Phase::Closing { deadline, .. } | Phase::Closed { deadline } => *deadline,
         }
     }
@@ -637,6 +703,7 @@ impl Conn {
                     self.next_ping = now + cx.cfg.protocol.ping_interval;
                 }
             }
+            Phase::Centrifuge { .. } => self.centrifuge_step(cx, |s, _| s.handle_timeout(now)),
             Phase::Closing { deadline, .. } => {
                 if now >= *deadline {
                     self.phase = Phase::Closed { deadline: now };
@@ -657,6 +724,12 @@ impl Conn {
                 decoder
             }
             Phase::Echo { decoder } => decoder,
+            Phase::Centrifuge { decoder, session } => {
+                if let Some(left) = session.left() {
+                    cx.events.push(left);
+                }
+                decoder
+            }
             Phase::Handshake => {
                 self.phase = Phase::Closed {
                     deadline: cx.clock.now,
@@ -681,21 +754,44 @@ impl Conn {
     /// Evicts a consumer whose queue overflowed: unsent frames are dropped (they would arrive too
     /// late anyway) and it is closed with 4413 so it reconnects and recovers.
     pub fn evict(&mut self, cx: &mut Cx<'_>) {
-        if !matches!(self.phase, Phase::Live { .. } | Phase::Echo { .. }) {
-            return; // already on its way out
-        }
+        let slow = match self.phase {
+            Phase::Live { .. } | Phase::Echo { .. } => CloseCode::SlowConsumer.code(),
+            // Centrifuge's own code for it; the clients reconnect (and recover).
+            Phase::Centrifuge { .. } => DisconnectCode::Slow.code(),
+            _ => return, // already on its way out
+        };
         self.out.discard_unsent();
         cx.metrics.dropped(DropReason::SlowConsumer).inc();
-        self.close_with(CloseCode::SlowConsumer, cx);
+        let reason = match self.phase {
+            Phase::Centrifuge { .. } => DisconnectCode::Slow.reason(),
+            _ => CloseCode::SlowConsumer.reason(),
+        };
+        self.close(slow, reason, cx);
     }
 
-    /// Queues a shared publication frame. `false` when it does not fit under
-    /// `limits.max_outbound_queue_bytes` (the caller evicts).
+    /// Queues a shared frame (a publication of a topic the connection is on, or a frame for it
+    /// alone) in the connection's dialect; a frame that does not exist in its dialect (a WSE
+    /// presence event for a Centrifuge connection) is skipped. `false` when it does not fit
+    /// under `limits.max_outbound_queue_bytes` (the caller evicts).
     #[must_use]
-    pub fn push_delivery(&mut self, frame: Bytes, max_queue: usize) -> bool {
-        if !self.is_live() {
-            return true;
-        }
+    pub fn push_delivery(&mut self, delivery: &mut Delivery<'_>, max_queue: usize) -> bool {
+        let frame = match &mut self.phase {
+            Phase::Live { .. } => delivery.wse().clone(),
+            Phase::Centrifuge { session, .. } => {
+                let Some((frame, message)) = delivery.centrifuge(session.session.format()) else {
+                    return true;
+                };
+                if session.session.holds_output() {
+                    // Behind a reply that waits for the shard: the session orders it (and
+                    // frames it when its turn comes), under its own cap on what it holds
+                    // (`limits.max_outbound_queue_bytes`). `false` only when it did not take
+                    // it, since the caller may offer it again.
+                    return session.session.push(message).is_ok();
+                }
+                frame
+            }
+            _ => return true,
+        };
         if !self.out.fits(frame.len(), max_queue) {
             return false;
         }
@@ -703,8 +799,192 @@ impl Conn {
         true
     }
 
+    /// Moves what a Centrifuge session has ready into the outbound queue; `false` when it went
+    /// past `max_queue`.
+    fn transmit_centrifuge(&mut self, max_queue: usize) -> bool {
+        if let Phase::Centrifuge { session, .. } = &mut self.phase {
+            let op = session.opcode();
+            while let Some(message) = session.session.poll_transmit() {
+                self.out.push(codec::encode_frame(op, &message));
+            }
+        }
+        !self.out.over(max_queue)
+    }
+
+    /// The shard's acknowledgement of a subscribe request: `succeeded` topics are live (every
+    /// later publication reaches the connection), `failed` ones were refused, with the
+    /// recovery outcome per topic.
+    pub fn subscribed(
+        &mut self,
+        succeeded: &[String],
+        failed: &[FailedTopic],
+        recovery: &[(String, protocol::RecoveryInfo)],
+        cx: &mut Cx<'_>,
+    ) {
+        if !matches!(self.phase, Phase::Centrifuge { .. }) {
+            let names: Vec<&str> = succeeded.iter().map(String::as_str).collect();
+            let frame = protocol::subscription_ack("subscribe", &names, failed, recovery);
+            self.send_json(frame, cx);
+            return;
+        }
+        let mut answers = Vec::new();
+        if let Phase::Centrifuge { session, .. } = &mut self.phase {
+            let limit = session.history_limit_max;
+            for topic in succeeded {
+                if let Some(sub) = session.subscribing.remove(topic.as_str()) {
+                    let info = recovery.iter().find(|(t, _)| t == topic).map(|(_, i)| i);
+                    let top = info.map(|i| centrifuge::proto::StreamPosition {
+                        offset: i.offset,
+                        epoch: protocol::epoch_hex(i.epoch),
+                    });
+                    let recovery = sub.recover.then(|| match info {
+                        Some(i) if i.recovered && i.count as usize <= limit.min(sub.keep) => {
+                            (true, replayed_publications(&sub.replay))
+                        }
+                        _ => (false, Vec::new()),
+                    });
+                    answers.push(centrifuge::Answer::Subscribed {
+                        ticket: sub.ticket,
+                        top,
+                        recovery,
+                    });
+                }
+            }
+            for f in failed {
+                if let Some(sub) = session.subscribing.remove(f.topic.as_str()) {
+                    answers.push(centrifuge::Answer::Failed {
+                        ticket: sub.ticket,
+                        code: refusal_code(&f.reason),
+                    });
+                }
+            }
+        }
+        for answer in answers {
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
+    /// The owner's answer to a [`ConnEvent::History`] (`None`: recovery is off).
+    pub fn history_read(
+        &mut self,
+        request: u64,
+        read: Option<crate::recovery::HistoryRead>,
+        cx: &mut Cx<'_>,
+    ) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        let Some(asked) = session.histories.remove(&request) else {
+            return;
+        };
+        let answer = match read {
+            None => centrifuge::Answer::Failed {
+                ticket: asked.ticket,
+                code: centrifuge::ErrorCode::NotAvailable,
+            },
+            Some(read) => {
+                let epoch = protocol::epoch_hex(read.epoch);
+                // A position in another epoch, or one the ring no longer follows completely.
+                let lost = asked
+                    .since_epoch
+                    .as_deref()
+                    .is_some_and(|e| !e.is_empty() && e != epoch)
+                    || !read.complete;
+                if lost {
+                    centrifuge::Answer::Failed {
+                        ticket: asked.ticket,
+                        code: centrifuge::ErrorCode::UnrecoverablePosition,
+                    }
+                } else {
+                    let mut publications = replayed_publications(&read.frames);
+                    if asked.reverse {
+                        publications.reverse();
+                    }
+                    centrifuge::Answer::History {
+                        ticket: asked.ticket,
+                        publications,
+                        top: centrifuge::proto::StreamPosition {
+                            offset: read.offset,
+                            epoch,
+                        },
+                    }
+                }
+            }
+        };
+        self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+    }
+
+    /// A publication this connection asked to have acknowledged was dropped before its owner
+    /// sequenced it (the fabric was full): no acknowledgement will come. A Centrifuge client
+    /// gets error 100 (temporary: it may retry); a WSE one hears nothing, as before.
+    pub fn publish_lost(&mut self, topic: &str, cx: &mut Cx<'_>) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        let Some(i) = session.publishing.iter().rposition(|(t, _)| **t == *topic) else {
+            return;
+        };
+        if let Some((_, ticket)) = session.publishing.remove(i) {
+            let answer = centrifuge::Answer::Failed {
+                ticket,
+                code: centrifuge::ErrorCode::Internal,
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
+    /// A [`ConnEvent::History`] request was dropped on its way to the topic's owner (the
+    /// fabric was full): answered with error 100 (temporary: the client may retry).
+    pub fn history_lost(&mut self, request: u64, cx: &mut Cx<'_>) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        if let Some(asked) = session.histories.remove(&request) {
+            let answer = centrifuge::Answer::Failed {
+                ticket: asked.ticket,
+                code: centrifuge::ErrorCode::Internal,
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
+    /// The shard left `topics` for the connection (an unsubscribe request).
+    pub fn unsubscribed(&mut self, topics: &[String], cx: &mut Cx<'_>) {
+        if matches!(self.phase, Phase::Centrifuge { .. }) {
+            return; // Centrifuge's unsubscribe has its reply already.
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let frame = protocol::subscription_ack("unsubscribe", &names, &[], &[]);
+        self.send_json(frame, cx);
+    }
+
+    /// The owner sequenced a publication this connection asked to have acknowledged.
+    pub fn publish_acked(&mut self, topic: &str, epoch: Option<u32>, offset: u64, cx: &mut Cx<'_>) {
+        let ticket = match &mut self.phase {
+            Phase::Centrifuge { session, .. } => {
+                // A connection's publications to one topic pass through one owner in order.
+                let Some(i) = session.publishing.iter().position(|(t, _)| **t == *topic) else {
+                    return;
+                };
+                session.publishing.remove(i).map(|(_, ticket)| ticket)
+            }
+            _ => {
+                self.send_json(protocol::publish_ack(topic, epoch, offset), cx);
+                return;
+            }
+        };
+        if let Some(ticket) = ticket {
+            let answer = centrifuge::Answer::Published { ticket };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
     /// Queues a per-connection JSON message (MessagePack or compressed as negotiated).
     pub fn send_json(&mut self, json: Vec<u8>, cx: &mut Cx<'_>) {
+        if !matches!(self.phase, Phase::Live { .. }) {
+            // WSE messages only go to WSE sessions.
+            return;
+        }
         let msgpack = matches!(&self.phase, Phase::Live { session, .. } if session.msgpack);
         let (wire, bytes) =
             protocol::encode_for_connection(json, msgpack, cx.cfg.protocol.compression_threshold);
@@ -733,10 +1013,14 @@ impl Conn {
         if matches!(self.phase, Phase::Closed { .. }) {
             return;
         }
-        if let Phase::Live { session, .. } =
-            std::mem::replace(&mut self.phase, Phase::Closed { deadline })
-        {
-            cx.events.push(left(session));
+        match std::mem::replace(&mut self.phase, Phase::Closed { deadline }) {
+            Phase::Live { session, .. } => cx.events.push(left(session)),
+            Phase::Centrifuge { session, .. } => {
+                if let Some(left) = session.left() {
+                    cx.events.push(left);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -760,14 +1044,21 @@ impl Conn {
                 let mut rest = self.inbuf.split_off(consumed);
                 self.inbuf = Vec::new();
                 let accept = handshake::accept_key(&request.key);
-                self.queue(Bytes::from(handshake::response_101(&accept)), cx);
-                if cx.cfg.server.echo_path.as_deref() == Some(request.path.as_str()) {
-                    cx.events.push(ConnEvent::Upgraded);
-                    self.phase = Phase::Echo {
-                        decoder: Decoder::new(Role::Server),
-                    };
-                } else {
-                    self.start_session(&request, cx);
+                let choice = Choice::select(&request, cx.cfg);
+                let response = match choice.subprotocol {
+                    Some(p) => handshake::response_101_with_protocol(&accept, p),
+                    None => handshake::response_101(&accept),
+                };
+                self.queue(Bytes::from(response), cx);
+                match choice.dialect {
+                    Dialect::Echo => {
+                        cx.events.push(ConnEvent::Upgraded);
+                        self.phase = Phase::Echo {
+                            decoder: Decoder::new(Role::Server),
+                        };
+                    }
+                    Dialect::Wse => self.start_session(&request, cx),
+                    Dialect::Centrifuge(format) => self.start_centrifuge(format, cx),
                 }
                 if !rest.is_empty() && !self.is_closed() {
                     self.handle_frame_bytes(&mut rest, cx);
@@ -790,6 +1081,65 @@ impl Conn {
         self.phase = Phase::Closed {
             deadline: cx.clock.now + linger,
         };
+    }
+
+    /// A Centrifuge connection: admitted now, authenticated by its `connect` command.
+    fn start_centrifuge(&mut self, format: centrifuge::Format, cx: &mut Cx<'_>) {
+        if !cx.admission.try_admit() {
+            cx.metrics.rejected(RejectReason::MaxConnections).inc();
+            let code = CloseCode::TryAgainLater;
+            self.note_close(code.code(), cx);
+            self.queue(codec::encode_close(code.code(), code.reason()), cx);
+            self.refuse(cx);
+            return;
+        }
+        self.admitted = true;
+        cx.events.push(ConnEvent::Upgraded);
+        cx.metrics
+            .handshake_latency
+            .observe(cx.clock.now.saturating_duration_since(self.accepted_at));
+        let session = centrifuge::Session::new(
+            format,
+            self.id.to_string().into(),
+            Arc::clone(cx.centrifuge),
+            cx.clock.now,
+        );
+        self.phase = Phase::Centrifuge {
+            decoder: Decoder::new(Role::Server),
+            session: Box::new(CentrifugeSession {
+                session,
+                rate: TokenBucket::new(cx.rate, cx.clock.mono_ms()),
+                user: None,
+                subs: Vec::new(),
+                recovering: Vec::new(),
+                subscribing: HashMap::new(),
+                publishing: VecDeque::new(),
+                histories: HashMap::new(),
+                next_history: 0,
+                recovery_on: cx.cfg.recovery.enabled,
+                history_limit_max: cx.centrifuge.history_limit_max,
+            }),
+        };
+    }
+
+    /// Runs `f` on the Centrifuge session, then hands what it asks of the shard to the shard
+    /// and what it sends to the socket; closes with its code when it ends.
+    fn centrifuge_step(
+        &mut self,
+        cx: &mut Cx<'_>,
+        f: impl FnOnce(&mut centrifuge::Session, centrifuge::Cx<'_>) -> Result<(), DisconnectCode>,
+    ) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        let result = session.step(cx, f);
+        let max = cx.cfg.limits.max_outbound_queue_bytes;
+        let fits = self.transmit_centrifuge(max);
+        match result {
+            Err(code) => self.close(code.code(), code.reason(), cx),
+            Ok(()) if !fits => self.evict(cx),
+            Ok(()) => {}
+        }
     }
 
     fn start_session(&mut self, request: &handshake::UpgradeRequest, cx: &mut Cx<'_>) {
@@ -899,7 +1249,12 @@ impl Conn {
             // Closing (ours) goes on decoding the same stream, looking for the peer's close
             // frame: the bytes after the message that made us close are kept for it, or the
             // next read would start in the middle of a frame.
-            Ok(consumed) if matches!(next, Next::Continue | Next::Close(..) | Next::Evict) => {
+            Ok(consumed)
+                if matches!(
+                    next,
+                    Next::Continue | Next::Close(..) | Next::Evict | Next::Disconnect(..)
+                ) =>
+            {
                 if inbuf.is_empty() {
                     if consumed < data.len() {
                         self.inbuf = data[consumed..].to_vec();
@@ -917,6 +1272,7 @@ impl Conn {
         };
         match next {
             Next::Continue => {}
+            Next::Disconnect(code) => self.close(code.code(), code.reason(), cx),
             Next::Close(code) => self.close_with(code, cx),
             Next::Fail(code) => self.fail(code, cx),
             Next::PeerClosed(code) => {
@@ -948,6 +1304,13 @@ impl Conn {
                     cont(&next)
                 })
             }
+            Phase::Centrifuge { decoder, session } => decoder.decode(buf, max, |m| {
+                next = session.handle(m, out, cx);
+                if matches!(next, Next::Continue) && out.over(max_queue) {
+                    next = Next::Evict;
+                }
+                cont(&next)
+            }),
             Phase::Echo { decoder } => decoder.decode(buf, max, |m| {
                 next = echo(m, out, cx);
                 if matches!(next, Next::Continue) && out.over(max_queue) {
@@ -1001,6 +1364,310 @@ impl Conn {
 }
 
 /// The event that hands a departing session's subscriptions to the shard.
+/// A Centrifuge connection's live state: the protocol session, and what the shard keeps on it
+/// as on a WSE session.
+struct CentrifugeSession {
+    session: centrifuge::Session,
+    /// The inbound rate limit, as on WSE sessions.
+    rate: TokenBucket,
+    /// The user, once its `connect` succeeded (empty: anonymous).
+    user: Option<Box<str>>,
+    /// Topics this connection is subscribed to (names shared with the shard's topic table).
+    subs: Vec<Arc<str>>,
+    /// Topics whose position or replay is on its way from the owner (live frames of these are
+    /// skipped meanwhile: they are older than the position, or part of the replay).
+    recovering: Vec<Arc<str>>,
+    /// Subscribes waiting for the shard's acknowledgement, by channel (the session subscribes
+    /// a channel once at a time).
+    subscribing: HashMap<Arc<str>, PendingSubscribe>,
+    /// History reads waiting for the owner, by request id: bounded by the session's
+    /// `PENDING_MAX` requests.
+    histories: HashMap<u64, PendingHistory>,
+    next_history: u64,
+    /// `recovery.enabled`: topics have positions and history.
+    recovery_on: bool,
+    /// Most publications a recovery returns (`centrifuge.history_limit_max`); past it the
+    /// subscription is not recovered.
+    history_limit_max: usize,
+    /// Publishes waiting for the owner's sequencing, oldest first: bounded by the session's
+    /// `PENDING_MAX` requests.
+    publishing: VecDeque<(Arc<str>, centrifuge::Ticket)>,
+}
+
+/// A Centrifuge `history` waiting for the topic's owner.
+struct PendingHistory {
+    ticket: centrifuge::Ticket,
+    /// The epoch of the `since` position, if one was given.
+    since_epoch: Option<String>,
+    reverse: bool,
+}
+
+/// A Centrifuge subscribe waiting for the shard.
+struct PendingSubscribe {
+    ticket: centrifuge::Ticket,
+    /// The client asked to recover (else only the stream's position, if anything).
+    recover: bool,
+    /// The namespace's `history_size`: a recovery of more than that many publications fails,
+    /// as the stream would not hold them in Centrifugo.
+    keep: usize,
+    /// The owner's replay (whole WSE frames), once it arrived.
+    replay: Bytes,
+}
+
+/// The publications of a replay (whole WSE publication frames, in order) for a subscribe reply.
+fn replayed_publications(frames: &Bytes) -> Vec<centrifuge::proto::Publication> {
+    let mut out = Vec::new();
+    let mut decoder = Decoder::new(Role::Client);
+    let mut buf = frames.to_vec();
+    // Frames the server built itself: a decoding error cannot happen; it would end the list.
+    let _ = decoder.decode(&mut buf, usize::MAX, |m| {
+        if let Message::Text(t) = m
+            && let Some(p) = crate::dialect::publication_of(t.as_bytes())
+        {
+            out.push(p);
+        }
+        ControlFlow::Continue(())
+    });
+    out
+}
+
+impl fmt::Debug for CentrifugeSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CentrifugeSession")
+            .field("client", &self.session.client())
+            .field("user", &self.user)
+            .field("subs", &self.subs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CentrifugeSession {
+    fn opcode(&self) -> OpCode {
+        match self.session.format() {
+            centrifuge::Format::Json => OpCode::Text,
+            centrifuge::Format::Protobuf => OpCode::Binary,
+        }
+    }
+
+    fn left(self: Box<Self>) -> Option<ConnEvent> {
+        let user = self.user?;
+        Some(ConnEvent::Left {
+            subs: self.subs,
+            user,
+        })
+    }
+
+    fn handle(&mut self, m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
+        let payload: &[u8] = match m {
+            Message::Ping(p) => {
+                out.push_pong(p, cx.cfg.limits.max_outbound_queue_bytes);
+                return Next::Continue;
+            }
+            Message::Pong(_) => return Next::Continue,
+            Message::Close(c) => {
+                cx.metrics
+                    .closed_with(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
+                return reply_close(c, out);
+            }
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(b) => b,
+        };
+        cx.metrics.messages_in_total.inc();
+        cx.metrics.bytes_in_total.add(payload.len() as u64);
+        match self.rate.check(cx.rate, cx.clock.mono_ms()) {
+            Verdict::Allow | Verdict::AllowAndWarn { .. } => {}
+            // Centrifuge has no warning and a dropped command would leave its reply missing:
+            // past the limit the connection is closed with Centrifuge's code for it (the
+            // clients reconnect with backoff).
+            Verdict::Drop { .. } | Verdict::Abuse => {
+                cx.metrics.rate_limited_total.inc();
+                cx.metrics.dropped(DropReason::RateLimited).inc();
+                return Next::Disconnect(DisconnectCode::TooManyRequests);
+            }
+        }
+        let result = self.step(cx, |s, ccx| s.handle_message(ccx, payload));
+        let op = self.opcode();
+        while let Some(message) = self.session.poll_transmit() {
+            cx.metrics.messages_out_total.inc();
+            out.push(codec::encode_frame(op, &message));
+        }
+        match result {
+            Ok(()) => Next::Continue,
+            Err(code) => Next::Disconnect(code),
+        }
+    }
+
+    /// Runs `f` on the session, then turns its requests into the shard's [`ConnEvent`]s.
+    fn step(
+        &mut self,
+        cx: &mut Cx<'_>,
+        f: impl FnOnce(&mut centrifuge::Session, centrifuge::Cx<'_>) -> Result<(), DisconnectCode>,
+    ) -> Result<(), DisconnectCode> {
+        let ccx = centrifuge::Cx {
+            now: cx.clock.now,
+            wall_s: cx.clock.wall_ms / 1000,
+            auth: cx.auth,
+        };
+        f(&mut self.session, ccx)?;
+        if self.user.is_none()
+            && let Some(user) = self.session.user()
+        {
+            // Anonymous connections are known by their id, as anonymous WSE sessions are.
+            let user: Box<str> = if user.is_empty() {
+                self.session.client().into()
+            } else {
+                user.into()
+            };
+            self.user = Some(user.clone());
+            cx.events.push(ConnEvent::Connected { user, claims: None });
+        }
+        while let Some(request) = self.session.poll_request() {
+            self.request(request, ccx, cx)?;
+        }
+        Ok(())
+    }
+
+    fn request(
+        &mut self,
+        request: centrifuge::Request,
+        ccx: centrifuge::Cx<'_>,
+        cx: &mut Cx<'_>,
+    ) -> Result<(), DisconnectCode> {
+        use centrifuge::{Answer, ErrorCode as Code, Request};
+        let failed = |ticket, code| Answer::Failed { ticket, code };
+        let answer = match request {
+            Request::Subscribe {
+                ticket,
+                channel,
+                stream,
+                recover,
+                ..
+            } => {
+                if protocol::topic_problem(&channel).is_some() {
+                    failed(ticket, Code::BadRequest)
+                } else {
+                    // The owner answers a recovery request with the stream's position (and the
+                    // replay when the position asked for is in its epoch); a position alone is
+                    // a request that recovers nothing.
+                    let position = match (&recover, stream || recover.is_some()) {
+                        _ if !self.recovery_on => None,
+                        (Some(p), _) => Some((protocol::parse_epoch(&p.epoch), p.offset)),
+                        (None, true) => Some((None, 0)),
+                        (None, false) => None,
+                    };
+                    self.subscribing.insert(
+                        Arc::clone(&channel),
+                        PendingSubscribe {
+                            ticket,
+                            recover: recover.is_some(),
+                            keep: history_size(cx, &channel),
+                            replay: Bytes::new(),
+                        },
+                    );
+                    let topic = channel.to_string();
+                    cx.events.push(ConnEvent::Subscribe(SubscribeRequest {
+                        recover: position
+                            .map(|(epoch, offset)| vec![(topic.clone(), epoch, offset)])
+                            .unwrap_or_default(),
+                        topics: vec![topic],
+                        ..Default::default()
+                    }));
+                    return Ok(());
+                }
+            }
+            Request::Unsubscribe { channel } => {
+                self.subscribing.remove(&channel);
+                cx.events.push(ConnEvent::Unsubscribe {
+                    topics: vec![channel.to_string()],
+                });
+                return Ok(());
+            }
+            Request::Publish {
+                ticket,
+                channel,
+                data,
+                ..
+            } => match serde_json::from_slice::<&RawValue>(&data) {
+                Ok(data) if protocol::topic_problem(&channel).is_none() => {
+                    cx.events.push(ConnEvent::Publish {
+                        topic: channel.to_string(),
+                        body: protocol::publication(CENTRIFUGE_PUBLISH_EVENT, data),
+                        ack: true,
+                    });
+                    self.publishing.push_back((channel, ticket));
+                    return Ok(());
+                }
+                _ => failed(ticket, Code::BadRequest),
+            },
+            Request::History {
+                ticket,
+                channel,
+                limit,
+                since,
+                reverse,
+            } if self.recovery_on && protocol::topic_problem(&channel).is_none() => {
+                let request = self.next_history;
+                self.next_history += 1;
+                self.histories.insert(
+                    request,
+                    PendingHistory {
+                        ticket,
+                        since_epoch: since.as_ref().map(|p| p.epoch.clone()),
+                        reverse,
+                    },
+                );
+                cx.events.push(ConnEvent::History {
+                    request,
+                    topic: channel.to_string(),
+                    after: since.map(|p| p.offset),
+                    limit,
+                    reverse,
+                    keep: history_size(cx, &channel),
+                });
+                return Ok(());
+            }
+            // Not served from the shard yet (docs/CENTRIFUGO.md): Centrifugo's answer for a
+            // feature it does not have.
+            Request::Presence { ticket, .. }
+            | Request::PresenceStats { ticket, .. }
+            | Request::History { ticket, .. } => failed(ticket, Code::NotAvailable),
+            Request::Send { data } => {
+                // Empty data is valid Centrifuge and no JSON: nothing for the application.
+                if let Some(user) = self.user.as_ref().filter(|_| !data.is_empty()) {
+                    cx.events.push(ConnEvent::App {
+                        user: user.clone(),
+                        payload: data,
+                    });
+                }
+                return Ok(());
+            }
+        };
+        self.session.answer(ccx, answer)
+    }
+}
+
+/// The `history_size` of `channel`'s namespace (0 when it resolves to none: the session
+/// refused such a channel before asking).
+fn history_size(cx: &Cx<'_>, channel: &str) -> usize {
+    cx.centrifuge
+        .namespaces
+        .resolve(channel)
+        .map_or(0, |c| c.namespace.history_size)
+}
+
+/// The Centrifuge reply error for a topic the shard refused (a WSE refusal reason).
+fn refusal_code(reason: &str) -> centrifuge::ErrorCode {
+    if reason == ErrorCode::SubscriptionLimit.as_str()
+        || reason == ErrorCode::PresenceLimit.as_str()
+    {
+        centrifuge::ErrorCode::LimitExceeded
+    } else if reason == ErrorCode::Forbidden.as_str() {
+        centrifuge::ErrorCode::PermissionDenied
+    } else {
+        centrifuge::ErrorCode::Internal
+    }
+}
+
 fn left(mut session: Box<Session>) -> ConnEvent {
     ConnEvent::Left {
         subs: std::mem::take(&mut session.subs),

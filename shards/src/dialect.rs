@@ -3,14 +3,112 @@
 //! Owns: the choice — the conformance echo route (`server.echo_path`), the Centrifuge protocol
 //! on `centrifuge.path` (JSON, or protobuf when the client offers the `centrifuge-protobuf`
 //! subprotocol or asks with `?format=protobuf` / `?cf_protocol=protobuf`), WSE on every other
-//! path — and the subprotocol the 101 response must name. Never: reads input after the
-//! upgrade. Adding a protocol adds a variant here and its own module beside
-//! [`crate::protocol`] and [`crate::centrifuge`].
+//! path — and the subprotocol the 101 response must name; and [`Delivery`], one publication
+//! in each dialect's wire format, each made at most once. Never: reads input after the
+//! upgrade. Adding a protocol adds a variant here, its encoding in [`Delivery`], and its own
+//! module beside [`crate::protocol`] and [`crate::centrifuge`]; the shard passes deliveries
+//! along without asking which dialect a connection speaks.
 
-use crate::centrifuge::Format;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
 use crate::centrifuge::codec::{JSON_SUBPROTOCOL, PROTOBUF_SUBPROTOCOL};
+use crate::centrifuge::proto::Publication;
+use crate::centrifuge::{Format, encode_publication};
+use crate::codec::{self, OpCode};
 use crate::config::Config;
 use crate::handshake::{UpgradeRequest, query_param};
+
+/// The WSE event name (`t`) a publication made by a Centrifuge client carries to WSE
+/// subscribers: Centrifuge publications have data and no event name (docs/CENTRIFUGO.md).
+pub const CENTRIFUGE_PUBLISH_EVENT: &str = "publication";
+
+/// One frame on its way to a shard's connections: the WSE frame every publication starts as
+/// (the owner sequences and frames it once, rings keep it), and the same publication in the
+/// other dialects, each encoded at most once per shard, when its first subscriber of that
+/// dialect takes it. A frame that is not a publication of a topic (a presence event, a
+/// per-connection send) exists in WSE only.
+pub struct Delivery<'a> {
+    topic: Option<&'a str>,
+    wse: &'a Bytes,
+    /// Per Centrifuge format (JSON, protobuf): not made yet, or made (`None`: not a
+    /// publication). Each is (the whole WebSocket frame, its payload).
+    centrifuge: [Option<Option<(Bytes, Bytes)>>; 2],
+}
+
+impl<'a> Delivery<'a> {
+    /// `wse`, a whole unmasked WebSocket text frame, for the subscribers of `topic` (`None`:
+    /// for one connection, not a topic's subscribers).
+    pub fn new(topic: Option<&'a str>, wse: &'a Bytes) -> Self {
+        Self {
+            topic,
+            wse,
+            centrifuge: [None, None],
+        }
+    }
+
+    /// The WSE frame.
+    pub fn wse(&self) -> &Bytes {
+        self.wse
+    }
+
+    /// The Centrifuge publication push in `format`: (the whole WebSocket frame, its payload);
+    /// `None` when the frame is not a publication of a topic.
+    pub fn centrifuge(&mut self, format: Format) -> Option<(Bytes, Bytes)> {
+        let i = match format {
+            Format::Json => 0,
+            Format::Protobuf => 1,
+        };
+        let (topic, wse) = (self.topic, self.wse);
+        self.centrifuge[i]
+            .get_or_insert_with(|| {
+                let publication = publication_of(wse_payload(wse)?)?;
+                let message = encode_publication(format, topic?, publication).ok()?;
+                let op = match format {
+                    Format::Json => OpCode::Text,
+                    Format::Protobuf => OpCode::Binary,
+                };
+                let frame = codec::encode_frame(op, &message);
+                let payload = frame.slice(frame.len() - message.len()..);
+                Some((frame, payload))
+            })
+            .clone()
+    }
+}
+
+/// The payload of a whole unmasked frame the server built (its header: 2, 4 or 10 bytes).
+fn wse_payload(frame: &[u8]) -> Option<&[u8]> {
+    let header = match frame.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    frame.get(header..)
+}
+
+/// A WSE publication's text (`{"tp","e","o", "c":"U","t","p"}`, protocol.md §5) as a
+/// Centrifuge publication: its data and offset. Other messages (`c` ≠ `U`) are not
+/// publications.
+pub fn publication_of(text: &[u8]) -> Option<Publication> {
+    #[derive(Deserialize)]
+    struct Wse<'a> {
+        #[serde(borrow)]
+        c: &'a str,
+        #[serde(borrow)]
+        p: Option<&'a RawValue>,
+        o: Option<u64>,
+    }
+    let m: Wse<'_> = serde_json::from_slice(text).ok()?;
+    if m.c != "U" {
+        return None;
+    }
+    Some(Publication {
+        data: Bytes::copy_from_slice(m.p?.get().as_bytes()),
+        offset: m.o.unwrap_or(0),
+        ..Default::default()
+    })
+}
 
 /// A connection's protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +193,47 @@ mod tests {
         let mut cfg = Config::default();
         cfg.server.echo_path = Some("/echo".into());
         Choice::select(&request(path, query, protocols), &cfg)
+    }
+
+    #[test]
+    fn a_wse_publication_becomes_a_centrifuge_push_once_per_format() {
+        let body = crate::protocol::publication(
+            "chat",
+            &RawValue::from_string("{\"x\":1}".into()).unwrap(),
+        );
+        let stamped = crate::protocol::stamped("room:main", 0xbeef, 7, &body);
+        let wse = codec::encode_frame(OpCode::Text, &stamped);
+        let mut d = Delivery::new(Some("room:main"), &wse);
+        let (frame, payload) = d.centrifuge(Format::Json).unwrap();
+        assert_eq!(
+            &payload[..],
+            br#"{"push":{"channel":"room:main","pub":{"data":{"x":1},"offset":7}}}"#
+        );
+        assert_eq!(&frame[..2], &[0x81, payload.len() as u8]);
+        // The same buffer the second time: made once.
+        let (again, _) = d.centrifuge(Format::Json).unwrap();
+        assert_eq!(again.as_ptr(), frame.as_ptr());
+        let (proto, _) = d.centrifuge(Format::Protobuf).unwrap();
+        assert_eq!(proto[0], 0x82);
+        // Not a publication (a presence event), or no topic (a per-connection send).
+        let presence =
+            codec::encode_frame(OpCode::Text, br#"{"c":"WSE","t":"presence_join","p":{}}"#);
+        assert!(
+            Delivery::new(Some("t"), &presence)
+                .centrifuge(Format::Json)
+                .is_none()
+        );
+        assert!(Delivery::new(None, &wse).centrifuge(Format::Json).is_none());
+        // A long frame (16-bit length).
+        let big = format!(
+            "{{\"c\":\"U\",\"t\":\"e\",\"p\":\"{}\",\"v\":1}}",
+            "a".repeat(300)
+        );
+        let wse = codec::encode_frame(OpCode::Text, big.as_bytes());
+        let (_, payload) = Delivery::new(Some("t"), &wse)
+            .centrifuge(Format::Json)
+            .unwrap();
+        assert!(payload.ends_with(b"aaa\"}}}"), "no offset when unstamped");
     }
 
     #[test]

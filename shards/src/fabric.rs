@@ -98,6 +98,11 @@ pub enum FabricMsg {
     /// the replayed frames precede them. Lost: the acknowledgement never comes, and the
     /// connection skips the topic's live frames.
     Joined(Box<JoinReply>),
+    /// A connection's shard → the topic's owner: read the topic's history for the connection.
+    /// Lost: the connection's history request is never answered.
+    History(Box<HistoryRequest>),
+    /// Owner → the connection's shard: the answer to a [`FabricMsg::History`]. Lost: as above.
+    HistoryRead(Box<HistoryReply>),
     /// A shard → the topic's owner: connection `conn` (of the sending shard) left the topic (or
     /// changed the kind of its subscription); `interest_off` when it was the shard's last plain
     /// subscriber, `user` when it leaves presence (answered with `PresenceLeft`), `group` when it
@@ -191,6 +196,36 @@ pub struct JoinReply {
     /// The join made the user a presence member: user id and the `presence_join` event's
     /// payload, which the connection's shard reports (after the connection's `connect`).
     pub presence_joined: Option<(Box<str>, Bytes)>,
+}
+
+/// See [`FabricMsg::History`].
+#[derive(Debug)]
+pub struct HistoryRequest {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The connection asking.
+    pub conn: ConnId,
+    /// The connection's id for the request, returned in the answer.
+    pub request: u64,
+    /// Only publications after this offset; `None`: from the oldest the ring holds.
+    pub after: Option<u64>,
+    /// Most publications to return.
+    pub limit: usize,
+    /// The newest `limit` rather than the oldest.
+    pub reverse: bool,
+    /// Only the newest `keep` publications count as the topic's history.
+    pub keep: usize,
+}
+
+/// See [`FabricMsg::HistoryRead`].
+#[derive(Debug)]
+pub struct HistoryReply {
+    /// The connection that asked.
+    pub conn: ConnId,
+    /// The request's id.
+    pub request: u64,
+    /// What was read; `None` when recovery is off.
+    pub read: Option<crate::recovery::HistoryRead>,
 }
 
 /// See [`FabricMsg::PresenceLeft`].
@@ -309,6 +344,10 @@ impl FabricMsg {
                     + j.presence.as_ref().map_or(0, |(u, d)| u.len() + d.len())
             }
             FabricMsg::Joined(j) => size_of::<JoinReply>() + j.frames.len(),
+            FabricMsg::History(h) => size_of::<HistoryRequest>() + h.topic.len(),
+            FabricMsg::HistoryRead(h) => {
+                size_of::<HistoryReply>() + h.read.as_ref().map_or(0, |r| r.frames.len())
+            }
             FabricMsg::Leave { user, .. } => user.as_ref().map_or(0, |u| u.len()),
             FabricMsg::PresenceLeft(p) => {
                 size_of::<PresenceLeft>() + p.left.as_ref().map_or(0, |(u, e)| u.len() + e.len())

@@ -249,6 +249,32 @@ impl History {
         }
     }
 
+    /// Most publications one replay returns (`recovery.max_messages`).
+    pub fn max_messages(&self) -> u64 {
+        self.max_messages
+    }
+
+    /// The offset after which the ring still holds every publication up to `last` (within
+    /// its TTL): `last` when it holds none of them.
+    pub fn intact_after(&self, id: RingId, last: u64, now_ms: u64) -> u64 {
+        let now_s = self
+            .origin_ms
+            .map_or(0, |o| (now_ms.saturating_sub(o) / 1000) as u32);
+        let oldest_s = now_s.saturating_sub(self.ttl_s as u32);
+        let slots = self.slots(id);
+        let cap = self.log.len() as u64;
+        let mut after = last;
+        while after > 0 && last - after < self.buffer_size as u64 {
+            let e = &slots[(after % self.buffer_size as u64) as usize];
+            let intact = e.offset == after && e.pos != u64::MAX && self.head <= e.pos + cap;
+            if !intact || e.time_s < oldest_s {
+                break;
+            }
+            after -= 1;
+        }
+        after
+    }
+
     fn seconds(&mut self, now_ms: u64) -> u32 {
         let origin = *self.origin_ms.get_or_insert(now_ms);
         (now_ms.saturating_sub(origin) / 1000) as u32
@@ -263,6 +289,19 @@ impl History {
         let bs = self.buffer_size;
         &mut self.entries[id.0 as usize * bs..(id.0 as usize + 1) * bs]
     }
+}
+
+/// A read of a topic's history (`TopicOwner::history`), as the topic's owner answers it.
+#[derive(Debug, Default)]
+pub struct HistoryRead {
+    /// The history's epoch.
+    pub epoch: u32,
+    /// The topic's last offset.
+    pub offset: u64,
+    /// The ring still holds everything after the position asked for.
+    pub complete: bool,
+    /// The publications read, whole stamped frames in offset order.
+    pub frames: Bytes,
 }
 
 #[cfg(test)]
@@ -324,6 +363,8 @@ mod tests {
             "ring holds only 8"
         );
         assert!(h.replay(r, Some(epoch), 12, 20, 0).recovered);
+        assert_eq!(h.intact_after(r, 20, 0), 12, "the ring holds 13..=20");
+        assert_eq!(h.intact_after(r, 0, 0), 0, "nothing published");
         assert!(
             !h.replay(r, Some(epoch), 21, 20, 0).recovered,
             "client ahead of the server"

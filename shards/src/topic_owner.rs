@@ -26,7 +26,7 @@ use crate::config::RecoveryConfig;
 use crate::presence::{Joined, Members};
 use crate::protocol::{self, RecoveryInfo};
 use crate::queue_groups::{GroupLimit, GroupName, Membership};
-use crate::recovery::{History, RingId};
+use crate::recovery::{History, HistoryRead, RingId};
 use crate::topics::{ShardSet, owner_of};
 
 /// A publication as its owner numbered it.
@@ -220,6 +220,43 @@ impl TopicOwner {
             count: replay.count,
         };
         Some((info, replay.frames))
+    }
+
+    /// A read of `topic`'s history, of which only the newest `keep` publications count: at
+    /// most `limit` publications after `after` (or after the oldest one held), the oldest of
+    /// them (`reverse`: the newest). `None` when recovery is off.
+    pub fn history(
+        &mut self,
+        topic: &str,
+        after: Option<u64>,
+        limit: usize,
+        reverse: bool,
+        keep: usize,
+        now_ms: u64,
+    ) -> Option<HistoryRead> {
+        self.history.as_ref()?;
+        let (ring, epoch, last) = self.ensure_ring(topic, now_ms);
+        let history = self.history.as_ref().expect("checked above");
+        let held = history
+            .intact_after(ring, last, now_ms)
+            .max(last.saturating_sub(keep as u64));
+        // The asked position is still followed by everything after it (or is the top).
+        let complete = after.is_none_or(|a| a >= held);
+        let from = after.map_or(held, |a| a.max(held)).min(last);
+        // One read is one replay, bounded like one (`recovery.max_messages`).
+        let limit = (limit as u64).min(history.max_messages());
+        let (lo, hi) = if reverse {
+            (from.max(last.saturating_sub(limit)), last)
+        } else {
+            (from, last.min(from.saturating_add(limit)))
+        };
+        let frames = history.replay(ring, Some(epoch), lo, hi, now_ms).frames;
+        Some(HistoryRead {
+            epoch,
+            offset: last,
+            complete,
+            frames,
+        })
     }
 
     /// `user` (with `data`) joins `topic`'s presence, of at most `max` members.

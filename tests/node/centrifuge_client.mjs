@@ -1,16 +1,17 @@
 // The published centrifuge-js client (5.7.4, unmodified, with ws as its WebSocket) against a
 // Centrifuge endpoint.
 //
-// Usage: node centrifuge_client.mjs CENTRIFUGE_JS_DIR URL TOKEN json|protobuf
+// Usage: node centrifuge_client.mjs CENTRIFUGE_JS_DIR URL TOKEN json|protobuf [no-presence]
 //
 // Subscribes before connecting, so the client sends its connect and the subscribe in one
 // message; publishes, waits for its own publication, then asks for history, presence and
-// presence stats. Prints one JSON line per step; any failure exits with status 1.
+// presence stats (not with `no-presence`). Prints one JSON line per step; any failure exits
+// with status 1.
 
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 
-const [dir, url, token, encoding] = process.argv.slice(2);
+const [dir, url, token, encoding, mode] = process.argv.slice(2);
 const protobuf = encoding === 'protobuf';
 const load = (p) => import(pathToFileURL(path.join(dir, 'node_modules', p)).href);
 const { Centrifuge } = await load(protobuf ? 'centrifuge/build/protobuf/index.mjs' : 'centrifuge/build/index.mjs');
@@ -64,10 +65,12 @@ try {
     offset: num(history.offset),
     publications: history.publications.map((p) => ({ offset: num(p.offset), data: data(p.data) })),
   });
-  const presence = await sub.presence();
-  out({ step: 'presence', users: Object.values(presence.clients).map((c) => c.user).sort() });
-  const stats = await sub.presenceStats();
-  out({ step: 'presence_stats', num_clients: stats.numClients, num_users: stats.numUsers });
+  if (mode !== 'no-presence') {
+    const presence = await sub.presence();
+    out({ step: 'presence', users: Object.values(presence.clients).map((c) => c.user).sort() });
+    const stats = await sub.presenceStats();
+    out({ step: 'presence_stats', num_clients: stats.numClients, num_users: stats.numUsers });
+  }
   client.disconnect();
   out({ step: 'done' });
   process.exit(0);

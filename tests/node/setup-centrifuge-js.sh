@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the published Centrifuge JavaScript client (centrifuge 5.7.4, with ws 8.18.3 as its
 # WebSocket under Node 20) from the npm registry, exactly as package-lock.json pins it, for
-# tests/centrifuge_session.rs. Idempotent and safe to run concurrently (a lock serialises installs).
+# tests/centrifuge_server.rs and tests/centrifuge_session.rs. Idempotent and safe to run concurrently (a lock serialises installs).
 #   CENTRIFUGE_JS_DIR  where it goes (default: <repo>/target/centrifuge-js)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::codes::ErrorCode;
-use crate::config::centrifuge::{CentrifugeConfig, NamespaceConfig};
+use super::config::{CentrifugeConfig, NamespaceConfig};
 
 /// The private-channel prefix.
 pub const PRIVATE_PREFIX: char = '$';

@@ -16,13 +16,14 @@
 pub mod channel;
 pub mod codec;
 pub mod codes;
+pub mod config;
 pub mod proto;
 pub mod requests;
 pub mod session;
 
-pub use crate::config::centrifuge::{CentrifugeConfig, NamespaceConfig};
 pub use codec::Format;
 pub use codes::{DisconnectCode, ErrorCode, UnsubscribeCode};
+pub use config::{CentrifugeConfig, NamespaceConfig};
 pub use requests::{
     Answer, Request, Ticket, encode_join_leave, encode_publication, encode_subscribe,
     encode_unsubscribe,

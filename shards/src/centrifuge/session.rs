@@ -37,6 +37,7 @@ use serde_json::value::RawValue;
 use super::channel::Namespaces;
 use super::codec::{self, Commands, Format};
 use super::codes::{DisconnectCode, ErrorCode, UnsubscribeCode};
+use super::config::CentrifugeConfig;
 use super::proto::{
     ClientInfo, Command, ConnectRequest, ConnectResult, Empty, Error, HistoryRequest,
     HistoryResult, PresenceRequest, PresenceResult, PresenceStatsResult, PublishRequest,
@@ -45,7 +46,6 @@ use super::proto::{
 use super::requests::encode_unsubscribe;
 pub use super::requests::{Answer, Request, Ticket, encode_publication};
 use crate::auth::{AuthError, Authenticator};
-use crate::config::centrifuge::CentrifugeConfig;
 use crate::protocol::{JSON_DEPTH_MAX, SERVER_VERSION, nests_deeper_than};
 
 /// Time a connection has to send its connect command; past it it is closed with 3502 (stale),
@@ -401,6 +401,13 @@ impl Session {
                 _ => unreachable!("the front slot was Ready"),
             },
         }
+    }
+
+    /// Whether replies or pushes are held back behind a reply that waits for the shard: a push
+    /// must then go through [`Session::push`] to keep its place; otherwise it may go straight
+    /// to the socket (already framed, shared with the channel's other subscribers).
+    pub fn holds_output(&self) -> bool {
+        !self.out.is_empty()
     }
 
     /// Queues a push (a publication, a join or leave) behind the replies queued before it.

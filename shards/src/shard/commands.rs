@@ -17,6 +17,7 @@ use crate::command::{
 };
 use crate::conn::ConnId;
 use crate::conn::ConnKey;
+use crate::dialect::Delivery;
 use crate::protocol::{self, Clock, Wire};
 use crate::reply::Responder;
 
@@ -56,7 +57,7 @@ impl<T: Transport> Shard<T> {
                 reason,
                 reply,
             } => {
-                let done = self.live_key(conn).map(|key| {
+                let done = self.session_key(conn).map(|key| {
                     self.with_conn(key, clock, |c, cx| c.close(code, &reason, cx));
                 });
                 reply.send(done.ok_or(CommandError::UnknownConnection));
@@ -113,7 +114,18 @@ impl<T: Transport> Shard<T> {
         }
     }
 
-    /// The slab key of `conn` when it is a live connection of this shard.
+    /// The slab key of `conn` when it is a connection of this shard with a session, in any
+    /// dialect.
+    fn session_key(&self, conn: ConnId) -> Option<ConnKey> {
+        let key = conn.key();
+        self.conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == conn && s.conn.has_session())
+            .then_some(key)
+    }
+
+    /// The slab key of `conn` when it is a live WSE connection of this shard (per-connection
+    /// sends, subscriptions and ACLs are WSE's).
     fn live_key(&self, conn: ConnId) -> Option<ConnKey> {
         let key = conn.key();
         self.conns
@@ -161,7 +173,13 @@ impl<T: Transport> Shard<T> {
         };
         let bytes = frame.len();
         let max = self.run.cfg().limits.max_outbound_queue_bytes;
-        if slot.offer(key, frame, max, &self.metrics, &mut self.turn) {
+        if slot.offer(
+            key,
+            &mut Delivery::new(None, &frame),
+            max,
+            &self.metrics,
+            &mut self.turn,
+        ) {
             self.metrics.messages_out_total.inc();
             Ok(SendOutcome {
                 bytes,
@@ -250,7 +268,7 @@ impl<T: Transport> Shard<T> {
     fn list_connections(&self) -> Vec<ConnectionInfo> {
         self.conns
             .iter()
-            .filter(|(_, s)| s.conn.is_live())
+            .filter(|(_, s)| s.conn.has_session())
             .map(|(_, s)| ConnectionInfo {
                 id: s.conn.id(),
                 user_id: s.conn.user_id().unwrap_or_default().to_owned(),
@@ -271,7 +289,13 @@ impl<T: Transport> Shard<T> {
                 continue;
             }
             let key = key as ConnKey;
-            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
+            if slot.offer(
+                key,
+                &mut Delivery::new(None, &frame),
+                max,
+                &self.metrics,
+                &mut self.turn,
+            ) {
                 sent += 1;
             } else {
                 self.turn.evict(key);

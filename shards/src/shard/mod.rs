@@ -60,7 +60,8 @@ use crate::command::Command;
 use crate::config::Config;
 use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
-use crate::fabric::{Endpoint, FabricMsg, Reload, Sent};
+use crate::dialect::Delivery;
+use crate::fabric::{Endpoint, FabricMsg, HistoryReply, HistoryRequest, Reload, Sent};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
@@ -621,6 +622,7 @@ impl<T: Transport> Shard<T> {
             rate: self.run.rate(),
             auth: self.run.auth(),
             default_publish: self.run.default_publish(),
+            centrifuge: self.run.centrifuge(),
             admission: &self.shared.admission,
             metrics: &self.metrics,
             events: &mut self.scratch.events,
@@ -675,7 +677,41 @@ impl<T: Transport> Shard<T> {
             ConnEvent::Unsubscribe { topics } => self.unsubscribe(key, topics, clock),
             ConnEvent::Publish { topic, body, ack } => {
                 let origin = self.conns.get(key as usize).map(|s| s.conn.id());
-                self.route_publication(&topic, body, origin.filter(|_| ack), clock);
+                let routed = self.route_publication(&topic, body, origin.filter(|_| ack), clock);
+                if !routed && ack {
+                    // No acknowledgement will come: the connection hears it now.
+                    self.with_conn(key, clock, |c, cx| c.publish_lost(&topic, cx));
+                }
+            }
+            ConnEvent::History {
+                request,
+                topic,
+                after,
+                limit,
+                reverse,
+                keep,
+            } => {
+                let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
+                    return;
+                };
+                let h = HistoryRequest {
+                    topic: Arc::from(topic.as_str()),
+                    conn,
+                    request,
+                    after,
+                    limit,
+                    reverse,
+                    keep,
+                };
+                let owner = self.topics.owner_of(&topic);
+                if owner == self.me {
+                    self.handle_history(h, clock);
+                } else if self.fabric.send(owner, FabricMsg::History(Box::new(h))) == Sent::Dropped
+                {
+                    self.metrics.dropped(DropReason::FabricOverflow).inc();
+                    // No answer will come: the connection hears it now.
+                    self.with_conn(key, clock, |c, cx| c.history_lost(request, cx));
+                }
             }
             ConnEvent::App { user, payload } => {
                 self.conn_event(key, AppEventKind::Msg, &user, payload);
@@ -770,11 +806,6 @@ impl<T: Transport> Shard<T> {
             .push(ev, &self.run.cfg().limits, &self.metrics);
     }
 
-    /// Queues a per-connection JSON message to `key`.
-    fn send_json(&mut self, key: ConnKey, json: Vec<u8>, clock: Clock) {
-        self.with_conn(key, clock, |c, cx| c.send_json(json, cx));
-    }
-
     fn handle_fabric_msg(&mut self, m: FabricMsg, clock: Clock) {
         match m {
             FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
@@ -799,6 +830,8 @@ impl<T: Transport> Shard<T> {
                 epoch,
             } => self.send_publish_ack(conn, &topic, epoch, offset, clock),
             FabricMsg::Join(j) => self.handle_join(*j, clock),
+            FabricMsg::History(h) => self.handle_history(*h, clock),
+            FabricMsg::HistoryRead(r) => self.handle_history_read(*r, clock),
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {
                 topic,
@@ -822,6 +855,37 @@ impl<T: Transport> Shard<T> {
     }
 
     /// Runs with the reloaded configuration from the next connection event on.
+    /// On the topic's owner: reads the history a connection asked for and answers its shard.
+    fn handle_history(&mut self, h: HistoryRequest, clock: Clock) {
+        let read = self
+            .owner
+            .history(&h.topic, h.after, h.limit, h.reverse, h.keep, clock.wall_ms);
+        self.release_owned(&h.topic);
+        let reply = HistoryReply {
+            conn: h.conn,
+            request: h.request,
+            read,
+        };
+        let shard = h.conn.shard();
+        if shard == self.me {
+            self.handle_history_read(reply, clock);
+        } else {
+            let m = FabricMsg::HistoryRead(Box::new(reply));
+            send(&mut self.fabric, &self.metrics, shard, m);
+        }
+    }
+
+    fn handle_history_read(&mut self, r: HistoryReply, clock: Clock) {
+        let key = r.conn.key();
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == r.conn)
+        {
+            self.with_conn(key, clock, |c, cx| c.history_read(r.request, r.read, cx));
+        }
+    }
+
     fn apply_reload(&mut self, reload: &Reload) {
         self.run.apply(reload);
         reload.confirm(self.me);
@@ -873,12 +937,12 @@ impl<T: Transport> Slot<T> {
     fn offer(
         &mut self,
         key: ConnKey,
-        frame: Bytes,
+        frame: &mut Delivery<'_>,
         max: usize,
         metrics: &ShardMetrics,
         turn: &mut turn::Turn,
     ) -> bool {
-        let mut queued = self.conn.push_delivery(frame.clone(), max);
+        let mut queued = self.conn.push_delivery(frame, max);
         if !queued && !self.write_blocked {
             match self.write_out(metrics) {
                 Ok(()) => {}

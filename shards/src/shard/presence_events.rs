@@ -150,7 +150,7 @@ impl<T: Transport> Shard<T> {
             || self
                 .conns
                 .get(conn.key() as usize)
-                .is_some_and(|s| s.conn.id() == conn && s.conn.is_live())
+                .is_some_and(|s| s.conn.id() == conn && s.conn.has_session())
     }
 
     fn report_disconnect(&mut self, conn: ConnId) {

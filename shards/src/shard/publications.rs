@@ -5,36 +5,39 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Shard, Transport, send};
+use super::{Shard, Transport};
 use crate::conn::ConnId;
-use crate::fabric::FabricMsg;
+use crate::dialect::Delivery;
+use crate::fabric::{FabricMsg, Sent};
 use crate::metrics::DropReason;
-use crate::protocol::{self, Clock};
+use crate::protocol::Clock;
 
 impl<T: Transport> Shard<T> {
     /// Sends a publication to its topic's owner (or sequences it here when this shard owns it).
+    /// `false` when the fabric dropped it (counted): it never happens, and no acknowledgement
+    /// will come.
     pub fn route_publication(
         &mut self,
         topic: &str,
         body: Bytes,
         ack: Option<ConnId>,
         clock: Clock,
-    ) {
+    ) -> bool {
         let owner = self.topics.owner_of(topic);
         if owner == self.me {
             self.sequence(topic, &body, ack, clock);
-        } else {
-            send(
-                &mut self.fabric,
-                &self.metrics,
-                owner,
-                FabricMsg::Publish {
-                    topic: Arc::from(topic),
-                    body,
-                    ack,
-                },
-            );
+            return true;
         }
+        let m = FabricMsg::Publish {
+            topic: Arc::from(topic),
+            body,
+            ack,
+        };
+        if self.fabric.send(owner, m) == Sent::Dropped {
+            self.metrics.dropped(DropReason::FabricOverflow).inc();
+            return false;
+        }
+        true
     }
 
     /// Queues `frame` to every live local subscriber of `topic`; overflowing ones are listed for
@@ -48,6 +51,8 @@ impl<T: Transport> Shard<T> {
             return;
         }
         let max = self.run.cfg().limits.max_outbound_queue_bytes;
+        // Each dialect's frame is made once, for the first subscriber that speaks it.
+        let mut delivery = Delivery::new(Some(topic), frame);
         let mut delivered = 0;
         for &key in t.subscribers() {
             let Some(slot) = self.conns.get_mut(key as usize) else {
@@ -58,7 +63,7 @@ impl<T: Transport> Shard<T> {
                 // Part of the replay on its way (or older than the position it recovers to).
                 continue;
             }
-            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
+            if slot.offer(key, &mut delivery, max, &self.metrics, &mut self.turn) {
                 delivered += 1;
             } else {
                 self.turn.evict(key);
@@ -74,6 +79,7 @@ impl<T: Transport> Shard<T> {
     /// publication is dropped for the group and counted (`queue_group_no_member`).
     pub(super) fn deliver_group(&mut self, topic: &str, group: &str, frame: Bytes) {
         let max = self.run.cfg().limits.max_outbound_queue_bytes;
+        let mut delivery = Delivery::new(Some(topic), &frame);
         let Some(t) = self.topics.get_mut(topic) else {
             self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
             return;
@@ -87,7 +93,7 @@ impl<T: Transport> Shard<T> {
                 debug_assert!(false, "group member {key} has no slot");
                 continue;
             };
-            if slot.offer(key, frame.clone(), max, &self.metrics, &mut self.turn) {
+            if slot.offer(key, &mut delivery, max, &self.metrics, &mut self.turn) {
                 self.metrics.deliveries_total.inc();
                 self.metrics.messages_out_total.inc();
                 return;
@@ -116,11 +122,9 @@ impl<T: Transport> Shard<T> {
             .get(conn.key() as usize)
             .is_some_and(|s| s.conn.id() == conn)
         {
-            self.send_json(
-                conn.key(),
-                protocol::publish_ack(topic, epoch, offset),
-                clock,
-            );
+            self.with_conn(conn.key(), clock, |c, cx| {
+                c.publish_acked(topic, epoch, offset, cx);
+            });
         } else {
             self.metrics.dropped(DropReason::ConnectionGone).inc();
         }

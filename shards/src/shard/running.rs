@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::auth::{Acl, Authenticator};
+use crate::centrifuge;
 use crate::config::{Config, ProtocolConfig};
 use crate::fabric::Reload;
 use crate::ratelimit::RateLimits;
@@ -20,6 +21,7 @@ pub(super) struct Running {
     rate: RateLimits,
     /// The publish ACL of connections whose token says nothing (`auth.default_publish`).
     default_publish: Acl,
+    centrifuge: Arc<centrifuge::Settings>,
 }
 
 impl Running {
@@ -27,11 +29,16 @@ impl Running {
     pub fn new(cfg: Arc<Config>, auth: Option<Arc<Authenticator>>) -> Self {
         let rate = rate_limits(&cfg.protocol);
         let default_publish = Acl::new(cfg.auth.default_publish.clone(), Vec::new());
+        let centrifuge = Arc::new(centrifuge::Settings::new(
+            &cfg.centrifuge,
+            cfg.limits.max_outbound_queue_bytes,
+        ));
         Self {
             cfg,
             auth,
             rate,
             default_publish,
+            centrifuge,
         }
     }
 
@@ -58,6 +65,11 @@ impl Running {
     /// The default publish ACL.
     pub fn default_publish(&self) -> &Acl {
         &self.default_publish
+    }
+
+    /// What Centrifuge sessions share, from the `[centrifuge]` section in force.
+    pub fn centrifuge(&self) -> &Arc<centrifuge::Settings> {
+        &self.centrifuge
     }
 }
 

@@ -278,9 +278,9 @@ impl<T: Transport> Shard<T> {
             }));
             return;
         }
-        let names: Vec<&str> = p.succeeded.iter().map(String::as_str).collect();
-        let frame = protocol::subscription_ack("subscribe", &names, &p.failed, &p.recovery);
-        self.send_json(key, frame, clock);
+        self.with_conn(key, clock, |c, cx| {
+            c.subscribed(&p.succeeded, &p.failed, &p.recovery, cx);
+        });
     }
 
     /// A connection asks to unsubscribe; answered at once (leaving needs no owner's answer).
@@ -296,9 +296,7 @@ impl<T: Transport> Shard<T> {
         for topic in &topics {
             self.drop_subscription(key, topic, Some(&user));
         }
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let frame = protocol::subscription_ack("unsubscribe", &names, &[], &[]);
-        self.send_json(key, frame, clock);
+        self.with_conn(key, clock, |c, cx| c.unsubscribed(&topics, cx));
     }
 
     /// Connection `conn` left the live phase: it is no longer a subscriber anywhere.

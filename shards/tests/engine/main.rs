@@ -12,6 +12,7 @@
 //! ```
 
 mod behaviours;
+mod centrifuge;
 mod harness;
 mod interleavings;
 

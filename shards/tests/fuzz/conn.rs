@@ -1,10 +1,13 @@
 //! A whole connection (`conn::Conn`, sans-IO) fed arbitrary bytes and random frames after a valid
-//! upgrade, by a peer that reads what it is sent or never reads at all.
+//! upgrade (WSE, or the Centrifuge endpoint), by a peer that reads what it is sent or never reads
+//! at all.
 //!
 //! Bounded memory: the outbound queue never holds much more than
 //! `limits.max_outbound_queue_bytes`, whatever the peer sends and whether or not it reads; a
-//! connection past it is evicted with 4413, as the limit's documentation says.
+//! connection past it is evicted with 4413 (a Centrifuge one with 3008), as the limit's
+//! documentation says.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,6 +15,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use wse_shards::admission::Admission;
 use wse_shards::auth::Acl;
+use wse_shards::centrifuge;
 use wse_shards::codec::{CONTROL_PAYLOAD_MAX, OpCode, write_frame};
 use wse_shards::config::Config;
 use wse_shards::conn::{Conn, ConnEvent, ConnId, Cx};
@@ -23,6 +27,10 @@ use crate::cases;
 
 const UPGRADE: &[u8] = b"GET /wse HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
     Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+/// The same upgrade on the Centrifuge endpoint (JSON).
+const UPGRADE_CENTRIFUGE: &[u8] = b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\n\
+    Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
     Sec-WebSocket-Version: 13\r\n\r\n";
 
 /// Small limits, so the properties reach them.
@@ -44,6 +52,7 @@ struct Harness {
     events: Vec<ConnEvent>,
     ping: Option<Bytes>,
     clock: Clock,
+    centrifuge: Arc<centrifuge::Settings>,
 }
 
 impl Harness {
@@ -55,6 +64,10 @@ impl Harness {
             abuse_drops: cfg.protocol.rate_limit_abuse_drops,
             abuse_window_ms: cfg.protocol.rate_limit_abuse_window.as_millis() as u64,
         };
+        let centrifuge = Arc::new(centrifuge::Settings::new(
+            &cfg.centrifuge,
+            cfg.limits.max_outbound_queue_bytes,
+        ));
         Self {
             cfg,
             rate,
@@ -63,6 +76,7 @@ impl Harness {
             metrics: ShardMetrics::default(),
             events: Vec::new(),
             ping: None,
+            centrifuge,
             clock: Clock {
                 now: Instant::now(),
                 wall_ms: 1_800_000_000_000,
@@ -77,6 +91,7 @@ impl Harness {
             rate: &self.rate,
             auth: None,
             default_publish: &self.publish,
+            centrifuge: &self.centrifuge,
             admission: &self.admission,
             metrics: &self.metrics,
             events: &mut self.events,
@@ -117,6 +132,12 @@ fn frame_bytes() -> impl Strategy<Value = Vec<u8>> {
                 .to_vec()
         ),
         Just(br#"{"t":"chat.message","p":{}}"#.to_vec()),
+        // Centrifuge commands (the Centrifuge property's connection reads them; a WSE one
+        // refuses them as it would any unknown message).
+        Just(b"{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"a\"}}".to_vec()),
+        Just(br#"{"id":3,"publish":{"channel":"a","data":{"x":1}}}"#.to_vec()),
+        Just(br#"{"id":4,"history":{"channel":"a","limit":-1}}"#.to_vec()),
+        Just(b"{}".to_vec()),
         Just(b"C:\x78\x9c\x03\x00\x00\x00\x00\x01".to_vec()),
         Just(b"M:\x81\xa1t\xa4ping".to_vec()),
         prop::collection::vec(any::<u8>(), 0..CONTROL_PAYLOAD_MAX),
@@ -166,11 +187,11 @@ fn queue_bound(cfg: &Config) -> usize {
 
 /// Upgrades, then feeds the steps (each cut into reads at `splits`), checking the queue bound
 /// after every read.
-fn drive(steps: &[Step], splits: &[Index]) -> Result<(), TestCaseError> {
+fn drive(upgrade: &[u8], steps: &[Step], splits: &[Index]) -> Result<(), TestCaseError> {
     let mut h = Harness::new();
     let mut conn = Conn::new(ConnId::new(0, 1, 0), h.clock.now);
-    h.with(|cx| conn.handle_bytes(&mut UPGRADE.to_vec(), cx));
-    prop_assert!(conn.is_live(), "the upgrade failed");
+    h.with(|cx| conn.handle_bytes(&mut upgrade.to_vec(), cx));
+    prop_assert!(!conn.is_closed(), "the upgrade failed");
     let bound = queue_bound(&h.cfg);
     for step in steps {
         h.tick(step.ms);
@@ -213,7 +234,17 @@ proptest! {
         steps in prop::collection::vec(step(), 1..12),
         splits in prop::collection::vec(any::<Index>(), 0..6),
     ) {
-        drive(&steps, &splits)?;
+        drive(UPGRADE, &steps, &splits)?;
+    }
+
+    /// The same on the Centrifuge endpoint: its session (commands held behind subscribes the
+    /// shard never answers here, pings, the pong timeout) stays under the same bound.
+    #[test]
+    fn arbitrary_input_after_a_centrifuge_upgrade(
+        steps in prop::collection::vec(step(), 1..12),
+        splits in prop::collection::vec(any::<Index>(), 0..6),
+    ) {
+        drive(UPGRADE_CENTRIFUGE, &steps, &splits)?;
     }
 }
 

@@ -9,9 +9,9 @@ use prost::Message as _;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::centrifuge::config::NamespaceConfig;
 use crate::centrifuge::proto::Publication;
 use crate::config::AuthConfig;
-use crate::config::centrifuge::NamespaceConfig;
 
 const SECRET: &str = "centrifuge-test-secret-0123456789abcdef";
 const QUEUED_MAX: usize = 4096;

@@ -1,0 +1,581 @@
+//! The Centrifuge client protocol served by the shard (`/connection/websocket`), with the exact
+//! frames each connection receives: the dialect chosen at the upgrade, connect with a token,
+//! `{}` pings, subscribe acknowledged only after the topic owner's confirmation, and one topic
+//! space — a publication reaches WSE and Centrifuge (JSON and protobuf) subscribers of the
+//! topic alike, each in its own format, from either kind of publisher.
+
+use std::time::Duration;
+
+use prost::Message as _;
+use serde_json::{Value, json};
+use wse_shards::Config;
+use wse_shards::centrifuge::NamespaceConfig;
+use wse_shards::centrifuge::proto::Reply;
+use wse_shards::codec::OpCode;
+use wse_shards::metrics::DropReason;
+use wse_shards::protocol::SERVER_VERSION;
+
+use crate::harness::{Client, Engine, Frame, SECRET, WALL_START_MS, config, topic_owned_by};
+
+/// A configuration with the `room` namespace open to clients (subscribe and publish).
+fn centrifuge_config(shards: usize) -> Config {
+    let mut cfg = config(shards);
+    cfg.centrifuge.namespaces = vec![NamespaceConfig {
+        name: "room".into(),
+        allow_subscribe_for_client: true,
+        allow_publish_for_client: true,
+        ..Default::default()
+    }];
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// A connection token for `user` that expires an hour after the virtual wall clock's start
+/// (still in the future for the verifier, which reads the real clock).
+fn connection_token(user: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": WALL_START_MS / 1000 + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Upgrades a socket on `shard` to the Centrifuge endpoint, offering `protocol`.
+fn upgrade(e: &mut Engine, shard: usize, protocol: Option<&str>) -> Client {
+    let c = e.accept(shard);
+    let offer = protocol.map_or(String::new(), |p| {
+        format!("Sec-WebSocket-Protocol: {p}\r\n")
+    });
+    let request = format!(
+        "GET /connection/websocket HTTP/1.1\r\nHost: harness\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{offer}\r\n"
+    );
+    e.send_raw(c, request.as_bytes());
+    e.settle();
+    c
+}
+
+/// A JSON Centrifuge connection on `shard`, connected as `user`; returns it and its client id.
+fn connect_json(e: &mut Engine, shard: usize, user: &str) -> (Client, String) {
+    let c = upgrade(e, shard, None);
+    let response = e.upgrade_response(c).unwrap().to_owned();
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    assert!(!response.contains("Sec-WebSocket-Protocol"), "{response}");
+    let connect = json!({"id": 1, "connect": {"token": connection_token(user)}});
+    e.send(c, &connect.to_string());
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    let client = frames[0].json()["connect"]["client"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(client.len(), 16, "the connection id is the client id");
+    assert_eq!(
+        frames[0].text(),
+        format!(
+            "{{\"id\":1,\"connect\":{{\"client\":\"{client}\",\"version\":\"{SERVER_VERSION}\",\
+             \"expires\":true,\"ttl\":3600,\"ping\":25,\"pong\":true}}}}"
+        )
+    );
+    (c, client)
+}
+
+/// A WSE connection on `shard` subscribed to `topic`, its frames so far taken.
+fn wse_subscriber(e: &mut Engine, shard: usize, user: &str, topic: &str) -> Client {
+    let w = e.connect(shard, user);
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":[topic]}}),
+    );
+    e.settle();
+    let frames = e.recv(w);
+    assert_eq!(
+        frames.len(),
+        2,
+        "server_ready and the acknowledgement: {frames:?}"
+    );
+    assert_eq!(frames[1].json()["p"]["success_topics"], json!([topic]));
+    w
+}
+
+#[test]
+fn a_publication_reaches_wse_and_centrifuge_subscribers_each_in_its_format() {
+    let mut e = Engine::new(centrifuge_config(3));
+    // The topic lives on shard 0; the subscribers on the two others, so every hop crosses the
+    // fabric (interest, confirmation, delivery).
+    let topic = topic_owned_by("room:main", 0, 3);
+    let (cf, _) = connect_json(&mut e, 1, "alice");
+    let w = wse_subscriber(&mut e, 2, "bob", &topic);
+
+    // The subscribe is answered only once the owner confirmed the shard's interest.
+    e.send(
+        cf,
+        &json!({"id": 2, "subscribe": {"channel": topic}}).to_string(),
+    );
+    e.turn(1);
+    assert_eq!(
+        e.recv(cf),
+        [],
+        "acknowledged before the owner's confirmation"
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(r#"{"id":2,"subscribe":{}}"#.into())]
+    );
+
+    // A WSE publication: WSE frame to the WSE subscriber, a Centrifuge push to the other.
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":1}}}),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(w),
+        [Frame::Text(
+            r#"{"c":"U","t":"chat","p":{"n":1},"v":1}"#.into()
+        )]
+    );
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(format!(
+            r#"{{"push":{{"channel":"{topic}","pub":{{"data":{{"n":1}}}}}}}}"#
+        ))]
+    );
+
+    // A Centrifuge publication: replied once the owner sequenced it, delivered to both
+    // (the publisher too, being subscribed), as the `publication` event for WSE clients.
+    e.send(
+        cf,
+        &json!({"id": 3, "publish": {"channel": topic, "data": {"n": 2}}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(w),
+        [Frame::Text(
+            r#"{"c":"U","t":"publication","p":{"n":2},"v":1}"#.into()
+        )]
+    );
+    // The push arrived while the reply waited for the owner: it goes out behind the reply
+    // (replies and pushes leave in the order the session queued them).
+    assert_eq!(
+        e.recv(cf),
+        [
+            Frame::Text(r#"{"id":3,"publish":{}}"#.into()),
+            Frame::Text(format!(
+                r#"{{"push":{{"channel":"{topic}","pub":{{"data":{{"n":2}}}}}}}}"#
+            )),
+        ]
+    );
+
+    // Unsubscribed: nothing more arrives.
+    e.send(
+        cf,
+        &json!({"id": 4, "unsubscribe": {"channel": topic}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(r#"{"id":4,"unsubscribe":{}}"#.into())]
+    );
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":3}}}),
+    );
+    e.settle();
+    assert_eq!(e.recv(w).len(), 1);
+    assert_eq!(e.recv(cf), []);
+}
+
+#[test]
+fn protobuf_subscribers_get_binary_pushes() {
+    let mut e = Engine::new(centrifuge_config(2));
+    let topic = topic_owned_by("room:p", 1, 2);
+    let c = upgrade(&mut e, 0, Some("centrifuge-protobuf"));
+    let response = e.upgrade_response(c).unwrap().to_owned();
+    assert!(
+        response.contains("\r\nSec-WebSocket-Protocol: centrifuge-protobuf"),
+        "{response}"
+    );
+    // Command{id 1, connect (4): ConnectRequest{token (1)}}, varint-delimited; then a
+    // subscribe (6): SubscribeRequest{channel (1)}.
+    let token = connection_token("carol");
+    let mut connect = vec![0x0a, token.len() as u8];
+    connect.extend_from_slice(token.as_bytes());
+    let mut cmd = vec![0x08, 0x01, 0x22, connect.len() as u8];
+    cmd.extend_from_slice(&connect);
+    let mut sub = vec![0x0a, topic.len() as u8];
+    sub.extend_from_slice(topic.as_bytes());
+    let mut cmd2 = vec![0x08, 0x02, 0x2a, sub.len() as u8];
+    cmd2.extend_from_slice(&sub);
+    let mut message = Vec::new();
+    for c in [cmd, cmd2] {
+        prost::encoding::encode_varint(c.len() as u64, &mut message);
+        message.extend_from_slice(&c);
+    }
+    e.send_frame(c, OpCode::Binary, &message);
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    let decode = |f: &Frame| match f {
+        Frame::Binary(b) => Reply::decode_length_delimited(&b[..]).unwrap(),
+        other => panic!("not binary: {other:?}"),
+    };
+    let connected = decode(&frames[0]);
+    assert_eq!(connected.id, 1);
+    assert!(connected.connect.unwrap().pong);
+    let subscribed = decode(&frames[1]);
+    assert_eq!((subscribed.id, subscribed.subscribe.is_some()), (2, true));
+
+    let w = e.connect(0, "dave");
+    e.recv(w);
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":1}}}),
+    );
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    let push = decode(&frames[0]).push.unwrap();
+    assert_eq!(push.channel, topic);
+    assert_eq!(&push.publication.unwrap().data[..], br#"{"n":1}"#);
+}
+
+#[test]
+fn pings_go_out_on_schedule_and_a_missed_pong_closes_with_3012() {
+    let mut e = Engine::new(centrifuge_config(1));
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    e.advance(Duration::from_secs(25));
+    assert_eq!(e.recv(c), [Frame::Text("{}".into())]);
+    e.send(c, "{}");
+    e.advance(Duration::from_secs(25));
+    assert_eq!(e.recv(c), [Frame::Text("{}".into())]);
+    // No pong this time: closed with Centrifuge's code, a plain-word reason.
+    e.advance(Duration::from_secs(8));
+    assert_eq!(e.recv(c), [Frame::Close(Some((3012, "no pong".into())))]);
+}
+
+#[test]
+fn a_bad_token_closes_with_3500_and_a_wse_token_path_still_speaks_wse() {
+    let mut e = Engine::new(centrifuge_config(1));
+    let c = upgrade(&mut e, 0, None);
+    e.send(c, r#"{"id":1,"connect":{"token":"not.a.jwt"}}"#);
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [Frame::Close(Some((3500, "invalid token".into())))]
+    );
+    // Any other path is the WSE protocol, as before.
+    let w = e.connect(0, "bob");
+    assert_eq!(e.recv(w)[0].t().as_deref(), Some("server_ready"));
+}
+
+/// [`centrifuge_config`] with recovery on and a history in the `room` namespace.
+fn history_config(shards: usize) -> Config {
+    let mut cfg = centrifuge_config(shards);
+    cfg.recovery.enabled = true;
+    cfg.centrifuge.namespaces[0].history_size = 10;
+    cfg.centrifuge.namespaces[0].history_ttl = Duration::from_secs(300);
+    cfg.centrifuge.namespaces[0].allow_history_for_client = true;
+    // A namespace whose streams keep only 3 publications (the ring holds more).
+    cfg.centrifuge.namespaces.push(NamespaceConfig {
+        name: "small".into(),
+        history_size: 3,
+        history_ttl: Duration::from_secs(300),
+        allow_subscribe_for_client: true,
+        allow_history_for_client: true,
+        ..Default::default()
+    });
+    cfg.validate().unwrap();
+    cfg
+}
+
+fn wse_publish(e: &mut Engine, w: Client, topic: &str, n: u64) {
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"chat","data":{"n":n}}}),
+    );
+    e.settle();
+}
+
+#[test]
+fn a_recoverable_subscription_is_positioned_and_recovers_what_it_missed_from_the_ring() {
+    let mut e = Engine::new(history_config(2));
+    let topic = topic_owned_by("room:h", 1, 2);
+    let w = e.connect(0, "bob");
+    e.recv(w);
+    let (cf, _) = connect_json(&mut e, 0, "alice");
+    e.send(
+        cf,
+        &json!({"id": 2, "subscribe": {"channel": topic, "recoverable": true}}).to_string(),
+    );
+    e.settle();
+    // The stream's position comes from the owner's ring: epoch, offset 0 (nothing yet).
+    let reply = e.recv(cf)[0].json();
+    let epoch = reply["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(epoch.len(), 8);
+    assert_eq!(
+        reply,
+        json!({"id": 2, "subscribe": {"recoverable": true, "positioned": true, "epoch": epoch}})
+    );
+    wse_publish(&mut e, w, &topic, 1);
+    assert_eq!(
+        e.recv(cf),
+        [Frame::Text(format!(
+            r#"{{"push":{{"channel":"{topic}","pub":{{"data":{{"n":1}},"offset":1}}}}}}"#
+        ))]
+    );
+
+    // Away while two more are published; back, it recovers exactly those, in the reply.
+    e.disconnect(cf);
+    e.settle();
+    wse_publish(&mut e, w, &topic, 2);
+    wse_publish(&mut e, w, &topic, 3);
+    let (back, _) = connect_json(&mut e, 0, "alice");
+    let recover = json!({"id": 2, "subscribe": {
+        "channel": topic, "recoverable": true, "recover": true, "epoch": epoch, "offset": 1}});
+    e.send(back, &recover.to_string());
+    e.settle();
+    assert_eq!(
+        e.recv(back)[0].json(),
+        json!({"id": 2, "subscribe": {
+            "recoverable": true, "positioned": true, "epoch": epoch, "offset": 1,
+            "was_recovering": true, "recovered": true,
+            "publications": [{"data": {"n": 2}, "offset": 2}, {"data": {"n": 3}, "offset": 3}]}})
+    );
+    wse_publish(&mut e, w, &topic, 4);
+    assert_eq!(e.recv(back).len(), 1, "live again, once");
+
+    // A position from another epoch is not recovered.
+    let (other, _) = connect_json(&mut e, 0, "alice");
+    let stale = json!({"id": 2, "subscribe": {
+        "channel": topic, "recoverable": true, "recover": true, "epoch": "00000bad", "offset": 1}});
+    e.send(other, &stale.to_string());
+    e.settle();
+    let reply = e.recv(other)[0].json();
+    assert_eq!(reply["subscribe"]["was_recovering"], json!(true));
+    assert_eq!(
+        reply["subscribe"]["recovered"],
+        Value::Null,
+        "false is omitted"
+    );
+    assert_eq!(
+        reply["subscribe"]["offset"],
+        json!(4),
+        "positioned at the top"
+    );
+}
+
+#[test]
+fn history_reads_the_owners_ring_with_limit_since_and_reverse() {
+    let mut e = Engine::new(history_config(2));
+    let topic = topic_owned_by("room:r", 1, 2);
+    let w = e.connect(0, "bob");
+    e.recv(w);
+    for n in 1..=5 {
+        wse_publish(&mut e, w, &topic, n);
+    }
+    let (cf, _) = connect_json(&mut e, 0, "alice");
+    let history = |e: &mut Engine, id: u32, request: Value| -> Value {
+        let mut command = json!({"id": id, "history": request});
+        command["history"]["channel"] = json!(topic);
+        e.send(cf, &command.to_string());
+        e.settle();
+        let frames = e.recv(cf);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        frames[0].json()
+    };
+    let pubs = |ns: &[u64]| -> Value {
+        ns.iter()
+            .map(|n| json!({"data": {"n": n}, "offset": n}))
+            .collect()
+    };
+    let all = history(&mut e, 3, json!({"limit": -1}));
+    let epoch = all["history"]["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(
+        all,
+        json!({"id": 3, "history": {"publications": pubs(&[1, 2, 3, 4, 5]), "epoch": epoch, "offset": 5}})
+    );
+    assert_eq!(
+        history(&mut e, 4, json!({"limit": 2}))["history"]["publications"],
+        pubs(&[1, 2])
+    );
+    assert_eq!(
+        history(&mut e, 5, json!({"limit": 2, "reverse": true}))["history"]["publications"],
+        pubs(&[5, 4])
+    );
+    assert_eq!(
+        history(
+            &mut e,
+            6,
+            json!({"limit": -1, "since": {"offset": 3, "epoch": epoch}})
+        )["history"]["publications"],
+        pubs(&[4, 5])
+    );
+    // Limit 0: only the stream's top.
+    assert_eq!(
+        history(&mut e, 7, json!({"limit": 0})),
+        json!({"id": 7, "history": {"epoch": epoch, "offset": 5}})
+    );
+    // A position in another epoch: 112.
+    assert_eq!(
+        history(
+            &mut e,
+            8,
+            json!({"limit": -1, "since": {"offset": 3, "epoch": "00000bad"}})
+        ),
+        json!({"id": 8, "error": {"code": 112, "message": "unrecoverable position"}})
+    );
+}
+
+#[test]
+fn past_the_rate_limit_a_centrifuge_connection_is_closed_with_3013() {
+    let mut cfg = centrifuge_config(1);
+    cfg.protocol.rate_limit_capacity = 3;
+    cfg.protocol.rate_limit_refill = 1;
+    let mut e = Engine::new(cfg);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    // The connect took one token; two more commands pass, the third message is over.
+    for id in 2..=3 {
+        e.send(c, &json!({"id": id, "ping": {}}).to_string());
+    }
+    e.settle();
+    assert_eq!(e.recv(c).len(), 2);
+    e.send(c, &json!({"id": 4, "ping": {}}).to_string());
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [Frame::Close(Some((3013, "too many requests".into())))]
+    );
+}
+
+/// A Centrifuge subscriber that stops reading is closed with Centrifuge's 3008 after an
+/// in-order prefix, as a WSE one is with 4413.
+#[test]
+fn a_slow_centrifuge_consumer_is_closed_with_3008() {
+    let mut cfg = centrifuge_config(2);
+    cfg.limits.max_outbound_queue_bytes = 64 * 1024;
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("room:fire", 1, 2);
+    let (slow, _) = connect_json(&mut e, 0, "slow");
+    e.send(
+        slow,
+        &json!({"id": 2, "subscribe": {"channel": topic}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(e.recv(slow).len(), 1);
+    let publisher = e.connect(1, "pub");
+    e.recv(publisher);
+    e.set_socket_capacity(slow, 16 * 1024);
+    e.set_reading(slow, false);
+    let pad = "x".repeat(4096);
+    for seq in 0..100u64 {
+        e.send_json(
+            publisher,
+            &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"m","data":{"seq":seq,"pad":pad}}}),
+        );
+        e.settle();
+    }
+    e.set_reading(slow, true);
+    e.settle();
+    let frames = e.recv(slow);
+    let (close, data) = frames.split_last().unwrap();
+    assert_eq!(close, &Frame::Close(Some((3008, "slow".into()))));
+    let seqs: Vec<u64> = data
+        .iter()
+        .map(|f| f.json()["push"]["pub"]["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert!(!seqs.is_empty() && seqs.len() < 100, "{}", seqs.len());
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(e.metrics(0).closes(3008).get(), 1);
+}
+
+#[test]
+fn a_namespaces_history_size_bounds_history_and_recovery() {
+    let mut e = Engine::new(history_config(2));
+    let topic = topic_owned_by("small:s", 1, 2);
+    let w = e.connect(0, "bob");
+    e.recv(w);
+    for n in 1..=5 {
+        wse_publish(&mut e, w, &topic, n);
+    }
+    let (cf, _) = connect_json(&mut e, 0, "alice");
+    let ask = |e: &mut Engine, command: Value| -> Value {
+        e.send(cf, &command.to_string());
+        e.settle();
+        let frames = e.recv(cf);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        frames[0].json()
+    };
+    let all = ask(
+        &mut e,
+        json!({"id": 2, "history": {"channel": topic, "limit": -1}}),
+    );
+    let offsets: Vec<u64> = all["history"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [3, 4, 5], "{all}");
+    let epoch = all["history"]["epoch"].as_str().unwrap().to_owned();
+    let since_1 = json!({"id": 3, "history": {"channel": topic, "limit": -1,
+                         "since": {"offset": 1, "epoch": epoch}}});
+    assert_eq!(ask(&mut e, since_1)["error"]["code"], json!(112));
+    // Four missed is more than the stream keeps: not recovered; two is fine.
+    let recover = |id: u32, offset: u64| {
+        json!({"id": id, "subscribe": {"channel": topic, "recoverable": true, "recover": true,
+               "epoch": epoch, "offset": offset}})
+    };
+    let reply = ask(&mut e, recover(4, 1));
+    assert_eq!(reply["subscribe"]["was_recovering"], json!(true));
+    assert_eq!(reply["subscribe"]["recovered"], Value::Null, "{reply}");
+    let (other, _) = connect_json(&mut e, 0, "alice");
+    e.send(other, &recover(2, 3).to_string());
+    e.settle();
+    let reply = e.recv(other)[0].json();
+    assert_eq!(reply["subscribe"]["recovered"], json!(true), "{reply}");
+    assert_eq!(
+        reply["subscribe"]["publications"].as_array().unwrap().len(),
+        2
+    );
+}
+
+/// A publication the fabric drops (its sender's bytes in flight are over budget) is never
+/// sequenced: the Centrifuge publisher gets error 100 for it instead of a reply that never
+/// comes.
+#[test]
+fn a_publication_the_fabric_drops_is_answered_with_error_100() {
+    let mut cfg = centrifuge_config(2);
+    // At least twice the largest message, the configuration's floor; an eighth goes to ring
+    // slots, the rest bounds the bytes in flight.
+    cfg.limits.max_message_size = 128 * 1024;
+    cfg.limits.fabric_memory_per_shard = 256 * 1024;
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("room:big", 1, 2);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    let pad = "x".repeat(100 * 1024);
+    // Three in one go, before the owner has taken anything: the third finds the budget spent.
+    for id in [2, 3, 4] {
+        e.send(
+            c,
+            &json!({"id": id, "publish": {"channel": topic, "data": {"pad": pad}}}).to_string(),
+        );
+    }
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [
+            Frame::Text(r#"{"id":2,"publish":{}}"#.into()),
+            Frame::Text(r#"{"id":3,"publish":{}}"#.into()),
+            Frame::Text(
+                r#"{"id":4,"error":{"code":100,"message":"internal server error","temporary":true}}"#
+                    .into()
+            ),
+        ]
+    );
+    assert_eq!(e.metrics(0).dropped(DropReason::FabricOverflow).get(), 1);
+}

@@ -1,0 +1,433 @@
+//! The Centrifuge client protocol served by the real binary on `/connection/websocket`, with
+//! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
+//! Rust client) on the same topic: each receives the other's publication, in its own format,
+//! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
+//! `history` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
+//! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
+//! the server API: server-side subscriptions from the token's `channels`, a room and a direct
+//! message each exactly once at the right users.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{API_KEY, Wse, collect_stderr, for_each_line, publisher_token, token, venv_python};
+use wse_client::Connector;
+
+/// Longest wait for one step of either client.
+const STEP_WAIT: Duration = Duration::from_secs(30);
+/// The channel both clients use: in the `room` namespace, which lets clients subscribe and
+/// publish.
+const CHANNEL: &str = "room:main";
+
+fn server() -> Wse {
+    Wse::start(&[
+        "--cores",
+        "2",
+        "--recovery-enabled",
+        "true",
+        "--centrifuge-namespaces",
+        r#"[{"name":"room","allow_subscribe_for_client":true,"allow_publish_for_client":true,
+            "allow_history_for_client":true,"history_size":10,"history_ttl":"300s"}]"#,
+    ])
+}
+
+async fn python_and_wse_share_a_topic(encoding: &str) {
+    let python = venv_python();
+    let wse = server();
+    let mut wse_client = Connector::new(wse.url())
+        .token(publisher_token("bob"))
+        .connect()
+        .await
+        .unwrap();
+    let ack = wse_client.subscribe(&[CHANNEL]).await.unwrap();
+    assert_eq!(ack.p["success_topics"], json!([CHANNEL]));
+
+    let url = format!("ws://{}/connection/websocket", wse.ws);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_real.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(&url)
+        .arg(token("alice", json!({})))
+        .arg(encoding)
+        .arg(CHANNEL)
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tests/python/centrifuge_real.py");
+    let stderr = collect_stderr(&mut child);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    for_each_line(child.stdout.take().unwrap(), move |line| {
+        tx.send(serde_json::from_str(&line).unwrap_or(Value::String(line)))
+            .is_ok()
+    });
+    let mut step = async |name: &str| -> Value {
+        let got = tokio::time::timeout(STEP_WAIT, rx.recv()).await;
+        let line = got.ok().flatten().unwrap_or_else(|| {
+            panic!(
+                "no `{name}` step; client stderr:\n{}\nserver log:\n{}",
+                stderr.lock().unwrap(),
+                wse.log()
+            )
+        });
+        assert_eq!(line["step"], name, "{line}");
+        line
+    };
+    step("connected").await;
+    // Acknowledged by the server only once the topic's owner confirmed the subscription, so
+    // the publication below reaches it; positioned at the top of the owner's ring.
+    let subscribed = step("subscribed").await;
+    assert_eq!(subscribed["recoverable"], json!(true));
+    assert_eq!(subscribed["offset"], json!(0));
+    let epoch = subscribed["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(epoch.len(), 8, "{subscribed}");
+    // The application sees the Centrifuge connection like any other: alice, on one topic.
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let mut users: Vec<(String, u64)> = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["user_id"].as_str().unwrap().to_owned(),
+                c["topics"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    users.sort();
+    assert_eq!(users, [("alice".to_owned(), 1), ("bob".to_owned(), 1)]);
+
+    wse_client
+        .publish_acked(CHANNEL, "chat", json!({"text": "hi", "from": "wse"}))
+        .await
+        .unwrap();
+    let from_wse = wse_client
+        .recv_until(|e| e.t == "chat", STEP_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(from_wse.p, json!({"text": "hi", "from": "wse"}));
+    let line = step("publication").await;
+    assert_eq!(line["data"], json!({"text": "hi", "from": "wse"}));
+    assert_eq!(line["offset"], json!(1));
+
+    // The Python client's publication, as WSE clients see it: the `publication` event.
+    let line = step("own_publication").await;
+    assert_eq!(line["data"], json!({"text": "hello", "from": "python"}));
+    assert_eq!(line["offset"], json!(2));
+    let from_python = wse_client
+        .recv_until(|e| e.c.as_deref() == Some("U"), STEP_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        from_python.raw,
+        json!({"tp": CHANNEL, "e": epoch, "o": 2,
+            "c": "U", "t": "publication", "p": {"text": "hello", "from": "python"}, "v": 1})
+    );
+    // The history, read from the topic owner's ring.
+    let history = step("history").await;
+    assert_eq!(
+        history,
+        json!({"step": "history", "epoch": epoch, "offset": 2, "publications": [
+            {"offset": 1, "data": {"text": "hi", "from": "wse"}},
+            {"offset": 2, "data": {"text": "hello", "from": "python"}}]})
+    );
+
+    // The application forces a reconnect (3011) and two publications happen meanwhile.
+    let (_, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let alice = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["user_id"] == "alice")
+        .unwrap()["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, answer) = wse
+        .http(
+            "POST",
+            &format!("/api/v1/connections/{alice}/disconnect"),
+            &[("X-API-Key", API_KEY)],
+            r#"{"code":3011,"reason":"force reconnect"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    for n in [3, 4] {
+        wse_client
+            .publish_acked(CHANNEL, "chat", json!({"n": n}))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        step("recovered").await,
+        json!({"step": "recovered", "was_recovering": true, "recovered": true,
+               "publications": [{"offset": 3, "data": {"n": 3}}, {"offset": 4, "data": {"n": 4}}]})
+    );
+    step("done").await;
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{}", stderr.lock().unwrap());
+}
+
+/// centrifuge-js 5.7.4 under Node (`tests/node/centrifuge_client.mjs`, without its presence
+/// steps, which the server does not serve yet): connect and subscribe in one message, a
+/// positioned subscription, its own publication back, history.
+fn centrifuge_js(encoding: &str) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(root.join("tests/node/setup-centrifuge-js.sh"))
+        .status()
+        .expect("run tests/node/setup-centrifuge-js.sh");
+    assert!(
+        status.success(),
+        "installing centrifuge-js failed: {status}"
+    );
+    let dir = std::env::var_os("CENTRIFUGE_JS_DIR")
+        .map_or_else(|| root.join("target/centrifuge-js"), PathBuf::from);
+    let wse = server();
+    let output = Command::new("node")
+        .arg(root.join("tests/node/centrifuge_client.mjs"))
+        .arg(dir)
+        .arg(format!("ws://{}/connection/websocket", wse.ws))
+        .arg(token("alice", json!({})))
+        .arg(encoding)
+        .arg("no-presence")
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        wse.log()
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let epoch = lines[0]["epoch"].as_str().unwrap().to_owned();
+    let message = json!({"text": "hello", "from": "js"});
+    assert_eq!(
+        lines,
+        [
+            json!({"step": "subscribed", "recoverable": true, "positioned": true,
+                   "epoch": epoch, "offset": 0}),
+            // The publisher's client info is not carried (docs/CENTRIFUGO.md).
+            json!({"step": "publication", "data": message, "offset": 1, "user": null}),
+            json!({"step": "history", "epoch": epoch, "offset": 1,
+                   "publications": [{"offset": 1, "data": message}]}),
+            json!({"step": "done"}),
+        ]
+    );
+}
+
+#[test]
+fn centrifuge_js_json() {
+    centrifuge_js("json");
+}
+
+#[test]
+fn centrifuge_js_protobuf() {
+    centrifuge_js("protobuf");
+}
+
+#[tokio::test]
+async fn centrifuge_python_json_and_a_wse_client_share_a_topic() {
+    python_and_wse_share_a_topic("json").await;
+}
+
+#[tokio::test]
+async fn centrifuge_python_protobuf_and_a_wse_client_share_a_topic() {
+    python_and_wse_share_a_topic("protobuf").await;
+}
+
+/// The stand-in Token Bowl backend (the spec's §1.6), publishing into the real server: its
+/// connection tokens' `channels` claim makes server-side subscriptions, its messages route
+/// publishes through `/api/v1/publish`.
+#[derive(Clone)]
+struct Backend {
+    control: std::net::SocketAddr,
+    ws_url: String,
+    next_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// `X-API-Key: key-<user>`.
+fn user_of(headers: &axum::http::HeaderMap) -> Result<String, axum::http::StatusCode> {
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|k| k.strip_prefix("key-"))
+        .map(str::to_owned)
+        .ok_or(axum::http::StatusCode::UNAUTHORIZED)
+}
+
+async fn connection_token(
+    axum::extract::State(b): axum::extract::State<Backend>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<Value>, axum::http::StatusCode> {
+    let user = user_of(&headers)?;
+    let dm = format!("user:{user}");
+    Ok(axum::Json(json!({
+        "token": token(&user, json!({"channels": ["room:main", dm]})),
+        "url": b.ws_url,
+        "channels": [dm, "room:main"],
+        "user": user,
+    })))
+}
+
+async fn messages(
+    axum::extract::State(b): axum::extract::State<Backend>,
+    headers: axum::http::HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Result<(axum::http::StatusCode, axum::Json<Value>), axum::http::StatusCode> {
+    let user = user_of(&headers)?;
+    let to = body["to_username"].as_str();
+    let n = b.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let message = json!({
+        "id": format!("m{n}"),
+        "from_user_id": "",
+        "from_username": user,
+        "to_username": to,
+        "content": body["content"],
+        "message_type": if to.is_some() { "direct" } else { "room" },
+        "timestamp": "2026-12-05T00:00:00Z",
+    });
+    // A direct message goes to the recipient's channel only, as the real backend does.
+    let channel = to.map_or_else(|| "room:main".to_owned(), |t| format!("user:{t}"));
+    let publish = json!({"topic": channel, "event": "message", "data": message}).to_string();
+    let (status, answer) = support::http(
+        b.control,
+        "POST",
+        "/api/v1/publish",
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        &publish,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    Ok((axum::http::StatusCode::CREATED, axum::Json(message)))
+}
+
+#[tokio::test]
+async fn token_bowl_chat_room_and_direct_messages() {
+    let python = venv_python();
+    let wse = Wse::start(&[
+        "--cores",
+        "2",
+        "--centrifuge-namespaces",
+        r#"[{"name":"room"},{"name":"user"}]"#,
+    ]);
+    let backend = Backend {
+        control: wse.control.unwrap(),
+        ws_url: format!("ws://{}/connection/websocket", wse.ws),
+        next_id: std::sync::Arc::default(),
+    };
+    let app = axum::Router::new()
+        .route(
+            "/centrifugo/connection-token",
+            axum::routing::get(connection_token),
+        )
+        .route("/messages", axum::routing::post(messages))
+        .with_state(backend);
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(http, app).await.unwrap() });
+
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/token_bowl_client.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(&base)
+        .env("PYTHONUNBUFFERED", "1")
+        // httpx honours proxy variables; the backend is on loopback.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start token_bowl_client.py");
+    let errors = collect_stderr(&mut child);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for_each_line(child.stdout.take().unwrap(), move |line| {
+        tx.send(line).is_ok()
+    });
+    let line = tokio::time::timeout(STEP_WAIT, rx.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            panic!(
+                "no result; stderr: {}\nserver log:\n{}",
+                errors.lock().unwrap(),
+                wse.log()
+            )
+        });
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}; stderr: {}",
+        errors.lock().unwrap()
+    );
+    let result: Value = serde_json::from_str(&line).unwrap();
+    let room = json!({"id": "m0", "content": "hello room", "type": "room", "from": "alice"});
+    let dm = json!({"id": "m1", "content": "psst bob", "type": "direct", "from": "alice"});
+    let end = json!({"id": "m2", "content": "end", "type": "room", "from": "bob"});
+    assert_eq!(
+        result,
+        json!({"got": {"alice": [room, end], "bob": [room, dm, end]}, "errors": []})
+    );
+}
+
+/// The application closes a Centrifuge connection through the server API with Centrifuge's
+/// 3011 ("force reconnect"), which the clients answer by reconnecting and recovering.
+#[tokio::test]
+async fn the_server_api_lists_and_disconnects_a_centrifuge_connection() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let wse = server();
+    let url = format!("ws://{}/connection/websocket", wse.ws);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let connect = json!({"id": 1, "connect": {"token": token("carol", json!({}))}});
+    ws.send(Message::text(connect.to_string())).await.unwrap();
+    let reply = tokio::time::timeout(STEP_WAIT, ws.next()).await.unwrap();
+    let reply: Value = serde_json::from_str(reply.unwrap().unwrap().to_text().unwrap()).unwrap();
+    let client = reply["connect"]["client"].as_str().unwrap().to_owned();
+
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["connections"][0]["connection_id"], json!(client));
+    assert_eq!(listed["connections"][0]["user_id"], json!("carol"));
+
+    let path = format!("/api/v1/connections/{client}/disconnect");
+    let body = json!({"code": 3011, "reason": "force reconnect"}).to_string();
+    let (status, answer) = wse
+        .http("POST", &path, &[("X-API-Key", API_KEY)], &body)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let close = loop {
+        match tokio::time::timeout(STEP_WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame.unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (3011, "force reconnect")
+    );
+}
