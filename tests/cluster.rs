@@ -1,6 +1,6 @@
 //! The cluster core with real binaries (docs/CLUSTER.md): nodes on 127.0.0.1/.2/.3/.4 with a
-//! PSK form a full mesh from one seed, see a `kill -9`ed node die, and refuse a node with
-//! another key. Membership only: no publication crosses nodes in this increment.
+//! PSK form a full mesh from one seed, see a `kill -9`ed node die and a stopped one leave, and
+//! refuse a node with another key. Membership only: no publication crosses nodes in this increment.
 
 mod support;
 
@@ -113,6 +113,7 @@ async fn a_fourth_node_joins_by_one_seed_and_a_killed_node_is_declared_dead() {
     let a2 = free_port("127.0.0.2");
     let a3 = free_port("127.0.0.3");
     let a4 = free_port("127.0.0.4");
+    let started = Instant::now();
     let n1 = node("n1", &a1, &[], PSK);
     let n2 = node("n2", &a2, &[&a1], PSK);
     let n3 = node("n3", &a3, &[&a1, &a2], PSK);
@@ -130,6 +131,8 @@ async fn a_fourth_node_joins_by_one_seed_and_a_killed_node_is_declared_dead() {
         },
     )
     .await;
+    // Reported, not asserted (figures belong to bench/): start of node 1 to the full mesh.
+    eprintln!("full mesh of 4 with RTTs after {:?}", started.elapsed());
     // A node never lists itself; it names itself in "node".
     let v = view(&n4).await;
     assert_eq!(v["node"]["name"], "n4");
@@ -146,6 +149,7 @@ async fn a_fourth_node_joins_by_one_seed_and_a_killed_node_is_declared_dead() {
 
     // kill -9 (dropping a Wse kills it with SIGKILL): the others see the link reset, probe, and
     // declare it dead, each with a log line.
+    let killed = Instant::now();
     drop(n3);
     for w in [&n1, &n2, &n4] {
         assert!(
@@ -154,6 +158,10 @@ async fn a_fourth_node_joins_by_one_seed_and_a_killed_node_is_declared_dead() {
             w.log()
         );
     }
+    eprintln!(
+        "n3 dead on the other three {:?} after kill -9",
+        killed.elapsed()
+    );
     await_tables(
         &[("n1", &n1), ("n2", &n2), ("n4", &n4)],
         "n3 dead everywhere, the rest still linked",
@@ -166,6 +174,19 @@ async fn a_fourth_node_joins_by_one_seed_and_a_killed_node_is_declared_dead() {
         },
     )
     .await;
+
+    // SIGTERM: after its own drain the node leaves; the others mark it Left (not dead, no
+    // suspicion) and the process exits cleanly.
+    let mut n4 = n4;
+    n4.sigterm();
+    for w in [&n1, &n2] {
+        assert!(
+            w.wait_log("cluster member n4 is left", 1, CONVERGE),
+            "n4 not marked left; log:\n{}",
+            w.log()
+        );
+    }
+    assert!(n4.wait_exit(CONVERGE).is_some_and(|s| s.success()));
 }
 
 #[tokio::test(flavor = "current_thread")]
