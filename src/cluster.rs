@@ -52,6 +52,10 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
 /// Events handled per loop turn before the node flushes, so a burst cannot delay flushing.
 const EVENTS_PER_TURN: usize = 256;
+/// Failed handshakes logged per second at most; the rest are counted and the count is given
+/// with the next line logged, so a peer (or anyone who can reach the cluster port) that fails
+/// on purpose cannot flood the log.
+const HANDSHAKE_LOGS_PER_SEC: u32 = 10;
 
 /// What the socket tasks tell the loop.
 enum SockEvent {
@@ -255,7 +259,10 @@ async fn run(
     let mut conns: HashMap<ConnId, ConnTasks> = HashMap::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_view = Value::Null;
+    let mut handshakes = HandshakeLog::new();
+    // Published before the first turn, so the control plane never answers with nothing.
+    let mut last_view = snapshot(&node, &cfg);
+    view.set(last_view.clone());
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -272,7 +279,7 @@ async fn run(
             _ = ticker.tick() => node.tick(now()),
         }
         node.flush(now());
-        carry_out(&mut node, &mut conns, &tx);
+        carry_out(&mut node, &mut conns, &tx, &mut handshakes);
         let v = snapshot(&node, &cfg);
         if v != last_view {
             view.set(v.clone());
@@ -283,7 +290,7 @@ async fn run(
     // incarnation.
     node.leave(now());
     node.flush(now());
-    carry_out(&mut node, &mut conns, &tx);
+    carry_out(&mut node, &mut conns, &tx, &mut handshakes);
     acceptor.abort();
     let writers: Vec<_> = conns.drain().map(|(_, c)| c.writer).collect();
     for w in &writers {
@@ -356,6 +363,7 @@ fn carry_out(
     node: &mut Node,
     conns: &mut HashMap<ConnId, ConnTasks>,
     tx: &mpsc::Sender<SockEvent>,
+    handshakes: &mut HandshakeLog,
 ) {
     while let Some(action) = node.poll_action() {
         match action {
@@ -379,12 +387,43 @@ fn carry_out(
             Action::Deliver { .. }
             | Action::DeliverGroup { .. }
             | Action::SubscribeAcked { .. } => {}
-            Action::Event(e) => log_event(&e),
+            Action::Event(e) => log_event(&e, handshakes),
         }
     }
 }
 
-fn log_event(e: &Event) {
+/// Rate limit on the failed-handshake log line.
+struct HandshakeLog {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl HandshakeLog {
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log one more now; if so, how many were left out before it.
+    fn admit(&mut self) -> Option<u64> {
+        if self.window_start.elapsed() >= Duration::from_secs(1) {
+            self.window_start = Instant::now();
+            self.logged = 0;
+        }
+        if self.logged >= HANDSHAKE_LOGS_PER_SEC {
+            self.suppressed += 1;
+            return None;
+        }
+        self.logged += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+fn log_event(e: &Event, handshakes: &mut HandshakeLog) {
     match e {
         Event::Member {
             name,
@@ -407,10 +446,15 @@ fn log_event(e: &Event) {
         Event::Refuted { incarnation } => {
             tracing::warn!(incarnation, "cluster: refuted a suspicion of this node")
         }
-        Event::HandshakeFailed { addr, error } => tracing::warn!(
-            addr = %addr,
-            "cluster handshake with {addr} failed: {error}"
-        ),
+        Event::HandshakeFailed { addr, error } => {
+            if let Some(left_out) = handshakes.admit() {
+                tracing::warn!(
+                    addr = %addr,
+                    left_out,
+                    "cluster handshake with {addr} failed: {error}"
+                );
+            }
+        }
     }
 }
 

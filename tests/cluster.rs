@@ -235,3 +235,43 @@ fn tls_is_refused_as_not_available_yet() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn garbage_on_the_cluster_port_is_refused_and_its_log_lines_are_rate_limited() {
+    /// Connections that send garbage: well past the 10 lines a second the core logs.
+    const BURST: usize = 60;
+    let a1 = free_port("127.0.0.1");
+    let n1 = node("n1", &a1, &[], PSK);
+    for _ in 0..BURST {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&a1).unwrap();
+        // Not a PREFACE: the handshake fails at once.
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    }
+    assert!(
+        n1.wait_log("cluster handshake with", 1, CONVERGE),
+        "{}",
+        n1.log()
+    );
+    // Failures keep coming, one per poll: the first line logged in a later window carries the
+    // count of those left out.
+    let deadline = Instant::now() + CONVERGE;
+    while !has_nonzero_left_out(&n1.log()) {
+        assert!(Instant::now() < deadline, "{}", n1.log());
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&a1).unwrap();
+        let _ = s.write_all(b"garbage!");
+        tokio::time::sleep(POLL).await;
+    }
+    let lines = n1.log().matches("cluster handshake with").count();
+    eprintln!("{lines} failed-handshake lines logged");
+    assert!(lines < BURST, "{lines} lines for {BURST}+ failures");
+    assert!(members(&n1).await.is_empty());
+}
+
+/// Whether a failed-handshake line reports some left out.
+fn has_nonzero_left_out(log: &str) -> bool {
+    log.split("left_out=")
+        .skip(1)
+        .any(|rest| rest.split_whitespace().next().is_some_and(|n| n != "0"))
+}
