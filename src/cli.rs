@@ -1196,7 +1196,8 @@ struct ClusterFlags {
     )]
     listen: Option<SocketAddr>,
 
-    /// Address other nodes dial, host:port; empty = the listen address.
+    /// Address other nodes dial, host:port; empty = the listen address (required when that is
+    /// 0.0.0.0, [::] or port 0).
     #[arg(
         id = "cluster.advertised",
         long = "cluster-advertised",

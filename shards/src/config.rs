@@ -559,7 +559,8 @@ pub struct ClusterConfig {
     pub node_name: String,
     /// Cluster listener, ip:port; its own port, never the WebSocket or control one.
     pub listen: SocketAddr,
-    /// Address other nodes dial, host:port. Unset: `listen` (which must then be a specific address).
+    /// Address other nodes dial, host:port. Unset: `listen`, which must then be a specific address
+    /// and port (refused with `enabled` otherwise).
     pub advertised: Option<String>,
     /// Seed nodes, host:port, re-resolved on each attempt; one reachable seed is enough to join.
     pub seeds: Vec<String>,
@@ -717,6 +718,18 @@ impl ClusterConfig {
                 ));
             }
             _ => {}
+        }
+        // Peers dial the advertised address (learnt from gossip too): a wildcard would make
+        // them dial themselves.
+        if self.enabled
+            && self.advertised.is_none()
+            && (self.listen.ip().is_unspecified() || self.listen.port() == 0)
+        {
+            return Err(bad(
+                "cluster.advertised",
+                "required when cluster.listen is a wildcard address or port 0: the address other \
+                 nodes dial to reach this one, host:port",
+            ));
         }
         if self.batch_max < 4096 || self.batch_max > CLUSTER_FRAME_MAX - 1024 {
             return Err(bad("cluster.batch_max", "must be 4 KiB..=4 MiB - 1 KiB"));
@@ -1315,6 +1328,13 @@ mod tests {
         // PSK enables; TLS is refused until it exists.
         c.cluster.enabled = true;
         c.validate().unwrap();
+        // A wildcard listener needs an address peers can dial.
+        c.cluster.listen = "0.0.0.0:9999".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "cluster.advertised");
+        c.cluster.advertised = Some("node1.example:9999".into());
+        c.validate().unwrap();
+        c.cluster.advertised = None;
+        c.cluster.listen = "127.0.0.2:9999".parse().unwrap();
         c.cluster.security = ClusterSecurity::Tls;
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "cluster.security");
