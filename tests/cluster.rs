@@ -27,21 +27,19 @@ fn free_port(ip: &str) -> String {
 }
 
 fn node(name: &str, listen: &str, seeds: &[&str], psk: &str) -> Wse {
-    let seeds = seeds.join(",");
-    let mut args = vec![
-        "--cores",
-        "1",
-        "--cluster-enabled",
-        "true",
-        "--cluster-security",
-        "psk",
-        "--cluster-psk",
-        psk,
-        "--cluster-node-name",
+    node_with(
         name,
-        "--cluster-listen",
         listen,
-    ];
+        seeds,
+        &["--cluster-security", "psk", "--cluster-psk", psk],
+    )
+}
+
+fn node_with(name: &str, listen: &str, seeds: &[&str], security: &[&str]) -> Wse {
+    let seeds = seeds.join(",");
+    let mut args = vec!["--cores", "1", "--cluster-enabled", "true"];
+    args.extend_from_slice(security);
+    args.extend(["--cluster-node-name", name, "--cluster-listen", listen]);
     if !seeds.is_empty() {
         args.extend(["--cluster-seeds", seeds.as_str()]);
     }
@@ -211,6 +209,22 @@ async fn a_node_with_another_psk_is_refused() {
         view(&intruder).await
     );
     assert!(!n1.log().contains("cluster member x9"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn security_none_links_nodes_on_loopback() {
+    let a1 = free_port("127.0.0.1");
+    let a2 = free_port("127.0.0.2");
+    let none = ["--cluster-security", "none"];
+    let n1 = node_with("n1", &a1, &[], &none);
+    let n2 = node_with("n2", &a2, &[&a1], &none);
+    await_tables(&[("n1", &n1), ("n2", &n2)], "two nodes linked", |me, t| {
+        let other = if me == "n1" { "n2" } else { "n1" };
+        t.len() == 1
+            && t.get(other)
+                .is_some_and(|(s, link, _)| s == "alive" && *link)
+    })
+    .await;
 }
 
 #[test]
