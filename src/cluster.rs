@@ -233,6 +233,8 @@ fn first_incarnation() -> u64 {
 
 /// A connection's tasks, as the loop sees them.
 struct ConnTasks {
+    /// Unbounded here because the node bounds it: what it sends a peer and the socket has not
+    /// taken yet counts against `peer_queue_bytes` until reported by `Transmitted`.
     writer: mpsc::UnboundedSender<WriteCmd>,
 }
 
