@@ -1165,9 +1165,9 @@ fn namespaces(text: &str) -> Result<Namespaces, String> {
 
 /// `[cluster]`.
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Cluster (not running yet)")]
+#[command(next_help_heading = "Cluster (membership mesh only; no publications cross nodes yet)")]
 struct ClusterFlags {
-    /// Join a cluster. Not available yet: refused until the cluster core exists (docs/CLUSTER.md).
+    /// Join a cluster: start the cluster core (membership mesh only so far; docs/CLUSTER.md).
     #[arg(
         id = "cluster.enabled",
         long = "cluster-enabled",
@@ -1196,7 +1196,8 @@ struct ClusterFlags {
     )]
     listen: Option<SocketAddr>,
 
-    /// Address other nodes dial, host:port; empty = the listen address.
+    /// Address other nodes dial, host:port; empty = the listen address (required when that is
+    /// 0.0.0.0, [::] or port 0).
     #[arg(
         id = "cluster.advertised",
         long = "cluster-advertised",
@@ -2499,16 +2500,9 @@ mod tests {
         assert!(e.starts_with("cluster.listen: "), "{e}");
         let e = error(&["--cluster-security", "none"]);
         assert!(e.starts_with("cluster.security: "), "{e}");
-        let e = error(&[
-            "--cluster-enabled",
-            "true",
-            "--cluster-security",
-            "none",
-            "--cluster-listen",
-            "127.0.0.1:9999",
-        ]);
+        let e = error(&["--cluster-enabled", "true", "--cluster-security", "tls"]);
         assert!(
-            e.starts_with("cluster.enabled: clustering is not available yet"),
+            e.starts_with("cluster.security: tls is not available yet"),
             "{e}"
         );
         let e = error(&["--cluster-core", "x"]);

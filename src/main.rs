@@ -19,6 +19,7 @@ use crate::control::ControlPlane;
 use crate::notify::Notifier;
 
 mod cli;
+mod cluster;
 mod control;
 mod host;
 mod notify;
@@ -104,8 +105,31 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
+    // The cluster core (membership mesh only so far: no publication crosses nodes).
+    let cluster = if cfg.cluster.enabled {
+        match cluster::ClusterCore::start(&cfg.cluster) {
+            Ok(c) => {
+                tracing::info!(listen = %c.local_addr(), "cluster listener bound");
+                Some(c)
+            }
+            Err(e) => {
+                eprintln!(
+                    "wse-server: cannot start the cluster core on {}: {e}",
+                    cfg.cluster.listen
+                );
+                server.stop(STOP_GRACE);
+                return ExitCode::from(EXIT_START);
+            }
+        }
+    } else {
+        None
+    };
     let control = if cfg.control.enabled {
-        match control::start(server.clone(), &cfg.control) {
+        match control::start(
+            server.clone(),
+            &cfg.control,
+            cluster.as_ref().map(cluster::ClusterCore::view),
+        ) {
             Ok(c) => Some(c),
             Err(e) => {
                 eprintln!(
@@ -203,6 +227,10 @@ fn main() -> ExitCode {
     // for the whole drain instead of being refused.
     let clean = server.stop(STOP_GRACE);
     log_drain_end(&server);
+    // Leaving after the drain: peers mark this node Left and never redial it.
+    if let Some(c) = cluster {
+        c.stop();
+    }
     if let Some(c) = control {
         c.stop();
     }

@@ -36,7 +36,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Keys a reload cannot change: they shape what was built at start (threads, listeners, the
 /// cross-shard queues, the control plane's body limit). A reload keeps their running value and
 /// reports them; every other key takes effect live.
-pub const RESTART_KEYS: [&str; 22] = [
+pub const RESTART_KEYS: [&str; 43] = [
     "server.cores",
     "server.listen",
     "server.pin_threads",
@@ -58,12 +58,34 @@ pub const RESTART_KEYS: [&str; 22] = [
     "events.webhook_url",
     "events.webhook_queue_capacity",
     "events.webhook_queue_bytes",
-    // The cluster core's thread, listener and identity are set up at start; keys, certificates
-    // and limits apply to new links.
+    // The cluster core's thread, listener and identity are set up at start. So are, in this
+    // increment, its seeds, keys, limits and timers: the core reads [cluster] once (applying
+    // keys to new links on SIGHUP is to come, docs/CLUSTER.md).
     "cluster.enabled",
     "cluster.node_name",
     "cluster.listen",
     "cluster.core",
+    "cluster.advertised",
+    "cluster.seeds",
+    "cluster.security",
+    "cluster.tls_ca",
+    "cluster.tls_cert",
+    "cluster.tls_key",
+    "cluster.psk",
+    "cluster.psk_previous",
+    "cluster.compression",
+    "cluster.batch_max",
+    "cluster.peer_queue_bytes",
+    "cluster.hold_bytes",
+    "cluster.max_members",
+    "cluster.handshake_timeout",
+    "cluster.ping_interval",
+    "cluster.link_timeout",
+    "cluster.probe_timeout",
+    "cluster.suspect_timeout",
+    "cluster.suspect_min",
+    "cluster.rejoin_interval",
+    "cluster.sub_ack_timeout",
 ];
 
 /// The whole configuration. `Config::default()` is the embedded laptop configuration.
@@ -88,7 +110,7 @@ pub struct Config {
     pub events: EventsConfig,
     /// `[centrifuge]`: the Centrifuge client protocol's endpoint, timing and namespaces.
     pub centrifuge: CentrifugeConfig,
-    /// `[cluster]`: the mesh of wse-server nodes (validated; not running yet, docs/CLUSTER.md).
+    /// `[cluster]`: the mesh of wse-server nodes (membership only so far, docs/CLUSTER.md).
     pub cluster: ClusterConfig,
     /// `[log]`: log level and the refusal summary interval.
     pub log: LogConfig,
@@ -524,18 +546,19 @@ pub const CLUSTER_FRAME_MAX: usize = 4 << 20;
 /// Most nodes in one cluster (peer sets are 64-bit masks).
 pub const CLUSTER_MEMBERS_MAX: usize = 64;
 
-/// The cluster (docs/CLUSTER.md): a full mesh of nodes on a dedicated cluster core. The section
-/// is read and validated, but clustering does not run yet: `enabled = true` is refused.
+/// The cluster (docs/CLUSTER.md): a full mesh of nodes on a dedicated cluster core. So far the
+/// core runs the membership mesh only (no publication crosses nodes), and `tls` is refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Join a cluster. Not available yet: refused until the cluster core exists.
+    /// Join a cluster: start the cluster core (membership mesh only so far).
     pub enabled: bool,
     /// This node's name, unique and stable across restarts. Empty: the host name.
     pub node_name: String,
     /// Cluster listener, ip:port; its own port, never the WebSocket or control one.
     pub listen: SocketAddr,
-    /// Address other nodes dial, host:port. Unset: `listen` (which must then be a specific address).
+    /// Address other nodes dial, host:port. Unset: `listen`, which must then be a specific address
+    /// and port (refused with `enabled` otherwise).
     pub advertised: Option<String>,
     /// Seed nodes, host:port, re-resolved on each attempt; one reachable seed is enough to join.
     pub seeds: Vec<String>,
@@ -682,18 +705,29 @@ impl ClusterConfig {
                     }
                 }
             }
+            // The cluster core speaks PSK and plaintext; TLS (rustls, with its CA, certificate
+            // and key files checked here) is the next increment. Refused rather than run
+            // unauthenticated.
             ClusterSecurity::Tls if self.enabled => {
-                for (key, file) in [
-                    ("cluster.tls_ca", &self.tls_ca),
-                    ("cluster.tls_cert", &self.tls_cert),
-                    ("cluster.tls_key", &self.tls_key),
-                ] {
-                    if file.is_none() {
-                        return Err(bad(key, "required with security = tls"));
-                    }
-                }
+                return Err(bad(
+                    "cluster.security",
+                    "tls is not available yet: use psk (or none on a loopback address) \
+                     (docs/CLUSTER.md)",
+                ));
             }
             _ => {}
+        }
+        // Peers dial the advertised address (learnt from gossip too): a wildcard would make
+        // them dial themselves.
+        if self.enabled
+            && self.advertised.is_none()
+            && (self.listen.ip().is_unspecified() || self.listen.port() == 0)
+        {
+            return Err(bad(
+                "cluster.advertised",
+                "required when cluster.listen is a wildcard address or port 0: the address other \
+                 nodes dial to reach this one, host:port",
+            ));
         }
         if self.batch_max < 4096 || self.batch_max > CLUSTER_FRAME_MAX - 1024 {
             return Err(bad("cluster.batch_max", "must be 4 KiB..=4 MiB - 1 KiB"));
@@ -743,13 +777,6 @@ impl ClusterConfig {
             return Err(bad(
                 "cluster.suspect_min",
                 "must not exceed cluster.suspect_timeout",
-            ));
-        }
-        if self.enabled {
-            return Err(bad(
-                "cluster.enabled",
-                "clustering is not available yet: its protocol core exists but no cluster core \
-                 runs it (docs/CLUSTER.md)",
             ));
         }
         Ok(())
@@ -1106,34 +1133,83 @@ impl Config {
             enabled,
             node_name,
             listen,
-            advertised: _,
-            seeds: _,
-            security: _,
-            tls_ca: _,
-            tls_cert: _,
-            tls_key: _,
-            psk: _,
-            psk_previous: _,
+            advertised,
+            seeds,
+            security,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            psk,
+            psk_previous,
             core,
-            compression: _,
-            batch_max: _,
-            peer_queue_bytes: _,
-            hold_bytes: _,
-            max_members: _,
-            handshake_timeout: _,
-            ping_interval: _,
-            link_timeout: _,
-            probe_timeout: _,
-            suspect_timeout: _,
-            suspect_min: _,
-            rejoin_interval: _,
-            sub_ack_timeout: _,
+            compression,
+            batch_max,
+            peer_queue_bytes,
+            hold_bytes,
+            max_members,
+            handshake_timeout,
+            ping_interval,
+            link_timeout,
+            probe_timeout,
+            suspect_timeout,
+            suspect_min,
+            rejoin_interval,
+            sub_ack_timeout,
         } = &mut config.cluster;
         let running = &self.cluster;
         keep.key("cluster.enabled", &running.enabled, enabled);
         keep.key("cluster.node_name", &running.node_name, node_name);
         keep.key("cluster.listen", &running.listen, listen);
         keep.key("cluster.core", &running.core, core);
+        keep.key("cluster.advertised", &running.advertised, advertised);
+        keep.key("cluster.seeds", &running.seeds, seeds);
+        keep.key("cluster.security", &running.security, security);
+        keep.key("cluster.tls_ca", &running.tls_ca, tls_ca);
+        keep.key("cluster.tls_cert", &running.tls_cert, tls_cert);
+        keep.key("cluster.tls_key", &running.tls_key, tls_key);
+        keep.key("cluster.psk", &running.psk, psk);
+        keep.key("cluster.psk_previous", &running.psk_previous, psk_previous);
+        keep.key("cluster.compression", &running.compression, compression);
+        keep.key("cluster.batch_max", &running.batch_max, batch_max);
+        keep.key(
+            "cluster.peer_queue_bytes",
+            &running.peer_queue_bytes,
+            peer_queue_bytes,
+        );
+        keep.key("cluster.hold_bytes", &running.hold_bytes, hold_bytes);
+        keep.key("cluster.max_members", &running.max_members, max_members);
+        keep.key(
+            "cluster.handshake_timeout",
+            &running.handshake_timeout,
+            handshake_timeout,
+        );
+        keep.key(
+            "cluster.ping_interval",
+            &running.ping_interval,
+            ping_interval,
+        );
+        keep.key("cluster.link_timeout", &running.link_timeout, link_timeout);
+        keep.key(
+            "cluster.probe_timeout",
+            &running.probe_timeout,
+            probe_timeout,
+        );
+        keep.key(
+            "cluster.suspect_timeout",
+            &running.suspect_timeout,
+            suspect_timeout,
+        );
+        keep.key("cluster.suspect_min", &running.suspect_min, suspect_min);
+        keep.key(
+            "cluster.rejoin_interval",
+            &running.rejoin_interval,
+            rejoin_interval,
+        );
+        keep.key(
+            "cluster.sub_ack_timeout",
+            &running.sub_ack_timeout,
+            sub_ack_timeout,
+        );
         // Every key of [protocol], [auth], [centrifuge] and [log] is live: the shards read the
         // first three per use (auth through a new Authenticator), the binary applies the log
         // filter.
@@ -1412,7 +1488,7 @@ mod tests {
     }
 
     #[test]
-    fn cluster_section_is_validated_and_not_yet_enabled() {
+    fn cluster_section_is_validated_and_tls_not_yet_enabled() {
         let mut c = Config::default();
         c.cluster.listen = "0.0.0.0:5007".parse().unwrap();
         assert_eq!(c.validate().unwrap_err().key, "cluster.listen");
@@ -1435,11 +1511,20 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "cluster.link_timeout");
         c.cluster.ping_interval = Duration::from_secs(1);
         c.validate().unwrap();
-        // Everything else in order, enabling is refused until the cluster core exists.
+        // PSK enables; TLS is refused until it exists.
         c.cluster.enabled = true;
-        assert_eq!(c.validate().unwrap_err().key, "cluster.enabled");
+        c.validate().unwrap();
+        // A wildcard listener needs an address peers can dial.
+        c.cluster.listen = "0.0.0.0:9999".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "cluster.advertised");
+        c.cluster.advertised = Some("node1.example:9999".into());
+        c.validate().unwrap();
+        c.cluster.advertised = None;
+        c.cluster.listen = "127.0.0.2:9999".parse().unwrap();
         c.cluster.security = ClusterSecurity::Tls;
-        assert_eq!(c.validate().unwrap_err().key, "cluster.tls_ca");
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "cluster.security");
+        assert!(e.to_string().contains("not available yet"), "{e}");
     }
 
     #[test]
@@ -1479,6 +1564,27 @@ mod tests {
         next.cluster.node_name = "n2".into();
         next.cluster.listen = "127.0.0.1:3".parse().unwrap();
         next.cluster.core = Some(1);
+        next.cluster.advertised = Some("n2:9999".into());
+        next.cluster.seeds = vec!["n1:9999".into()];
+        next.cluster.security = ClusterSecurity::Psk;
+        next.cluster.tls_ca = Some("ca.pem".into());
+        next.cluster.tls_cert = Some("cert.pem".into());
+        next.cluster.tls_key = Some("key.pem".into());
+        next.cluster.psk = Some("k".repeat(32));
+        next.cluster.psk_previous = Some("j".repeat(32));
+        next.cluster.compression = ClusterCompression::Off;
+        next.cluster.batch_max = 8192;
+        next.cluster.peer_queue_bytes = 1 << 20;
+        next.cluster.hold_bytes = 1 << 20;
+        next.cluster.max_members = 8;
+        next.cluster.handshake_timeout = Duration::from_secs(1);
+        next.cluster.ping_interval = Duration::from_millis(500);
+        next.cluster.link_timeout = Duration::from_secs(2);
+        next.cluster.probe_timeout = Duration::from_millis(200);
+        next.cluster.suspect_timeout = Duration::from_secs(3);
+        next.cluster.suspect_min = Duration::from_millis(500);
+        next.cluster.rejoin_interval = Duration::from_secs(1);
+        next.cluster.sub_ack_timeout = Duration::from_millis(100);
         let r = running.reloaded(&next);
         assert_eq!(r.needs_restart, RESTART_KEYS);
         assert_eq!(

@@ -341,6 +341,7 @@ fn requests_through_the_router() {
             Arc::new(RwLock::new(Some(KEY.to_owned()))),
             hub,
             Arc::default(),
+            None,
         )
     };
     let key = prop_oneof![

@@ -11,6 +11,7 @@
 //! - `GET /metrics`: Prometheus/OpenMetrics text, read from the shards at scrape time; no key.
 //! - `/api/v1/...`: the server API, one endpoint per operation ([`api`], [`commands`]), the
 //!   publish API ([`publish`]) and `POST /api/v1/batch`; they need `control.api_key`.
+//! - `GET /api/v1/cluster`: the cluster core's membership snapshot (`crate::cluster`), read-only.
 
 mod api;
 mod commands;
@@ -43,6 +44,8 @@ use tokio::sync::watch;
 use wse_shards::Server;
 use wse_shards::config::ControlConfig;
 
+use crate::cluster::ClusterView;
+
 /// How long `stop` lets in-flight requests finish before the remaining connections are dropped.
 /// A graceful shutdown alone would wait for a client that keeps a request open forever.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -68,7 +71,11 @@ pub struct ControlPlane {
 ///
 /// # Errors
 /// The listener cannot bind, or the runtime or the thread cannot start.
-pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlane> {
+pub fn start(
+    server: Arc<Server>,
+    cfg: &ControlConfig,
+    cluster: Option<ClusterView>,
+) -> io::Result<ControlPlane> {
     let std_listener = std::net::TcpListener::bind(cfg.listen)?;
     std_listener.set_nonblocking(true)?;
     let local_addr = std_listener.local_addr()?;
@@ -95,6 +102,7 @@ pub fn start(server: Arc<Server>, cfg: &ControlConfig) -> io::Result<ControlPlan
         api_key.clone(),
         hub.clone(),
         listener_metrics.clone(),
+        cluster,
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     // Pulling events from the shards and turning them into JSON is the event stream's heavy
@@ -172,6 +180,8 @@ struct AppState {
     events: Arc<events::Hub>,
     /// The control listener's connection and timeout counters.
     listener: Arc<listener::ControlMetrics>,
+    /// The cluster core's membership, when `cluster.enabled`.
+    cluster: Option<ClusterView>,
 }
 
 type Shared = Arc<AppState>;
@@ -184,6 +194,7 @@ fn router(
     api_key: ApiKey,
     events: Arc<events::Hub>,
     listener: Arc<listener::ControlMetrics>,
+    cluster: Option<ClusterView>,
 ) -> Router {
     // Larger bodies are refused with 413 while being read (the `Bytes` extractor enforces it).
     let body_limit = server.config().limits.max_message_size;
@@ -199,6 +210,7 @@ fn router(
         registry,
         events,
         listener,
+        cluster,
     });
     // A route layer runs before the handler's extractors: an unauthorised body is never read.
     use api::{get_op, get_plain, post_op, post_plain};
@@ -249,6 +261,7 @@ fn router(
         .route("/api/v1/health", get_plain("health"))
         .route("/api/v1/drain", post_plain("drain"))
         .route("/api/v1/batch", post(api::batch))
+        .route("/api/v1/cluster", get(cluster_view))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             publish::require_api_key,
@@ -304,6 +317,15 @@ async fn prometheus(State(state): State<Shared>) -> Result<Response, ApiError> {
         )
     })?;
     Ok(([(CONTENT_TYPE, OPENMETRICS)], text).into_response())
+}
+
+/// `GET /api/v1/cluster`: who this node sees in the cluster (docs/CLUSTER.md). The cluster core
+/// publishes a snapshot after every change; this only reads it.
+async fn cluster_view(State(state): State<Shared>) -> Json<serde_json::Value> {
+    Json(match &state.cluster {
+        Some(view) => view.snapshot(),
+        None => json!({ "enabled": false }),
+    })
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -121,7 +121,7 @@ async fn wait_for_metric(addr: SocketAddr, line: &str) -> String {
 #[tokio::test]
 async fn control_plane_over_http() {
     let (server, cfg) = engine();
-    let control = start(server.clone(), &cfg.control).expect("control plane starts");
+    let control = start(server.clone(), &cfg.control, None).expect("control plane starts");
     let addr = control.local_addr();
     assert_ne!(addr.port(), 0);
 
@@ -285,7 +285,7 @@ async fn control_plane_over_http() {
     // With no key configured the API is off, whatever the request carries.
     let mut no_key = cfg.control.clone();
     no_key.api_key = None;
-    let closed = start(server.clone(), &no_key).unwrap();
+    let closed = start(server.clone(), &no_key, None).unwrap();
     let r = publish(
         closed.local_addr(),
         "/api/v1/publish",
@@ -311,7 +311,8 @@ async fn control_plane_over_http() {
             &ControlConfig {
                 listen: addr,
                 ..no_key
-            }
+            },
+            None,
         )
         .is_err()
     );

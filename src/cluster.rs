@@ -1,0 +1,585 @@
+//! The cluster core (docs/CLUSTER.md): a thread of its own that owns the cluster listener and
+//! the dials to seeds and members, and drives the sans-IO `wse_cluster::node::Node` with real
+//! sockets and a real clock. This increment runs the membership mesh only: no publication or
+//! interest crosses nodes yet (the fabric wiring to the shards comes next), so `server_hello`
+//! keeps `"cluster":false`. The control plane reads a snapshot of the membership
+//! (`GET /api/v1/cluster`).
+//!
+//! Why a current-thread tokio runtime: the node is one synchronous state machine that must not
+//! be shared, so everything that touches it runs on one thread. The runtime gives that thread
+//! non-blocking sockets, resolution on each dial (`TcpStream::connect("host:port")`) and timers
+//! without a poller of our own, and the binary already builds on tokio for the control plane.
+//! Each socket gets a reader task and a writer task that only move bytes; they talk to the
+//! loop over one bounded channel, so a peer that floods us is slowed by TCP, not buffered.
+//! (compio, as the shards use, would need the same tasks; io_uring's batching matters on the
+//! data path, which is not wired yet.)
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use wse_cluster::handshake::Security;
+use wse_cluster::node::{self, Action, ConnId, Event, Node};
+use wse_cluster::wire::MemberState;
+use wse_shards::config::{ClusterCompression, ClusterConfig, ClusterSecurity};
+
+/// Name sent in HELLO; nodes of another cluster name are refused (one name until it is
+/// configurable).
+const CLUSTER_NAME: &str = "wse";
+/// What must agree cluster-wide beyond the key, hashed into HELLO. Nothing is configurable
+/// that must agree yet; a setting that must will be folded in here.
+const FINGERPRINT: u64 = 0;
+/// How often the node's timers run (pings, deadlines, probes, dials), in real time. The
+/// shortest timer it serves is `cluster.ping_interval` (≥ 10 ms by validation); 20 ms keeps the
+/// failure-detection figures within a few percent while idle wake-ups stay at 50/s.
+const TICK: Duration = Duration::from_millis(20);
+/// Events queued from the socket tasks to the loop; a full queue makes readers wait (TCP then
+/// slows the peer), so memory stays bounded whatever peers send.
+const EVENT_QUEUE: usize = 1024;
+/// Bytes one read takes from a socket.
+const READ_CHUNK: usize = 64 * 1024;
+/// A dial (resolution and connect) is abandoned after this long and reported failed; the
+/// node's circuit breaker schedules the next one.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// At stop, time allowed for the GOODBYE(LEFT) records to be written before the thread exits.
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
+/// Events handled per loop turn before the node flushes, so a burst cannot delay flushing.
+const EVENTS_PER_TURN: usize = 256;
+/// Failed handshakes logged per second at most; the rest are counted and the count is given
+/// with the next line logged, so a peer (or anyone who can reach the cluster port) that fails
+/// on purpose cannot flood the log.
+const HANDSHAKE_LOGS_PER_SEC: u32 = 10;
+
+/// What the socket tasks tell the loop.
+enum SockEvent {
+    Accepted(TcpStream, SocketAddr),
+    Connected(ConnId),
+    DialFailed(ConnId),
+    Input(ConnId, Vec<u8>),
+    Transmitted(ConnId, usize),
+    Closed(ConnId),
+}
+
+/// What the loop tells a connection's writer.
+enum WriteCmd {
+    Bytes(Vec<u8>),
+    /// Write what came before, then shut the socket down.
+    Close,
+}
+
+/// The membership as last seen by the cluster core, read by the control plane.
+#[derive(Clone, Default)]
+pub struct ClusterView(Arc<Mutex<Value>>);
+
+impl ClusterView {
+    /// `GET /api/v1/cluster`'s body.
+    pub fn snapshot(&self) -> Value {
+        self.0.lock().map(|v| v.clone()).unwrap_or(Value::Null)
+    }
+    fn set(&self, v: Value) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = v;
+        }
+    }
+}
+
+/// The running cluster core.
+pub struct ClusterCore {
+    view: ClusterView,
+    local_addr: SocketAddr,
+    stop_tx: watch::Sender<bool>,
+    thread: JoinHandle<()>,
+}
+
+impl ClusterCore {
+    /// Binds `cfg.listen` (here, so that an address in use fails at start) and starts the
+    /// "wse-cluster" thread. `cfg` is validated; `tls` is refused by validation until it exists.
+    ///
+    /// # Errors
+    /// The listener cannot bind, the runtime or the thread cannot start, or the security mode
+    /// is not available.
+    pub fn start(cfg: &ClusterConfig) -> io::Result<Self> {
+        let security = match cfg.security {
+            ClusterSecurity::None => Security::None,
+            ClusterSecurity::Psk => Security::Psk {
+                current: cfg
+                    .psk
+                    .clone()
+                    .ok_or_else(|| io::Error::other("cluster.psk is required"))?
+                    .into_bytes(),
+                previous: cfg.psk_previous.clone().map(String::into_bytes),
+            },
+            ClusterSecurity::Tls => {
+                return Err(io::Error::other(
+                    "cluster.security = tls is not available yet",
+                ));
+            }
+        };
+        let std_listener = std::net::TcpListener::bind(cfg.listen)?;
+        std_listener.set_nonblocking(true)?;
+        let local_addr = std_listener.local_addr()?;
+        let name = if cfg.node_name.is_empty() {
+            host_name()
+        } else {
+            cfg.node_name.clone()
+        };
+        let advertised = cfg
+            .advertised
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string());
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let timing = node::Timing {
+            handshake_timeout: us(cfg.handshake_timeout),
+            ping_interval: us(cfg.ping_interval),
+            link_timeout: us(cfg.link_timeout),
+            probe_timeout: us(cfg.probe_timeout),
+            suspect_timeout: us(cfg.suspect_timeout),
+            suspect_min: us(cfg.suspect_min),
+            rejoin_interval: us(cfg.rejoin_interval),
+            sub_ack_timeout: us(cfg.sub_ack_timeout),
+            ..node::Timing::default()
+        };
+        let limits = node::Limits {
+            batch_max: cfg.batch_max,
+            peer_queue_bytes: cfg.peer_queue_bytes,
+            hold_bytes: cfg.hold_bytes,
+            max_members: cfg.max_members,
+            ..node::Limits::default()
+        };
+        let node_cfg = node::Config {
+            cluster: CLUSTER_NAME.to_owned(),
+            name,
+            advertised,
+            seeds: cfg.seeds.clone(),
+            security,
+            fingerprint: FINGERPRINT,
+            compression: match cfg.compression {
+                ClusterCompression::Off => node::Compression::Off,
+                ClusterCompression::On => node::Compression::On,
+                ClusterCompression::Auto => node::Compression::Auto,
+            },
+            timing,
+            limits,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _context = runtime.enter();
+            TcpListener::from_std(std_listener)?
+        };
+        let view = ClusterView::default();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let core = cfg.core;
+        let thread = {
+            let view = view.clone();
+            std::thread::Builder::new()
+                .name("wse-cluster".to_owned())
+                .spawn(move || {
+                    if let Some(id) = core
+                        && !core_affinity::set_for_current(core_affinity::CoreId { id })
+                    {
+                        tracing::warn!(core = id, "cannot pin the cluster core's thread");
+                    }
+                    runtime.block_on(run(node_cfg, listener, view, stop_rx));
+                })?
+        };
+        Ok(Self {
+            view,
+            local_addr,
+            stop_tx,
+            thread,
+        })
+    }
+
+    /// The membership, for the control plane.
+    pub fn view(&self) -> ClusterView {
+        self.view.clone()
+    }
+
+    /// The cluster listener's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Leaves the cluster (peers mark this node Left and do not redial it) and joins the thread.
+    pub fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        let _ = self.thread.join();
+    }
+}
+
+/// The host name, for a node without `cluster.node_name`.
+fn host_name() -> String {
+    let u = rustix::system::uname();
+    u.nodename().to_string_lossy().into_owned()
+}
+
+/// Incarnations must grow across restarts: wall-clock milliseconds × 2¹⁶ leaves room for
+/// refutation bumps (docs/CLUSTER.md, "Incarnations").
+fn first_incarnation() -> u64 {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 16)
+    });
+    ms << 16
+}
+
+/// A connection's tasks, as the loop sees them.
+struct ConnTasks {
+    /// Unbounded here because the node bounds it: what it sends a peer and the socket has not
+    /// taken yet counts against `peer_queue_bytes` until reported by `Transmitted`.
+    writer: mpsc::UnboundedSender<WriteCmd>,
+}
+
+/// The cluster core's loop: socket events and ticks into the node, its actions out to the
+/// sockets, a membership snapshot for the control plane after every turn that changed it.
+async fn run(
+    cfg: node::Config,
+    listener: TcpListener,
+    view: ClusterView,
+    mut stop: watch::Receiver<bool>,
+) {
+    let start = Instant::now();
+    let now = || u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let seed = rand::random::<u64>();
+    let mut node = Node::new(cfg.clone(), first_incarnation(), seed, now());
+    tracing::info!(
+        node = %cfg.name,
+        listen = %cfg.advertised,
+        seeds = ?cfg.seeds,
+        "cluster core started (membership mesh only: no publications cross nodes yet)"
+    );
+    let (tx, mut rx) = mpsc::channel::<SockEvent>(EVENT_QUEUE);
+    let acceptor = tokio::spawn(accept_loop(listener, tx.clone()));
+    let mut conns: HashMap<ConnId, ConnTasks> = HashMap::new();
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut handshakes = HandshakeLog::new();
+    // Published before the first turn, so the control plane never answers with nothing.
+    let mut last_view = snapshot(&node, &cfg);
+    view.set(last_view.clone());
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                handle(&mut node, &mut conns, &tx, ev, now());
+                for _ in 1..EVENTS_PER_TURN {
+                    match rx.try_recv() {
+                        Ok(ev) => handle(&mut node, &mut conns, &tx, ev, now()),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = ticker.tick() => node.tick(now()),
+        }
+        node.flush(now());
+        carry_out(&mut node, &mut conns, &tx, &mut handshakes);
+        let v = snapshot(&node, &cfg);
+        if v != last_view {
+            view.set(v.clone());
+            last_view = v;
+        }
+    }
+    // Leave: peers mark us Left at once instead of suspecting us, and never redial this
+    // incarnation.
+    node.leave(now());
+    node.flush(now());
+    carry_out(&mut node, &mut conns, &tx, &mut handshakes);
+    acceptor.abort();
+    let writers: Vec<_> = conns.drain().map(|(_, c)| c.writer).collect();
+    for w in &writers {
+        let _ = w.send(WriteCmd::Close);
+    }
+    drop(writers);
+    // The writers end once they have written and shut down; wait for them, bounded.
+    drop(tx);
+    let _ = tokio::time::timeout(LEAVE_GRACE, async {
+        while let Some(ev) = rx.recv().await {
+            drop(ev);
+        }
+    })
+    .await;
+    tracing::info!("cluster core stopped: left the cluster");
+}
+
+async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<SockEvent>) {
+    loop {
+        match listener.accept().await {
+            Ok((s, addr)) => {
+                if tx.send(SockEvent::Accepted(s, addr)).await.is_err() {
+                    return;
+                }
+            }
+            // Out of descriptors and the like: the node's peers redial; do not spin.
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster listener: accept failed");
+                tokio::time::sleep(TICK).await;
+            }
+        }
+    }
+}
+
+fn handle(
+    node: &mut Node,
+    conns: &mut HashMap<ConnId, ConnTasks>,
+    tx: &mpsc::Sender<SockEvent>,
+    ev: SockEvent,
+    now: u64,
+) {
+    match ev {
+        SockEvent::Accepted(stream, addr) => match node.accept(&addr.to_string(), now) {
+            // Over the unauthenticated caps: the socket closes as it drops.
+            None => {
+                tracing::debug!(%addr, "cluster: inbound connection refused (too many unauthenticated)")
+            }
+            Some(conn) => {
+                let (w, r) = mpsc::unbounded_channel();
+                conns.insert(conn, ConnTasks { writer: w });
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(conn, stream, r, tx.clone()));
+            }
+        },
+        SockEvent::Connected(conn) => node.connected(conn, now),
+        SockEvent::DialFailed(conn) => {
+            conns.remove(&conn);
+            node.dial_failed(conn, now);
+        }
+        SockEvent::Input(conn, bytes) => node.input(conn, &bytes, now),
+        SockEvent::Transmitted(conn, n) => node.transmitted(conn, n),
+        SockEvent::Closed(conn) => {
+            conns.remove(&conn);
+            node.closed(conn, now);
+        }
+    }
+}
+
+fn carry_out(
+    node: &mut Node,
+    conns: &mut HashMap<ConnId, ConnTasks>,
+    tx: &mpsc::Sender<SockEvent>,
+    handshakes: &mut HandshakeLog,
+) {
+    while let Some(action) = node.poll_action() {
+        match action {
+            Action::Dial { conn, addr } => {
+                let (w, r) = mpsc::unbounded_channel();
+                conns.insert(conn, ConnTasks { writer: w });
+                tokio::spawn(dial(conn, addr, r, tx.clone()));
+            }
+            Action::Send { conn, bytes } => {
+                if let Some(c) = conns.get(&conn) {
+                    let _ = c.writer.send(WriteCmd::Bytes(bytes));
+                }
+            }
+            Action::Close { conn } => {
+                if let Some(c) = conns.remove(&conn) {
+                    let _ = c.writer.send(WriteCmd::Close);
+                }
+            }
+            // No local interest is advertised yet (the fabric is not wired), so peers send
+            // nothing to deliver; anything that comes is unwanted and counted by the node.
+            Action::Deliver { .. }
+            | Action::DeliverGroup { .. }
+            | Action::SubscribeAcked { .. } => {}
+            Action::Event(e) => log_event(&e, handshakes),
+        }
+    }
+}
+
+/// Rate limit on the failed-handshake log line.
+struct HandshakeLog {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl HandshakeLog {
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log one more now; if so, how many were left out before it.
+    fn admit(&mut self) -> Option<u64> {
+        if self.window_start.elapsed() >= Duration::from_secs(1) {
+            self.window_start = Instant::now();
+            self.logged = 0;
+        }
+        if self.logged >= HANDSHAKE_LOGS_PER_SEC {
+            self.suppressed += 1;
+            return None;
+        }
+        self.logged += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+fn log_event(e: &Event, handshakes: &mut HandshakeLog) {
+    match e {
+        Event::Member {
+            name,
+            incarnation,
+            state,
+        } => tracing::info!(
+            member = %name,
+            incarnation,
+            state = state_name(*state),
+            "cluster member {name} is {}",
+            state_name(*state)
+        ),
+        Event::LinkUp { peer } => tracing::info!(peer = %peer, "cluster link to {peer} up"),
+        Event::LinkDown { peer } => tracing::info!(peer = %peer, "cluster link to {peer} down"),
+        Event::NameConflict { name, addr } => tracing::error!(
+            name = %name,
+            addr = %addr,
+            "cluster: another node at {addr} claims the name {name}, which is in use"
+        ),
+        Event::Refuted { incarnation } => {
+            tracing::warn!(incarnation, "cluster: refuted a suspicion of this node")
+        }
+        Event::HandshakeFailed { addr, error } => {
+            if let Some(left_out) = handshakes.admit() {
+                tracing::warn!(
+                    addr = %addr,
+                    left_out,
+                    "cluster handshake with {addr} failed: {error}"
+                );
+            }
+        }
+    }
+}
+
+fn state_name(s: MemberState) -> &'static str {
+    match s {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Leaving => "leaving",
+        MemberState::Dead => "dead",
+        MemberState::Left => "left",
+    }
+}
+
+/// `GET /api/v1/cluster`'s body (docs/CLUSTER.md).
+fn snapshot(node: &Node, cfg: &node::Config) -> Value {
+    let members: Vec<Value> = node
+        .members()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "incarnation": m.incarnation,
+                "state": state_name(m.state),
+                "link": m.link.is_some(),
+                "rtt_us": m.rtt_us,
+            })
+        })
+        .collect();
+    json!({
+        "enabled": true,
+        "node": {
+            "name": node.name(),
+            "incarnation": node.incarnation(),
+            "advertised": cfg.advertised,
+        },
+        "members": members,
+        "connections": node.connection_count(),
+        "routing": false,
+    })
+}
+
+/// Dials `addr` (resolved now: DNS is re-read on every attempt), then serves the connection.
+async fn dial(
+    conn: ConnId,
+    addr: String,
+    writes: mpsc::UnboundedReceiver<WriteCmd>,
+    tx: mpsc::Sender<SockEvent>,
+) {
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            // Sent before any input of this connection: the channel keeps the order.
+            if tx.send(SockEvent::Connected(conn)).await.is_ok() {
+                serve(conn, stream, writes, tx).await;
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, error = %e, "cluster dial failed");
+            let _ = tx.send(SockEvent::DialFailed(conn)).await;
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "cluster dial timed out");
+            let _ = tx.send(SockEvent::DialFailed(conn)).await;
+        }
+    }
+}
+
+/// Moves bytes both ways until either side ends, then reports the connection closed once.
+async fn serve(
+    conn: ConnId,
+    stream: TcpStream,
+    mut writes: mpsc::UnboundedReceiver<WriteCmd>,
+    tx: mpsc::Sender<SockEvent>,
+) {
+    let (mut r, mut w) = stream.into_split();
+    let reader = {
+        let tx = tx.clone();
+        async move {
+            let mut buf = vec![0u8; READ_CHUNK];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx
+                            .send(SockEvent::Input(conn, buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let writer = {
+        let tx = tx.clone();
+        async move {
+            while let Some(cmd) = writes.recv().await {
+                match cmd {
+                    WriteCmd::Bytes(b) => {
+                        if w.write_all(&b).await.is_err() {
+                            return;
+                        }
+                        if tx
+                            .send(SockEvent::Transmitted(conn, b.len()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    WriteCmd::Close => break,
+                }
+            }
+            let _ = w.shutdown().await;
+        }
+    };
+    // Either end finishing ends the connection: the node reads a closed socket as the link
+    // gone, and a Close from the node needs no more reading.
+    tokio::select! {
+        () = reader => {}
+        () = writer => {}
+    }
+    let _ = tx.send(SockEvent::Closed(conn)).await;
+}
