@@ -23,7 +23,6 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use serde_json::value::RawValue;
 use wse_shards::command::AppSubscribe;
 use wse_shards::{
     AppEvent, AppEventKind, CommandError, Config, ConnId, Payload, PublishError, QueryError,
@@ -417,14 +416,16 @@ impl RustWSEServer {
             .map(drop)
     }
 
-    /// Fan-out to topic subscribers on this node. `data` must be a JSON object's text (the
-    /// engine stamps recovery positions inside it): anything else raises ValueError.
+    /// Fan-out to topic subscribers on this node. A JSON object's text is stamped with the
+    /// recovery position when recovery is on (and gets `"c":"U"` when it has a `t` and no `c`,
+    /// as upstream); any other text is sent as it is. Text that starts with `{` but is not a
+    /// JSON object raises ValueError.
     fn broadcast_local(&self, py: Python<'_>, topic: String, data: String) -> PyResult<()> {
         self.publish(py, &topic, data)
     }
 
     /// Fan-out to topic subscribers locally and across cluster peers (single-node for now:
-    /// the same as broadcast_local()). `data` must be a JSON object's text.
+    /// the same as broadcast_local()). `data` as for broadcast_local().
     fn broadcast(&self, py: Python<'_>, topic: String, data: String) -> PyResult<()> {
         self.publish(py, &topic, data)
     }
@@ -445,13 +446,14 @@ impl RustWSEServer {
         Ok(list.into_iter().map(|c| c.id.to_string()).collect())
     }
 
-    /// Force-disconnect a connection (close code 1000). An unknown connection is ignored.
+    /// Force-disconnect a connection: a close frame without status code, as upstream (clients
+    /// see 1005). An unknown connection is ignored.
     fn disconnect(&self, py: Python<'_>, conn_id: String) -> PyResult<()> {
         let Some(conn) = ConnId::parse(&conn_id) else {
             return Ok(());
         };
         let server = self.running()?;
-        ignore_gone(wait(py, server.disconnect(conn, 1000, ""))?).map(drop)
+        ignore_gone(wait(py, server.disconnect_without_status(conn))?).map(drop)
     }
 
     /// Set the topic ACL of a connection (globs; deny wins; no allow list allows everything
@@ -904,8 +906,8 @@ impl RustWSEServer {
 
     fn publish(&self, py: Python<'_>, topic: &str, data: String) -> PyResult<()> {
         let server = self.running()?;
-        let message = RawValue::from_string(data).map_err(|_| not_an_object())?;
-        match py.detach(|| server.broadcast(topic, &message)) {
+        let data = with_category(data);
+        match py.detach(|| server.broadcast_text(topic, &data)) {
             Ok(()) => Ok(()),
             Err(PublishError::NotAnObject) => Err(not_an_object()),
             Err(PublishError::InvalidTopic(why)) => Err(PyValueError::new_err(format!(
@@ -1024,9 +1026,44 @@ fn start_error(e: StartError) -> PyErr {
 
 fn not_an_object() -> PyErr {
     PyValueError::new_err(
-        "broadcast data must be a JSON object's text, e.g. '{\"t\":\"event\",\"p\":{...}}' \
-         (this engine stamps recovery positions inside it)",
+        "broadcast data that starts with '{' must be a JSON object's text (this engine stamps \
+         recovery positions inside it); other text is sent as it is",
     )
+}
+
+/// Upstream's broadcast puts `"c":"U"` (the user-message category) first in a JSON object that
+/// has a `t` and no `c` (whatever their values); anything else is left as it is.
+fn with_category(data: String) -> String {
+    use serde::{Deserialize, Deserializer, de::IgnoredAny};
+
+    /// Which of the two keys the object has (a missing key is `false`).
+    #[derive(Deserialize)]
+    struct Keys {
+        #[serde(default, deserialize_with = "present")]
+        t: bool,
+        #[serde(default, deserialize_with = "present")]
+        c: bool,
+    }
+    fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| true)
+    }
+
+    let Some(brace) = data.find(|ch: char| !ch.is_whitespace()) else {
+        return data;
+    };
+    if !data[brace..].starts_with('{') {
+        return data;
+    }
+    match serde_json::from_str::<Keys>(&data) {
+        Ok(Keys { t: true, c: false }) => {
+            let mut out = String::with_capacity(data.len() + 9);
+            out.push_str(&data[..=brace]);
+            out.push_str("\"c\":\"U\",");
+            out.push_str(&data[brace + 1..]);
+            out
+        }
+        _ => data,
+    }
 }
 
 fn warn_failed(py: Python<'_>, failed: &[wse_shards::protocol::FailedTopic]) -> PyResult<()> {

@@ -145,7 +145,8 @@ pub enum Command {
     Disconnect {
         /// The connection to close.
         conn: ConnId,
-        /// Close code: 1000 or 3000..=4999 (checked before the command is sent).
+        /// Close code: 1000 or 3000..=4999 (checked before the command is sent), or 1005 for a
+        /// close frame without status (`Server::disconnect_without_status`).
         code: u16,
         /// Close reason, cut to fit a control frame.
         reason: Box<str>,

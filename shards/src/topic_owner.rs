@@ -106,16 +106,21 @@ impl TopicOwner {
         owner_of(topic, self.shards) == self.me
     }
 
-    /// Numbers the next publication of `topic` and frames it once: stamped and recorded in the
-    /// topic's history when recovery is on.
+    /// Numbers the next publication of `topic` and frames it once: recorded in the topic's
+    /// history when recovery is on, and then stamped when it is a JSON object (starts with `{`).
     pub fn sequence(&mut self, topic: &str, body: &[u8], now_ms: u64) -> Sequenced {
         debug_assert!(self.owns(topic), "sequenced off its owner");
         if self.history.is_some() {
             let (ring, epoch, last) = self.ensure_ring(topic, now_ms);
             let offset = last + 1;
             self.entry(topic).published = offset;
-            let frame =
-                codec::encode_frame(OpCode::Text, &protocol::stamped(topic, epoch, offset, body));
+            // Only a JSON object can carry stamps (`Server::broadcast_text` lets other text
+            // through, as it is): it is numbered and kept all the same.
+            let frame = if body.first() == Some(&b'{') {
+                codec::encode_frame(OpCode::Text, &protocol::stamped(topic, epoch, offset, body))
+            } else {
+                codec::encode_frame(OpCode::Text, body)
+            };
             let history = self.history.as_mut().expect("checked above");
             history.append(ring, offset, &frame, now_ms);
             Sequenced {

@@ -153,8 +153,8 @@ impl<T: Transport> Shard<T> {
                     self.run.cfg().protocol.compression_threshold,
                 );
                 let op = match wire {
-                    Wire::Text => OpCode::Text,
-                    Wire::Binary => OpCode::Binary,
+                    Wire::Text if !self.run.cfg().protocol.binary_event_frames => OpCode::Text,
+                    Wire::Text | Wire::Binary => OpCode::Binary,
                 };
                 codec::encode_frame(op, &bytes)
             }
