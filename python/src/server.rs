@@ -788,9 +788,10 @@ impl RustWSEServer {
         Ok(d)
     }
 
-    /// Prometheus exposition text: upstream's server gauges and counters (`wse_connections`,
-    /// `wse_inbound_queue_depth`, `wse_uptime_seconds`, `wse_messages_received_total`, ...).
-    /// The per-topic, cluster, recovery and presence series are not produced yet.
+    /// Prometheus exposition text with upstream's series, in upstream's order: the server's
+    /// gauges and counters, the cluster's (all 0: no cluster), recovery and presence. Not
+    /// produced: `wse_topics` and `wse_topic_messages_total{topic}` (the engine keeps no
+    /// per-topic delivery counters, and no count of the topics subscribed on any shard).
     fn prometheus_metrics(&self) -> String {
         let Some(server) = self.server() else {
             return String::new();
@@ -799,85 +800,162 @@ impl RustWSEServer {
         let sum = |f: fn(&wse_shards::metrics::ShardMetrics) -> u64| -> u64 {
             server.metrics().iter().map(|m| f(m)).sum()
         };
+        let rejected = sum(|m| m.rejected.iter().map(|c| c.get()).sum());
+        let gauge = "gauge";
+        let counter = "counter";
+        let series: [(&str, &str, &str, String); 24] = [
+            (
+                "wse_connections",
+                gauge,
+                "Current active WebSocket connections",
+                h.connections.to_string(),
+            ),
+            (
+                "wse_inbound_queue_depth",
+                gauge,
+                "Drain queue backlog",
+                h.inbound_queue_depth.to_string(),
+            ),
+            (
+                "wse_uptime_seconds",
+                gauge,
+                "Server uptime in seconds",
+                format!("{:.1}", h.uptime.as_secs_f64()),
+            ),
+            (
+                "wse_messages_received_total",
+                counter,
+                "Total messages received from clients",
+                sum(|m| m.messages_in_total.get()).to_string(),
+            ),
+            (
+                "wse_messages_sent_total",
+                counter,
+                "Total messages sent to clients",
+                sum(|m| m.messages_out_total.get()).to_string(),
+            ),
+            (
+                "wse_connections_accepted_total",
+                counter,
+                "Total connections accepted",
+                sum(|m| m.connections_accepted_total.get()).to_string(),
+            ),
+            (
+                "wse_connections_rejected_total",
+                counter,
+                "Total connections rejected (connection limit, pending handshakes, bad or timed-out upgrades, no file descriptor)",
+                rejected.to_string(),
+            ),
+            (
+                "wse_bytes_received_total",
+                counter,
+                "Total bytes received from clients",
+                sum(|m| m.bytes_in_total.get()).to_string(),
+            ),
+            (
+                "wse_bytes_sent_total",
+                counter,
+                "Total bytes sent to clients",
+                sum(|m| m.bytes_out_total.get()).to_string(),
+            ),
+            (
+                "wse_auth_failures_total",
+                counter,
+                "Total authentication failures",
+                sum(|m| m.auth_failures_total.get()).to_string(),
+            ),
+            (
+                "wse_rate_limited_total",
+                counter,
+                "Total messages dropped by rate limiter",
+                sum(|m| m.rate_limited_total.get()).to_string(),
+            ),
+            (
+                "wse_inbound_dropped_total",
+                counter,
+                "Drain queue events dropped",
+                h.inbound_dropped.to_string(),
+            ),
+            (
+                "wse_slow_consumer_drops_total",
+                counter,
+                "Connections closed for not reading (4413)",
+                h.slow_consumer_drops.to_string(),
+            ),
+            (
+                "wse_cluster_peers",
+                gauge,
+                "Connected cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_messages_sent_total",
+                counter,
+                "Messages sent to cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_messages_delivered_total",
+                counter,
+                "Messages delivered from cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_messages_dropped_total",
+                counter,
+                "Messages dropped in cluster",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_bytes_sent_total",
+                counter,
+                "Bytes sent to cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_bytes_received_total",
+                counter,
+                "Bytes received from cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_reconnects_total",
+                counter,
+                "Cluster peer reconnections",
+                "0".into(),
+            ),
+            (
+                "wse_recovery_topics",
+                gauge,
+                "Topics with recovery buffers",
+                h.recovery_topics.to_string(),
+            ),
+            (
+                "wse_recovery_bytes",
+                gauge,
+                "Total bytes in recovery buffers",
+                h.recovery_bytes.to_string(),
+            ),
+            (
+                "wse_presence_topics",
+                gauge,
+                "Topics with presence tracking",
+                h.presence_topics.to_string(),
+            ),
+            (
+                "wse_presence_users",
+                gauge,
+                "Total users across all topics",
+                h.presence_users.to_string(),
+            ),
+        ];
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        for (name, kind, help, value) in &series {
             let _ = write!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             );
-        };
-        metric(
-            "wse_connections",
-            "gauge",
-            "Current active WebSocket connections",
-            h.connections.to_string(),
-        );
-        metric(
-            "wse_inbound_queue_depth",
-            "gauge",
-            "Drain queue backlog",
-            h.inbound_queue_depth.to_string(),
-        );
-        metric(
-            "wse_uptime_seconds",
-            "gauge",
-            "Server uptime in seconds",
-            format!("{:.1}", h.uptime.as_secs_f64()),
-        );
-        metric(
-            "wse_messages_received_total",
-            "counter",
-            "Total messages received from clients",
-            sum(|m| m.messages_in_total.get()).to_string(),
-        );
-        metric(
-            "wse_messages_sent_total",
-            "counter",
-            "Total messages sent to clients",
-            sum(|m| m.messages_out_total.get()).to_string(),
-        );
-        metric(
-            "wse_connections_accepted_total",
-            "counter",
-            "Total connections accepted",
-            sum(|m| m.connections_accepted_total.get()).to_string(),
-        );
-        metric(
-            "wse_bytes_received_total",
-            "counter",
-            "Total bytes received from clients",
-            sum(|m| m.bytes_in_total.get()).to_string(),
-        );
-        metric(
-            "wse_bytes_sent_total",
-            "counter",
-            "Total bytes sent to clients",
-            sum(|m| m.bytes_out_total.get()).to_string(),
-        );
-        metric(
-            "wse_auth_failures_total",
-            "counter",
-            "Total authentication failures",
-            sum(|m| m.auth_failures_total.get()).to_string(),
-        );
-        metric(
-            "wse_rate_limited_total",
-            "counter",
-            "Total messages dropped by rate limiter",
-            sum(|m| m.rate_limited_total.get()).to_string(),
-        );
-        metric(
-            "wse_inbound_dropped",
-            "counter",
-            "Inbound events dropped (queue full)",
-            h.inbound_dropped.to_string(),
-        );
-        metric(
-            "wse_slow_consumer_drops",
-            "counter",
-            "Connections closed for not reading (4413)",
-            h.slow_consumer_drops.to_string(),
-        );
+        }
         out
     }
 

@@ -424,6 +424,46 @@ def test_health_and_metrics(make_server) -> None:
     run(go())
 
 
+def metric(text: str, name: str) -> float:
+    (value,) = [line.split()[1] for line in text.splitlines() if line.split()[:1] == [name]]
+    return float(value)
+
+
+def test_prometheus_recovery_presence_and_rejections(make_server) -> None:
+    srv, url = make_server(recovery_enabled=True, presence_enabled=True, max_connections=1)
+
+    def until(pred) -> str:
+        # The recovery and presence gauges are the shards' own, sampled at each loop turn's end.
+        end = time.monotonic() + 5
+        while not pred(text := srv.prometheus_metrics()):
+            assert time.monotonic() < end, text
+            time.sleep(0.01)
+        return text
+
+    async def go() -> None:
+        async with websockets.connect(url):
+            conn = wait_connect(srv)
+            assert metric(srv.prometheus_metrics(), "wse_presence_users") == 0
+            srv.subscribe_connection(conn, ["room"], {"x": 1})
+            text = until(lambda t: metric(t, "wse_presence_users") == 1)
+            assert metric(text, "wse_presence_topics") == 1
+            assert metric(text, "wse_recovery_topics") == 0
+            srv.subscribe_with_recovery(conn, ["feed"])
+            srv.broadcast("feed", '{"t":"a"}')
+            text = until(lambda t: metric(t, "wse_recovery_topics") == 1)
+            assert metric(text, "wse_recovery_bytes") > 0
+            assert metric(text, "wse_cluster_peers") == 0
+            # Over max_connections: closed with 1013 after the upgrade, counted as rejected.
+            assert metric(text, "wse_connections_rejected_total") == 0
+            async with websockets.connect(url) as extra:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await asyncio.wait_for(extra.recv(), 5)
+                assert closed.value.rcvd.code == 1013
+            assert metric(srv.prometheus_metrics(), "wse_connections_rejected_total") == 1
+
+    run(go())
+
+
 def test_cluster_calls_say_single_node(make_server) -> None:
     srv, _ = make_server()
     with pytest.raises(NotImplementedError, match="cluster"):

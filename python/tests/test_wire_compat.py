@@ -52,3 +52,32 @@ def test_same_frames_as_upstream(ours: list[str], upstream_python: str) -> None:
     differ = [(t, o) for t, o in zip(theirs, ours) if t != o]
     assert not differ, "\n".join(f"upstream: {t}\nours:     {o}" for t, o in differ)
     assert len(ours) == len(theirs), (theirs, ours)
+
+
+SERIES = r"""
+import os, re, socket
+os.environ.setdefault("WSE_CORES", "2")
+from wse_server import RustWSEServer
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+srv = RustWSEServer("127.0.0.1", port, recovery_enabled=True, presence_enabled=True)
+srv.start()
+for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", srv.prometheus_metrics(), re.M):
+    print(name, kind)
+srv.stop()
+"""
+
+
+def test_prometheus_series_are_upstreams(upstream_python: str) -> None:
+    """Every series upstream exports, under its name and type, in its order, but the two per-topic
+    ones (see docs/PYTHON.md). Their values on ours: test_server.py."""
+    def series(python: str) -> list[str]:
+        out = subprocess.run([python, "-c", SERIES], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=""))
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    theirs, ours = series(upstream_python), series(sys.executable)
+    # Upstream lists wse_topic_messages_total only once a topic has had a message (none here).
+    not_ours = {"wse_topics gauge", "wse_topic_messages_total counter"}
+    assert "wse_topics gauge" in theirs
+    assert ours == [s for s in theirs if s not in not_ours]
