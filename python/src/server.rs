@@ -789,21 +789,22 @@ impl RustWSEServer {
     }
 
     /// Prometheus exposition text with upstream's series, in upstream's order: the server's
-    /// gauges and counters, the cluster's (all 0: no cluster), recovery and presence. Not
-    /// produced: `wse_topics` and `wse_topic_messages_total{topic}` (the engine keeps no
-    /// per-topic delivery counters, and no count of the topics subscribed on any shard).
-    fn prometheus_metrics(&self) -> String {
+    /// gauges and counters, the topics', the cluster's (all 0: no cluster), recovery and
+    /// presence. `wse_topic_messages_total{topic}` lists the topics with the most publications
+    /// (upstream's top 50), and only when there is one, as upstream.
+    fn prometheus_metrics(&self, py: Python<'_>) -> PyResult<String> {
         let Some(server) = self.server() else {
-            return String::new();
+            return Ok(String::new());
         };
         let h = server.health_snapshot();
+        let topics = wait(py, server.topic_stats(TOPIC_SERIES_MAX))?.map_err(command_error)?;
         let sum = |f: fn(&wse_shards::metrics::ShardMetrics) -> u64| -> u64 {
             server.metrics().iter().map(|m| f(m)).sum()
         };
         let rejected = sum(|m| m.rejected.iter().map(|c| c.get()).sum());
         let gauge = "gauge";
         let counter = "counter";
-        let series: [(&str, &str, &str, String); 24] = [
+        let series: [(&str, &str, &str, String); 25] = [
             (
                 "wse_connections",
                 gauge,
@@ -821,6 +822,12 @@ impl RustWSEServer {
                 gauge,
                 "Server uptime in seconds",
                 format!("{:.1}", h.uptime.as_secs_f64()),
+            ),
+            (
+                "wse_topics",
+                gauge,
+                "Topics with a subscriber or queue-group member",
+                topics.subscribed.to_string(),
             ),
             (
                 "wse_messages_received_total",
@@ -951,12 +958,24 @@ impl RustWSEServer {
         ];
         let mut out = String::new();
         for (name, kind, help, value) in &series {
+            if *name == "wse_presence_topics" && !topics.publications.is_empty() {
+                // Upstream's place for it: after recovery's, before presence's.
+                let name = "wse_topic_messages_total";
+                let _ = write!(
+                    out,
+                    "# HELP {name} Publications per topic while the server keeps the topic \
+                     (top {TOPIC_SERIES_MAX})\n# TYPE {name} counter\n"
+                );
+                for (topic, n) in &topics.publications {
+                    let _ = writeln!(out, "{name}{{topic=\"{}\"}} {n}", label_value(topic));
+                }
+            }
             let _ = write!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             );
         }
-        out
+        Ok(out)
     }
 
     fn __repr__(&self) -> String {
@@ -1100,6 +1119,16 @@ fn start_error(e: StartError) -> PyErr {
         StartError::Config(_) => PyValueError::new_err(e.to_string()),
         StartError::Shard { .. } | StartError::Flusher(_) => PyRuntimeError::new_err(e.to_string()),
     }
+}
+
+/// The topics `wse_topic_messages_total` lists, most publications first: upstream's top 50.
+const TOPIC_SERIES_MAX: usize = 50;
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn not_an_object() -> PyErr {

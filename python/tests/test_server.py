@@ -464,6 +464,35 @@ def test_prometheus_recovery_presence_and_rejections(make_server) -> None:
     run(go())
 
 
+def test_prometheus_topics(make_server) -> None:
+    srv, url = make_server()
+
+    async def go() -> None:
+        async with websockets.connect(url), websockets.connect(url):
+            ca, cb = wait_connect(srv), wait_connect(srv)
+            text = srv.prometheus_metrics()
+            assert metric(text, "wse_topics") == 0 and "wse_topic_messages_total" not in text
+            srv.subscribe_connection(ca, ["two", "one", "gone"])
+            srv.subscribe_connection(cb, ["two"])
+            srv.unsubscribe_connection(ca, ["gone"])
+            for _ in range(3):
+                srv.broadcast("two", '{"t":"x"}')
+            srv.broadcast("one", "plain")
+            srv.broadcast("nobody", '{"t":"x"}')
+            end = time.monotonic() + 5
+            while metric(text := srv.prometheus_metrics(), "wse_topics") != 2:
+                assert time.monotonic() < end, text
+                time.sleep(0.01)
+            # Publications per topic, most first; a topic nothing holds is not kept (listed).
+            lines = [line for line in text.splitlines()
+                     if line.startswith("wse_topic_messages_total{")]
+            assert lines == ['wse_topic_messages_total{topic="two"} 3',
+                             'wse_topic_messages_total{topic="one"} 1']
+            assert "# TYPE wse_topic_messages_total counter" in text
+
+    run(go())
+
+
 def test_cluster_calls_say_single_node(make_server) -> None:
     srv, _ = make_server()
     with pytest.raises(NotImplementedError, match="cluster"):

@@ -68,8 +68,8 @@ srv.stop()
 
 
 def test_prometheus_series_are_upstreams(upstream_python: str) -> None:
-    """Every series upstream exports, under its name and type, in its order, but the two per-topic
-    ones (see docs/PYTHON.md). Their values on ours: test_server.py."""
+    """Every series upstream exports, under its name and type, in its order. Their values on
+    ours: test_server.py."""
     def series(python: str) -> list[str]:
         out = subprocess.run([python, "-c", SERIES], capture_output=True, text=True, timeout=60,
                              env=dict(os.environ, PYTHONPATH=""))
@@ -77,7 +77,7 @@ def test_prometheus_series_are_upstreams(upstream_python: str) -> None:
         return out.stdout.splitlines()
 
     theirs, ours = series(upstream_python), series(sys.executable)
-    # Upstream lists wse_topic_messages_total only once a topic has had a message (none here).
-    not_ours = {"wse_topics gauge", "wse_topic_messages_total counter"}
-    assert "wse_topics gauge" in theirs
-    assert ours == [s for s in theirs if s not in not_ours]
+    assert len(ours) > 20 and "wse_topics gauge" in ours
+    # wse_topic_messages_total is listed once a topic has had a publication (none here), by
+    # both; test_server.py has it.
+    assert ours == theirs

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{PresenceMember, PublishError, QueryError, Server};
-use crate::command::{Command, CommandError, TopicSubscribers};
+use crate::command::{Command, CommandError, TopicStats, TopicSubscribers};
 use crate::fabric::{FabricMsg, Query, QueryAnswer, QueryKind, Sent};
 use crate::protocol;
 use crate::reply::{ReplyFuture, ReplySlot};
@@ -158,6 +158,26 @@ impl Server {
             count,
             queue_groups: groups.into_iter().collect(),
         })
+    }
+
+    /// How many topics have a subscriber or queue-group member, and the `top` topics with the
+    /// most publications (most first; see [`TopicStats`]), from every shard's owned topics.
+    ///
+    /// # Errors
+    /// A shard that cannot be asked.
+    pub async fn topic_stats(&self, top: usize) -> Result<TopicStats, CommandError> {
+        let answers = self
+            .gather(|reply| Command::TopicStats { top, reply })
+            .await?;
+        let mut all = TopicStats::default();
+        for a in answers {
+            all.subscribed += a.subscribed;
+            all.publications.extend(a.publications);
+        }
+        all.publications
+            .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.publications.truncate(top);
+        Ok(all)
     }
 
     /// The members of `topic` with their data and connection counts (asked of its owner shard).

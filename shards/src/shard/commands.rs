@@ -98,6 +98,10 @@ impl<T: Transport> Shard<T> {
                         });
                 reply.send(answer);
             }
+            Command::TopicStats { top, reply } => {
+                let local = &self.topics;
+                reply.send(self.owner.stats(|name| local.contains(name), top));
+            }
             Command::BroadcastAll { frame, reply } => reply.send(self.broadcast_all(&frame)),
             Command::Drain {
                 close_code,
