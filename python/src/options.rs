@@ -136,6 +136,8 @@ impl Options {
         // Upstream hands client subscriptions and publications to the application (which calls
         // subscribe_connection / broadcast itself); code written for it expects them.
         cfg.protocol.app_handles_requests = true;
+        // Upstream's send_event sends binary frames, JSON included.
+        cfg.protocol.binary_event_frames = true;
         // Upstream asks no permission to put a connection in a queue group: the application
         // decides. Ours asks the connection's (`wse_queue_groups` claim, else this default), so
         // every group is allowed unless a token's own claim says otherwise.

@@ -23,7 +23,6 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use serde_json::value::RawValue;
 use wse_shards::command::AppSubscribe;
 use wse_shards::{
     AppEvent, AppEventKind, CommandError, Config, ConnId, Payload, PublishError, QueryError,
@@ -417,14 +416,16 @@ impl RustWSEServer {
             .map(drop)
     }
 
-    /// Fan-out to topic subscribers on this node. `data` must be a JSON object's text (the
-    /// engine stamps recovery positions inside it): anything else raises ValueError.
+    /// Fan-out to topic subscribers on this node. A JSON object's text is stamped with the
+    /// recovery position when recovery is on (and gets `"c":"U"` when it has a `t` and no `c`,
+    /// as upstream); any other text is sent as it is. Text that starts with `{` but is not a
+    /// JSON object raises ValueError.
     fn broadcast_local(&self, py: Python<'_>, topic: String, data: String) -> PyResult<()> {
         self.publish(py, &topic, data)
     }
 
     /// Fan-out to topic subscribers locally and across cluster peers (single-node for now:
-    /// the same as broadcast_local()). `data` must be a JSON object's text.
+    /// the same as broadcast_local()). `data` as for broadcast_local().
     fn broadcast(&self, py: Python<'_>, topic: String, data: String) -> PyResult<()> {
         self.publish(py, &topic, data)
     }
@@ -445,13 +446,14 @@ impl RustWSEServer {
         Ok(list.into_iter().map(|c| c.id.to_string()).collect())
     }
 
-    /// Force-disconnect a connection (close code 1000). An unknown connection is ignored.
+    /// Force-disconnect a connection: a close frame without status code, as upstream (clients
+    /// see 1005). An unknown connection is ignored.
     fn disconnect(&self, py: Python<'_>, conn_id: String) -> PyResult<()> {
         let Some(conn) = ConnId::parse(&conn_id) else {
             return Ok(());
         };
         let server = self.running()?;
-        ignore_gone(wait(py, server.disconnect(conn, 1000, ""))?).map(drop)
+        ignore_gone(wait(py, server.disconnect_without_status(conn))?).map(drop)
     }
 
     /// Set the topic ACL of a connection (globs; deny wins; no allow list allows everything
@@ -786,97 +788,194 @@ impl RustWSEServer {
         Ok(d)
     }
 
-    /// Prometheus exposition text: upstream's server gauges and counters (`wse_connections`,
-    /// `wse_inbound_queue_depth`, `wse_uptime_seconds`, `wse_messages_received_total`, ...).
-    /// The per-topic, cluster, recovery and presence series are not produced yet.
-    fn prometheus_metrics(&self) -> String {
+    /// Prometheus exposition text with upstream's series, in upstream's order: the server's
+    /// gauges and counters, the topics', the cluster's (all 0: no cluster), recovery and
+    /// presence. `wse_topic_messages_total{topic}` lists the topics with the most publications
+    /// (upstream's top 50), and only when there is one, as upstream.
+    fn prometheus_metrics(&self, py: Python<'_>) -> PyResult<String> {
         let Some(server) = self.server() else {
-            return String::new();
+            return Ok(String::new());
         };
         let h = server.health_snapshot();
+        let topics = wait(py, server.topic_stats(TOPIC_SERIES_MAX))?.map_err(command_error)?;
         let sum = |f: fn(&wse_shards::metrics::ShardMetrics) -> u64| -> u64 {
             server.metrics().iter().map(|m| f(m)).sum()
         };
+        let rejected = sum(|m| m.rejected.iter().map(|c| c.get()).sum());
+        let gauge = "gauge";
+        let counter = "counter";
+        let series: [(&str, &str, &str, String); 25] = [
+            (
+                "wse_connections",
+                gauge,
+                "Current active WebSocket connections",
+                h.connections.to_string(),
+            ),
+            (
+                "wse_inbound_queue_depth",
+                gauge,
+                "Drain queue backlog",
+                h.inbound_queue_depth.to_string(),
+            ),
+            (
+                "wse_uptime_seconds",
+                gauge,
+                "Server uptime in seconds",
+                format!("{:.1}", h.uptime.as_secs_f64()),
+            ),
+            (
+                "wse_topics",
+                gauge,
+                "Topics with a subscriber or queue-group member",
+                topics.subscribed.to_string(),
+            ),
+            (
+                "wse_messages_received_total",
+                counter,
+                "Total messages received from clients",
+                sum(|m| m.messages_in_total.get()).to_string(),
+            ),
+            (
+                "wse_messages_sent_total",
+                counter,
+                "Total messages sent to clients",
+                sum(|m| m.messages_out_total.get()).to_string(),
+            ),
+            (
+                "wse_connections_accepted_total",
+                counter,
+                "Total connections accepted",
+                sum(|m| m.connections_accepted_total.get()).to_string(),
+            ),
+            (
+                "wse_connections_rejected_total",
+                counter,
+                "Total connections rejected (connection limit, pending handshakes, bad or timed-out upgrades, no file descriptor)",
+                rejected.to_string(),
+            ),
+            (
+                "wse_bytes_received_total",
+                counter,
+                "Total bytes received from clients",
+                sum(|m| m.bytes_in_total.get()).to_string(),
+            ),
+            (
+                "wse_bytes_sent_total",
+                counter,
+                "Total bytes sent to clients",
+                sum(|m| m.bytes_out_total.get()).to_string(),
+            ),
+            (
+                "wse_auth_failures_total",
+                counter,
+                "Total authentication failures",
+                sum(|m| m.auth_failures_total.get()).to_string(),
+            ),
+            (
+                "wse_rate_limited_total",
+                counter,
+                "Total messages dropped by rate limiter",
+                sum(|m| m.rate_limited_total.get()).to_string(),
+            ),
+            (
+                "wse_inbound_dropped_total",
+                counter,
+                "Drain queue events dropped",
+                h.inbound_dropped.to_string(),
+            ),
+            (
+                "wse_slow_consumer_drops_total",
+                counter,
+                "Connections closed for not reading (4413)",
+                h.slow_consumer_drops.to_string(),
+            ),
+            (
+                "wse_cluster_peers",
+                gauge,
+                "Connected cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_messages_sent_total",
+                counter,
+                "Messages sent to cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_messages_delivered_total",
+                counter,
+                "Messages delivered from cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_messages_dropped_total",
+                counter,
+                "Messages dropped in cluster",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_bytes_sent_total",
+                counter,
+                "Bytes sent to cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_bytes_received_total",
+                counter,
+                "Bytes received from cluster peers",
+                "0".into(),
+            ),
+            (
+                "wse_cluster_reconnects_total",
+                counter,
+                "Cluster peer reconnections",
+                "0".into(),
+            ),
+            (
+                "wse_recovery_topics",
+                gauge,
+                "Topics with recovery buffers",
+                h.recovery_topics.to_string(),
+            ),
+            (
+                "wse_recovery_bytes",
+                gauge,
+                "Total bytes in recovery buffers",
+                h.recovery_bytes.to_string(),
+            ),
+            (
+                "wse_presence_topics",
+                gauge,
+                "Topics with presence tracking",
+                h.presence_topics.to_string(),
+            ),
+            (
+                "wse_presence_users",
+                gauge,
+                "Total users across all topics",
+                h.presence_users.to_string(),
+            ),
+        ];
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        for (name, kind, help, value) in &series {
+            if *name == "wse_presence_topics" && !topics.publications.is_empty() {
+                // Upstream's place for it: after recovery's, before presence's.
+                let name = "wse_topic_messages_total";
+                let _ = write!(
+                    out,
+                    "# HELP {name} Publications per topic while the server keeps the topic \
+                     (top {TOPIC_SERIES_MAX})\n# TYPE {name} counter\n"
+                );
+                for (topic, n) in &topics.publications {
+                    let _ = writeln!(out, "{name}{{topic=\"{}\"}} {n}", label_value(topic));
+                }
+            }
             let _ = write!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             );
-        };
-        metric(
-            "wse_connections",
-            "gauge",
-            "Current active WebSocket connections",
-            h.connections.to_string(),
-        );
-        metric(
-            "wse_inbound_queue_depth",
-            "gauge",
-            "Drain queue backlog",
-            h.inbound_queue_depth.to_string(),
-        );
-        metric(
-            "wse_uptime_seconds",
-            "gauge",
-            "Server uptime in seconds",
-            format!("{:.1}", h.uptime.as_secs_f64()),
-        );
-        metric(
-            "wse_messages_received_total",
-            "counter",
-            "Total messages received from clients",
-            sum(|m| m.messages_in_total.get()).to_string(),
-        );
-        metric(
-            "wse_messages_sent_total",
-            "counter",
-            "Total messages sent to clients",
-            sum(|m| m.messages_out_total.get()).to_string(),
-        );
-        metric(
-            "wse_connections_accepted_total",
-            "counter",
-            "Total connections accepted",
-            sum(|m| m.connections_accepted_total.get()).to_string(),
-        );
-        metric(
-            "wse_bytes_received_total",
-            "counter",
-            "Total bytes received from clients",
-            sum(|m| m.bytes_in_total.get()).to_string(),
-        );
-        metric(
-            "wse_bytes_sent_total",
-            "counter",
-            "Total bytes sent to clients",
-            sum(|m| m.bytes_out_total.get()).to_string(),
-        );
-        metric(
-            "wse_auth_failures_total",
-            "counter",
-            "Total authentication failures",
-            sum(|m| m.auth_failures_total.get()).to_string(),
-        );
-        metric(
-            "wse_rate_limited_total",
-            "counter",
-            "Total messages dropped by rate limiter",
-            sum(|m| m.rate_limited_total.get()).to_string(),
-        );
-        metric(
-            "wse_inbound_dropped",
-            "counter",
-            "Inbound events dropped (queue full)",
-            h.inbound_dropped.to_string(),
-        );
-        metric(
-            "wse_slow_consumer_drops",
-            "counter",
-            "Connections closed for not reading (4413)",
-            h.slow_consumer_drops.to_string(),
-        );
-        out
+        }
+        Ok(out)
     }
 
     fn __repr__(&self) -> String {
@@ -904,8 +1003,8 @@ impl RustWSEServer {
 
     fn publish(&self, py: Python<'_>, topic: &str, data: String) -> PyResult<()> {
         let server = self.running()?;
-        let message = RawValue::from_string(data).map_err(|_| not_an_object())?;
-        match py.detach(|| server.broadcast(topic, &message)) {
+        let data = with_category(data);
+        match py.detach(|| server.broadcast_text(topic, &data)) {
             Ok(()) => Ok(()),
             Err(PublishError::NotAnObject) => Err(not_an_object()),
             Err(PublishError::InvalidTopic(why)) => Err(PyValueError::new_err(format!(
@@ -1022,11 +1121,56 @@ fn start_error(e: StartError) -> PyErr {
     }
 }
 
+/// The topics `wse_topic_messages_total` lists, most publications first: upstream's top 50.
+const TOPIC_SERIES_MAX: usize = 50;
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn not_an_object() -> PyErr {
     PyValueError::new_err(
-        "broadcast data must be a JSON object's text, e.g. '{\"t\":\"event\",\"p\":{...}}' \
-         (this engine stamps recovery positions inside it)",
+        "broadcast data that starts with '{' must be a JSON object's text (this engine stamps \
+         recovery positions inside it); other text is sent as it is",
     )
+}
+
+/// Upstream's broadcast puts `"c":"U"` (the user-message category) first in a JSON object that
+/// has a `t` and no `c` (whatever their values); anything else is left as it is.
+fn with_category(data: String) -> String {
+    use serde::{Deserialize, Deserializer, de::IgnoredAny};
+
+    /// Which of the two keys the object has (a missing key is `false`).
+    #[derive(Deserialize)]
+    struct Keys {
+        #[serde(default, deserialize_with = "present")]
+        t: bool,
+        #[serde(default, deserialize_with = "present")]
+        c: bool,
+    }
+    fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| true)
+    }
+
+    let Some(brace) = data.find(|ch: char| !ch.is_whitespace()) else {
+        return data;
+    };
+    if !data[brace..].starts_with('{') {
+        return data;
+    }
+    match serde_json::from_str::<Keys>(&data) {
+        Ok(Keys { t: true, c: false }) => {
+            let mut out = String::with_capacity(data.len() + 9);
+            out.push_str(&data[..=brace]);
+            out.push_str("\"c\":\"U\",");
+            out.push_str(&data[brace + 1..]);
+            out
+        }
+        _ => data,
+    }
 }
 
 fn warn_failed(py: Python<'_>, failed: &[wse_shards::protocol::FailedTopic]) -> PyResult<()> {

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -16,6 +18,22 @@ os.environ.setdefault("WSE_CORES", "2")
 from wse_server import RustWSEServer, rust_jwt_encode  # noqa: E402
 
 SECRET = b"wse-python-package-test-secret-0123456789"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def upstream_python() -> str:
+    """A Python with upstream's `wse-server` 2.5.1 (tests/python/setup-venv.sh makes it), or
+    `WSE_UPSTREAM_PYTHON`; checked to be upstream's and not ours."""
+    python = os.environ.get("WSE_UPSTREAM_PYTHON")
+    if not python:
+        subprocess.run([str(ROOT / "tests/python/setup-venv.sh")], check=True, timeout=600)
+        venv = Path(os.environ.get("WSE_PY_VENV", ROOT / "target/py-venv"))
+        python = str(venv / "bin/python")
+    probe = subprocess.run([python, "-c", "import wse_server._wse_accel as a; "
+                            "print(hasattr(a, 'ENGINE'))"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "False", f"not upstream's package: {probe}"
+    return python
 
 
 def free_port() -> int:

@@ -466,6 +466,11 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
     encode_frame(OpCode::Close, &payload[..CLOSE_CODE_BYTES + reason_len])
 }
 
+/// A server close frame without status code (an empty payload), which the peer reports as 1005.
+pub fn encode_close_without_status() -> Bytes {
+    encode_frame(OpCode::Close, &[])
+}
+
 /// Whether a close code may appear in a close frame (RFC 6455 §7.4): 1000–1003, 1007–1014 and
 /// 3000–4999.
 pub fn is_valid_close_code(code: u16) -> bool {

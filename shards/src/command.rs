@@ -117,6 +117,18 @@ pub struct TopicSubscribers {
     pub queue_groups: Vec<(String, usize)>,
 }
 
+/// The topics one shard owns (each topic has one owner, so the shards' answers add up), or
+/// their sum over all shards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicStats {
+    /// Topics with a subscriber or queue-group member on any shard.
+    pub subscribed: usize,
+    /// The topics with the most publications since their owner started keeping them (it forgets
+    /// a topic nothing holds: no subscriber, member, history or presence), most first, by name
+    /// among equals; as many as were asked for.
+    pub publications: Vec<(Arc<str>, u64)>,
+}
+
 type Reply<T> = Responder<Result<T, CommandError>>;
 
 /// A command for one shard. Every variant carries the responder its answer goes to.
@@ -145,7 +157,8 @@ pub enum Command {
     Disconnect {
         /// The connection to close.
         conn: ConnId,
-        /// Close code: 1000 or 3000..=4999 (checked before the command is sent).
+        /// Close code: 1000 or 3000..=4999 (checked before the command is sent), or 1005 for a
+        /// close frame without status (`Server::disconnect_without_status`).
         code: u16,
         /// Close reason, cut to fit a control frame.
         reason: Box<str>,
@@ -207,6 +220,14 @@ pub enum Command {
         topic: Arc<str>,
         /// Answered with this shard's figures (the caller sums the shards).
         reply: Responder<TopicSubscribers>,
+    },
+    /// Answer with the figures of the topics this shard owns: how many are subscribed, and the
+    /// `top` with the most publications.
+    TopicStats {
+        /// How many topics to list by publications.
+        top: usize,
+        /// Answered with this shard's figures (the caller merges the shards').
+        reply: Responder<TopicStats>,
     },
     /// Queue `frame` (a complete WebSocket frame) to every live WSE connection of the shard.
     /// Answer: how many.

@@ -244,6 +244,11 @@ pub struct ProtocolConfig {
     /// (`python/`) sets it; an embedder's switch, not a configuration-file key.
     #[serde(skip)]
     pub app_handles_requests: bool,
+    /// Events sent to one connection (`Server::send_event`) go in binary frames, JSON ones
+    /// included (they go in text frames otherwise). Upstream's Python `send_event` sends binary
+    /// frames, so the Python package sets it; an embedder's switch, not a configuration-file key.
+    #[serde(skip)]
+    pub binary_event_frames: bool,
 }
 
 impl Default for ProtocolConfig {
@@ -257,6 +262,7 @@ impl Default for ProtocolConfig {
             rate_limit_abuse_window: Duration::from_secs(10),
             compression_threshold: 1024,
             app_handles_requests: false,
+            binary_event_frames: false,
         }
     }
 }

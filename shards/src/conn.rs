@@ -714,7 +714,8 @@ impl Conn {
     }
 
     /// Starts a server-initiated close: the close frame is queued and the peer has
-    /// `limits.close_timeout` to answer. A connection still in the upgrade is just dropped.
+    /// `limits.close_timeout` to answer. Code 1005 ([`CloseCode::NoStatus`]) sends a close frame
+    /// without status code and reason. A connection still in the upgrade is just dropped.
     pub fn close(&mut self, code: u16, reason: &str, cx: &mut Cx<'_>) {
         let deadline = cx.clock.now + cx.cfg.limits.close_timeout;
         let phase = std::mem::replace(&mut self.phase, Phase::Closed { deadline });
@@ -742,7 +743,13 @@ impl Conn {
             }
         };
         self.note_close(code, cx);
-        self.queue(codec::encode_close(code, reason), cx);
+        let frame = if code == CloseCode::NoStatus.code() {
+            // 1005 never goes on the wire (RFC 6455 §7.4.1): it stands for a frame without one.
+            codec::encode_close_without_status()
+        } else {
+            codec::encode_close(code, reason)
+        };
+        self.queue(frame, cx);
         self.phase = Phase::Closing { decoder, deadline };
     }
 

@@ -875,8 +875,12 @@ pub fn stamped(topic: &str, epoch: u32, offset: u64, body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(epoch_hex(epoch).as_bytes());
     out.extend_from_slice(b"\",\"o\":");
     out.extend_from_slice(offset.to_string().as_bytes());
-    out.push(b',');
-    out.extend_from_slice(&body[1..]);
+    let rest = &body[1..];
+    // An empty object (`{}`, `{ }`) has no member to put a comma before.
+    if rest.trim_ascii_start().first() != Some(&b'}') {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
     out
 }
 
@@ -1087,6 +1091,11 @@ mod tests {
             stamped,
             r#"{"tp":"a\"b","e":"deadbeef","o":42,"c":"U","t":"tick","p":{"n":1},"v":1}"#
         );
+        for empty in [&b"{}"[..], b"{ }"] {
+            let out = super::stamped("t", 1, 2, empty);
+            let v: serde_json::Value = serde_json::from_slice(&out).expect("stamped {} is JSON");
+            assert_eq!(v, serde_json::json!({"tp": "t", "e": "00000001", "o": 2}));
+        }
         assert_eq!(parse_epoch("deadbeef"), Some(0xdead_beef));
         assert_eq!(parse_epoch("xyz"), None);
         assert_eq!(epoch_hex(1), "00000001");

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::codec::{self, OpCode};
+use crate::command::TopicStats;
 use crate::config::RecoveryConfig;
 use crate::presence::{Joined, Members};
 use crate::protocol::{self, RecoveryInfo};
@@ -49,6 +50,8 @@ struct Owned {
     interested: ShardSet,
     /// Publications sequenced so far: the last one's offset.
     published: u64,
+    /// Publications sequenced since this entry was made (`published` restarts with an epoch).
+    messages: u64,
     /// With recovery: the topic's history ring.
     ring: Option<RingId>,
     /// With recovery: the history's epoch (changes when the ring is recreated).
@@ -106,16 +109,23 @@ impl TopicOwner {
         owner_of(topic, self.shards) == self.me
     }
 
-    /// Numbers the next publication of `topic` and frames it once: stamped and recorded in the
-    /// topic's history when recovery is on.
+    /// Numbers the next publication of `topic` and frames it once: recorded in the topic's
+    /// history when recovery is on, and then stamped when it is a JSON object (starts with `{`).
     pub fn sequence(&mut self, topic: &str, body: &[u8], now_ms: u64) -> Sequenced {
         debug_assert!(self.owns(topic), "sequenced off its owner");
         if self.history.is_some() {
             let (ring, epoch, last) = self.ensure_ring(topic, now_ms);
             let offset = last + 1;
-            self.entry(topic).published = offset;
-            let frame =
-                codec::encode_frame(OpCode::Text, &protocol::stamped(topic, epoch, offset, body));
+            let t = self.entry(topic);
+            t.published = offset;
+            t.messages += 1;
+            // Only a JSON object can carry stamps (`Server::broadcast_text` lets other text
+            // through, as it is): it is numbered and kept all the same.
+            let frame = if body.first() == Some(&b'{') {
+                codec::encode_frame(OpCode::Text, &protocol::stamped(topic, epoch, offset, body))
+            } else {
+                codec::encode_frame(OpCode::Text, body)
+            };
             let history = self.history.as_mut().expect("checked above");
             history.append(ring, offset, &frame, now_ms);
             Sequenced {
@@ -126,6 +136,7 @@ impl TopicOwner {
         } else {
             let t = self.entry(topic);
             t.published += 1;
+            t.messages += 1;
             Sequenced {
                 frame: codec::encode_frame(OpCode::Text, body),
                 offset: t.published,
@@ -137,6 +148,40 @@ impl TopicOwner {
     /// The topic's shared name and the other shards interested in it (`None`: no entry).
     pub fn interest(&self, topic: &str) -> Option<(&Arc<str>, ShardSet)> {
         self.topics.get(topic).map(|t| (&t.name, t.interested))
+    }
+
+    /// The owned topics' figures: how many have a subscriber or queue-group member on any shard
+    /// (`held_locally`: whether this shard's own connections are on it), and the `top` with the
+    /// most publications. One pass over the owned topics, keeping `top` of them.
+    pub fn stats(&self, held_locally: impl Fn(&str) -> bool, top: usize) -> TopicStats {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut subscribed = 0;
+        let mut most = BinaryHeap::with_capacity(top + 1);
+        for (name, t) in &self.topics {
+            if !t.interested.is_empty()
+                || t.membership.as_ref().is_some_and(|m| !m.is_empty())
+                || held_locally(name)
+            {
+                subscribed += 1;
+            }
+            if t.messages > 0 && top > 0 {
+                // A min-heap of the largest: the smallest (then the last name) leaves first.
+                most.push(Reverse((t.messages, Reverse(t.name.clone()))));
+                if most.len() > top {
+                    most.pop();
+                }
+            }
+        }
+        let mut publications: Vec<(Arc<str>, u64)> = most
+            .into_iter()
+            .map(|Reverse((n, Reverse(name)))| (name, n))
+            .collect();
+        publications.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        TopicStats {
+            subscribed,
+            publications,
+        }
     }
 
     /// The topic's shared name, if it has an entry.
@@ -327,6 +372,7 @@ impl TopicOwner {
                     name,
                     interested: ShardSet::default(),
                     published: 0,
+                    messages: 0,
                     ring: None,
                     epoch: 0,
                     presence: None,
@@ -387,6 +433,23 @@ mod tests {
         o.release("x", false);
         assert!(o.name("x").is_none());
         assert_eq!(o.sequence("x", b"{}", 0).offset, 1);
+    }
+
+    #[test]
+    fn stats_count_subscribed_topics_and_list_the_busiest() {
+        let mut o = TopicOwner::new(0, 1, &recovery(false));
+        for (topic, n) in [("a", 2), ("b", 5), ("c", 2), ("d", 1)] {
+            for _ in 0..n {
+                o.sequence(topic, b"{}", 0);
+            }
+        }
+        o.set_interest("a", 2, true);
+        let local = |name: &str| name == "c";
+        let s = o.stats(local, 3);
+        assert_eq!(s.subscribed, 2, "a on shard 2, c here");
+        let listed: Vec<(&str, u64)> = s.publications.iter().map(|(t, n)| (&**t, *n)).collect();
+        assert_eq!(listed, [("b", 5), ("a", 2), ("c", 2)]);
+        assert!(o.stats(local, 0).publications.is_empty());
     }
 
     #[test]

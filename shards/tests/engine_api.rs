@@ -434,3 +434,80 @@ async fn queue_groups_are_bounded_per_topic_and_take_no_part_in_presence() {
     assert!(!subs.queue_groups.iter().any(|(g, _)| g == "g0"));
     assert!(server.stop(Duration::from_secs(2)));
 }
+
+/// Upstream's Python behaviours the package asks of the engine: `broadcast_text` sends text that
+/// is not a JSON object as it is (numbered and kept for recovery, never stamped) and stamps
+/// objects; `binary_event_frames` puts JSON events in binary frames; `disconnect_without_status`
+/// sends a close frame without code, which the client reports as 1005.
+#[tokio::test(flavor = "current_thread")]
+async fn plain_text_broadcasts_binary_events_and_a_close_without_status() {
+    let server = server(2, |cfg| {
+        cfg.recovery.enabled = true;
+        cfg.protocol.binary_event_frames = true;
+    });
+    let (mut ann, ann_id) = connect(&server, "ann").await;
+    let sub = AppSubscribe {
+        topics: vec!["feed".into()],
+        ..Default::default()
+    };
+    server.subscribe_connection(ann_id, sub).await.unwrap();
+
+    server.broadcast_text("feed", "plain 1").unwrap();
+    server
+        .broadcast_text("feed", r#"  {"t":"obj","p":{}} "#)
+        .unwrap();
+    server.broadcast_text("feed", "[1,2]").unwrap();
+    server.broadcast_text("feed", "{}").unwrap();
+    assert_eq!(
+        server.broadcast_text("feed", "{not json").unwrap_err(),
+        wse_shards::PublishError::NotAnObject
+    );
+    // Not WSE messages: the client reports them as such and stays usable.
+    assert!(matches!(ann.recv().await, Err(Error::Protocol(_))));
+    let obj = ann.recv().await.unwrap();
+    let e = obj.epoch.as_deref().unwrap();
+    assert_eq!(
+        obj.text.as_deref().unwrap(),
+        format!(r#"{{"tp":"feed","e":"{e}","o":2,"t":"obj","p":{{}}}}"#)
+    );
+    assert!(matches!(ann.recv().await, Err(Error::Protocol(_))));
+    // `{}` stamped is still JSON (no comma before the closing brace), with no `t` for the
+    // client to take it as a WSE message.
+    match ann.recv().await {
+        Err(Error::Protocol(why)) => {
+            assert!(
+                why.ends_with(&format!(r#"{{"tp":"feed","e":"{e}","o":4}}"#)),
+                "{why}"
+            );
+        }
+        other => panic!("expected the stamped empty object, got {other:?}"),
+    }
+
+    // A client that saw offset 0 recovers all four, the plain ones as they were sent.
+    let (mut bob, bob_id) = connect(&server, "bob").await;
+    let epoch = u32::from_str_radix(obj.epoch.as_deref().unwrap(), 16).unwrap();
+    let out = server
+        .subscribe_with_recovery(bob_id, &["feed".into()], Some(epoch), 0)
+        .await
+        .unwrap();
+    assert_eq!(out.recovery[0].1.count, 4);
+    assert!(matches!(bob.recv().await, Err(Error::Protocol(_))));
+    assert_eq!(bob.recv().await.unwrap().offset, Some(2));
+
+    server
+        .send_event(ann_id, r#"{"t":"note","p":{"x":1}}"#)
+        .await
+        .unwrap();
+    let ev = ann.recv().await.unwrap();
+    assert_eq!(
+        (ev.t.as_str(), ev.binary, ev.encoding),
+        ("note", true, Encoding::BinaryJson)
+    );
+
+    server.disconnect_without_status(ann_id).await.unwrap();
+    match ann.recv().await {
+        Err(Error::Closed { code, reason, .. }) => assert_eq!((code, reason.as_str()), (1005, "")),
+        other => panic!("expected a close, got {other:?}"),
+    }
+    assert!(server.stop(Duration::from_secs(2)));
+}

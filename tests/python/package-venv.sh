@@ -34,9 +34,11 @@ done
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check "${pins[@]}" >&2
+# `python -m pip`, not `bin/pip`: a venv copied from another checkout keeps that checkout's path
+# in its scripts' shebangs, and their pip would install there.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "${pins[@]}" >&2
 # maturin's build backend runs the `maturin` it finds on PATH.
 PATH="$venv/bin:$PATH" MATURIN_PEP517_ARGS="--profile $profile" \
-  "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./python >&2
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./python >&2
 echo "$hash" > "$venv/.wse-build-hash"
 echo "$venv/bin/python"

@@ -41,6 +41,6 @@ done
 [ -n "$py" ] || { echo "setup-venv.sh: need Python >= 3.12 (wse-client and wse-server require it)" >&2; exit 2; }
 rm -rf "$venv"
 "$py" -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check "wse-client==2.5.1" "wse-server==2.5.1" \
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "wse-client==2.5.1" "wse-server==2.5.1" \
   "centrifuge-python==0.7.0" "token-bowl-chat==4.0.2" -r "$reqs"
 "$venv/bin/python" -c 'import wse_client, wse_server; print("wse-client", wse_client.__version__)' >&2

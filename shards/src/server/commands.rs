@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::Server;
+use crate::close::CloseCode;
 use crate::codec::{self, OpCode};
 use crate::command::{
     AppSubscribe, Command, CommandError, ConnectionInfo, OutboundEvent, Payload, SendOutcome,
@@ -147,8 +148,28 @@ impl Server {
         if !close_code_allowed(code) {
             return Err(CommandError::InvalidCloseCode(code));
         }
+        self.close_connection(conn, code, truncate_reason(reason).into())
+            .await
+    }
+
+    /// Closes `conn` with a close frame that has no status code (nor reason): what upstream's
+    /// Python `disconnect(conn_id)` sends, which clients report as 1005 ("no status received").
+    /// Counted as a close with 1005.
+    ///
+    /// # Errors
+    /// `UnknownConnection`, `Overloaded`, `NotRunning`.
+    pub async fn disconnect_without_status(&self, conn: ConnId) -> Result<(), CommandError> {
+        self.close_connection(conn, CloseCode::NoStatus.code(), "".into())
+            .await
+    }
+
+    async fn close_connection(
+        &self,
+        conn: ConnId,
+        code: u16,
+        reason: Box<str>,
+    ) -> Result<(), CommandError> {
         let (reply, answer) = Responder::pair();
-        let reason = truncate_reason(reason).into();
         self.to_connection(
             conn,
             Command::Disconnect {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{PresenceMember, PublishError, QueryError, Server};
-use crate::command::{Command, CommandError, TopicSubscribers};
+use crate::command::{Command, CommandError, TopicStats, TopicSubscribers};
 use crate::fabric::{FabricMsg, Query, QueryAnswer, QueryKind, Sent};
 use crate::protocol;
 use crate::reply::{ReplyFuture, ReplySlot};
@@ -73,6 +73,37 @@ impl Server {
         self.publish_body(topic, Bytes::copy_from_slice(message.get().as_bytes()))
     }
 
+    /// Publishes any text to every subscriber of `topic`, as upstream's Python `broadcast`
+    /// does: a JSON object (surrounding whitespace dropped) goes as [`Server::broadcast`] sends
+    /// it, stamped when recovery is on; any other text (plain text, a JSON array, string or
+    /// number, empty) goes as it is, never stamped, but still numbered in the topic's order and,
+    /// with recovery on, kept in its history and replayed as it is (a client learns its position
+    /// from the next stamped publication).
+    ///
+    /// ```no_run
+    /// # fn demo(server: &wse_shards::Server) -> Result<(), wse_shards::PublishError> {
+    /// server.broadcast_text("news", "plain text, sent as it is")?;
+    /// server.broadcast_text("news", r#"{"t":"headline","p":{"id":7}}"#)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// An invalid topic; text that starts with `{` (after whitespace) but is not a JSON object
+    /// ([`PublishError::NotAnObject`]: stamping it would make broken JSON); a full queue to the
+    /// owner.
+    pub fn broadcast_text(&self, topic: &str, text: &str) -> Result<(), PublishError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(PublishError::InvalidTopic(problem));
+        }
+        // The owner stamps a body that starts with `{` and sends any other as it is.
+        if text.trim_start().starts_with('{') {
+            let object =
+                serde_json::from_str::<&RawValue>(text).map_err(|_| PublishError::NotAnObject)?;
+            return self.publish_body(topic, Bytes::copy_from_slice(object.get().as_bytes()));
+        }
+        self.publish_body(topic, Bytes::copy_from_slice(text.as_bytes()))
+    }
+
     /// [`Server::broadcast`] to the subscribers in this process only. "Local" is upstream's
     /// meaning, this process and not the other nodes of a cluster; a standalone server has no
     /// other node, so today it reaches exactly what `broadcast` reaches, on every shard, in the
@@ -127,6 +158,26 @@ impl Server {
             count,
             queue_groups: groups.into_iter().collect(),
         })
+    }
+
+    /// How many topics have a subscriber or queue-group member, and the `top` topics with the
+    /// most publications (most first; see [`TopicStats`]), from every shard's owned topics.
+    ///
+    /// # Errors
+    /// A shard that cannot be asked.
+    pub async fn topic_stats(&self, top: usize) -> Result<TopicStats, CommandError> {
+        let answers = self
+            .gather(|reply| Command::TopicStats { top, reply })
+            .await?;
+        let mut all = TopicStats::default();
+        for a in answers {
+            all.subscribed += a.subscribed;
+            all.publications.extend(a.publications);
+        }
+        all.publications
+            .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.publications.truncate(top);
+        Ok(all)
     }
 
     /// The members of `topic` with their data and connection counts (asked of its owner shard).

@@ -99,6 +99,10 @@ impl<T: Transport> Shard<T> {
                         });
                 reply.send(answer);
             }
+            Command::TopicStats { top, reply } => {
+                let local = &self.topics;
+                reply.send(self.owner.stats(|name| local.contains(name), top));
+            }
             Command::BroadcastAll { frame, reply } => reply.send(self.broadcast_all(&frame)),
             Command::Drain {
                 close_code,
@@ -165,8 +169,8 @@ impl<T: Transport> Shard<T> {
                     self.run.cfg().protocol.compression_threshold,
                 );
                 let op = match wire {
-                    Wire::Text => OpCode::Text,
-                    Wire::Binary => OpCode::Binary,
+                    Wire::Text if !self.run.cfg().protocol.binary_event_frames => OpCode::Text,
+                    Wire::Text | Wire::Binary => OpCode::Binary,
                 };
                 codec::encode_frame(op, &bytes)
             }
