@@ -34,6 +34,15 @@
 #                subscribers over FANOUT_TOPICS topics. recovery: REC_SUBS subscribers over 10
 #                topics at REC_RATE publications/s for REC_S while REC_CHURN subscribers per
 #                second disconnect and reconnect with recover:true (both servers with recovery on).
+#   BASE_SERVER  a wse-server binary built from another commit (e.g. the one before a change); the
+#                target `base` runs it with exactly wse-server's flags, and the tables read
+#                b/a = wse-server (this tree) / base. Example, this tree against commit C:
+#                  git worktree add --detach ../wt-base C
+#                  (cd ../wt-base && cargo build --release --locked -p wse-server)
+#                  TARGETS="base wse" BASE_SERVER=../wt-base/target/release/wse-server \
+#                      bench/scripts/compare.sh
+#                (wse-bench is this tree's for both, so the load is the same)
+#   BUILD        0 skips step 1 (the release binaries must already be built) [1]
 #   WSE_SERVER   "binary" (target/release/wse-server) or "engine" (the in-process engine example,
 #                for when the binary is not usable yet) [binary]
 #   WSE_ARGS     extra wse-server flags, e.g. "--recovery-enabled true" [none]
@@ -74,6 +83,8 @@ REC_SUBS=${REC_SUBS:-1000}
 REC_RATE=${REC_RATE:-200}
 REC_S=${REC_S:-20s}
 REC_CHURN=${REC_CHURN:-50}
+BASE_SERVER=${BASE_SERVER:-}
+BUILD=${BUILD:-1}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
 UPSTREAM_PY=${UPSTREAM_PY:-/tmp/wse-peers/venv/bin/python}
@@ -128,13 +139,15 @@ start_server() {
     SERVER_LOG=$OUT/logs/$tag.server.log
     METRICS_URL=""
     case $target in
-        wse)
-            if [[ $WSE_SERVER == engine ]]; then
+        wse | base)
+            local bin=$ROOT/target/release/wse-server
+            [[ $target == base ]] && bin=$BASE_SERVER
+            if [[ $target == wse && $WSE_SERVER == engine ]]; then
                 taskset -c "$SERVER_CPU" "$ROOT/target/release/examples/engine" \
                     --port "$WS_PORT" --cores 1 --secret "$SECRET" --metrics-port "$CONTROL_PORT" \
                     >"$SERVER_LOG" 2>&1 &
             else
-                taskset -c "$SERVER_CPU" "$ROOT/target/release/wse-server" \
+                taskset -c "$SERVER_CPU" "$bin" \
                     --cores 1 --listen "127.0.0.1:$WS_PORT" --control-listen "127.0.0.1:$CONTROL_PORT" \
                     --auth-enabled true --auth-secret "$SECRET" --idle-timeout 3600s ${WSE_ARGS:-} \
                     ${SCENARIO_WSE_ARGS:-} \
@@ -189,7 +202,7 @@ run_one() {
         inbound)
             args=(inbound -n 100 --rate 100 --duration 10s)
             # Only wse-server has /metrics; upstream's processed rate is not observable.
-            [[ $target == wse ]] && args+=(--metrics-url "http://127.0.0.1:$CONTROL_PORT/metrics")
+            [[ $target == wse || $target == base ]] && args+=(--metrics-url "http://127.0.0.1:$CONTROL_PORT/metrics")
             ;;
         recovery)
             args=(recovery --subscribers "$REC_SUBS" --topics 10 --rate "$REC_RATE" --duration "$REC_S"
@@ -207,7 +220,10 @@ run_one() {
     else
         start_server "$target" "$tag"
         log "$tag (server pid $SERVER_PID)"
-        where=(--url "$URL" --target "$target" --server-pid "$SERVER_PID")
+        # The base is a wse-server too: same client dialect.
+        local dialect=$target
+        [[ $target == base ]] && dialect=wse
+        where=(--url "$URL" --target "$dialect" --server-pid "$SERVER_PID")
     fi
     # Rotating source addresses avoids TIME_WAIT collisions between back-to-back runs.
     if ! taskset -c "$BENCH_CPU" "$BENCH" "${args[@]}" "${where[@]}" \
@@ -225,8 +241,14 @@ run_one() {
 main() {
     local started=$SECONDS
     mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/median"
-    log "building release binaries"
-    cargo build --release -q -p wse-server -p wse-bench --bins --examples
+    if [[ $BUILD != 0 ]]; then
+        log "building release binaries"
+        cargo build --release -q -p wse-server -p wse-bench --bins --examples
+    fi
+    if [[ " $TARGETS " == *" base "* && ! -x $BASE_SERVER ]]; then
+        log "TARGETS has base: set BASE_SERVER to a wse-server binary"
+        exit 2
+    fi
     if [[ " $TARGETS " == *" upstream "* && ! -x $UPSTREAM_PY ]]; then
         log "no upstream venv: run $PEERS_DIR/setup_upstream.sh"
         exit 2
@@ -262,8 +284,9 @@ main() {
             "$BENCH" median -o "$OUT/median/$scenario-$target.json" "${runs[@]}" >/dev/null
         done
         local compared=0
-        for pair in "floor wse wse-server / floor" "upstream wse wse-server / upstream" \
-            "upstream wse-py wse-py / upstream" "wse wse-py wse-py / wse-server"; do
+        for pair in "floor wse wse-server / floor" "base wse wse-server / base" \
+            "upstream wse wse-server / upstream" "upstream wse-py wse-py / upstream" \
+            "wse wse-py wse-py / wse-server"; do
             read -r a b label <<<"$pair"
             [[ -f $OUT/median/$scenario-$a.json && -f $OUT/median/$scenario-$b.json ]] || continue
             echo
