@@ -191,9 +191,8 @@ impl<T: Transport> Shard<T> {
 
     /// The fabric dropped the `Join` for `request` (its budget was spent): the owner will never
     /// answer, so the topic fails at once with `SERVER_BUSY` instead of the acknowledgement
-    /// waiting for ever. When the request carried this shard's interest, the owner does not know
-    /// the shard is interested, so the plain subscribers that were waiting for that confirmation
-    /// fail the topic too (they would otherwise be acknowledged and never receive anything).
+    /// waiting for ever. The subscription is undone (the owner never counted it); when the request
+    /// carried this shard's interest, the confirmation it awaited is settled here.
     fn join_lost(
         &mut self,
         conn: ConnId,
@@ -205,7 +204,12 @@ impl<T: Transport> Shard<T> {
     ) {
         let mut failed = vec![(conn, request, queue_group)];
         if interest {
-            for waiter in self.topics.confirm(&topic) {
+            // The drop is seen as the request is sent, before another subscribe could start
+            // waiting for this confirmation, so none should wait on it; any that does fails too
+            // (the owner does not know this shard is interested: it would receive nothing).
+            let waiters = self.topics.confirm(&topic);
+            debug_assert!(waiters.is_empty(), "a subscribe waits on a dropped Join");
+            for waiter in waiters {
                 if let Some(p) = self.acks.by_request.get(&waiter) {
                     failed.push((p.conn, waiter, None));
                 }
