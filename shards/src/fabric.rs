@@ -91,8 +91,8 @@ pub enum FabricMsg {
     },
     /// A shard → the topic's owner: a connection subscribes and needs the owner — to register
     /// the shard's interest (its first local plain subscriber), to replay history, to count a
-    /// presence member or a queue-group member. Answered with `Joined`. Lost: the
-    /// acknowledgement never comes.
+    /// presence member or a queue-group member. Answered with `Joined`. Lost: the sender fails
+    /// the topic at once with `SERVER_BUSY`.
     Join(Box<JoinRequest>),
     /// Owner → the shard that sent `Join`. Publications sequenced after it reach that shard;
     /// the replayed frames precede them. Lost: the acknowledgement never comes, and the

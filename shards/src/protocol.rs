@@ -682,6 +682,10 @@ pub enum ErrorCode {
     QueueGroupForbidden,
     /// The topic already has `QUEUE_GROUPS_PER_TOPIC_MAX` queue groups.
     QueueGroupLimit,
+    /// The server could not reach the topic's owner shard: the cross-shard fabric was over its
+    /// budget (`limits.fabric_memory_per_shard`) and dropped the request. Retrying later may
+    /// succeed.
+    ServerBusy,
 }
 
 impl ErrorCode {
@@ -701,6 +705,7 @@ impl ErrorCode {
             Self::InvalidQueueGroup => "INVALID_QUEUE_GROUP",
             Self::QueueGroupForbidden => "QUEUE_GROUP_FORBIDDEN",
             Self::QueueGroupLimit => "QUEUE_GROUP_LIMIT",
+            Self::ServerBusy => "SERVER_BUSY",
         }
     }
 }

@@ -14,7 +14,7 @@ use super::{Shard, Transport, send};
 use crate::command::{CommandError, SubscribeOutcome};
 use crate::conn::ConnKey;
 use crate::conn::{ConnId, SessionMut, SubscribeRequest};
-use crate::fabric::{FabricMsg, JoinReply, JoinRequest};
+use crate::fabric::{FabricMsg, JoinReply, JoinRequest, Sent};
 use crate::metrics::DropReason;
 use crate::protocol::{self, Clock, ErrorCode, FailedTopic};
 use crate::reply::Responder;
@@ -177,13 +177,67 @@ impl<T: Transport> Shard<T> {
             if owner == self.me {
                 self.handle_join(join, clock);
             } else {
-                send(
-                    &mut self.fabric,
-                    &self.metrics,
-                    owner,
-                    FabricMsg::Join(Box::new(join)),
-                );
+                // What a refusal needs, kept: the fabric consumes the request even when it drops it.
+                let group = join.queue_group.as_ref().map(|(g, _)| g.clone());
+                let lost = (join.topic.clone(), join.interest, group);
+                if self.fabric.send(owner, FabricMsg::Join(Box::new(join))) == Sent::Dropped {
+                    self.metrics.dropped(DropReason::FabricOverflow).inc();
+                    let (topic, interest, queue_group) = lost;
+                    self.join_lost(conn, request, topic, interest, queue_group, clock);
+                }
             }
+        }
+    }
+
+    /// The fabric dropped the `Join` for `request` (its budget was spent): the owner will never
+    /// answer, so the topic fails at once with `SERVER_BUSY` instead of the acknowledgement
+    /// waiting for ever. The subscription is undone (the owner never counted it); when the request
+    /// carried this shard's interest, the confirmation it awaited is settled here.
+    fn join_lost(
+        &mut self,
+        conn: ConnId,
+        request: u64,
+        topic: Arc<str>,
+        interest: bool,
+        queue_group: Option<Arc<str>>,
+        clock: Clock,
+    ) {
+        let mut failed = vec![(conn, request, queue_group)];
+        if interest {
+            // The drop is seen as the request is sent, before another subscribe could start
+            // waiting for this confirmation, so none should wait on it; any that does fails too
+            // (the owner does not know this shard is interested: it would receive nothing).
+            let waiters = self.topics.confirm(&topic);
+            debug_assert!(waiters.is_empty(), "a subscribe waits on a dropped Join");
+            for waiter in waiters {
+                if let Some(p) = self.acks.by_request.get(&waiter) {
+                    failed.push((p.conn, waiter, None));
+                }
+            }
+        }
+        for (conn, request, queue_group) in failed {
+            let key = conn.key();
+            let live = self
+                .conns
+                .get(key as usize)
+                .is_some_and(|s| s.conn.id() == conn);
+            // Only the subscription this request made: the connection may have changed it since.
+            let still_there = self.topics.get(&topic).is_some_and(|t| match &queue_group {
+                None => t.subscribers().contains(&key),
+                Some(g) => self.topics.group_of(&topic, key) == Some(g),
+            });
+            if live && still_there {
+                // No presence leave: the owner never counted this connection.
+                self.drop_subscription(key, &topic, None);
+            }
+            if let Some(p) = self.acks.by_request.get_mut(&request) {
+                p.succeeded.retain(|t| **t != *topic);
+                p.failed.push(FailedTopic {
+                    topic: topic.to_string(),
+                    reason: ErrorCode::ServerBusy.as_str().to_owned(),
+                });
+            }
+            self.ack_progress(request, clock);
         }
     }
 

@@ -677,3 +677,65 @@ fn app_handled_requests_go_to_the_event_stream_untouched() {
         0
     );
 }
+
+/// A subscribe whose `Join` to the topic's owner the fabric drops (its sender's bytes in flight
+/// are over budget) fails the topic at once with `SERVER_BUSY` instead of waiting for an
+/// acknowledgement that never comes; the next subscribe, once the fabric has room, succeeds and
+/// receives the topic's publications.
+#[test]
+fn a_subscribe_whose_join_the_fabric_drops_fails_with_server_busy() {
+    let mut cfg = config(2);
+    cfg.presence.enabled = true;
+    cfg.presence.max_data_size = 64 * 1024;
+    // At least twice the largest message, the configuration's floor; an eighth goes to ring
+    // slots, the rest (at most 256 KiB) bounds the bytes in flight.
+    cfg.limits.max_message_size = 128 * 1024;
+    cfg.limits.fabric_memory_per_shard = 256 * 1024;
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("room:busy", 1, 2);
+    let elsewhere = topic_owned_by("room:other", 1, 2);
+    let alice = connected(&mut e, 0, "alice");
+    let bob = connected(&mut e, 0, "bob");
+    let carol = connected(&mut e, 1, "carol");
+    // In one turn of shard 0, before the owner has taken anything: two publications take
+    // 200 KiB of the budget, and alice's `Join` (carrying 60 KiB of presence data) does not fit.
+    let pad = "x".repeat(100 * 1024);
+    for _ in 0..2 {
+        publish(&mut e, alice, &elsewhere, "e", json!({ "pad": pad }), false);
+    }
+    let data = json!({ "pad": "y".repeat(60 * 1024) });
+    join_presence(&mut e, alice, &topic, data);
+    e.settle();
+    assert_eq!(
+        texts(&e.recv(alice)),
+        [format!(
+            r#"{{"c":"WSE","t":"subscription_update","p":{{"action":"subscribe","success":false,"success_topics":[],"failed_topics":[{{"topic":"{topic}","reason":"SERVER_BUSY"}}]}},"v":1}}"#
+        )
+        .as_str()]
+    );
+    assert_eq!(e.metrics(0).dropped(DropReason::FabricOverflow).get(), 1);
+    // The owner took the publications: later subscribes on the same shard go through.
+    subscribe(&mut e, alice, &[&topic]);
+    subscribe(&mut e, bob, &[&topic]);
+    e.settle();
+    for c in [alice, bob] {
+        // Presence events of the two joins come too; only the acknowledgement matters here.
+        let frames = e.recv_json(c);
+        let acks: Vec<&Value> = frames
+            .iter()
+            .filter(|f| f["t"] == "subscription_update")
+            .collect();
+        assert_eq!(acks.len(), 1, "{frames:?}");
+        assert_eq!(acks[0]["p"]["success_topics"], json!([topic]), "{frames:?}");
+    }
+    publish(&mut e, carol, &topic, "hello", json!({ "n": 1 }), false);
+    e.settle();
+    for c in [alice, bob] {
+        let frames = e.recv_json(c);
+        assert!(
+            frames.iter().any(|f| f["t"] == "hello" && f["p"]["n"] == 1),
+            "{frames:?}"
+        );
+    }
+    assert_eq!(e.metrics(0).dropped(DropReason::FabricOverflow).get(), 1);
+}
