@@ -158,6 +158,14 @@ pub enum ConnEvent {
         /// namespace's `history_size`; the ring may hold more).
         keep: usize,
     },
+    /// Count `topic`'s presence members (its owner's); answer with
+    /// [`Conn::presence_stats_read`].
+    PresenceStats {
+        /// The connection's id for the request.
+        request: u64,
+        /// The topic.
+        topic: String,
+    },
     /// An application message (its JSON) for the event stream.
     App {
         /// Whose message it is.
@@ -940,6 +948,43 @@ impl Conn {
         }
     }
 
+    /// The owner's answer to a [`ConnEvent::PresenceStats`]: distinct users and their
+    /// connections.
+    pub fn presence_stats_read(
+        &mut self,
+        request: u64,
+        users: u32,
+        connections: u32,
+        cx: &mut Cx<'_>,
+    ) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        if let Some(ticket) = session.presence_stats.remove(&request) {
+            let answer = centrifuge::Answer::PresenceStats {
+                ticket,
+                num_clients: connections,
+                num_users: users,
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
+    /// A [`ConnEvent::PresenceStats`] request was dropped on its way to the topic's owner (the
+    /// fabric was full): answered with error 100 (temporary: the client may retry).
+    pub fn presence_stats_lost(&mut self, request: u64, cx: &mut Cx<'_>) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        if let Some(ticket) = session.presence_stats.remove(&request) {
+            let answer = centrifuge::Answer::Failed {
+                ticket,
+                code: centrifuge::ErrorCode::Internal,
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
     /// A [`ConnEvent::History`] request was dropped on its way to the topic's owner (the
     /// fabric was full): answered with error 100 (temporary: the client may retry).
     pub fn history_lost(&mut self, request: u64, cx: &mut Cx<'_>) {
@@ -1122,7 +1167,9 @@ impl Conn {
                 subscribing: HashMap::new(),
                 publishing: VecDeque::new(),
                 histories: HashMap::new(),
+                presence_stats: HashMap::new(),
                 next_history: 0,
+                presence_on: cx.cfg.presence.enabled,
                 recovery_on: cx.cfg.recovery.enabled,
                 history_limit_max: cx.centrifuge.history_limit_max,
             }),
@@ -1390,7 +1437,12 @@ struct CentrifugeSession {
     /// History reads waiting for the owner, by request id: bounded by the session's
     /// `PENDING_MAX` requests.
     histories: HashMap<u64, PendingHistory>,
+    /// Presence counts waiting for the owner, by request id: bounded like `histories`.
+    presence_stats: HashMap<u64, centrifuge::Ticket>,
+    /// The id of the next request to an owner (history or presence counts).
     next_history: u64,
+    /// `presence.enabled`: topics' owners keep presence members.
+    presence_on: bool,
     /// `recovery.enabled`: topics have positions and history.
     recovery_on: bool,
     /// Most publications a recovery returns (`centrifuge.history_limit_max`); past it the
@@ -1633,8 +1685,22 @@ impl CentrifugeSession {
                 });
                 return Ok(());
             }
-            // Not served from the shard yet (docs/CENTRIFUGO.md): Centrifugo's answer for a
-            // feature it does not have.
+            Request::PresenceStats { ticket, channel }
+                if self.presence_on && protocol::topic_problem(&channel).is_none() =>
+            {
+                let request = self.next_history;
+                self.next_history += 1;
+                self.presence_stats.insert(request, ticket);
+                cx.events.push(ConnEvent::PresenceStats {
+                    request,
+                    topic: channel.to_string(),
+                });
+                return Ok(());
+            }
+            // The member list is not served from the shard yet (docs/CENTRIFUGO.md: the owner
+            // keeps members per user, not per client), and without `recovery.enabled` or
+            // `presence.enabled` the owner keeps no history or members: Centrifugo's answer
+            // for a feature it does not have.
             Request::Presence { ticket, .. }
             | Request::PresenceStats { ticket, .. }
             | Request::History { ticket, .. } => failed(ticket, Code::NotAvailable),

@@ -103,6 +103,12 @@ pub enum FabricMsg {
     History(Box<HistoryRequest>),
     /// Owner → the connection's shard: the answer to a [`FabricMsg::History`]. Lost: as above.
     HistoryRead(Box<HistoryReply>),
+    /// A connection's shard → the topic's owner: count the topic's presence members for the
+    /// connection (a Centrifuge `presence_stats`). Lost: the request is never answered.
+    PresenceStats(Box<PresenceStatsRequest>),
+    /// Owner → the connection's shard: the answer to a [`FabricMsg::PresenceStats`]. Lost: as
+    /// above.
+    PresenceStatsRead(Box<PresenceStatsReply>),
     /// A shard → the topic's owner: connection `conn` (of the sending shard) left the topic (or
     /// changed the kind of its subscription); `interest_off` when it was the shard's last plain
     /// subscriber, `user` when it leaves presence (answered with `PresenceLeft`), `group` when it
@@ -228,6 +234,30 @@ pub struct HistoryReply {
     pub read: Option<crate::recovery::HistoryRead>,
 }
 
+/// See [`FabricMsg::PresenceStats`].
+#[derive(Debug)]
+pub struct PresenceStatsRequest {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The connection asking.
+    pub conn: ConnId,
+    /// The connection's id for the request, returned in the answer.
+    pub request: u64,
+}
+
+/// See [`FabricMsg::PresenceStatsRead`].
+#[derive(Debug)]
+pub struct PresenceStatsReply {
+    /// The connection that asked.
+    pub conn: ConnId,
+    /// The request's id.
+    pub request: u64,
+    /// Distinct users present in the topic.
+    pub users: u32,
+    /// Their connections subscribed to the topic, on every shard.
+    pub connections: u32,
+}
+
 /// See [`FabricMsg::PresenceLeft`].
 #[derive(Debug)]
 pub struct PresenceLeft {
@@ -348,6 +378,8 @@ impl FabricMsg {
             FabricMsg::HistoryRead(h) => {
                 size_of::<HistoryReply>() + h.read.as_ref().map_or(0, |r| r.frames.len())
             }
+            FabricMsg::PresenceStats(p) => size_of::<PresenceStatsRequest>() + p.topic.len(),
+            FabricMsg::PresenceStatsRead(_) => size_of::<PresenceStatsReply>(),
             FabricMsg::Leave { user, .. } => user.as_ref().map_or(0, |u| u.len()),
             FabricMsg::PresenceLeft(p) => {
                 size_of::<PresenceLeft>() + p.left.as_ref().map_or(0, |(u, e)| u.len() + e.len())

@@ -61,7 +61,10 @@ use crate::config::Config;
 use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::dialect::Delivery;
-use crate::fabric::{Endpoint, FabricMsg, HistoryReply, HistoryRequest, Reload, Sent};
+use crate::fabric::{
+    Endpoint, FabricMsg, HistoryReply, HistoryRequest, PresenceStatsReply, PresenceStatsRequest,
+    Reload, Sent,
+};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
@@ -713,6 +716,28 @@ impl<T: Transport> Shard<T> {
                     self.with_conn(key, clock, |c, cx| c.history_lost(request, cx));
                 }
             }
+            ConnEvent::PresenceStats { request, topic } => {
+                let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
+                    return;
+                };
+                let owner = self.topics.owner_of(&topic);
+                let p = PresenceStatsRequest {
+                    topic: Arc::from(topic.as_str()),
+                    conn,
+                    request,
+                };
+                if owner == self.me {
+                    self.handle_presence_stats(p, clock);
+                } else if self
+                    .fabric
+                    .send(owner, FabricMsg::PresenceStats(Box::new(p)))
+                    == Sent::Dropped
+                {
+                    self.metrics.dropped(DropReason::FabricOverflow).inc();
+                    // No answer will come: the connection hears it now.
+                    self.with_conn(key, clock, |c, cx| c.presence_stats_lost(request, cx));
+                }
+            }
             ConnEvent::App { user, payload } => {
                 self.conn_event(key, AppEventKind::Msg, &user, payload);
             }
@@ -832,6 +857,8 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Join(j) => self.handle_join(*j, clock),
             FabricMsg::History(h) => self.handle_history(*h, clock),
             FabricMsg::HistoryRead(r) => self.handle_history_read(*r, clock),
+            FabricMsg::PresenceStats(p) => self.handle_presence_stats(*p, clock),
+            FabricMsg::PresenceStatsRead(r) => self.handle_presence_stats_read(*r, clock),
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {
                 topic,
@@ -883,6 +910,40 @@ impl<T: Transport> Shard<T> {
             .is_some_and(|s| s.conn.id() == r.conn)
         {
             self.with_conn(key, clock, |c, cx| c.history_read(r.request, r.read, cx));
+        }
+    }
+
+    /// On the topic's owner: counts the topic's presence members (none when it has no entry)
+    /// and answers the connection's shard.
+    fn handle_presence_stats(&mut self, p: PresenceStatsRequest, clock: Clock) {
+        let (users, connections) = self.owner.presence(&p.topic).map_or((0, 0), |m| m.stats());
+        let reply = PresenceStatsReply {
+            conn: p.conn,
+            request: p.request,
+            // Bounded by presence.max_members and the connection limit, far below u32::MAX;
+            // saturate rather than wrap should that ever change.
+            users: u32::try_from(users).unwrap_or(u32::MAX),
+            connections: u32::try_from(connections).unwrap_or(u32::MAX),
+        };
+        let shard = p.conn.shard();
+        if shard == self.me {
+            self.handle_presence_stats_read(reply, clock);
+        } else {
+            let m = FabricMsg::PresenceStatsRead(Box::new(reply));
+            send(&mut self.fabric, &self.metrics, shard, m);
+        }
+    }
+
+    fn handle_presence_stats_read(&mut self, r: PresenceStatsReply, clock: Clock) {
+        let key = r.conn.key();
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == r.conn)
+        {
+            self.with_conn(key, clock, |c, cx| {
+                c.presence_stats_read(r.request, r.users, r.connections, cx)
+            });
         }
     }
 

@@ -579,3 +579,161 @@ fn a_publication_the_fabric_drops_is_answered_with_error_100() {
     );
     assert_eq!(e.metrics(0).dropped(DropReason::FabricOverflow).get(), 1);
 }
+
+/// `room` with presence open to clients, and `quiet` without presence.
+fn presence_config(shards: usize, presence_enabled: bool) -> Config {
+    let mut cfg = centrifuge_config(shards);
+    cfg.presence.enabled = presence_enabled;
+    cfg.centrifuge.namespaces[0].presence = true;
+    cfg.centrifuge.namespaces[0].allow_presence_for_client = true;
+    cfg.centrifuge.namespaces.push(NamespaceConfig {
+        name: "quiet".into(),
+        allow_subscribe_for_client: true,
+        allow_presence_for_client: true,
+        ..Default::default()
+    });
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// Sends one command on `c` and returns its single reply, as text.
+fn ask(e: &mut Engine, c: Client, command: Value) -> String {
+    e.send(c, &command.to_string());
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    frames[0].text().to_owned()
+}
+
+#[test]
+fn presence_stats_counts_the_owners_members_across_shards() {
+    let mut e = Engine::new(presence_config(3, true));
+    // The topic lives on shard 0; its members and the asker elsewhere, so the request and the
+    // answer cross the fabric.
+    let topic = topic_owned_by("room:p", 0, 3);
+    let stats = |e: &mut Engine, c: Client, id: u32| {
+        ask(
+            e,
+            c,
+            json!({"id": id, "presence_stats": {"channel": topic}}),
+        )
+    };
+    let (asker, _) = connect_json(&mut e, 1, "carol");
+    assert_eq!(
+        stats(&mut e, asker, 2),
+        r#"{"id":2,"presence_stats":{}}"#,
+        "no member yet (zero counts are left out, as Centrifugo's JSON does)"
+    );
+    // Alice twice (shards 1 and 2), Bob once (shard 2).
+    let mut members = Vec::new();
+    for (shard, user) in [(1, "alice"), (2, "alice"), (2, "bob")] {
+        let (c, _) = connect_json(&mut e, shard, user);
+        assert_eq!(
+            ask(&mut e, c, json!({"id": 2, "subscribe": {"channel": topic}})),
+            r#"{"id":2,"subscribe":{}}"#
+        );
+        members.push(c);
+    }
+    assert_eq!(
+        stats(&mut e, asker, 3),
+        r#"{"id":3,"presence_stats":{"num_clients":3,"num_users":2}}"#
+    );
+    // An unsubscribe and a closed connection leave.
+    assert_eq!(
+        ask(
+            &mut e,
+            members[1],
+            json!({"id": 3, "unsubscribe": {"channel": topic}})
+        ),
+        r#"{"id":3,"unsubscribe":{}}"#
+    );
+    e.disconnect(members[2]);
+    e.settle();
+    assert_eq!(
+        stats(&mut e, asker, 4),
+        r#"{"id":4,"presence_stats":{"num_clients":1,"num_users":1}}"#
+    );
+    // A namespace without presence: 108, as in Centrifugo.
+    let quiet = topic_owned_by("quiet:p", 0, 3);
+    assert_eq!(
+        ask(
+            &mut e,
+            asker,
+            json!({"id": 5, "presence_stats": {"channel": quiet}})
+        ),
+        r#"{"id":5,"error":{"code":108,"message":"not available"}}"#
+    );
+}
+
+#[test]
+fn without_presence_enabled_presence_stats_is_not_available() {
+    let mut e = Engine::new(presence_config(2, false));
+    let topic = topic_owned_by("room:p", 1, 2);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    assert_eq!(
+        ask(&mut e, c, json!({"id": 2, "subscribe": {"channel": topic}})),
+        r#"{"id":2,"subscribe":{}}"#
+    );
+    assert_eq!(
+        ask(
+            &mut e,
+            c,
+            json!({"id": 3, "presence_stats": {"channel": topic}})
+        ),
+        r#"{"id":3,"error":{"code":108,"message":"not available"}}"#
+    );
+}
+
+#[test]
+fn a_presence_stats_request_the_fabric_drops_is_answered_with_error_100() {
+    let mut cfg = presence_config(2, true);
+    // As in the publication's test above: a small fabric budget, spent by publications.
+    cfg.limits.max_message_size = 128 * 1024;
+    cfg.limits.fabric_memory_per_shard = 256 * 1024;
+    let mut e = Engine::new(cfg);
+    let small = topic_owned_by("room:s", 1, 2);
+    // The request's charge grows with its channel's name: 200 bytes, more than the room any
+    // publication to `small` below leaves unspent.
+    let long = topic_owned_by(&format!("room:{}", "l".repeat(190)), 1, 2);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    // Publications of halving size, all before the owner takes anything: whatever each leaves
+    // of the budget, the next smaller one fills, down to a 1-byte pad.
+    let pads: Vec<usize> = [100 * 1024, 100 * 1024]
+        .into_iter()
+        .chain((0..=14).rev().map(|p| 1 << p))
+        .collect();
+    for (id, pad) in (2..).zip(&pads) {
+        e.send(
+            c,
+            &json!({"id": id, "publish": {"channel": small, "data": {"pad": "x".repeat(*pad)}}})
+                .to_string(),
+        );
+    }
+    let id = 2 + pads.len();
+    e.send(
+        c,
+        &json!({"id": id, "presence_stats": {"channel": long}}).to_string(),
+    );
+    e.settle();
+    let replies = e.recv(c);
+    assert_eq!(replies.len(), pads.len() + 1, "{replies:?}");
+    assert_eq!(
+        replies.last().unwrap().text(),
+        format!(
+            r#"{{"id":{id},"error":{{"code":100,"message":"internal server error","temporary":true}}}}"#
+        )
+    );
+    // Once the fabric has room again, the same request is answered.
+    e.send(
+        c,
+        &json!({"id": id + 1, "presence_stats": {"channel": long}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [Frame::Text(format!(
+            r#"{{"id":{},"presence_stats":{{}}}}"#,
+            id + 1
+        ))]
+    );
+}
