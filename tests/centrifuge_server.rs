@@ -2,7 +2,7 @@
 //! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
 //! Rust client) on the same topic: each receives the other's publication, in its own format,
 //! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
-//! `history`, `presence_stats` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
+//! `history`, `presence`, `presence_stats` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
 //! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
 //! the server API: server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
@@ -54,7 +54,7 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
     let mut child = Command::new(python)
         .arg(script)
         .arg(&url)
-        .arg(token("alice", json!({})))
+        .arg(token("alice", json!({"info": {"name": "Alice"}})))
         .arg(encoding)
         .arg(CHANNEL)
         .env("PYTHONUNBUFFERED", "1")
@@ -107,6 +107,18 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
         .collect();
     users.sort();
     assert_eq!(users, [("alice".to_owned(), 1), ("bob".to_owned(), 1)]);
+    let connection_of = |user: &str| -> String {
+        listed["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["user_id"] == user)
+            .unwrap()["connection_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (alice_id, bob_id) = (connection_of("alice"), connection_of("bob"));
 
     wse_client
         .publish_acked(CHANNEL, "chat", json!({"text": "hi", "from": "wse"}))
@@ -142,15 +154,19 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
             {"offset": 1, "data": {"text": "hi", "from": "wse"}},
             {"offset": 2, "data": {"text": "hello", "from": "python"}}]})
     );
-    // Presence counts from the topic owner's members: alice (Centrifuge) and bob (WSE).
+    // Presence from the topic owner's members: alice (Centrifuge) and bob (WSE).
     assert_eq!(
         step("presence_stats").await,
         json!({"step": "presence_stats", "num_clients": 2, "num_users": 2})
     );
-    // The member list is not served yet (docs/CENTRIFUGO.md): 108, not available.
+    // The members' connections, by client id (the connection id): alice with her token's
+    // `info`, bob (a WSE client) with none.
     assert_eq!(
         step("presence").await,
-        json!({"step": "presence", "error": 108})
+        json!({"step": "presence", "clients": {
+            alice_id.clone(): {"client": alice_id, "user": "alice", "conn_info": {"name": "Alice"}},
+            bob_id.clone(): {"client": bob_id, "user": "bob", "conn_info": null},
+        }})
     );
 
     // The application forces a reconnect (3011) and two publications happen meanwhile.

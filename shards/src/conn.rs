@@ -158,13 +158,15 @@ pub enum ConnEvent {
         /// namespace's `history_size`; the ring may hold more).
         keep: usize,
     },
-    /// Count `topic`'s presence members (its owner's); answer with
-    /// [`Conn::presence_stats_read`].
-    PresenceStats {
+    /// Count `topic`'s presence members (its owner's), and list their connections with
+    /// `list`; answer with [`Conn::presence_read`].
+    Presence {
         /// The connection's id for the request.
         request: u64,
         /// The topic.
         topic: String,
+        /// List the connections (Centrifuge `presence`), else only count (`presence_stats`).
+        list: bool,
     },
     /// An application message (its JSON) for the event stream.
     App {
@@ -217,6 +219,9 @@ pub struct SubscribeRequest {
     pub recover: Vec<(String, Option<u32>, u64)>,
     /// Presence data (JSON text) when presence is on.
     pub presence: Option<Bytes>,
+    /// A Centrifuge connection's client info for the topics' member lists (`presence`), when
+    /// its namespace keeps presence.
+    pub client: Option<Box<centrifuge::proto::ClientInfo>>,
     /// The queue group the topics are joined in (see PROTOCOL.md), if any.
     pub queue_group: Option<Arc<str>>,
 }
@@ -948,35 +953,39 @@ impl Conn {
         }
     }
 
-    /// The owner's answer to a [`ConnEvent::PresenceStats`]: distinct users and their
-    /// connections.
-    pub fn presence_stats_read(
+    /// The owner's answer to a [`ConnEvent::Presence`]: distinct users, their connections, and
+    /// those connections when the request listed them.
+    pub fn presence_read(
         &mut self,
         request: u64,
-        users: u32,
-        connections: u32,
+        (users, connections): (u32, u32),
+        clients: Vec<centrifuge::proto::ClientInfo>,
         cx: &mut Cx<'_>,
     ) {
         let Phase::Centrifuge { session, .. } = &mut self.phase else {
             return;
         };
-        if let Some(ticket) = session.presence_stats.remove(&request) {
-            let answer = centrifuge::Answer::PresenceStats {
-                ticket,
-                num_clients: connections,
-                num_users: users,
+        if let Some((ticket, list)) = session.presences.remove(&request) {
+            let answer = if list {
+                centrifuge::Answer::Presence { ticket, clients }
+            } else {
+                centrifuge::Answer::PresenceStats {
+                    ticket,
+                    num_clients: connections,
+                    num_users: users,
+                }
             };
             self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
         }
     }
 
-    /// A [`ConnEvent::PresenceStats`] request was dropped on its way to the topic's owner (the
+    /// A [`ConnEvent::Presence`] request was dropped on its way to the topic's owner (the
     /// fabric was full): answered with error 100 (temporary: the client may retry).
-    pub fn presence_stats_lost(&mut self, request: u64, cx: &mut Cx<'_>) {
+    pub fn presence_lost(&mut self, request: u64, cx: &mut Cx<'_>) {
         let Phase::Centrifuge { session, .. } = &mut self.phase else {
             return;
         };
-        if let Some(ticket) = session.presence_stats.remove(&request) {
+        if let Some((ticket, _)) = session.presences.remove(&request) {
             let answer = centrifuge::Answer::Failed {
                 ticket,
                 code: centrifuge::ErrorCode::Internal,
@@ -1167,7 +1176,7 @@ impl Conn {
                 subscribing: HashMap::new(),
                 publishing: VecDeque::new(),
                 histories: HashMap::new(),
-                presence_stats: HashMap::new(),
+                presences: HashMap::new(),
                 next_history: 0,
                 presence_on: cx.cfg.presence.enabled,
                 recovery_on: cx.cfg.recovery.enabled,
@@ -1437,8 +1446,9 @@ struct CentrifugeSession {
     /// History reads waiting for the owner, by request id: bounded by the session's
     /// `PENDING_MAX` requests.
     histories: HashMap<u64, PendingHistory>,
-    /// Presence counts waiting for the owner, by request id: bounded like `histories`.
-    presence_stats: HashMap<u64, centrifuge::Ticket>,
+    /// Presence reads waiting for the owner, by request id, and whether they list the members
+    /// (`presence`) or count them (`presence_stats`): bounded like `histories`.
+    presences: HashMap<u64, (centrifuge::Ticket, bool)>,
     /// The id of the next request to an owner (history or presence counts).
     next_history: u64,
     /// `presence.enabled`: topics' owners keep presence members.
@@ -1586,6 +1596,24 @@ impl CentrifugeSession {
         Ok(())
     }
 
+    /// Asks the topic's owner for `channel`'s members: listed with `list`, else counted.
+    fn ask_presence(
+        &mut self,
+        ticket: centrifuge::Ticket,
+        channel: &str,
+        list: bool,
+        cx: &mut Cx<'_>,
+    ) {
+        let request = self.next_history;
+        self.next_history += 1;
+        self.presences.insert(request, (ticket, list));
+        cx.events.push(ConnEvent::Presence {
+            request,
+            topic: channel.to_owned(),
+            list,
+        });
+    }
+
     fn request(
         &mut self,
         request: centrifuge::Request,
@@ -1600,6 +1628,7 @@ impl CentrifugeSession {
                 channel,
                 stream,
                 recover,
+                presence,
                 ..
             } => {
                 if protocol::topic_problem(&channel).is_some() {
@@ -1629,6 +1658,7 @@ impl CentrifugeSession {
                             .map(|(epoch, offset)| vec![(topic.clone(), epoch, offset)])
                             .unwrap_or_default(),
                         topics: vec![topic],
+                        client: presence.map(Box::new),
                         ..Default::default()
                     }));
                     return Ok(());
@@ -1685,22 +1715,20 @@ impl CentrifugeSession {
                 });
                 return Ok(());
             }
+            Request::Presence { ticket, channel }
+                if self.presence_on && protocol::topic_problem(&channel).is_none() =>
+            {
+                self.ask_presence(ticket, &channel, true, cx);
+                return Ok(());
+            }
             Request::PresenceStats { ticket, channel }
                 if self.presence_on && protocol::topic_problem(&channel).is_none() =>
             {
-                let request = self.next_history;
-                self.next_history += 1;
-                self.presence_stats.insert(request, ticket);
-                cx.events.push(ConnEvent::PresenceStats {
-                    request,
-                    topic: channel.to_string(),
-                });
+                self.ask_presence(ticket, &channel, false, cx);
                 return Ok(());
             }
-            // The member list is not served from the shard yet (docs/CENTRIFUGO.md: the owner
-            // keeps members per user, not per client), and without `recovery.enabled` or
-            // `presence.enabled` the owner keeps no history or members: Centrifugo's answer
-            // for a feature it does not have.
+            // Without `recovery.enabled` or `presence.enabled` the owner keeps no history or
+            // members: Centrifugo's answer for a feature it does not have.
             Request::Presence { ticket, .. }
             | Request::PresenceStats { ticket, .. }
             | Request::History { ticket, .. } => failed(ticket, Code::NotAvailable),

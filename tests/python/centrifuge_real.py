@@ -5,8 +5,7 @@ Usage: centrifuge_real.py URL TOKEN json|protobuf CHANNEL
 Connects, subscribes to CHANNEL (recoverable), prints `subscribed` with the stream position,
 then waits for one publication (the caller publishes it from a WSE client) and prints it; then
 publishes a message of its own, waits for it to come back through the subscription and prints
-it; then reads the channel's history and presence counts (and prints the error the member
-list gets while the server does not serve it). Then the caller closes the connection with 3011 (force
+it; then reads the channel's history, presence counts and members. Then the caller closes the connection with 3011 (force
 reconnect) and publishes twice: the client reconnects, resubscribes recovering from its
 position, and prints what came back. One JSON line per step on stdout; any failure is a
 traceback on stderr and exit status 1.
@@ -16,7 +15,7 @@ import asyncio
 import json
 import sys
 
-from centrifuge import Client, ReplyError, SubscriptionEventHandler
+from centrifuge import Client, SubscriptionEventHandler
 
 STEP_TIMEOUT = 10.0
 
@@ -78,11 +77,18 @@ async def main():
 
     stats = await sub.presence_stats()
     out(step="presence_stats", num_clients=stats.num_clients, num_users=stats.num_users)
-    try:
-        await sub.presence()
-        out(step="presence", error=None)
-    except ReplyError as e:
-        out(step="presence", error=e.code)
+    presence = await sub.presence()
+    out(
+        step="presence",
+        clients={
+            key: {
+                "client": c.client,
+                "user": c.user,
+                "conn_info": data(c.conn_info) if c.conn_info else None,
+            }
+            for key, c in presence.clients.items()
+        },
+    )
 
     # Closed with 3011 by the caller, who publishes twice meanwhile: the missed publications
     # come back once each, in the resubscribe's reply or (published after it) live.

@@ -62,8 +62,7 @@ use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::dialect::Delivery;
 use crate::fabric::{
-    Endpoint, FabricMsg, HistoryReply, HistoryRequest, PresenceStatsReply, PresenceStatsRequest,
-    Reload, Sent,
+    Endpoint, FabricMsg, HistoryReply, HistoryRequest, PresenceReply, PresenceRequest, Reload, Sent,
 };
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
@@ -716,26 +715,28 @@ impl<T: Transport> Shard<T> {
                     self.with_conn(key, clock, |c, cx| c.history_lost(request, cx));
                 }
             }
-            ConnEvent::PresenceStats { request, topic } => {
+            ConnEvent::Presence {
+                request,
+                topic,
+                list,
+            } => {
                 let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
                     return;
                 };
                 let owner = self.topics.owner_of(&topic);
-                let p = PresenceStatsRequest {
+                let p = PresenceRequest {
                     topic: Arc::from(topic.as_str()),
                     conn,
                     request,
+                    list,
                 };
                 if owner == self.me {
-                    self.handle_presence_stats(p, clock);
-                } else if self
-                    .fabric
-                    .send(owner, FabricMsg::PresenceStats(Box::new(p)))
-                    == Sent::Dropped
+                    self.handle_presence(p, clock);
+                } else if self.fabric.send(owner, FabricMsg::Presence(Box::new(p))) == Sent::Dropped
                 {
                     self.metrics.dropped(DropReason::FabricOverflow).inc();
                     // No answer will come: the connection hears it now.
-                    self.with_conn(key, clock, |c, cx| c.presence_stats_lost(request, cx));
+                    self.with_conn(key, clock, |c, cx| c.presence_lost(request, cx));
                 }
             }
             ConnEvent::App { user, payload } => {
@@ -857,8 +858,8 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Join(j) => self.handle_join(*j, clock),
             FabricMsg::History(h) => self.handle_history(*h, clock),
             FabricMsg::HistoryRead(r) => self.handle_history_read(*r, clock),
-            FabricMsg::PresenceStats(p) => self.handle_presence_stats(*p, clock),
-            FabricMsg::PresenceStatsRead(r) => self.handle_presence_stats_read(*r, clock),
+            FabricMsg::Presence(p) => self.handle_presence(*p, clock),
+            FabricMsg::PresenceRead(r) => self.handle_presence_read(*r, clock),
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {
                 topic,
@@ -913,28 +914,33 @@ impl<T: Transport> Shard<T> {
         }
     }
 
-    /// On the topic's owner: counts the topic's presence members (none when it has no entry)
-    /// and answers the connection's shard.
-    fn handle_presence_stats(&mut self, p: PresenceStatsRequest, clock: Clock) {
+    /// On the topic's owner: counts the topic's presence members (none when it has no entry),
+    /// lists their connections when asked, and answers the connection's shard.
+    fn handle_presence(&mut self, p: PresenceRequest, clock: Clock) {
         let (users, connections) = self.owner.presence(&p.topic).map_or((0, 0), |m| m.stats());
-        let reply = PresenceStatsReply {
+        let reply = PresenceReply {
             conn: p.conn,
             request: p.request,
             // Bounded by presence.max_members and the connection limit, far below u32::MAX;
             // saturate rather than wrap should that ever change.
             users: u32::try_from(users).unwrap_or(u32::MAX),
             connections: u32::try_from(connections).unwrap_or(u32::MAX),
+            clients: if p.list {
+                self.owner.clients(&p.topic).cloned().collect()
+            } else {
+                Vec::new()
+            },
         };
         let shard = p.conn.shard();
         if shard == self.me {
-            self.handle_presence_stats_read(reply, clock);
+            self.handle_presence_read(reply, clock);
         } else {
-            let m = FabricMsg::PresenceStatsRead(Box::new(reply));
+            let m = FabricMsg::PresenceRead(Box::new(reply));
             send(&mut self.fabric, &self.metrics, shard, m);
         }
     }
 
-    fn handle_presence_stats_read(&mut self, r: PresenceStatsReply, clock: Clock) {
+    fn handle_presence_read(&mut self, r: PresenceReply, clock: Clock) {
         let key = r.conn.key();
         if self
             .conns
@@ -942,7 +948,7 @@ impl<T: Transport> Shard<T> {
             .is_some_and(|s| s.conn.id() == r.conn)
         {
             self.with_conn(key, clock, |c, cx| {
-                c.presence_stats_read(r.request, r.users, r.connections, cx)
+                c.presence_read(r.request, (r.users, r.connections), r.clients, cx)
             });
         }
     }

@@ -8,6 +8,7 @@
 use bytes::Bytes;
 
 use super::{Shard, Transport, send};
+use crate::centrifuge::proto::ClientInfo;
 use crate::codec::{self, OpCode};
 use crate::conn::ConnId;
 use crate::fabric::{
@@ -146,7 +147,20 @@ impl<T: Transport> Shard<T> {
         let mut event = None;
         if let Some((user, data)) = j.presence {
             let max = self.run.cfg().presence.max_members;
-            match self.owner.presence_join(&j.topic, &user, data.clone(), max) {
+            let joined = self.owner.presence_join(&j.topic, &user, data.clone(), max);
+            if !matches!(joined, Joined::Full) {
+                // A WSE connection shows in Centrifuge's member list as its user alone.
+                let client = j.client.map_or_else(
+                    || ClientInfo {
+                        user: user.to_string(),
+                        client: j.conn.to_string(),
+                        ..Default::default()
+                    },
+                    |c| *c,
+                );
+                self.owner.client_join(&j.topic, j.conn, client);
+            }
+            match joined {
                 Joined::New => {
                     let payload = presence_payload(&j.topic, &user, &data);
                     reply.presence_joined = Some((user.clone(), payload));
@@ -200,6 +214,9 @@ impl<T: Transport> Shard<T> {
         }
         if let Some((group, members)) = group {
             self.owner.leave_group(topic, group, shard, members);
+        }
+        if user.is_some() {
+            self.owner.client_leave(topic, conn);
         }
         let left = user.and_then(|user| {
             let data = self.owner.presence_leave(topic, user)?;

@@ -33,9 +33,19 @@ fn centrifuge_config(shards: usize) -> Config {
 /// A connection token for `user` that expires an hour after the virtual wall clock's start
 /// (still in the future for the verifier, which reads the real clock).
 fn connection_token(user: &str) -> String {
+    connection_token_with(user, json!({}))
+}
+
+/// As [`connection_token`], with `extra` claims added.
+fn connection_token_with(user: &str, extra: Value) -> String {
+    let mut claims = json!({"sub": user, "exp": WALL_START_MS / 1000 + 3600});
+    claims
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": user, "exp": WALL_START_MS / 1000 + 3600}),
+        &claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
@@ -59,11 +69,16 @@ fn upgrade(e: &mut Engine, shard: usize, protocol: Option<&str>) -> Client {
 
 /// A JSON Centrifuge connection on `shard`, connected as `user`; returns it and its client id.
 fn connect_json(e: &mut Engine, shard: usize, user: &str) -> (Client, String) {
+    connect_json_token(e, shard, &connection_token(user))
+}
+
+/// As [`connect_json`], with this connection token.
+fn connect_json_token(e: &mut Engine, shard: usize, token: &str) -> (Client, String) {
     let c = upgrade(e, shard, None);
     let response = e.upgrade_response(c).unwrap().to_owned();
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
     assert!(!response.contains("Sec-WebSocket-Protocol"), "{response}");
-    let connect = json!({"id": 1, "connect": {"token": connection_token(user)}});
+    let connect = json!({"id": 1, "connect": {"token": token}});
     e.send(c, &connect.to_string());
     e.settle();
     let frames = e.recv(c);
@@ -603,6 +618,64 @@ fn ask(e: &mut Engine, c: Client, command: Value) -> String {
     let frames = e.recv(c);
     assert_eq!(frames.len(), 1, "{frames:?}");
     frames[0].text().to_owned()
+}
+
+#[test]
+fn presence_lists_each_members_connection_across_shards() {
+    let mut e = Engine::new(presence_config(3, true));
+    let topic = topic_owned_by("room:p", 0, 3);
+    let (asker, _) = connect_json(&mut e, 1, "carol");
+    let presence = |e: &mut Engine, id: u32| -> Value {
+        let reply = ask(e, asker, json!({"id": id, "presence": {"channel": topic}}));
+        serde_json::from_str(&reply).unwrap()
+    };
+    assert_eq!(
+        presence(&mut e, 2),
+        json!({"id": 2, "presence": {"presence": {}}})
+    );
+    // Alice twice, once with connection info (shards 1 and 2); Bob as a WSE subscriber.
+    let token = connection_token_with("alice", json!({"info": {"name": "Alice"}}));
+    let (a1, a1_id) = connect_json_token(&mut e, 1, &token);
+    let (a2, a2_id) = connect_json(&mut e, 2, "alice");
+    for c in [a1, a2] {
+        assert_eq!(
+            ask(&mut e, c, json!({"id": 2, "subscribe": {"channel": topic}})),
+            r#"{"id":2,"subscribe":{}}"#
+        );
+    }
+    let w = e.connect(2, "bob");
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":[topic]}}),
+    );
+    e.settle();
+    let wse_id = e.recv(w)[0].json()["p"]["details"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        presence(&mut e, 3),
+        json!({"id": 3, "presence": {"presence": {
+            a1_id.clone(): {"user": "alice", "client": a1_id, "conn_info": {"name": "Alice"}},
+            a2_id.clone(): {"user": "alice", "client": a2_id},
+            wse_id.clone(): {"user": "bob", "client": wse_id},
+        }}})
+    );
+    // Leaving, by unsubscribe and by a closed connection.
+    assert_eq!(
+        ask(
+            &mut e,
+            a1,
+            json!({"id": 3, "unsubscribe": {"channel": topic}})
+        ),
+        r#"{"id":3,"unsubscribe":{}}"#
+    );
+    e.disconnect(w);
+    e.settle();
+    assert_eq!(
+        presence(&mut e, 4),
+        json!({"id": 4, "presence": {"presence": {a2_id.clone(): {"user": "alice", "client": a2_id}}}})
+    );
 }
 
 #[test]
