@@ -34,7 +34,7 @@ fn server() -> Wse {
         "--centrifuge-namespaces",
         r#"[{"name":"room","allow_subscribe_for_client":true,"allow_publish_for_client":true,
             "allow_history_for_client":true,"history_size":10,"history_ttl":"300s",
-            "presence":true,"allow_presence_for_client":true}]"#,
+            "presence":true,"allow_presence_for_client":true,"join_leave":true}]"#,
     ])
 }
 
@@ -119,6 +119,12 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
             .to_owned()
     };
     let (alice_id, bob_id) = (connection_of("alice"), connection_of("bob"));
+    // The Python subscription asked for join/leave pushes: its own join first.
+    assert_eq!(
+        step("own_join").await,
+        json!({"step": "own_join", "kind": "join", "client": alice_id, "user": "alice",
+               "conn_info": {"name": "Alice"}})
+    );
 
     wse_client
         .publish_acked(CHANNEL, "chat", json!({"text": "hi", "from": "wse"}))
@@ -167,6 +173,22 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
             alice_id.clone(): {"client": alice_id, "user": "alice", "conn_info": {"name": "Alice"}},
             bob_id.clone(): {"client": bob_id, "user": "bob", "conn_info": null},
         }})
+    );
+    // Another subscriber comes and goes: the Python client hears its join and its leave.
+    let mut dave = Connector::new(wse.url())
+        .token(publisher_token("dave"))
+        .connect()
+        .await
+        .unwrap();
+    let ack = dave.subscribe(&[CHANNEL]).await.unwrap();
+    assert_eq!(ack.p["success_topics"], json!([CHANNEL]));
+    let dave_id = dave.connection_id().to_owned();
+    dave.close(1000, "done").await.unwrap();
+    assert_eq!(
+        step("join_leave").await,
+        json!({"step": "join_leave", "events": [
+            {"kind": "join", "client": dave_id, "user": "dave", "conn_info": null},
+            {"kind": "leave", "client": dave_id, "user": "dave", "conn_info": null}]})
     );
 
     // The application forces a reconnect (3011) and two publications happen meanwhile.

@@ -26,7 +26,7 @@
 //! call, drain [`Conn::out`] to the socket and, once [`Conn::wants_shutdown`], close the write side.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io::IoSlice;
 use std::num::NonZeroU64;
@@ -796,8 +796,16 @@ impl Conn {
     #[must_use]
     pub fn push_delivery(&mut self, delivery: &mut Delivery<'_>, max_queue: usize) -> bool {
         let frame = match &mut self.phase {
+            Phase::Live { .. } if delivery.is_join_leave() => return true,
             Phase::Live { .. } => delivery.wse().clone(),
             Phase::Centrifuge { session, .. } => {
+                if delivery.is_join_leave()
+                    && !delivery
+                        .topic()
+                        .is_some_and(|t| session.join_leave.contains(t))
+                {
+                    return true;
+                }
                 let Some((frame, message)) = delivery.centrifuge(session.session.format()) else {
                     return true;
                 };
@@ -871,6 +879,7 @@ impl Conn {
                 }
             }
             for f in failed {
+                session.join_leave.remove(f.topic.as_str());
                 if let Some(sub) = session.subscribing.remove(f.topic.as_str()) {
                     answers.push(centrifuge::Answer::Failed {
                         ticket: sub.ticket,
@@ -1177,6 +1186,7 @@ impl Conn {
                 publishing: VecDeque::new(),
                 histories: HashMap::new(),
                 presences: HashMap::new(),
+                join_leave: HashSet::new(),
                 next_history: 0,
                 presence_on: cx.cfg.presence.enabled,
                 recovery_on: cx.cfg.recovery.enabled,
@@ -1446,6 +1456,9 @@ struct CentrifugeSession {
     /// History reads waiting for the owner, by request id: bounded by the session's
     /// `PENDING_MAX` requests.
     histories: HashMap<u64, PendingHistory>,
+    /// Channels whose subscription asked for join/leave pushes (the namespace's `join_leave`,
+    /// and the subscribe's flag or `force_push_join_leave`): at most one per subscription.
+    join_leave: HashSet<Arc<str>>,
     /// Presence reads waiting for the owner, by request id, and whether they list the members
     /// (`presence`) or count them (`presence_stats`): bounded like `histories`.
     presences: HashMap<u64, (centrifuge::Ticket, bool)>,
@@ -1629,7 +1642,7 @@ impl CentrifugeSession {
                 stream,
                 recover,
                 presence,
-                ..
+                join_leave,
             } => {
                 if protocol::topic_problem(&channel).is_some() {
                     failed(ticket, Code::BadRequest)
@@ -1643,6 +1656,9 @@ impl CentrifugeSession {
                         (None, true) => Some((None, 0)),
                         (None, false) => None,
                     };
+                    if join_leave {
+                        self.join_leave.insert(Arc::clone(&channel));
+                    }
                     self.subscribing.insert(
                         Arc::clone(&channel),
                         PendingSubscribe {
@@ -1666,6 +1682,7 @@ impl CentrifugeSession {
             }
             Request::Unsubscribe { channel } => {
                 self.subscribing.remove(&channel);
+                self.join_leave.remove(&channel);
                 cx.events.push(ConnEvent::Unsubscribe {
                     topics: vec![channel.to_string()],
                 });

@@ -108,6 +108,9 @@ pub enum FabricMsg {
     /// for the connection (a Centrifuge `presence_stats` or `presence`). Lost: the request is
     /// never answered.
     Presence(Box<PresenceRequest>),
+    /// Owner → every shard interested in the topic: a member connection joined or left the
+    /// topic's presence (Centrifuge join/leave pushes). Lost: those pushes are not sent.
+    JoinLeave(Box<JoinLeave>),
     /// Owner → the connection's shard: the answer to a [`FabricMsg::Presence`]. Lost: as
     /// above.
     PresenceRead(Box<PresenceReply>),
@@ -252,6 +255,17 @@ pub struct PresenceRequest {
     pub list: bool,
 }
 
+/// See [`FabricMsg::JoinLeave`].
+#[derive(Debug)]
+pub struct JoinLeave {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// Joined (else left).
+    pub joined: bool,
+    /// The member connection.
+    pub client: ClientInfo,
+}
+
 /// See [`FabricMsg::PresenceRead`].
 #[derive(Debug)]
 pub struct PresenceReply {
@@ -389,6 +403,7 @@ impl FabricMsg {
                 size_of::<HistoryReply>() + h.read.as_ref().map_or(0, |r| r.frames.len())
             }
             FabricMsg::Presence(p) => size_of::<PresenceRequest>() + p.topic.len(),
+            FabricMsg::JoinLeave(j) => size_of::<JoinLeave>() + client_info_size(&j.client),
             FabricMsg::PresenceRead(p) => {
                 size_of::<PresenceReply>() + p.clients.iter().map(client_info_size).sum::<usize>()
             }

@@ -360,11 +360,9 @@ impl TopicOwner {
         self.entry(topic).clients.insert(conn, client);
     }
 
-    /// Connection `conn` left `topic`'s member list.
-    pub fn client_leave(&mut self, topic: &str, conn: ConnId) {
-        if let Some(t) = self.topics.get_mut(topic) {
-            t.clients.remove(&conn);
-        }
+    /// Connection `conn` left `topic`'s member list: its entry, if it had one.
+    pub fn client_leave(&mut self, topic: &str, conn: ConnId) -> Option<ClientInfo> {
+        self.topics.get_mut(topic)?.clients.remove(&conn)
     }
 
     /// The connections of `topic`'s presence members, in no particular order.

@@ -859,6 +859,7 @@ impl<T: Transport> Shard<T> {
             FabricMsg::History(h) => self.handle_history(*h, clock),
             FabricMsg::HistoryRead(r) => self.handle_history_read(*r, clock),
             FabricMsg::Presence(p) => self.handle_presence(*p, clock),
+            FabricMsg::JoinLeave(j) => self.deliver_join_leave(&j.topic, j.joined, &j.client),
             FabricMsg::PresenceRead(r) => self.handle_presence_read(*r, clock),
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {

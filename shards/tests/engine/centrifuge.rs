@@ -810,3 +810,68 @@ fn a_presence_stats_request_the_fabric_drops_is_answered_with_error_100() {
         ))]
     );
 }
+
+#[test]
+fn join_and_leave_pushes_reach_the_subscribers_that_asked_for_them() {
+    let mut cfg = presence_config(3, true);
+    cfg.centrifuge.namespaces[0].join_leave = true;
+    cfg.validate().unwrap();
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("room:j", 0, 3);
+    let push = |joined: bool, info: &str| {
+        let kind = if joined { "join" } else { "leave" };
+        Frame::Text(format!(
+            r#"{{"push":{{"channel":"{topic}","{kind}":{{"info":{info}}}}}}}"#
+        ))
+    };
+    // Alice asks for join/leave pushes: her own join comes right after her subscribe's reply.
+    let token = connection_token_with("alice", json!({"info": {"name": "Alice"}}));
+    let (a, a_id) = connect_json_token(&mut e, 1, &token);
+    e.send(
+        a,
+        &json!({"id": 2, "subscribe": {"channel": topic, "join_leave": true}}).to_string(),
+    );
+    e.settle();
+    let alice = format!(r#"{{"user":"alice","client":"{a_id}","conn_info":{{"name":"Alice"}}}}"#);
+    assert_eq!(
+        e.recv(a),
+        [
+            Frame::Text(r#"{"id":2,"subscribe":{}}"#.into()),
+            push(true, &alice)
+        ]
+    );
+    // Bob (no join/leave asked) on another shard: Alice hears him join and leave; he hears
+    // nothing but his reply.
+    let (b, b_id) = connect_json(&mut e, 2, "bob");
+    assert_eq!(
+        ask(&mut e, b, json!({"id": 2, "subscribe": {"channel": topic}})),
+        r#"{"id":2,"subscribe":{}}"#
+    );
+    let bob = format!(r#"{{"user":"bob","client":"{b_id}"}}"#);
+    assert_eq!(e.recv(a), [push(true, &bob)]);
+    assert_eq!(
+        ask(
+            &mut e,
+            b,
+            json!({"id": 3, "unsubscribe": {"channel": topic}})
+        ),
+        r#"{"id":3,"unsubscribe":{}}"#
+    );
+    assert_eq!(e.recv(a), [push(false, &bob)]);
+    // A WSE subscriber is a member too, and its connection closing is a leave.
+    let w = e.connect(2, "carol");
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":[topic]}}),
+    );
+    e.settle();
+    let w_id = e.recv(w)[0].json()["p"]["details"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let carol = format!(r#"{{"user":"carol","client":"{w_id}"}}"#);
+    assert_eq!(e.recv(a), [push(true, &carol)]);
+    e.disconnect(w);
+    e.settle();
+    assert_eq!(e.recv(a), [push(false, &carol)]);
+}
