@@ -2,7 +2,7 @@
 //! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
 //! Rust client) on the same topic: each receives the other's publication, in its own format,
 //! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
-//! `history` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
+//! `history`, `presence`, `presence_stats` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
 //! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
 //! the server API: server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
@@ -29,9 +29,12 @@ fn server() -> Wse {
         "2",
         "--recovery-enabled",
         "true",
+        "--presence-enabled",
+        "true",
         "--centrifuge-namespaces",
         r#"[{"name":"room","allow_subscribe_for_client":true,"allow_publish_for_client":true,
-            "allow_history_for_client":true,"history_size":10,"history_ttl":"300s"}]"#,
+            "allow_history_for_client":true,"history_size":10,"history_ttl":"300s",
+            "presence":true,"allow_presence_for_client":true,"join_leave":true}]"#,
     ])
 }
 
@@ -51,7 +54,7 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
     let mut child = Command::new(python)
         .arg(script)
         .arg(&url)
-        .arg(token("alice", json!({})))
+        .arg(token("alice", json!({"info": {"name": "Alice"}})))
         .arg(encoding)
         .arg(CHANNEL)
         .env("PYTHONUNBUFFERED", "1")
@@ -104,6 +107,24 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
         .collect();
     users.sort();
     assert_eq!(users, [("alice".to_owned(), 1), ("bob".to_owned(), 1)]);
+    let connection_of = |user: &str| -> String {
+        listed["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["user_id"] == user)
+            .unwrap()["connection_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (alice_id, bob_id) = (connection_of("alice"), connection_of("bob"));
+    // The Python subscription asked for join/leave pushes: its own join first.
+    assert_eq!(
+        step("own_join").await,
+        json!({"step": "own_join", "kind": "join", "client": alice_id, "user": "alice",
+               "conn_info": {"name": "Alice"}})
+    );
 
     wse_client
         .publish_acked(CHANNEL, "chat", json!({"text": "hi", "from": "wse"}))
@@ -138,6 +159,36 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
         json!({"step": "history", "epoch": epoch, "offset": 2, "publications": [
             {"offset": 1, "data": {"text": "hi", "from": "wse"}},
             {"offset": 2, "data": {"text": "hello", "from": "python"}}]})
+    );
+    // Presence from the topic owner's members: alice (Centrifuge) and bob (WSE).
+    assert_eq!(
+        step("presence_stats").await,
+        json!({"step": "presence_stats", "num_clients": 2, "num_users": 2})
+    );
+    // The members' connections, by client id (the connection id): alice with her token's
+    // `info`, bob (a WSE client) with none.
+    assert_eq!(
+        step("presence").await,
+        json!({"step": "presence", "clients": {
+            alice_id.clone(): {"client": alice_id, "user": "alice", "conn_info": {"name": "Alice"}},
+            bob_id.clone(): {"client": bob_id, "user": "bob", "conn_info": null},
+        }})
+    );
+    // Another subscriber comes and goes: the Python client hears its join and its leave.
+    let mut dave = Connector::new(wse.url())
+        .token(publisher_token("dave"))
+        .connect()
+        .await
+        .unwrap();
+    let ack = dave.subscribe(&[CHANNEL]).await.unwrap();
+    assert_eq!(ack.p["success_topics"], json!([CHANNEL]));
+    let dave_id = dave.connection_id().to_owned();
+    dave.close(1000, "done").await.unwrap();
+    assert_eq!(
+        step("join_leave").await,
+        json!({"step": "join_leave", "events": [
+            {"kind": "join", "client": dave_id, "user": "dave", "conn_info": null},
+            {"kind": "leave", "client": dave_id, "user": "dave", "conn_info": null}]})
     );
 
     // The application forces a reconnect (3011) and two publications happen meanwhile.

@@ -26,7 +26,7 @@
 //! call, drain [`Conn::out`] to the socket and, once [`Conn::wants_shutdown`], close the write side.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io::IoSlice;
 use std::num::NonZeroU64;
@@ -158,6 +158,16 @@ pub enum ConnEvent {
         /// namespace's `history_size`; the ring may hold more).
         keep: usize,
     },
+    /// Count `topic`'s presence members (its owner's), and list their connections with
+    /// `list`; answer with [`Conn::presence_read`].
+    Presence {
+        /// The connection's id for the request.
+        request: u64,
+        /// The topic.
+        topic: String,
+        /// List the connections (Centrifuge `presence`), else only count (`presence_stats`).
+        list: bool,
+    },
     /// An application message (its JSON) for the event stream.
     App {
         /// Whose message it is.
@@ -209,6 +219,9 @@ pub struct SubscribeRequest {
     pub recover: Vec<(String, Option<u32>, u64)>,
     /// Presence data (JSON text) when presence is on.
     pub presence: Option<Bytes>,
+    /// A Centrifuge connection's client info for the topics' member lists (`presence`), when
+    /// its namespace keeps presence.
+    pub client: Option<Box<centrifuge::proto::ClientInfo>>,
     /// The queue group the topics are joined in (see PROTOCOL.md), if any.
     pub queue_group: Option<Arc<str>>,
 }
@@ -783,8 +796,16 @@ impl Conn {
     #[must_use]
     pub fn push_delivery(&mut self, delivery: &mut Delivery<'_>, max_queue: usize) -> bool {
         let frame = match &mut self.phase {
+            Phase::Live { .. } if delivery.is_join_leave() => return true,
             Phase::Live { .. } => delivery.wse().clone(),
             Phase::Centrifuge { session, .. } => {
+                if delivery.is_join_leave()
+                    && !delivery
+                        .topic()
+                        .is_some_and(|t| session.join_leave.contains(t))
+                {
+                    return true;
+                }
                 let Some((frame, message)) = delivery.centrifuge(session.session.format()) else {
                     return true;
                 };
@@ -858,6 +879,7 @@ impl Conn {
                 }
             }
             for f in failed {
+                session.join_leave.remove(f.topic.as_str());
                 if let Some(sub) = session.subscribing.remove(f.topic.as_str()) {
                     answers.push(centrifuge::Answer::Failed {
                         ticket: sub.ticket,
@@ -932,6 +954,47 @@ impl Conn {
             return;
         };
         if let Some((_, ticket)) = session.publishing.remove(i) {
+            let answer = centrifuge::Answer::Failed {
+                ticket,
+                code: centrifuge::ErrorCode::Internal,
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
+    /// The owner's answer to a [`ConnEvent::Presence`]: distinct users, their connections, and
+    /// those connections when the request listed them.
+    pub fn presence_read(
+        &mut self,
+        request: u64,
+        (users, connections): (u32, u32),
+        clients: Vec<centrifuge::proto::ClientInfo>,
+        cx: &mut Cx<'_>,
+    ) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        if let Some((ticket, list)) = session.presences.remove(&request) {
+            let answer = if list {
+                centrifuge::Answer::Presence { ticket, clients }
+            } else {
+                centrifuge::Answer::PresenceStats {
+                    ticket,
+                    num_clients: connections,
+                    num_users: users,
+                }
+            };
+            self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        }
+    }
+
+    /// A [`ConnEvent::Presence`] request was dropped on its way to the topic's owner (the
+    /// fabric was full): answered with error 100 (temporary: the client may retry).
+    pub fn presence_lost(&mut self, request: u64, cx: &mut Cx<'_>) {
+        let Phase::Centrifuge { session, .. } = &mut self.phase else {
+            return;
+        };
+        if let Some((ticket, _)) = session.presences.remove(&request) {
             let answer = centrifuge::Answer::Failed {
                 ticket,
                 code: centrifuge::ErrorCode::Internal,
@@ -1122,7 +1185,10 @@ impl Conn {
                 subscribing: HashMap::new(),
                 publishing: VecDeque::new(),
                 histories: HashMap::new(),
+                presences: HashMap::new(),
+                join_leave: HashSet::new(),
                 next_history: 0,
+                presence_on: cx.cfg.presence.enabled,
                 recovery_on: cx.cfg.recovery.enabled,
                 history_limit_max: cx.centrifuge.history_limit_max,
             }),
@@ -1390,7 +1456,16 @@ struct CentrifugeSession {
     /// History reads waiting for the owner, by request id: bounded by the session's
     /// `PENDING_MAX` requests.
     histories: HashMap<u64, PendingHistory>,
+    /// Channels whose subscription asked for join/leave pushes (the namespace's `join_leave`,
+    /// and the subscribe's flag or `force_push_join_leave`): at most one per subscription.
+    join_leave: HashSet<Arc<str>>,
+    /// Presence reads waiting for the owner, by request id, and whether they list the members
+    /// (`presence`) or count them (`presence_stats`): bounded like `histories`.
+    presences: HashMap<u64, (centrifuge::Ticket, bool)>,
+    /// The id of the next request to an owner (history or presence counts).
     next_history: u64,
+    /// `presence.enabled`: topics' owners keep presence members.
+    presence_on: bool,
     /// `recovery.enabled`: topics have positions and history.
     recovery_on: bool,
     /// Most publications a recovery returns (`centrifuge.history_limit_max`); past it the
@@ -1534,6 +1609,24 @@ impl CentrifugeSession {
         Ok(())
     }
 
+    /// Asks the topic's owner for `channel`'s members: listed with `list`, else counted.
+    fn ask_presence(
+        &mut self,
+        ticket: centrifuge::Ticket,
+        channel: &str,
+        list: bool,
+        cx: &mut Cx<'_>,
+    ) {
+        let request = self.next_history;
+        self.next_history += 1;
+        self.presences.insert(request, (ticket, list));
+        cx.events.push(ConnEvent::Presence {
+            request,
+            topic: channel.to_owned(),
+            list,
+        });
+    }
+
     fn request(
         &mut self,
         request: centrifuge::Request,
@@ -1548,7 +1641,8 @@ impl CentrifugeSession {
                 channel,
                 stream,
                 recover,
-                ..
+                presence,
+                join_leave,
             } => {
                 if protocol::topic_problem(&channel).is_some() {
                     failed(ticket, Code::BadRequest)
@@ -1562,6 +1656,9 @@ impl CentrifugeSession {
                         (None, true) => Some((None, 0)),
                         (None, false) => None,
                     };
+                    if join_leave {
+                        self.join_leave.insert(Arc::clone(&channel));
+                    }
                     self.subscribing.insert(
                         Arc::clone(&channel),
                         PendingSubscribe {
@@ -1577,6 +1674,7 @@ impl CentrifugeSession {
                             .map(|(epoch, offset)| vec![(topic.clone(), epoch, offset)])
                             .unwrap_or_default(),
                         topics: vec![topic],
+                        client: presence.map(Box::new),
                         ..Default::default()
                     }));
                     return Ok(());
@@ -1584,6 +1682,7 @@ impl CentrifugeSession {
             }
             Request::Unsubscribe { channel } => {
                 self.subscribing.remove(&channel);
+                self.join_leave.remove(&channel);
                 cx.events.push(ConnEvent::Unsubscribe {
                     topics: vec![channel.to_string()],
                 });
@@ -1633,8 +1732,20 @@ impl CentrifugeSession {
                 });
                 return Ok(());
             }
-            // Not served from the shard yet (docs/CENTRIFUGO.md): Centrifugo's answer for a
-            // feature it does not have.
+            Request::Presence { ticket, channel }
+                if self.presence_on && protocol::topic_problem(&channel).is_none() =>
+            {
+                self.ask_presence(ticket, &channel, true, cx);
+                return Ok(());
+            }
+            Request::PresenceStats { ticket, channel }
+                if self.presence_on && protocol::topic_problem(&channel).is_none() =>
+            {
+                self.ask_presence(ticket, &channel, false, cx);
+                return Ok(());
+            }
+            // Without `recovery.enabled` or `presence.enabled` the owner keeps no history or
+            // members: Centrifugo's answer for a feature it does not have.
             Request::Presence { ticket, .. }
             | Request::PresenceStats { ticket, .. }
             | Request::History { ticket, .. } => failed(ticket, Code::NotAvailable),

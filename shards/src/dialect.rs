@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::centrifuge::codec::{JSON_SUBPROTOCOL, PROTOBUF_SUBPROTOCOL};
-use crate::centrifuge::proto::Publication;
-use crate::centrifuge::{Format, encode_publication};
+use crate::centrifuge::proto::{ClientInfo, Publication};
+use crate::centrifuge::{Format, encode_join_leave, encode_publication};
 use crate::codec::{self, OpCode};
 use crate::config::Config;
 use crate::handshake::{UpgradeRequest, query_param};
@@ -28,14 +28,21 @@ pub const CENTRIFUGE_PUBLISH_EVENT: &str = "publication";
 /// (the owner sequences and frames it once, rings keep it), and the same publication in the
 /// other dialects, each encoded at most once per shard, when its first subscriber of that
 /// dialect takes it. A frame that is not a publication of a topic (a presence event, a
-/// per-connection send) exists in WSE only.
+/// per-connection send) exists in WSE only; a Centrifuge join/leave push
+/// ([`Delivery::join_leave`]) in Centrifuge only.
 pub struct Delivery<'a> {
     topic: Option<&'a str>,
     wse: &'a Bytes,
     /// Per Centrifuge format (JSON, protobuf): not made yet, or made (`None`: not a
     /// publication). Each is (the whole WebSocket frame, its payload).
     centrifuge: [Option<Option<(Bytes, Bytes)>>; 2],
+    /// A Centrifuge join (`true`) or leave of this member connection instead of a publication:
+    /// no WSE frame; only Centrifuge subscribers that asked for join/leave take it.
+    join_leave: Option<(bool, &'a ClientInfo)>,
 }
+
+/// The WSE frame of a [`Delivery::join_leave`], which WSE connections never take.
+static NO_FRAME: Bytes = Bytes::new();
 
 impl<'a> Delivery<'a> {
     /// `wse`, a whole unmasked WebSocket text frame, for the subscribers of `topic` (`None`:
@@ -45,7 +52,29 @@ impl<'a> Delivery<'a> {
             topic,
             wse,
             centrifuge: [None, None],
+            join_leave: None,
         }
+    }
+
+    /// A Centrifuge join (`joined`) or leave push of `client` for the subscribers of `topic`
+    /// that asked for join/leave pushes; WSE connections skip it.
+    pub fn join_leave(topic: &'a str, joined: bool, client: &'a ClientInfo) -> Self {
+        Self {
+            topic: Some(topic),
+            wse: &NO_FRAME,
+            centrifuge: [None, None],
+            join_leave: Some((joined, client)),
+        }
+    }
+
+    /// Whether this is a join/leave push (see [`Delivery::join_leave`]).
+    pub fn is_join_leave(&self) -> bool {
+        self.join_leave.is_some()
+    }
+
+    /// The topic, when the delivery is for a topic's subscribers.
+    pub fn topic(&self) -> Option<&'a str> {
+        self.topic
     }
 
     /// The WSE frame.
@@ -60,11 +89,18 @@ impl<'a> Delivery<'a> {
             Format::Json => 0,
             Format::Protobuf => 1,
         };
-        let (topic, wse) = (self.topic, self.wse);
+        let (topic, wse, join_leave) = (self.topic, self.wse, self.join_leave);
         self.centrifuge[i]
             .get_or_insert_with(|| {
-                let publication = publication_of(wse_payload(wse)?)?;
-                let message = encode_publication(format, topic?, publication).ok()?;
+                let message = match join_leave {
+                    Some((joined, client)) => {
+                        encode_join_leave(format, topic?, joined, client.clone()).ok()?
+                    }
+                    None => {
+                        let publication = publication_of(wse_payload(wse)?)?;
+                        encode_publication(format, topic?, publication).ok()?
+                    }
+                };
                 let op = match format {
                     Format::Json => OpCode::Text,
                     Format::Protobuf => OpCode::Binary,

@@ -36,6 +36,7 @@ use std::task::Waker;
 use bytes::Bytes;
 
 use crate::auth::Authenticator;
+use crate::centrifuge::proto::ClientInfo;
 use crate::command::{Command, Payload};
 use crate::config::Config;
 use crate::conn::ConnId;
@@ -103,6 +104,16 @@ pub enum FabricMsg {
     History(Box<HistoryRequest>),
     /// Owner → the connection's shard: the answer to a [`FabricMsg::History`]. Lost: as above.
     HistoryRead(Box<HistoryReply>),
+    /// A connection's shard → the topic's owner: count (and list) the topic's presence members
+    /// for the connection (a Centrifuge `presence_stats` or `presence`). Lost: the request is
+    /// never answered.
+    Presence(Box<PresenceRequest>),
+    /// Owner → every shard interested in the topic: a member connection joined or left the
+    /// topic's presence (Centrifuge join/leave pushes). Lost: those pushes are not sent.
+    JoinLeave(Box<JoinLeave>),
+    /// Owner → the connection's shard: the answer to a [`FabricMsg::Presence`]. Lost: as
+    /// above.
+    PresenceRead(Box<PresenceReply>),
     /// A shard → the topic's owner: connection `conn` (of the sending shard) left the topic (or
     /// changed the kind of its subscription); `interest_off` when it was the shard's last plain
     /// subscriber, `user` when it leaves presence (answered with `PresenceLeft`), `group` when it
@@ -167,6 +178,9 @@ pub struct JoinRequest {
     pub recover: Option<(Option<u32>, u64)>,
     /// Count a presence member: user id and data (JSON).
     pub presence: Option<(Box<str>, Bytes)>,
+    /// With `presence`, the connection as a Centrifuge client shows in the topic's member list
+    /// (its connection and subscription info); `None`: the user alone, with no info.
+    pub client: Option<Box<ClientInfo>>,
     /// Count a queue-group member: the group, and the requesting shard's members of it now
     /// (absolute, see [`crate::queue_groups`]).
     pub queue_group: Option<(Arc<str>, u32)>,
@@ -226,6 +240,45 @@ pub struct HistoryReply {
     pub request: u64,
     /// What was read; `None` when recovery is off.
     pub read: Option<crate::recovery::HistoryRead>,
+}
+
+/// See [`FabricMsg::Presence`].
+#[derive(Debug)]
+pub struct PresenceRequest {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The connection asking.
+    pub conn: ConnId,
+    /// The connection's id for the request, returned in the answer.
+    pub request: u64,
+    /// List the members' connections too (else only count them).
+    pub list: bool,
+}
+
+/// See [`FabricMsg::JoinLeave`].
+#[derive(Debug)]
+pub struct JoinLeave {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// Joined (else left).
+    pub joined: bool,
+    /// The member connection.
+    pub client: ClientInfo,
+}
+
+/// See [`FabricMsg::PresenceRead`].
+#[derive(Debug)]
+pub struct PresenceReply {
+    /// The connection that asked.
+    pub conn: ConnId,
+    /// The request's id.
+    pub request: u64,
+    /// Distinct users present in the topic.
+    pub users: u32,
+    /// Their connections subscribed to the topic, on every shard.
+    pub connections: u32,
+    /// Each of those connections, when the request asked for the list.
+    pub clients: Vec<ClientInfo>,
 }
 
 /// See [`FabricMsg::PresenceLeft`].
@@ -342,11 +395,17 @@ impl FabricMsg {
                 size_of::<JoinRequest>()
                     + j.topic.len()
                     + j.presence.as_ref().map_or(0, |(u, d)| u.len() + d.len())
+                    + j.client.as_deref().map_or(0, client_info_size)
             }
             FabricMsg::Joined(j) => size_of::<JoinReply>() + j.frames.len(),
             FabricMsg::History(h) => size_of::<HistoryRequest>() + h.topic.len(),
             FabricMsg::HistoryRead(h) => {
                 size_of::<HistoryReply>() + h.read.as_ref().map_or(0, |r| r.frames.len())
+            }
+            FabricMsg::Presence(p) => size_of::<PresenceRequest>() + p.topic.len(),
+            FabricMsg::JoinLeave(j) => size_of::<JoinLeave>() + client_info_size(&j.client),
+            FabricMsg::PresenceRead(p) => {
+                size_of::<PresenceReply>() + p.clients.iter().map(client_info_size).sum::<usize>()
             }
             FabricMsg::Leave { user, .. } => user.as_ref().map_or(0, |u| u.len()),
             FabricMsg::PresenceLeft(p) => {
@@ -637,6 +696,15 @@ impl Endpoint {
             .map(|o| o.overflow.len())
             .sum()
     }
+}
+
+/// Bytes a member's client info holds on the heap (for the fabric's charge).
+fn client_info_size(c: &ClientInfo) -> usize {
+    std::mem::size_of::<ClientInfo>()
+        + c.user.len()
+        + c.client.len()
+        + c.conn_info.len()
+        + c.chan_info.len()
 }
 
 #[cfg(test)]

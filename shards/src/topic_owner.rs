@@ -21,9 +21,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::centrifuge::proto::ClientInfo;
 use crate::codec::{self, OpCode};
 use crate::command::TopicStats;
 use crate::config::RecoveryConfig;
+use crate::conn::ConnId;
 use crate::presence::{Joined, Members};
 use crate::protocol::{self, RecoveryInfo};
 use crate::queue_groups::{GroupLimit, GroupName, Membership};
@@ -58,6 +60,9 @@ struct Owned {
     epoch: u32,
     /// With presence: the topic's members.
     presence: Option<Box<Members>>,
+    /// With presence: each member's connections, as Centrifuge's `presence` lists them (one
+    /// entry per connection counted in `presence`).
+    clients: HashMap<ConnId, ClientInfo>,
     /// The topic's queue groups, members counted per shard.
     membership: Option<Box<Membership>>,
 }
@@ -68,6 +73,7 @@ impl Owned {
         !self.interested.is_empty()
             || self.ring.is_some()
             || self.presence.as_ref().is_some_and(|p| !p.is_empty())
+            || !self.clients.is_empty()
             || self.membership.as_ref().is_some_and(|m| !m.is_empty())
     }
 }
@@ -348,6 +354,25 @@ impl TopicOwner {
             .is_some_and(|m| m.update(user, data))
     }
 
+    /// Connection `conn`, counted in `topic`'s presence by [`TopicOwner::presence_join`], shows
+    /// in the member list as `client`.
+    pub fn client_join(&mut self, topic: &str, conn: ConnId, client: ClientInfo) {
+        self.entry(topic).clients.insert(conn, client);
+    }
+
+    /// Connection `conn` left `topic`'s member list: its entry, if it had one.
+    pub fn client_leave(&mut self, topic: &str, conn: ConnId) -> Option<ClientInfo> {
+        self.topics.get_mut(topic)?.clients.remove(&conn)
+    }
+
+    /// The connections of `topic`'s presence members, in no particular order.
+    pub fn clients(&self, topic: &str) -> impl Iterator<Item = &ClientInfo> {
+        self.topics
+            .get(topic)
+            .into_iter()
+            .flat_map(|t| t.clients.values())
+    }
+
     /// The topic's presence members.
     pub fn presence(&self, topic: &str) -> Option<&Members> {
         self.topics.get(topic).and_then(|t| t.presence.as_deref())
@@ -376,6 +401,7 @@ impl TopicOwner {
                     ring: None,
                     epoch: 0,
                     presence: None,
+                    clients: HashMap::new(),
                     membership: None,
                 },
             );

@@ -61,7 +61,9 @@ use crate::config::Config;
 use crate::conn::ConnKey;
 use crate::conn::{Conn, ConnEvent, ConnId, Cx};
 use crate::dialect::Delivery;
-use crate::fabric::{Endpoint, FabricMsg, HistoryReply, HistoryRequest, Reload, Sent};
+use crate::fabric::{
+    Endpoint, FabricMsg, HistoryReply, HistoryRequest, PresenceReply, PresenceRequest, Reload, Sent,
+};
 use crate::handshake;
 use crate::inbound::{AppEvent, AppEventKind};
 use crate::metrics::{DropReason, RejectReason, ShardMetrics};
@@ -713,6 +715,30 @@ impl<T: Transport> Shard<T> {
                     self.with_conn(key, clock, |c, cx| c.history_lost(request, cx));
                 }
             }
+            ConnEvent::Presence {
+                request,
+                topic,
+                list,
+            } => {
+                let Some(conn) = self.conns.get(key as usize).map(|s| s.conn.id()) else {
+                    return;
+                };
+                let owner = self.topics.owner_of(&topic);
+                let p = PresenceRequest {
+                    topic: Arc::from(topic.as_str()),
+                    conn,
+                    request,
+                    list,
+                };
+                if owner == self.me {
+                    self.handle_presence(p, clock);
+                } else if self.fabric.send(owner, FabricMsg::Presence(Box::new(p))) == Sent::Dropped
+                {
+                    self.metrics.dropped(DropReason::FabricOverflow).inc();
+                    // No answer will come: the connection hears it now.
+                    self.with_conn(key, clock, |c, cx| c.presence_lost(request, cx));
+                }
+            }
             ConnEvent::App { user, payload } => {
                 self.conn_event(key, AppEventKind::Msg, &user, payload);
             }
@@ -832,6 +858,9 @@ impl<T: Transport> Shard<T> {
             FabricMsg::Join(j) => self.handle_join(*j, clock),
             FabricMsg::History(h) => self.handle_history(*h, clock),
             FabricMsg::HistoryRead(r) => self.handle_history_read(*r, clock),
+            FabricMsg::Presence(p) => self.handle_presence(*p, clock),
+            FabricMsg::JoinLeave(j) => self.deliver_join_leave(&j.topic, j.joined, &j.client),
+            FabricMsg::PresenceRead(r) => self.handle_presence_read(*r, clock),
             FabricMsg::Joined(r) => self.handle_joined(*r, clock),
             FabricMsg::Leave {
                 topic,
@@ -883,6 +912,45 @@ impl<T: Transport> Shard<T> {
             .is_some_and(|s| s.conn.id() == r.conn)
         {
             self.with_conn(key, clock, |c, cx| c.history_read(r.request, r.read, cx));
+        }
+    }
+
+    /// On the topic's owner: counts the topic's presence members (none when it has no entry),
+    /// lists their connections when asked, and answers the connection's shard.
+    fn handle_presence(&mut self, p: PresenceRequest, clock: Clock) {
+        let (users, connections) = self.owner.presence(&p.topic).map_or((0, 0), |m| m.stats());
+        let reply = PresenceReply {
+            conn: p.conn,
+            request: p.request,
+            // Bounded by presence.max_members and the connection limit, far below u32::MAX;
+            // saturate rather than wrap should that ever change.
+            users: u32::try_from(users).unwrap_or(u32::MAX),
+            connections: u32::try_from(connections).unwrap_or(u32::MAX),
+            clients: if p.list {
+                self.owner.clients(&p.topic).cloned().collect()
+            } else {
+                Vec::new()
+            },
+        };
+        let shard = p.conn.shard();
+        if shard == self.me {
+            self.handle_presence_read(reply, clock);
+        } else {
+            let m = FabricMsg::PresenceRead(Box::new(reply));
+            send(&mut self.fabric, &self.metrics, shard, m);
+        }
+    }
+
+    fn handle_presence_read(&mut self, r: PresenceReply, clock: Clock) {
+        let key = r.conn.key();
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|s| s.conn.id() == r.conn)
+        {
+            self.with_conn(key, clock, |c, cx| {
+                c.presence_read(r.request, (r.users, r.connections), r.clients, cx)
+            });
         }
     }
 

@@ -8,10 +8,11 @@
 use bytes::Bytes;
 
 use super::{Shard, Transport, send};
+use crate::centrifuge::proto::ClientInfo;
 use crate::codec::{self, OpCode};
 use crate::conn::ConnId;
 use crate::fabric::{
-    FabricMsg, JoinReply, JoinRequest, PresenceLeft, Query, QueryAnswer, QueryKind,
+    FabricMsg, JoinLeave, JoinReply, JoinRequest, PresenceLeft, Query, QueryAnswer, QueryKind,
 };
 use crate::presence::Joined;
 use crate::protocol::{self, Clock, ErrorCode};
@@ -80,6 +81,33 @@ impl<T: Transport> Shard<T> {
         self.deliver_local(topic, frame);
     }
 
+    /// Sends a Centrifuge join (`joined`) or leave of `client` to every shard interested in
+    /// `topic` and to local subscribers, when the topic's namespace has `join_leave` (no other
+    /// subscriber could want it).
+    fn fan_out_join_leave(&mut self, topic: &str, joined: bool, client: ClientInfo) {
+        let wanted = self
+            .run
+            .centrifuge()
+            .namespaces
+            .resolve(topic)
+            .is_ok_and(|c| c.namespace.join_leave);
+        if !wanted {
+            return;
+        }
+        if let Some((name, interested)) = self.owner.interest(topic) {
+            let name = name.clone();
+            for shard in interested.iter() {
+                let m = FabricMsg::JoinLeave(Box::new(JoinLeave {
+                    topic: name.clone(),
+                    joined,
+                    client: client.clone(),
+                }));
+                send(&mut self.fabric, &self.metrics, shard, m);
+            }
+        }
+        self.deliver_join_leave(topic, joined, &client);
+    }
+
     /// Hands the publication to one member of each of the topic's queue groups: the owner picks
     /// the shard per group (weighted round-robin, see [`crate::queue_groups`]), which picks the
     /// member. Members get it without recovery stamps (`stamped`: `frame` carries them), so a
@@ -144,9 +172,24 @@ impl<T: Transport> Shard<T> {
             reply.frames = frames;
         }
         let mut event = None;
+        let mut join_leave = None;
         if let Some((user, data)) = j.presence {
             let max = self.run.cfg().presence.max_members;
-            match self.owner.presence_join(&j.topic, &user, data.clone(), max) {
+            let joined = self.owner.presence_join(&j.topic, &user, data.clone(), max);
+            if !matches!(joined, Joined::Full) {
+                // A WSE connection shows in Centrifuge's member list as its user alone.
+                let client = j.client.map_or_else(
+                    || ClientInfo {
+                        user: user.to_string(),
+                        client: j.conn.to_string(),
+                        ..Default::default()
+                    },
+                    |c| *c,
+                );
+                self.owner.client_join(&j.topic, j.conn, client.clone());
+                join_leave = Some(client);
+            }
+            match joined {
                 Joined::New => {
                     let payload = presence_payload(&j.topic, &user, &data);
                     reply.presence_joined = Some((user.clone(), payload));
@@ -179,6 +222,9 @@ impl<T: Transport> Shard<T> {
             let json = protocol::presence_event(kind, &j.topic, &user, &data);
             self.fan_out(&j.topic, &codec::encode_frame(OpCode::Text, &json));
         }
+        if let Some(client) = join_leave {
+            self.fan_out_join_leave(&j.topic, true, client);
+        }
         self.release_owned(&j.topic);
     }
 
@@ -200,6 +246,11 @@ impl<T: Transport> Shard<T> {
         }
         if let Some((group, members)) = group {
             self.owner.leave_group(topic, group, shard, members);
+        }
+        if user.is_some()
+            && let Some(client) = self.owner.client_leave(topic, conn)
+        {
+            self.fan_out_join_leave(topic, false, client);
         }
         let left = user.and_then(|user| {
             let data = self.owner.presence_leave(topic, user)?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Shard, Transport};
+use crate::centrifuge::proto::ClientInfo;
 use crate::conn::ConnId;
 use crate::dialect::Delivery;
 use crate::fabric::{FabricMsg, Sent};
@@ -38,6 +39,26 @@ impl<T: Transport> Shard<T> {
             return false;
         }
         true
+    }
+
+    /// Queues a Centrifuge join (`joined`) or leave push of `client` to the local subscribers of
+    /// `topic` that asked for them (each format encoded once); overflowing ones are listed for
+    /// eviction, as for publications.
+    pub(super) fn deliver_join_leave(&mut self, topic: &str, joined: bool, client: &ClientInfo) {
+        let Some(t) = self.topics.get(topic) else {
+            return;
+        };
+        let max = self.run.cfg().limits.max_outbound_queue_bytes;
+        let mut delivery = Delivery::join_leave(topic, joined, client);
+        for &key in t.subscribers() {
+            let Some(slot) = self.conns.get_mut(key as usize) else {
+                debug_assert!(false, "subscriber {key} has no slot");
+                continue;
+            };
+            if !slot.offer(key, &mut delivery, max, &self.metrics, &mut self.turn) {
+                self.turn.evict(key);
+            }
+        }
     }
 
     /// Queues `frame` to every live local subscriber of `topic`; overflowing ones are listed for

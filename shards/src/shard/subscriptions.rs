@@ -155,6 +155,7 @@ impl<T: Transport> Shard<T> {
                         request,
                         interest,
                         recover,
+                        client: presence.as_ref().and(req.client.clone()),
                         presence,
                         queue_group: joined_group,
                     },

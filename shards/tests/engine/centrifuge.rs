@@ -33,9 +33,19 @@ fn centrifuge_config(shards: usize) -> Config {
 /// A connection token for `user` that expires an hour after the virtual wall clock's start
 /// (still in the future for the verifier, which reads the real clock).
 fn connection_token(user: &str) -> String {
+    connection_token_with(user, json!({}))
+}
+
+/// As [`connection_token`], with `extra` claims added.
+fn connection_token_with(user: &str, extra: Value) -> String {
+    let mut claims = json!({"sub": user, "exp": WALL_START_MS / 1000 + 3600});
+    claims
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": user, "exp": WALL_START_MS / 1000 + 3600}),
+        &claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
@@ -59,11 +69,16 @@ fn upgrade(e: &mut Engine, shard: usize, protocol: Option<&str>) -> Client {
 
 /// A JSON Centrifuge connection on `shard`, connected as `user`; returns it and its client id.
 fn connect_json(e: &mut Engine, shard: usize, user: &str) -> (Client, String) {
+    connect_json_token(e, shard, &connection_token(user))
+}
+
+/// As [`connect_json`], with this connection token.
+fn connect_json_token(e: &mut Engine, shard: usize, token: &str) -> (Client, String) {
     let c = upgrade(e, shard, None);
     let response = e.upgrade_response(c).unwrap().to_owned();
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
     assert!(!response.contains("Sec-WebSocket-Protocol"), "{response}");
-    let connect = json!({"id": 1, "connect": {"token": connection_token(user)}});
+    let connect = json!({"id": 1, "connect": {"token": token}});
     e.send(c, &connect.to_string());
     e.settle();
     let frames = e.recv(c);
@@ -578,4 +593,285 @@ fn a_publication_the_fabric_drops_is_answered_with_error_100() {
         ]
     );
     assert_eq!(e.metrics(0).dropped(DropReason::FabricOverflow).get(), 1);
+}
+
+/// `room` with presence open to clients, and `quiet` without presence.
+fn presence_config(shards: usize, presence_enabled: bool) -> Config {
+    let mut cfg = centrifuge_config(shards);
+    cfg.presence.enabled = presence_enabled;
+    cfg.centrifuge.namespaces[0].presence = true;
+    cfg.centrifuge.namespaces[0].allow_presence_for_client = true;
+    cfg.centrifuge.namespaces.push(NamespaceConfig {
+        name: "quiet".into(),
+        allow_subscribe_for_client: true,
+        allow_presence_for_client: true,
+        ..Default::default()
+    });
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// Sends one command on `c` and returns its single reply, as text.
+fn ask(e: &mut Engine, c: Client, command: Value) -> String {
+    e.send(c, &command.to_string());
+    e.settle();
+    let frames = e.recv(c);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    frames[0].text().to_owned()
+}
+
+#[test]
+fn presence_lists_each_members_connection_across_shards() {
+    let mut e = Engine::new(presence_config(3, true));
+    let topic = topic_owned_by("room:p", 0, 3);
+    let (asker, _) = connect_json(&mut e, 1, "carol");
+    let presence = |e: &mut Engine, id: u32| -> Value {
+        let reply = ask(e, asker, json!({"id": id, "presence": {"channel": topic}}));
+        serde_json::from_str(&reply).unwrap()
+    };
+    assert_eq!(
+        presence(&mut e, 2),
+        json!({"id": 2, "presence": {"presence": {}}})
+    );
+    // Alice twice, once with connection info (shards 1 and 2); Bob as a WSE subscriber.
+    let token = connection_token_with("alice", json!({"info": {"name": "Alice"}}));
+    let (a1, a1_id) = connect_json_token(&mut e, 1, &token);
+    let (a2, a2_id) = connect_json(&mut e, 2, "alice");
+    for c in [a1, a2] {
+        assert_eq!(
+            ask(&mut e, c, json!({"id": 2, "subscribe": {"channel": topic}})),
+            r#"{"id":2,"subscribe":{}}"#
+        );
+    }
+    let w = e.connect(2, "bob");
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":[topic]}}),
+    );
+    e.settle();
+    let wse_id = e.recv(w)[0].json()["p"]["details"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        presence(&mut e, 3),
+        json!({"id": 3, "presence": {"presence": {
+            a1_id.clone(): {"user": "alice", "client": a1_id, "conn_info": {"name": "Alice"}},
+            a2_id.clone(): {"user": "alice", "client": a2_id},
+            wse_id.clone(): {"user": "bob", "client": wse_id},
+        }}})
+    );
+    // Leaving, by unsubscribe and by a closed connection.
+    assert_eq!(
+        ask(
+            &mut e,
+            a1,
+            json!({"id": 3, "unsubscribe": {"channel": topic}})
+        ),
+        r#"{"id":3,"unsubscribe":{}}"#
+    );
+    e.disconnect(w);
+    e.settle();
+    assert_eq!(
+        presence(&mut e, 4),
+        json!({"id": 4, "presence": {"presence": {a2_id.clone(): {"user": "alice", "client": a2_id}}}})
+    );
+}
+
+#[test]
+fn presence_stats_counts_the_owners_members_across_shards() {
+    let mut e = Engine::new(presence_config(3, true));
+    // The topic lives on shard 0; its members and the asker elsewhere, so the request and the
+    // answer cross the fabric.
+    let topic = topic_owned_by("room:p", 0, 3);
+    let stats = |e: &mut Engine, c: Client, id: u32| {
+        ask(
+            e,
+            c,
+            json!({"id": id, "presence_stats": {"channel": topic}}),
+        )
+    };
+    let (asker, _) = connect_json(&mut e, 1, "carol");
+    assert_eq!(
+        stats(&mut e, asker, 2),
+        r#"{"id":2,"presence_stats":{}}"#,
+        "no member yet (zero counts are left out, as Centrifugo's JSON does)"
+    );
+    // Alice twice (shards 1 and 2), Bob once (shard 2).
+    let mut members = Vec::new();
+    for (shard, user) in [(1, "alice"), (2, "alice"), (2, "bob")] {
+        let (c, _) = connect_json(&mut e, shard, user);
+        assert_eq!(
+            ask(&mut e, c, json!({"id": 2, "subscribe": {"channel": topic}})),
+            r#"{"id":2,"subscribe":{}}"#
+        );
+        members.push(c);
+    }
+    assert_eq!(
+        stats(&mut e, asker, 3),
+        r#"{"id":3,"presence_stats":{"num_clients":3,"num_users":2}}"#
+    );
+    // An unsubscribe and a closed connection leave.
+    assert_eq!(
+        ask(
+            &mut e,
+            members[1],
+            json!({"id": 3, "unsubscribe": {"channel": topic}})
+        ),
+        r#"{"id":3,"unsubscribe":{}}"#
+    );
+    e.disconnect(members[2]);
+    e.settle();
+    assert_eq!(
+        stats(&mut e, asker, 4),
+        r#"{"id":4,"presence_stats":{"num_clients":1,"num_users":1}}"#
+    );
+    // A namespace without presence: 108, as in Centrifugo.
+    let quiet = topic_owned_by("quiet:p", 0, 3);
+    assert_eq!(
+        ask(
+            &mut e,
+            asker,
+            json!({"id": 5, "presence_stats": {"channel": quiet}})
+        ),
+        r#"{"id":5,"error":{"code":108,"message":"not available"}}"#
+    );
+}
+
+#[test]
+fn without_presence_enabled_presence_stats_is_not_available() {
+    let mut e = Engine::new(presence_config(2, false));
+    let topic = topic_owned_by("room:p", 1, 2);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    assert_eq!(
+        ask(&mut e, c, json!({"id": 2, "subscribe": {"channel": topic}})),
+        r#"{"id":2,"subscribe":{}}"#
+    );
+    assert_eq!(
+        ask(
+            &mut e,
+            c,
+            json!({"id": 3, "presence_stats": {"channel": topic}})
+        ),
+        r#"{"id":3,"error":{"code":108,"message":"not available"}}"#
+    );
+}
+
+#[test]
+fn a_presence_stats_request_the_fabric_drops_is_answered_with_error_100() {
+    let mut cfg = presence_config(2, true);
+    // As in the publication's test above: a small fabric budget, spent by publications.
+    cfg.limits.max_message_size = 128 * 1024;
+    cfg.limits.fabric_memory_per_shard = 256 * 1024;
+    let mut e = Engine::new(cfg);
+    let small = topic_owned_by("room:s", 1, 2);
+    // The request's charge grows with its channel's name: 200 bytes, more than the room any
+    // publication to `small` below leaves unspent.
+    let long = topic_owned_by(&format!("room:{}", "l".repeat(190)), 1, 2);
+    let (c, _) = connect_json(&mut e, 0, "alice");
+    // Publications of halving size, all before the owner takes anything: whatever each leaves
+    // of the budget, the next smaller one fills, down to a 1-byte pad.
+    let pads: Vec<usize> = [100 * 1024, 100 * 1024]
+        .into_iter()
+        .chain((0..=14).rev().map(|p| 1 << p))
+        .collect();
+    for (id, pad) in (2..).zip(&pads) {
+        e.send(
+            c,
+            &json!({"id": id, "publish": {"channel": small, "data": {"pad": "x".repeat(*pad)}}})
+                .to_string(),
+        );
+    }
+    let id = 2 + pads.len();
+    e.send(
+        c,
+        &json!({"id": id, "presence_stats": {"channel": long}}).to_string(),
+    );
+    e.settle();
+    let replies = e.recv(c);
+    assert_eq!(replies.len(), pads.len() + 1, "{replies:?}");
+    assert_eq!(
+        replies.last().unwrap().text(),
+        format!(
+            r#"{{"id":{id},"error":{{"code":100,"message":"internal server error","temporary":true}}}}"#
+        )
+    );
+    // Once the fabric has room again, the same request is answered.
+    e.send(
+        c,
+        &json!({"id": id + 1, "presence_stats": {"channel": long}}).to_string(),
+    );
+    e.settle();
+    assert_eq!(
+        e.recv(c),
+        [Frame::Text(format!(
+            r#"{{"id":{},"presence_stats":{{}}}}"#,
+            id + 1
+        ))]
+    );
+}
+
+#[test]
+fn join_and_leave_pushes_reach_the_subscribers_that_asked_for_them() {
+    let mut cfg = presence_config(3, true);
+    cfg.centrifuge.namespaces[0].join_leave = true;
+    cfg.validate().unwrap();
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("room:j", 0, 3);
+    let push = |joined: bool, info: &str| {
+        let kind = if joined { "join" } else { "leave" };
+        Frame::Text(format!(
+            r#"{{"push":{{"channel":"{topic}","{kind}":{{"info":{info}}}}}}}"#
+        ))
+    };
+    // Alice asks for join/leave pushes: her own join comes right after her subscribe's reply.
+    let token = connection_token_with("alice", json!({"info": {"name": "Alice"}}));
+    let (a, a_id) = connect_json_token(&mut e, 1, &token);
+    e.send(
+        a,
+        &json!({"id": 2, "subscribe": {"channel": topic, "join_leave": true}}).to_string(),
+    );
+    e.settle();
+    let alice = format!(r#"{{"user":"alice","client":"{a_id}","conn_info":{{"name":"Alice"}}}}"#);
+    assert_eq!(
+        e.recv(a),
+        [
+            Frame::Text(r#"{"id":2,"subscribe":{}}"#.into()),
+            push(true, &alice)
+        ]
+    );
+    // Bob (no join/leave asked) on another shard: Alice hears him join and leave; he hears
+    // nothing but his reply.
+    let (b, b_id) = connect_json(&mut e, 2, "bob");
+    assert_eq!(
+        ask(&mut e, b, json!({"id": 2, "subscribe": {"channel": topic}})),
+        r#"{"id":2,"subscribe":{}}"#
+    );
+    let bob = format!(r#"{{"user":"bob","client":"{b_id}"}}"#);
+    assert_eq!(e.recv(a), [push(true, &bob)]);
+    assert_eq!(
+        ask(
+            &mut e,
+            b,
+            json!({"id": 3, "unsubscribe": {"channel": topic}})
+        ),
+        r#"{"id":3,"unsubscribe":{}}"#
+    );
+    assert_eq!(e.recv(a), [push(false, &bob)]);
+    // A WSE subscriber is a member too, and its connection closing is a leave.
+    let w = e.connect(2, "carol");
+    e.send_json(
+        w,
+        &json!({"c":"WSE","t":"subscription_update","p":{"action":"subscribe","topics":[topic]}}),
+    );
+    e.settle();
+    let w_id = e.recv(w)[0].json()["p"]["details"]["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let carol = format!(r#"{{"user":"carol","client":"{w_id}"}}"#);
+    assert_eq!(e.recv(a), [push(true, &carol)]);
+    e.disconnect(w);
+    e.settle();
+    assert_eq!(e.recv(a), [push(false, &carol)]);
 }
