@@ -230,10 +230,9 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
     assert!(status.success(), "{}", stderr.lock().unwrap());
 }
 
-/// centrifuge-js 5.7.4 under Node (`tests/node/centrifuge_client.mjs`, without its presence
-/// steps, which the server does not serve yet): connect and subscribe in one message, a
-/// positioned subscription, its own publication back, history.
-fn centrifuge_js(encoding: &str) {
+/// Installs the published centrifuge-js (and playwright-core) from `tests/node/package-lock.json`
+/// once, and returns where.
+fn centrifuge_js_dir() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let status = Command::new(root.join("tests/node/setup-centrifuge-js.sh"))
         .status()
@@ -242,8 +241,16 @@ fn centrifuge_js(encoding: &str) {
         status.success(),
         "installing centrifuge-js failed: {status}"
     );
-    let dir = std::env::var_os("CENTRIFUGE_JS_DIR")
-        .map_or_else(|| root.join("target/centrifuge-js"), PathBuf::from);
+    std::env::var_os("CENTRIFUGE_JS_DIR")
+        .map_or_else(|| root.join("target/centrifuge-js"), PathBuf::from)
+}
+
+/// centrifuge-js 5.7.4 under Node (`tests/node/centrifuge_client.mjs`): connect and subscribe
+/// in one message, a positioned subscription, its own publication back, history, presence and
+/// presence stats.
+fn centrifuge_js(encoding: &str) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = centrifuge_js_dir();
     let wse = server();
     let output = Command::new("node")
         .arg(root.join("tests/node/centrifuge_client.mjs"))
@@ -251,7 +258,6 @@ fn centrifuge_js(encoding: &str) {
         .arg(format!("ws://{}/connection/websocket", wse.ws))
         .arg(token("alice", json!({})))
         .arg(encoding)
-        .arg("no-presence")
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -276,6 +282,8 @@ fn centrifuge_js(encoding: &str) {
             json!({"step": "publication", "data": message, "offset": 1, "user": null}),
             json!({"step": "history", "epoch": epoch, "offset": 1,
                    "publications": [{"offset": 1, "data": message}]}),
+            json!({"step": "presence", "users": ["alice"]}),
+            json!({"step": "presence_stats", "num_clients": 1, "num_users": 1}),
             json!({"step": "done"}),
         ]
     );
@@ -289,6 +297,74 @@ fn centrifuge_js_json() {
 #[test]
 fn centrifuge_js_protobuf() {
     centrifuge_js("protobuf");
+}
+
+/// Debian's Chromium, found on `PATH` (or at `CHROMIUM`); a missing browser fails the test with
+/// the command that installs it, never skips it.
+fn chromium() -> PathBuf {
+    if let Some(path) = std::env::var_os("CHROMIUM") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("chromium"))
+        .find(|p| p.is_file())
+        .expect(
+            "chromium is needed: apt-get install --no-install-recommends chromium (.ci/run does)",
+        )
+}
+
+/// centrifuge-js 5.7.4's browser bundle in headless Chromium (`tests/node/centrifuge_browser.mjs`,
+/// driven by playwright-core): the page, served from its own origin, connects and subscribes in
+/// one message, receives a publication made through the server API, disconnects, and on
+/// reconnecting recovers exactly the two publications made while it was away.
+#[test]
+fn centrifuge_js_in_chromium() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = centrifuge_js_dir();
+    let browser = chromium();
+    let wse = server();
+    let output = Command::new("node")
+        .arg(root.join("tests/node/centrifuge_browser.mjs"))
+        .arg(dir)
+        .arg(format!("ws://{}/connection/websocket", wse.ws))
+        .arg(token("alice", json!({})))
+        .arg(format!("http://{}", wse.control.expect("control plane on")))
+        .arg(API_KEY)
+        .arg(browser)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        wse.log()
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let origin = lines[0]["origin"].as_str().expect("the page's origin");
+    assert!(origin.starts_with("http://127.0.0.1:"), "{origin}");
+    let publication =
+        |n: u64| json!({"step": "back", "kind": "publication", "data": {"n": n}, "offset": n});
+    assert_eq!(
+        lines[1..],
+        [
+            json!({"step": "subscribed", "kind": "subscribed", "wasRecovering": false,
+                   "recovered": false, "recoverable": true}),
+            json!({"step": "live", "kind": "publication", "data": {"n": 1}, "offset": 1}),
+            // A disconnect the client asked for (code 0: client-side).
+            json!({"step": "away", "kind": "disconnected", "code": 0}),
+            json!({"step": "back", "kind": "subscribed", "wasRecovering": true,
+                   "recovered": true, "recoverable": true}),
+            publication(2),
+            publication(3),
+            json!({"step": "done"}),
+        ]
+    );
 }
 
 #[tokio::test]
