@@ -4,7 +4,7 @@
 //! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
 //! `history` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
 //! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
-//! the server API: server-side subscriptions from the token's `channels`, a room and a direct
+//! Centrifugo's HTTP API (`/api/publish`): server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
 
 mod support;
@@ -252,7 +252,7 @@ async fn centrifuge_python_protobuf_and_a_wse_client_share_a_topic() {
 
 /// The stand-in Token Bowl backend (the spec's §1.6), publishing into the real server: its
 /// connection tokens' `channels` claim makes server-side subscriptions, its messages route
-/// publishes through `/api/v1/publish`.
+/// publishes through Centrifugo's `POST /api/publish` with `X-API-Key`, as the real backend does.
 #[derive(Clone)]
 struct Backend {
     control: std::net::SocketAddr,
@@ -301,18 +301,23 @@ async fn messages(
         "message_type": if to.is_some() { "direct" } else { "room" },
         "timestamp": "2026-12-05T00:00:00Z",
     });
-    // A direct message goes to the recipient's channel only, as the real backend does.
+    // A direct message goes to the recipient's channel only, as the real backend does, and
+    // through Centrifugo's HTTP API, as the real backend's `cent` client sends it.
     let channel = to.map_or_else(|| "room:main".to_owned(), |t| format!("user:{t}"));
-    let publish = json!({"topic": channel, "event": "message", "data": message}).to_string();
+    let publish = json!({"channel": channel, "data": message}).to_string();
     let (status, answer) = support::http(
         b.control,
         "POST",
-        "/api/v1/publish",
-        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        "/api/publish",
+        &[("X-API-Key", API_KEY)],
         &publish,
     )
     .await;
-    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (status, answer.as_str()),
+        (200, r#"{"result":{}}"#),
+        "{answer}"
+    );
     Ok((axum::http::StatusCode::CREATED, axum::Json(message)))
 }
 
