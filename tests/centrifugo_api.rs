@@ -283,6 +283,38 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         api_error(102, "unknown channel")
     );
 
+    // disconnect with alice's connection in the whitelist, or another client named: nobody
+    // leaves.
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let alice_id = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["user_id"] == "alice")
+        .unwrap()["connection_id"]
+        .clone();
+    for args in [
+        json!({"user": "alice", "whitelist": [alice_id]}),
+        json!({"user": "alice", "client": "00000000000000ff"}),
+    ] {
+        assert_eq!(cent.ask(call("disconnect", args)), json!({"result": {}}));
+    }
+    // Still connected: a publication made after those answers reaches her (a closed connection
+    // would show as `disconnected` first).
+    let answer = cent.ask(call(
+        "publish",
+        json!({"channel": CHANNEL, "data": {"n": 5}}),
+    ));
+    assert_eq!(answer, json!({"result": published()}));
+    assert_eq!(
+        alice.next("a publication"),
+        json!({"step": "publication", "data": {"n": 5}})
+    );
+
     // disconnect: alice's Centrifuge connection closes with Centrifugo's default, 3503 (the
     // clients do not reconnect).
     let answer = cent.ask(call("disconnect", json!({"user": "alice"})));
