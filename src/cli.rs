@@ -432,6 +432,18 @@ struct ServerFlags {
         value_name = "CODE"
     )]
     shutdown_close_code: Option<u16>,
+
+    /// Browser origins allowed to open a WebSocket (WSE and Centrifuge), comma-separated: exact
+    /// origins (`*` and `?` as in globs) or `*` for any; empty = every browser refused (403).
+    /// Clients sending no Origin always pass.
+    #[arg(
+        id = "server.allowed_origins",
+        long = "allowed-origins",
+        env = "WSE_ALLOWED_ORIGINS",
+        value_name = "ORIGIN,...",
+        value_delimiter = ','
+    )]
+    allowed_origins: Option<Vec<String>>,
 }
 
 /// `[limits]`.
@@ -1464,6 +1476,7 @@ impl Flags {
             max_connections,
             drain_timeout,
             shutdown_close_code,
+            allowed_origins,
         } = server;
         let s = &mut cfg.server;
         set(&mut s.cores, cores);
@@ -1473,6 +1486,7 @@ impl Flags {
         set(&mut s.max_connections, max_connections);
         set(&mut s.drain_timeout, drain_timeout);
         set(&mut s.shutdown_close_code, shutdown_close_code);
+        set_list(&mut s.allowed_origins, allowed_origins);
 
         let LimitsFlags {
             max_message_size,

@@ -4,7 +4,7 @@
 //! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
 //! `history`, `presence`, `presence_stats` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
 //! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
-//! the server API: server-side subscriptions from the token's `channels`, a room and a direct
+//! Centrifugo's HTTP API (`/api/publish`): server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
 
 mod support;
@@ -24,7 +24,12 @@ const STEP_WAIT: Duration = Duration::from_secs(30);
 const CHANNEL: &str = "room:main";
 
 fn server() -> Wse {
-    Wse::start(&[
+    server_with(&[])
+}
+
+/// [`server`], with `extra` arguments.
+fn server_with(extra: &[&str]) -> Wse {
+    let mut args = vec![
         "--cores",
         "2",
         "--recovery-enabled",
@@ -35,7 +40,9 @@ fn server() -> Wse {
         r#"[{"name":"room","allow_subscribe_for_client":true,"allow_publish_for_client":true,
             "allow_history_for_client":true,"history_size":10,"history_ttl":"300s",
             "presence":true,"allow_presence_for_client":true,"join_leave":true}]"#,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Wse::start(&args)
 }
 
 async fn python_and_wse_share_a_topic(encoding: &str) {
@@ -316,15 +323,21 @@ fn chromium() -> PathBuf {
 }
 
 /// centrifuge-js 5.7.4's browser bundle in headless Chromium (`tests/node/centrifuge_browser.mjs`,
-/// driven by playwright-core): the page, served from its own origin, connects and subscribes in
-/// one message, receives a publication made through the server API, disconnects, and on
+/// driven by playwright-core): the page, served from its own origin, which the server's
+/// `allowed_origins` lists, connects and subscribes in one message, receives a publication made through the server API, disconnects, and on
 /// reconnecting recovers exactly the two publications made while it was away.
 #[test]
 fn centrifuge_js_in_chromium() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = centrifuge_js_dir();
     let browser = chromium();
-    let wse = server();
+    // The page's port, chosen here so that the server can be told its origin.
+    let page_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let page_origin = format!("http://127.0.0.1:{page_port}");
+    let wse = server_with(&["--allowed-origins", &page_origin]);
     let output = Command::new("node")
         .arg(root.join("tests/node/centrifuge_browser.mjs"))
         .arg(dir)
@@ -333,6 +346,7 @@ fn centrifuge_js_in_chromium() {
         .arg(format!("http://{}", wse.control.expect("control plane on")))
         .arg(API_KEY)
         .arg(browser)
+        .arg(page_port.to_string())
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -346,8 +360,7 @@ fn centrifuge_js_in_chromium() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let origin = lines[0]["origin"].as_str().expect("the page's origin");
-    assert!(origin.starts_with("http://127.0.0.1:"), "{origin}");
+    assert_eq!(lines[0], json!({"step": "origin", "origin": page_origin}));
     let publication =
         |n: u64| json!({"step": "back", "kind": "publication", "data": {"n": n}, "offset": n});
     assert_eq!(
@@ -379,7 +392,7 @@ async fn centrifuge_python_protobuf_and_a_wse_client_share_a_topic() {
 
 /// The stand-in Token Bowl backend (the spec's §1.6), publishing into the real server: its
 /// connection tokens' `channels` claim makes server-side subscriptions, its messages route
-/// publishes through `/api/v1/publish`.
+/// publishes through Centrifugo's `POST /api/publish` with `X-API-Key`, as the real backend does.
 #[derive(Clone)]
 struct Backend {
     control: std::net::SocketAddr,
@@ -428,18 +441,23 @@ async fn messages(
         "message_type": if to.is_some() { "direct" } else { "room" },
         "timestamp": "2026-12-05T00:00:00Z",
     });
-    // A direct message goes to the recipient's channel only, as the real backend does.
+    // A direct message goes to the recipient's channel only, as the real backend does, and
+    // through Centrifugo's HTTP API, as the real backend's `cent` client sends it.
     let channel = to.map_or_else(|| "room:main".to_owned(), |t| format!("user:{t}"));
-    let publish = json!({"topic": channel, "event": "message", "data": message}).to_string();
+    let publish = json!({"channel": channel, "data": message}).to_string();
     let (status, answer) = support::http(
         b.control,
         "POST",
-        "/api/v1/publish",
-        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        "/api/publish",
+        &[("X-API-Key", API_KEY)],
         &publish,
     )
     .await;
-    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (status, answer.as_str()),
+        (200, r#"{"result":{}}"#),
+        "{answer}"
+    );
     Ok((axum::http::StatusCode::CREATED, axum::Json(message)))
 }
 

@@ -221,6 +221,17 @@ pub enum Command {
         /// Answered with this shard's figures (the caller sums the shards).
         reply: Responder<TopicSubscribers>,
     },
+    /// Answer with this shard's topics that have a subscriber (queue-group members included)
+    /// and match `pattern` (a glob; `None`: all), each with its local subscriber count; at most
+    /// `max` of them, in name order.
+    ChannelCounts {
+        /// Glob with `*` and `?` (as topic ACLs).
+        pattern: Option<Arc<str>>,
+        /// Most topics to answer with.
+        max: usize,
+        /// Answered with this shard's topics (the caller sums the shards').
+        reply: Responder<Vec<(Arc<str>, usize)>>,
+    },
     /// Answer with the figures of the topics this shard owns: how many are subscribed, and the
     /// `top` with the most publications.
     TopicStats {

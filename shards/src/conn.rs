@@ -1102,13 +1102,14 @@ impl Conn {
         self.inbuf.extend_from_slice(data);
         match handshake::parse(&self.inbuf, cx.cfg.limits.max_handshake_bytes) {
             Outcome::Partial => {}
-            Outcome::Reject(r) => {
-                cx.metrics.rejected(RejectReason::BadHandshake).inc();
-                self.inbuf = Vec::new();
-                self.queue(Bytes::from(handshake::response_reject(&r)), cx);
-                self.phase = Phase::Closed {
-                    deadline: cx.clock.now + cx.cfg.limits.close_timeout,
-                };
+            Outcome::Reject(r) => self.reject_upgrade(&r, RejectReason::BadHandshake, cx),
+            Outcome::Upgrade { request, .. }
+                if !handshake::origin_allowed(
+                    request.origin.as_deref(),
+                    &cx.cfg.server.allowed_origins,
+                ) =>
+            {
+                self.reject_upgrade(&handshake::ORIGIN_NOT_ALLOWED, RejectReason::Origin, cx);
             }
             Outcome::Upgrade { request, consumed } => {
                 let mut rest = self.inbuf.split_off(consumed);
@@ -1135,6 +1136,16 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Answers the upgrade request with an HTTP error and closes once it is written.
+    fn reject_upgrade(&mut self, r: &handshake::Reject, why: RejectReason, cx: &mut Cx<'_>) {
+        cx.metrics.rejected(why).inc();
+        self.inbuf = Vec::new();
+        self.queue(Bytes::from(handshake::response_reject(r)), cx);
+        self.phase = Phase::Closed {
+            deadline: cx.clock.now + cx.cfg.limits.close_timeout,
+        };
     }
 
     /// After a refusal's frames are queued: nothing more is read, and the socket goes once they

@@ -28,6 +28,7 @@ const KEY_BASE64_LEN: usize = 24;
 const KEY_DECODE_ROOM: usize = KEY_BASE64_LEN / 4 * 3;
 
 const STATUS_BAD_REQUEST: u16 = 400;
+const STATUS_FORBIDDEN: u16 = 403;
 const STATUS_METHOD_NOT_ALLOWED: u16 = 405;
 const STATUS_UPGRADE_REQUIRED: u16 = 426;
 const STATUS_TOO_LARGE: u16 = 431;
@@ -65,6 +66,12 @@ const DUPLICATE_HEADER: Reject = Reject {
 const NOT_UTF8: Reject = Reject {
     status: STATUS_BAD_REQUEST,
     reason: "Header value is not valid UTF-8",
+};
+/// A browser page whose origin `server.allowed_origins` does not list (cross-site WebSocket
+/// hijacking guard: the browser sends the page's cookies with the upgrade).
+pub const ORIGIN_NOT_ALLOWED: Reject = Reject {
+    status: STATUS_FORBIDDEN,
+    reason: "Origin not allowed: add it to server.allowed_origins",
 };
 const TOO_LARGE: Reject = Reject {
     status: STATUS_TOO_LARGE,
@@ -133,6 +140,20 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Outcome {
         Ok(_) | Err(httparse::Error::TooManyHeaders) => Outcome::Reject(TOO_LARGE),
         Err(_) => Outcome::Reject(MALFORMED),
     }
+}
+
+/// Whether an upgrade with this `Origin` header may proceed under `server.allowed_origins`:
+/// always without one (not a browser, or a same-origin request from an old one); otherwise when
+/// an entry is `*` or matches it, case-insensitively, with `*` and `?` as in topic globs.
+pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    let origin = origin.trim().to_ascii_lowercase();
+    allowed.iter().any(|entry| {
+        entry == crate::config::ORIGIN_ANY
+            || crate::auth::glob_match(&entry.to_ascii_lowercase(), &origin)
+    })
 }
 
 /// `Sec-WebSocket-Accept` for a client key: base64(SHA-1(key + GUID)).
@@ -802,5 +823,35 @@ mod tests {
         }
         assert_eq!(cookie_value("a=\"", "a"), Some("\""));
         assert_eq!(cookie_value("", "a"), None);
+    }
+
+    #[test]
+    fn origins_pass_when_absent_listed_or_any() {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let allowed = list(&["https://app.example.com", "http://*.local.test:8080"]);
+        assert!(origin_allowed(None, &allowed), "no Origin: not a browser");
+        assert!(
+            origin_allowed(None, &[]),
+            "no Origin passes even an empty list"
+        );
+        assert!(origin_allowed(Some("https://app.example.com"), &allowed));
+        assert!(origin_allowed(Some("HTTPS://App.Example.COM"), &allowed));
+        assert!(origin_allowed(Some("http://a.b.local.test:8080"), &allowed));
+        assert!(!origin_allowed(Some("https://evil.example"), &allowed));
+        assert!(!origin_allowed(
+            Some("https://app.example.com.evil"),
+            &allowed
+        ));
+        assert!(!origin_allowed(Some("http://x.local.test:9090"), &allowed));
+        assert!(!origin_allowed(Some("null"), &allowed));
+        assert!(!origin_allowed(Some("https://app.example.com"), &[]));
+        assert!(origin_allowed(Some("null"), &list(&["*"])));
+    }
+
+    #[test]
+    fn a_refused_origin_is_a_403_with_its_reason() {
+        let text = String::from_utf8(response_reject(&ORIGIN_NOT_ALLOWED)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+        assert!(text.ends_with("server.allowed_origins\n"), "{text}");
     }
 }

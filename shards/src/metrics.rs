@@ -107,16 +107,19 @@ pub enum RejectReason {
     HandshakeTimeout,
     /// `accept` failed for lack of file descriptors.
     FdLimit,
+    /// A browser `Origin` that `server.allowed_origins` does not list (HTTP 403).
+    Origin,
 }
 
 impl RejectReason {
     /// Every reason, in the order of [`ShardMetrics::rejected`]'s slots.
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::MaxConnections,
         RejectReason::PendingHandshakes,
         RejectReason::BadHandshake,
         RejectReason::HandshakeTimeout,
         RejectReason::FdLimit,
+        RejectReason::Origin,
     ];
     /// The `reason` label value in `wse_rejected_total`.
     pub fn label(self) -> &'static str {
@@ -126,6 +129,7 @@ impl RejectReason {
             RejectReason::BadHandshake => "bad_handshake",
             RejectReason::HandshakeTimeout => "handshake_timeout",
             RejectReason::FdLimit => "fd_limit",
+            RejectReason::Origin => "origin",
         }
     }
 }

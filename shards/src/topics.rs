@@ -186,6 +186,24 @@ impl Topics {
         }
     }
 
+    /// The topics with a local subscriber (or queue-group member) for which `keep` holds, each
+    /// with that count: at most `max`, the first by name.
+    pub fn subscriber_counts(
+        &self,
+        keep: impl Fn(&str) -> bool,
+        max: usize,
+    ) -> Vec<(Arc<str>, usize)> {
+        let mut counts: Vec<(Arc<str>, usize)> = self
+            .map
+            .iter()
+            .filter(|(name, t)| t.subscriber_count() > 0 && keep(name))
+            .map(|(name, t)| (name.clone(), t.subscriber_count()))
+            .collect();
+        counts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        counts.truncate(max);
+        counts
+    }
+
     /// Topics in the table.
     pub fn len(&self) -> usize {
         self.map.len()

@@ -315,6 +315,10 @@ fn route() -> impl Strategy<Value = (&'static str, String)> {
         id.prop_map(|t| ("GET", format!("/api/v1/presence/{t}/stats"))),
         Just(("GET", "/health".to_owned())),
         Just(("PUT", "/api/v1/publish".to_owned())),
+        // Centrifugo's API: every method, and unknown ones.
+        prop::sample::select(super::centrifugo_api::METHODS.to_vec())
+            .prop_map(|m| ("POST", format!("/api/{m}"))),
+        "[a-z_]{1,12}".prop_map(|m| ("POST", format!("/api/{m}"))),
         "/[a-z/]{0,20}".prop_map(|p| ("POST", p)),
     ]
 }
@@ -346,6 +350,7 @@ fn requests_through_the_router() {
     };
     let key = prop_oneof![
         6 => Just(Some(format!("Bearer {KEY}"))),
+        3 => Just(Some(format!("apikey {KEY}"))),
         1 => Just(None),
         1 => "[ -~]{0,30}".prop_map(Some),
     ];
@@ -376,7 +381,26 @@ fn requests_through_the_router() {
             let bytes = runtime
                 .block_on(axum::body::to_bytes(response.into_body(), 1 << 20))
                 .expect("a body under 1 MiB");
-            if !status.is_success() && path != "/health" {
+            let centrifugo = path.starts_with("/api/")
+                && !path.starts_with("/api/v1/")
+                && path[5..].bytes().all(|b| b != b'/');
+            if centrifugo && method == "POST" {
+                // 200 with a result, an error or a batch's replies; or the key check's answer.
+                if status.is_success() {
+                    let v: Value = serde_json::from_slice(&bytes).expect("a JSON body");
+                    prop_assert!(
+                        v.get("result").is_some()
+                            || v["error"]["code"].is_u64()
+                            || v["replies"].is_array(),
+                        "{path}: {v}"
+                    );
+                } else {
+                    prop_assert!(
+                        [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&status),
+                        "{status} {path}"
+                    );
+                }
+            } else if !status.is_success() && path != "/health" {
                 let v: Value = serde_json::from_slice(&bytes)
                     .unwrap_or_else(|e| panic!("{status} body not JSON ({e}): {bytes:?}"));
                 prop_assert!(v["error"]["code"].is_string(), "{status}: {v}");

@@ -12,8 +12,10 @@
 //! - `/api/v1/...`: the server API, one endpoint per operation ([`api`], [`commands`]), the
 //!   publish API ([`publish`]) and `POST /api/v1/batch`; they need `control.api_key`.
 //! - `GET /api/v1/cluster`: the cluster core's membership snapshot (`crate::cluster`), read-only.
+//! - `POST /api/<method>`: Centrifugo's HTTP server API ([`centrifugo_api`]), with the same key.
 
 mod api;
+mod centrifugo_api;
 mod commands;
 mod events;
 #[cfg(test)]
@@ -266,6 +268,13 @@ fn router(
             state.clone(),
             publish::require_api_key,
         ));
+    // Centrifugo's server API: its own key check and reply shapes (centrifugo_api).
+    let centrifugo = Router::new()
+        .route("/api/{method}", post(centrifugo_api::handle))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            centrifugo_api::require_key,
+        ));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
@@ -275,6 +284,7 @@ fn router(
         // WebSocket).
         .route("/api/v1/events", get(events::stream::upgrade))
         .merge(api)
+        .merge(centrifugo)
         .fallback(not_found)
         // Must follow the routes: it applies to the routes already added.
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,7 +1,7 @@
 // The published centrifuge-js client (5.7.4, its browser bundle, unmodified) in a real browser:
 // Debian's Chromium, headless, driven by playwright-core (no browser download).
 //
-// Usage: node centrifuge_browser.mjs CENTRIFUGE_JS_DIR WS_URL TOKEN API_URL API_KEY [CHROMIUM]
+// Usage: node centrifuge_browser.mjs CENTRIFUGE_JS_DIR WS_URL TOKEN API_URL API_KEY [CHROMIUM [PAGE_PORT]]
 //
 // Serves a page from its own HTTP server on 127.0.0.1 (so the WebSocket upgrade carries that
 // page's Origin, as a browser application's would) and, in it: subscribes before connecting (the
@@ -14,7 +14,7 @@ import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 
-const [dir, wsUrl, token, apiUrl, apiKey, chromiumPath = '/usr/bin/chromium'] = process.argv.slice(2);
+const [dir, wsUrl, token, apiUrl, apiKey, chromiumPath = '/usr/bin/chromium', pagePort = '0'] = process.argv.slice(2);
 const STEP_TIMEOUT_MS = 10000;
 const CHANNEL = 'room:main';
 const out = (fields) => console.log(JSON.stringify(fields));
@@ -31,7 +31,7 @@ const server = http.createServer((req, res) => {
     res.end(page);
   }
 });
-await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+await new Promise((resolve) => server.listen(Number(pagePort), '127.0.0.1', resolve));
 const origin = `http://127.0.0.1:${server.address().port}`;
 
 async function publish(n) {

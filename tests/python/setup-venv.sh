@@ -4,7 +4,8 @@
 # run by upstream_server.py), unmodified, on Python >= 3.12 (found on PATH or via pyenv), plus
 # the packages of the Python example backend (examples/python-chat/requirements.txt) and the
 # published Centrifuge clients: centrifuge-python 0.7.0 (tests/python/centrifuge_client.py) and
-# token-bowl-chat 4.0.2 (tests/python/token_bowl_client.py).
+# token-bowl-chat 4.0.2 (tests/python/token_bowl_client.py); and cent 5.2.0, Centrifugo's HTTP API
+# client (tests/python/cent_api.py).
 # Idempotent and safe to run concurrently (a lock serialises installs).
 #   WSE_PY_VENV  where the venv goes (default: <repo>/target/py-venv)
 set -euo pipefail
@@ -22,6 +23,7 @@ want = {
     "wse-server": "2.5.1",
     "centrifuge-python": "0.7.0",
     "token-bowl-chat": "4.0.2",
+    "cent": "5.2.0",
 }
 for line in open(sys.argv[1]):
     line = line.split("#")[0].strip()
@@ -42,5 +44,5 @@ done
 rm -rf "$venv"
 "$py" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "wse-client==2.5.1" "wse-server==2.5.1" \
-  "centrifuge-python==0.7.0" "token-bowl-chat==4.0.2" -r "$reqs"
+  "centrifuge-python==0.7.0" "token-bowl-chat==4.0.2" "cent==5.2.0" -r "$reqs"
 "$venv/bin/python" -c 'import wse_client, wse_server; print("wse-client", wse_client.__version__)' >&2

@@ -160,6 +160,37 @@ impl Server {
         })
     }
 
+    /// The topics with a subscriber (queue-group members included) on any shard that match
+    /// `pattern` (a glob with `*` and `?`; `None`: all), each with its subscribers summed over the
+    /// shards, in name order: at most `max` (the first by name), as each shard counted when it
+    /// answered.
+    ///
+    /// # Errors
+    /// A shard that cannot be asked.
+    pub async fn channel_counts(
+        &self,
+        pattern: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<(String, usize)>, CommandError> {
+        let pattern: Option<Arc<str>> = pattern.map(Arc::from);
+        let answers = self
+            .gather(|reply| Command::ChannelCounts {
+                pattern: pattern.clone(),
+                max,
+                reply,
+            })
+            .await?;
+        let mut all = std::collections::BTreeMap::<Arc<str>, usize>::new();
+        for (name, n) in answers.into_iter().flatten() {
+            *all.entry(name).or_default() += n;
+        }
+        Ok(all
+            .into_iter()
+            .take(max)
+            .map(|(name, n)| (name.to_string(), n))
+            .collect())
+    }
+
     /// How many topics have a subscriber or queue-group member, and the `top` topics with the
     /// most publications (most first; see [`TopicStats`]), from every shard's owned topics.
     ///

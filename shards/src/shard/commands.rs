@@ -99,6 +99,18 @@ impl<T: Transport> Shard<T> {
                         });
                 reply.send(answer);
             }
+            Command::ChannelCounts {
+                pattern,
+                max,
+                reply,
+            } => {
+                let matches = |name: &str| {
+                    pattern
+                        .as_deref()
+                        .is_none_or(|p| crate::auth::glob_match(p, name))
+                };
+                reply.send(self.topics.subscriber_counts(matches, max));
+            }
             Command::TopicStats { top, reply } => {
                 let local = &self.topics;
                 reply.send(self.owner.stats(|name| local.contains(name), top));
