@@ -252,19 +252,14 @@ fn centrifuge_js_dir() -> PathBuf {
         .map_or_else(|| root.join("target/centrifuge-js"), PathBuf::from)
 }
 
-/// centrifuge-js 5.7.4 under Node (`tests/node/centrifuge_client.mjs`): connect and subscribe
-/// in one message, a positioned subscription, its own publication back, history, presence and
-/// presence stats.
-fn centrifuge_js(encoding: &str) {
+/// Runs `tests/node/<script>` with the centrifuge-js directory and `args`; returns the JSON line
+/// it printed for each step, failing with its error output and the server's log if it failed.
+fn node_steps(wse: &Wse, script: &str, args: &[String]) -> Vec<Value> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = centrifuge_js_dir();
-    let wse = server();
     let output = Command::new("node")
-        .arg(root.join("tests/node/centrifuge_client.mjs"))
-        .arg(dir)
-        .arg(format!("ws://{}/connection/websocket", wse.ws))
-        .arg(token("alice", json!({})))
-        .arg(encoding)
+        .arg(root.join("tests/node").join(script))
+        .arg(centrifuge_js_dir())
+        .args(args)
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -274,10 +269,26 @@ fn centrifuge_js(encoding: &str) {
         String::from_utf8_lossy(&output.stderr),
         wse.log()
     );
-    let lines: Vec<Value> = stdout
+    stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// centrifuge-js 5.7.4 under Node (`tests/node/centrifuge_client.mjs`): connect and subscribe
+/// in one message, a positioned subscription, its own publication back, history, presence and
+/// presence stats.
+fn centrifuge_js(encoding: &str) {
+    let wse = server();
+    let lines = node_steps(
+        &wse,
+        "centrifuge_client.mjs",
+        &[
+            format!("ws://{}/connection/websocket", wse.ws),
+            token("alice", json!({})),
+            encoding.to_owned(),
+        ],
+    );
     let epoch = lines[0]["epoch"].as_str().unwrap().to_owned();
     let message = json!({"text": "hello", "from": "js"});
     assert_eq!(
@@ -328,8 +339,6 @@ fn chromium() -> PathBuf {
 /// reconnecting recovers exactly the two publications made while it was away.
 #[test]
 fn centrifuge_js_in_chromium() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = centrifuge_js_dir();
     let browser = chromium();
     // The page's port, chosen here so that the server can be told its origin.
     let page_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -338,28 +347,18 @@ fn centrifuge_js_in_chromium() {
         .port();
     let page_origin = format!("http://127.0.0.1:{page_port}");
     let wse = server_with(&["--allowed-origins", &page_origin]);
-    let output = Command::new("node")
-        .arg(root.join("tests/node/centrifuge_browser.mjs"))
-        .arg(dir)
-        .arg(format!("ws://{}/connection/websocket", wse.ws))
-        .arg(token("alice", json!({})))
-        .arg(format!("http://{}", wse.control.expect("control plane on")))
-        .arg(API_KEY)
-        .arg(browser)
-        .arg(page_port.to_string())
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}\n{stdout}\nserver log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        wse.log()
+    let lines = node_steps(
+        &wse,
+        "centrifuge_browser.mjs",
+        &[
+            format!("ws://{}/connection/websocket", wse.ws),
+            token("alice", json!({})),
+            format!("http://{}", wse.control.expect("control plane on")),
+            API_KEY.to_owned(),
+            browser.display().to_string(),
+            page_port.to_string(),
+        ],
     );
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines[0], json!({"step": "origin", "origin": page_origin}));
     let publication =
         |n: u64| json!({"step": "back", "kind": "publication", "data": {"n": n}, "offset": n});
