@@ -260,6 +260,14 @@ impl Wake for Bell {
     }
 }
 
+/// Where a `SubscribeAcked` goes: the owner shard, and the advert it confirms.
+struct Confirm {
+    shard: usize,
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    ticket: u64,
+}
+
 /// The cluster core's side of the fabric: what the shards send it, into the node; what the
 /// node delivers, to the topics' owner shards.
 struct ShardLink {
@@ -268,11 +276,11 @@ struct ShardLink {
     /// The node's subscribe tickets → (owner shard, topic, the owner's ticket): where each
     /// `SubscribeAcked` goes. One entry per `on` whose confirmation is under way, each resolved
     /// within `cluster.sub_ack_timeout`.
-    tickets: HashMap<u64, (usize, Arc<str>, u64)>,
+    tickets: HashMap<u64, Confirm>,
     /// Confirmations the fabric refused (the core's budget in flight was spent), sent again
     /// each turn: a lost one would keep subscriptions waiting for ever. At most one per entry
     /// of `tickets` that resolved, so bounded like it.
-    retry: VecDeque<(usize, Arc<str>, u64)>,
+    retry: VecDeque<Confirm>,
     /// Publications this node made, handed to the node (sent to each interested peer).
     published: u64,
     /// Publications from peers handed to their owner shards.
@@ -292,15 +300,31 @@ impl ShardLink {
             match m {
                 FabricMsg::ClusterInterest {
                     topic,
+                    group,
                     ticket,
                     on: true,
                 } => {
-                    let t = node.subscribe_topic(&topic, now);
-                    self.tickets.insert(t, (from, topic, ticket));
+                    let t = match &group {
+                        None => node.subscribe_topic(&topic, now),
+                        Some(g) => node.subscribe_group(&topic, g, now),
+                    };
+                    let confirm = Confirm {
+                        shard: from,
+                        topic,
+                        group,
+                        ticket,
+                    };
+                    self.tickets.insert(t, confirm);
                 }
                 FabricMsg::ClusterInterest {
-                    topic, on: false, ..
-                } => node.unsubscribe_topic(&topic, now),
+                    topic,
+                    group,
+                    on: false,
+                    ..
+                } => match &group {
+                    None => node.unsubscribe_topic(&topic, now),
+                    Some(g) => node.unsubscribe_group(&topic, g, now),
+                },
                 FabricMsg::ClusterPublish { topic, body } => {
                     self.published += 1;
                     node.publish(&topic, &body, now);
@@ -315,13 +339,21 @@ impl ShardLink {
         }
     }
 
-    /// A publication from peer `from`: to the topic's owner shard, which sequences it and fans
-    /// it out on this node only (never back to the cluster).
-    fn deliver(&mut self, topic: String, payload: Vec<u8>) {
+    /// A publication from a peer: to the topic's owner shard, which sequences it and fans it
+    /// out on this node only (never back to the cluster); with `group`, for one member of that
+    /// queue group of this node.
+    fn deliver(&mut self, topic: String, group: Option<String>, payload: Vec<u8>) {
         let owner = owner_of(&topic, self.shards);
-        let m = FabricMsg::PublishLocal {
-            topic: Arc::from(topic),
-            body: Bytes::from(payload),
+        let body = Bytes::from(payload);
+        let m = match group {
+            None => FabricMsg::PublishLocal {
+                topic: Arc::from(topic),
+                body,
+            },
+            Some(g) => FabricMsg::PublishGroup {
+                group: Box::new((Arc::from(topic), Arc::from(g))),
+                body,
+            },
         };
         if self.ep.send(owner, m) == Sent::Dropped {
             self.dropped += 1;
@@ -332,8 +364,8 @@ impl ShardLink {
 
     /// The node confirmed the interest of subscribe ticket `ticket`.
     fn acked(&mut self, ticket: u64) {
-        if let Some(ack) = self.tickets.remove(&ticket) {
-            self.retry.push_back(ack);
+        if let Some(confirm) = self.tickets.remove(&ticket) {
+            self.retry.push_back(confirm);
         }
     }
 
@@ -341,15 +373,16 @@ impl ShardLink {
     /// the shards that got something are woken.
     fn flush(&mut self) {
         for _ in 0..self.retry.len() {
-            let Some((shard, topic, ticket)) = self.retry.pop_front() else {
+            let Some(c) = self.retry.pop_front() else {
                 break;
             };
             let m = FabricMsg::ClusterInterestAcked {
-                topic: topic.clone(),
-                ticket,
+                topic: c.topic.clone(),
+                group: c.group.clone(),
+                ticket: c.ticket,
             };
-            if self.ep.send(shard, m) == Sent::Dropped {
-                self.retry.push_back((shard, topic, ticket));
+            if self.ep.send(c.shard, m) == Sent::Dropped {
+                self.retry.push_back(c);
             }
         }
         self.ep.flush();
@@ -523,10 +556,15 @@ fn carry_out(
                 }
             }
             // The node passes on only what this node advertised (and in per-peer order).
-            Action::Deliver { topic, payload, .. } => link.deliver(topic, payload),
-            // Queue groups are not advertised to other nodes (each node's groups get the
-            // publications made on it), so no peer sends one.
-            Action::DeliverGroup { .. } => {}
+            Action::Deliver { topic, payload, .. } => link.deliver(topic, None, payload),
+            // One member of a local queue group gets it: this node was the publishing node's
+            // pick for the group.
+            Action::DeliverGroup {
+                topic,
+                group,
+                payload,
+                ..
+            } => link.deliver(topic, Some(group), payload),
             Action::SubscribeAcked { ticket, .. } => link.acked(ticket),
             Action::Event(e) => log_event(&e, handshakes),
         }

@@ -488,3 +488,86 @@ async fn an_acknowledged_subscription_gets_what_another_node_publishes_right_aft
         assert_eq!((event.as_str(), p), ("first", json!(round)), "{what}");
     }
 }
+
+/// Reads from `members` until `want` publications arrived between them (bounded), then checks
+/// that no more come; returns each publication's `seq`, sorted.
+async fn drain_group(members: &mut [Client], want: usize, what: &str) -> Vec<u64> {
+    let deadline = Instant::now() + MESSAGE_WAIT;
+    let mut seqs = Vec::new();
+    while seqs.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {want}",
+            seqs.len()
+        );
+        for m in members.iter_mut() {
+            if let Some(ev) = m.recv_timeout(POLL).await.unwrap()
+                && ev.c.as_deref() == Some("U")
+            {
+                seqs.push(ev.p["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    for m in members.iter_mut() {
+        while let Some(ev) = m.recv_timeout(QUIET).await.unwrap() {
+            assert_ne!(
+                ev.c.as_deref(),
+                Some("U"),
+                "{what}: extra {}",
+                ev.describe()
+            );
+        }
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_queue_group_across_nodes_gets_each_publication_once() {
+    const TOPIC: &str = "jobs";
+    const N: u64 = 30;
+    let nodes = three_nodes().await;
+    let group_token = |user: &str| token(user, json!({"wse_queue_groups": {"allow": ["workers"]}}));
+    // Two members on node 2, one on node 3, none on node 1; a plain subscriber on node 2.
+    let mut members = Vec::new();
+    for (i, at) in [1usize, 1, 2].into_iter().enumerate() {
+        let mut m = Connector::new(nodes[at].1.url())
+            .token(group_token(&format!("worker{i}")))
+            .request_timeout(MESSAGE_WAIT)
+            .connect()
+            .await
+            .unwrap();
+        let ack = m
+            .subscribe_with(json!({"action":"subscribe","topics":[TOPIC],"queue_group":"workers"}))
+            .await
+            .unwrap();
+        assert_eq!(ack.p["success"], true, "{}", ack.describe());
+        members.push(m);
+    }
+    let mut plain = client(&nodes[1].1, "plain", false).await;
+    subscribed(&mut plain, TOPIC).await;
+    // Made on node 1, which has no member: one member somewhere else gets each.
+    for seq in 0..N {
+        let (status, text) = nodes[0]
+            .1
+            .api_publish(TOPIC, "job", json!({"seq": seq}))
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let got = drain_group(&mut members, N as usize, "made on n1").await;
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    for seq in 0..N {
+        let (_, p) = next_publication(&mut plain, "plain subscriber on n2").await;
+        assert_eq!(p["seq"], seq);
+    }
+    // Made on node 3, which has a member: the group gets each once there or elsewhere.
+    for seq in N..2 * N {
+        let (status, text) = nodes[2]
+            .1
+            .api_publish(TOPIC, "job", json!({"seq": seq}))
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let got = drain_group(&mut members, N as usize, "made on n3").await;
+    assert_eq!(got, (N..2 * N).collect::<Vec<_>>());
+}

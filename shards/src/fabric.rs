@@ -90,6 +90,9 @@ pub enum FabricMsg {
     ClusterInterest {
         /// The topic.
         topic: Arc<str>,
+        /// The queue group, when the interest is a group's (its first member on this node, or
+        /// its last gone); `None`: plain subscribers.
+        group: Option<Arc<str>>,
         /// The owner's number for this `on`, returned in the acknowledgement.
         ticket: u64,
         /// Interest starts (`true`) or ends.
@@ -101,8 +104,20 @@ pub enum FabricMsg {
     ClusterInterestAcked {
         /// The topic.
         topic: Arc<str>,
+        /// The queue group, as in the `ClusterInterest`.
+        group: Option<Arc<str>>,
         /// The ticket of the `on` this answers.
         ticket: u64,
+    },
+    /// The cluster core → the topic's owner: a peer's publication for ONE member of this node's
+    /// queue group `group` (the publishing node picked this node for it); the owner picks the
+    /// shard, which picks the member. Not numbered (group members get unstamped frames). Lost:
+    /// the group misses one message (counted).
+    PublishGroup {
+        /// The topic and group.
+        group: Box<(Arc<str>, Arc<str>)>,
+        /// The frame text.
+        body: Bytes,
     },
     /// Owner → a shard with plain subscribers: a sequenced publication, framed once. Lost: those
     /// subscribers miss one message (counted as a drop).
@@ -382,8 +397,13 @@ impl FabricMsg {
             FabricMsg::Publish { topic, body, .. }
             | FabricMsg::PublishLocal { topic, body }
             | FabricMsg::ClusterPublish { topic, body } => topic.len() + body.len(),
-            FabricMsg::ClusterInterest { topic, .. }
-            | FabricMsg::ClusterInterestAcked { topic, .. } => topic.len(),
+            FabricMsg::ClusterInterest { topic, group, .. }
+            | FabricMsg::ClusterInterestAcked { topic, group, .. } => {
+                topic.len() + group.as_ref().map_or(0, |g| g.len())
+            }
+            FabricMsg::PublishGroup { group, body } => {
+                size_of::<(Arc<str>, Arc<str>)>() + group.0.len() + group.1.len() + body.len()
+            }
             FabricMsg::Deliver { topic, frame } => topic.len() + frame.len(),
             FabricMsg::DeliverGroup { frame, .. } => frame.len(),
             FabricMsg::PublishAcked { .. } | FabricMsg::Reload(_) | FabricMsg::Adopt { .. } => 0,

@@ -10,8 +10,9 @@
 //! peer).
 //!
 //! Invariant: with the cluster on, an owned topic has an advert iff some shard of this node
-//! (the owner included, see [`crate::topics`]) is interested in it; joins are parked only while
-//! its `on` is unconfirmed, and all of them are answered when it is confirmed or withdrawn.
+//! (the owner included, see [`crate::topics`]) is interested in it, and one per queue group of
+//! it with a member on this node; joins are parked only while their advert's `on` is
+//! unconfirmed, and all of them are answered when it is confirmed or withdrawn.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Shard, Transport, send};
+use crate::codec::{self, OpCode};
 use crate::fabric::{FabricMsg, JoinReply, Sent};
 use crate::fabric_plan::cluster_participant;
 use crate::metrics::DropReason;
@@ -92,17 +94,32 @@ impl ClusterSide {
     }
 }
 
+/// The key of an advert: the topic for plain subscribers, `topic NUL group` for a queue group
+/// (neither may contain a control character, so the two never collide).
+fn advert_key(topic: &Arc<str>, group: Option<&str>) -> Arc<str> {
+    match group {
+        None => topic.clone(),
+        Some(g) => Arc::from(format!("{topic}\0{g}")),
+    }
+}
+
 impl<T: Transport> Shard<T> {
-    /// The node may have gained its interest in `topic` (owned here): advertise it, once.
-    pub(super) fn advertise(&mut self, topic: &Arc<str>) {
-        let c = &mut self.cluster;
-        if !c.enabled || c.adverts.contains_key(topic) {
+    /// The node may have gained its interest in `topic` (owned here), or in its queue group
+    /// `group`: advertise it, once.
+    pub(super) fn advertise(&mut self, topic: &Arc<str>, group: Option<&Arc<str>>) {
+        if !self.cluster.enabled {
             return;
         }
+        let key = advert_key(topic, group.map(|g| &**g));
+        if self.cluster.adverts.contains_key(&key) {
+            return;
+        }
+        let c = &mut self.cluster;
         let ticket = c.next_ticket;
         c.next_ticket += 1;
         let m = FabricMsg::ClusterInterest {
             topic: topic.clone(),
+            group: group.cloned(),
             ticket,
             on: true,
         };
@@ -117,7 +134,7 @@ impl<T: Transport> Shard<T> {
                 parked: Vec::new(),
             }
         };
-        self.cluster.adverts.insert(topic.clone(), advert);
+        self.cluster.adverts.insert(key, advert);
     }
 
     /// The node may have lost its last interested shard in `topic` (owned here): withdraw the
@@ -131,11 +148,26 @@ impl<T: Transport> Shard<T> {
         {
             return;
         }
-        let Some((name, advert)) = self.cluster.adverts.remove_entry(topic) else {
+        self.withdraw(topic, None, clock);
+    }
+
+    /// The node may have lost its last member of queue group `group` of `topic`: withdraw that
+    /// advert, answering any join still parked on it.
+    pub(super) fn withdraw_group_if_idle(&mut self, topic: &str, group: &str, clock: Clock) {
+        if !self.cluster.enabled || self.owner.group_members(topic, group) > 0 {
+            return;
+        }
+        self.withdraw(topic, Some(group), clock);
+    }
+
+    fn withdraw(&mut self, topic: &str, group: Option<&str>, clock: Clock) {
+        let key = advert_key(&Arc::from(topic), group);
+        let Some(advert) = self.cluster.adverts.remove(&key) else {
             return;
         };
         let m = FabricMsg::ClusterInterest {
-            topic: name,
+            topic: Arc::from(topic),
+            group: group.map(Arc::from),
             ticket: 0,
             on: false,
         };
@@ -147,9 +179,14 @@ impl<T: Transport> Shard<T> {
         }
     }
 
-    /// Holds `p` while its topic's advert is unconfirmed; else hands it back to be answered now.
-    pub(super) fn park(&mut self, topic: &str, p: Parked) -> Option<Parked> {
-        match self.cluster.adverts.get_mut(topic) {
+    /// Holds `p` while the advert it needs (its topic's, or its queue group's) is unconfirmed;
+    /// else hands it back to be answered now.
+    pub(super) fn park(&mut self, p: Parked) -> Option<Parked> {
+        if !self.cluster.enabled {
+            return Some(p);
+        }
+        let key = advert_key(&p.reply.topic, p.reply.queue_group.as_deref());
+        match self.cluster.adverts.get_mut(&key) {
             Some(Advert::Pending { parked, .. }) => {
                 parked.push(p);
                 None
@@ -158,11 +195,18 @@ impl<T: Transport> Shard<T> {
         }
     }
 
-    /// The cluster core confirmed the `on` with `ticket` for `topic`: answer the joins parked on
-    /// it. A stale ticket (withdrawn and advertised again since) is ignored: the newer `on` is
-    /// answered on its own.
-    pub(super) fn handle_cluster_acked(&mut self, topic: &str, ticket: u64, clock: Clock) {
-        let Some(advert) = self.cluster.adverts.get_mut(topic) else {
+    /// The cluster core confirmed the `on` with `ticket` for `topic` (or its queue group
+    /// `group`): answer the joins parked on it. A stale ticket (withdrawn and advertised again
+    /// since) is ignored: the newer `on` is answered on its own.
+    pub(super) fn handle_cluster_acked(
+        &mut self,
+        topic: &Arc<str>,
+        group: Option<&str>,
+        ticket: u64,
+        clock: Clock,
+    ) {
+        let key = advert_key(topic, group);
+        let Some(advert) = self.cluster.adverts.get_mut(&key) else {
             return;
         };
         let parked = match advert {
@@ -172,6 +216,23 @@ impl<T: Transport> Shard<T> {
         *advert = Advert::On;
         for p in parked {
             self.finish_join(p, clock);
+        }
+    }
+
+    /// A peer's publication for one member of this node's queue group `group` of `topic`: the
+    /// owner picks the shard (weighted like its own publications), which picks the member.
+    pub(super) fn publish_group(&mut self, topic: &str, group: &str, body: &[u8]) {
+        let Some((shard, name)) = self.owner.pick_group(topic, group) else {
+            // Its last member left since the peer picked this node.
+            self.metrics.dropped(DropReason::QueueGroupNoMember).inc();
+            return;
+        };
+        let frame = codec::encode_frame(OpCode::Text, body);
+        if shard == self.me {
+            self.deliver_group(&name.topic, &name.group, frame);
+        } else {
+            let m = FabricMsg::DeliverGroup { group: name, frame };
+            send(&mut self.fabric, &self.metrics, shard, m);
         }
     }
 

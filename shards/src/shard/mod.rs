@@ -823,8 +823,13 @@ impl<T: Transport> Shard<T> {
                 let origin = self.cluster.origin(from, true);
                 self.sequence(&topic, &body, None, origin, clock);
             }
-            FabricMsg::ClusterInterestAcked { topic, ticket } => {
-                self.handle_cluster_acked(&topic, ticket, clock);
+            FabricMsg::ClusterInterestAcked {
+                topic,
+                group,
+                ticket,
+            } => self.handle_cluster_acked(&topic, group.as_deref(), ticket, clock),
+            FabricMsg::PublishGroup { group, body } => {
+                self.publish_group(&group.0, &group.1, &body)
             }
             FabricMsg::ClusterPublish { .. } | FabricMsg::ClusterInterest { .. } => {
                 debug_assert!(false, "an entry for the cluster core reached a shard");

@@ -132,7 +132,7 @@ impl<T: Transport> Shard<T> {
         if j.interest {
             self.owner
                 .set_interest(&j.topic, usize::from(j.shard), true);
-            self.advertise(&j.topic);
+            self.advertise(&j.topic, None);
         }
         let mut reply = JoinReply {
             topic: j.topic.clone(),
@@ -153,6 +153,8 @@ impl<T: Transport> Shard<T> {
                 .is_err()
             {
                 reply.refused = Some(ErrorCode::QueueGroupLimit);
+            } else {
+                self.advertise(&j.topic, Some(group));
             }
         }
         let mut event = None;
@@ -184,7 +186,7 @@ impl<T: Transport> Shard<T> {
             event,
         };
         // In a cluster, the answer waits while the node's interest is not confirmed yet.
-        if let Some(p) = self.park(&j.topic, parked) {
+        if let Some(p) = self.park(parked) {
             self.finish_join(p, clock);
         }
         self.release_owned(&j.topic);
@@ -246,6 +248,7 @@ impl<T: Transport> Shard<T> {
         }
         if let Some((group, members)) = group {
             self.owner.leave_group(topic, group, shard, members);
+            self.withdraw_group_if_idle(topic, group, clock);
         }
         let left = user.and_then(|user| {
             let data = self.owner.presence_leave(topic, user)?;

@@ -21,6 +21,7 @@ const OWNER: usize = 1;
 /// core).
 fn clustered() -> Engine {
     let mut cfg = config(SHARDS);
+    cfg.auth.default_queue_groups = vec!["*".into()];
     cfg.cluster.enabled = true;
     cfg.cluster.security = ClusterSecurity::None;
     cfg.cluster.listen = "127.0.0.1:9999".parse().unwrap();
@@ -61,9 +62,12 @@ fn sub_ack(topic: &str) -> String {
 fn interest(got: &[(usize, FabricMsg)]) -> Vec<(usize, String, u64, bool)> {
     got.iter()
         .filter_map(|(from, m)| match m {
-            FabricMsg::ClusterInterest { topic, ticket, on } => {
-                Some((*from, topic.to_string(), *ticket, *on))
-            }
+            FabricMsg::ClusterInterest {
+                topic,
+                group: None,
+                ticket,
+                on,
+            } => Some((*from, topic.to_string(), *ticket, *on)),
             _ => None,
         })
         .collect()
@@ -128,6 +132,7 @@ fn interest_is_advertised_once_and_subscriptions_wait_for_the_confirmation() {
         OWNER,
         FabricMsg::ClusterInterestAcked {
             topic: Arc::from(topic.as_str()),
+            group: None,
             ticket,
         },
     );
@@ -167,6 +172,7 @@ fn publications_cross_the_core_once_each_way_and_never_come_back() {
         OWNER,
         FabricMsg::ClusterInterestAcked {
             topic: Arc::from(topic.as_str()),
+            group: None,
             ticket,
         },
     );
@@ -229,4 +235,95 @@ fn without_the_cluster_nothing_goes_to_the_core() {
     e.settle();
     assert_eq!(e.recv(sub).len(), 1);
     assert!(e.cluster_receive().is_empty());
+}
+
+#[test]
+fn queue_groups_are_advertised_per_group_and_a_peer_pick_reaches_one_member() {
+    let mut e = clustered();
+    let topic = topic_owned_by("g", OWNER, SHARDS);
+    let members: Vec<Client> = (0..SHARDS)
+        .map(|s| connected(&mut e, s, &format!("m{s}")))
+        .collect();
+    let join = json!({"c":"WSE","t":"subscription_update",
+        "p":{"action":"subscribe","topics":[topic],"queue_group":"workers"}});
+    for &m in &members {
+        e.send_json(m, &join);
+    }
+    e.settle();
+    let got = e.cluster_receive();
+    let adverts: Vec<(usize, Option<String>, u64, bool)> = got
+        .iter()
+        .filter_map(|(from, m)| match m {
+            FabricMsg::ClusterInterest {
+                group, ticket, on, ..
+            } => Some((*from, group.as_ref().map(|g| g.to_string()), *ticket, *on)),
+            _ => None,
+        })
+        .collect();
+    // One advert, for the group: members are not plain subscribers.
+    assert_eq!(adverts.len(), 1, "{got:?}");
+    let (from, group, ticket, on) = adverts[0].clone();
+    assert_eq!((from, group.as_deref(), on), (OWNER, Some("workers"), true));
+    for &m in &members {
+        assert!(e.recv(m).is_empty(), "acknowledged before the confirmation");
+    }
+    e.cluster_send(
+        OWNER,
+        FabricMsg::ClusterInterestAcked {
+            topic: Arc::from(topic.as_str()),
+            group: Some(Arc::from("workers")),
+            ticket,
+        },
+    );
+    e.settle();
+    for &m in &members {
+        assert_eq!(e.recv(m).len(), 1, "the acknowledgement");
+    }
+    // A peer picked this node for the group: one member each time.
+    for i in 0..6 {
+        e.cluster_send(
+            OWNER,
+            FabricMsg::PublishGroup {
+                group: Box::new((Arc::from(topic.as_str()), Arc::from("workers"))),
+                body: Bytes::from(format!(r#"{{"c":"U","t":"job","p":{i},"v":1}}"#)),
+            },
+        );
+    }
+    // A peer's plain publication is for plain subscribers only (the group had its own pick).
+    e.cluster_send(
+        OWNER,
+        FabricMsg::PublishLocal {
+            topic: Arc::from(topic.as_str()),
+            body: Bytes::from_static(br#"{"c":"U","t":"plain","p":0,"v":1}"#),
+        },
+    );
+    e.settle();
+    let mut jobs = Vec::new();
+    for &m in &members {
+        for t in texts(&e.recv(m)) {
+            jobs.push(t);
+        }
+    }
+    jobs.sort();
+    let want: Vec<String> = (0..6)
+        .map(|i| format!(r#"{{"c":"U","t":"job","p":{i},"v":1}}"#))
+        .collect();
+    assert_eq!(jobs, want);
+    assert!(e.cluster_receive().is_empty());
+    // The last member leaving withdraws the group's advert.
+    let leave = json!({"c":"WSE","t":"subscription_update",
+        "p":{"action":"unsubscribe","topics":[topic]}});
+    for &m in &members {
+        e.send_json(m, &leave);
+        e.settle();
+    }
+    let off: Vec<bool> = e
+        .cluster_receive()
+        .iter()
+        .filter_map(|(_, m)| match m {
+            FabricMsg::ClusterInterest { group, on, .. } if group.is_some() => Some(*on),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(off, [false]);
 }
