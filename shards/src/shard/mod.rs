@@ -14,7 +14,8 @@
 //! The rules live in submodules, each owning its own state (private fields, changed only
 //! through its methods): `subscriptions` (a subscriber's shard, and the acknowledgements it
 //! waits to send), `owner` (turns the topic owner's decisions — [`crate::topic_owner`] keeps
-//! that state — into frames and fabric entries), `publications` (routing and local fan-out),
+//! that state — into frames and fabric entries), `cluster` (the owner's adverts to the cluster
+//! core and the joins waiting for them), `publications` (routing and local fan-out),
 //! `commands` (the application's commands), `presence_events` and `app_events` (the event
 //! stream), `drain`, `running` (the configuration in force), `turn` (what a loop turn's end
 //! writes, evicts and reuses), `users` and `dedup`. This module owns the connection slots and
