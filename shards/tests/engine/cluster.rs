@@ -327,3 +327,67 @@ fn queue_groups_are_advertised_per_group_and_a_peer_pick_reaches_one_member() {
         .collect();
     assert_eq!(off, [false]);
 }
+
+/// A recovering subscriber whose join waits for the other nodes' confirmation: its replay is
+/// read when the answer goes, so the publications sequenced while it waited (which its shard
+/// drops as made before the subscription) are in the replay: no gap.
+#[test]
+fn a_parked_recovery_replays_what_was_published_while_it_waited() {
+    let mut cfg = config(2);
+    cfg.cluster.enabled = true;
+    cfg.cluster.security = ClusterSecurity::None;
+    cfg.cluster.listen = "127.0.0.1:9999".parse().unwrap();
+    cfg.recovery.enabled = true;
+    cfg.recovery.memory_budget = 1 << 20;
+    cfg.recovery.max_topics = 64;
+    let mut e = Engine::new(cfg);
+    let topic = topic_owned_by("r", 0, 2);
+    let publisher = connected(&mut e, 0, "p");
+    let publish = |e: &mut Engine, seq: u64| {
+        e.send_json(
+            publisher,
+            &json!({"c":"WSE","t":"publish","p":{"topic":topic,"event":"m","data":seq,"ack":true}}),
+        );
+        e.settle();
+        e.recv(publisher)[0].json()["p"]["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let epoch = publish(&mut e, 1);
+    publish(&mut e, 2);
+    publish(&mut e, 3);
+    // Recovering from offset 1 on the other shard: the node's first interest in the topic.
+    let r = connected(&mut e, 1, "r");
+    let p = json!({"action":"subscribe","topics":[topic],"recover":true,
+        "recovery":{topic.as_str(): {"epoch": epoch, "offset": 1}}});
+    e.send_json(r, &json!({"c":"WSE","t":"subscription_update","p":p}));
+    e.settle();
+    let (_, _, ticket, _) = interest(&e.cluster_receive())[0].clone();
+    // Made while the join waits (here, and on another node).
+    publish(&mut e, 4);
+    e.cluster_send(
+        0,
+        FabricMsg::PublishLocal {
+            topic: Arc::from(topic.as_str()),
+            body: Bytes::from_static(br#"{"c":"U","t":"m","p":5,"v":1}"#),
+        },
+    );
+    e.settle();
+    assert!(e.recv(r).is_empty());
+    e.cluster_send(
+        0,
+        FabricMsg::ClusterInterestAcked {
+            topic: Arc::from(topic.as_str()),
+            group: None,
+            ticket,
+        },
+    );
+    e.settle();
+    publish(&mut e, 6);
+    let got = e.recv(r);
+    let offsets: Vec<u64> = got.iter().filter_map(|f| f.json()["o"].as_u64()).collect();
+    assert_eq!(offsets, (2..=6).collect::<Vec<_>>(), "{:?}", texts(&got));
+    let data: Vec<u64> = got.iter().filter_map(|f| f.json()["p"].as_u64()).collect();
+    assert_eq!(data, (2..=6).collect::<Vec<_>>());
+}
