@@ -449,6 +449,10 @@ async fn run(
             _ = ticker.tick() => node.tick(now()),
         }
         link.receive(&mut node, now());
+        if link.ep.inbound_depth() > 0 {
+            // More than a turn's share is waiting: turn again at once rather than at the tick.
+            bell.0.notify_one();
+        }
         node.flush(now());
         carry_out(&mut node, &mut conns, &tx, &mut handshakes, &mut link);
         link.flush();
