@@ -304,7 +304,12 @@ const QUIET: Duration = Duration::from_millis(500);
 /// Three meshed nodes on 127.0.0.1/.2/.3, two shards each (so owner and subscriber shards
 /// differ), with a PSK.
 async fn three_nodes() -> Vec<(String, Wse)> {
-    let addrs: Vec<String> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    meshed(3).await
+}
+
+/// `count` (≤ 3) meshed nodes, as [`three_nodes`].
+async fn meshed(count: usize) -> Vec<(String, Wse)> {
+    let addrs: Vec<String> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"][..count]
         .iter()
         .map(|ip| free_port(ip))
         .collect();
@@ -338,8 +343,8 @@ async fn three_nodes() -> Vec<(String, Wse)> {
     }
     let refs: Vec<(&str, &Wse)> = nodes.iter().map(|(n, w)| (n.as_str(), w)).collect();
     let names: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
-    await_tables(&refs, "full mesh of 3", |me, t| {
-        t.len() == 2
+    await_tables(&refs, "full mesh", |me, t| {
+        t.len() == count - 1
             && names
                 .iter()
                 .filter(|n| *n != me)
@@ -570,4 +575,27 @@ async fn a_queue_group_across_nodes_gets_each_publication_once() {
     }
     let got = drain_group(&mut members, N as usize, "made on n3").await;
     assert_eq!(got, (N..2 * N).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_crosses_to_another_node_without_loss_in_order() {
+    /// Publications sent back to back, without waiting for anything.
+    const BURST: u64 = 5_000;
+    let nodes = meshed(2).await;
+    let mut sub = client(&nodes[1].1, "sub", false).await;
+    subscribed(&mut sub, "burst").await;
+    let mut publisher = client(&nodes[0].1, "pub", true).await;
+    for seq in 0..BURST {
+        publisher
+            .publish("burst", "m", json!({"seq": seq}))
+            .await
+            .unwrap();
+    }
+    for seq in 0..BURST {
+        let (_, p) = next_publication(&mut sub, &format!("#{seq} of the burst")).await;
+        assert_eq!(p["seq"], seq);
+    }
+    let v = view(&nodes[1].1).await;
+    assert_eq!(v["publications"]["received"], BURST, "{v}");
+    assert_eq!(v["publications"]["dropped"], 0, "{v}");
 }
