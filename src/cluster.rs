@@ -680,7 +680,11 @@ fn snapshot(node: &Node, cfg: &node::Config, link: &ShardLink) -> Value {
             "sent": link.published,
             "received": link.delivered,
             "dropped": link.dropped,
+            "dropped_peer_queue": node.stats().dropped_queue,
+            "dropped_too_large": node.stats().dropped_too_large,
+            "unwanted": node.stats().unwanted,
         },
+        "sub_ack_timeouts": node.stats().sub_ack_timeouts,
     })
 }
 

@@ -467,6 +467,7 @@ async fn publications_cross_nodes_exactly_once_in_per_publisher_order() {
     assert_eq!(v["publications"]["sent"], 2 * PER_PUBLISHER + 1, "{v}");
     assert_eq!(v["publications"]["received"], 2 * 2 * PER_PUBLISHER, "{v}");
     assert_eq!(v["publications"]["dropped"], 0, "{v}");
+    assert_eq!(v["publications"]["dropped_peer_queue"], 0, "{v}");
 }
 
 #[tokio::test(flavor = "current_thread")]
