@@ -12,8 +12,8 @@
 //! without a poller of our own, and the binary already builds on tokio for the control plane.
 //! Each socket gets a reader task and a writer task that only move bytes; they talk to the
 //! loop over one bounded channel, so a peer that floods us is slowed by TCP, not buffered.
-//! (compio, as the shards use, would need the same tasks; io_uring's batching matters on the
-//! data path, which is not wired yet.)
+//! (compio, as the shards use, would need the same tasks; whether io_uring's batching pays on
+//! the data path is a question for measurements.)
 
 use std::collections::{HashMap, VecDeque};
 use std::io;

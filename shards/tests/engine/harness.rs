@@ -228,7 +228,7 @@ pub struct Engine {
     shards: Vec<Shard<FakeSocket>>,
     /// Per shard: keys whose socket answered `WouldBlock` (the runtime's `wait_writable` tasks).
     blocked: Vec<Vec<ConnKey>>,
-    /// The control plane's end of the fabric, unused, as in `Server`.
+    /// The control plane's end of the fabric, unused.
     _control: Endpoint,
     /// The cluster core's end: tests play the core ([`Engine::cluster_receive`],
     /// [`Engine::cluster_send`]).
