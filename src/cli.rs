@@ -1177,9 +1177,9 @@ fn namespaces(text: &str) -> Result<Namespaces, String> {
 
 /// `[cluster]`.
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Cluster (membership mesh only; no publications cross nodes yet)")]
+#[command(next_help_heading = "Cluster (publications and interest cross nodes; no TLS yet)")]
 struct ClusterFlags {
-    /// Join a cluster: start the cluster core (membership mesh only so far; docs/CLUSTER.md).
+    /// Join a cluster: start the cluster core; publications cross nodes (docs/CLUSTER.md).
     #[arg(
         id = "cluster.enabled",
         long = "cluster-enabled",

@@ -1,8 +1,9 @@
 //! The cluster core (docs/CLUSTER.md): a thread of its own that owns the cluster listener and
 //! the dials to seeds and members, and drives the sans-IO `wse_cluster::node::Node` with real
-//! sockets and a real clock. This increment runs the membership mesh only: no publication or
-//! interest crosses nodes yet (the fabric wiring to the shards comes next), so `server_hello`
-//! keeps `"cluster":false`. The control plane reads a snapshot of the membership
+//! sockets and a real clock. It is a participant of the shards' fabric: topic owners tell it
+//! when this node's interest in a topic starts and ends and hand it each publication made here
+//! (one entry, whatever the number of peers); it hands them the publications of other nodes
+//! and the confirmations of interest. The control plane reads a snapshot of the membership
 //! (`GET /api/v1/cluster`).
 //!
 //! Why a current-thread tokio runtime: the node is one synchronous state machine that must not
@@ -11,24 +12,28 @@
 //! without a poller of our own, and the binary already builds on tokio for the control plane.
 //! Each socket gets a reader task and a writer task that only move bytes; they talk to the
 //! loop over one bounded channel, so a peer that floods us is slowed by TCP, not buffered.
-//! (compio, as the shards use, would need the same tasks; io_uring's batching matters on the
-//! data path, which is not wired yet.)
+//! (compio, as the shards use, would need the same tasks; whether io_uring's batching pays on
+//! the data path is a question for measurements.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::task::{Wake, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use wse_cluster::handshake::Security;
 use wse_cluster::node::{self, Action, ConnId, Event, Node};
 use wse_cluster::wire::MemberState;
 use wse_shards::config::{ClusterCompression, ClusterConfig, ClusterSecurity};
+use wse_shards::fabric::{Endpoint, FabricMsg, Sent};
+use wse_shards::topics::owner_of;
 
 /// Name sent in HELLO; nodes of another cluster name are refused (one name until it is
 /// configurable).
@@ -56,6 +61,9 @@ const EVENTS_PER_TURN: usize = 256;
 /// with the next line logged, so a peer (or anyone who can reach the cluster port) that fails
 /// on purpose cannot flood the log.
 const HANDSHAKE_LOGS_PER_SEC: u32 = 10;
+/// Fabric entries taken from one shard per loop turn (interest changes and publications to
+/// send), so one busy shard cannot starve the others or the sockets within a turn.
+const FABRIC_PER_SOURCE: usize = 1024;
 
 /// What the socket tasks tell the loop.
 enum SockEvent {
@@ -100,12 +108,13 @@ pub struct ClusterCore {
 
 impl ClusterCore {
     /// Binds `cfg.listen` (here, so that an address in use fails at start) and starts the
-    /// "wse-cluster" thread. `cfg` is validated; `tls` is refused by validation until it exists.
+    /// "wse-cluster" thread, which serves the cluster core's end of the fabric (`fabric`, of a
+    /// server with `shards` shards). `cfg` is validated; `tls` is refused by validation until it exists.
     ///
     /// # Errors
     /// The listener cannot bind, the runtime or the thread cannot start, or the security mode
     /// is not available.
-    pub fn start(cfg: &ClusterConfig) -> io::Result<Self> {
+    pub fn start(cfg: &ClusterConfig, fabric: Endpoint, shards: usize) -> io::Result<Self> {
         let security = match cfg.security {
             ClusterSecurity::None => Security::None,
             ClusterSecurity::Psk => Security::Psk {
@@ -188,7 +197,7 @@ impl ClusterCore {
                     {
                         tracing::warn!(core = id, "cannot pin the cluster core's thread");
                     }
-                    runtime.block_on(run(node_cfg, listener, view, stop_rx));
+                    runtime.block_on(run(node_cfg, listener, view, stop_rx, fabric, shards));
                 })?
         };
         Ok(Self {
@@ -238,23 +247,181 @@ struct ConnTasks {
     writer: mpsc::UnboundedSender<WriteCmd>,
 }
 
-/// The cluster core's loop: socket events and ticks into the node, its actions out to the
-/// sockets, a membership snapshot for the control plane after every turn that changed it.
+/// The cluster core's doorbell: shards ring it (through the fabric's doorbells) after queueing
+/// entries for it. A `Notify` keeps one permit, so a ring while the loop is busy is not lost.
+struct Bell(Notify);
+
+impl Wake for Bell {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// Where a `SubscribeAcked` goes: the owner shard, and the advert it confirms.
+struct Confirm {
+    shard: usize,
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    ticket: u64,
+}
+
+/// The cluster core's side of the fabric: what the shards send it, into the node; what the
+/// node delivers, to the topics' owner shards.
+struct ShardLink {
+    ep: Endpoint,
+    shards: usize,
+    /// The node's subscribe tickets → (owner shard, topic, the owner's ticket): where each
+    /// `SubscribeAcked` goes. One entry per `on` whose confirmation is under way, each resolved
+    /// within `cluster.sub_ack_timeout`.
+    tickets: HashMap<u64, Confirm>,
+    /// Confirmations the fabric refused (the core's budget in flight was spent), sent again
+    /// each turn: a lost one would keep subscriptions waiting for ever. At most one per entry
+    /// of `tickets` that resolved, so bounded like it.
+    retry: VecDeque<Confirm>,
+    /// Publications this node made, handed to the node (sent to each interested peer).
+    published: u64,
+    /// Publications from peers handed to their owner shards.
+    delivered: u64,
+    /// Publications from peers the fabric refused (the shards are not taking entries fast
+    /// enough; the core's bytes in flight are bounded like every participant's).
+    dropped: u64,
+}
+
+impl ShardLink {
+    /// Takes what the shards sent (at most `FABRIC_PER_SOURCE` from each) into the node.
+    fn receive(&mut self, node: &mut Node, now: u64) {
+        let mut inbox = Vec::new();
+        self.ep
+            .receive(FABRIC_PER_SOURCE, |from, m| inbox.push((from, m)));
+        for (from, m) in inbox {
+            match m {
+                FabricMsg::ClusterInterest {
+                    topic,
+                    group,
+                    ticket,
+                    on: true,
+                } => {
+                    let t = match &group {
+                        None => node.subscribe_topic(&topic, now),
+                        Some(g) => node.subscribe_group(&topic, g, now),
+                    };
+                    let confirm = Confirm {
+                        shard: from,
+                        topic,
+                        group,
+                        ticket,
+                    };
+                    self.tickets.insert(t, confirm);
+                }
+                FabricMsg::ClusterInterest {
+                    topic,
+                    group,
+                    on: false,
+                    ..
+                } => match &group {
+                    None => node.unsubscribe_topic(&topic, now),
+                    Some(g) => node.unsubscribe_group(&topic, g, now),
+                },
+                FabricMsg::ClusterPublish { topic, body } => {
+                    self.published += 1;
+                    node.publish(&topic, &body, now);
+                }
+                other => {
+                    debug_assert!(
+                        false,
+                        "unexpected fabric entry for the cluster core: {other:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A publication from a peer: to the topic's owner shard, which sequences it and fans it
+    /// out on this node only (never back to the cluster); with `group`, for one member of that
+    /// queue group of this node.
+    fn deliver(&mut self, topic: String, group: Option<String>, payload: Vec<u8>) {
+        let owner = owner_of(&topic, self.shards);
+        let body = Bytes::from(payload);
+        let m = match group {
+            None => FabricMsg::PublishLocal {
+                topic: Arc::from(topic),
+                body,
+            },
+            Some(g) => FabricMsg::PublishGroup {
+                group: Box::new((Arc::from(topic), Arc::from(g))),
+                body,
+            },
+        };
+        if self.ep.send(owner, m) == Sent::Dropped {
+            self.dropped += 1;
+        } else {
+            self.delivered += 1;
+        }
+    }
+
+    /// The node confirmed the interest of subscribe ticket `ticket`.
+    fn acked(&mut self, ticket: u64) {
+        if let Some(confirm) = self.tickets.remove(&ticket) {
+            self.retry.push_back(confirm);
+        }
+    }
+
+    /// Sends the confirmations waiting (in order, per shard the fabric keeps it) and flushes:
+    /// the shards that got something are woken.
+    fn flush(&mut self) {
+        for _ in 0..self.retry.len() {
+            let Some(c) = self.retry.pop_front() else {
+                break;
+            };
+            let m = FabricMsg::ClusterInterestAcked {
+                topic: c.topic.clone(),
+                group: c.group.clone(),
+                ticket: c.ticket,
+            };
+            if self.ep.send(c.shard, m) == Sent::Dropped {
+                self.retry.push_back(c);
+            }
+        }
+        self.ep.flush();
+    }
+}
+
+/// The cluster core's loop: socket events, ticks and fabric entries into the node, its actions
+/// out to the sockets and the shards, a membership snapshot for the control plane after every
+/// turn that changed it.
 async fn run(
     cfg: node::Config,
     listener: TcpListener,
     view: ClusterView,
     mut stop: watch::Receiver<bool>,
+    fabric: Endpoint,
+    shards: usize,
 ) {
     let start = Instant::now();
     let now = || u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     let seed = rand::random::<u64>();
     let mut node = Node::new(cfg.clone(), first_incarnation(), seed, now());
+    let bell = Arc::new(Bell(Notify::new()));
+    fabric
+        .doorbells()
+        .register(fabric.id(), Waker::from(bell.clone()));
+    let mut link = ShardLink {
+        ep: fabric,
+        shards,
+        tickets: HashMap::new(),
+        retry: VecDeque::new(),
+        published: 0,
+        delivered: 0,
+        dropped: 0,
+    };
     tracing::info!(
         node = %cfg.name,
         listen = %cfg.advertised,
         seeds = ?cfg.seeds,
-        "cluster core started (membership mesh only: no publications cross nodes yet)"
+        "cluster core started"
     );
     let (tx, mut rx) = mpsc::channel::<SockEvent>(EVENT_QUEUE);
     let acceptor = tokio::spawn(accept_loop(listener, tx.clone()));
@@ -263,11 +430,12 @@ async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut handshakes = HandshakeLog::new();
     // Published before the first turn, so the control plane never answers with nothing.
-    let mut last_view = snapshot(&node, &cfg);
+    let mut last_view = snapshot(&node, &cfg, &link);
     view.set(last_view.clone());
     loop {
         tokio::select! {
             _ = stop.changed() => break,
+            () = bell.0.notified() => {}
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
                 handle(&mut node, &mut conns, &tx, ev, now());
@@ -280,9 +448,15 @@ async fn run(
             }
             _ = ticker.tick() => node.tick(now()),
         }
+        link.receive(&mut node, now());
+        if link.ep.inbound_depth() > 0 {
+            // More than a turn's share is waiting: turn again at once rather than at the tick.
+            bell.0.notify_one();
+        }
         node.flush(now());
-        carry_out(&mut node, &mut conns, &tx, &mut handshakes);
-        let v = snapshot(&node, &cfg);
+        carry_out(&mut node, &mut conns, &tx, &mut handshakes, &mut link);
+        link.flush();
+        let v = snapshot(&node, &cfg, &link);
         if v != last_view {
             view.set(v.clone());
             last_view = v;
@@ -292,7 +466,7 @@ async fn run(
     // incarnation.
     node.leave(now());
     node.flush(now());
-    carry_out(&mut node, &mut conns, &tx, &mut handshakes);
+    carry_out(&mut node, &mut conns, &tx, &mut handshakes, &mut link);
     acceptor.abort();
     let writers: Vec<_> = conns.drain().map(|(_, c)| c.writer).collect();
     for w in &writers {
@@ -366,6 +540,7 @@ fn carry_out(
     conns: &mut HashMap<ConnId, ConnTasks>,
     tx: &mpsc::Sender<SockEvent>,
     handshakes: &mut HandshakeLog,
+    link: &mut ShardLink,
 ) {
     while let Some(action) = node.poll_action() {
         match action {
@@ -384,11 +559,17 @@ fn carry_out(
                     let _ = c.writer.send(WriteCmd::Close);
                 }
             }
-            // No local interest is advertised yet (the fabric is not wired), so peers send
-            // nothing to deliver; anything that comes is unwanted and counted by the node.
-            Action::Deliver { .. }
-            | Action::DeliverGroup { .. }
-            | Action::SubscribeAcked { .. } => {}
+            // The node passes on only what this node advertised (and in per-peer order).
+            Action::Deliver { topic, payload, .. } => link.deliver(topic, None, payload),
+            // One member of a local queue group gets it: this node was the publishing node's
+            // pick for the group.
+            Action::DeliverGroup {
+                topic,
+                group,
+                payload,
+                ..
+            } => link.deliver(topic, Some(group), payload),
+            Action::SubscribeAcked { ticket, .. } => link.acked(ticket),
             Action::Event(e) => log_event(&e, handshakes),
         }
     }
@@ -471,7 +652,7 @@ fn state_name(s: MemberState) -> &'static str {
 }
 
 /// `GET /api/v1/cluster`'s body (docs/CLUSTER.md).
-fn snapshot(node: &Node, cfg: &node::Config) -> Value {
+fn snapshot(node: &Node, cfg: &node::Config, link: &ShardLink) -> Value {
     let members: Vec<Value> = node
         .members()
         .into_iter()
@@ -494,7 +675,16 @@ fn snapshot(node: &Node, cfg: &node::Config) -> Value {
         },
         "members": members,
         "connections": node.connection_count(),
-        "routing": false,
+        "routing": true,
+        "publications": {
+            "sent": link.published,
+            "received": link.delivered,
+            "dropped": link.dropped,
+            "dropped_peer_queue": node.stats().dropped_queue,
+            "dropped_too_large": node.stats().dropped_too_large,
+            "unwanted": node.stats().unwanted,
+        },
+        "sub_ack_timeouts": node.stats().sub_ack_timeouts,
     })
 }
 

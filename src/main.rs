@@ -105,9 +105,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    // The cluster core (membership mesh only so far: no publication crosses nodes).
+    // The cluster core: the mesh, and the shards' publications and interest across nodes.
     let cluster = if cfg.cluster.enabled {
-        match cluster::ClusterCore::start(&cfg.cluster) {
+        let fabric = server
+            .take_cluster_endpoint()
+            .expect("the cluster core's endpoint is taken once");
+        match cluster::ClusterCore::start(&cfg.cluster, fabric, server.shard_count()) {
             Ok(c) => {
                 tracing::info!(listen = %c.local_addr(), "cluster listener bound");
                 Some(c)

@@ -1,6 +1,8 @@
 //! The cluster core with real binaries (docs/CLUSTER.md): nodes on 127.0.0.1/.2/.3/.4 with a
 //! PSK form a full mesh from one seed, see a `kill -9`ed node die and a stopped one leave, and
-//! refuse a node with another key. Membership only: no publication crosses nodes in this increment.
+//! refuse a node with another key; publications (client and HTTP, on any node) reach every
+//! subscriber on every node exactly once, in per-publisher order, and a subscription is
+//! acknowledged only once the other nodes will send it what they publish.
 
 mod support;
 
@@ -8,8 +10,9 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::{API_KEY, Wse};
+use serde_json::{Value, json};
+use support::{API_KEY, Wse, publisher_token, token};
+use wse_client::{Client, Connector};
 
 /// The PSK the nodes share (at least 32 bytes).
 const PSK: &str = "cluster-test-psk-0123456789abcdef0123";
@@ -135,7 +138,7 @@ async fn a_fourth_node_joins_by_one_seed_and_a_killed_node_is_declared_dead() {
     let v = view(&n4).await;
     assert_eq!(v["node"]["name"], "n4");
     assert_eq!(v["enabled"], true);
-    assert_eq!(v["routing"], false);
+    assert_eq!(v["routing"], true);
     // Every membership change is logged: each node logged the newcomer's arrival.
     for w in [&n1, &n2, &n3] {
         assert!(
@@ -288,4 +291,312 @@ fn has_nonzero_left_out(log: &str) -> bool {
     log.split("left_out=")
         .skip(1)
         .any(|rest| rest.split_whitespace().next().is_some_and(|n| n != "0"))
+}
+
+/// Publications per publisher in the crossing test.
+const PER_PUBLISHER: u64 = 25;
+/// Bound on one awaited message (a broken build must not hang CI).
+const MESSAGE_WAIT: Duration = Duration::from_secs(10);
+/// How long a subscriber listens for a duplicate after it has everything: a negative check
+/// cannot await an event, so it is a bounded quiet period.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// Three meshed nodes on 127.0.0.1/.2/.3, two shards each (so owner and subscriber shards
+/// differ), with a PSK.
+async fn three_nodes() -> Vec<(String, Wse)> {
+    meshed(3).await
+}
+
+/// `count` (≤ 3) meshed nodes, as [`three_nodes`].
+async fn meshed(count: usize) -> Vec<(String, Wse)> {
+    let addrs: Vec<String> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"][..count]
+        .iter()
+        .map(|ip| free_port(ip))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let name = format!("n{}", i + 1);
+        let seeds = if i == 0 {
+            String::new()
+        } else {
+            addrs[0].clone()
+        };
+        let mut args = vec![
+            "--cores",
+            "2",
+            "--cluster-enabled",
+            "true",
+            "--cluster-security",
+            "psk",
+            "--cluster-psk",
+            PSK,
+            "--cluster-node-name",
+            &name,
+            "--cluster-listen",
+            a,
+        ];
+        if !seeds.is_empty() {
+            args.extend(["--cluster-seeds", &seeds]);
+        }
+        let w = Wse::start(&args);
+        nodes.push((name, w));
+    }
+    let refs: Vec<(&str, &Wse)> = nodes.iter().map(|(n, w)| (n.as_str(), w)).collect();
+    let names: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+    await_tables(&refs, "full mesh", |me, t| {
+        t.len() == count - 1
+            && names
+                .iter()
+                .filter(|n| *n != me)
+                .all(|n| t.get(n).is_some_and(|(s, link, _)| s == "alive" && *link))
+    })
+    .await;
+    nodes
+}
+
+async fn client(w: &Wse, user: &str, publish: bool) -> Client {
+    let t = if publish {
+        publisher_token(user)
+    } else {
+        token(user, json!({}))
+    };
+    let mut c = Connector::new(w.url())
+        .token(t)
+        .request_timeout(MESSAGE_WAIT)
+        .connect()
+        .await
+        .unwrap();
+    c.set_auto_pong(true);
+    c
+}
+
+async fn subscribed(c: &mut Client, topic: &str) {
+    let ack = c.subscribe(&[topic]).await.unwrap();
+    assert_eq!(
+        ack.p["success_topics"],
+        json!([topic]),
+        "{}",
+        ack.describe()
+    );
+}
+
+/// The next publication (events other than publications, such as pings, are skipped).
+async fn next_publication(c: &mut Client, what: &str) -> (String, Value) {
+    loop {
+        match c.recv().await {
+            Ok(ev) if ev.c.as_deref() == Some("U") => return (ev.t, ev.p),
+            Ok(_) => {}
+            Err(e) => panic!("{what}: no publication within {MESSAGE_WAIT:?}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn publications_cross_nodes_exactly_once_in_per_publisher_order() {
+    const TOPIC: &str = "room";
+    let nodes = three_nodes().await;
+    let mut subs = Vec::new();
+    let mut pubs = Vec::new();
+    for (name, w) in &nodes {
+        let mut s = client(w, &format!("sub-{name}"), false).await;
+        let hello = s.server_hello().expect("server_hello");
+        assert_eq!(hello.p["features"]["cluster"], true, "{}", hello.describe());
+        subscribed(&mut s, TOPIC).await;
+        subs.push(s);
+        pubs.push(client(w, &format!("pub-{name}"), true).await);
+        assert_eq!(view(w).await["routing"], true);
+    }
+    // Every node publishes through a client and through the HTTP API, interleaved.
+    for seq in 0..PER_PUBLISHER {
+        for ((name, w), p) in nodes.iter().zip(pubs.iter_mut()) {
+            let from = format!("{name}-ws");
+            p.publish(TOPIC, "m", json!({"from": from, "seq": seq}))
+                .await
+                .unwrap();
+            let from = format!("{name}-http");
+            let (status, body) = w
+                .api_publish(TOPIC, "m", json!({"from": from, "seq": seq}))
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let publishers = 2 * nodes.len() as u64;
+    for ((name, _), s) in nodes.iter().zip(subs.iter_mut()) {
+        let mut next: BTreeMap<String, u64> = BTreeMap::new();
+        for n in 0..publishers * PER_PUBLISHER {
+            let (event, p) = next_publication(s, &format!("subscriber on {name}, #{n}")).await;
+            assert_eq!(event, "m");
+            let from = p["from"].as_str().unwrap().to_owned();
+            let seq = p["seq"].as_u64().unwrap();
+            let want = next.entry(from.clone()).or_insert(0);
+            assert_eq!(seq, *want, "subscriber on {name}: {from} out of order");
+            *want += 1;
+        }
+        assert_eq!(next.len() as u64, publishers, "{next:?}");
+        assert!(next.values().all(|n| *n == PER_PUBLISHER), "{next:?}");
+        // Exactly once: nothing more comes.
+        while let Some(ev) = s.recv_timeout(QUIET).await.unwrap() {
+            assert_ne!(ev.c.as_deref(), Some("U"), "duplicate: {}", ev.describe());
+        }
+    }
+    // broadcast_local stays on its node: node 1's next publication overtakes nothing elsewhere
+    // (one node's publications reach a peer in the order they were made there).
+    let (_, n1) = &nodes[0];
+    let auth = format!("Bearer {API_KEY}");
+    let body = json!({"topic": TOPIC, "event": "local", "data": 1}).to_string();
+    let (status, text) = n1
+        .http(
+            "POST",
+            "/api/v1/broadcast_local",
+            &[("Authorization", &auth)],
+            &body,
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = n1.api_publish(TOPIC, "after", json!(2)).await;
+    assert_eq!(status, 200, "{text}");
+    let (event, _) = next_publication(&mut subs[0], "local broadcast on n1").await;
+    assert_eq!(event, "local");
+    for ((name, _), s) in nodes.iter().zip(subs.iter_mut()) {
+        let (event, _) = next_publication(s, &format!("publication after on {name}")).await;
+        assert_eq!(event, "after", "{name} got node 1's local broadcast");
+    }
+    // Node 1 handed its core what it made (client, HTTP, `after`), never what came from its
+    // peers, and got each of the two peers' publications once.
+    let v = view(n1).await;
+    assert_eq!(v["publications"]["sent"], 2 * PER_PUBLISHER + 1, "{v}");
+    assert_eq!(v["publications"]["received"], 2 * 2 * PER_PUBLISHER, "{v}");
+    assert_eq!(v["publications"]["dropped"], 0, "{v}");
+    assert_eq!(v["publications"]["dropped_peer_queue"], 0, "{v}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_acknowledged_subscription_gets_what_another_node_publishes_right_after() {
+    let nodes = three_nodes().await;
+    let mut subs = Vec::new();
+    for (name, w) in &nodes {
+        subs.push(client(w, &format!("sub-{name}"), false).await);
+    }
+    // Each topic fresh (nobody anywhere subscribed before), subscribed on one node and
+    // published on the next at once after the acknowledgement.
+    for round in 0..9 {
+        let at = round % nodes.len();
+        let by = (round + 1) % nodes.len();
+        let topic = format!("fresh-{round}");
+        subscribed(&mut subs[at], &topic).await;
+        let (status, text) = nodes[by].1.api_publish(&topic, "first", json!(round)).await;
+        assert_eq!(status, 200, "{text}");
+        let what = format!(
+            "{topic} subscribed on {}, published on {}",
+            nodes[at].0, nodes[by].0
+        );
+        let (event, p) = next_publication(&mut subs[at], &what).await;
+        assert_eq!((event.as_str(), p), ("first", json!(round)), "{what}");
+    }
+}
+
+/// Reads from `members` until `want` publications arrived between them (bounded), then checks
+/// that no more come; returns each publication's `seq`, sorted.
+async fn drain_group(members: &mut [Client], want: usize, what: &str) -> Vec<u64> {
+    let deadline = Instant::now() + MESSAGE_WAIT;
+    let mut seqs = Vec::new();
+    while seqs.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {want}",
+            seqs.len()
+        );
+        for m in members.iter_mut() {
+            if let Some(ev) = m.recv_timeout(POLL).await.unwrap()
+                && ev.c.as_deref() == Some("U")
+            {
+                seqs.push(ev.p["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    for m in members.iter_mut() {
+        while let Some(ev) = m.recv_timeout(QUIET).await.unwrap() {
+            assert_ne!(
+                ev.c.as_deref(),
+                Some("U"),
+                "{what}: extra {}",
+                ev.describe()
+            );
+        }
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_queue_group_across_nodes_gets_each_publication_once() {
+    const TOPIC: &str = "jobs";
+    const N: u64 = 30;
+    let nodes = three_nodes().await;
+    let group_token = |user: &str| token(user, json!({"wse_queue_groups": {"allow": ["workers"]}}));
+    // Two members on node 2, one on node 3, none on node 1; a plain subscriber on node 2.
+    let mut members = Vec::new();
+    for (i, at) in [1usize, 1, 2].into_iter().enumerate() {
+        let mut m = Connector::new(nodes[at].1.url())
+            .token(group_token(&format!("worker{i}")))
+            .request_timeout(MESSAGE_WAIT)
+            .connect()
+            .await
+            .unwrap();
+        let ack = m
+            .subscribe_with(json!({"action":"subscribe","topics":[TOPIC],"queue_group":"workers"}))
+            .await
+            .unwrap();
+        assert_eq!(ack.p["success"], true, "{}", ack.describe());
+        members.push(m);
+    }
+    let mut plain = client(&nodes[1].1, "plain", false).await;
+    subscribed(&mut plain, TOPIC).await;
+    // Made on node 1, which has no member: one member somewhere else gets each.
+    for seq in 0..N {
+        let (status, text) = nodes[0]
+            .1
+            .api_publish(TOPIC, "job", json!({"seq": seq}))
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let got = drain_group(&mut members, N as usize, "made on n1").await;
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    for seq in 0..N {
+        let (_, p) = next_publication(&mut plain, "plain subscriber on n2").await;
+        assert_eq!(p["seq"], seq);
+    }
+    // Made on node 3, which has a member: the group gets each once there or elsewhere.
+    for seq in N..2 * N {
+        let (status, text) = nodes[2]
+            .1
+            .api_publish(TOPIC, "job", json!({"seq": seq}))
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let got = drain_group(&mut members, N as usize, "made on n3").await;
+    assert_eq!(got, (N..2 * N).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_crosses_to_another_node_without_loss_in_order() {
+    /// Publications sent back to back, without waiting for anything.
+    const BURST: u64 = 5_000;
+    let nodes = meshed(2).await;
+    let mut sub = client(&nodes[1].1, "sub", false).await;
+    subscribed(&mut sub, "burst").await;
+    let mut publisher = client(&nodes[0].1, "pub", true).await;
+    for seq in 0..BURST {
+        publisher
+            .publish("burst", "m", json!({"seq": seq}))
+            .await
+            .unwrap();
+    }
+    for seq in 0..BURST {
+        let (_, p) = next_publication(&mut sub, &format!("#{seq} of the burst")).await;
+        assert_eq!(p["seq"], seq);
+    }
+    let v = view(&nodes[1].1).await;
+    assert_eq!(v["publications"]["received"], BURST, "{v}");
+    assert_eq!(v["publications"]["dropped"], 0, "{v}");
 }

@@ -152,14 +152,24 @@ impl LocalInterest {
     pub fn withdraw(&mut self, p: &Pattern) -> bool {
         !self.counts.contains_key(p) && self.set.remove(p)
     }
-    /// Whether a local subscriber wants `topic` now.
+    /// Whether a local subscriber wants `topic` now. Asked for every publication a peer sends,
+    /// so it looks the exact topic up and tests only the globs (never every pattern: a node may
+    /// hold a million topics).
     pub fn wanted(&self, topic: &str) -> bool {
-        self.set.matches(topic)
-            && self.counts.keys().any(|p| match p.kind {
-                PatternKind::Exact => p.text == topic,
-                PatternKind::Glob => glob_match(&p.text, topic),
-                PatternKind::Group => false,
-            })
+        if !self.set.matches(topic) {
+            return false;
+        }
+        if self.counts.contains_key(&Pattern::exact(topic)) {
+            return true;
+        }
+        let globs = Pattern {
+            kind: PatternKind::Glob,
+            text: String::new(),
+        };
+        self.counts
+            .range(globs..)
+            .take_while(|(p, _)| p.kind == PatternKind::Glob)
+            .any(|(p, _)| glob_match(&p.text, topic))
     }
     /// Whether a local member of queue group `group` on `topic` is here now.
     pub fn wanted_group(&self, topic: &str, group: &str) -> bool {
@@ -327,6 +337,25 @@ impl RemoteInterest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wanted_looks_up_exact_topics_and_tests_globs_only() {
+        let mut l = LocalInterest::default();
+        let exact = Pattern::exact("a*b");
+        l.add(&exact);
+        l.add(&Pattern::parse("x.*"));
+        l.add(&Pattern::group("g1", "workers"));
+        // An exact topic with `*` in it is not a glob.
+        assert!(l.wanted("a*b"));
+        assert!(!l.wanted("axb"));
+        assert!(l.wanted("x.y"));
+        // A group's members want their group's picks, not the topic's plain publications.
+        assert!(!l.wanted("g1"));
+        // A lingering pattern (no subscriber left, still advertised) is not wanted.
+        assert!(l.remove(&exact));
+        assert!(!l.wanted("a*b"));
+        assert!(l.withdraw(&exact));
+    }
 
     #[test]
     fn globs_are_character_level() {

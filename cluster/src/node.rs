@@ -1797,6 +1797,17 @@ impl Node {
         self.subscribe_pattern(Pattern::parse(pattern), now)
     }
 
+    /// [`Node::subscribe`] to exactly `topic`, even when it contains `*` or `?` (a server's
+    /// topic names are never globs).
+    pub fn subscribe_topic(&mut self, topic: &str, now: u64) -> u64 {
+        self.subscribe_pattern(Pattern::exact(topic), now)
+    }
+
+    /// [`Node::unsubscribe`] of exactly `topic` (see [`Node::subscribe_topic`]).
+    pub fn unsubscribe_topic(&mut self, topic: &str, now: u64) {
+        self.unsubscribe_pattern(Pattern::exact(topic), now);
+    }
+
     /// A local member of queue group `group` on `topic`: each publication on `topic` made
     /// anywhere goes to one member per group, cluster-wide (a local one when there is one).
     /// Acknowledged like [`Node::subscribe`].

@@ -624,6 +624,14 @@ impl Pattern {
         }
     }
 
+    /// An exact topic, whatever characters it has (`*` and `?` included).
+    pub fn exact(s: &str) -> Self {
+        Self {
+            kind: PatternKind::Exact,
+            text: s.to_owned(),
+        }
+    }
+
     /// A queue-group membership on `topic`.
     pub fn group(topic: &str, group: &str) -> Self {
         Self {

@@ -1,5 +1,5 @@
 //! The cross-core fabric: an N×N grid of single-producer single-consumer queues between
-//! participants (every shard, the control plane, and a reserved slot for the cluster core).
+//! participants (every shard, the control plane, and the cluster core).
 //!
 //! Owns: the queues, the per-destination overflow that keeps a sender from ever blocking, and the
 //! doorbells. Never: interprets messages (the shard does).
@@ -59,6 +59,66 @@ pub enum FabricMsg {
         body: Bytes,
         /// The connection waiting for a `publish_ack`, if any.
         ack: Option<ConnId>,
+    },
+    /// The cluster core (a publication from a peer node) or the control plane
+    /// (`Server::broadcast_local`) → the topic's owner shard: a publication to sequence and fan
+    /// out on this node only, never passed to the cluster core (full mesh: its origin node sends
+    /// it to every interested peer itself). `body` as in [`FabricMsg::Publish`]. Lost: the
+    /// publication never happens on this node.
+    PublishLocal {
+        /// The topic to publish to.
+        topic: Arc<str>,
+        /// The frame text, unstamped.
+        body: Bytes,
+    },
+    /// Owner → the cluster core: a publication this node made (client, HTTP or engine
+    /// `broadcast`), once, whatever the number of peers; the core hands it to
+    /// `Node::publish`, which sends it to every peer that advertised interest. `body` is the
+    /// unstamped frame text. Lost: no other node gets it (counted as a drop).
+    ClusterPublish {
+        /// The topic it was published to.
+        topic: Arc<str>,
+        /// The frame text, unstamped.
+        body: Bytes,
+    },
+    /// Owner → the cluster core: this node's interest in `topic` starts (`on`: its first plain
+    /// subscriber on any shard) or ends (its last left). An `on` is answered with
+    /// [`FabricMsg::ClusterInterestAcked`] carrying `ticket` once every linked peer has
+    /// acknowledged it (bounded by `cluster.sub_ack_timeout`). Lost: an `on` is taken as
+    /// acknowledged at once (counted; publications from peers may then miss this node until the
+    /// interest is advertised again); an `off` leaves the interest advertised (peers send what
+    /// nobody here wants, which the owner drops).
+    ClusterInterest {
+        /// The topic.
+        topic: Arc<str>,
+        /// The queue group, when the interest is a group's (its first member on this node, or
+        /// its last gone); `None`: plain subscribers.
+        group: Option<Arc<str>>,
+        /// The owner's number for this `on`, returned in the acknowledgement.
+        ticket: u64,
+        /// Interest starts (`true`) or ends.
+        on: bool,
+    },
+    /// The cluster core → the owner that sent a `ClusterInterest { on: true }`: remote interest
+    /// is confirmed (or the bounded wait ran out); the subscriptions waiting for it are
+    /// acknowledged. Never dropped: the core retries it on the next turn while the fabric is full.
+    ClusterInterestAcked {
+        /// The topic.
+        topic: Arc<str>,
+        /// The queue group, as in the `ClusterInterest`.
+        group: Option<Arc<str>>,
+        /// The ticket of the `on` this answers.
+        ticket: u64,
+    },
+    /// The cluster core → the topic's owner: a peer's publication for ONE member of this node's
+    /// queue group `group` (the publishing node picked this node for it); the owner picks the
+    /// shard, which picks the member. Not numbered (group members get unstamped frames). Lost:
+    /// the group misses one message (counted).
+    PublishGroup {
+        /// The topic and group.
+        group: Box<(Arc<str>, Arc<str>)>,
+        /// The frame text.
+        body: Bytes,
     },
     /// Owner → a shard with plain subscribers: a sequenced publication, framed once. Lost: those
     /// subscribers miss one message (counted as a drop).
@@ -387,7 +447,16 @@ impl FabricMsg {
     pub fn charge(&self) -> u64 {
         use std::mem::size_of;
         let heap = match self {
-            FabricMsg::Publish { topic, body, .. } => topic.len() + body.len(),
+            FabricMsg::Publish { topic, body, .. }
+            | FabricMsg::PublishLocal { topic, body }
+            | FabricMsg::ClusterPublish { topic, body } => topic.len() + body.len(),
+            FabricMsg::ClusterInterest { topic, group, .. }
+            | FabricMsg::ClusterInterestAcked { topic, group, .. } => {
+                topic.len() + group.as_ref().map_or(0, |g| g.len())
+            }
+            FabricMsg::PublishGroup { group, body } => {
+                size_of::<(Arc<str>, Arc<str>)>() + group.0.len() + group.1.len() + body.len()
+            }
             FabricMsg::Deliver { topic, frame } => topic.len() + frame.len(),
             FabricMsg::DeliverGroup { frame, .. } => frame.len(),
             FabricMsg::PublishAcked { .. } | FabricMsg::Reload(_) | FabricMsg::Adopt { .. } => 0,

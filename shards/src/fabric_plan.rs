@@ -7,9 +7,15 @@
 /// Bytes of one queue slot: one `fabric::FabricMsg`, which the fabric asserts fits (a cache
 /// line).
 pub const SLOT_BYTES: usize = 64;
-/// Fabric participants besides the shards: the control plane, and a reserved slot for the
-/// cluster core (a later participant with its own thread).
+/// Fabric participants besides the shards: the control plane, and the cluster core (the
+/// binary's thread that runs the cluster mesh, `Server::take_cluster_endpoint`).
 pub const EXTRA_PARTICIPANTS: usize = 2;
+
+/// The cluster core's index in the grid of a server with `shards` shards (after the shards and
+/// the control plane).
+pub const fn cluster_participant(shards: usize) -> usize {
+    shards + 1
+}
 /// Fewest entries a queue may have: below this a burst goes to overflow at once.
 pub const QUEUE_CAPACITY_MIN: usize = 64;
 /// The share of a participant's budget its outbound queues' slots may take: 1/8. The rest is for

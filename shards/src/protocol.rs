@@ -580,7 +580,8 @@ pub fn server_hello(
             features: HelloFeatures {
                 compression: true,
                 recovery,
-                cluster: false,
+                // Publications and interest cross nodes whenever the cluster runs.
+                cluster: cfg.cluster.enabled,
                 batching: true,
                 priority_queue: false,
                 msgpack: true,

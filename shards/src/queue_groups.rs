@@ -151,6 +151,22 @@ impl Membership {
         }
     }
 
+    /// Picks, for `group` only, the shard whose member gets the next publication (`None`: no
+    /// such group here).
+    pub fn pick_one(&mut self, group: &str) -> Option<(usize, Arc<GroupName>)> {
+        let i = self.find(group)?;
+        let g = &mut self.groups[i];
+        let mut slot = g.cursor % g.total;
+        g.cursor = g.cursor.wrapping_add(1);
+        for &(shard, n) in &g.shards {
+            if slot < u64::from(n) {
+                return Some((shard, g.name.clone()));
+            }
+            slot -= u64::from(n);
+        }
+        None
+    }
+
     /// The topic has no queue group left.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()

@@ -219,6 +219,24 @@ impl TopicOwner {
         true
     }
 
+    /// Picks the shard whose member of queue group `group` of `topic` gets the next publication
+    /// (`None`: the group has no member on this node).
+    pub fn pick_group(&mut self, topic: &str, group: &str) -> Option<(usize, Arc<GroupName>)> {
+        self.topics
+            .get_mut(topic)?
+            .membership
+            .as_deref_mut()?
+            .pick_one(group)
+    }
+
+    /// Members of queue group `group` of `topic` on every shard of this node.
+    pub fn group_members(&self, topic: &str, group: &str) -> u64 {
+        self.topics
+            .get(topic)
+            .and_then(|t| t.membership.as_deref())
+            .map_or(0, |m| m.members(group))
+    }
+
     /// Shard `shard` now has `members` members of queue group `group` of `topic`.
     ///
     /// # Errors

@@ -21,8 +21,14 @@
 //! mode changes nothing. Only plain subscribers make a shard *interested* (the owner sends it
 //! every publication); group members are counted by the owner per group and shard instead.
 //!
+//! In a cluster ([`Topics::set_owner_interest`]) the owner registers its own shard's interest
+//! too, through the same join: the owner must know when the node's interest in a topic starts
+//! and ends (any shard, itself included), and a subscription on the owner's shard is
+//! acknowledged only once the other nodes have confirmed it, like any other.
+//!
 //! Invariant: an entry exists iff it has local subscribers or queue-group members, or a
-//! confirmation is pending; a confirmation is awaited only for a topic owned elsewhere.
+//! confirmation is pending; a confirmation is awaited only for a topic owned elsewhere, or in a
+//! cluster.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -129,7 +135,7 @@ pub struct Delta {
     /// The connection is newly on the topic (subscribe), or was on it and has left
     /// (unsubscribe).
     pub added_or_removed: bool,
-    /// This shard's interest in a topic owned elsewhere: `Some(true)`, its first plain
+    /// This shard's interest in a topic owned elsewhere (or any topic in a cluster): `Some(true)`, its first plain
     /// subscriber (register it; a confirmation is now pending); `Some(false)`, its last plain
     /// subscriber went (withdraw it).
     pub interest: Option<bool>,
@@ -146,6 +152,8 @@ pub struct Delta {
 pub struct Topics {
     me: usize,
     shards: usize,
+    /// The owner registers its own interest (a cluster runs): see the module docs.
+    owner_interest: bool,
     map: HashMap<Arc<str>, Topic>,
 }
 
@@ -155,8 +163,22 @@ impl Topics {
         Self {
             me,
             shards,
+            owner_interest: false,
             map: HashMap::new(),
         }
+    }
+
+    /// Whether this shard registers its interest with itself for the topics it owns (in a
+    /// cluster: see the module docs). Set before any subscription.
+    pub fn set_owner_interest(&mut self, on: bool) {
+        debug_assert!(self.map.is_empty(), "set after subscriptions");
+        self.owner_interest = on;
+    }
+
+    /// Whether a first plain subscriber of `name` here registers this shard's interest with
+    /// the owner (and a last one withdraws it).
+    fn registers(&self, name: &str) -> bool {
+        self.owner_interest || self.owner_of(name) != self.me
     }
 
     /// The topic, if this shard knows it.
@@ -228,7 +250,7 @@ impl Topics {
         conn: ConnKey,
         group: Option<&Arc<str>>,
     ) -> (Arc<str>, Delta) {
-        let foreign = self.owner_of(name) != self.me;
+        let registers = self.registers(name);
         let t = self.entry(name);
         let current_group = t.groups.group_of(conn).cloned();
         let plain_now = t.subscribers.contains(&conn);
@@ -245,7 +267,7 @@ impl Topics {
         if plain_now {
             t.subscribers.swap_remove(&conn);
             d.plain = Some(false);
-            if t.subscribers.is_empty() && foreign {
+            if t.subscribers.is_empty() && registers {
                 d.interest = Some(false);
             }
         }
@@ -253,7 +275,7 @@ impl Topics {
         match group {
             Some(g) => d.joined_group = Some((g.clone(), t.groups.join(g, conn))),
             None => {
-                if t.subscribers.is_empty() && foreign {
+                if t.subscribers.is_empty() && registers {
                     t.pending_confirms += 1;
                     d.interest = Some(true);
                 }
@@ -269,7 +291,7 @@ impl Topics {
     /// Removes `conn`'s subscription (plain or in a group); drops the entry when nothing keeps
     /// it.
     pub fn unsubscribe(&mut self, name: &str, conn: ConnKey) -> Delta {
-        let foreign = self.owner_of(name) != self.me;
+        let registers = self.registers(name);
         let Some(t) = self.map.get_mut(name) else {
             return Delta::default();
         };
@@ -277,7 +299,7 @@ impl Topics {
         if t.subscribers.swap_remove(&conn) {
             d.added_or_removed = true;
             d.plain = Some(false);
-            if t.subscribers.is_empty() && foreign {
+            if t.subscribers.is_empty() && registers {
                 d.interest = Some(false);
             }
         } else if let Some(left) = t.groups.leave(conn) {
@@ -349,7 +371,7 @@ impl Topics {
         }
         let Some(t) = self.map.get(name) else { return };
         debug_assert!(is_kept(t), "topic {name}: an entry nothing keeps");
-        if self.owner_of(name) == self.me {
+        if self.owner_of(name) == self.me && !self.owner_interest {
             debug_assert_eq!(
                 t.pending_confirms, 0,
                 "topic {name}: the owner awaits itself"

@@ -500,11 +500,12 @@ impl BroadcastArgs {
                 if event.is_empty() {
                     return Err(invalid_request("event must not be empty"));
                 }
-                server.publish(
-                    &self.topic,
-                    event,
-                    data.as_deref().unwrap_or(RawValue::NULL),
-                )
+                let data = data.as_deref().unwrap_or(RawValue::NULL);
+                if local {
+                    server.publish_local(&self.topic, event, data)
+                } else {
+                    server.publish(&self.topic, event, data)
+                }
             }
             _ => return Err(invalid_request("give `message`, or `event` and `data`")),
         };

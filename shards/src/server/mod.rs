@@ -167,8 +167,9 @@ pub struct Server {
     inbound: Mutex<inbound::Inbound>,
     /// A drain was requested: the shards are closing their connections and will exit.
     draining: std::sync::atomic::AtomicBool,
-    /// Reserved for the cluster core.
-    _cluster: Mutex<Endpoint>,
+    /// The cluster core's end of the fabric, until the cluster core takes it
+    /// ([`Server::take_cluster_endpoint`]).
+    cluster: Mutex<Option<Endpoint>>,
     local_addr: SocketAddr,
     started: Instant,
 }
@@ -236,7 +237,7 @@ impl Server {
             flusher,
             inbound: Mutex::new(inbound::Inbound::new(shards)),
             draining: Default::default(),
-            _cluster: Mutex::new(cluster),
+            cluster: Mutex::new(Some(cluster)),
             local_addr,
             started: Instant::now(),
         };
@@ -287,6 +288,18 @@ impl Server {
             }
         }
         Ok(server)
+    }
+
+    /// The cluster core's end of the fabric, once (`None` after): with `cluster.enabled`, the
+    /// shards advertise each topic's interest to it and hand it every publication made on this
+    /// node, and it hands them the publications of other nodes (docs/CLUSTER.md, "Fabric
+    /// wiring"). Whoever enables the cluster must run a core on this endpoint (the `wse-server`
+    /// binary does): without one, subscriptions wait for a confirmation that never comes.
+    pub fn take_cluster_endpoint(&self) -> Option<Endpoint> {
+        self.cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The address the WebSocket listeners are bound to (the real port when 0 was asked for).

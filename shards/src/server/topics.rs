@@ -29,17 +29,43 @@ impl Server {
         self.publish_body(topic, body)
     }
 
+    /// [`Server::publish`] to the subscribers in this process only (not the other nodes of a
+    /// cluster; see [`Server::broadcast_local`]).
+    ///
+    /// # Errors
+    /// As [`Server::publish`].
+    pub fn publish_local(
+        &self,
+        topic: &str,
+        event: &str,
+        data: &RawValue,
+    ) -> Result<(), PublishError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(PublishError::InvalidTopic(problem));
+        }
+        let m = FabricMsg::PublishLocal {
+            topic: Arc::from(topic),
+            body: protocol::publication(event, data),
+        };
+        self.publish_to_owner(topic, m)
+    }
+
     pub(super) fn publish_body(&self, topic: &str, body: Bytes) -> Result<(), PublishError> {
-        let owner = owner_of(topic, self.shared.shards);
-        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = ep.send(
-            owner,
+        self.publish_to_owner(
+            topic,
             FabricMsg::Publish {
                 topic: Arc::from(topic),
                 body,
                 ack: None,
             },
-        );
+        )
+    }
+
+    /// Sends `m`, a publication of `topic`, to the topic's owner shard.
+    fn publish_to_owner(&self, topic: &str, m: FabricMsg) -> Result<(), PublishError> {
+        let owner = owner_of(topic, self.shared.shards);
+        let mut ep = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = ep.send(owner, m);
         self.flusher.flush(&mut ep);
         match sent {
             Sent::Queued => Ok(()),
@@ -105,16 +131,29 @@ impl Server {
     }
 
     /// [`Server::broadcast`] to the subscribers in this process only. "Local" is upstream's
-    /// meaning, this process and not the other nodes of a cluster; a standalone server has no
-    /// other node, so today it reaches exactly what `broadcast` reaches, on every shard, in the
-    /// topic's order. (A shard-local broadcast would reach an arbitrary part of the
+    /// meaning, this process and not the other nodes of a cluster: the publication goes through
+    /// the topic's owner shard like any other (numbered, in the topic's order, reaching every
+    /// shard), but never to the cluster core; a standalone server reaches exactly what
+    /// `broadcast` reaches. (A shard-local broadcast would reach an arbitrary part of the
     /// subscribers, since connections land on shards by the kernel's choice, and would bypass
     /// the topic's numbering that recovery relies on.)
     ///
     /// # Errors
     /// As [`Server::broadcast`].
     pub fn broadcast_local(&self, topic: &str, message: &RawValue) -> Result<(), PublishError> {
-        self.broadcast(topic, message)
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(PublishError::InvalidTopic(problem));
+        }
+        if !message.get().starts_with('{') {
+            return Err(PublishError::NotAnObject);
+        }
+        self.publish_to_owner(
+            topic,
+            FabricMsg::PublishLocal {
+                topic: Arc::from(topic),
+                body: Bytes::copy_from_slice(message.get().as_bytes()),
+            },
+        )
     }
 
     /// Connections subscribed to `topic` across all shards (queue-group members included), as

@@ -71,13 +71,13 @@ impl<T: Transport> Shard<T> {
                 conn,
                 topics,
                 reply,
-            } => reply.send(self.app_unsubscribe(conn, topics)),
+            } => reply.send(self.app_unsubscribe(conn, topics, clock)),
             Command::SetAcl {
                 conn,
                 allow,
                 deny,
                 reply,
-            } => reply.send(self.set_acl(conn, allow, deny)),
+            } => reply.send(self.set_acl(conn, allow, deny, clock)),
             Command::UpdatePresence { conn, data, reply } => {
                 let answer = match self.live_key(conn) {
                     Some(key) => {
@@ -235,6 +235,7 @@ impl<T: Transport> Shard<T> {
         &mut self,
         conn: ConnId,
         topics: Option<Vec<String>>,
+        clock: Clock,
     ) -> Result<Vec<String>, CommandError> {
         let key = self.live_key(conn).ok_or(CommandError::UnknownConnection)?;
         let slot = self.conns.get(key as usize).expect("live");
@@ -248,7 +249,7 @@ impl<T: Transport> Shard<T> {
         });
         Ok(topics
             .into_iter()
-            .filter(|t| self.drop_subscription(key, t, Some(&user)))
+            .filter(|t| self.drop_subscription(key, t, Some(&user), clock))
             .collect())
     }
 
@@ -259,6 +260,7 @@ impl<T: Transport> Shard<T> {
         conn: ConnId,
         allow: Option<Vec<String>>,
         deny: Vec<String>,
+        clock: Clock,
     ) -> Result<Vec<String>, CommandError> {
         let key = self.live_key(conn).ok_or(CommandError::UnknownConnection)?;
         let acl = match allow {
@@ -276,7 +278,7 @@ impl<T: Transport> Shard<T> {
             .map(|t| t.to_string())
             .collect();
         for topic in &refused {
-            self.drop_subscription(key, topic, Some(&user));
+            self.drop_subscription(key, topic, Some(&user), clock);
         }
         Ok(refused)
     }

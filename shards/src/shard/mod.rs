@@ -14,7 +14,8 @@
 //! The rules live in submodules, each owning its own state (private fields, changed only
 //! through its methods): `subscriptions` (a subscriber's shard, and the acknowledgements it
 //! waits to send), `owner` (turns the topic owner's decisions — [`crate::topic_owner`] keeps
-//! that state — into frames and fabric entries), `publications` (routing and local fan-out),
+//! that state — into frames and fabric entries), `cluster` (the owner's adverts to the cluster
+//! core and the joins waiting for them), `publications` (routing and local fan-out),
 //! `commands` (the application's commands), `presence_events` and `app_events` (the event
 //! stream), `drain`, `running` (the configuration in force), `turn` (what a loop turn's end
 //! writes, evicts and reuses), `users` and `dedup`. This module owns the connection slots and
@@ -25,6 +26,7 @@
 //! (`layering.rs` checks).
 
 mod app_events;
+mod cluster;
 mod commands;
 mod dedup;
 mod drain;
@@ -160,6 +162,9 @@ pub struct Shard<T: Transport> {
     owner: TopicOwner,
     /// Subscribe acknowledgements waiting for topic owners (`subscriptions`).
     acks: subscriptions::PendingAcks,
+    /// The owned topics' interest as advertised to the other nodes, and the joins waiting for
+    /// it (`cluster`).
+    cluster: cluster::ClusterSide,
     /// What the shard keeps for the application: the event stream's queue, held
     /// `disconnect`s, the user index, `send_event` dedup (`app_events`).
     app: app_events::AppSide,
@@ -213,9 +218,12 @@ impl<T: Transport> Shard<T> {
         let shards = shared.shards;
         let alarms = AttackSummary::new(now, cfg.log.attack_summary_interval, &metrics);
         let owner = TopicOwner::new(me, shards, &cfg.recovery);
+        let mut topics = Topics::new(me, shards);
+        topics.set_owner_interest(cfg.cluster.enabled);
         Self {
             me,
-            topics: Topics::new(me, shared.shards),
+            topics,
+            cluster: cluster::ClusterSide::new(cfg.cluster.enabled, shards),
             shared,
             run,
             metrics,
@@ -482,8 +490,8 @@ impl<T: Transport> Shard<T> {
         let n = self
             .fabric
             .receive(FABRIC_BATCH_PER_SOURCE, |from, m| inbox.push((from, m)));
-        for (_, m) in inbox.drain(..) {
-            self.handle_fabric_msg(m, clock);
+        for (from, m) in inbox.drain(..) {
+            self.handle_fabric_msg(from, m, clock);
         }
         self.scratch.inbox = inbox;
         self.evict_pending(clock);
@@ -761,7 +769,7 @@ impl<T: Transport> Shard<T> {
                 self.app.users.remove(&user, key);
                 // Its presence departures are reported before its `disconnect`.
                 self.begin_disconnect(conn, &user, clock.now);
-                self.leave_all(conn, subs, Some(&user));
+                self.leave_all(conn, subs, Some(&user), clock);
                 self.settle_disconnect(conn);
             }
         }
@@ -832,9 +840,27 @@ impl<T: Transport> Shard<T> {
             .push(ev, &self.run.cfg().limits, &self.metrics);
     }
 
-    fn handle_fabric_msg(&mut self, m: FabricMsg, clock: Clock) {
+    fn handle_fabric_msg(&mut self, from: usize, m: FabricMsg, clock: Clock) {
         match m {
-            FabricMsg::Publish { topic, body, ack } => self.sequence(&topic, &body, ack, clock),
+            FabricMsg::Publish { topic, body, ack } => {
+                let origin = self.cluster.origin(from, false);
+                self.sequence(&topic, &body, ack, origin, clock);
+            }
+            FabricMsg::PublishLocal { topic, body } => {
+                let origin = self.cluster.origin(from, true);
+                self.sequence(&topic, &body, None, origin, clock);
+            }
+            FabricMsg::ClusterInterestAcked {
+                topic,
+                group,
+                ticket,
+            } => self.handle_cluster_acked(&topic, group.as_deref(), ticket, clock),
+            FabricMsg::PublishGroup { group, body } => {
+                self.publish_group(&group.0, &group.1, &body)
+            }
+            FabricMsg::ClusterPublish { .. } | FabricMsg::ClusterInterest { .. } => {
+                debug_assert!(false, "an entry for the cluster core reached a shard");
+            }
             FabricMsg::Deliver { topic, frame } => {
                 // The owner queues its own subscribers directly; the fabric carries the rest.
                 debug_assert!(!self.owner.owns(&topic), "delivery to the owner");
@@ -871,7 +897,7 @@ impl<T: Transport> Shard<T> {
                 group,
             } => {
                 let group = group.as_deref().map(|g| (g, group_members));
-                self.handle_leave(&topic, conn, interest_off, user.as_deref(), group);
+                self.handle_leave(&topic, conn, interest_off, user.as_deref(), group, clock);
             }
             FabricMsg::PresenceLeft(answer) => self.handle_presence_left(*answer),
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),

@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 
+use super::cluster::{Origin, Parked};
 use super::{Shard, Transport, send};
 use crate::centrifuge::proto::ClientInfo;
 use crate::codec::{self, OpCode};
@@ -22,12 +23,27 @@ use crate::topic_owner::TopicOwner;
 impl<T: Transport> Shard<T> {
     /// Numbers a publication, frames it once (stamped and recorded when recovery is on), queues
     /// it to local subscribers and sends one entry to each other shard with subscribers, then
-    /// one entry per queue group to the shard picked for it.
-    pub(super) fn sequence(&mut self, topic: &str, body: &[u8], ack: Option<ConnId>, clock: Clock) {
+    /// one entry per queue group to the shard picked for it; then, for a publication made on
+    /// this node in a cluster, one entry to the cluster core for the other nodes.
+    pub(super) fn sequence(
+        &mut self,
+        topic: &str,
+        body: &Bytes,
+        ack: Option<ConnId>,
+        origin: Origin,
+        clock: Clock,
+    ) {
         self.metrics.publications_total.inc();
         let seq = self.owner.sequence(topic, body, clock.wall_ms);
         self.fan_out(topic, &seq.frame);
-        self.deliver_groups(topic, body, &seq.frame, seq.epoch.is_some());
+        // Queue groups are this node's: each gets the publications made on its node (another
+        // node's groups get theirs there), so a group never gets one twice.
+        if origin != Origin::Peer {
+            self.deliver_groups(topic, body, &seq.frame, seq.epoch.is_some());
+        }
+        if origin == Origin::Here {
+            self.forward_to_cluster(topic, body);
+        }
         self.release_owned(topic);
         if let Some(conn) = ack {
             let (offset, epoch) = (seq.offset, seq.epoch);
@@ -66,7 +82,8 @@ impl<T: Transport> Shard<T> {
     fn fan_out(&mut self, topic: &str, frame: &Bytes) {
         if let Some((name, interested)) = self.owner.interest(topic) {
             let name = name.clone();
-            for shard in interested.iter() {
+            // In a cluster the owner counts itself among the interested (crate::topics).
+            for shard in interested.iter().filter(|&s| s != self.me) {
                 send(
                     &mut self.fabric,
                     &self.metrics,
@@ -96,7 +113,8 @@ impl<T: Transport> Shard<T> {
         }
         if let Some((name, interested)) = self.owner.interest(topic) {
             let name = name.clone();
-            for shard in interested.iter() {
+            // In a cluster the owner counts itself among the interested (crate::topics).
+            for shard in interested.iter().filter(|&s| s != self.me) {
                 let m = FabricMsg::JoinLeave(Box::new(JoinLeave {
                     topic: name.clone(),
                     joined,
@@ -143,6 +161,7 @@ impl<T: Transport> Shard<T> {
         if j.interest {
             self.owner
                 .set_interest(&j.topic, usize::from(j.shard), true);
+            self.advertise(&j.topic, None);
         }
         let mut reply = JoinReply {
             topic: j.topic.clone(),
@@ -163,13 +182,9 @@ impl<T: Transport> Shard<T> {
                 .is_err()
             {
                 reply.refused = Some(ErrorCode::QueueGroupLimit);
+            } else {
+                self.advertise(&j.topic, Some(group));
             }
-        }
-        if let Some((epoch, after)) = j.recover
-            && let Some((info, frames)) = self.owner.replay(&j.topic, epoch, after, clock.wall_ms)
-        {
-            reply.recovery = Some(info);
-            reply.frames = frames;
         }
         let mut event = None;
         let mut join_leave = None;
@@ -204,10 +219,45 @@ impl<T: Transport> Shard<T> {
                 Joined::Full => reply.refused = Some(ErrorCode::PresenceLimit),
             }
         }
+        let event = event.map(|(kind, user, data)| {
+            let json = protocol::presence_event(kind, &j.topic, &user, &data);
+            codec::encode_frame(OpCode::Text, &json)
+        });
+        let parked = Parked {
+            reply,
+            shard: usize::from(j.shard),
+            recover: j.recover,
+            event,
+            join_leave,
+        };
+        // In a cluster, the answer waits while the node's interest is not confirmed yet.
+        if let Some(p) = self.park(parked) {
+            self.finish_join(p, clock);
+        }
+        self.release_owned(&j.topic);
+    }
+
+    /// Answers a join: reads its replay (now, so it ends where the live publications the
+    /// joining shard gets next begin), sends the answer, then fans out the presence event it
+    /// caused.
+    pub(super) fn finish_join(&mut self, p: Parked, clock: Clock) {
+        let Parked {
+            mut reply,
+            shard,
+            recover,
+            event,
+            join_leave,
+        } = p;
+        let topic = reply.topic.clone();
+        if let Some((epoch, after)) = recover
+            && let Some((info, frames)) = self.owner.replay(&topic, epoch, after, clock.wall_ms)
+        {
+            reply.recovery = Some(info);
+            reply.frames = frames;
+        }
         // The reply goes first: the joining shard must be live before the presence event arrives.
         // It carries the application's `presence_join`, which the connection's shard reports
         // after the connection's `connect`.
-        let shard = usize::from(j.shard);
         if shard == self.me {
             self.handle_joined(reply, clock);
         } else {
@@ -218,14 +268,13 @@ impl<T: Transport> Shard<T> {
                 FabricMsg::Joined(Box::new(reply)),
             );
         }
-        if let Some((kind, user, data)) = event {
-            let json = protocol::presence_event(kind, &j.topic, &user, &data);
-            self.fan_out(&j.topic, &codec::encode_frame(OpCode::Text, &json));
+        if let Some(frame) = event {
+            self.fan_out(&topic, &frame);
         }
         if let Some(client) = join_leave {
-            self.fan_out_join_leave(&j.topic, true, client);
+            self.fan_out_join_leave(&topic, true, client);
         }
-        self.release_owned(&j.topic);
+        self.release_owned(&topic);
     }
 
     /// Connection `conn` left a topic this shard owns (or replaced its subscription): its shard
@@ -239,13 +288,16 @@ impl<T: Transport> Shard<T> {
         interest_off: bool,
         user: Option<&str>,
         group: Option<(&str, u32)>,
+        clock: Clock,
     ) {
         let shard = conn.shard();
         if interest_off {
             self.owner.set_interest(topic, shard, false);
+            self.withdraw_if_idle(topic, clock);
         }
         if let Some((group, members)) = group {
             self.owner.leave_group(topic, group, shard, members);
+            self.withdraw_group_if_idle(topic, group, clock);
         }
         if user.is_some()
             && let Some(client) = self.owner.client_leave(topic, conn)

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::cluster::Origin;
 use super::{Shard, Transport};
 use crate::centrifuge::proto::ClientInfo;
 use crate::conn::ConnId;
@@ -26,7 +27,7 @@ impl<T: Transport> Shard<T> {
     ) -> bool {
         let owner = self.topics.owner_of(topic);
         if owner == self.me {
-            self.sequence(topic, &body, ack, clock);
+            self.sequence(topic, &body, ack, Origin::Here, clock);
             return true;
         }
         let m = FabricMsg::Publish {

@@ -167,7 +167,7 @@ impl<T: Transport> Shard<T> {
             ack.succeeded.push(topic);
         }
         for (topic, delta) in leaves {
-            self.announce_leave(&topic, conn, &delta, Some(&user));
+            self.announce_leave(&topic, conn, &delta, Some(&user), clock);
         }
         if ack.remaining == 0 {
             self.send_ack(key, ack, clock);
@@ -229,7 +229,7 @@ impl<T: Transport> Shard<T> {
             });
             if live && still_there {
                 // No presence leave: the owner never counted this connection.
-                self.drop_subscription(key, &topic, None);
+                self.drop_subscription(key, &topic, None, clock);
             }
             if let Some(p) = self.acks.by_request.get_mut(&request) {
                 p.succeeded.retain(|t| **t != *topic);
@@ -264,7 +264,7 @@ impl<T: Transport> Shard<T> {
             }
             if r.refused.is_some() && still_in_group {
                 // No presence leave: the owner never counted this connection.
-                self.drop_subscription(key, &r.topic, None);
+                self.drop_subscription(key, &r.topic, None, clock);
             } else if let Some(info) = &mut r.recovery {
                 let slot = self.conns.get_mut(key as usize).expect("checked");
                 let limits = &self.run.cfg().limits;
@@ -349,16 +349,22 @@ impl<T: Transport> Shard<T> {
             return;
         };
         for topic in &topics {
-            self.drop_subscription(key, topic, Some(&user));
+            self.drop_subscription(key, topic, Some(&user), clock);
         }
         self.with_conn(key, clock, |c, cx| c.unsubscribed(&topics, cx));
     }
 
     /// Connection `conn` left the live phase: it is no longer a subscriber anywhere.
-    pub(super) fn leave_all(&mut self, conn: ConnId, subs: Vec<Arc<str>>, user: Option<&str>) {
+    pub(super) fn leave_all(
+        &mut self,
+        conn: ConnId,
+        subs: Vec<Arc<str>>,
+        user: Option<&str>,
+        clock: Clock,
+    ) {
         for topic in subs {
             let delta = self.topics.unsubscribe(&topic, conn.key());
-            self.announce_leave(&topic, conn, &delta, user);
+            self.announce_leave(&topic, conn, &delta, user, clock);
         }
     }
 
@@ -369,6 +375,7 @@ impl<T: Transport> Shard<T> {
         key: ConnKey,
         topic: &str,
         user: Option<&str>,
+        clock: Clock,
     ) -> bool {
         let Some(slot) = self.conns.get_mut(key as usize) else {
             return false;
@@ -386,7 +393,7 @@ impl<T: Transport> Shard<T> {
         subs.swap_remove(i);
         recovering.retain(|t| **t != *topic);
         let delta = self.topics.unsubscribe(topic, key);
-        self.announce_leave(topic, conn, &delta, user);
+        self.announce_leave(topic, conn, &delta, user, clock);
         true
     }
 
@@ -394,7 +401,14 @@ impl<T: Transport> Shard<T> {
     /// interest, a presence member (`user`, for a connection that was a plain subscriber), a
     /// queue group's members on this shard. The owner answers a presence departure
     /// (`presence_events`).
-    fn announce_leave(&mut self, topic: &str, conn: ConnId, delta: &Delta, user: Option<&str>) {
+    fn announce_leave(
+        &mut self,
+        topic: &str,
+        conn: ConnId,
+        delta: &Delta,
+        user: Option<&str>,
+        clock: Clock,
+    ) {
         let interest_off = delta.interest == Some(false);
         let user = user.filter(|_| self.run.cfg().presence.enabled && delta.plain == Some(false));
         let (group, group_members) = match &delta.left_group {
@@ -406,9 +420,10 @@ impl<T: Transport> Shard<T> {
             self.await_presence_left(conn);
         }
         if owner == self.me {
-            if user.is_some() || group.is_some() {
+            // `interest_off` here only in a cluster, where the owner counts its own interest.
+            if interest_off || user.is_some() || group.is_some() {
                 let group = group.map(|g| (&**g, group_members));
-                self.handle_leave(topic, conn, false, user, group);
+                self.handle_leave(topic, conn, interest_off, user, group, clock);
             }
             // Its connections here may have been all that kept the owner's entry.
             self.release_owned(topic);

@@ -32,7 +32,7 @@ use wse_shards::admission::Admission;
 use wse_shards::codec::{Decoder, Message, OpCode, Role, write_frame};
 use wse_shards::config::Config;
 use wse_shards::conn::ConnKey;
-use wse_shards::fabric::{self, Endpoint};
+use wse_shards::fabric::{self, Endpoint, FabricMsg, Sent};
 use wse_shards::metrics::ShardMetrics;
 use wse_shards::protocol::Clock;
 use wse_shards::shard::{Shard, Shared, Transport};
@@ -228,9 +228,11 @@ pub struct Engine {
     shards: Vec<Shard<FakeSocket>>,
     /// Per shard: keys whose socket answered `WouldBlock` (the runtime's `wait_writable` tasks).
     blocked: Vec<Vec<ConnKey>>,
-    /// The control plane's end of the fabric (and the cluster core's, unused, as in `Server`).
+    /// The control plane's end of the fabric, unused.
     _control: Endpoint,
-    _cluster: Endpoint,
+    /// The cluster core's end: tests play the core ([`Engine::cluster_receive`],
+    /// [`Engine::cluster_send`]).
+    cluster: Endpoint,
     shared: Arc<Shared>,
     clock: Clock,
     clients: Vec<ClientState>,
@@ -277,11 +279,25 @@ impl Engine {
             blocked: vec![Vec::new(); shards.len()],
             shards,
             _control: control,
-            _cluster: cluster,
+            cluster,
             shared,
             clock,
             clients: Vec::new(),
         }
+    }
+
+    /// What the shards sent the cluster core since the last call: (shard, entry).
+    pub fn cluster_receive(&mut self) -> Vec<(usize, FabricMsg)> {
+        let mut got = Vec::new();
+        self.cluster
+            .receive(usize::MAX, |from, m| got.push((from, m)));
+        got
+    }
+
+    /// Sends `m` from the cluster core to shard `to` (flushed at once).
+    pub fn cluster_send(&mut self, to: usize, m: FabricMsg) {
+        assert_eq!(self.cluster.send(to, m), Sent::Queued);
+        self.cluster.flush();
     }
 
     /// The virtual clock.

@@ -13,6 +13,7 @@
 
 mod behaviours;
 mod centrifuge;
+mod cluster;
 mod harness;
 mod interleavings;
 
