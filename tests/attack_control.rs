@@ -19,9 +19,12 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wse_client::{Client, Connector};
 
-/// Messages in each flood: 150 MiB sent, several times every byte budget it attacks. Counted,
-/// not timed, so a slow machine floods as hard as a fast one.
-const FLOOD_MESSAGES: u32 = 150;
+/// Messages in each flood: 64 MiB sent, ~220 MB once converted to events (a `raw` one is six
+/// times its size), seven times the largest byte budget it attacks (the webhook's 32 MiB). Before
+/// the budgets, 150 messages grew the server by 750 MiB to 1 GiB: these ~320 MiB or more, over
+/// three times [`RSS_GROWTH_MAX`]. Counted, not timed, so a slow machine floods as hard as a fast
+/// one.
+const FLOOD_MESSAGES: u32 = 64;
 /// After the flood, the last publications must have arrived within this.
 const SETTLE_MAX: Duration = Duration::from_secs(5);
 /// The server's RSS may grow by at most this much during a flood. What the defaults let it hold

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{Wse, close_code, raw_upgrade, read_to_end, rss_bytes, server_frames, token_signed};
+use support::{
+    Wse, close_code, frames_until_close, raw_upgrade, rss_bytes, server_frames, token_signed,
+};
 use wse_shards::Config;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -342,7 +344,7 @@ fn sighup_rotates_the_jwt_key() {
     );
     assert!(!authenticates(wse.ws, &a), "the previous key is gone");
     let (mut s, _) = raw_upgrade(wse.ws, "/wse", &format!("Authorization: Bearer {b}\r\n"));
-    let frames = server_frames(&read_to_end(&mut s, Duration::from_secs(10)));
+    let frames = frames_until_close(&mut s, Duration::from_secs(10));
     assert_eq!(
         close_code(&frames),
         Some(4408),

@@ -1,6 +1,6 @@
-//! Wire compatibility with the published Python client (`wse-client==2.5.1` from PyPI, run
+//! Wire compatibility with the published Python client (`wse-client==2.5.1` from PyPI, its code
 //! unmodified): connect with a JWT, subscribe, receive publications, and stay connected past its
-//! 40 s liveness watchdog without a reconnect.
+//! liveness watchdog without a reconnect.
 
 mod support;
 
@@ -12,20 +12,35 @@ use std::time::Duration;
 use serde_json::json;
 use support::{Wse, for_each_line, token, venv_python};
 
-/// Longer than the client's 40 s watchdog.
-const STAY_SECONDS: &str = "46";
+/// The client's heartbeat (a ping every 15 s, a reconnect after 40 s without a pong or a server
+/// ping) and the server's (a ping every 5 s here, a close after its default 60 s without a frame)
+/// run this many times faster, so that staying past the watchdog takes seconds, not a minute; the
+/// ratios between them, and the code on both sides, are as deployed.
+const WATCHDOG_SCALE: &str = "10";
+/// Longer than the client's scaled 4 s watchdog plus one 1.5 s turn of its heartbeat loop, which
+/// is when it checks.
+const STAY_SECONDS: &str = "6";
 
 #[tokio::test]
 async fn published_python_client_subscribes_receives_and_stays_connected() {
     let python = venv_python();
-    // Ping well inside the client's watchdog; everything else as deployed.
-    let wse = Wse::start(&["--cores", "2", "--ping-interval", "5s"]);
+    // The server's ping (5 s here) and idle timeout (its default 60 s), scaled like the
+    // client's; everything else as deployed.
+    let wse = Wse::start(&[
+        "--cores",
+        "2",
+        "--ping-interval",
+        "500ms",
+        "--idle-timeout",
+        "6s",
+    ]);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/compat.py");
     let mut child = Command::new(python)
         .arg(script)
         .arg(wse.url())
         .arg(token("py-user", json!({})))
         .arg(STAY_SECONDS)
+        .arg(WATCHDOG_SCALE)
         .env("PYTHONUNBUFFERED", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

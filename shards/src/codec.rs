@@ -318,8 +318,11 @@ impl Decoder {
             scratch[..held].copy_from_slice(&state.carry.bytes[..held]);
             let offset = start + i * PARTIAL_CHUNK_BYTES;
             let dst = &mut scratch[held..held + chunk.len()];
-            for (j, (d, s)) in dst.iter_mut().zip(chunk).enumerate() {
-                *d = s ^ header.mask.map_or(0, |k| k[(offset + j) % MASK_KEY_BYTES]);
+            dst.copy_from_slice(chunk);
+            if let Some(mut key) = header.mask {
+                // The chunk starts at key offset `offset % 4`: the key as seen from there.
+                key.rotate_left(offset % MASK_KEY_BYTES);
+                apply_mask(dst, key);
             }
             state
                 .carry

@@ -1,6 +1,10 @@
-"""Drives wse-server with the published Python wse-client (2.5.1), unmodified.
+"""Drives wse-server with the published Python wse-client (2.5.1), its code unmodified.
 
-Usage: compat.py URL TOKEN STAY_SECONDS
+Usage: compat.py URL TOKEN STAY_SECONDS WATCHDOG_SCALE
+
+The client's heartbeat timing (a ping every 15 s, a reconnect once 40 s pass without a pong or a
+server ping) is divided by WATCHDOG_SCALE, so that staying past the watchdog takes seconds; the
+code that pings, counts and reconnects is the client's own.
 
 Protocol with the test that runs it (lines on stdout):
   READY <connection_id>   connected and server_ready seen
@@ -17,8 +21,12 @@ import json
 import sys
 import time
 
+import wse_client.connection
 from acks import SubscriptionAcks
 from wse_client import AsyncWSEClient
+
+# The published values, read by wse_client.connection's heartbeat loop at each turn.
+PUBLISHED_HEARTBEAT = (15.0, 40.0)
 
 
 def say(*parts):
@@ -36,6 +44,15 @@ async def wait_for_event(client, event_type, timeout):
             return event
 
 
+def scale_watchdog(scale):
+    conn = wse_client.connection
+    found = (conn.HEARTBEAT_INTERVAL, conn.IDLE_TIMEOUT)
+    if found != PUBLISHED_HEARTBEAT:
+        raise RuntimeError(f"heartbeat/idle timeout {found}, expected {PUBLISHED_HEARTBEAT}")
+    conn.HEARTBEAT_INTERVAL = found[0] / scale
+    conn.IDLE_TIMEOUT = found[1] / scale
+
+
 async def main(url, token, stay):
     acks = SubscriptionAcks()
     async with AsyncWSEClient(url, token=token) as client:
@@ -51,7 +68,7 @@ async def main(url, token, stay):
         say("SUBSCRIBED")
         ev = await wait_for_event(client, "headline", 20)
         say("GOT headline", json.dumps(ev.payload))
-        # Stay connected well past the client's 40 s liveness watchdog.
+        # Stay connected past the client's (scaled) liveness watchdog.
         start = time.monotonic()
         while time.monotonic() - start < stay:
             try:
@@ -69,6 +86,7 @@ async def main(url, token, stay):
 
 if __name__ == "__main__":
     try:
+        scale_watchdog(float(sys.argv[4]))
         asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
     except Exception as exc:  # report, then fail the test
         print(f"compat.py: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -388,6 +388,28 @@ pub fn read_to_end(s: &mut std::net::TcpStream, timeout: Duration) -> Vec<u8> {
     out
 }
 
+/// The server frames on `s` up to its close frame, or what came before EOF or `timeout`. Stops at
+/// the close frame rather than EOF: the server ends the TCP connection only once the peer answers
+/// the close or its close timeout passes (5 s by default).
+pub fn frames_until_close(s: &mut std::net::TcpStream, timeout: Duration) -> Vec<(u8, Vec<u8>)> {
+    let deadline = Instant::now() + timeout;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        let frames = server_frames(&bytes);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if close_code(&frames).is_some() || left.is_zero() {
+            return frames;
+        }
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return server_frames(&bytes),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Decodes the server frames in `bytes` (unmasked); returns (opcode, payload) pairs.
 pub fn server_frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
