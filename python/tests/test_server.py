@@ -383,16 +383,21 @@ def test_subscribe_with_recovery(make_server) -> None:
     srv, url = make_server(recovery_enabled=True)
 
     async def go() -> None:
-        async with websockets.connect(url) as ws:
+        async with websockets.connect(url) as ws, websockets.connect(url) as watcher:
             conn = wait_connect(srv)
+            watching = wait_connect(srv)
             plain = srv.subscribe_with_recovery(conn, ["prices"])
             assert plain == {"recovered": False, "topics": {"prices": {
                 "epoch": None, "offset": 0, "recoverable": False, "recovered": False, "count": 0}}}
+            srv.subscribe_connection(watching, ["prices"])
             srv.broadcast("prices", '{"t":"p","p":{"v":1}}')
             first = await recv_json(ws, lambda m: m.get("t") == "p")
             srv.unsubscribe_connection(conn)
             srv.broadcast("prices", '{"t":"p","p":{"v":2}}')
             srv.broadcast("prices", '{"t":"p","p":{"v":3}}')
+            # A broadcast is sequenced by the topic's owner after the call returns: once the
+            # watcher has v3, both are in the history the recovery reads.
+            await recv_json(watcher, lambda m: m.get("t") == "p" and m["p"].get("v") == 3)
             res = srv.subscribe_with_recovery(conn, ["prices"], recover=True,
                                               epoch=first.get("e"), offset=first.get("o"))
             info = res["topics"]["prices"]
