@@ -240,7 +240,8 @@ impl Conn {
     }
 
     /// Reads until the Centrifuge replies to commands `first..first + n` all arrived (in any
-    /// order; messages in between are skipped), or one of them is an error.
+    /// order), or one of them is an error. Other messages before them are dropped: nothing is
+    /// published to a connection before it is ready.
     async fn await_replies(
         &mut self,
         format: centrifuge::Format,
@@ -250,7 +251,7 @@ impl Conn {
         let mut got = 0u32;
         let mut error = None;
         loop {
-            // Never breaks: a message may hold several replies and pushes, and none may be lost.
+            // Never breaks: one message may hold several of the awaited replies.
             self.decode(&mut |m| {
                 if let Some(head) = format.reply_head(m)
                     && (first..first + n).contains(&head.id)
