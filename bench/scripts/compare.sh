@@ -26,7 +26,14 @@
 #                latency-10k, fanout, fanout-max), compared as b/a = wse-server / floor;
 #                `wse-py` adds upstream's launcher (wse_upstream_server.py, unchanged) on our
 #                package (`pip install ./python`, release build, in target/py-pkg-release;
-#                WSE_CORES=1 like the binary's --cores 1)
+#                WSE_CORES=1 like the binary's --cores 1); `cf` / `cf-pb` run wse-server with
+#                Centrifuge clients (wse-bench --protocol centrifuge, JSON / protobuf) for
+#                connect-storm, hold and the fan-out scenarios, compared as b/a =
+#                Centrifuge / WSE on the same server: TARGETS="wse cf" (the fan-out's publishers
+#                stay WSE connections, so both are fed through the same path). With a cf
+#                target, wse-server (for wse too, so the flags stay identical) gets
+#                --centrifuge-namespaces allowing clients to subscribe to the channels
+#                without a namespace
 #   SCENARIOS    which scenarios [connect-storm hold latency-1k latency-10k fanout-max ping]
 #                (also: fanout, inbound, recovery). latency-1k / latency-10k: fanout at a fixed 50,000
 #                deliveries/s to 1,000 / 9,900 subscribers of one topic (50 and 5 publications/s);
@@ -93,6 +100,8 @@ if [[ -z ${PEERS_DIR:-} ]]; then
     PEERS_DIR=$ROOT/../shared/peers
     [[ -f $PEERS_DIR/wse_upstream_server.py ]] || PEERS_DIR=/work/shared/peers
 fi
+# Centrifuge clients may subscribe to the benchmark's channels (`bench.0`: no namespace).
+CF_NAMESPACES='[{"name":"","allow_subscribe_for_client":true}]'
 WS_PORT=${WS_PORT:-5407}
 CONTROL_PORT=${CONTROL_PORT:-5408}
 
@@ -138,8 +147,10 @@ start_server() {
     local target=$1 tag=$2
     SERVER_LOG=$OUT/logs/$tag.server.log
     METRICS_URL=""
+    local -a cf_args=()
+    [[ " $TARGETS " == *" cf"* ]] && cf_args=(--centrifuge-namespaces "$CF_NAMESPACES")
     case $target in
-        wse | base)
+        wse | base | cf | cf-pb)
             local bin=$ROOT/target/release/wse-server
             [[ $target == base ]] && bin=$BASE_SERVER
             if [[ $target == wse && $WSE_SERVER == engine ]]; then
@@ -150,7 +161,7 @@ start_server() {
                 taskset -c "$SERVER_CPU" "$bin" \
                     --cores 1 --listen "127.0.0.1:$WS_PORT" --control-listen "127.0.0.1:$CONTROL_PORT" \
                     --auth-enabled true --auth-secret "$SECRET" --idle-timeout 3600s ${WSE_ARGS:-} \
-                    ${SCENARIO_WSE_ARGS:-} \
+                    ${SCENARIO_WSE_ARGS:-} "${cf_args[@]}" \
                     >"$SERVER_LOG" 2>&1 &
             fi
             METRICS_URL=http://127.0.0.1:$CONTROL_PORT/metrics
@@ -170,9 +181,17 @@ start_server() {
     wait_listening "$WS_PORT"
 }
 
-# Whether scenario $1 runs on target $2: the floor has only the fan-out scenarios.
+# Whether scenario $1 runs on target $2: the floor has only the fan-out scenarios, the
+# Centrifuge targets connect-storm, hold and the fan-out scenarios.
 applies() {
-    [[ $2 != floor ]] || [[ $1 == latency-1k || $1 == latency-10k || $1 == fanout || $1 == fanout-max ]]
+    case $2 in
+        floor) [[ $1 == latency-1k || $1 == latency-10k || $1 == fanout || $1 == fanout-max ]] ;;
+        cf | cf-pb)
+            [[ $1 == connect-storm || $1 == hold || $1 == latency-1k || $1 == latency-10k ||
+                $1 == fanout || $1 == fanout-max ]]
+            ;;
+        *) true ;;
+    esac
 }
 
 # Runs scenario $1 against target $2 (repeat $3).
@@ -220,10 +239,14 @@ run_one() {
     else
         start_server "$target" "$tag"
         log "$tag (server pid $SERVER_PID)"
-        # The base is a wse-server too: same client dialect.
+        # The base and the Centrifuge targets are a wse-server too.
         local dialect=$target
-        [[ $target == base ]] && dialect=wse
+        [[ $target == base || $target == cf || $target == cf-pb ]] && dialect=wse
         where=(--url "$URL" --target "$dialect" --server-pid "$SERVER_PID")
+        case $target in
+            cf) where+=(--protocol centrifuge) ;;
+            cf-pb) where+=(--protocol centrifuge --centrifuge-format protobuf) ;;
+        esac
     fi
     # Rotating source addresses avoids TIME_WAIT collisions between back-to-back runs.
     if ! taskset -c "$BENCH_CPU" "$BENCH" "${args[@]}" "${where[@]}" \
@@ -286,7 +309,8 @@ main() {
         local compared=0
         for pair in "floor wse wse-server / floor" "base wse wse-server / base" \
             "upstream wse wse-server / upstream" "upstream wse-py wse-py / upstream" \
-            "wse wse-py wse-py / wse-server"; do
+            "wse wse-py wse-py / wse-server" "wse cf centrifuge-json / wse" \
+            "wse cf-pb centrifuge-protobuf / wse"; do
             read -r a b label <<<"$pair"
             [[ -f $OUT/median/$scenario-$a.json && -f $OUT/median/$scenario-$b.json ]] || continue
             echo

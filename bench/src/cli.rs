@@ -171,12 +171,34 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             common,
             args,
             floor,
-        } => scenarios::floor::run(common, &args, &floor)?,
-        Command::Ping { common, args } => scenarios::ping::run(&Setup::new(common)?, &args),
-        Command::Inbound { common, args } => scenarios::inbound::run(&Setup::new(common)?, &args),
-        Command::Recovery { common, args } => scenarios::recovery::run(&Setup::new(common)?, &args),
+        } => {
+            wse_only(&common, "floor")?;
+            scenarios::floor::run(common, &args, &floor)?
+        }
+        Command::Ping { common, args } => {
+            wse_only(&common, "ping")?;
+            scenarios::ping::run(&Setup::new(common)?, &args)
+        }
+        Command::Inbound { common, args } => {
+            wse_only(&common, "inbound")?;
+            scenarios::inbound::run(&Setup::new(common)?, &args)
+        }
+        Command::Recovery { common, args } => {
+            wse_only(&common, "recovery")?;
+            scenarios::recovery::run(&Setup::new(common)?, &args)
+        }
     };
     Ok(Outcome::Report(Box::new(report)))
+}
+
+/// Refuses `--protocol centrifuge` for a scenario that speaks WSE only.
+fn wse_only(common: &scenarios::Common, scenario: &str) -> anyhow::Result<()> {
+    if common.protocol != scenarios::Protocol::Wse {
+        anyhow::bail!(
+            "{scenario} speaks WSE only: --protocol centrifuge runs connect-storm, hold and fanout"
+        );
+    }
+    Ok(())
 }
 
 /// Parses `argv` (including the program name) and runs it; for tests.

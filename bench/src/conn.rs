@@ -1,9 +1,11 @@
 //! One lean client connection: raw tokio `TcpStream`, the engine's RFC 6455 codec, and the WSE
-//! handshake. Thousands of these run as tasks on each load-generator thread.
+//! handshake, or the Centrifuge one ([`Dialect::Centrifuge`]: the upgrade, then `connect` with
+//! the token). Thousands of these run as tasks on each load-generator thread.
 //!
 //! Owns: the upgrade request, frame decoding (allocation-free for unfragmented frames: messages
 //! are borrowed from the read buffer), the automatic answers a real client gives (WebSocket Pong
-//! to Ping, the Python client's `PONG` to the server's JSON `ping`), `C:` zlib inflation of
+//! to Ping, the Python client's `PONG` to the server's JSON `ping`, `{}` to a Centrifuge server's
+//! `{}`), the split of a Centrifuge message into its replies and pushes, `C:` zlib inflation of
 //! per-connection sends, and outgoing frame batching (`queue_*` then one `flush`).
 //!
 //! Never: interprets application messages beyond their type; scenarios do that in the callback
@@ -27,6 +29,7 @@ use tokio::net::TcpStream;
 use wse_shards::codec::{Decoder, Message, OpCode, Role, write_frame};
 use wse_shards::handshake::accept_key;
 
+use crate::centrifuge::{self, Item};
 use crate::sys;
 use crate::wire;
 
@@ -85,11 +88,22 @@ impl Target {
     }
 }
 
-/// One connection's destination and source address.
+/// The client protocol a connection speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// WSE: `server_ready`, `client_hello`, `subscription_update`.
+    #[default]
+    Wse,
+    /// The Centrifuge client protocol v2 in this encoding: `connect`, `subscribe`.
+    Centrifuge(centrifuge::Format),
+}
+
+/// One connection's destination, source address and protocol.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pub target: Arc<Target>,
     pub source: Option<IpAddr>,
+    pub dialect: Dialect,
 }
 
 /// Why a connection failed or ended. `kind()` names the tally it is counted in.
@@ -134,9 +148,15 @@ fn io_kind(e: &io::Error) -> String {
     }
 }
 
-/// An open WebSocket connection past `server_ready`.
+/// The id of a Centrifuge connection's `connect` command; its subscribes follow.
+const CENTRIFUGE_CONNECT_ID: u32 = 1;
+
+/// An open WebSocket connection past `server_ready` (WSE) or the `connect` reply (Centrifuge).
 pub struct Conn {
     stream: TcpStream,
+    dialect: Dialect,
+    /// The next Centrifuge command id.
+    next_id: u32,
     /// Received bytes; `rbuf[..filled]` is not yet decoded (at most one partial frame after a
     /// decode pass).
     rbuf: Vec<u8>,
@@ -155,11 +175,12 @@ pub struct Conn {
 
 impl Conn {
     /// Opens TCP, upgrades with `token` (sent as the Python client does: `access_token` cookie
-    /// and `Authorization: Bearer`), and waits for `server_ready`.
+    /// and `Authorization: Bearer`), and waits for `server_ready`. A Centrifuge connection
+    /// upgrades without the token, sends it in `connect` and waits for the reply.
     ///
     /// # Errors
     /// Any failure, or `timeout` exceeded; an `error` message before `server_ready` (e.g.
-    /// `AUTH_FAILED`) is [`ConnError::Server`].
+    /// `AUTH_FAILED`) or an error reply to `connect` (its code) is [`ConnError::Server`].
     pub async fn open(
         ep: &Endpoint,
         token: &str,
@@ -177,6 +198,8 @@ impl Conn {
             .map_err(ConnError::Connect)?;
         let mut conn = Conn {
             stream,
+            dialect: ep.dialect,
+            next_id: CENTRIFUGE_CONNECT_ID,
             rbuf: vec![0; read_buf.max(512)],
             filled: 0,
             decoder: Decoder::new(Role::Client),
@@ -187,19 +210,91 @@ impl Conn {
             closed: None,
         };
         conn.upgrade(&ep.target, token).await?;
-        let ready = conn
-            .wait_for(|m| is_type(m, b"server_ready"), |_| {})
-            .await?;
-        debug_assert!(is_type(&ready, b"server_ready"));
+        match conn.dialect {
+            Dialect::Wse => {
+                let ready = conn
+                    .wait_for(|m| is_type(m, b"server_ready"), |_| {})
+                    .await?;
+                debug_assert!(is_type(&ready, b"server_ready"));
+            }
+            Dialect::Centrifuge(format) => {
+                let id = conn.take_ids(1);
+                conn.queue_message(&format.connect(id, token));
+                conn.flush().await?;
+                conn.await_replies(format, id, 1)
+                    .await
+                    .map_err(|e| match e {
+                        ReplyFailure::Conn(e) => e,
+                        ReplyFailure::Error(code) => ConnError::Server(code.to_string()),
+                    })?;
+            }
+        }
         Ok(conn)
+    }
+
+    /// Reserves `n` consecutive Centrifuge command ids; returns the first.
+    fn take_ids(&mut self, n: u32) -> u32 {
+        let first = self.next_id;
+        self.next_id += n;
+        first
+    }
+
+    /// Reads until the Centrifuge replies to commands `first..first + n` all arrived (in any
+    /// order), or one of them is an error. Other messages before them are dropped: nothing is
+    /// published to a connection before it is ready.
+    async fn await_replies(
+        &mut self,
+        format: centrifuge::Format,
+        first: u32,
+        n: u32,
+    ) -> Result<(), ReplyFailure> {
+        let mut got = 0u32;
+        let mut error = None;
+        loop {
+            // Never breaks: one message may hold several of the awaited replies.
+            self.decode(&mut |m| {
+                if let Some(head) = format.reply_head(m)
+                    && (first..first + n).contains(&head.id)
+                {
+                    match head.error {
+                        Some(code) => error = error.or(Some(code)),
+                        None => got += 1,
+                    }
+                }
+                ControlFlow::Continue(())
+            })
+            .map_err(ReplyFailure::Conn)?;
+            self.flush()
+                .await
+                .map_err(|e| ReplyFailure::Conn(e.into()))?;
+            if let Some(code) = error {
+                return Err(ReplyFailure::Error(code));
+            }
+            if got >= n {
+                return Ok(());
+            }
+            if let Some(code) = self.closed {
+                return Err(ReplyFailure::Conn(ConnError::Closed(code)));
+            }
+            self.read_more().await.map_err(ReplyFailure::Conn)?;
+        }
     }
 
     async fn upgrade(&mut self, target: &Target, token: &str) -> Result<(), ConnError> {
         let key = BASE64.encode(rand::random::<[u8; 16]>());
+        // Centrifuge clients send the token in `connect`, and name the protobuf subprotocol.
+        let extra = match self.dialect {
+            Dialect::Wse => {
+                format!("Cookie: access_token={token}\r\nAuthorization: Bearer {token}\r\n")
+            }
+            Dialect::Centrifuge(f) => f
+                .subprotocol()
+                .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+                .unwrap_or_default(),
+        };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-             Cookie: access_token={token}\r\nAuthorization: Bearer {token}\r\n\r\n",
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
             path = target.path,
             host = target.host,
         );
@@ -236,6 +331,10 @@ impl Conn {
     /// # Errors
     /// Connection failure, or an `error` message instead of the answer.
     pub async fn hello(&mut self) -> Result<(), ConnError> {
+        // Centrifuge has no hello: `connect` was the whole handshake.
+        if self.dialect != Dialect::Wse {
+            return Ok(());
+        }
         self.queue_text(&wire::client_hello());
         self.flush().await?;
         self.wait_for(|m| is_type(m, b"server_hello"), |_| {})
@@ -249,6 +348,22 @@ impl Conn {
     /// # Errors
     /// Connection failure, an `error` message, or `success` not true.
     pub async fn subscribe(&mut self, topics: &[String]) -> Result<(), ConnError> {
+        if let Dialect::Centrifuge(format) = self.dialect {
+            let n = u32::try_from(topics.len())
+                .map_err(|_| ConnError::Protocol("too many channels".into()))?;
+            let first = self.take_ids(n);
+            self.queue_message(&format.subscribe(first, topics));
+            self.flush().await?;
+            return self
+                .await_replies(format, first, n)
+                .await
+                .map_err(|e| match e {
+                    ReplyFailure::Conn(e) => e,
+                    ReplyFailure::Error(code) => {
+                        ConnError::Protocol(format!("subscription refused: error {code}"))
+                    }
+                });
+        }
         self.subscribe_with(&wire::subscribe(topics), |_| {})
             .await
             .map(drop)
@@ -347,6 +462,17 @@ impl Conn {
         write_frame(&mut self.wbuf, OpCode::Text, true, payload, Some(mask));
     }
 
+    /// Queues one message in the connection's own frame type: binary for Centrifuge protobuf,
+    /// text otherwise.
+    pub fn queue_message(&mut self, payload: &[u8]) {
+        let mask = self.next_mask();
+        let op = match self.dialect {
+            Dialect::Centrifuge(f) if f.binary() => OpCode::Binary,
+            _ => OpCode::Text,
+        };
+        write_frame(&mut self.wbuf, op, true, payload, Some(mask));
+    }
+
     /// Bytes queued and not yet flushed.
     pub fn queued(&self) -> usize {
         self.wbuf.len()
@@ -431,6 +557,7 @@ impl Conn {
         on_message: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), ConnError> {
         let Conn {
+            dialect,
             rbuf,
             filled,
             decoder,
@@ -444,6 +571,49 @@ impl Conn {
         let mut failure = None;
         let consumed = decoder
             .decode(&mut rbuf[..*filled], MESSAGE_MAX, |msg| {
+                if let Dialect::Centrifuge(format) = *dialect {
+                    let data: &[u8] = match msg {
+                        Message::Text(t) => t.as_bytes(),
+                        Message::Binary(b) => b,
+                        Message::Ping(p) => {
+                            write_frame(wbuf, OpCode::Pong, true, p, Some(next_mask(mask_state)));
+                            return ControlFlow::Continue(());
+                        }
+                        Message::Pong(_) => return ControlFlow::Continue(()),
+                        Message::Close(frame) => {
+                            *closed = Some(frame.map(|f| f.code));
+                            return ControlFlow::Break(());
+                        }
+                    };
+                    let op = if format.binary() {
+                        OpCode::Binary
+                    } else {
+                        OpCode::Text
+                    };
+                    // Every item of the message is handed out, even after a break: the
+                    // decoder has consumed the whole frame.
+                    let mut flow = ControlFlow::Continue(());
+                    let split = format.for_each(data, |item| {
+                        match item {
+                            Item::Ping => {
+                                let mask = Some(next_mask(mask_state));
+                                write_frame(wbuf, op, true, format.pong(), mask);
+                                *pings_answered += 1;
+                            }
+                            Item::Message(m) => {
+                                if on_message(m).is_break() {
+                                    flow = ControlFlow::Break(());
+                                }
+                            }
+                        }
+                        ControlFlow::Continue(())
+                    });
+                    if let Err(e) = split {
+                        failure = Some(ConnError::Protocol(e));
+                        return ControlFlow::Break(());
+                    }
+                    return flow;
+                }
                 let json: &[u8] = match msg {
                     Message::Text(t) => t.as_bytes(),
                     Message::Binary(b) => match b.strip_prefix(b"C:") {
@@ -487,6 +657,13 @@ impl Conn {
     fn next_mask(&mut self) -> [u8; 4] {
         next_mask(&mut self.mask_state)
     }
+}
+
+/// Why the replies a Centrifuge connection waited for did not all come.
+enum ReplyFailure {
+    Conn(ConnError),
+    /// One of them was an error reply with this code.
+    Error(u32),
 }
 
 /// The sending half of a connection in blocking mode.

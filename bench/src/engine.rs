@@ -12,7 +12,8 @@ use wse_shards::Config;
 use wse_shards::metrics::ShardMetrics;
 
 /// A benchmark configuration: HS256 auth with `secret`, `cores` shards, no control plane,
-/// long idle timeout (the load generator answers pings, but a run must not depend on it).
+/// long idle timeout (the load generator answers pings, but a run must not depend on it), and
+/// Centrifuge clients allowed to subscribe to the benchmark's channels.
 pub fn config(listen: std::net::SocketAddr, cores: usize, secret: &str) -> Config {
     let mut cfg = Config::default();
     cfg.server.listen = listen;
@@ -22,7 +23,20 @@ pub fn config(listen: std::net::SocketAddr, cores: usize, secret: &str) -> Confi
     cfg.auth.enabled = true;
     cfg.auth.secret = Some(secret.to_owned());
     cfg.protocol.idle_timeout = Duration::from_secs(3600);
+    cfg.centrifuge.namespaces = vec![bench_namespace()];
     cfg
+}
+
+/// The Centrifuge namespace the benchmark's channels (`bench.0`, `hold.0`: no `:`, so the
+/// namespace `""`) need: clients may subscribe, nothing else (no history, no presence), so a
+/// Centrifuge subscriber costs the server what a WSE one does. The binary gets the same with
+/// `--centrifuge-namespaces '[{"name":"","allow_subscribe_for_client":true}]'`.
+pub fn bench_namespace() -> wse_shards::centrifuge::NamespaceConfig {
+    wse_shards::centrifuge::NamespaceConfig {
+        name: String::new(),
+        allow_subscribe_for_client: true,
+        ..Default::default()
+    }
 }
 
 /// Serves `GET /metrics` (any path, in fact) on `listener` from a thread of its own, with the

@@ -2,7 +2,8 @@
 //! the harness opens connections, measures, and reports sane figures. Each test gets a fresh
 //! server so one scenario's connections cannot affect another's figures. The distributed path
 //! runs two agents in-process on loopback, driven by a controller in the same process.
-//! The whole file stays under 10 s (tests run in parallel).
+//! The Centrifuge tests run connect-storm, hold and fanout with `--protocol centrifuge`, JSON and
+//! protobuf. The whole file stays under 10 s (tests run in parallel).
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -170,6 +171,130 @@ fn assert_small_fanout_complete(r: &Report) {
     // deliveries would make it NaN).
     let cpu = num(r, "server_cpu_s_per_million_deliveries");
     assert!(cpu.is_finite() && cpu >= 0.0, "{cpu}");
+}
+
+/// Centrifuge connections in `format` (`json`, `protobuf`): `extra` plus `--protocol centrifuge`.
+fn centrifuge_args<'a>(format: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec!["--protocol", "centrifuge", "--centrifuge-format", format];
+    argv.extend_from_slice(extra);
+    argv
+}
+
+#[test]
+fn centrifuge_connect_storm_opens_every_connection() {
+    for format in ["json", "protobuf"] {
+        let s = server();
+        let r = run(
+            &s,
+            "connect-storm",
+            &centrifuge_args(format, &["-n", "40", "--inflight", "8"]),
+        );
+        assert!(!r.partial, "{}", r.table());
+        assert_eq!(
+            r.results["protocol"],
+            Value::from(format!("centrifuge-{format}"))
+        );
+        assert_eq!(num(&r, "connections_opened"), 40.0, "{format}");
+        assert_eq!(num(&r, "connections_failed"), 0.0, "{format}");
+        assert!(num(&r, "ready_latency_p50_ms") > 0.0);
+    }
+}
+
+#[test]
+fn centrifuge_connect_storm_counts_refused_tokens() {
+    let s = server();
+    let r = run(
+        &s,
+        "connect-storm",
+        &centrifuge_args(
+            "json",
+            &[
+                "-n",
+                "3",
+                "--secret",
+                "a-different-secret-of-at-least-32-bytes!",
+            ],
+        ),
+    );
+    assert_eq!(num(&r, "connections_opened"), 0.0);
+    // A bad connection token closes the connection with 3500 (invalid token).
+    assert_eq!(r.results["errors"], Value::from("closed:3500=3"));
+}
+
+/// Held Centrifuge connections answer the server's `{}` pings (1 s apart here, 500 ms to
+/// answer), so every one survives a hold past the first ping.
+#[test]
+fn centrifuge_hold_answers_pings_and_keeps_every_connection() {
+    for format in ["json", "protobuf"] {
+        let mut cfg = engine::config(SocketAddr::from(([127, 0, 0, 1], 0)), 1, DEFAULT_SECRET);
+        cfg.centrifuge.ping_interval = std::time::Duration::from_secs(1);
+        cfg.centrifuge.pong_timeout = std::time::Duration::from_millis(500);
+        let s = Server::start(cfg).expect("engine starts");
+        let r = run(
+            &s,
+            "hold",
+            &centrifuge_args(
+                format,
+                &[
+                    "-n",
+                    "20",
+                    "--topics-per-conn",
+                    "2",
+                    "--duration",
+                    "2500ms",
+                    "--settle",
+                    "200ms",
+                    "--no-reconnect",
+                ],
+            ),
+        );
+        assert!(!r.partial, "{}", r.table());
+        assert_eq!(num(&r, "connections_ready"), 20.0, "{format}");
+        assert_eq!(num(&r, "survivors"), 20.0, "{format}");
+        assert_eq!(num(&r, "unexpected_closes"), 0.0, "{format}");
+        assert!(num(&r, "pings_answered") >= 20.0, "{}", r.table());
+        assert!(num(&r, "server_rss_settled_bytes") > 0.0);
+    }
+}
+
+/// Centrifuge subscribers fed by WSE publishers: every publication reaches every subscriber of
+/// its topic once, in order, its stamp carried in the push's data.
+#[test]
+fn centrifuge_fanout_delivers_everything() {
+    for format in ["json", "protobuf"] {
+        let s = server();
+        let r = run(
+            &s,
+            "fanout",
+            &centrifuge_args(
+                format,
+                &[
+                    "--subscribers",
+                    "20",
+                    "--topics",
+                    "4",
+                    "--publishers",
+                    "2",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "1s",
+                    "--warmup",
+                    "200ms",
+                ],
+            ),
+        );
+        assert!(!r.partial, "{format}: {}", r.table());
+        assert_small_fanout_complete(&r);
+    }
+}
+
+#[test]
+fn wse_only_scenarios_refuse_centrifuge() {
+    let err = run_args(["wse-bench", "ping", "--protocol", "centrifuge", "--quiet"])
+        .err()
+        .expect("ping refuses --protocol centrifuge");
+    assert!(err.to_string().contains("WSE only"), "{err}");
 }
 
 #[test]
@@ -432,7 +557,7 @@ fn floor_delivers_everything_from_its_own_sender() {
 #[test]
 fn floor_writes_the_servers_message() {
     use std::sync::Arc;
-    use wse_bench::conn::{Conn, Endpoint, Target, is_type};
+    use wse_bench::conn::{Conn, Dialect, Endpoint, Target, is_type};
     use wse_bench::wire::{self, Stamp};
 
     let s = server();
@@ -457,6 +582,7 @@ fn floor_writes_the_servers_message() {
     let ep = Endpoint {
         target: Arc::new(Target::parse(&url).unwrap()),
         source: None,
+        dialect: Dialect::Wse,
     };
     let stamp = Stamp {
         step: 1,

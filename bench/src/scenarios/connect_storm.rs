@@ -2,7 +2,8 @@
 //! handshakes at a time, and report the accept rate and handshake latency.
 //!
 //! A handshake is TCP connect + HTTP upgrade + JWT check + `server_ready` (+ `client_hello` →
-//! `server_hello` unless `--no-hello`). Latency runs from the start of connect() to
+//! `server_hello` unless `--no-hello`); with `--protocol centrifuge`, TCP connect, HTTP upgrade
+//! and `connect` with the JWT until its reply. Latency runs from the start of connect() to
 //! `server_ready`; the rate counts completed handshakes (with hello) over the time from the
 //! start signal to the last completion. Connections stay open until all are done, so the
 //! server holds N at the end, then they are closed.
@@ -145,7 +146,8 @@ pub fn run(setup: &Setup, args: &StormArgs) -> Report {
     report.set("inflight", setup.common.inflight);
     report.latency("ready_latency", &all.ready.summary());
     report.histogram("ready_latency", &all.ready);
-    if !setup.common.no_hello {
+    // A Centrifuge handshake has no hello: `connect` is all of it.
+    if !setup.common.no_hello && setup.common.protocol == super::Protocol::Wse {
         report.latency("hello_latency", &all.hello.summary());
         report.histogram("hello_latency", &all.hello);
     }

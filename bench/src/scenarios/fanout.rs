@@ -708,7 +708,7 @@ pub(super) fn start_publishers(
             let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
             // Publishers use the URLs and sources in reverse order from the subscribers'
             // start, so with several targets they spread too.
-            let endpoint = setup.endpoint(usize::MAX - j);
+            let endpoint = setup.wse_endpoint(usize::MAX - j);
             let (token, tids) = (token.clone(), tids.clone());
             let job = PublisherJob {
                 index: j as u32,

@@ -27,7 +27,8 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::conn::{Conn, ConnError, Endpoint, Target};
+use crate::centrifuge;
+use crate::conn::{Conn, ConnError, Dialect, Endpoint, Target};
 use crate::dist::controller::Agents;
 use crate::fleet::{ErasedRun, Slice, Workload, start_erased};
 use crate::report::Report;
@@ -57,6 +58,23 @@ pub enum TargetKind {
     WsePy,
 }
 
+/// The client protocol of the measured connections (`--protocol`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Wse,
+    /// The Centrifuge client protocol v2 on `--centrifuge-path` of each `--url`'s server.
+    Centrifuge,
+}
+
+/// Centrifugo's (and wse-server's) default Centrifuge endpoint.
+const DEFAULT_CENTRIFUGE_PATH: &str = "/connection/websocket";
+
+fn default_centrifuge_path() -> String {
+    DEFAULT_CENTRIFUGE_PATH.to_owned()
+}
+
 /// Flags every scenario takes. They travel to agents as JSON (all but the secret, which goes in
 /// a field of its own so it never lands in a `--json` file).
 #[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
@@ -67,6 +85,21 @@ pub struct Common {
     /// Which server this is (recorded with the results).
     #[arg(long, value_enum, default_value_t = TargetKind::Wse)]
     pub target: TargetKind,
+    /// Client protocol of the measured connections (connect-storm, hold, fanout's
+    /// subscribers). `centrifuge` connects to `--centrifuge-path` on each `--url`'s host and
+    /// port; fanout's publishers stay WSE connections on `--url`, so both protocols are fed
+    /// through the same server path.
+    #[arg(long, value_enum, default_value_t = Protocol::Wse)]
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Encoding of Centrifuge connections (protobuf: subprotocol `centrifuge-protobuf`).
+    #[arg(long, value_enum, default_value_t = centrifuge::Format::Json)]
+    #[serde(default)]
+    pub centrifuge_format: centrifuge::Format,
+    /// Path of the Centrifuge endpoint.
+    #[arg(long, default_value = DEFAULT_CENTRIFUGE_PATH)]
+    #[serde(default = "default_centrifuge_path")]
+    pub centrifuge_path: String,
     /// HS256 secret for minting tokens (the upstream peer's default).
     #[arg(long, env = "WSE_JWT_SECRET", default_value = DEFAULT_SECRET, hide_env_values = true)]
     #[serde(skip, default)]
@@ -147,6 +180,8 @@ pub mod secs {
 pub struct Setup {
     pub common: Common,
     targets: Vec<Arc<Target>>,
+    /// `targets` with the Centrifuge endpoint's path (`--protocol centrifuge`), else empty.
+    centrifuge_targets: Vec<Arc<Target>>,
     sources: Vec<IpAddr>,
     pub threads: usize,
     /// RLIMIT_NOFILE after raising it.
@@ -202,6 +237,18 @@ impl Setup {
         if targets.is_empty() {
             bail!("--url: at least one URL is needed");
         }
+        let centrifuge_targets = match common.protocol {
+            Protocol::Wse => Vec::new(),
+            Protocol::Centrifuge => targets
+                .iter()
+                .map(|t| {
+                    Arc::new(Target {
+                        path: common.centrifuge_path.clone(),
+                        ..Target::clone(t)
+                    })
+                })
+                .collect(),
+        };
         let sources = sys::parse_source_pool(&common.source)?;
         if common.secret.len() < 32 {
             bail!("--secret must be at least 32 bytes for HS256");
@@ -211,6 +258,7 @@ impl Setup {
             nofile: sys::raise_nofile_limit(),
             common,
             targets,
+            centrifuge_targets,
             sources,
             threads,
             agents: None,
@@ -241,11 +289,36 @@ impl Setup {
         false
     }
 
-    /// Destination and source of connection `i` (round-robin over each list).
+    /// Destination and source of measured connection `i` (round-robin over each list), in
+    /// the `--protocol` of the run.
     pub fn endpoint(&self, i: usize) -> Endpoint {
+        match self.common.protocol {
+            Protocol::Wse => self.wse_endpoint(i),
+            Protocol::Centrifuge => Endpoint {
+                target: self.centrifuge_targets[i % self.centrifuge_targets.len()].clone(),
+                dialect: Dialect::Centrifuge(self.common.centrifuge_format),
+                ..self.wse_endpoint(i)
+            },
+        }
+    }
+
+    /// Destination and source of WSE connection `i` whatever `--protocol` says: fanout's
+    /// publishers.
+    pub fn wse_endpoint(&self, i: usize) -> Endpoint {
         Endpoint {
             target: self.targets[i % self.targets.len()].clone(),
             source: (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()]),
+            dialect: Dialect::Wse,
+        }
+    }
+
+    /// The protocol of the measured connections as recorded with the results: `wse`,
+    /// `centrifuge-json` or `centrifuge-protobuf`.
+    pub fn protocol_name(&self) -> &'static str {
+        match (self.common.protocol, self.common.centrifuge_format) {
+            (Protocol::Wse, _) => "wse",
+            (Protocol::Centrifuge, centrifuge::Format::Json) => "centrifuge-json",
+            (Protocol::Centrifuge, centrifuge::Format::Protobuf) => "centrifuge-protobuf",
         }
     }
 
@@ -260,6 +333,7 @@ impl Setup {
                 TargetKind::WsePy => "wse-py",
             },
         );
+        r.set("protocol", self.protocol_name());
         r.args = serde_json::json!({
             "common": self.common,
             "scenario": args,
