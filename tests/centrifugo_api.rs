@@ -2,7 +2,8 @@
 //! `cent` 5.2.0 client (unmodified; `tests/python/cent_api.py`): publications reach a
 //! centrifuge-python 0.7.0 subscriber and a WSE subscriber (the Rust client); presence,
 //! presence stats, channels, info, batch, subscribe, unsubscribe and disconnect answers compared
-//! field by field; the methods not served answer 108; errors (a bad key, an unknown method, bad
+//! field by field; history read from the topic's owner (limit, since, reverse, 112); the methods
+//! not served answer 108; errors (a bad key, an unknown method, bad
 //! JSON, an oversized body) in both error modes. And `server.allowed_origins` on both WebSocket
 //! endpoints.
 
@@ -263,7 +264,8 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         json!({"result": {"channels": {}}})
     );
 
-    // What is not served answers 108, as Centrifugo without the feature.
+    // What is not served answers 108, as Centrifugo without the feature (`room` keeps no
+    // history).
     for (method, args) in [
         ("history", json!({"channel": CHANNEL, "limit": 10})),
         ("history_remove", json!({"channel": CHANNEL})),
@@ -430,6 +432,108 @@ async fn cent_and_plain_http_get_centrifugo_errors() {
         .http("GET", "/api/v1/health", &[("X-API-Key", API_KEY)], "")
         .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// [`server`] with recovery on and a namespace that keeps history (`news`, 10 publications)
+/// next to `room`, which keeps none.
+fn history_server() -> Wse {
+    Wse::start(&[
+        "--cores",
+        "2",
+        "--recovery-enabled",
+        "true",
+        "--presence-enabled",
+        "true",
+        "--centrifuge-namespaces",
+        r#"[{"name":"room","presence":true,"allow_subscribe_for_client":true},
+            {"name":"news","history_size":10,"history_ttl":"300s"}]"#,
+    ])
+}
+
+/// `(data.n, offset)` of each publication of a cent `HistoryResult`.
+fn history_of(answer: &Value) -> Vec<(i64, u64)> {
+    answer["result"]["publications"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no publications: {answer}"))
+        .iter()
+        .map(|p| {
+            (
+                p["data"]["n"].as_i64().unwrap(),
+                p["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn cent_reads_a_channels_history() {
+    let wse = history_server();
+    let mut cent = cent(&wse);
+    let channel = "news:h";
+    for n in 1..=3 {
+        let answer = cent.ask(call(
+            "publish",
+            json!({"channel": channel, "data": {"n": n}}),
+        ));
+        assert_eq!(answer, json!({"result": published()}));
+    }
+
+    // No limit: the stream's position alone.
+    let top = cent.ask(call("history", json!({"channel": channel})));
+    assert_eq!(top["result"]["offset"], json!(3), "{top}");
+    assert_eq!(top["result"]["publications"], json!([]), "{top}");
+    let epoch = top["result"]["epoch"].as_str().unwrap().to_owned();
+    assert!(!epoch.is_empty(), "{top}");
+
+    let answer = cent.ask(call("history", json!({"channel": channel, "limit": 10})));
+    assert_eq!(history_of(&answer), [(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(answer["result"]["epoch"], json!(epoch));
+    let answer = cent.ask(call("history", json!({"channel": channel, "limit": -1})));
+    assert_eq!(history_of(&answer), [(1, 1), (2, 2), (3, 3)]);
+    let answer = cent.ask(call(
+        "history",
+        json!({"channel": channel, "limit": 2, "reverse": true}),
+    ));
+    assert_eq!(history_of(&answer), [(3, 3), (2, 2)]);
+    let since = json!({"offset": 1, "epoch": epoch});
+    let answer = cent.ask(call(
+        "history",
+        json!({"channel": channel, "limit": 10, "since": since}),
+    ));
+    assert_eq!(history_of(&answer), [(2, 2), (3, 3)]);
+    assert_eq!(answer["result"]["offset"], json!(3));
+
+    // A position in another epoch: 112; a namespace without history: 108; none: 102.
+    let since = json!({"offset": 1, "epoch": "not-the-epoch"});
+    assert_eq!(
+        cent.ask(call(
+            "history",
+            json!({"channel": channel, "limit": 10, "since": since})
+        )),
+        api_error(112, "unrecoverable position")
+    );
+    assert_eq!(
+        cent.ask(call("history", json!({"channel": "room:x", "limit": 10}))),
+        api_error(108, "not available")
+    );
+    assert_eq!(
+        cent.ask(call("history", json!({"channel": "nowhere:x"}))),
+        api_error(102, "unknown channel")
+    );
+    // In the transport error mode, 112 is 416.
+    let transport = json!({"X-API-Key": API_KEY, "X-Centrifugo-Error-Mode": "transport"});
+    let body = json!({"channel": channel, "limit": 1, "since": {"offset": 1, "epoch": "x"}});
+    let answer = cent.ask(raw("/api/history", &body.to_string(), transport));
+    assert_eq!(answer["status"], json!(416), "{answer}");
+    // A plain request with nulls for the optional fields, as Centrifugo takes it.
+    let body = r#"{"channel":"news:h","limit":1,"since":null,"reverse":null}"#;
+    let answer = cent.ask(raw("/api/history", body, json!({"X-API-Key": API_KEY})));
+    let got: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        got,
+        json!({"result": {"publications": [{"data": {"n": 1}, "offset": 1}],
+            "offset": 3, "epoch": epoch}})
+    );
 }
 
 /// The status line of the server's answer to an upgrade request on `path` with `origin`.

@@ -1507,8 +1507,9 @@ struct PendingSubscribe {
     replay: Bytes,
 }
 
-/// The publications of a replay (whole WSE publication frames, in order) for a subscribe reply.
-fn replayed_publications(frames: &Bytes) -> Vec<centrifuge::proto::Publication> {
+/// The publications of a replay (whole WSE publication frames, in order) for a subscribe or
+/// history reply.
+pub(crate) fn replayed_publications(frames: &Bytes) -> Vec<centrifuge::proto::Publication> {
     let mut out = Vec::new();
     let mut decoder = Decoder::new(Role::Client);
     let mut buf = frames.to_vec();

@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use wse_shards::centrifuge::channel::Namespaces;
-use wse_shards::centrifuge::{DisconnectCode, ErrorCode};
+use wse_shards::centrifuge::{DisconnectCode, ErrorCode, NamespaceConfig};
 use wse_shards::command::{AppSubscribe, CommandError};
 use wse_shards::protocol::{self, parse_epoch, topic_problem};
 use wse_shards::{ConnId, PublishError, QueryError, Server};
@@ -226,13 +226,7 @@ async fn run(server: &Arc<Server>, method: &str, fields: Map<String, Value>) -> 
             }
             "presence" => presence(server, args(fields)?).await,
             "presence_stats" => presence_stats(server, args(fields)?).await,
-            "history" => {
-                let a: HistoryArgs = args(fields)?;
-                channel_of(server, &a.channel)?;
-                Err(not_available(
-                    "history: served to Centrifuge clients, not over the HTTP API yet",
-                ))
-            }
+            "history" => history(server, args(fields)?).await,
             "history_remove" => {
                 let a: ChannelArgs = args(fields)?;
                 channel_of(server, &a.channel)?;
@@ -297,13 +291,18 @@ fn args<A: DeserializeOwned>(fields: Map<String, Value>) -> Result<A, CfError> {
 
 /// A channel the engine takes (107 otherwise) in a configured namespace (102 otherwise).
 fn channel_of(server: &Server, channel: &str) -> Result<(), CfError> {
+    namespace_of(server, channel).map(|_| ())
+}
+
+/// The options of `channel`'s namespace, checked as [`channel_of`] checks the channel.
+fn namespace_of(server: &Server, channel: &str) -> Result<NamespaceConfig, CfError> {
     if let Some(problem) = topic_problem(channel) {
         return Err(bad_request(format!("channel {channel:?}: {problem}")));
     }
     let cfg = server.config();
     Namespaces::new(&cfg.centrifuge)
         .resolve(channel)
-        .map(|_| ())
+        .map(|c| c.namespace.clone())
         .map_err(|e| refuse(e, format!("channel {channel:?}")))
 }
 
@@ -680,9 +679,9 @@ struct ChannelArgs {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // Read only to refuse unknown fields before answering 108.
 struct HistoryArgs {
     channel: String,
+    /// 0 (the default): only the stream's position; negative: all, capped as any limit.
     #[serde(default)]
     limit: Option<i64>,
     #[serde(default)]
@@ -734,6 +733,53 @@ async fn presence(server: &Server, a: ChannelArgs) -> Outcome {
         })
         .collect();
     Ok(json!({ "presence": presence }))
+}
+
+/// `{"publications":[{"data","offset"},..],"offset","epoch"}`: the channel's history as its
+/// owner reads it for a Centrifuge client's `history`, with the same answers: 108 when the
+/// namespace keeps no history (or recovery is off), 112 when `since` is in another epoch or
+/// no longer followed by everything after it. At most `centrifuge.history_limit_max`
+/// publications (and `recovery.max_messages`, as one replay).
+async fn history(server: &Server, a: HistoryArgs) -> Outcome {
+    let ns = namespace_of(server, &a.channel)?;
+    if !ns.has_history() {
+        return Err(not_available(format!(
+            "history: the namespace of {:?} keeps none (history_size, history_ttl)",
+            a.channel
+        )));
+    }
+    let cfg = server.config();
+    let limit = usize::try_from(a.limit.unwrap_or(0))
+        .unwrap_or(usize::MAX)
+        .min(cfg.centrifuge.history_limit_max);
+    let after = a.since.as_ref().map(|p| p.offset);
+    let page = server
+        .history(
+            &a.channel,
+            after,
+            limit,
+            a.reverse == Some(true),
+            ns.history_size,
+        )
+        .await
+        .map_err(query_error)?
+        .ok_or_else(|| not_available("history: set recovery.enabled"))?;
+    let epoch = protocol::epoch_hex(page.epoch);
+    let other_epoch = a
+        .since
+        .as_ref()
+        .is_some_and(|p| !p.epoch.is_empty() && p.epoch != epoch);
+    if other_epoch || !page.complete {
+        return Err(refuse(
+            ErrorCode::UnrecoverablePosition,
+            format!("history of {:?}: since is not recoverable", a.channel),
+        ));
+    }
+    Ok(json!({
+        "publications": page.publications,
+        "offset": page.offset,
+        "epoch": epoch,
+    }))
 }
 
 async fn presence_stats(server: &Server, a: ChannelArgs) -> Outcome {
