@@ -2,8 +2,8 @@
 //! `cent` 5.2.0 client (unmodified; `tests/python/cent_api.py`): publications reach a
 //! centrifuge-python 0.7.0 subscriber and a WSE subscriber (the Rust client); presence,
 //! presence stats, channels, info, batch, subscribe, unsubscribe and disconnect answers compared
-//! field by field; history read from the topic's owner (limit, since, reverse, 112); the methods
-//! not served answer 108; errors (a bad key, an unknown method, bad
+//! field by field; history read from the topic's owner (limit, since, reverse, 112) and removed
+//! keeping the stream's position; the methods not served answer 108; errors (a bad key, an unknown method, bad
 //! JSON, an oversized body) in both error modes. And `server.allowed_origins` on both WebSocket
 //! endpoints.
 
@@ -265,7 +265,7 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
     );
 
     // What is not served answers 108, as Centrifugo without the feature (`room` keeps no
-    // history).
+    // history, so `history` and `history_remove` are not available on it).
     for (method, args) in [
         ("history", json!({"channel": CHANNEL, "limit": 10})),
         ("history_remove", json!({"channel": CHANNEL})),
@@ -466,7 +466,7 @@ fn history_of(answer: &Value) -> Vec<(i64, u64)> {
 }
 
 #[tokio::test]
-async fn cent_reads_a_channels_history() {
+async fn cent_reads_and_removes_a_channels_history() {
     let wse = history_server();
     let mut cent = cent(&wse);
     let channel = "news:h";
@@ -533,6 +533,45 @@ async fn cent_reads_a_channels_history() {
         got,
         json!({"result": {"publications": [{"data": {"n": 1}, "offset": 1}],
             "offset": 3, "epoch": epoch}})
+    );
+
+    // history_remove: the publications go, the position stays (Centrifugo's behaviour).
+    let answer = cent.ask(call("history_remove", json!({"channel": channel})));
+    assert_eq!(answer, json!({"result": {}}));
+    let answer = cent.ask(call("history", json!({"channel": channel, "limit": -1})));
+    assert!(history_of(&answer).is_empty(), "{answer}");
+    assert_eq!(answer["result"]["offset"], json!(3));
+    assert_eq!(answer["result"]["epoch"], json!(epoch));
+    // A position from before the removal is no longer followed by what came after it.
+    let since = json!({"offset": 1, "epoch": epoch});
+    assert_eq!(
+        cent.ask(call(
+            "history",
+            json!({"channel": channel, "limit": 10, "since": since})
+        )),
+        api_error(112, "unrecoverable position")
+    );
+    // The next publication gets the next offset in the same epoch, and is read from the top.
+    let answer = cent.ask(call(
+        "publish",
+        json!({"channel": channel, "data": {"n": 4}}),
+    ));
+    assert_eq!(answer, json!({"result": published()}));
+    let since = json!({"offset": 3, "epoch": epoch});
+    let answer = cent.ask(call(
+        "history",
+        json!({"channel": channel, "limit": 10, "since": since}),
+    ));
+    assert_eq!(history_of(&answer), [(4, 4)]);
+    assert_eq!(answer["result"]["epoch"], json!(epoch));
+    assert_eq!(
+        cent.ask(call("history_remove", json!({"channel": "room:x"}))),
+        api_error(108, "not available")
+    );
+    // A channel that never had a publication: nothing to remove, not an error.
+    assert_eq!(
+        cent.ask(call("history_remove", json!({"channel": "news:empty"}))),
+        json!({"result": {}})
     );
 }
 

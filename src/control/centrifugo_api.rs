@@ -227,13 +227,7 @@ async fn run(server: &Arc<Server>, method: &str, fields: Map<String, Value>) -> 
             "presence" => presence(server, args(fields)?).await,
             "presence_stats" => presence_stats(server, args(fields)?).await,
             "history" => history(server, args(fields)?).await,
-            "history_remove" => {
-                let a: ChannelArgs = args(fields)?;
-                channel_of(server, &a.channel)?;
-                Err(not_available(
-                    "history_remove: the recovery rings are not emptied on request",
-                ))
-            }
+            "history_remove" => history_remove(server, args(fields)?).await,
             "channels" => channels(server, args(fields)?).await,
             "info" => info(server, args(fields)?).await,
             other => Err(refuse(
@@ -780,6 +774,28 @@ async fn history(server: &Server, a: HistoryArgs) -> Outcome {
         "offset": page.offset,
         "epoch": epoch,
     }))
+}
+
+/// `{}`: the owner forgets the channel's publications and keeps its stream position, as
+/// Centrifugo does: the next publication gets the next offset in the same epoch, and a `since`
+/// (or a client's recovery) from before the removal is unrecoverable. 108 as for `history`.
+async fn history_remove(server: &Server, a: ChannelArgs) -> Outcome {
+    let ns = namespace_of(server, &a.channel)?;
+    if !ns.has_history() {
+        return Err(not_available(format!(
+            "history_remove: the namespace of {:?} keeps no history",
+            a.channel
+        )));
+    }
+    if server
+        .history_remove(&a.channel)
+        .await
+        .map_err(query_error)?
+    {
+        Ok(json!({}))
+    } else {
+        Err(not_available("history_remove: set recovery.enabled"))
+    }
 }
 
 async fn presence_stats(server: &Server, a: ChannelArgs) -> Outcome {
