@@ -117,11 +117,13 @@ fn cent(wse: &Wse) -> Lines {
     Lines::spawn(cmd)
 }
 
-fn centrifuge_subscriber(wse: &Wse, user: &str) -> Lines {
+/// A centrifuge-python subscriber of [`CHANNEL`] as `user`, whose connection token carries
+/// `claims` too (`info`: its `conn_info`).
+fn centrifuge_subscriber(wse: &Wse, user: &str, claims: Value) -> Lines {
     let mut cmd = Command::new(venv_python());
     cmd.arg(script("centrifuge_subscriber.py"))
         .arg(format!("ws://{}/connection/websocket", wse.ws))
-        .arg(token(user, json!({})))
+        .arg(token(user, claims))
         .arg(CHANNEL);
     let sub = Lines::spawn(cmd);
     assert_eq!(sub.next("subscribed"), json!({"step": "subscribed"}));
@@ -157,7 +159,7 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         .unwrap();
     let ack = bob.subscribe(&[CHANNEL]).await.unwrap();
     assert_eq!(ack.p["success_topics"], json!([CHANNEL]));
-    let alice = centrifuge_subscriber(&wse, "alice");
+    let alice = centrifuge_subscriber(&wse, "alice", json!({"info": {"device": "py"}}));
     let mut cent = cent(&wse);
 
     // publish, broadcast and a batch of publish + presence_stats: each publication reaches
@@ -199,13 +201,38 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         assert_eq!(event.p, json!({"n": n}));
     }
 
-    // presence: one entry per user; presence_stats, channels, info.
+    // presence: one entry per connection, keyed by its client id (bob's WSE connection without
+    // info, alice's with her token's); presence_stats, channels, info.
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let connection_of = |user: &str| {
+        listed["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["user_id"] == user)
+            .unwrap_or_else(|| panic!("{user} not listed: {listed}"))["connection_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let bob_id = connection_of("bob");
     let answer = cent.ask(call("presence", json!({"channel": CHANNEL})));
-    let member =
-        |user: &str| json!({"client": user, "user": user, "conn_info": null, "chan_info": null});
+    let presence = answer["result"]["presence"].as_object().unwrap();
+    assert_eq!(presence.len(), 2, "{answer}");
     assert_eq!(
-        answer,
-        json!({"result": {"presence": {"alice": member("alice"), "bob": member("bob")}}})
+        presence[&bob_id],
+        json!({"client": bob_id, "user": "bob", "conn_info": null, "chan_info": null})
+    );
+    // A Centrifuge connection's client id is its connection id.
+    let alice_id = connection_of("alice");
+    assert_eq!(
+        presence[&alice_id],
+        json!({"client": alice_id, "user": "alice", "conn_info": {"device": "py"},
+            "chan_info": null})
     );
     let answer = cent.ask(call("presence_stats", json!({"channel": CHANNEL})));
     assert_eq!(
@@ -287,18 +314,6 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
 
     // disconnect with alice's connection in the whitelist, or another client named: nobody
     // leaves.
-    let (status, body) = wse
-        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let listed: Value = serde_json::from_str(&body).unwrap();
-    let alice_id = listed["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["user_id"] == "alice")
-        .unwrap()["connection_id"]
-        .clone();
     for args in [
         json!({"user": "alice", "whitelist": [alice_id]}),
         json!({"user": "alice", "client": "00000000000000ff"}),

@@ -705,27 +705,21 @@ struct BatchArgs {
     parallel: Option<bool>,
 }
 
-/// `{"presence":{<key>:{"client","user","chan_info"}}}`. Our presence is kept per user (with
-/// how many of the user's connections are on the topic), so there is one entry per user, keyed
-/// by the user id, whose `client` is the user id too; `chan_info` is the member's presence data
-/// (a subscribe's `info`), when it has any.
+/// `{"presence":{<client id>:{"client","user","conn_info","chan_info"}}}`: one entry per member
+/// connection, as the topic's owner keeps them and a Centrifuge client's `presence` lists them
+/// (a WSE connection shows as its user and connection id, without info).
 async fn presence(server: &Server, a: ChannelArgs) -> Outcome {
     channel_of(server, &a.channel)?;
-    let members = server.presence(&a.channel).await.map_err(query_error)?;
-    let presence: Map<String, Value> = members
-        .into_iter()
-        .map(|m| {
-            let mut info = json!({"client": m.user_id, "user": m.user_id});
-            // The data was validated as JSON when the member joined; none (`{}`) is left out,
-            // as Centrifugo leaves out an empty `chan_info`.
-            match serde_json::from_str::<Value>(&m.data) {
-                Ok(Value::Object(data)) if data.is_empty() => {}
-                Ok(Value::Null) | Err(_) => {}
-                Ok(data) => info["chan_info"] = data,
-            }
-            (m.user_id, info)
-        })
-        .collect();
+    let clients = server
+        .presence_clients(&a.channel)
+        .await
+        .map_err(query_error)?;
+    let mut presence = Map::new();
+    for c in clients {
+        let info = serde_json::to_value(&c)
+            .map_err(|e| refuse(ErrorCode::Internal, format!("presence: {e}")))?;
+        presence.insert(c.client, info);
+    }
     Ok(json!({ "presence": presence }))
 }
 
