@@ -3,8 +3,9 @@
 //! centrifuge-python 0.7.0 subscriber and a WSE subscriber (the Rust client); presence,
 //! presence stats, channels, info, batch, subscribe, unsubscribe and disconnect answers compared
 //! field by field; history read from the topic's owner (limit, since, reverse, 112) and removed
-//! keeping the stream's position; the methods not served answer 108; errors (a bad key, an unknown method, bad
-//! JSON, an oversized body) in both error modes. And `server.allowed_origins` on both WebSocket
+//! keeping the stream's position; refresh expiring a Centrifuge connection; what is not available
+//! answers 108; errors (a bad key, an unknown method, bad JSON, an oversized body) in both error
+//! modes. And `server.allowed_origins` on both WebSocket
 //! endpoints.
 
 mod support;
@@ -291,15 +292,12 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         json!({"result": {"channels": {}}})
     );
 
-    // What is not served answers 108, as Centrifugo without the feature (`room` keeps no
-    // history, so `history` and `history_remove` are not available on it).
+    // What is not available answers 108, as Centrifugo without the feature (`room` keeps no
+    // history).
     for (method, args) in [
         ("history", json!({"channel": CHANNEL, "limit": 10})),
         ("history_remove", json!({"channel": CHANNEL})),
-        (
-            "refresh",
-            json!({"user": "alice", "expire_at": 4_000_000_000u64}),
-        ),
+        ("refresh", json!({"user": "alice", "info": {"a": 1}})),
     ] {
         assert_eq!(
             cent.ask(call(method, args)),
@@ -447,6 +445,91 @@ async fn cent_and_plain_http_get_centrifugo_errors() {
         .http("GET", "/api/v1/health", &[("X-API-Key", API_KEY)], "")
         .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// The connection id of each live connection of `user`, as `/api/v1/connections` lists them.
+async fn connections_of(wse: &Wse, user: &str) -> Vec<String> {
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["user_id"] == user)
+        .map(|c| c["connection_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn cent_refreshes_and_expires_centrifuge_connections() {
+    let wse = server();
+    let mut bob = Connector::new(wse.url())
+        .token(publisher_token("bob"))
+        .connect()
+        .await
+        .unwrap();
+    bob.subscribe(&[CHANNEL]).await.unwrap();
+    let alice = centrifuge_subscriber(&wse, "alice", json!({}));
+    let mut cent = cent(&wse);
+    let first = connections_of(&wse, "alice").await;
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // A later expiry, and a refresh of a WSE-only user: nobody leaves (a publication made after
+    // the answers reaches both).
+    let in_an_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    for args in [
+        json!({"user": "alice", "expire_at": in_an_hour}),
+        json!({"user": "bob", "expired": true}),
+    ] {
+        assert_eq!(cent.ask(call("refresh", args)), json!({"result": {}}));
+    }
+    let answer = cent.ask(call(
+        "publish",
+        json!({"channel": CHANNEL, "data": {"n": 1}}),
+    ));
+    assert_eq!(answer, json!({"result": published()}));
+    assert_eq!(
+        alice.next("a publication"),
+        json!({"step": "publication", "data": {"n": 1}})
+    );
+    let event = bob
+        .recv_until(|e| e.t == "publication", STEP_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(event.p, json!({"n": 1}));
+
+    // expired: alice's connection closes with 3005, on which the client reconnects (a new
+    // connection) and subscribes again.
+    let answer = cent.ask(call("refresh", json!({"user": "alice", "expired": true})));
+    assert_eq!(answer, json!({"result": {}}));
+    assert_eq!(alice.next("resubscribed"), json!({"step": "subscribed"}));
+    // The one close so far (3005 is counted among the `other` codes).
+    assert_eq!(wse.metric("wse_closes_total", "code=\"other\"").await, 1.0);
+    // The old connection goes once its close completes (bounded wait).
+    let deadline = std::time::Instant::now() + STEP_WAIT;
+    loop {
+        let now = connections_of(&wse, "alice").await;
+        if now.len() == 1 && now != first {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's connections: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // No user nor client: 107.
+    assert_eq!(
+        cent.ask(call("refresh", json!({"user": ""}))),
+        api_error(107, "bad request")
+    );
 }
 
 /// [`server`] with recovery on and a namespace that keeps history (`news`, 10 publications)

@@ -218,12 +218,7 @@ async fn run(server: &Arc<Server>, method: &str, fields: Map<String, Value>) -> 
             "subscribe" => subscribe(server, args(fields)?).await,
             "unsubscribe" => unsubscribe(server, args(fields)?).await,
             "disconnect" => disconnect(server, args(fields)?).await,
-            "refresh" => {
-                let _: RefreshArgs = args(fields)?;
-                Err(not_available(
-                    "refresh: a connection's expiry comes from its token only",
-                ))
-            }
+            "refresh" => refresh(server, args(fields)?).await,
             "presence" => presence(server, args(fields)?).await,
             "presence_stats" => presence_stats(server, args(fields)?).await,
             "history" => history(server, args(fields)?).await,
@@ -509,7 +504,6 @@ struct DisconnectArgs {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // Read only to refuse unknown fields before answering 108.
 struct RefreshArgs {
     user: String,
     #[serde(default)]
@@ -631,6 +625,31 @@ async fn unsubscribe(server: &Server, a: UnsubscribeArgs) -> Outcome {
             .unsubscribe_connection(conn, Some(vec![a.channel.clone()]))
             .await
         {
+            Ok(_) | Err(CommandError::UnknownConnection) => {}
+            Err(e) => return Err(engine_error(e)),
+        }
+    }
+    Ok(json!({}))
+}
+
+/// Refreshes the user's Centrifuge connections (or the one `client`): `expired` closes them with
+/// 3005 (the clients reconnect with their token), else `expire_at` (Unix seconds; 0: never)
+/// becomes their expiry, after which they close with 3005 unless the client refreshes with a
+/// token; without either nothing changes. WSE connections are skipped (their expiry is their
+/// token's), as a user without connections is. `info` and `b64info` answer 108.
+async fn refresh(server: &Server, a: RefreshArgs) -> Outcome {
+    if a.info.is_some() || a.b64info.is_some() {
+        return Err(not_available(
+            "refresh: a connection's info comes from its token",
+        ));
+    }
+    let expire_at = match a.expire_at {
+        Some(at) => Some(u64::try_from(at).map_err(|_| bad_request("expire_at: negative"))?),
+        None => None,
+    };
+    let expired = a.expired == Some(true);
+    for conn in targets(server, &a.user, a.client.as_deref(), a.session.as_deref()).await? {
+        match server.refresh_connection(conn, expire_at, expired).await {
             Ok(_) | Err(CommandError::UnknownConnection) => {}
             Err(e) => return Err(engine_error(e)),
         }
