@@ -2,8 +2,10 @@
 //! `cent` 5.2.0 client (unmodified; `tests/python/cent_api.py`): publications reach a
 //! centrifuge-python 0.7.0 subscriber and a WSE subscriber (the Rust client); presence,
 //! presence stats, channels, info, batch, subscribe, unsubscribe and disconnect answers compared
-//! field by field; the methods not served answer 108; errors (a bad key, an unknown method, bad
-//! JSON, an oversized body) in both error modes. And `server.allowed_origins` on both WebSocket
+//! field by field; history read from the topic's owner (limit, since, reverse, 112) and removed
+//! keeping the stream's position; refresh expiring a Centrifuge connection; what is not available
+//! answers 108; errors (a bad key, an unknown method, bad JSON, an oversized body) in both error
+//! modes. And `server.allowed_origins` on both WebSocket
 //! endpoints.
 
 mod support;
@@ -116,11 +118,13 @@ fn cent(wse: &Wse) -> Lines {
     Lines::spawn(cmd)
 }
 
-fn centrifuge_subscriber(wse: &Wse, user: &str) -> Lines {
+/// A centrifuge-python subscriber of [`CHANNEL`] as `user`, whose connection token carries
+/// `claims` too (`info`: its `conn_info`).
+fn centrifuge_subscriber(wse: &Wse, user: &str, claims: Value) -> Lines {
     let mut cmd = Command::new(venv_python());
     cmd.arg(script("centrifuge_subscriber.py"))
         .arg(format!("ws://{}/connection/websocket", wse.ws))
-        .arg(token(user, json!({})))
+        .arg(token(user, claims))
         .arg(CHANNEL);
     let sub = Lines::spawn(cmd);
     assert_eq!(sub.next("subscribed"), json!({"step": "subscribed"}));
@@ -156,7 +160,7 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         .unwrap();
     let ack = bob.subscribe(&[CHANNEL]).await.unwrap();
     assert_eq!(ack.p["success_topics"], json!([CHANNEL]));
-    let alice = centrifuge_subscriber(&wse, "alice");
+    let alice = centrifuge_subscriber(&wse, "alice", json!({"info": {"device": "py"}}));
     let mut cent = cent(&wse);
 
     // publish, broadcast and a batch of publish + presence_stats: each publication reaches
@@ -198,13 +202,38 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         assert_eq!(event.p, json!({"n": n}));
     }
 
-    // presence: one entry per user; presence_stats, channels, info.
+    // presence: one entry per connection, keyed by its client id (bob's WSE connection without
+    // info, alice's with her token's); presence_stats, channels, info.
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let connection_of = |user: &str| {
+        listed["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["user_id"] == user)
+            .unwrap_or_else(|| panic!("{user} not listed: {listed}"))["connection_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let bob_id = connection_of("bob");
     let answer = cent.ask(call("presence", json!({"channel": CHANNEL})));
-    let member =
-        |user: &str| json!({"client": user, "user": user, "conn_info": null, "chan_info": null});
+    let presence = answer["result"]["presence"].as_object().unwrap();
+    assert_eq!(presence.len(), 2, "{answer}");
     assert_eq!(
-        answer,
-        json!({"result": {"presence": {"alice": member("alice"), "bob": member("bob")}}})
+        presence[&bob_id],
+        json!({"client": bob_id, "user": "bob", "conn_info": null, "chan_info": null})
+    );
+    // A Centrifuge connection's client id is its connection id.
+    let alice_id = connection_of("alice");
+    assert_eq!(
+        presence[&alice_id],
+        json!({"client": alice_id, "user": "alice", "conn_info": {"device": "py"},
+            "chan_info": null})
     );
     let answer = cent.ask(call("presence_stats", json!({"channel": CHANNEL})));
     assert_eq!(
@@ -263,14 +292,12 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
         json!({"result": {"channels": {}}})
     );
 
-    // What is not served answers 108, as Centrifugo without the feature.
+    // What is not available answers 108, as Centrifugo without the feature (`room` keeps no
+    // history).
     for (method, args) in [
         ("history", json!({"channel": CHANNEL, "limit": 10})),
         ("history_remove", json!({"channel": CHANNEL})),
-        (
-            "refresh",
-            json!({"user": "alice", "expire_at": 4_000_000_000u64}),
-        ),
+        ("refresh", json!({"user": "alice", "info": {"a": 1}})),
     ] {
         assert_eq!(
             cent.ask(call(method, args)),
@@ -285,18 +312,6 @@ async fn cent_publishes_to_centrifuge_and_wse_subscribers_and_reads_the_channel(
 
     // disconnect with alice's connection in the whitelist, or another client named: nobody
     // leaves.
-    let (status, body) = wse
-        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let listed: Value = serde_json::from_str(&body).unwrap();
-    let alice_id = listed["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["user_id"] == "alice")
-        .unwrap()["connection_id"]
-        .clone();
     for args in [
         json!({"user": "alice", "whitelist": [alice_id]}),
         json!({"user": "alice", "client": "00000000000000ff"}),
@@ -430,6 +445,232 @@ async fn cent_and_plain_http_get_centrifugo_errors() {
         .http("GET", "/api/v1/health", &[("X-API-Key", API_KEY)], "")
         .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// The connection id of each live connection of `user`, as `/api/v1/connections` lists them.
+async fn connections_of(wse: &Wse, user: &str) -> Vec<String> {
+    let (status, body) = wse
+        .http("GET", "/api/v1/connections", &[("X-API-Key", API_KEY)], "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["user_id"] == user)
+        .map(|c| c["connection_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn cent_refreshes_and_expires_centrifuge_connections() {
+    let wse = server();
+    let mut bob = Connector::new(wse.url())
+        .token(publisher_token("bob"))
+        .connect()
+        .await
+        .unwrap();
+    bob.subscribe(&[CHANNEL]).await.unwrap();
+    let alice = centrifuge_subscriber(&wse, "alice", json!({}));
+    let mut cent = cent(&wse);
+    let first = connections_of(&wse, "alice").await;
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // A later expiry, and a refresh of a WSE-only user: nobody leaves (a publication made after
+    // the answers reaches both).
+    let in_an_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    for args in [
+        json!({"user": "alice", "expire_at": in_an_hour}),
+        json!({"user": "bob", "expired": true}),
+    ] {
+        assert_eq!(cent.ask(call("refresh", args)), json!({"result": {}}));
+    }
+    let answer = cent.ask(call(
+        "publish",
+        json!({"channel": CHANNEL, "data": {"n": 1}}),
+    ));
+    assert_eq!(answer, json!({"result": published()}));
+    assert_eq!(
+        alice.next("a publication"),
+        json!({"step": "publication", "data": {"n": 1}})
+    );
+    let event = bob
+        .recv_until(|e| e.t == "publication", STEP_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(event.p, json!({"n": 1}));
+
+    // expired: alice's connection closes with 3005, on which the client reconnects (a new
+    // connection) and subscribes again.
+    let answer = cent.ask(call("refresh", json!({"user": "alice", "expired": true})));
+    assert_eq!(answer, json!({"result": {}}));
+    assert_eq!(alice.next("resubscribed"), json!({"step": "subscribed"}));
+    // The one close so far (3005 is counted among the `other` codes).
+    assert_eq!(wse.metric("wse_closes_total", "code=\"other\"").await, 1.0);
+    // The old connection goes once its close completes (bounded wait).
+    let deadline = std::time::Instant::now() + STEP_WAIT;
+    loop {
+        let now = connections_of(&wse, "alice").await;
+        if now.len() == 1 && now != first {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's connections: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // No user nor client: 107.
+    assert_eq!(
+        cent.ask(call("refresh", json!({"user": ""}))),
+        api_error(107, "bad request")
+    );
+}
+
+/// [`server`] with recovery on and a namespace that keeps history (`news`, 10 publications)
+/// next to `room`, which keeps none.
+fn history_server() -> Wse {
+    Wse::start(&[
+        "--cores",
+        "2",
+        "--recovery-enabled",
+        "true",
+        "--presence-enabled",
+        "true",
+        "--centrifuge-namespaces",
+        r#"[{"name":"room","presence":true,"allow_subscribe_for_client":true},
+            {"name":"news","history_size":10,"history_ttl":"300s"}]"#,
+    ])
+}
+
+/// `(data.n, offset)` of each publication of a cent `HistoryResult`.
+fn history_of(answer: &Value) -> Vec<(i64, u64)> {
+    answer["result"]["publications"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no publications: {answer}"))
+        .iter()
+        .map(|p| {
+            (
+                p["data"]["n"].as_i64().unwrap(),
+                p["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn cent_reads_and_removes_a_channels_history() {
+    let wse = history_server();
+    let mut cent = cent(&wse);
+    let channel = "news:h";
+    for n in 1..=3 {
+        let answer = cent.ask(call(
+            "publish",
+            json!({"channel": channel, "data": {"n": n}}),
+        ));
+        assert_eq!(answer, json!({"result": published()}));
+    }
+
+    // No limit: the stream's position alone.
+    let top = cent.ask(call("history", json!({"channel": channel})));
+    assert_eq!(top["result"]["offset"], json!(3), "{top}");
+    assert_eq!(top["result"]["publications"], json!([]), "{top}");
+    let epoch = top["result"]["epoch"].as_str().unwrap().to_owned();
+    assert!(!epoch.is_empty(), "{top}");
+
+    let answer = cent.ask(call("history", json!({"channel": channel, "limit": 10})));
+    assert_eq!(history_of(&answer), [(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(answer["result"]["epoch"], json!(epoch));
+    let answer = cent.ask(call("history", json!({"channel": channel, "limit": -1})));
+    assert_eq!(history_of(&answer), [(1, 1), (2, 2), (3, 3)]);
+    let answer = cent.ask(call(
+        "history",
+        json!({"channel": channel, "limit": 2, "reverse": true}),
+    ));
+    assert_eq!(history_of(&answer), [(3, 3), (2, 2)]);
+    let since = json!({"offset": 1, "epoch": epoch});
+    let answer = cent.ask(call(
+        "history",
+        json!({"channel": channel, "limit": 10, "since": since}),
+    ));
+    assert_eq!(history_of(&answer), [(2, 2), (3, 3)]);
+    assert_eq!(answer["result"]["offset"], json!(3));
+
+    // A position in another epoch: 112; a namespace without history: 108; none: 102.
+    let since = json!({"offset": 1, "epoch": "not-the-epoch"});
+    assert_eq!(
+        cent.ask(call(
+            "history",
+            json!({"channel": channel, "limit": 10, "since": since})
+        )),
+        api_error(112, "unrecoverable position")
+    );
+    assert_eq!(
+        cent.ask(call("history", json!({"channel": "room:x", "limit": 10}))),
+        api_error(108, "not available")
+    );
+    assert_eq!(
+        cent.ask(call("history", json!({"channel": "nowhere:x"}))),
+        api_error(102, "unknown channel")
+    );
+    // In the transport error mode, 112 is 416.
+    let transport = json!({"X-API-Key": API_KEY, "X-Centrifugo-Error-Mode": "transport"});
+    let body = json!({"channel": channel, "limit": 1, "since": {"offset": 1, "epoch": "x"}});
+    let answer = cent.ask(raw("/api/history", &body.to_string(), transport));
+    assert_eq!(answer["status"], json!(416), "{answer}");
+    // A plain request with nulls for the optional fields, as Centrifugo takes it.
+    let body = r#"{"channel":"news:h","limit":1,"since":null,"reverse":null}"#;
+    let answer = cent.ask(raw("/api/history", body, json!({"X-API-Key": API_KEY})));
+    let got: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        got,
+        json!({"result": {"publications": [{"data": {"n": 1}, "offset": 1}],
+            "offset": 3, "epoch": epoch}})
+    );
+
+    // history_remove: the publications go, the position stays (Centrifugo's behaviour).
+    let answer = cent.ask(call("history_remove", json!({"channel": channel})));
+    assert_eq!(answer, json!({"result": {}}));
+    let answer = cent.ask(call("history", json!({"channel": channel, "limit": -1})));
+    assert!(history_of(&answer).is_empty(), "{answer}");
+    assert_eq!(answer["result"]["offset"], json!(3));
+    assert_eq!(answer["result"]["epoch"], json!(epoch));
+    // A position from before the removal is no longer followed by what came after it.
+    let since = json!({"offset": 1, "epoch": epoch});
+    assert_eq!(
+        cent.ask(call(
+            "history",
+            json!({"channel": channel, "limit": 10, "since": since})
+        )),
+        api_error(112, "unrecoverable position")
+    );
+    // The next publication gets the next offset in the same epoch, and is read from the top.
+    let answer = cent.ask(call(
+        "publish",
+        json!({"channel": channel, "data": {"n": 4}}),
+    ));
+    assert_eq!(answer, json!({"result": published()}));
+    let since = json!({"offset": 3, "epoch": epoch});
+    let answer = cent.ask(call(
+        "history",
+        json!({"channel": channel, "limit": 10, "since": since}),
+    ));
+    assert_eq!(history_of(&answer), [(4, 4)]);
+    assert_eq!(answer["result"]["epoch"], json!(epoch));
+    assert_eq!(
+        cent.ask(call("history_remove", json!({"channel": "room:x"}))),
+        api_error(108, "not available")
+    );
+    // A channel that never had a publication: nothing to remove, not an error.
+    assert_eq!(
+        cent.ask(call("history_remove", json!({"channel": "news:empty"}))),
+        json!({"result": {}})
+    );
 }
 
 /// The status line of the server's answer to an upgrade request on `path` with `origin`.

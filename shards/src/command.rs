@@ -165,6 +165,18 @@ pub enum Command {
         /// Answered once the close frame is queued.
         reply: Reply<()>,
     },
+    /// Refresh `conn`'s expiry, or expire it (Centrifugo's server API `refresh`). Answer:
+    /// whether it is a Centrifuge connection (a WSE one is left as it is).
+    Refresh {
+        /// The connection to refresh.
+        conn: ConnId,
+        /// Its new expiry, Unix seconds (0: never); `None`: unchanged.
+        expire_at: Option<u64>,
+        /// Close it now with 3005.
+        expired: bool,
+        /// Answered once done.
+        reply: Reply<bool>,
+    },
     /// Subscribe `conn` (its subscribe ACL and limits apply, as to a client request); answered
     /// once the topics' owners have (as a client acknowledgement would be), not sent to the
     /// client.

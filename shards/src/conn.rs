@@ -943,6 +943,24 @@ impl Conn {
         self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
     }
 
+    /// The server refreshes this connection's expiry (see
+    /// [`centrifuge::Session::server_refresh`]); `false` when it is not a Centrifuge connection
+    /// (a WSE connection's expiry is its token's).
+    pub fn server_refresh(
+        &mut self,
+        expire_at: Option<u64>,
+        expired: bool,
+        cx: &mut Cx<'_>,
+    ) -> bool {
+        if !matches!(self.phase, Phase::Centrifuge { .. }) {
+            return false;
+        }
+        self.centrifuge_step(cx, |s, ccx| {
+            s.server_refresh(ccx.now, ccx.wall_s, expire_at, expired)
+        });
+        true
+    }
+
     /// A publication this connection asked to have acknowledged was dropped before its owner
     /// sequenced it (the fabric was full): no acknowledgement will come. A Centrifuge client
     /// gets error 100 (temporary: it may retry); a WSE one hears nothing, as before.
@@ -1507,8 +1525,9 @@ struct PendingSubscribe {
     replay: Bytes,
 }
 
-/// The publications of a replay (whole WSE publication frames, in order) for a subscribe reply.
-fn replayed_publications(frames: &Bytes) -> Vec<centrifuge::proto::Publication> {
+/// The publications of a replay (whole WSE publication frames, in order) for a subscribe or
+/// history reply.
+pub(crate) fn replayed_publications(frames: &Bytes) -> Vec<centrifuge::proto::Publication> {
     let mut out = Vec::new();
     let mut decoder = Decoder::new(Role::Client);
     let mut buf = frames.to_vec();

@@ -375,6 +375,31 @@ pub enum QueryKind {
         /// The topic asked about.
         topic: Arc<str>,
     },
+    /// The connections of the topic's presence members (Centrifugo's `presence`).
+    PresenceClients {
+        /// The topic asked about.
+        topic: Arc<str>,
+    },
+    /// A read of the topic's history, as a connection's [`FabricMsg::History`] asks it
+    /// (Centrifugo's server API `history`).
+    History {
+        /// The topic asked about.
+        topic: Arc<str>,
+        /// Only publications after this offset; `None`: from the oldest the ring holds.
+        after: Option<u64>,
+        /// Most publications to return.
+        limit: usize,
+        /// The newest `limit` rather than the oldest.
+        reverse: bool,
+        /// Only the newest `keep` publications count as the topic's history.
+        keep: usize,
+    },
+    /// Forget the publications of the topic's history, keeping its position (Centrifugo's
+    /// `history_remove`).
+    HistoryRemove {
+        /// The topic whose history goes.
+        topic: Arc<str>,
+    },
 }
 
 /// An answer from a topic's owner.
@@ -386,6 +411,14 @@ pub enum QueryAnswer {
     PresenceStats(usize, u64),
     /// Presence is off on this server.
     PresenceDisabled,
+    /// Per connection of a presence member, as Centrifuge lists it.
+    Clients(Vec<ClientInfo>),
+    /// The history read (see [`QueryKind::History`]).
+    History(crate::recovery::HistoryRead),
+    /// The history's publications are gone (see [`QueryKind::HistoryRemove`]).
+    HistoryRemoved,
+    /// Recovery is off on this server: there is no history.
+    HistoryDisabled,
 }
 
 /// See [`FabricMsg::Query`].

@@ -51,6 +51,6 @@ pub use config::Config;
 pub use conn::ConnId;
 pub use inbound::{AppEvent, AppEventKind};
 pub use server::{
-    Builder, HealthSnapshot, PresenceMember, PublishError, QueryError, ReloadReport, Server,
-    StartError, block_on, block_on_timeout,
+    Builder, HealthSnapshot, HistoryPage, PresenceMember, PublishError, QueryError, ReloadReport,
+    Server, StartError, block_on, block_on_timeout,
 };

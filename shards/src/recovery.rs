@@ -161,6 +161,13 @@ impl History {
         self.free.push(id.0);
     }
 
+    /// Forgets every publication the ring holds, keeping its epoch: the topic's offsets go on
+    /// from where they were (Centrifugo's `history_remove`), and a replay across the forgotten
+    /// ones is refused as across any lost publication.
+    pub fn clear(&mut self, id: RingId) {
+        self.slots_mut(id).fill(Entry::default());
+    }
+
     /// The epoch of a ring.
     pub fn epoch(&self, id: RingId) -> u32 {
         self.rings[id.0 as usize].epoch
@@ -170,11 +177,12 @@ impl History {
     pub fn append(&mut self, id: RingId, offset: u64, frame: &[u8], now_ms: u64) {
         assert!(offset > 0, "offsets start at 1");
         // The owner numbers a topic's publications without gaps, from 1 in each new ring: the
-        // entry before this one is its predecessor (a fresh ring's slots are all empty).
+        // entry before this one is its predecessor, or empty (a fresh or cleared ring).
         debug_assert!(
             offset == 1
-                || self.slots(id)[((offset - 1) % self.buffer_size as u64) as usize].offset
-                    == offset - 1,
+                || [0, offset - 1].contains(
+                    &self.slots(id)[((offset - 1) % self.buffer_size as u64) as usize].offset
+                ),
             "offset {offset} appended without its predecessor"
         );
         let time_s = self.seconds(now_ms);
@@ -292,7 +300,7 @@ impl History {
 }
 
 /// A read of a topic's history (`TopicOwner::history`), as the topic's owner answers it.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HistoryRead {
     /// The history's epoch.
     pub epoch: u32,
@@ -369,6 +377,26 @@ mod tests {
             !h.replay(r, Some(epoch), 21, 20, 0).recovered,
             "client ahead of the server"
         );
+    }
+
+    #[test]
+    fn a_cleared_ring_keeps_its_epoch_and_refuses_what_it_forgot() {
+        let mut h = History::new(&cfg(1 << 20, 4, 8), 1);
+        let (r, epoch, _) = h.open(Arc::from("t"), 0);
+        for o in 1..=5 {
+            h.append(r, o, &frame(o, 10), 0);
+        }
+        h.clear(r);
+        assert_eq!(h.epoch(r), epoch);
+        assert_eq!(h.intact_after(r, 5, 0), 5, "holds nothing");
+        assert!(!h.replay(r, Some(epoch), 3, 5, 0).recovered);
+        assert!(h.replay(r, Some(epoch), 5, 5, 0).recovered, "at the top");
+        // Offsets go on after the clear.
+        h.append(r, 6, &frame(6, 10), 0);
+        let replay = h.replay(r, Some(epoch), 5, 6, 0);
+        assert!(replay.recovered);
+        assert_eq!(replay.frames, Bytes::from(frame(6, 10)));
+        assert!(!h.replay(r, Some(epoch), 4, 6, 0).recovered);
     }
 
     #[test]

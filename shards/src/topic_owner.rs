@@ -14,7 +14,7 @@
 //! interested, or the topic has a history ring, presence members or queue-group members, or the
 //! shard's own connections hold the topic (`held_locally` in [`TopicOwner::release`]: without
 //! recovery its offsets count on while anyone here listens); offsets in a history ring are
-//! gap-free from 1.
+//! gap-free from 1 (or from the first after a [`TopicOwner::history_remove`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -328,6 +328,19 @@ impl TopicOwner {
         })
     }
 
+    /// Forgets the publications `topic`'s history holds, keeping its position: the next
+    /// publication gets the next offset in the same epoch, and a position before the removal is
+    /// no longer recoverable (Centrifugo's `history_remove`). `false` when recovery is off.
+    pub fn history_remove(&mut self, topic: &str) -> bool {
+        let Some(history) = self.history.as_mut() else {
+            return false;
+        };
+        if let Some(ring) = self.topics.get(topic).and_then(|t| t.ring) {
+            history.clear(ring);
+        }
+        true
+    }
+
     /// `user` (with `data`) joins `topic`'s presence, of at most `max` members.
     pub fn presence_join(&mut self, topic: &str, user: &str, data: Bytes, max: usize) -> Joined {
         let members = self
@@ -477,6 +490,27 @@ mod tests {
         o.release("x", false);
         assert!(o.name("x").is_none());
         assert_eq!(o.sequence("x", b"{}", 0).offset, 1);
+    }
+
+    #[test]
+    fn history_remove_keeps_the_position() {
+        let mut o = TopicOwner::new(0, 1, &recovery(true));
+        for _ in 0..3 {
+            o.sequence("x", b"{}", 0);
+        }
+        let before = o.history("x", None, 10, false, 100, 0).unwrap();
+        assert!(o.history_remove("x"));
+        assert!(o.history_remove("never-published"));
+        let after = o.history("x", None, 10, false, 100, 0).unwrap();
+        assert_eq!((after.epoch, after.offset), (before.epoch, 3));
+        assert!(after.frames.is_empty());
+        assert!(!o.history("x", Some(1), 10, false, 100, 0).unwrap().complete);
+        let next = o.sequence("x", b"{}", 0);
+        assert_eq!((next.offset, next.epoch), (4, Some(before.epoch)));
+        let read = o.history("x", Some(3), 10, false, 100, 0).unwrap();
+        assert!(read.complete);
+        assert_eq!(read.frames, next.frame);
+        assert!(!TopicOwner::new(0, 1, &recovery(false)).history_remove("x"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use wse_shards::centrifuge::channel::Namespaces;
-use wse_shards::centrifuge::{DisconnectCode, ErrorCode};
+use wse_shards::centrifuge::{DisconnectCode, ErrorCode, NamespaceConfig};
 use wse_shards::command::{AppSubscribe, CommandError};
 use wse_shards::protocol::{self, parse_epoch, topic_problem};
 use wse_shards::{ConnId, PublishError, QueryError, Server};
@@ -218,28 +218,11 @@ async fn run(server: &Arc<Server>, method: &str, fields: Map<String, Value>) -> 
             "subscribe" => subscribe(server, args(fields)?).await,
             "unsubscribe" => unsubscribe(server, args(fields)?).await,
             "disconnect" => disconnect(server, args(fields)?).await,
-            "refresh" => {
-                let _: RefreshArgs = args(fields)?;
-                Err(not_available(
-                    "refresh: a connection's expiry comes from its token only",
-                ))
-            }
+            "refresh" => refresh(server, args(fields)?).await,
             "presence" => presence(server, args(fields)?).await,
             "presence_stats" => presence_stats(server, args(fields)?).await,
-            "history" => {
-                let a: HistoryArgs = args(fields)?;
-                channel_of(server, &a.channel)?;
-                Err(not_available(
-                    "history: served to Centrifuge clients, not over the HTTP API yet",
-                ))
-            }
-            "history_remove" => {
-                let a: ChannelArgs = args(fields)?;
-                channel_of(server, &a.channel)?;
-                Err(not_available(
-                    "history_remove: the recovery rings are not emptied on request",
-                ))
-            }
+            "history" => history(server, args(fields)?).await,
+            "history_remove" => history_remove(server, args(fields)?).await,
             "channels" => channels(server, args(fields)?).await,
             "info" => info(server, args(fields)?).await,
             other => Err(refuse(
@@ -297,13 +280,18 @@ fn args<A: DeserializeOwned>(fields: Map<String, Value>) -> Result<A, CfError> {
 
 /// A channel the engine takes (107 otherwise) in a configured namespace (102 otherwise).
 fn channel_of(server: &Server, channel: &str) -> Result<(), CfError> {
+    namespace_of(server, channel).map(|_| ())
+}
+
+/// The options of `channel`'s namespace, checked as [`channel_of`] checks the channel.
+fn namespace_of(server: &Server, channel: &str) -> Result<NamespaceConfig, CfError> {
     if let Some(problem) = topic_problem(channel) {
         return Err(bad_request(format!("channel {channel:?}: {problem}")));
     }
     let cfg = server.config();
     Namespaces::new(&cfg.centrifuge)
         .resolve(channel)
-        .map(|_| ())
+        .map(|c| c.namespace.clone())
         .map_err(|e| refuse(e, format!("channel {channel:?}")))
 }
 
@@ -516,7 +504,6 @@ struct DisconnectArgs {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // Read only to refuse unknown fields before answering 108.
 struct RefreshArgs {
     user: String,
     #[serde(default)]
@@ -645,6 +632,31 @@ async fn unsubscribe(server: &Server, a: UnsubscribeArgs) -> Outcome {
     Ok(json!({}))
 }
 
+/// Refreshes the user's Centrifuge connections (or the one `client`): `expired` closes them with
+/// 3005 (the clients reconnect with their token), else `expire_at` (Unix seconds; 0: never)
+/// becomes their expiry, after which they close with 3005 unless the client refreshes with a
+/// token; without either nothing changes. WSE connections are skipped (their expiry is their
+/// token's), as a user without connections is. `info` and `b64info` answer 108.
+async fn refresh(server: &Server, a: RefreshArgs) -> Outcome {
+    if a.info.is_some() || a.b64info.is_some() {
+        return Err(not_available(
+            "refresh: a connection's info comes from its token",
+        ));
+    }
+    let expire_at = match a.expire_at {
+        Some(at) => Some(u64::try_from(at).map_err(|_| bad_request("expire_at: negative"))?),
+        None => None,
+    };
+    let expired = a.expired == Some(true);
+    for conn in targets(server, &a.user, a.client.as_deref(), a.session.as_deref()).await? {
+        match server.refresh_connection(conn, expire_at, expired).await {
+            Ok(_) | Err(CommandError::UnknownConnection) => {}
+            Err(e) => return Err(engine_error(e)),
+        }
+    }
+    Ok(json!({}))
+}
+
 /// Closes the user's connections (or the one `client`), except those in `whitelist`, with the
 /// given code and reason (default 3503 "force disconnect"); WSE and Centrifuge connections alike.
 async fn disconnect(server: &Server, a: DisconnectArgs) -> Outcome {
@@ -680,9 +692,9 @@ struct ChannelArgs {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // Read only to refuse unknown fields before answering 108.
 struct HistoryArgs {
     channel: String,
+    /// 0 (the default): only the stream's position; negative: all, capped as any limit.
     #[serde(default)]
     limit: Option<i64>,
     #[serde(default)]
@@ -712,28 +724,91 @@ struct BatchArgs {
     parallel: Option<bool>,
 }
 
-/// `{"presence":{<key>:{"client","user","chan_info"}}}`. Our presence is kept per user (with
-/// how many of the user's connections are on the topic), so there is one entry per user, keyed
-/// by the user id, whose `client` is the user id too; `chan_info` is the member's presence data
-/// (a subscribe's `info`), when it has any.
+/// `{"presence":{<client id>:{"client","user","conn_info","chan_info"}}}`: one entry per member
+/// connection, as the topic's owner keeps them and a Centrifuge client's `presence` lists them
+/// (a WSE connection shows as its user and connection id, without info).
 async fn presence(server: &Server, a: ChannelArgs) -> Outcome {
     channel_of(server, &a.channel)?;
-    let members = server.presence(&a.channel).await.map_err(query_error)?;
-    let presence: Map<String, Value> = members
-        .into_iter()
-        .map(|m| {
-            let mut info = json!({"client": m.user_id, "user": m.user_id});
-            // The data was validated as JSON when the member joined; none (`{}`) is left out,
-            // as Centrifugo leaves out an empty `chan_info`.
-            match serde_json::from_str::<Value>(&m.data) {
-                Ok(Value::Object(data)) if data.is_empty() => {}
-                Ok(Value::Null) | Err(_) => {}
-                Ok(data) => info["chan_info"] = data,
-            }
-            (m.user_id, info)
-        })
-        .collect();
+    let clients = server
+        .presence_clients(&a.channel)
+        .await
+        .map_err(query_error)?;
+    let mut presence = Map::new();
+    for c in clients {
+        let info = serde_json::to_value(&c)
+            .map_err(|e| refuse(ErrorCode::Internal, format!("presence: {e}")))?;
+        presence.insert(c.client, info);
+    }
     Ok(json!({ "presence": presence }))
+}
+
+/// `{"publications":[{"data","offset"},..],"offset","epoch"}`: the channel's history as its
+/// owner reads it for a Centrifuge client's `history`, with the same answers: 108 when the
+/// namespace keeps no history (or recovery is off), 112 when `since` is in another epoch or
+/// no longer followed by everything after it. At most `centrifuge.history_limit_max`
+/// publications (and `recovery.max_messages`, as one replay).
+async fn history(server: &Server, a: HistoryArgs) -> Outcome {
+    let ns = namespace_of(server, &a.channel)?;
+    if !ns.has_history() {
+        return Err(not_available(format!(
+            "history: the namespace of {:?} keeps none (history_size, history_ttl)",
+            a.channel
+        )));
+    }
+    let cfg = server.config();
+    let limit = usize::try_from(a.limit.unwrap_or(0))
+        .unwrap_or(usize::MAX)
+        .min(cfg.centrifuge.history_limit_max);
+    let after = a.since.as_ref().map(|p| p.offset);
+    let page = server
+        .history(
+            &a.channel,
+            after,
+            limit,
+            a.reverse == Some(true),
+            ns.history_size,
+        )
+        .await
+        .map_err(query_error)?
+        .ok_or_else(|| not_available("history: set recovery.enabled"))?;
+    let epoch = protocol::epoch_hex(page.epoch);
+    let other_epoch = a
+        .since
+        .as_ref()
+        .is_some_and(|p| !p.epoch.is_empty() && p.epoch != epoch);
+    if other_epoch || !page.complete {
+        return Err(refuse(
+            ErrorCode::UnrecoverablePosition,
+            format!("history of {:?}: since is not recoverable", a.channel),
+        ));
+    }
+    Ok(json!({
+        "publications": page.publications,
+        "offset": page.offset,
+        "epoch": epoch,
+    }))
+}
+
+/// `{}`: the owner forgets the channel's publications and keeps its stream position, as
+/// Centrifugo does: the next publication gets the next offset in the same epoch, and a `since`
+/// (or a client's recovery) from before the removal is unrecoverable. 108 as for `history`.
+async fn history_remove(server: &Server, a: ChannelArgs) -> Outcome {
+    let ns = namespace_of(server, &a.channel)?;
+    if !ns.has_history() {
+        return Err(not_available(format!(
+            "history_remove: the namespace of {:?} keeps no history",
+            a.channel
+        )));
+    }
+    if server
+        .history_remove(&a.channel)
+        .await
+        .map_err(query_error)?
+    {
+        Ok(json!({}))
+    } else {
+        Err(not_available("history_remove: set recovery.enabled"))
+    }
 }
 
 async fn presence_stats(server: &Server, a: ChannelArgs) -> Outcome {

@@ -163,6 +163,32 @@ impl Server {
             .await
     }
 
+    /// Refreshes a Centrifuge connection's expiry as Centrifugo's server API `refresh` does:
+    /// `expired` closes it now with 3005; else `expire_at` (Unix seconds, 0: never) replaces
+    /// its token's expiry (`None`: unchanged). `Ok(false)`: `conn` is a WSE connection, left as
+    /// it is.
+    ///
+    /// # Errors
+    /// `UnknownConnection`, `Overloaded`, `NotRunning`.
+    pub async fn refresh_connection(
+        &self,
+        conn: ConnId,
+        expire_at: Option<u64>,
+        expired: bool,
+    ) -> Result<bool, CommandError> {
+        let (reply, answer) = Responder::pair();
+        self.to_connection(
+            conn,
+            Command::Refresh {
+                conn,
+                expire_at,
+                expired,
+                reply,
+            },
+        )?;
+        answer.await.ok_or(CommandError::NotRunning)?
+    }
+
     async fn close_connection(
         &self,
         conn: ConnId,

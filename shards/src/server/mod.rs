@@ -21,6 +21,7 @@ mod wait;
 
 pub use builder::Builder;
 pub use commands::HealthSnapshot;
+pub use topics::HistoryPage;
 pub use wait::{block_on, block_on_timeout};
 
 use std::io;

@@ -10,11 +10,26 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{PresenceMember, PublishError, QueryError, Server};
+use crate::centrifuge::proto::{ClientInfo, Publication};
 use crate::command::{Command, CommandError, TopicStats, TopicSubscribers};
 use crate::fabric::{FabricMsg, Query, QueryAnswer, QueryKind, Sent};
 use crate::protocol;
 use crate::reply::{ReplyFuture, ReplySlot};
 use crate::topics::owner_of;
+
+/// A read of a topic's history ([`Server::history`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    /// The history's epoch (Centrifuge shows it as [`protocol::epoch_hex`] writes it).
+    pub epoch: u32,
+    /// The topic's last offset.
+    pub offset: u64,
+    /// The history still holds every publication after the position asked for (always, when
+    /// none was given): otherwise that position is unrecoverable.
+    pub complete: bool,
+    /// The publications read, in offset order (`reverse`: newest first).
+    pub publications: Vec<Publication>,
+}
 
 impl Server {
     /// Publishes `{"c":"U","t":<event>,"p":<data>,"v":1}` to every subscriber of `topic`.
@@ -285,12 +300,101 @@ impl Server {
         }
     }
 
+    /// The connections of `topic`'s presence members, one entry each, as a Centrifuge client's
+    /// `presence` lists them (a WSE connection shows as its user and connection id alone).
+    ///
+    /// # Errors
+    /// An invalid topic, presence off, or a full queue to the owner.
+    pub async fn presence_clients(&self, topic: &str) -> Result<Vec<ClientInfo>, QueryError> {
+        let kind = QueryKind::PresenceClients {
+            topic: Arc::from(topic),
+        };
+        match self.query(topic, kind)?.await {
+            QueryAnswer::Clients(clients) => Ok(clients),
+            _ => Err(QueryError::PresenceDisabled),
+        }
+    }
+
+    /// A read of `topic`'s history, asked of its owner as a Centrifuge client's `history` is:
+    /// at most `limit` publications after offset `after` (`None`: from the oldest held), the
+    /// oldest of them (`reverse`: the newest, listed newest first), where only the newest
+    /// `keep` publications count as history. `None` when recovery is off.
+    ///
+    /// # Errors
+    /// An invalid topic, or a full queue to the owner.
+    pub async fn history(
+        &self,
+        topic: &str,
+        after: Option<u64>,
+        limit: usize,
+        reverse: bool,
+        keep: usize,
+    ) -> Result<Option<HistoryPage>, QueryError> {
+        if !self.shared.cfg.recovery.enabled {
+            return Ok(None);
+        }
+        let kind = QueryKind::History {
+            topic: Arc::from(topic),
+            after,
+            limit,
+            reverse,
+            keep,
+        };
+        match self.ask_owner(topic, kind)?.await {
+            QueryAnswer::History(read) => {
+                let mut publications = crate::conn::replayed_publications(&read.frames);
+                if reverse {
+                    publications.reverse();
+                }
+                Ok(Some(HistoryPage {
+                    epoch: read.epoch,
+                    offset: read.offset,
+                    complete: read.complete,
+                    publications,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Forgets the publications `topic`'s history holds, keeping its position (offset and
+    /// epoch): the next publication gets the next offset, and a position from before is no
+    /// longer recoverable. `false` when recovery is off.
+    ///
+    /// # Errors
+    /// An invalid topic, or a full queue to the owner.
+    pub async fn history_remove(&self, topic: &str) -> Result<bool, QueryError> {
+        if !self.shared.cfg.recovery.enabled {
+            return Ok(false);
+        }
+        let kind = QueryKind::HistoryRemove {
+            topic: Arc::from(topic),
+        };
+        Ok(matches!(
+            self.ask_owner(topic, kind)?.await,
+            QueryAnswer::HistoryRemoved
+        ))
+    }
+
+    /// A presence question for `topic`'s owner.
     fn query(&self, topic: &str, kind: QueryKind) -> Result<ReplyFuture<QueryAnswer>, QueryError> {
         if let Some(problem) = protocol::topic_problem(topic) {
             return Err(QueryError::InvalidTopic(problem));
         }
         if !self.shared.cfg.presence.enabled {
             return Err(QueryError::PresenceDisabled);
+        }
+        self.ask_owner(topic, kind)
+    }
+
+    /// Sends `kind` to `topic`'s owner; the future resolves with its answer.
+    fn ask_owner(
+        &self,
+        topic: &str,
+        kind: QueryKind,
+    ) -> Result<ReplyFuture<QueryAnswer>, QueryError> {
+        if let Some(problem) = protocol::topic_problem(topic) {
+            return Err(QueryError::InvalidTopic(problem));
         }
         let reply = ReplySlot::new();
         let owner = owner_of(topic, self.shared.shards);

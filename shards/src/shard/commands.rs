@@ -62,6 +62,21 @@ impl<T: Transport> Shard<T> {
                 });
                 reply.send(done.ok_or(CommandError::UnknownConnection));
             }
+            Command::Refresh {
+                conn,
+                expire_at,
+                expired,
+                reply,
+            } => {
+                let done = self.session_key(conn).map(|key| {
+                    let mut centrifuge = false;
+                    self.with_conn(key, clock, |c, cx| {
+                        centrifuge = c.server_refresh(expire_at, expired, cx);
+                    });
+                    centrifuge
+                });
+                reply.send(done.ok_or(CommandError::UnknownConnection));
+            }
             Command::Subscribe {
                 conn,
                 request,

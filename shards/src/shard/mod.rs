@@ -901,7 +901,7 @@ impl<T: Transport> Shard<T> {
             }
             FabricMsg::PresenceLeft(answer) => self.handle_presence_left(*answer),
             FabricMsg::PresenceUpdate(u) => self.handle_presence_update(&u.topic, &u.user, u.data),
-            FabricMsg::Query(q) => self.handle_query(*q),
+            FabricMsg::Query(q) => self.handle_query(*q, clock),
             FabricMsg::Adopt { fd } => self.handoff.adopted.push(fd),
             FabricMsg::Reload(reload) => self.apply_reload(&reload),
             FabricMsg::Command(cmd) => self.handle_command(*cmd, clock),

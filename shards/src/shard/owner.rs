@@ -334,13 +334,19 @@ impl<T: Transport> Shard<T> {
     }
 
     /// Answers a question about a topic this shard owns.
-    pub(super) fn handle_query(&mut self, q: Query) {
+    pub(super) fn handle_query(&mut self, q: Query, clock: Clock) {
         let presence_on = self.run.cfg().presence.enabled;
-        let members = |topic: &str| self.owner.presence(topic);
-        let answer = match (&q.kind, presence_on) {
-            (_, false) => QueryAnswer::PresenceDisabled,
-            (QueryKind::Presence { topic }, true) => QueryAnswer::Presence(
-                members(topic)
+        let answer = match &q.kind {
+            QueryKind::Presence { .. }
+            | QueryKind::PresenceStats { .. }
+            | QueryKind::PresenceClients { .. }
+                if !presence_on =>
+            {
+                QueryAnswer::PresenceDisabled
+            }
+            QueryKind::Presence { topic } => QueryAnswer::Presence(
+                self.owner
+                    .presence(topic)
                     .map(|m| {
                         m.iter()
                             .map(|(u, m)| {
@@ -354,9 +360,32 @@ impl<T: Transport> Shard<T> {
                     })
                     .unwrap_or_default(),
             ),
-            (QueryKind::PresenceStats { topic }, true) => {
-                let (users, conns) = members(topic).map_or((0, 0), |m| m.stats());
+            QueryKind::PresenceStats { topic } => {
+                let (users, conns) = self.owner.presence(topic).map_or((0, 0), |m| m.stats());
                 QueryAnswer::PresenceStats(users, conns)
+            }
+            QueryKind::PresenceClients { topic } => {
+                QueryAnswer::Clients(self.owner.clients(topic).cloned().collect())
+            }
+            QueryKind::History {
+                topic,
+                after,
+                limit,
+                reverse,
+                keep,
+            } => {
+                let read =
+                    self.owner
+                        .history(topic, *after, *limit, *reverse, *keep, clock.wall_ms);
+                self.release_owned(topic);
+                read.map_or(QueryAnswer::HistoryDisabled, QueryAnswer::History)
+            }
+            QueryKind::HistoryRemove { topic } => {
+                if self.owner.history_remove(topic) {
+                    QueryAnswer::HistoryRemoved
+                } else {
+                    QueryAnswer::HistoryDisabled
+                }
             }
         };
         q.reply.complete(answer);

@@ -245,6 +245,37 @@ impl Session {
         })
     }
 
+    /// The server refreshes the connection (Centrifugo's server API `refresh`): `expired`
+    /// closes it with 3005 at once; else `expire_at` (Unix seconds; 0: never) replaces its
+    /// token's expiry, and it closes with 3005 `expired_close_delay` after that unless the
+    /// client refreshes with a token; `None` leaves the expiry as it is. The client is not told
+    /// (its own refresh schedule follows its token). Nothing happens before connect.
+    ///
+    /// # Errors
+    /// 3005 when `expired`.
+    pub fn server_refresh(
+        &mut self,
+        now: Instant,
+        wall_s: u64,
+        expire_at: Option<u64>,
+        expired: bool,
+    ) -> Result<(), DisconnectCode> {
+        let Phase::Connected(connected) = &mut self.phase else {
+            return Ok(());
+        };
+        if expired {
+            return Err(DisconnectCode::ConnectionExpired);
+        }
+        if let Some(at) = expire_at {
+            connected.expires_at = (at > 0).then_some(at);
+            self.expiry_close = connected.expires_at.map(|at| {
+                now + Duration::from_secs(at.saturating_sub(wall_s))
+                    + self.settings.expired_close_delay
+            });
+        }
+        Ok(())
+    }
+
     pub(super) fn sub_refresh(
         &mut self,
         cx: Cx<'_>,

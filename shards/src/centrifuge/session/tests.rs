@@ -476,6 +476,47 @@ fn an_expired_connection_closes_with_3005_after_the_delay_unless_refreshed() {
 }
 
 #[test]
+fn the_server_refreshes_a_connections_expiry_or_expires_it() {
+    let mut h = Harness::new(Format::Json);
+    assert_eq!(
+        h.s.server_refresh(h.now, wall(), None, true),
+        Ok(()),
+        "not connected"
+    );
+    h.connect("alice");
+    // A later expiry: 3005 only `expired_close_delay` (25 s) after it.
+    h.s.server_refresh(h.now, wall(), Some(wall() + 7200), false)
+        .unwrap();
+    let close = h.now + Duration::from_secs(7200 + 25);
+    let mut at = h.now;
+    loop {
+        at += Duration::from_secs(25);
+        if at >= close {
+            break;
+        }
+        h.s.handle_timeout(at).unwrap();
+        h.send("{}").unwrap();
+    }
+    assert_eq!(
+        h.s.handle_timeout(close),
+        Err(DisconnectCode::ConnectionExpired)
+    );
+    // 0: never; None: unchanged; expired: at once.
+    let mut h = Harness::new(Format::Json);
+    h.connect("alice");
+    h.s.server_refresh(h.now, wall(), Some(0), false).unwrap();
+    h.s.server_refresh(h.now, wall(), None, false).unwrap();
+    let late = h.now + Duration::from_secs(3600 + 25);
+    h.s.handle_timeout(late - Duration::from_secs(1)).unwrap();
+    h.send("{}").unwrap();
+    assert!(h.s.handle_timeout(late).is_ok(), "no expiry any more");
+    assert_eq!(
+        h.s.server_refresh(h.now, wall(), None, true),
+        Err(DisconnectCode::ConnectionExpired)
+    );
+}
+
+#[test]
 fn subscribe_refusals_have_their_codes() {
     let mut h = Harness::new(Format::Json);
     h.connect("alice");
