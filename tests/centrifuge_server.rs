@@ -2,7 +2,9 @@
 //! the published centrifuge-python 0.7.0 (unmodified, JSON and protobuf) and a WSE client (the
 //! Rust client) on the same topic: each receives the other's publication, in its own format,
 //! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
-//! `history`, `presence`, `presence_stats` and recovery after a reconnect forced through the server API (3011) read; centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
+//! `history`, `presence`, `presence_stats` and recovery after a reconnect forced through the server API (3011) read,
+//! and which meets the server's tokens (3500 terminal for a bad one, a refresh before expiry, 3005
+//! without one); centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
 //! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
 //! Centrifugo's HTTP API (`/api/publish`): server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
@@ -14,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{API_KEY, Wse, collect_stderr, for_each_line, publisher_token, token, venv_python};
+use support::{
+    API_KEY, Wse, collect_stderr, for_each_line, publisher_token, token, token_signed, venv_python,
+};
 use wse_client::Connector;
 
 /// Longest wait for one step of either client.
@@ -377,6 +381,65 @@ fn centrifuge_js_in_chromium() {
             json!({"step": "done"}),
         ]
     );
+}
+
+/// How long the short-lived connection token of [`tokens`] is valid, seconds.
+const SHORT_TOKEN_S: u64 = 3;
+
+/// centrifuge-python 0.7.0 with the server's tokens (`tests/python/centrifuge_tokens.py`): a
+/// token with a wrong signature is refused with 3500, on which the client stops (terminal); a
+/// client that refreshes its expiring token stays connected past the expiry, while one that
+/// cannot is closed with 3005 once the expiry and `centrifuge.expired_close_delay` (1 s here)
+/// have passed.
+fn tokens(encoding: &str) {
+    let wse = server_with(&["--centrifuge-expired-close-delay", "1s"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let output = Command::new(venv_python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_tokens.py"))
+        .arg(format!("ws://{}/connection/websocket", wse.ws))
+        .arg(token_signed("not-the-servers-secret-0123456789", "alice"))
+        .arg(token("alice", json!({"exp": now + SHORT_TOKEN_S})))
+        .arg(token("alice", json!({})))
+        .arg(encoding)
+        .arg("room:tokens")
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        wse.log()
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            json!({"step": "bad_token", "changes": [["connecting", 0], ["disconnected", 3500]]}),
+            json!({"step": "get_token_called"}),
+            json!({"step": "stuck", "kind": "connecting", "code": 3005}),
+            json!({"step": "refreshed", "publication": {"text": "after expiry"},
+                   "state_changes": 0}),
+            json!({"step": "done"}),
+        ]
+    );
+}
+
+#[test]
+fn centrifuge_python_json_token_refused_refreshed_and_expired() {
+    tokens("json");
+}
+
+#[test]
+fn centrifuge_python_protobuf_token_refused_refreshed_and_expired() {
+    tokens("protobuf");
 }
 
 #[tokio::test]
