@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{
-    API_KEY, Wse, collect_stderr, for_each_line, publisher_token, token, token_signed, venv_python,
+    API_KEY, SECRET, Wse, collect_stderr, for_each_line, publisher_token, token, token_signed,
+    venv_python,
 };
 use wse_client::Connector;
 
@@ -452,77 +453,6 @@ async fn centrifuge_python_protobuf_and_a_wse_client_share_a_topic() {
     python_and_wse_share_a_topic("protobuf").await;
 }
 
-/// The stand-in Token Bowl backend (the spec's §1.6), publishing into the real server: its
-/// connection tokens' `channels` claim makes server-side subscriptions, its messages route
-/// publishes through Centrifugo's `POST /api/publish` with `X-API-Key`, as the real backend does.
-#[derive(Clone)]
-struct Backend {
-    control: std::net::SocketAddr,
-    ws_url: String,
-    next_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-/// `X-API-Key: key-<user>`.
-fn user_of(headers: &axum::http::HeaderMap) -> Result<String, axum::http::StatusCode> {
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|k| k.strip_prefix("key-"))
-        .map(str::to_owned)
-        .ok_or(axum::http::StatusCode::UNAUTHORIZED)
-}
-
-async fn connection_token(
-    axum::extract::State(b): axum::extract::State<Backend>,
-    headers: axum::http::HeaderMap,
-) -> Result<axum::Json<Value>, axum::http::StatusCode> {
-    let user = user_of(&headers)?;
-    let dm = format!("user:{user}");
-    Ok(axum::Json(json!({
-        "token": token(&user, json!({"channels": ["room:main", dm]})),
-        "url": b.ws_url,
-        "channels": [dm, "room:main"],
-        "user": user,
-    })))
-}
-
-async fn messages(
-    axum::extract::State(b): axum::extract::State<Backend>,
-    headers: axum::http::HeaderMap,
-    axum::Json(body): axum::Json<Value>,
-) -> Result<(axum::http::StatusCode, axum::Json<Value>), axum::http::StatusCode> {
-    let user = user_of(&headers)?;
-    let to = body["to_username"].as_str();
-    let n = b.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let message = json!({
-        "id": format!("m{n}"),
-        "from_user_id": "",
-        "from_username": user,
-        "to_username": to,
-        "content": body["content"],
-        "message_type": if to.is_some() { "direct" } else { "room" },
-        "timestamp": "2026-12-05T00:00:00Z",
-    });
-    // A direct message goes to the recipient's channel only, as the real backend does, and
-    // through Centrifugo's HTTP API, as the real backend's `cent` client sends it.
-    let channel = to.map_or_else(|| "room:main".to_owned(), |t| format!("user:{t}"));
-    let publish = json!({"channel": channel, "data": message}).to_string();
-    let (status, answer) = support::http(
-        b.control,
-        "POST",
-        "/api/publish",
-        &[("X-API-Key", API_KEY)],
-        &publish,
-    )
-    .await;
-    assert_eq!(
-        (status, answer.as_str()),
-        (200, r#"{"result":{}}"#),
-        "{answer}"
-    );
-    Ok((axum::http::StatusCode::CREATED, axum::Json(message)))
-}
-
 #[tokio::test]
 async fn token_bowl_chat_room_and_direct_messages() {
     let python = venv_python();
@@ -532,24 +462,52 @@ async fn token_bowl_chat_room_and_direct_messages() {
         "--centrifuge-namespaces",
         r#"[{"name":"room"},{"name":"user"}]"#,
     ]);
-    let backend = Backend {
-        control: wse.control.unwrap(),
-        ws_url: format!("ws://{}/connection/websocket", wse.ws),
-        next_id: std::sync::Arc::default(),
-    };
-    let app = axum::Router::new()
-        .route(
-            "/centrifugo/connection-token",
-            axum::routing::get(connection_token),
-        )
-        .route("/messages", axum::routing::post(messages))
-        .with_state(backend);
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(http, app).await.unwrap() });
+    // The stand-in backend (examples/token-bowl/backend.py): its connection tokens' `channels`
+    // claim makes server-side subscriptions; it publishes with `cent` through Centrifugo's HTTP
+    // API, as the real backend does.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut backend = Command::new(&python)
+        .arg(root.join("examples/token-bowl/backend.py"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--api-key",
+            API_KEY,
+            "--secret",
+            SECRET,
+        ])
+        .arg("--ws-url")
+        .arg(format!("ws://{}/connection/websocket", wse.ws))
+        .arg("--api-url")
+        .arg(format!("http://{}/api", wse.control.unwrap()))
+        .env("PYTHONUNBUFFERED", "1")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start examples/token-bowl/backend.py");
+    let backend_errors = collect_stderr(&mut backend);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for_each_line(backend.stdout.take().unwrap(), move |line| {
+        tx.send(line).is_ok()
+    });
+    let base = tokio::time::timeout(STEP_WAIT, rx.recv())
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.strip_prefix("listening on ").map(str::to_owned))
+        .unwrap_or_else(|| {
+            panic!(
+                "the backend did not start: {}",
+                backend_errors.lock().unwrap()
+            )
+        });
+    let _backend = KillOnDrop(backend);
 
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/token_bowl_client.py");
+    let script = root.join("tests/python/token_bowl_client.py");
     let mut child = Command::new(python)
         .arg(script)
         .arg(&base)
@@ -574,8 +532,9 @@ async fn token_bowl_chat_room_and_direct_messages() {
         .flatten()
         .unwrap_or_else(|| {
             panic!(
-                "no result; stderr: {}\nserver log:\n{}",
+                "no result; stderr: {}\nbackend: {}\nserver log:\n{}",
                 errors.lock().unwrap(),
+                backend_errors.lock().unwrap(),
                 wse.log()
             )
         });
@@ -637,4 +596,14 @@ async fn the_server_api_lists_and_disconnects_a_centrifuge_connection() {
         (u16::from(close.code), close.reason.as_str()),
         (3011, "force reconnect")
     );
+}
+
+/// Kills a child process when dropped, so a failing test does not leave it running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

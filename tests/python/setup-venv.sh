@@ -2,7 +2,8 @@
 # Creates the Python venv the wire-compatibility tests use: the published wse-client 2.5.1 and
 # the upstream wse-server 2.5.1 (the independent server the Rust client is checked against,
 # run by upstream_server.py), unmodified, on Python >= 3.12 (found on PATH or via pyenv), plus
-# the packages of the Python example backend (examples/python-chat/requirements.txt) and the
+# the packages of the Python example backends (examples/python-chat/requirements.txt,
+# examples/token-bowl/requirements.txt) and the
 # published Centrifuge clients: centrifuge-python 0.7.0 (tests/python/centrifuge_client.py) and
 # token-bowl-chat 4.0.2 (tests/python/token_bowl_client.py); and cent 5.2.0, Centrifugo's HTTP API
 # client (tests/python/cent_api.py).
@@ -15,8 +16,9 @@ mkdir -p "$(dirname "$venv")"
 exec 9>"$venv.lock"
 flock 9
 reqs="$here/../../examples/python-chat/requirements.txt"
+reqs_token_bowl="$here/../../examples/token-bowl/requirements.txt"
 # Up to date when every pinned package is installed at its pin.
-if "$venv/bin/python" - "$reqs" 2>/dev/null <<'PY'; then
+if "$venv/bin/python" - "$reqs" "$reqs_token_bowl" 2>/dev/null <<'PY'; then
 import sys, importlib.metadata as md
 want = {
     "wse-client": "2.5.1",
@@ -25,11 +27,12 @@ want = {
     "token-bowl-chat": "4.0.2",
     "cent": "5.2.0",
 }
-for line in open(sys.argv[1]):
-    line = line.split("#")[0].strip()
-    if line:
-        name, version = line.split("==")
-        want[name] = version
+for path in sys.argv[1:]:
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            want[name] = version
 sys.exit(any(md.version(n) != v for n, v in want.items()))
 PY
   exit 0
@@ -44,5 +47,5 @@ done
 rm -rf "$venv"
 "$py" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "wse-client==2.5.1" "wse-server==2.5.1" \
-  "centrifuge-python==0.7.0" "token-bowl-chat==4.0.2" "cent==5.2.0" -r "$reqs"
+  "centrifuge-python==0.7.0" "token-bowl-chat==4.0.2" "cent==5.2.0" -r "$reqs" -r "$reqs_token_bowl"
 "$venv/bin/python" -c 'import wse_client, wse_server; print("wse-client", wse_client.__version__)' >&2
