@@ -110,6 +110,8 @@ impl ClusterView {
 /// The running cluster core.
 pub struct ClusterCore {
     view: ClusterView,
+    /// With `tls`: the certificates new links use, replaced on reload.
+    tls: Option<Arc<Mutex<tls::Tls>>>,
     local_addr: SocketAddr,
     stop_tx: watch::Sender<bool>,
     thread: JoinHandle<()>,
@@ -137,11 +139,14 @@ impl ClusterCore {
             },
             ClusterSecurity::Tls => Security::Tls,
         };
+        let tls = match cfg.security {
+            ClusterSecurity::Tls => Some(Arc::new(Mutex::new(
+                tls::Tls::load(cfg).map_err(io::Error::other)?,
+            ))),
+            _ => None,
+        };
         let transport = Transport {
-            tls: match cfg.security {
-                ClusterSecurity::Tls => Some(tls::Tls::load(cfg).map_err(io::Error::other)?),
-                _ => None,
-            },
+            tls: tls.clone(),
             handshake_timeout: cfg.handshake_timeout,
         };
         let std_listener = std::net::TcpListener::bind(cfg.listen)?;
@@ -217,10 +222,27 @@ impl ClusterCore {
         };
         Ok(Self {
             view,
+            tls,
             local_addr,
             stop_tx,
             thread,
         })
+    }
+
+    /// With `tls`: reads the CA, certificate and key again from `cfg`'s paths (SIGHUP); links
+    /// made from now on use them, established ones keep theirs. `Ok(false)` without `tls`.
+    ///
+    /// # Errors
+    /// A file cannot be used (as at start); the running certificates stay.
+    pub fn reload_certificates(&self, cfg: &ClusterConfig) -> Result<bool, String> {
+        let Some(current) = &self.tls else {
+            return Ok(false);
+        };
+        let fresh = tls::Tls::load(cfg)?;
+        if let Ok(mut g) = current.lock() {
+            *g = fresh;
+        }
+        Ok(true)
     }
 
     /// The membership, for the control plane.
@@ -258,10 +280,22 @@ fn first_incarnation() -> u64 {
 /// How a connection's bytes travel: over TLS (`security = tls`) or as they are.
 #[derive(Clone)]
 struct Transport {
-    tls: Option<tls::Tls>,
+    /// Read when a socket starts: a reload applies to the links made after it.
+    tls: Option<Arc<Mutex<tls::Tls>>>,
     /// The TLS handshake's bound; the node's handshake deadline, counted from the same
     /// moment, bounds both together.
     handshake_timeout: Duration,
+}
+
+impl Transport {
+    /// The certificates in force now.
+    fn current_tls(&self) -> Option<tls::Tls> {
+        let t = self.tls.as_ref()?;
+        Some(match t.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        })
+    }
 }
 
 /// A connection's tasks, as the loop sees them.
@@ -767,7 +801,7 @@ async fn dial(
             if tx.send(SockEvent::Connected(conn)).await.is_err() {
                 return;
             }
-            match &transport.tls {
+            match transport.current_tls() {
                 None => serve(conn, stream, writes, tx).await,
                 Some(tls) => {
                     let shake = tls.connect(&addr, stream);
@@ -810,7 +844,7 @@ async fn serve_accepted(
     writes: mpsc::UnboundedReceiver<WriteCmd>,
     tx: mpsc::Sender<SockEvent>,
 ) {
-    let Some(tls) = &transport.tls else {
+    let Some(tls) = transport.current_tls() else {
         return serve(conn, stream, writes, tx).await;
     };
     match tokio::time::timeout(transport.handshake_timeout, tls.accept(stream)).await {

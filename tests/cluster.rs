@@ -453,6 +453,46 @@ async fn tls_refuses_a_hello_name_the_certificate_does_not_hold() {
     );
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn sighup_reloads_the_cluster_certificates_for_new_links() {
+    // n1 starts with CA A's files; a node of CA B is refused until n1's files are replaced with
+    // CA B's and n1 gets a SIGHUP.
+    let (a, b) = (Pki::new("reload-a"), Pki::new("reload-b"));
+    a.issue("n1", "n1");
+    b.issue("n1", "n1");
+    b.issue("n2", "n2");
+    let a1 = free_port("127.0.0.1");
+    let a2 = free_port("127.0.0.2");
+    let n1 = tls_node("n1", &a1, &[], &a.flags(&a, "n1"));
+    let n2 = tls_node("n2", &a2, &[&a1], &b.flags(&b, "n2"));
+    assert!(
+        n1.wait_log("cluster handshake with", 1, CONVERGE),
+        "{}",
+        n1.log()
+    );
+    assert!(members(&n1).await.is_empty());
+    for f in ["ca.pem", "n1.pem", "n1.key"] {
+        std::fs::copy(b.dir.join(f), a.dir.join(f)).unwrap();
+    }
+    n1.sighup();
+    assert!(
+        n1.wait_log("cluster certificates reloaded for new links", 1, CONVERGE),
+        "{}",
+        n1.log()
+    );
+    // n2 redials (its breaker backs off, within CONVERGE) and is now let in.
+    await_tables(
+        &[("n1", &n1), ("n2", &n2)],
+        "linked after the reload",
+        |me, t| {
+            let other = if me == "n1" { "n2" } else { "n1" };
+            t.get(other)
+                .is_some_and(|(s, link, _)| s == "alive" && *link)
+        },
+    )
+    .await;
+}
+
 #[test]
 fn tls_with_a_bad_key_or_missing_file_is_refused_at_start() {
     let pki = Pki::new("bad-files");
