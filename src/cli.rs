@@ -1238,7 +1238,7 @@ struct ClusterFlags {
     )]
     security: Option<ClusterSecurity>,
 
-    /// TLS: the private CA certificate, PEM file.
+    /// TLS: the private CA certificate, PEM file (read again on SIGHUP, for new links).
     #[arg(
         id = "cluster.tls_ca",
         long = "cluster-tls-ca",
@@ -1248,7 +1248,8 @@ struct ClusterFlags {
     )]
     tls_ca: Option<PathBuf>,
 
-    /// TLS: this node's certificate chain, PEM file; its SAN must hold the node name.
+    /// TLS: this node's certificate chain, PEM file; its SAN must hold the node name (read again
+    /// on SIGHUP, for new links).
     #[arg(
         id = "cluster.tls_cert",
         long = "cluster-tls-cert",
@@ -1258,7 +1259,7 @@ struct ClusterFlags {
     )]
     tls_cert: Option<PathBuf>,
 
-    /// TLS: this node's private key, PEM file.
+    /// TLS: this node's private key, PEM file (read again on SIGHUP, for new links).
     #[arg(
         id = "cluster.tls_key",
         long = "cluster-tls-key",

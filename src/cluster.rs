@@ -12,8 +12,12 @@
 //! without a poller of our own, and the binary already builds on tokio for the control plane.
 //! Each socket gets a reader task and a writer task that only move bytes; they talk to the
 //! loop over one bounded channel, so a peer that floods us is slowed by TCP, not buffered.
+//! With `security = tls` a socket's task first runs the TLS handshake (`tls`), hands the node
+//! what the peer's certificate is valid for, then moves the decrypted bytes the same way.
 //! (compio, as the shards use, would need the same tasks; whether io_uring's batching pays on
 //! the data path is a question for measurements.)
+
+mod tls;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -25,10 +29,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
-use wse_cluster::handshake::Security;
+use wse_cluster::handshake::{CertifiedNames, Security};
 use wse_cluster::node::{self, Action, ConnId, Event, Node};
 use wse_cluster::wire::MemberState;
 use wse_shards::config::{ClusterCompression, ClusterConfig, ClusterSecurity};
@@ -69,6 +73,11 @@ const FABRIC_PER_SOURCE: usize = 1024;
 enum SockEvent {
     Accepted(TcpStream, SocketAddr),
     Connected(ConnId),
+    /// With `tls`: the TLS handshake of the connection succeeded; what the peer's verified
+    /// certificate is valid for. Sent before its first input.
+    Certified(ConnId, CertifiedNames),
+    /// With `tls`: the TLS handshake failed (or outlasted `cluster.handshake_timeout`).
+    TlsFailed(ConnId, String),
     DialFailed(ConnId),
     Input(ConnId, Vec<u8>),
     Transmitted(ConnId, usize),
@@ -101,6 +110,8 @@ impl ClusterView {
 /// The running cluster core.
 pub struct ClusterCore {
     view: ClusterView,
+    /// With `tls`: the certificates new links use, replaced on reload.
+    tls: Option<Arc<Mutex<tls::Tls>>>,
     local_addr: SocketAddr,
     stop_tx: watch::Sender<bool>,
     thread: JoinHandle<()>,
@@ -109,11 +120,12 @@ pub struct ClusterCore {
 impl ClusterCore {
     /// Binds `cfg.listen` (here, so that an address in use fails at start) and starts the
     /// "wse-cluster" thread, which serves the cluster core's end of the fabric (`fabric`, of a
-    /// server with `shards` shards). `cfg` is validated; `tls` is refused by validation until it exists.
+    /// server with `shards` shards). `cfg` is validated; with `tls` the CA, certificate and
+    /// key are loaded here.
     ///
     /// # Errors
-    /// The listener cannot bind, the runtime or the thread cannot start, or the security mode
-    /// is not available.
+    /// The listener cannot bind, the runtime or the thread cannot start, or (with `tls`) a
+    /// certificate or key file cannot be used (one line naming the key).
     pub fn start(cfg: &ClusterConfig, fabric: Endpoint, shards: usize) -> io::Result<Self> {
         let security = match cfg.security {
             ClusterSecurity::None => Security::None,
@@ -125,11 +137,17 @@ impl ClusterCore {
                     .into_bytes(),
                 previous: cfg.psk_previous.clone().map(String::into_bytes),
             },
-            ClusterSecurity::Tls => {
-                return Err(io::Error::other(
-                    "cluster.security = tls is not available yet",
-                ));
-            }
+            ClusterSecurity::Tls => Security::Tls,
+        };
+        let tls = match cfg.security {
+            ClusterSecurity::Tls => Some(Arc::new(Mutex::new(
+                tls::Tls::load(cfg).map_err(io::Error::other)?,
+            ))),
+            _ => None,
+        };
+        let transport = Transport {
+            tls: tls.clone(),
+            handshake_timeout: cfg.handshake_timeout,
         };
         let std_listener = std::net::TcpListener::bind(cfg.listen)?;
         std_listener.set_nonblocking(true)?;
@@ -197,15 +215,34 @@ impl ClusterCore {
                     {
                         tracing::warn!(core = id, "cannot pin the cluster core's thread");
                     }
-                    runtime.block_on(run(node_cfg, listener, view, stop_rx, fabric, shards));
+                    runtime.block_on(run(
+                        node_cfg, transport, listener, view, stop_rx, fabric, shards,
+                    ));
                 })?
         };
         Ok(Self {
             view,
+            tls,
             local_addr,
             stop_tx,
             thread,
         })
+    }
+
+    /// With `tls`: reads the CA, certificate and key again from `cfg`'s paths (SIGHUP); links
+    /// made from now on use them, established ones keep theirs. `Ok(false)` without `tls`.
+    ///
+    /// # Errors
+    /// A file cannot be used (as at start); the running certificates stay.
+    pub fn reload_certificates(&self, cfg: &ClusterConfig) -> Result<bool, String> {
+        let Some(current) = &self.tls else {
+            return Ok(false);
+        };
+        let fresh = tls::Tls::load(cfg)?;
+        if let Ok(mut g) = current.lock() {
+            *g = fresh;
+        }
+        Ok(true)
     }
 
     /// The membership, for the control plane.
@@ -238,6 +275,27 @@ fn first_incarnation() -> u64 {
         u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 16)
     });
     ms << 16
+}
+
+/// How a connection's bytes travel: over TLS (`security = tls`) or as they are.
+#[derive(Clone)]
+struct Transport {
+    /// Read when a socket starts: a reload applies to the links made after it.
+    tls: Option<Arc<Mutex<tls::Tls>>>,
+    /// The TLS handshake's bound; the node's handshake deadline, counted from the same
+    /// moment, bounds both together.
+    handshake_timeout: Duration,
+}
+
+impl Transport {
+    /// The certificates in force now.
+    fn current_tls(&self) -> Option<tls::Tls> {
+        let t = self.tls.as_ref()?;
+        Some(match t.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        })
+    }
 }
 
 /// A connection's tasks, as the loop sees them.
@@ -394,6 +452,7 @@ impl ShardLink {
 /// turn that changed it.
 async fn run(
     cfg: node::Config,
+    transport: Transport,
     listener: TcpListener,
     view: ClusterView,
     mut stop: watch::Receiver<bool>,
@@ -438,10 +497,10 @@ async fn run(
             () = bell.0.notified() => {}
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
-                handle(&mut node, &mut conns, &tx, ev, now());
+                handle(&mut node, &mut conns, &transport, &tx, &mut handshakes, ev, now());
                 for _ in 1..EVENTS_PER_TURN {
                     match rx.try_recv() {
-                        Ok(ev) => handle(&mut node, &mut conns, &tx, ev, now()),
+                        Ok(ev) => handle(&mut node, &mut conns, &transport, &tx, &mut handshakes, ev, now()),
                         Err(_) => break,
                     }
                 }
@@ -454,7 +513,14 @@ async fn run(
             bell.0.notify_one();
         }
         node.flush(now());
-        carry_out(&mut node, &mut conns, &tx, &mut handshakes, &mut link);
+        carry_out(
+            &mut node,
+            &mut conns,
+            &transport,
+            &tx,
+            &mut handshakes,
+            &mut link,
+        );
         link.flush();
         let v = snapshot(&node, &cfg, &link);
         if v != last_view {
@@ -466,7 +532,14 @@ async fn run(
     // incarnation.
     node.leave(now());
     node.flush(now());
-    carry_out(&mut node, &mut conns, &tx, &mut handshakes, &mut link);
+    carry_out(
+        &mut node,
+        &mut conns,
+        &transport,
+        &tx,
+        &mut handshakes,
+        &mut link,
+    );
     acceptor.abort();
     let writers: Vec<_> = conns.drain().map(|(_, c)| c.writer).collect();
     for w in &writers {
@@ -504,7 +577,9 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<SockEvent>) {
 fn handle(
     node: &mut Node,
     conns: &mut HashMap<ConnId, ConnTasks>,
+    transport: &Transport,
     tx: &mpsc::Sender<SockEvent>,
+    handshakes: &mut HandshakeLog,
     ev: SockEvent,
     now: u64,
 ) {
@@ -518,10 +593,29 @@ fn handle(
                 let (w, r) = mpsc::unbounded_channel();
                 conns.insert(conn, ConnTasks { writer: w });
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(conn, stream, r, tx.clone()));
+                tokio::spawn(serve_accepted(
+                    conn,
+                    stream,
+                    transport.clone(),
+                    r,
+                    tx.clone(),
+                ));
             }
         },
         SockEvent::Connected(conn) => node.connected(conn, now),
+        SockEvent::Certified(conn, names) => node.certified(conn, names),
+        SockEvent::TlsFailed(conn, error) => {
+            // Logged like the node's own handshake failures, under the same rate limit.
+            log_event(
+                &Event::HandshakeFailed {
+                    addr: node.conn_addr(conn).unwrap_or_default(),
+                    error: format!("tls: {error}"),
+                },
+                handshakes,
+            );
+            conns.remove(&conn);
+            node.closed(conn, now);
+        }
         SockEvent::DialFailed(conn) => {
             conns.remove(&conn);
             node.dial_failed(conn, now);
@@ -538,6 +632,7 @@ fn handle(
 fn carry_out(
     node: &mut Node,
     conns: &mut HashMap<ConnId, ConnTasks>,
+    transport: &Transport,
     tx: &mpsc::Sender<SockEvent>,
     handshakes: &mut HandshakeLog,
     link: &mut ShardLink,
@@ -547,7 +642,7 @@ fn carry_out(
             Action::Dial { conn, addr } => {
                 let (w, r) = mpsc::unbounded_channel();
                 conns.insert(conn, ConnTasks { writer: w });
-                tokio::spawn(dial(conn, addr, r, tx.clone()));
+                tokio::spawn(dial(conn, addr, transport.clone(), r, tx.clone()));
             }
             Action::Send { conn, bytes } => {
                 if let Some(c) = conns.get(&conn) {
@@ -692,6 +787,7 @@ fn snapshot(node: &Node, cfg: &node::Config, link: &ShardLink) -> Value {
 async fn dial(
     conn: ConnId,
     addr: String,
+    transport: Transport,
     writes: mpsc::UnboundedReceiver<WriteCmd>,
     tx: mpsc::Sender<SockEvent>,
 ) {
@@ -699,8 +795,32 @@ async fn dial(
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             // Sent before any input of this connection: the channel keeps the order.
-            if tx.send(SockEvent::Connected(conn)).await.is_ok() {
-                serve(conn, stream, writes, tx).await;
+            // Sent before any input of this connection: the channel keeps the order. The node's
+            // handshake (and its deadline) starts now; with TLS, its PREFACE and HELLO wait in
+            // `writes` until the TLS handshake is done.
+            if tx.send(SockEvent::Connected(conn)).await.is_err() {
+                return;
+            }
+            match transport.current_tls() {
+                None => serve(conn, stream, writes, tx).await,
+                Some(tls) => {
+                    let shake = tls.connect(&addr, stream);
+                    match tokio::time::timeout(transport.handshake_timeout, shake).await {
+                        Ok(Ok((s, names))) => {
+                            if tx.send(SockEvent::Certified(conn, names)).await.is_ok() {
+                                serve(conn, s, writes, tx).await;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            let _ = tx.send(SockEvent::TlsFailed(conn, e.to_string())).await;
+                        }
+                        Err(_) => {
+                            let _ = tx
+                                .send(SockEvent::TlsFailed(conn, "timed out".to_owned()))
+                                .await;
+                        }
+                    }
+                }
             }
         }
         Ok(Err(e)) => {
@@ -714,14 +834,44 @@ async fn dial(
     }
 }
 
-/// Moves bytes both ways until either side ends, then reports the connection closed once.
-async fn serve(
+/// An accepted connection: with TLS, its handshake first (the node counts the socket among
+/// the unauthenticated ones from its `accept` and bounds it by its handshake deadline), then
+/// the bytes.
+async fn serve_accepted(
     conn: ConnId,
     stream: TcpStream,
+    transport: Transport,
+    writes: mpsc::UnboundedReceiver<WriteCmd>,
+    tx: mpsc::Sender<SockEvent>,
+) {
+    let Some(tls) = transport.current_tls() else {
+        return serve(conn, stream, writes, tx).await;
+    };
+    match tokio::time::timeout(transport.handshake_timeout, tls.accept(stream)).await {
+        Ok(Ok((s, names))) => {
+            if tx.send(SockEvent::Certified(conn, names)).await.is_ok() {
+                serve(conn, s, writes, tx).await;
+            }
+        }
+        Ok(Err(e)) => {
+            let _ = tx.send(SockEvent::TlsFailed(conn, e.to_string())).await;
+        }
+        Err(_) => {
+            let _ = tx
+                .send(SockEvent::TlsFailed(conn, "timed out".to_owned()))
+                .await;
+        }
+    }
+}
+
+/// Moves bytes both ways until either side ends, then reports the connection closed once.
+async fn serve<S: AsyncRead + AsyncWrite>(
+    conn: ConnId,
+    stream: S,
     mut writes: mpsc::UnboundedReceiver<WriteCmd>,
     tx: mpsc::Sender<SockEvent>,
 ) {
-    let (mut r, mut w) = stream.into_split();
+    let (mut r, mut w) = tokio::io::split(stream);
     let reader = {
         let tx = tx.clone();
         async move {

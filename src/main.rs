@@ -186,6 +186,7 @@ fn main() -> ExitCode {
         argv: std::env::args_os().collect(),
         server: &server,
         control: control.as_ref(),
+        cluster: cluster.as_ref(),
         log,
         nofile,
         notifier: &notifier,
@@ -283,6 +284,7 @@ struct Reloader<'a> {
     argv: Vec<OsString>,
     server: &'a Server,
     control: Option<&'a ControlPlane>,
+    cluster: Option<&'a cluster::ClusterCore>,
     log: Option<LogReload>,
     nofile: host::Nofile,
     notifier: &'a Notifier,
@@ -331,6 +333,17 @@ impl Reloader<'_> {
         }
         if let Some(control) = self.control {
             control.set_api_key(running.control.api_key.clone());
+        }
+        // The cluster's certificates are read again from the running paths (files replaced in
+        // place), for the links made from now on.
+        if let Some(cluster) = self.cluster {
+            match cluster.reload_certificates(&running.cluster) {
+                Ok(true) => tracing::info!("cluster certificates reloaded for new links"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("cluster certificates not reloaded, the running ones stay: {e}")
+                }
+            }
         }
         if report.applied.iter().any(|k| k == "auth.enabled") && !running.auth.enabled {
             warn_auth_disabled();

@@ -1,5 +1,7 @@
 //! One session's handshake: PREFACE + HELLO from both ends at once (so the receiver always
-//! answers HELLO, even when it then refuses), then with `psk` an AUTH from both ends. Pair-level
+//! answers HELLO, even when it then refuses), then with `psk` an AUTH from both ends; with `tls`
+//! the transport authenticated the peer's certificate and the HELLO's node name must be one the
+//! certificate is valid for (its SAN). Pair-level
 //! rules (duplicates, incarnations) need the whole node's view and live in [`crate::node`].
 
 use hkdf::Hkdf;
@@ -33,13 +35,21 @@ pub enum Security {
         /// The key being rotated out, still accepted.
         previous: Option<Vec<u8>>,
     },
+    /// TLS 1.3 with mutual authentication, done by the I/O layer before any byte reaches the
+    /// node; it hands over the verified certificate's names with [`Handshake::certified`]
+    /// (`Node::certified`), and the HELLO's node name must be one of them. No AUTH frame.
+    Tls,
 }
+
+/// Says whether the peer's verified certificate is valid for a node name (a SAN of it).
+pub type CertifiedNames = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Security {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
         match self {
             Self::None => f.write_str("None"),
+            Self::Tls => f.write_str("Tls"),
             Self::Psk { previous, .. } => write!(f, "Psk {{ previous: {} }}", previous.is_some()),
         }
     }
@@ -110,6 +120,10 @@ pub enum HandshakeError {
     /// The deadline passed.
     #[error("handshake deadline passed")]
     Timeout,
+    /// With `tls`: the HELLO's node name is not one the peer's certificate is valid for (or no
+    /// verified certificate came with the session).
+    #[error("the peer's certificate is not valid for the node name {0:?} it sent")]
+    NotCertified(String),
 }
 
 /// Result of feeding the handshake.
@@ -149,6 +163,8 @@ pub struct Handshake {
     state: State,
     /// The PSK both ends hold (the first in the dialer's order), once AUTH verified.
     shared: Option<Vec<u8>>,
+    /// With `tls`: the names the peer's verified certificate is valid for.
+    certified: Option<CertifiedNames>,
     decoder: FrameDecoder,
     /// Virtual-clock time (µs) by which the handshake must be done.
     pub deadline: u64,
@@ -200,9 +216,16 @@ impl Handshake {
             version: 0,
             state: State::AwaitPreface,
             shared: None,
+            certified: None,
             decoder: FrameDecoder::new(PREAUTH_MAX_FRAME),
             deadline,
         }
+    }
+
+    /// With `tls`: the transport verified the peer's certificate; `names` says which node names
+    /// it is valid for. Given before the first byte is fed.
+    pub fn certified(&mut self, names: CertifiedNames) {
+        self.certified = Some(names);
     }
 
     /// Feeds received bytes; may write frames (AUTH, GOODBYE) to `out`.
@@ -320,6 +343,19 @@ impl Handshake {
                 self.peer_hello = Some((h, f.body));
                 match &self.security {
                     Security::None => Some(self.established()),
+                    Security::Tls => {
+                        let name = self.peer_hello.as_ref().map(|(h, _)| h.name.clone());
+                        let name = name.unwrap_or_default();
+                        if self.certified.as_ref().is_some_and(|ok| ok(&name)) {
+                            Some(self.established())
+                        } else {
+                            Some(self.fail(
+                                HandshakeError::NotCertified(name),
+                                Some(Reason::AuthFailed),
+                                out,
+                            ))
+                        }
+                    }
                     Security::Psk { .. } => {
                         let auth = Auth {
                             macs: self.keys().iter().map(|k| self.mac(k, self.role)).collect(),
@@ -395,7 +431,7 @@ impl Handshake {
 
     fn keys(&self) -> Vec<&[u8]> {
         match &self.security {
-            Security::None => Vec::new(),
+            Security::None | Security::Tls => Vec::new(),
             Security::Psk { current, previous } => std::iter::once(current.as_slice())
                 .chain(previous.as_deref())
                 .collect(),
@@ -511,6 +547,76 @@ mod tests {
             }
         }
         (ra.unwrap_or(Step::Continue), rb.unwrap_or(Step::Continue))
+    }
+
+    /// A `tls` pair: each end certified for `a_cert` / `b_cert` (what the peer's certificate is
+    /// valid for, as the transport verified it); HELLOs go across whole.
+    fn run_tls(a_certified_as: &'static str, b_certified_as: &'static str) -> (Step, Step) {
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        let mut ha = Handshake::start(
+            Role::Dialer,
+            ident("a", 1),
+            Security::Tls,
+            1,
+            [1; 32],
+            100,
+            &mut oa,
+        );
+        let mut hb = Handshake::start(
+            Role::Acceptor,
+            ident("b", 2),
+            Security::Tls,
+            0,
+            [2; 32],
+            100,
+            &mut ob,
+        );
+        // `ha` checks b's certificate, `hb` checks a's.
+        ha.certified(std::sync::Arc::new(move |n: &str| n == b_certified_as));
+        hb.certified(std::sync::Arc::new(move |n: &str| n == a_certified_as));
+        let rb = hb.feed(&oa, 0, &mut Vec::new());
+        let ra = ha.feed(&ob, 0, &mut Vec::new());
+        (ra, rb)
+    }
+
+    #[test]
+    fn tls_handshake_needs_the_hello_name_in_the_peer_certificate() {
+        let (a, b) = run_tls("a", "b");
+        assert!(matches!(
+            (a, b),
+            (Step::Established(_), Step::Established(_))
+        ));
+        // a's certificate is for "x": b refuses a HELLO named "a", with AUTH_FAILED.
+        let (a, b) = run_tls("x", "b");
+        assert!(matches!(a, Step::Established(_)));
+        assert!(
+            matches!(&b, Step::Failed(HandshakeError::NotCertified(n)) if n == "a"),
+            "{b:?}"
+        );
+        // No certificate handed over at all: refused too.
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        Handshake::start(
+            Role::Dialer,
+            ident("a", 1),
+            Security::Tls,
+            1,
+            [1; 32],
+            100,
+            &mut oa,
+        );
+        let mut hb = Handshake::start(
+            Role::Acceptor,
+            ident("b", 2),
+            Security::Tls,
+            0,
+            [2; 32],
+            100,
+            &mut ob,
+        );
+        assert!(matches!(
+            hb.feed(&oa, 0, &mut Vec::new()),
+            Step::Failed(HandshakeError::NotCertified(_))
+        ));
     }
 
     #[test]

@@ -644,6 +644,24 @@ impl Node {
         }
     }
 
+    /// With `tls`: the transport verified the peer's certificate of `conn` (inbound or dialled);
+    /// `names` says which node names it is valid for, and the HELLO must carry one of them.
+    /// Given before the connection's first input.
+    pub fn certified(&mut self, conn: ConnId, names: handshake::CertifiedNames) {
+        if let Some(Conn {
+            phase: Phase::Handshake(h),
+            ..
+        }) = self.conns.get_mut(&conn)
+        {
+            h.certified(names);
+        }
+    }
+
+    /// The peer address of `conn`, while it is open.
+    pub fn conn_addr(&self, conn: ConnId) -> Option<String> {
+        self.conns.get(&conn).map(|c| c.addr.clone())
+    }
+
     /// A dial failed.
     pub fn dial_failed(&mut self, conn: ConnId, now: u64) {
         self.now = now;

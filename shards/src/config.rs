@@ -567,11 +567,11 @@ pub const CLUSTER_FRAME_MAX: usize = 4 << 20;
 pub const CLUSTER_MEMBERS_MAX: usize = 64;
 
 /// The cluster (docs/CLUSTER.md): a full mesh of nodes on a dedicated cluster core. So far the
-/// core runs the membership mesh only (no publication crosses nodes), and `tls` is refused.
+/// core runs the membership mesh and carries publications; links are `tls`, `psk` or `none`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Join a cluster: start the cluster core (membership mesh only so far).
+    /// Join a cluster: start the cluster core (the cluster mesh (docs/CLUSTER.md)).
     pub enabled: bool,
     /// This node's name, unique and stable across restarts. Empty: the host name.
     pub node_name: String,
@@ -725,15 +725,22 @@ impl ClusterConfig {
                     }
                 }
             }
-            // The cluster core speaks PSK and plaintext; TLS (rustls, with its CA, certificate
-            // and key files checked here) is the next increment. Refused rather than run
-            // unauthenticated.
+            // The files must be there; whether they parse and the key goes with the certificate
+            // is checked when the cluster core loads them (exit 1, one line naming the key).
             ClusterSecurity::Tls if self.enabled => {
-                return Err(bad(
-                    "cluster.security",
-                    "tls is not available yet: use psk (or none on a loopback address) \
-                     (docs/CLUSTER.md)",
-                ));
+                for (key, path) in [
+                    ("cluster.tls_ca", &self.tls_ca),
+                    ("cluster.tls_cert", &self.tls_cert),
+                    ("cluster.tls_key", &self.tls_key),
+                ] {
+                    match path {
+                        None => return Err(bad(key, "required with security = tls")),
+                        Some(p) if !p.is_file() => {
+                            return Err(bad(key, format!("{}: no such file", p.display())));
+                        }
+                        Some(_) => {}
+                    }
+                }
             }
             _ => {}
         }
@@ -1524,7 +1531,7 @@ mod tests {
     }
 
     #[test]
-    fn cluster_section_is_validated_and_tls_not_yet_enabled() {
+    fn cluster_section_is_validated_and_tls_needs_its_files() {
         let mut c = Config::default();
         c.cluster.listen = "0.0.0.0:5007".parse().unwrap();
         assert_eq!(c.validate().unwrap_err().key, "cluster.listen");
@@ -1547,7 +1554,7 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "cluster.link_timeout");
         c.cluster.ping_interval = Duration::from_secs(1);
         c.validate().unwrap();
-        // PSK enables; TLS is refused until it exists.
+        // PSK enables.
         c.cluster.enabled = true;
         c.validate().unwrap();
         // A wildcard listener needs an address peers can dial.
@@ -1558,9 +1565,17 @@ mod tests {
         c.cluster.advertised = None;
         c.cluster.listen = "127.0.0.2:9999".parse().unwrap();
         c.cluster.security = ClusterSecurity::Tls;
+        assert_eq!(c.validate().unwrap_err().key, "cluster.tls_ca");
+        let here = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        c.cluster.tls_ca = Some(here.clone());
+        c.cluster.tls_cert = Some(here.clone());
+        assert_eq!(c.validate().unwrap_err().key, "cluster.tls_key");
+        c.cluster.tls_key = Some(here.with_file_name("no-such-key.pem"));
         let e = c.validate().unwrap_err();
-        assert_eq!(e.key, "cluster.security");
-        assert!(e.to_string().contains("not available yet"), "{e}");
+        assert_eq!(e.key, "cluster.tls_key");
+        assert!(e.to_string().contains("no such file"), "{e}");
+        c.cluster.tls_key = Some(here);
+        c.validate().unwrap();
     }
 
     #[test]
