@@ -59,6 +59,21 @@ async fn view(w: &Wse) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// `GET /api/v1/cluster/dlq` on `w`.
+async fn dlq(w: &Wse) -> Value {
+    let auth = format!("Bearer {API_KEY}");
+    let (status, body) = w
+        .http(
+            "GET",
+            "/api/v1/cluster/dlq",
+            &[("Authorization", &auth)],
+            "",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 /// Member name → (state, link up, RTT measured) as `w` sees them.
 async fn members(w: &Wse) -> BTreeMap<String, (String, bool, bool)> {
     let v = view(w).await;
@@ -599,4 +614,86 @@ async fn a_burst_crosses_to_another_node_without_loss_in_order() {
     let v = view(&nodes[1].1).await;
     assert_eq!(v["publications"]["received"], BURST, "{v}");
     assert_eq!(v["publications"]["dropped"], 0, "{v}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_publication_over_a_peers_queue_cap_is_dead_lettered_and_counted() {
+    /// Over the 4 KiB queue cap node 1 runs with: every such publication for a peer is dropped.
+    const BIG: usize = 8 * 1024;
+    let a1 = free_port("127.0.0.1");
+    let a2 = free_port("127.0.0.2");
+    let mut args = vec![
+        "--cluster-batch-max",
+        "4096",
+        "--cluster-peer-queue-bytes",
+        "4096",
+    ];
+    args.extend(["--cluster-security", "psk", "--cluster-psk", PSK]);
+    let n1 = node_with("n1", &a1, &[], &args);
+    let n2 = node("n2", &a2, &[&a1], PSK);
+    await_tables(&[("n1", &n1), ("n2", &n2)], "two nodes linked", |me, t| {
+        let other = if me == "n1" { "n2" } else { "n1" };
+        t.get(other)
+            .is_some_and(|(s, link, _)| s == "alive" && *link)
+    })
+    .await;
+    assert_eq!(dlq(&n1).await["entries"], json!([]));
+    let mut sub = client(&n2, "sub", false).await;
+    subscribed(&mut sub, "big").await;
+    let (status, text) = n1.api_publish("big", "m", json!("x".repeat(BIG))).await;
+    assert_eq!(status, 200, "{text}");
+    // A small one after it still crosses: only the big one was dropped.
+    let (status, text) = n1.api_publish("big", "small", json!(1)).await;
+    assert_eq!(status, 200, "{text}");
+    let (event, _) = next_publication(&mut sub, "the small publication").await;
+    assert_eq!(event, "small");
+    let v = dlq(&n1).await;
+    assert_eq!(v["enabled"], true, "{v}");
+    assert_eq!(v["capacity"], 1024, "{v}");
+    assert_eq!(v["total"], 1, "{v}");
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{v}");
+    let e = &entries[0];
+    assert_eq!(
+        (&e["peer"], &e["topic"]),
+        (&json!("n2"), &json!("big")),
+        "{v}"
+    );
+    assert_eq!(e["reason"], "peer_queue_full", "{v}");
+    assert!(e["bytes"].as_u64().unwrap() > BIG as u64, "{v}");
+    assert!(
+        humantime::parse_rfc3339(e["time"].as_str().unwrap()).is_ok(),
+        "{v}"
+    );
+    use base64::Engine as _;
+    let prefix = base64::engine::general_purpose::STANDARD
+        .decode(e["prefix"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(prefix.len(), 64, "{v}");
+    // The same drop in /metrics and the cluster view; node 2's DLQ is empty.
+    let dropped = n1
+        .metric(
+            "wse_cluster_publications_dropped_total",
+            "reason=\"peer_queue_full\"",
+        )
+        .await;
+    assert_eq!(dropped, 1.0);
+    assert_eq!(n1.metric("wse_cluster_dlq_entries", "").await, 1.0);
+    assert_eq!(n1.metric("wse_cluster_links_up", "").await, 1.0);
+    assert_eq!(
+        n1.metric("wse_cluster_members", "state=\"alive\"").await,
+        1.0
+    );
+    assert!(
+        n1.metric("wse_cluster_sent_bytes_total", "peer=\"n2\"")
+            .await
+            > 0.0
+    );
+    let view1 = view(&n1).await;
+    assert_eq!(view1["dlq_entries"], 1, "{view1}");
+    assert!(
+        view1["members"][0]["bytes_received"].as_u64().unwrap() > 0,
+        "{view1}"
+    );
+    assert_eq!(dlq(&n2).await["entries"], json!([]));
 }
