@@ -177,7 +177,21 @@ pub struct ClusterCore {
     view: ClusterView,
     local_addr: SocketAddr,
     stop_tx: watch::Sender<bool>,
+    drain: ClusterDrain,
     thread: JoinHandle<()>,
+}
+
+/// Starts the cluster core's lame duck (docs/CLUSTER.md, "Drain"): the node announces itself
+/// Leaving and keeps its links and its clients' interest while the shards close their clients;
+/// [`ClusterCore::stop`] then leaves.
+#[derive(Clone)]
+pub struct ClusterDrain(Arc<watch::Sender<bool>>);
+
+impl ClusterDrain {
+    /// Announces the drain (once; later calls do nothing).
+    pub fn drain(&self) {
+        self.0.send_if_modified(|d| !std::mem::replace(d, true));
+    }
 }
 
 impl ClusterCore {
@@ -260,6 +274,7 @@ impl ClusterCore {
         };
         let view = ClusterView::default();
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (drain_tx, drain_rx) = watch::channel(false);
         let core = cfg.core;
         let thread = {
             let view = view.clone();
@@ -271,13 +286,18 @@ impl ClusterCore {
                     {
                         tracing::warn!(core = id, "cannot pin the cluster core's thread");
                     }
-                    runtime.block_on(run(node_cfg, listener, view, stop_rx, fabric, shards));
+                    let signals = Signals {
+                        stop: stop_rx,
+                        drain: drain_rx,
+                    };
+                    runtime.block_on(run(node_cfg, listener, view, signals, fabric, shards));
                 })?
         };
         Ok(Self {
             view,
             local_addr,
             stop_tx,
+            drain: ClusterDrain(Arc::new(drain_tx)),
             thread,
         })
     }
@@ -285,6 +305,11 @@ impl ClusterCore {
     /// The membership, for the control plane.
     pub fn view(&self) -> ClusterView {
         self.view.clone()
+    }
+
+    /// What starts the lame duck, for whoever begins the server's drain.
+    pub fn drainer(&self) -> ClusterDrain {
+        self.drain.clone()
     }
 
     /// The cluster listener's address.
@@ -463,6 +488,14 @@ impl ShardLink {
     }
 }
 
+/// What the rest of the process tells the loop.
+struct Signals {
+    /// Leave and end.
+    stop: watch::Receiver<bool>,
+    /// The server's drain began: lame duck.
+    drain: watch::Receiver<bool>,
+}
+
 /// The cluster core's loop: socket events, ticks and fabric entries into the node, its actions
 /// out to the sockets and the shards, a membership snapshot for the control plane after every
 /// turn that changed it.
@@ -470,7 +503,7 @@ async fn run(
     cfg: node::Config,
     listener: TcpListener,
     view: ClusterView,
-    mut stop: watch::Receiver<bool>,
+    signals: Signals,
     fabric: Endpoint,
     shards: usize,
 ) {
@@ -505,6 +538,11 @@ async fn run(
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut handshakes = HandshakeLog::new();
+    let Signals {
+        mut stop,
+        mut drain,
+    } = signals;
+    let mut draining = false;
     // Published before the first turn, so the control plane never answers with nothing.
     let mut last_view = snapshot(&node, &cfg, &link);
     view.set(last_view.clone(), metrics(&node, &link));
@@ -513,6 +551,17 @@ async fn run(
     loop {
         tokio::select! {
             _ = stop.changed() => break,
+            changed = drain.changed(), if !draining => {
+                // Once: a drain is not undone (and a closed channel must not spin the loop).
+                draining = true;
+                if changed.is_ok() && *drain.borrow() {
+                    node.drain(now());
+                    tracing::info!(
+                        "cluster: draining as a lame duck (links and interest kept until the \
+                         clients are closed, then leaving)"
+                    );
+                }
+            }
             () = bell.0.notified() => {}
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };

@@ -697,3 +697,164 @@ async fn a_publication_over_a_peers_queue_cap_is_dead_lettered_and_counted() {
     );
     assert_eq!(dlq(&n2).await["entries"], json!([]));
 }
+
+/// How long the drained node's drain may last: a client of it that never reads holds the drain
+/// open this long, which is the window in which the others must see it as a lame duck.
+const DRAIN_SECS: u64 = 6;
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_drained_node_is_a_lame_duck_then_leaves_while_the_others_keep_serving() {
+    const TOPIC: &str = "room";
+    let mut nodes = three_nodes().await;
+    let mut subs = Vec::new();
+    for (name, w) in &nodes {
+        let mut s = client(w, &format!("sub-{name}"), false).await;
+        subscribed(&mut s, TOPIC).await;
+        subs.push(s);
+    }
+    // Never reads, so never answers its close: n3's drain lasts its whole timeout.
+    let _mute = client(&nodes[2].1, "mute", false).await;
+    let auth = format!("Bearer {API_KEY}");
+    let body = json!({ "timeout": DRAIN_SECS }).to_string();
+    let (status, text) = nodes[2]
+        .1
+        .http("POST", "/api/v1/drain", &[("Authorization", &auth)], &body)
+        .await;
+    assert_eq!(status, 200, "{text}");
+    match subs[2].recv_until(|_| false, MESSAGE_WAIT).await {
+        Err(wse_client::Error::Closed { code, .. }) => assert_eq!(code, 4300),
+        other => panic!("n3's subscriber: expected close 4300, got {other:?}"),
+    }
+    // The lame duck: announced Leaving, its links kept while its drain runs.
+    await_tables(
+        &[("n1", &nodes[0].1), ("n2", &nodes[1].1)],
+        "n3 leaving with its links up",
+        |_, t| {
+            t.get("n3")
+                .is_some_and(|(s, link, _)| s == "leaving" && *link)
+        },
+    )
+    .await;
+    let (status, text) = nodes[0].1.api_publish(TOPIC, "during", json!(1)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().take(2).enumerate() {
+        let (event, _) = next_publication(s, &format!("n{} during n3's drain", i + 1)).await;
+        assert_eq!(event, "during");
+    }
+    // The drain's end: it leaves (never dead, never redialled) and exits cleanly.
+    await_tables(
+        &[("n1", &nodes[0].1), ("n2", &nodes[1].1)],
+        "n3 left",
+        |_, t| t.get("n3").is_some_and(|(s, link, _)| s == "left" && !link),
+    )
+    .await;
+    assert!(
+        nodes[2].1.wait_exit(CONVERGE).is_some_and(|s| s.success()),
+        "{}",
+        nodes[2].1.log()
+    );
+    for w in [&nodes[0].1, &nodes[1].1] {
+        assert!(
+            !w.log().contains("cluster member n3 is dead"),
+            "{}",
+            w.log()
+        );
+    }
+    let (status, text) = nodes[1].1.api_publish(TOPIC, "after", json!(2)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().take(2).enumerate() {
+        let (event, _) = next_publication(s, &format!("n{} after n3 left", i + 1)).await;
+        assert_eq!(event, "after");
+    }
+}
+
+/// A node as [`meshed`] starts them: two shards, the test PSK, `seeds` (comma-separated) if any.
+fn mesh_node(name: &str, listen: &str, seeds: &str) -> Wse {
+    let mut args = vec![
+        "--cores",
+        "2",
+        "--cluster-enabled",
+        "true",
+        "--cluster-security",
+        "psk",
+        "--cluster-psk",
+        PSK,
+        "--cluster-node-name",
+        name,
+        "--cluster-listen",
+        listen,
+    ];
+    if !seeds.is_empty() {
+        args.extend(["--cluster-seeds", seeds]);
+    }
+    Wse::start(&args)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_killed_node_is_dead_the_rest_keep_serving_and_it_rejoins_when_restarted() {
+    const TOPIC: &str = "room";
+    let mut nodes = three_nodes().await;
+    let seed = view(&nodes[0].1).await["node"]["advertised"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v3 = view(&nodes[2].1).await;
+    let addr3 = v3["node"]["advertised"].as_str().unwrap().to_owned();
+    let first_incarnation = v3["node"]["incarnation"].as_u64().unwrap();
+    let mut subs = Vec::new();
+    for (name, w) in nodes.iter().take(2) {
+        let mut s = client(w, &format!("sub-{name}"), false).await;
+        subscribed(&mut s, TOPIC).await;
+        subs.push(s);
+    }
+    // kill -9 (dropping a Wse kills it with SIGKILL).
+    drop(nodes.pop());
+    let survivors = [("n1", &nodes[0].1), ("n2", &nodes[1].1)];
+    await_tables(&survivors, "n3 dead, n1 and n2 still linked", |me, t| {
+        let other = if me == "n1" { "n2" } else { "n1" };
+        t.get("n3").is_some_and(|(s, link, _)| s == "dead" && !link)
+            && t.get(other)
+                .is_some_and(|(s, link, _)| s == "alive" && *link)
+    })
+    .await;
+    let (status, text) = nodes[0].1.api_publish(TOPIC, "without-n3", json!(1)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().enumerate() {
+        let (event, _) = next_publication(s, &format!("n{} with n3 dead", i + 1)).await;
+        assert_eq!(event, "without-n3");
+    }
+    // The same name and address again: a new incarnation, alive everywhere.
+    let n3 = mesh_node("n3", &addr3, &seed);
+    let all = [survivors[0], survivors[1], ("n3", &n3)];
+    await_tables(&all, "n3 rejoined, full mesh", |me, t| {
+        ["n1", "n2", "n3"]
+            .iter()
+            .filter(|n| **n != me)
+            .all(|n| t.get(*n).is_some_and(|(s, link, _)| s == "alive" && *link))
+    })
+    .await;
+    let v = view(&nodes[0].1).await;
+    let seen = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n3")
+        .and_then(|m| m["incarnation"].as_u64())
+        .unwrap();
+    assert!(seen > first_incarnation, "{v}");
+    // Publications cross to it again, and from it.
+    let mut sub3 = client(&n3, "sub-n3", false).await;
+    subscribed(&mut sub3, TOPIC).await;
+    let (status, text) = nodes[0].1.api_publish(TOPIC, "to-n3", json!(2)).await;
+    assert_eq!(status, 200, "{text}");
+    let (event, _) = next_publication(&mut sub3, "n3 after rejoining").await;
+    assert_eq!(event, "to-n3");
+    let (status, text) = n3.api_publish(TOPIC, "from-n3", json!(3)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().enumerate() {
+        let (event, _) = next_publication(s, &format!("n{}: to-n3 first", i + 1)).await;
+        assert_eq!(event, "to-n3");
+        let (event, _) = next_publication(s, &format!("n{}: from the rejoined n3", i + 1)).await;
+        assert_eq!(event, "from-n3");
+    }
+}
