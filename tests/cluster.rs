@@ -858,3 +858,74 @@ async fn a_killed_node_is_dead_the_rest_keep_serving_and_it_rejoins_when_restart
         assert_eq!(event, "from-n3");
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_published_python_client_on_each_node_gets_what_the_others_publish() {
+    const TOPIC: &str = "py-room";
+    let python = support::venv_python();
+    let nodes = three_nodes().await;
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python/cluster_subscriber.py");
+    let mut children = Vec::new();
+    let mut lines = Vec::new();
+    for (name, w) in &nodes {
+        let mut child = Command::new(&python)
+            .arg(&script)
+            .arg(w.url())
+            .arg(token(&format!("py-{name}"), json!({})))
+            .arg(TOPIC)
+            .arg(nodes.len().to_string())
+            .env("PYTHONUNBUFFERED", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start cluster_subscriber.py");
+        let stderr = support::collect_stderr(&mut child);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        support::for_each_line(child.stdout.take().unwrap(), move |line| {
+            tx.send(line).is_ok()
+        });
+        children.push((name.clone(), child, stderr));
+        lines.push(rx);
+    }
+    async fn next_line(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+        what: &str,
+        stderr: &std::sync::Mutex<String>,
+    ) -> String {
+        match tokio::time::timeout(CONVERGE, rx.recv()).await {
+            Ok(Some(line)) => line,
+            _ => panic!("{what}: nothing more; stderr: {}", stderr.lock().unwrap()),
+        }
+    }
+    for ((name, _, stderr), rx) in children.iter().zip(lines.iter_mut()) {
+        let line = next_line(rx, &format!("python on {name}"), stderr).await;
+        assert_eq!(line, "SUBSCRIBED", "python on {name}");
+    }
+    // One publication made on each node: every subscriber gets all three, two of them from the
+    // other nodes, each once.
+    for (name, w) in &nodes {
+        let (status, text) = w
+            .api_publish(TOPIC, &format!("from-{name}"), json!({"node": name}))
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    for ((name, child, stderr), rx) in children.iter_mut().zip(lines.iter_mut()) {
+        let mut got = Vec::new();
+        for _ in 0..nodes.len() {
+            got.push(next_line(rx, &format!("python on {name}"), stderr).await);
+        }
+        got.sort();
+        let want: Vec<String> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| format!("GOT from-{n} {{\"node\": \"{n}\"}}"))
+            .collect();
+        assert_eq!(got, want, "python on {name}");
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "python on {name}: {}",
+            stderr.lock().unwrap()
+        );
+    }
+}
