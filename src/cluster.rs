@@ -247,6 +247,7 @@ impl ClusterCore {
             batch_max: cfg.batch_max,
             peer_queue_bytes: cfg.peer_queue_bytes,
             hold_bytes: cfg.hold_bytes,
+            dlq_entries: cfg.dlq_entries,
             max_members: cfg.max_members,
             ..node::Limits::default()
         };

@@ -627,6 +627,8 @@ async fn a_publication_over_a_peers_queue_cap_is_dead_lettered_and_counted() {
         "4096",
         "--cluster-peer-queue-bytes",
         "4096",
+        "--cluster-dlq-entries",
+        "8",
     ];
     args.extend(["--cluster-security", "psk", "--cluster-psk", PSK]);
     let n1 = node_with("n1", &a1, &[], &args);
@@ -649,7 +651,7 @@ async fn a_publication_over_a_peers_queue_cap_is_dead_lettered_and_counted() {
     assert_eq!(event, "small");
     let v = dlq(&n1).await;
     assert_eq!(v["enabled"], true, "{v}");
-    assert_eq!(v["capacity"], 1024, "{v}");
+    assert_eq!(v["capacity"], 8, "{v}");
     assert_eq!(v["total"], 1, "{v}");
     let entries = v["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 1, "{v}");
