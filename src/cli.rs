@@ -1336,6 +1336,16 @@ struct ClusterFlags {
     )]
     hold_bytes: Option<usize>,
 
+    /// Dropped publications kept for diagnosis (GET /api/v1/cluster/dlq), entries; the oldest goes
+    /// first.
+    #[arg(
+        id = "cluster.dlq_entries",
+        long = "cluster-dlq-entries",
+        env = "WSE_CLUSTER_DLQ_ENTRIES",
+        value_name = "ENTRIES"
+    )]
+    dlq_entries: Option<usize>,
+
     /// Nodes in the cluster, this one included, nodes; further joins are refused.
     #[arg(
         id = "cluster.max_members",
@@ -1673,6 +1683,7 @@ impl Flags {
             batch_max,
             peer_queue_bytes,
             hold_bytes,
+            dlq_entries,
             max_members,
             handshake_timeout,
             ping_interval,
@@ -1702,6 +1713,7 @@ impl Flags {
         set(&mut c.batch_max, batch_max);
         set(&mut c.peer_queue_bytes, peer_queue_bytes);
         set(&mut c.hold_bytes, hold_bytes);
+        set(&mut c.dlq_entries, dlq_entries);
         set(&mut c.max_members, max_members);
         set(&mut c.handshake_timeout, handshake_timeout);
         set(&mut c.ping_interval, ping_interval);

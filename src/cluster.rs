@@ -91,20 +91,94 @@ enum WriteCmd {
     Close,
 }
 
-/// The membership as last seen by the cluster core, read by the control plane.
+/// What the cluster core last showed the control plane: replaced whole by the core, read by
+/// the API and `/metrics`.
 #[derive(Clone, Default)]
-pub struct ClusterView(Arc<Mutex<Value>>);
+pub struct ClusterView(Arc<Mutex<Shown>>);
+
+#[derive(Default)]
+struct Shown {
+    body: Value,
+    metrics: Arc<ClusterMetrics>,
+    dlq: Arc<Value>,
+}
 
 impl ClusterView {
     /// `GET /api/v1/cluster`'s body.
     pub fn snapshot(&self) -> Value {
-        self.0.lock().map(|v| v.clone()).unwrap_or(Value::Null)
+        self.0.lock().map(|v| v.body.clone()).unwrap_or(Value::Null)
     }
-    fn set(&self, v: Value) {
+    /// The figures of the `wse_cluster_*` metrics.
+    pub fn metrics(&self) -> Arc<ClusterMetrics> {
+        self.0.lock().map(|v| v.metrics.clone()).unwrap_or_default()
+    }
+    /// `GET /api/v1/cluster/dlq`'s body.
+    pub fn dlq(&self) -> Arc<Value> {
+        self.0.lock().map(|v| v.dlq.clone()).unwrap_or_default()
+    }
+    fn set(&self, body: Value, metrics: ClusterMetrics) {
         if let Ok(mut g) = self.0.lock() {
-            *g = v;
+            g.body = body;
+            g.metrics = Arc::new(metrics);
         }
     }
+    fn set_dlq(&self, dlq: Value) {
+        if let Ok(mut g) = self.0.lock() {
+            g.dlq = Arc::new(dlq);
+        }
+    }
+}
+
+/// Member states in the order of [`ClusterMetrics::members`] (and their label values).
+pub const MEMBER_STATES: [MemberState; 5] = [
+    MemberState::Alive,
+    MemberState::Suspect,
+    MemberState::Leaving,
+    MemberState::Dead,
+    MemberState::Left,
+];
+
+/// The cluster core's figures for `/metrics` (`wse_cluster_*`, docs/OPERATIONS.md), taken
+/// with each snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterMetrics {
+    /// Members known (this node excluded), per state in [`MEMBER_STATES`] order.
+    pub members: [u64; 5],
+    /// Members with a link up.
+    pub links_up: u64,
+    /// One per known member: at most `cluster.max_members`, which bounds the `peer` label.
+    pub peers: Vec<PeerMetrics>,
+    /// Publications made here handed to the node (one per publication, whatever the peers).
+    pub publications_sent: u64,
+    /// Publications from peers handed to the shards.
+    pub publications_received: u64,
+    /// Publications from peers the shards' fabric refused.
+    pub dropped_shards_busy: u64,
+    /// Publications for a peer dropped over its queue cap (or hold buffer).
+    pub dropped_peer_queue: u64,
+    /// Publications dropped for being larger than a frame.
+    pub dropped_too_large: u64,
+    /// Data batch bytes before and after compression, every link.
+    pub batch_bytes_raw: u64,
+    /// See `batch_bytes_raw`.
+    pub batch_bytes_wire: u64,
+    /// Subscriptions acknowledged after the bounded wait instead of a confirmation.
+    pub sub_ack_timeouts: u64,
+    /// Fresh interest snapshots asked of a peer whose digest disagreed.
+    pub resyncs: u64,
+    /// Entries in the dead letter queue now.
+    pub dlq_entries: u64,
+}
+
+/// One member's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerMetrics {
+    /// Its name (the `peer` label).
+    pub name: String,
+    /// RTT of its link, when up and measured.
+    pub rtt_us: Option<u64>,
+    /// What crossed its sessions.
+    pub traffic: node::Traffic,
 }
 
 /// The running cluster core.
@@ -114,7 +188,21 @@ pub struct ClusterCore {
     tls: Option<Arc<Mutex<tls::Tls>>>,
     local_addr: SocketAddr,
     stop_tx: watch::Sender<bool>,
+    drain: ClusterDrain,
     thread: JoinHandle<()>,
+}
+
+/// Starts the cluster core's lame duck (docs/CLUSTER.md, "Drain"): the node announces itself
+/// Leaving and keeps its links and its clients' interest while the shards close their clients;
+/// [`ClusterCore::stop`] then leaves.
+#[derive(Clone)]
+pub struct ClusterDrain(Arc<watch::Sender<bool>>);
+
+impl ClusterDrain {
+    /// Announces the drain (once; later calls do nothing).
+    pub fn drain(&self) {
+        self.0.send_if_modified(|d| !std::mem::replace(d, true));
+    }
 }
 
 impl ClusterCore {
@@ -177,6 +265,7 @@ impl ClusterCore {
             batch_max: cfg.batch_max,
             peer_queue_bytes: cfg.peer_queue_bytes,
             hold_bytes: cfg.hold_bytes,
+            dlq_entries: cfg.dlq_entries,
             max_members: cfg.max_members,
             ..node::Limits::default()
         };
@@ -204,6 +293,7 @@ impl ClusterCore {
         };
         let view = ClusterView::default();
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (drain_tx, drain_rx) = watch::channel(false);
         let core = cfg.core;
         let thread = {
             let view = view.clone();
@@ -215,8 +305,12 @@ impl ClusterCore {
                     {
                         tracing::warn!(core = id, "cannot pin the cluster core's thread");
                     }
+                    let signals = Signals {
+                        stop: stop_rx,
+                        drain: drain_rx,
+                    };
                     runtime.block_on(run(
-                        node_cfg, transport, listener, view, stop_rx, fabric, shards,
+                        node_cfg, transport, listener, view, signals, fabric, shards,
                     ));
                 })?
         };
@@ -225,6 +319,7 @@ impl ClusterCore {
             tls,
             local_addr,
             stop_tx,
+            drain: ClusterDrain(Arc::new(drain_tx)),
             thread,
         })
     }
@@ -248,6 +343,11 @@ impl ClusterCore {
     /// The membership, for the control plane.
     pub fn view(&self) -> ClusterView {
         self.view.clone()
+    }
+
+    /// What starts the lame duck, for whoever begins the server's drain.
+    pub fn drainer(&self) -> ClusterDrain {
+        self.drain.clone()
     }
 
     /// The cluster listener's address.
@@ -447,6 +547,14 @@ impl ShardLink {
     }
 }
 
+/// What the rest of the process tells the loop.
+struct Signals {
+    /// Leave and end.
+    stop: watch::Receiver<bool>,
+    /// The server's drain began: lame duck.
+    drain: watch::Receiver<bool>,
+}
+
 /// The cluster core's loop: socket events, ticks and fabric entries into the node, its actions
 /// out to the sockets and the shards, a membership snapshot for the control plane after every
 /// turn that changed it.
@@ -455,11 +563,13 @@ async fn run(
     transport: Transport,
     listener: TcpListener,
     view: ClusterView,
-    mut stop: watch::Receiver<bool>,
+    signals: Signals,
     fabric: Endpoint,
     shards: usize,
 ) {
     let start = Instant::now();
+    // The node's clock in wall-clock time, for the dead letters' timestamps.
+    let started_at = SystemTime::now();
     let now = || u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     let seed = rand::random::<u64>();
     let mut node = Node::new(cfg.clone(), first_incarnation(), seed, now());
@@ -488,12 +598,30 @@ async fn run(
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut handshakes = HandshakeLog::new();
+    let Signals {
+        mut stop,
+        mut drain,
+    } = signals;
+    let mut draining = false;
     // Published before the first turn, so the control plane never answers with nothing.
     let mut last_view = snapshot(&node, &cfg, &link);
-    view.set(last_view.clone());
+    view.set(last_view.clone(), metrics(&node, &link));
+    let mut dead_lettered = node.stats().dead_lettered;
+    view.set_dlq(dlq_body(&node, started_at));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
+            changed = drain.changed(), if !draining => {
+                // Once: a drain is not undone (and a closed channel must not spin the loop).
+                draining = true;
+                if changed.is_ok() && *drain.borrow() {
+                    node.drain(now());
+                    tracing::info!(
+                        "cluster: draining as a lame duck (links and interest kept until the \
+                         clients are closed, then leaving)"
+                    );
+                }
+            }
             () = bell.0.notified() => {}
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
@@ -524,8 +652,12 @@ async fn run(
         link.flush();
         let v = snapshot(&node, &cfg, &link);
         if v != last_view {
-            view.set(v.clone());
+            view.set(v.clone(), metrics(&node, &link));
             last_view = v;
+        }
+        if node.stats().dead_lettered != dead_lettered {
+            dead_lettered = node.stats().dead_lettered;
+            view.set_dlq(dlq_body(&node, started_at));
         }
     }
     // Leave: peers mark us Left at once instead of suspecting us, and never redial this
@@ -736,7 +868,8 @@ fn log_event(e: &Event, handshakes: &mut HandshakeLog) {
     }
 }
 
-fn state_name(s: MemberState) -> &'static str {
+/// A state's name, as the log, the API and the `state` label write it.
+pub(crate) fn state_name(s: MemberState) -> &'static str {
     match s {
         MemberState::Alive => "alive",
         MemberState::Suspect => "suspect",
@@ -758,6 +891,11 @@ fn snapshot(node: &Node, cfg: &node::Config, link: &ShardLink) -> Value {
                 "state": state_name(m.state),
                 "link": m.link.is_some(),
                 "rtt_us": m.rtt_us,
+                "bytes_sent": m.traffic.sent,
+                "bytes_received": m.traffic.received,
+                "batch_bytes_raw": m.traffic.batch_raw,
+                "batch_bytes_wire": m.traffic.batch_wire,
+                "compression_ratio": ratio(m.traffic.batch_raw, m.traffic.batch_wire),
             })
         })
         .collect();
@@ -780,6 +918,69 @@ fn snapshot(node: &Node, cfg: &node::Config, link: &ShardLink) -> Value {
             "unwanted": node.stats().unwanted,
         },
         "sub_ack_timeouts": node.stats().sub_ack_timeouts,
+        "resyncs": node.stats().resyncs,
+        "compression_ratio": ratio(node.stats().batch_bytes_raw, node.stats().batch_bytes_wire),
+        "dlq_entries": node.dlq().count(),
+    })
+}
+
+/// Bytes before compression per byte on the wire; `None` before any batch.
+fn ratio(raw: u64, wire: u64) -> Option<f64> {
+    (wire > 0).then(|| raw as f64 / wire as f64)
+}
+
+/// The figures behind `wse_cluster_*`.
+fn metrics(node: &Node, link: &ShardLink) -> ClusterMetrics {
+    let stats = node.stats();
+    let mut m = ClusterMetrics {
+        publications_sent: link.published,
+        publications_received: link.delivered,
+        dropped_shards_busy: link.dropped,
+        dropped_peer_queue: stats.dropped_queue,
+        dropped_too_large: stats.dropped_too_large,
+        batch_bytes_raw: stats.batch_bytes_raw,
+        batch_bytes_wire: stats.batch_bytes_wire,
+        sub_ack_timeouts: stats.sub_ack_timeouts,
+        resyncs: stats.resyncs,
+        dlq_entries: node.dlq().count() as u64,
+        ..ClusterMetrics::default()
+    };
+    for member in node.members() {
+        if let Some(i) = MEMBER_STATES.iter().position(|s| *s == member.state) {
+            m.members[i] += 1;
+        }
+        m.links_up += u64::from(member.link.is_some());
+        m.peers.push(PeerMetrics {
+            name: member.name,
+            rtt_us: member.rtt_us.filter(|_| member.link.is_some()),
+            traffic: member.traffic,
+        });
+    }
+    m
+}
+
+/// `GET /api/v1/cluster/dlq`'s body: the dead letter queue, oldest first (docs/API.md).
+fn dlq_body(node: &Node, started_at: SystemTime) -> Value {
+    use base64::Engine as _;
+    let entries: Vec<Value> = node
+        .dlq()
+        .map(|e| {
+            let at = started_at + Duration::from_micros(e.at);
+            json!({
+                "peer": e.peer,
+                "topic": e.topic,
+                "bytes": e.bytes,
+                "reason": e.reason,
+                "time": humantime::format_rfc3339_millis(at).to_string(),
+                "prefix": base64::engine::general_purpose::STANDARD.encode(&e.prefix),
+            })
+        })
+        .collect();
+    json!({
+        "enabled": true,
+        "capacity": node.limits().dlq_entries,
+        "total": node.stats().dead_lettered,
+        "entries": entries,
     })
 }
 

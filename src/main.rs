@@ -127,6 +127,8 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    // The lame duck starts with the server's drain, whoever asks for it.
+    let cluster_drain = cluster.as_ref().map(cluster::ClusterCore::drainer);
     let control = if cfg.control.enabled {
         match control::start(
             server.clone(),
@@ -180,7 +182,12 @@ fn main() -> ExitCode {
     // Set before the process begins its own drain, so the drain watch leaves that one alone.
     let stopping = Arc::new(AtomicBool::new(false));
     let api_drain_done = Arc::new(AtomicBool::new(false));
-    spawn_drain_watch(server.clone(), stopping.clone(), api_drain_done.clone());
+    spawn_drain_watch(
+        server.clone(),
+        stopping.clone(),
+        api_drain_done.clone(),
+        cluster_drain.clone(),
+    );
 
     let reloader = Reloader {
         argv: std::env::args_os().collect(),
@@ -200,6 +207,9 @@ fn main() -> ExitCode {
     };
     stopping.store(true, Ordering::Release);
     watchdog_stop.store(true, Ordering::Release);
+    if let Some(d) = &cluster_drain {
+        d.drain();
+    }
     if !api_drain_done.load(Ordering::Acquire) {
         let cfg = server.config();
         let (code, timeout) = (cfg.server.shutdown_close_code, cfg.server.drain_timeout);
@@ -373,8 +383,14 @@ const DRAIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// this then raises SIGTERM on ourselves, so that the process shuts down the way a signal does
 /// (shards joined, control plane stopped, exit 0) instead of lingering without listeners. It
 /// leaves alone the drain the process begins itself on a signal (`stopping`), and sets
-/// `done` before raising, so that the SIGTERM is not taken for an operator's.
-fn spawn_drain_watch(server: Arc<Server>, stopping: Arc<AtomicBool>, done: Arc<AtomicBool>) {
+/// `done` before raising, so that the SIGTERM is not taken for an operator's. It also starts the
+/// cluster core's lame duck (`cluster`) as soon as it sees the drain begin.
+fn spawn_drain_watch(
+    server: Arc<Server>,
+    stopping: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    cluster: Option<cluster::ClusterDrain>,
+) {
     let spawned = std::thread::Builder::new()
         .name("wse-drain-watch".to_owned())
         .spawn(move || {
@@ -384,6 +400,11 @@ fn spawn_drain_watch(server: Arc<Server>, stopping: Arc<AtomicBool>, done: Arc<A
             while !drained(&server) {
                 if stopping.load(Ordering::Acquire) {
                     return;
+                }
+                if server.is_draining()
+                    && let Some(c) = &cluster
+                {
+                    c.drain();
                 }
                 std::thread::sleep(DRAIN_WATCH_INTERVAL);
             }

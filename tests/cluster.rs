@@ -60,6 +60,21 @@ async fn view(w: &Wse) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// `GET /api/v1/cluster/dlq` on `w`.
+async fn dlq(w: &Wse) -> Value {
+    let auth = format!("Bearer {API_KEY}");
+    let (status, body) = w
+        .http(
+            "GET",
+            "/api/v1/cluster/dlq",
+            &[("Authorization", &auth)],
+            "",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 /// Member name → (state, link up, RTT measured) as `w` sees them.
 async fn members(w: &Wse) -> BTreeMap<String, (String, bool, bool)> {
     let v = view(w).await;
@@ -893,4 +908,320 @@ async fn a_burst_crosses_to_another_node_without_loss_in_order() {
     let v = view(&nodes[1].1).await;
     assert_eq!(v["publications"]["received"], BURST, "{v}");
     assert_eq!(v["publications"]["dropped"], 0, "{v}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_publication_over_a_peers_queue_cap_is_dead_lettered_and_counted() {
+    /// Over the 4 KiB queue cap node 1 runs with: every such publication for a peer is dropped.
+    const BIG: usize = 8 * 1024;
+    let a1 = free_port("127.0.0.1");
+    let a2 = free_port("127.0.0.2");
+    let mut args = vec![
+        "--cluster-batch-max",
+        "4096",
+        "--cluster-peer-queue-bytes",
+        "4096",
+        "--cluster-dlq-entries",
+        "8",
+    ];
+    args.extend(["--cluster-security", "psk", "--cluster-psk", PSK]);
+    let n1 = node_with("n1", &a1, &[], &args);
+    let n2 = node("n2", &a2, &[&a1], PSK);
+    await_tables(&[("n1", &n1), ("n2", &n2)], "two nodes linked", |me, t| {
+        let other = if me == "n1" { "n2" } else { "n1" };
+        t.get(other)
+            .is_some_and(|(s, link, _)| s == "alive" && *link)
+    })
+    .await;
+    assert_eq!(dlq(&n1).await["entries"], json!([]));
+    let mut sub = client(&n2, "sub", false).await;
+    subscribed(&mut sub, "big").await;
+    let (status, text) = n1.api_publish("big", "m", json!("x".repeat(BIG))).await;
+    assert_eq!(status, 200, "{text}");
+    // A small one after it still crosses: only the big one was dropped.
+    let (status, text) = n1.api_publish("big", "small", json!(1)).await;
+    assert_eq!(status, 200, "{text}");
+    let (event, _) = next_publication(&mut sub, "the small publication").await;
+    assert_eq!(event, "small");
+    let v = dlq(&n1).await;
+    assert_eq!(v["enabled"], true, "{v}");
+    assert_eq!(v["capacity"], 8, "{v}");
+    assert_eq!(v["total"], 1, "{v}");
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{v}");
+    let e = &entries[0];
+    assert_eq!(
+        (&e["peer"], &e["topic"]),
+        (&json!("n2"), &json!("big")),
+        "{v}"
+    );
+    assert_eq!(e["reason"], "peer_queue_full", "{v}");
+    assert!(e["bytes"].as_u64().unwrap() > BIG as u64, "{v}");
+    assert!(
+        humantime::parse_rfc3339(e["time"].as_str().unwrap()).is_ok(),
+        "{v}"
+    );
+    use base64::Engine as _;
+    let prefix = base64::engine::general_purpose::STANDARD
+        .decode(e["prefix"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(prefix.len(), 64, "{v}");
+    // The same drop in /metrics and the cluster view; node 2's DLQ is empty.
+    let dropped = n1
+        .metric(
+            "wse_cluster_publications_dropped_total",
+            "reason=\"peer_queue_full\"",
+        )
+        .await;
+    assert_eq!(dropped, 1.0);
+    assert_eq!(n1.metric("wse_cluster_dlq_entries", "").await, 1.0);
+    assert_eq!(n1.metric("wse_cluster_links_up", "").await, 1.0);
+    assert_eq!(
+        n1.metric("wse_cluster_members", "state=\"alive\"").await,
+        1.0
+    );
+    assert!(
+        n1.metric("wse_cluster_sent_bytes_total", "peer=\"n2\"")
+            .await
+            > 0.0
+    );
+    let view1 = view(&n1).await;
+    assert_eq!(view1["dlq_entries"], 1, "{view1}");
+    assert!(
+        view1["members"][0]["bytes_received"].as_u64().unwrap() > 0,
+        "{view1}"
+    );
+    assert_eq!(dlq(&n2).await["entries"], json!([]));
+}
+
+/// How long the drained node's drain may last: a client of it that never reads holds the drain
+/// open this long, which is the window in which the others must see it as a lame duck.
+const DRAIN_SECS: u64 = 6;
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_drained_node_is_a_lame_duck_then_leaves_while_the_others_keep_serving() {
+    const TOPIC: &str = "room";
+    let mut nodes = three_nodes().await;
+    let mut subs = Vec::new();
+    for (name, w) in &nodes {
+        let mut s = client(w, &format!("sub-{name}"), false).await;
+        subscribed(&mut s, TOPIC).await;
+        subs.push(s);
+    }
+    // Never reads, so never answers its close: n3's drain lasts its whole timeout.
+    let _mute = client(&nodes[2].1, "mute", false).await;
+    let auth = format!("Bearer {API_KEY}");
+    let body = json!({ "timeout": DRAIN_SECS }).to_string();
+    let (status, text) = nodes[2]
+        .1
+        .http("POST", "/api/v1/drain", &[("Authorization", &auth)], &body)
+        .await;
+    assert_eq!(status, 200, "{text}");
+    match subs[2].recv_until(|_| false, MESSAGE_WAIT).await {
+        Err(wse_client::Error::Closed { code, .. }) => assert_eq!(code, 4300),
+        other => panic!("n3's subscriber: expected close 4300, got {other:?}"),
+    }
+    // The lame duck: announced Leaving, its links kept while its drain runs.
+    await_tables(
+        &[("n1", &nodes[0].1), ("n2", &nodes[1].1)],
+        "n3 leaving with its links up",
+        |_, t| {
+            t.get("n3")
+                .is_some_and(|(s, link, _)| s == "leaving" && *link)
+        },
+    )
+    .await;
+    let (status, text) = nodes[0].1.api_publish(TOPIC, "during", json!(1)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().take(2).enumerate() {
+        let (event, _) = next_publication(s, &format!("n{} during n3's drain", i + 1)).await;
+        assert_eq!(event, "during");
+    }
+    // The drain's end: it leaves (never dead, never redialled) and exits cleanly.
+    await_tables(
+        &[("n1", &nodes[0].1), ("n2", &nodes[1].1)],
+        "n3 left",
+        |_, t| t.get("n3").is_some_and(|(s, link, _)| s == "left" && !link),
+    )
+    .await;
+    assert!(
+        nodes[2].1.wait_exit(CONVERGE).is_some_and(|s| s.success()),
+        "{}",
+        nodes[2].1.log()
+    );
+    for w in [&nodes[0].1, &nodes[1].1] {
+        assert!(
+            !w.log().contains("cluster member n3 is dead"),
+            "{}",
+            w.log()
+        );
+    }
+    let (status, text) = nodes[1].1.api_publish(TOPIC, "after", json!(2)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().take(2).enumerate() {
+        let (event, _) = next_publication(s, &format!("n{} after n3 left", i + 1)).await;
+        assert_eq!(event, "after");
+    }
+}
+
+/// A node as [`meshed`] starts them: two shards, the test PSK, `seeds` (comma-separated) if any.
+fn mesh_node(name: &str, listen: &str, seeds: &str) -> Wse {
+    let mut args = vec![
+        "--cores",
+        "2",
+        "--cluster-enabled",
+        "true",
+        "--cluster-security",
+        "psk",
+        "--cluster-psk",
+        PSK,
+        "--cluster-node-name",
+        name,
+        "--cluster-listen",
+        listen,
+    ];
+    if !seeds.is_empty() {
+        args.extend(["--cluster-seeds", seeds]);
+    }
+    Wse::start(&args)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_killed_node_is_dead_the_rest_keep_serving_and_it_rejoins_when_restarted() {
+    const TOPIC: &str = "room";
+    let mut nodes = three_nodes().await;
+    let seed = view(&nodes[0].1).await["node"]["advertised"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v3 = view(&nodes[2].1).await;
+    let addr3 = v3["node"]["advertised"].as_str().unwrap().to_owned();
+    let first_incarnation = v3["node"]["incarnation"].as_u64().unwrap();
+    let mut subs = Vec::new();
+    for (name, w) in nodes.iter().take(2) {
+        let mut s = client(w, &format!("sub-{name}"), false).await;
+        subscribed(&mut s, TOPIC).await;
+        subs.push(s);
+    }
+    // kill -9 (dropping a Wse kills it with SIGKILL).
+    drop(nodes.pop());
+    let survivors = [("n1", &nodes[0].1), ("n2", &nodes[1].1)];
+    await_tables(&survivors, "n3 dead, n1 and n2 still linked", |me, t| {
+        let other = if me == "n1" { "n2" } else { "n1" };
+        t.get("n3").is_some_and(|(s, link, _)| s == "dead" && !link)
+            && t.get(other)
+                .is_some_and(|(s, link, _)| s == "alive" && *link)
+    })
+    .await;
+    let (status, text) = nodes[0].1.api_publish(TOPIC, "without-n3", json!(1)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().enumerate() {
+        let (event, _) = next_publication(s, &format!("n{} with n3 dead", i + 1)).await;
+        assert_eq!(event, "without-n3");
+    }
+    // The same name and address again: a new incarnation, alive everywhere.
+    let n3 = mesh_node("n3", &addr3, &seed);
+    let all = [survivors[0], survivors[1], ("n3", &n3)];
+    await_tables(&all, "n3 rejoined, full mesh", |me, t| {
+        ["n1", "n2", "n3"]
+            .iter()
+            .filter(|n| **n != me)
+            .all(|n| t.get(*n).is_some_and(|(s, link, _)| s == "alive" && *link))
+    })
+    .await;
+    let v = view(&nodes[0].1).await;
+    let seen = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n3")
+        .and_then(|m| m["incarnation"].as_u64())
+        .unwrap();
+    assert!(seen > first_incarnation, "{v}");
+    // Publications cross to it again, and from it.
+    let mut sub3 = client(&n3, "sub-n3", false).await;
+    subscribed(&mut sub3, TOPIC).await;
+    let (status, text) = nodes[0].1.api_publish(TOPIC, "to-n3", json!(2)).await;
+    assert_eq!(status, 200, "{text}");
+    let (event, _) = next_publication(&mut sub3, "n3 after rejoining").await;
+    assert_eq!(event, "to-n3");
+    let (status, text) = n3.api_publish(TOPIC, "from-n3", json!(3)).await;
+    assert_eq!(status, 200, "{text}");
+    for (i, s) in subs.iter_mut().enumerate() {
+        let (event, _) = next_publication(s, &format!("n{}: to-n3 first", i + 1)).await;
+        assert_eq!(event, "to-n3");
+        let (event, _) = next_publication(s, &format!("n{}: from the rejoined n3", i + 1)).await;
+        assert_eq!(event, "from-n3");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_published_python_client_on_each_node_gets_what_the_others_publish() {
+    const TOPIC: &str = "py-room";
+    let python = support::venv_python();
+    let nodes = three_nodes().await;
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python/cluster_subscriber.py");
+    let mut children = Vec::new();
+    let mut lines = Vec::new();
+    for (name, w) in &nodes {
+        let mut child = Command::new(&python)
+            .arg(&script)
+            .arg(w.url())
+            .arg(token(&format!("py-{name}"), json!({})))
+            .arg(TOPIC)
+            .arg(nodes.len().to_string())
+            .env("PYTHONUNBUFFERED", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start cluster_subscriber.py");
+        let stderr = support::collect_stderr(&mut child);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        support::for_each_line(child.stdout.take().unwrap(), move |line| {
+            tx.send(line).is_ok()
+        });
+        children.push((name.clone(), child, stderr));
+        lines.push(rx);
+    }
+    async fn next_line(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+        what: &str,
+        stderr: &std::sync::Mutex<String>,
+    ) -> String {
+        match tokio::time::timeout(CONVERGE, rx.recv()).await {
+            Ok(Some(line)) => line,
+            _ => panic!("{what}: nothing more; stderr: {}", stderr.lock().unwrap()),
+        }
+    }
+    for ((name, _, stderr), rx) in children.iter().zip(lines.iter_mut()) {
+        let line = next_line(rx, &format!("python on {name}"), stderr).await;
+        assert_eq!(line, "SUBSCRIBED", "python on {name}");
+    }
+    // One publication made on each node: every subscriber gets all three, two of them from the
+    // other nodes, each once.
+    for (name, w) in &nodes {
+        let (status, text) = w
+            .api_publish(TOPIC, &format!("from-{name}"), json!({"node": name}))
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    for ((name, child, stderr), rx) in children.iter_mut().zip(lines.iter_mut()) {
+        let mut got = Vec::new();
+        for _ in 0..nodes.len() {
+            got.push(next_line(rx, &format!("python on {name}"), stderr).await);
+        }
+        got.sort();
+        let want: Vec<String> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| format!("GOT from-{n} {{\"node\": \"{n}\"}}"))
+            .collect();
+        assert_eq!(got, want, "python on {name}");
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "python on {name}: {}",
+            stderr.lock().unwrap()
+        );
+    }
 }

@@ -8,6 +8,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use support::Wse;
 
@@ -50,7 +51,7 @@ fn alert_rules_pass_promtool() {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "promtool check rules:\n{text}");
-    assert!(text.contains("SUCCESS: 16 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 18 rules found"), "{text}");
 }
 
 /// `(alert, expr)` in file order; each `expr` is on one line (the file's header says so).
@@ -92,7 +93,7 @@ fn documented_alerts() -> Vec<(String, String)> {
 #[test]
 fn alert_rules_are_the_documented_table() {
     let rules = rules();
-    assert_eq!(rules.len(), 16, "{rules:?}");
+    assert_eq!(rules.len(), 18, "{rules:?}");
     assert_eq!(rules, documented_alerts());
 }
 
@@ -159,6 +160,36 @@ fn selectors(text: &str) -> BTreeSet<Selector> {
     out
 }
 
+/// Bound on the wait for two nodes to link and measure the link's RTT (it takes well under a
+/// second; this only stops a broken build from hanging).
+const LINK_WAIT: Duration = Duration::from_secs(20);
+
+/// Two cluster nodes on loopback (security none), the second seeded with the first.
+fn linked_pair() -> (Wse, Wse) {
+    let port = |ip: &str| {
+        let l = std::net::TcpListener::bind((ip, 0)).expect("bind a loopback address");
+        l.local_addr().unwrap().to_string()
+    };
+    let (a1, a2) = (port("127.0.0.1"), port("127.0.0.2"));
+    let cluster = ["--cluster-enabled", "true", "--cluster-security", "none"];
+    let m1 = Wse::start(
+        &[
+            &cluster[..],
+            &["--cluster-node-name", "m1", "--cluster-listen", &a1],
+        ]
+        .concat(),
+    );
+    let m2 = Wse::start(
+        &[
+            &cluster[..],
+            &["--cluster-node-name", "m2", "--cluster-listen", &a2],
+            &["--cluster-seeds", &a1],
+        ]
+        .concat(),
+    );
+    (m1, m2)
+}
+
 #[tokio::test]
 async fn every_metric_rules_dashboard_and_docs_name_is_exported() {
     let mut wanted = BTreeSet::new();
@@ -186,9 +217,21 @@ async fn every_metric_rules_dashboard_and_docs_name_is_exported() {
         );
     }
 
-    let wse = Wse::start(&[]);
-    let (status, scrape) = wse.http("GET", "/metrics", &[], "").await;
-    assert_eq!(status, 200);
+    // A node linked to a peer, so that the cluster's per-peer series exist too.
+    let (wse, _peer) = linked_pair();
+    let deadline = Instant::now() + LINK_WAIT;
+    let scrape = loop {
+        let (status, scrape) = wse.http("GET", "/metrics", &[], "").await;
+        assert_eq!(status, 200);
+        if scrape.contains("wse_cluster_peer_rtt_seconds{peer=\"m2\"}") {
+            break scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no link to m2 with its RTT in {LINK_WAIT:?}:\n{scrape}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let samples: Vec<(&str, &str)> = scrape
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -270,7 +270,7 @@ pub struct DlqEntry {
     pub prefix: Vec<u8>,
 }
 
-/// Counters (the `wse_cluster_*` metrics will read these).
+/// Counters (read by the `wse_cluster_*` metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Publications dropped for a peer over its queue cap.
@@ -297,6 +297,8 @@ pub struct Stats {
     pub batch_bytes_raw: u64,
     /// Batch bytes on the wire.
     pub batch_bytes_wire: u64,
+    /// Entries ever put in the dead letter queue (its readers see from this that it changed).
+    pub dead_lettered: u64,
 }
 
 /// Where a dial was going.
@@ -369,6 +371,22 @@ struct Member {
     /// Publications for this peer taken off a session closed as a duplicate before its
     /// survivor was up here; the survivor sends them, filtered by its snapshot.
     carried: Vec<PubRecord>,
+    /// What crossed this member's sessions, over every session it has had.
+    traffic: Traffic,
+}
+
+/// Bytes exchanged with one member over its sessions (handshakes excluded), as the sockets see
+/// them (sealed, framed), and its data batches before and after compression.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes handed to its sockets.
+    pub sent: u64,
+    /// Bytes read from its sockets.
+    pub received: u64,
+    /// Data batch bytes sent, before compression.
+    pub batch_raw: u64,
+    /// The same batches' bytes on the wire (frame bodies, compressed or not).
+    pub batch_wire: u64,
 }
 
 struct Probe {
@@ -433,6 +451,8 @@ pub struct MemberView {
     pub link: Option<ConnId>,
     /// Smoothed RTT of that link, µs.
     pub rtt_us: Option<u64>,
+    /// What crossed its sessions.
+    pub traffic: Traffic,
 }
 
 /// PING/PONG bodies and PROBE ids are u64s.
@@ -507,6 +527,7 @@ impl Node {
                     .primary
                     .and_then(|c| self.session(c))
                     .and_then(|s| s.rtt_us),
+                traffic: m.traffic,
             })
             .collect()
     }
@@ -537,6 +558,10 @@ impl Node {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+    /// The limits this node runs with.
+    pub fn limits(&self) -> &Limits {
+        &self.cfg.limits
     }
     /// The dead letter queue, oldest first.
     pub fn dlq(&self) -> impl Iterator<Item = &DlqEntry> {
@@ -602,10 +627,21 @@ impl Node {
             }
             c.outstanding += bytes.len();
         }
+        let n = bytes.len() as u64;
+        self.count_traffic(conn, |t| t.sent += n);
         self.actions.push_back(Action::Send { conn, bytes });
     }
     fn event(&mut self, e: Event) {
         self.actions.push_back(Action::Event(e));
+    }
+    /// Adds to the traffic of the member whose session `conn` carries, if it carries one.
+    fn count_traffic(&mut self, conn: ConnId, add: impl FnOnce(&mut Traffic)) {
+        if let Some(c) = self.conns.get(&conn)
+            && let Phase::Session(s) = &c.phase
+            && let Some(m) = self.members.get_mut(&s.peer)
+        {
+            add(&mut m.traffic);
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -689,6 +725,8 @@ impl Node {
     /// Bytes received on `conn`.
     pub fn input(&mut self, conn: ConnId, bytes: &[u8], now: u64) {
         self.now = now;
+        let n = bytes.len() as u64;
+        self.count_traffic(conn, |t| t.received += n);
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -1445,6 +1483,7 @@ impl Node {
                 confirmations: BTreeSet::new(),
                 no_reconnect: false,
                 carried: Vec::new(),
+                traffic: Traffic::default(),
             });
         let changed = (m.state, m.incarnation) != (state, incarnation);
         if incarnation > m.incarnation {
@@ -2064,6 +2103,7 @@ impl Node {
     }
 
     fn dead_letter(&mut self, peer: String, rec: &PubRecord, reason: &'static str, at: u64) {
+        self.stats.dead_lettered += 1;
         if self.dlq.len() >= self.cfg.limits.dlq_entries {
             self.dlq.pop_front();
         }
@@ -2149,7 +2189,12 @@ impl Node {
             Some(z) => wire::encode_frame(&mut out, FrameType::Batch, wire::FLAG_ZSTD, &z),
             None => wire::encode_frame(&mut out, FrameType::Batch, 0, &body),
         }
-        self.stats.batch_bytes_wire += (out.len() - wire::HEADER_LEN) as u64;
+        let (raw, on_wire) = (body.len() as u64, (out.len() - wire::HEADER_LEN) as u64);
+        self.stats.batch_bytes_wire += on_wire;
+        self.count_traffic(c, |t| {
+            t.batch_raw += raw;
+            t.batch_wire += on_wire;
+        });
         self.send_raw(c, out);
     }
 

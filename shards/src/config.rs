@@ -36,7 +36,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Keys a reload cannot change: they shape what was built at start (threads, listeners, the
 /// cross-shard queues, the control plane's body limit). A reload keeps their running value and
 /// reports them; every other key takes effect live.
-pub const RESTART_KEYS: [&str; 43] = [
+pub const RESTART_KEYS: [&str; 44] = [
     "server.cores",
     "server.listen",
     "server.pin_threads",
@@ -77,6 +77,7 @@ pub const RESTART_KEYS: [&str; 43] = [
     "cluster.batch_max",
     "cluster.peer_queue_bytes",
     "cluster.hold_bytes",
+    "cluster.dlq_entries",
     "cluster.max_members",
     "cluster.handshake_timeout",
     "cluster.ping_interval",
@@ -565,6 +566,9 @@ pub enum ClusterCompression {
 pub const CLUSTER_FRAME_MAX: usize = 4 << 20;
 /// Most nodes in one cluster (peer sets are 64-bit masks).
 pub const CLUSTER_MEMBERS_MAX: usize = 64;
+/// Most `cluster.dlq_entries`: each keeps a topic and 64 payload bytes, so this bounds the
+/// queue to a few tens of MiB whatever is configured.
+pub const CLUSTER_DLQ_ENTRIES_MAX: usize = 65_536;
 
 /// The cluster (docs/CLUSTER.md): a full mesh of nodes on a dedicated cluster core. So far the
 /// core runs the membership mesh and carries publications; links are `tls`, `psk` or `none`.
@@ -605,6 +609,9 @@ pub struct ClusterConfig {
     pub peer_queue_bytes: usize,
     /// Publications held for a new peer until its interest is known, bytes.
     pub hold_bytes: usize,
+    /// Dropped publications kept for diagnosis (`GET /api/v1/cluster/dlq`), entries; the oldest
+    /// goes first.
+    pub dlq_entries: usize,
     /// Nodes in the cluster, this one included; further joins are refused with CLUSTER_FULL.
     pub max_members: usize,
     /// Time an inbound cluster connection has to authenticate before it is closed.
@@ -652,6 +659,7 @@ impl Default for ClusterConfig {
             batch_max: 64 * 1024,
             peer_queue_bytes: 16 << 20,
             hold_bytes: 4 << 20,
+            dlq_entries: 1024,
             max_members: 32,
             handshake_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(1),
@@ -763,6 +771,12 @@ impl ClusterConfig {
             return Err(bad(
                 "cluster.peer_queue_bytes",
                 "must be at least cluster.batch_max",
+            ));
+        }
+        if !(1..=CLUSTER_DLQ_ENTRIES_MAX).contains(&self.dlq_entries) {
+            return Err(bad(
+                "cluster.dlq_entries",
+                format!("must be 1..={CLUSTER_DLQ_ENTRIES_MAX}"),
             ));
         }
         if !(2..=CLUSTER_MEMBERS_MAX).contains(&self.max_members) {
@@ -1189,6 +1203,7 @@ impl Config {
             batch_max,
             peer_queue_bytes,
             hold_bytes,
+            dlq_entries,
             max_members,
             handshake_timeout,
             ping_interval,
@@ -1220,6 +1235,7 @@ impl Config {
             peer_queue_bytes,
         );
         keep.key("cluster.hold_bytes", &running.hold_bytes, hold_bytes);
+        keep.key("cluster.dlq_entries", &running.dlq_entries, dlq_entries);
         keep.key("cluster.max_members", &running.max_members, max_members);
         keep.key(
             "cluster.handshake_timeout",
@@ -1627,6 +1643,7 @@ mod tests {
         next.cluster.batch_max = 8192;
         next.cluster.peer_queue_bytes = 1 << 20;
         next.cluster.hold_bytes = 1 << 20;
+        next.cluster.dlq_entries = 16;
         next.cluster.max_members = 8;
         next.cluster.handshake_timeout = Duration::from_secs(1);
         next.cluster.ping_interval = Duration::from_millis(500);

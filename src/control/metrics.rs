@@ -24,6 +24,8 @@ use wse_shards::metrics::{
     COUNTED_CLOSE_CODES, Counter, DropReason, HANDSHAKE_BUCKETS, RejectReason, ShardMetrics,
 };
 
+use crate::cluster::{ClusterMetrics, ClusterView, MEMBER_STATES};
+
 use super::events::EventMetrics;
 use super::listener::ControlMetrics;
 
@@ -135,6 +137,8 @@ pub(super) struct ShardCollector {
     events: Arc<EventMetrics>,
     /// The control listener's own counters.
     listener: Arc<ControlMetrics>,
+    /// The cluster core's snapshot, when `cluster.enabled` (no `wse_cluster_*` otherwise).
+    cluster: Option<ClusterView>,
 }
 
 impl ShardCollector {
@@ -142,11 +146,13 @@ impl ShardCollector {
         server: Arc<Server>,
         events: Arc<EventMetrics>,
         listener: Arc<ControlMetrics>,
+        cluster: Option<ClusterView>,
     ) -> Self {
         Self {
             server,
             events,
             listener,
+            cluster,
         }
     }
 }
@@ -165,6 +171,9 @@ impl Collector for ShardCollector {
         encode_shards(self.server.metrics(), &mut encoder)?;
         encode_events(self.server.metrics(), &self.events, &mut encoder)?;
         encode_listener(&self.listener, &mut encoder)?;
+        if let Some(view) = &self.cluster {
+            encode_cluster(&view.metrics(), &mut encoder)?;
+        }
         super::process_metrics::encode(&self.server.config(), &mut encoder)
     }
 }
@@ -199,6 +208,137 @@ fn encode_listener(listener: &ControlMetrics, encoder: &mut DescriptorEncoder) -
             MetricType::Gauge,
         )?
         .encode_gauge(&open)
+}
+
+/// `wse_cluster_*`: the mesh as this node sees it. The `peer` label takes member names, at most
+/// `cluster.max_members` of them (members are forgotten when their tombstone expires).
+fn encode_cluster(m: &ClusterMetrics, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut metric = encoder.encode_descriptor(
+        "wse_cluster_members",
+        "Cluster members this node knows (itself excluded), by state: alive, suspect, leaving, \
+         dead, left (dead and left ones are forgotten after cluster tombstone time, 5 min)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (state, count) in MEMBER_STATES.iter().zip(m.members) {
+        metric
+            .encode_family(&[("state", crate::cluster::state_name(*state))])?
+            .encode_gauge(&gauge(count))?;
+    }
+    encoder
+        .encode_descriptor(
+            "wse_cluster_links_up",
+            "Cluster members this node has a link to",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&gauge(m.links_up))?;
+    let mut metric = encoder.encode_descriptor(
+        "wse_cluster_peer_rtt",
+        "Smoothed round-trip time of the link to each member (links up and measured only)",
+        Some(&Unit::Seconds),
+        MetricType::Gauge,
+    )?;
+    for p in &m.peers {
+        if let Some(us) = p.rtt_us {
+            metric
+                .encode_family(&[("peer", p.name.as_str())])?
+                .encode_gauge(&(us as f64 / 1e6))?;
+        }
+    }
+    type Bytes = fn(&crate::cluster::PeerMetrics) -> u64;
+    let per_peer: [(&str, &str, Bytes); 2] = [
+        (
+            "wse_cluster_sent",
+            "Bytes written to each member's cluster links (after the handshake; sealed and framed)",
+            |p| p.traffic.sent,
+        ),
+        (
+            "wse_cluster_received",
+            "Bytes read from each member's cluster links (after the handshake)",
+            |p| p.traffic.received,
+        ),
+    ];
+    for (name, help, field) in per_peer {
+        let mut metric =
+            encoder.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Counter)?;
+        for p in &m.peers {
+            encode_counter(
+                &mut metric.encode_family(&[("peer", p.name.as_str())])?,
+                field(p),
+            )?;
+        }
+    }
+    let counters = [
+        (
+            "wse_cluster_publications_sent",
+            "Publications made here handed to the cluster (one each, whatever the number of \
+             peers that want it)",
+            m.publications_sent,
+        ),
+        (
+            "wse_cluster_publications_received",
+            "Publications from other nodes handed to this node's shards",
+            m.publications_received,
+        ),
+        (
+            "wse_cluster_sub_ack_timeouts",
+            "Subscriptions acknowledged after cluster.sub_ack_timeout instead of the other \
+             nodes' confirmation",
+            m.sub_ack_timeouts,
+        ),
+        (
+            "wse_cluster_resyncs",
+            "Fresh interest snapshots asked of a member whose digest disagreed with its table here",
+            m.resyncs,
+        ),
+    ];
+    for (name, help, value) in counters {
+        encode_counter(
+            &mut encoder.encode_descriptor(name, help, None, MetricType::Counter)?,
+            value,
+        )?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "wse_cluster_publications_dropped",
+        "Cluster publications dropped, by reason: peer_queue_full (for one member, over \
+         cluster.peer_queue_bytes or its hold buffer; in the dead letter queue), too_large (over \
+         a cluster frame), shards_busy (from a member, refused by this node's \
+         shards)",
+        None,
+        MetricType::Counter,
+    )?;
+    let reasons = [
+        ("peer_queue_full", m.dropped_peer_queue),
+        ("too_large", m.dropped_too_large),
+        ("shards_busy", m.dropped_shards_busy),
+    ];
+    for (reason, value) in reasons {
+        encode_counter(&mut metric.encode_family(&[("reason", reason)])?, value)?;
+    }
+    let ratio = if m.batch_bytes_wire == 0 {
+        1.0
+    } else {
+        m.batch_bytes_raw as f64 / m.batch_bytes_wire as f64
+    };
+    encoder
+        .encode_descriptor(
+            "wse_cluster_compression_ratio",
+            "Data batch bytes before compression per byte sent, every link since start (1 \
+             before any batch, or with compression off)",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&ratio)?;
+    encoder
+        .encode_descriptor(
+            "wse_cluster_dlq_entries",
+            "Dropped cluster publications kept for diagnosis (GET /api/v1/cluster/dlq)",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&gauge(m.dlq_entries))
 }
 
 /// The event stream: where application events were lost, by reason, and what was delivered.

@@ -11,7 +11,8 @@
 //! - `GET /metrics`: Prometheus/OpenMetrics text, read from the shards at scrape time; no key.
 //! - `/api/v1/...`: the server API, one endpoint per operation ([`api`], [`commands`]), the
 //!   publish API ([`publish`]) and `POST /api/v1/batch`; they need `control.api_key`.
-//! - `GET /api/v1/cluster`: the cluster core's membership snapshot (`crate::cluster`), read-only.
+//! - `GET /api/v1/cluster`: the cluster core's membership snapshot (`crate::cluster`), read-only;
+//!   `GET /api/v1/cluster/dlq`: its dead letter queue.
 //! - `POST /api/<method>`: Centrifugo's HTTP server API ([`centrifugo_api`]), with the same key.
 
 mod api;
@@ -205,6 +206,7 @@ fn router(
         server.clone(),
         events.metrics.clone(),
         listener.clone(),
+        cluster.clone(),
     )));
     let state: Shared = Arc::new(AppState {
         server,
@@ -264,6 +266,7 @@ fn router(
         .route("/api/v1/drain", post_plain("drain"))
         .route("/api/v1/batch", post(api::batch))
         .route("/api/v1/cluster", get(cluster_view))
+        .route("/api/v1/cluster/dlq", get(cluster_dlq))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             publish::require_api_key,
@@ -334,6 +337,15 @@ async fn prometheus(State(state): State<Shared>) -> Result<Response, ApiError> {
 async fn cluster_view(State(state): State<Shared>) -> Json<serde_json::Value> {
     Json(match &state.cluster {
         Some(view) => view.snapshot(),
+        None => json!({ "enabled": false }),
+    })
+}
+
+/// `GET /api/v1/cluster/dlq`: the publications the cluster core dropped for a peer, kept for
+/// diagnosis (at most `cluster.dlq_entries`, oldest first; docs/API.md).
+async fn cluster_dlq(State(state): State<Shared>) -> Json<serde_json::Value> {
+    Json(match &state.cluster {
+        Some(view) => view.dlq().as_ref().clone(),
         None => json!({ "enabled": false }),
     })
 }
