@@ -1117,6 +1117,17 @@ struct CentrifugeFlags {
     )]
     expired_close_delay: Option<Duration>,
 
+    /// Time the application's backend has to answer a Centrifuge client's rpc, duration; past
+    /// it the client gets error 100.
+    #[arg(
+        id = "centrifuge.rpc_timeout",
+        long = "centrifuge-rpc-timeout",
+        env = "WSE_CENTRIFUGE_RPC_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration
+    )]
+    rpc_timeout: Option<Duration>,
+
     /// Longest channel name, bytes; a longer one is refused with error 107.
     #[arg(
         id = "centrifuge.channel_max_length",
@@ -1650,6 +1661,7 @@ impl Flags {
             ping_interval,
             pong_timeout,
             expired_close_delay,
+            rpc_timeout,
             channel_max_length,
             channel_limit,
             history_limit_max,
@@ -1661,6 +1673,7 @@ impl Flags {
         set(&mut c.ping_interval, ping_interval);
         set(&mut c.pong_timeout, pong_timeout);
         set(&mut c.expired_close_delay, expired_close_delay);
+        set(&mut c.rpc_timeout, rpc_timeout);
         set(&mut c.channel_max_length, channel_max_length);
         set(&mut c.channel_limit, channel_limit);
         set(&mut c.history_limit_max, history_limit_max);

@@ -3,8 +3,9 @@
 //! Rust client) on the same topic: each receives the other's publication, in its own format,
 //! with the offsets of the topic owner's ring, which the Python client's positioned subscribe,
 //! `history`, `presence`, `presence_stats` and recovery after a reconnect forced through the server API (3011) read,
-//! and which meets the server's tokens (3500 terminal for a bad one, a refresh before expiry, 3005
-//! without one); centrifuge-js 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
+//! which meets the server's tokens (3500 terminal for a bad one, a refresh before expiry, 3005
+//! without one), and whose `rpc` a stand-in backend answers from the event stream; centrifuge-js
+//! 5.7.4 under Node (JSON and protobuf); and token-bowl-chat
 //! 4.0.2 (unmodified) with a stand-in of its backend that publishes through
 //! Centrifugo's HTTP API (`/api/publish`): server-side subscriptions from the token's `channels`, a room and a direct
 //! message each exactly once at the right users.
@@ -606,4 +607,105 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// centrifuge-python's `rpc` answered by a stand-in backend: it reads the `rpc` events from the
+/// event stream and replies through `POST /api/v1/connections/{id}/rpc_reply`, once with data
+/// and once with an error, which the client gets as they are.
+async fn python_rpc_answered_by_the_backend(encoding: &str) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let python = venv_python();
+    let wse = server();
+    // The backend reads the events before the client connects: only then is an rpc an event.
+    let mut request = format!("ws://{}/api/v1/events", wse.control.unwrap())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("X-API-Key", API_KEY.parse().unwrap());
+    let (mut events, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+
+    let url = format!("ws://{}/connection/websocket", wse.ws);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_rpc.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(&url)
+        .arg(token("alice", json!({})))
+        .arg(encoding)
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tests/python/centrifuge_rpc.py");
+    let stderr = collect_stderr(&mut child);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    for_each_line(child.stdout.take().unwrap(), move |line| {
+        tx.send(serde_json::from_str(&line).unwrap_or(Value::String(line)))
+            .is_ok()
+    });
+    let mut steps = Vec::new();
+    let mut methods = Vec::new();
+    // Bounded: two rpcs, two steps, each within STEP_WAIT.
+    for _ in 0..64 {
+        if steps.len() == 2 {
+            break;
+        }
+        tokio::select! {
+            line = rx.recv() => match line {
+                Some(line) => steps.push(line),
+                None => panic!(
+                    "the client ended after {steps:?}; stderr:\n{}\nserver log:\n{}",
+                    stderr.lock().unwrap(),
+                    wse.log()
+                ),
+            },
+            frame = tokio::time::timeout(STEP_WAIT, events.next()) => {
+                let frame = frame.expect("the event stream went quiet").unwrap().unwrap();
+                let batch: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+                for ev in batch.as_array().unwrap() {
+                    if ev["type"] != "rpc" {
+                        continue;
+                    }
+                    assert_eq!(ev["user_id"], "alice", "{ev}");
+                    let p = &ev["payload"];
+                    methods.push(p["method"].as_str().unwrap().to_owned());
+                    let reply = match p["method"].as_str().unwrap() {
+                        "sum" => json!({"request": p["request"],
+                            "data": {"sum": p["data"]["a"].as_i64().unwrap()
+                                + p["data"]["b"].as_i64().unwrap()}}),
+                        _ => json!({"request": p["request"],
+                            "error": {"code": 1001, "message": "no such thing"}}),
+                    };
+                    let path = format!(
+                        "/api/v1/connections/{}/rpc_reply",
+                        ev["connection_id"].as_str().unwrap()
+                    );
+                    let (status, body) = wse
+                        .http("POST", &path, &[("X-API-Key", API_KEY)], &reply.to_string())
+                        .await;
+                    assert_eq!((status, body.as_str()), (200, r#"{"replied":true}"#));
+                }
+            }
+        }
+    }
+    assert_eq!(methods, ["sum", "fail"]);
+    assert_eq!(
+        steps,
+        [
+            json!({"step": "result", "data": {"sum": 3}}),
+            json!({"step": "error", "code": 1001, "message": "no such thing"}),
+        ]
+    );
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test]
+async fn centrifuge_python_json_rpc_answered_by_the_backend() {
+    python_rpc_answered_by_the_backend("json").await;
+}
+
+#[tokio::test]
+async fn centrifuge_python_protobuf_rpc_answered_by_the_backend() {
+    python_rpc_answered_by_the_backend("protobuf").await;
 }

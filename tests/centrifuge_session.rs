@@ -224,6 +224,11 @@ impl Hub {
                 })
             }
             SessionRequest::Send { .. } => None,
+            // This stand-in has no application backend: the server's answer without one.
+            SessionRequest::Rpc { ticket, .. } => Some(Answer::Failed {
+                ticket,
+                code: wse_shards::centrifuge::ErrorCode::NotAvailable,
+            }),
         }
     }
 

@@ -115,6 +115,8 @@ pub enum Message<'py> {
 /// | `bin` | str | bytes |
 /// | `disconnect` | str | `None` |
 /// | `presence_join` / `presence_leave` | `None` | `{"topic", "user_id", "data"}` |
+/// | `rpc` | str | `{"request", "method", "data"}` (never today: the embedded server does not
+/// take Centrifuge rpcs, they are answered 108) |
 pub fn event_tuple<'py>(py: Python<'py>, e: &AppEvent) -> PyResult<Bound<'py, PyTuple>> {
     let conn = e.conn.map(|c| c.to_string());
     let (name, conn, data): (&str, Option<String>, Bound<'py, PyAny>) = match e.kind {
@@ -128,6 +130,7 @@ pub fn event_tuple<'py>(py: Python<'py>, e: &AppEvent) -> PyResult<Bound<'py, Py
         AppEventKind::Disconnect => ("disconnect", conn, py.None().into_bound(py)),
         AppEventKind::PresenceJoin => ("presence_join", None, payload_json(py, e)?),
         AppEventKind::PresenceLeave => ("presence_leave", None, payload_json(py, e)?),
+        AppEventKind::Rpc => ("rpc", conn, payload_json(py, e)?),
     };
     PyTuple::new(
         py,

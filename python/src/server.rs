@@ -1076,7 +1076,8 @@ impl Callbacks {
                 self.on_message.call1(py, (conn, data)).map(drop)
             }
             AppEventKind::Disconnect => self.on_disconnect.call1(py, (conn,)).map(drop),
-            AppEventKind::PresenceJoin | AppEventKind::PresenceLeave => Ok(()),
+            // No rpc events here: the embedded server never says it answers rpcs.
+            AppEventKind::PresenceJoin | AppEventKind::PresenceLeave | AppEventKind::Rpc => Ok(()),
         }
     }
 }

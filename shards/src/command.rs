@@ -38,6 +38,10 @@ pub enum CommandError {
     /// Close codes the application may send: 1000, or 3000..=4999.
     #[error("invalid close code {0}: use 1000 or 3000..=4999")]
     InvalidCloseCode(u16),
+    /// The connection has no `rpc` with this number waiting for a reply (never made, answered
+    /// already, or timed out).
+    #[error("no such rpc waiting for a reply")]
+    UnknownRequest,
     /// The message did not fit in the connection's outbound queue
     /// (`limits.max_outbound_queue_bytes`); the connection was closed with 4413.
     #[error("the connection's outbound queue is full; it was closed with 4413")]
@@ -152,6 +156,18 @@ pub enum Command {
         payload: Payload,
         /// Answered with how many connections got it.
         reply: Responder<usize>,
+    },
+    /// The backend's reply to `conn`'s `rpc` number `request` (an `rpc` event's): its data
+    /// (JSON text) or an error, sent to the client.
+    RpcReply {
+        /// The connection that made the call.
+        conn: ConnId,
+        /// The event's `request`.
+        request: u64,
+        /// The result's data, or the error the client gets.
+        result: Result<Bytes, crate::centrifuge::RpcError>,
+        /// Answered once the reply is queued.
+        reply: Reply<()>,
     },
     /// Close `conn` with `code` and `reason`.
     Disconnect {

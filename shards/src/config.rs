@@ -1376,6 +1376,11 @@ pub struct CentrifugeConfig {
     /// Most publications one history reply or recovery returns; a larger recovery answers
     /// `recovered: false`.
     pub history_limit_max: usize,
+    /// Time the application's backend has to answer a client's `rpc` (an `rpc` event, answered
+    /// by `POST /api/v1/connections/{id}/rpc_reply`); past it the client gets error 100
+    /// (temporary). Shorter than the clients' own 5 s command timeout, so they get the error.
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
     /// Channel namespaces: the part of a channel name before the first `:` picks one; a
     /// channel without `:` uses the namespace named `""` (all off when there is none). A
     /// channel in a namespace that is not listed is refused with error 102.
@@ -1393,6 +1398,7 @@ impl Default for CentrifugeConfig {
             channel_max_length: 255,
             channel_limit: 128,
             history_limit_max: 300,
+            rpc_timeout: Duration::from_secs(3),
             namespaces: Vec::new(),
         }
     }
@@ -1463,6 +1469,9 @@ impl CentrifugeConfig {
                 "centrifuge.ping_interval",
                 "must be at least 1s and longer than centrifuge.pong_timeout",
             ));
+        }
+        if self.rpc_timeout < TIMER_TICK {
+            return Err(bad("centrifuge.rpc_timeout", "must be at least 50ms"));
         }
         if self.channel_max_length == 0 || self.channel_max_length > TOPIC_LEN_MAX {
             return Err(bad(

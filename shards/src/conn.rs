@@ -175,6 +175,18 @@ pub enum ConnEvent {
         /// The message as JSON (after `C:`/`M:` decoding).
         payload: Bytes,
     },
+    /// A Centrifuge client's `rpc`, for the event stream; the backend answers it with
+    /// [`crate::command::Command::RpcReply`] (to [`Conn::rpc_reply`]).
+    Rpc {
+        /// Whose call it is.
+        user: Box<str>,
+        /// The connection's number for the call, which the backend's reply names.
+        request: u64,
+        /// The method the client named.
+        method: String,
+        /// The data, JSON text (empty: none).
+        data: Bytes,
+    },
     /// A message that is not JSON (text, or binary without a known encoding), for the event
     /// stream.
     Unparsed {
@@ -244,6 +256,9 @@ pub struct Cx<'a> {
     pub admission: &'a Admission,
     /// The shard's counters.
     pub metrics: &'a ShardMetrics,
+    /// An application consumes the event stream (or a webhook is set): a Centrifuge `rpc` goes
+    /// to it; otherwise it is answered 108 at once.
+    pub app_rpc: bool,
     /// Where the connection puts what it asks of the shard, handled after the call.
     pub events: &'a mut Vec<ConnEvent>,
     /// This tick's ping frame, built by the first connection that needs it.
@@ -1036,6 +1051,26 @@ impl Conn {
         }
     }
 
+    /// The backend's reply to this connection's `rpc` number `request`; `false` when no such
+    /// call waits (never made, answered already, timed out, or not a Centrifuge connection).
+    pub fn rpc_reply(
+        &mut self,
+        request: u64,
+        result: Result<Bytes, centrifuge::RpcError>,
+        cx: &mut Cx<'_>,
+    ) -> bool {
+        let ticket = centrifuge::Ticket(request);
+        let Phase::Centrifuge { session, .. } = &self.phase else {
+            return false;
+        };
+        if !session.session.rpc_pending(ticket) {
+            return false;
+        }
+        let answer = centrifuge::Answer::Rpc { ticket, result };
+        self.centrifuge_step(cx, |s, ccx| s.answer(ccx, answer));
+        true
+    }
+
     /// The shard left `topics` for the connection (an unsubscribe request).
     pub fn unsubscribed(&mut self, topics: &[String], cx: &mut Cx<'_>) {
         if matches!(self.phase, Phase::Centrifuge { .. }) {
@@ -1779,6 +1814,23 @@ impl CentrifugeSession {
             Request::Presence { ticket, .. }
             | Request::PresenceStats { ticket, .. }
             | Request::History { ticket, .. } => failed(ticket, Code::NotAvailable),
+            Request::Rpc {
+                ticket,
+                method,
+                data,
+            } => match self.user.as_ref() {
+                Some(user) if cx.app_rpc => {
+                    cx.events.push(ConnEvent::Rpc {
+                        user: user.clone(),
+                        request: ticket.0,
+                        method,
+                        data,
+                    });
+                    return Ok(());
+                }
+                // No backend to answer: Centrifugo's answer without an RPC proxy.
+                _ => failed(ticket, Code::NotAvailable),
+            },
             Request::Send { data } => {
                 // Empty data is valid Centrifuge and no JSON: nothing for the application.
                 if let Some(user) = self.user.as_ref().filter(|_| !data.is_empty()) {

@@ -527,6 +527,10 @@ impl FabricMsg {
                             }
                         }
                         Command::UpdatePresence { data, .. } => data.len(),
+                        Command::RpcReply { result, .. } => match result {
+                            Ok(data) => data.len(),
+                            Err(e) => e.message.len(),
+                        },
                         _ => 0,
                     }
             }

@@ -29,6 +29,9 @@ pub enum AppEventKind {
     /// A client message of a type the server does not handle itself. Payload: the message (JSON,
     /// after `C:`/`M:` decoding).
     Msg,
+    /// A Centrifuge client's `rpc`, for the backend to answer (`POST
+    /// /api/v1/connections/{id}/rpc_reply`). Payload: `{"request","method","data"}`.
+    Rpc,
     /// A text message that is not JSON. Payload: the text. (The client also gets
     /// `INVALID_MESSAGE`, as the protocol requires.)
     Raw,
@@ -52,6 +55,7 @@ impl AppEventKind {
             AppEventKind::Connect => "connect",
             AppEventKind::AuthConnect => "auth_connect",
             AppEventKind::Msg => "msg",
+            AppEventKind::Rpc => "rpc",
             AppEventKind::Raw => "raw",
             AppEventKind::Bin => "bin",
             AppEventKind::Disconnect => "disconnect",

@@ -32,6 +32,7 @@ pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) enum ApiCommand {
     Send(Target, SendBody),
     SendEvent(Target, EventBody),
+    RpcReply(Target, RpcReplyArgs),
     SendUser(SendUserArgs),
     Disconnect(Target, DisconnectArgs),
     Subscribe(Target, SubscribeArgs),
@@ -50,9 +51,10 @@ pub(super) enum ApiCommand {
 }
 
 /// Every operation name, as `op` takes it.
-pub(super) const OPS: [&str; 17] = [
+pub(super) const OPS: [&str; 18] = [
     "send",
     "send_event",
+    "rpc_reply",
     "send_user",
     "disconnect",
     "subscribe",
@@ -91,6 +93,26 @@ pub(super) struct SendBody {
 #[serde(deny_unknown_fields)]
 pub(super) struct EventBody {
     event: Box<RawValue>,
+}
+
+/// `rpc_reply`: the answer to a Centrifuge client's `rpc` (an `rpc` event's `request`): `data`
+/// (any JSON; absent: none) or `error`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RpcReplyArgs {
+    request: u64,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    error: Option<RpcReplyError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RpcReplyError {
+    code: u32,
+    #[serde(default)]
+    message: String,
 }
 
 /// `send_user`: a frame or an event.
@@ -213,6 +235,10 @@ impl ApiCommand {
                 let (t, a) = with_target(fields)?;
                 ApiCommand::SendEvent(t, a)
             }
+            "rpc_reply" => {
+                let (t, a) = with_target(fields)?;
+                ApiCommand::RpcReply(t, a)
+            }
             "send_user" => ApiCommand::SendUser(args(fields)?),
             "disconnect" => {
                 let (t, a) = with_target(fields)?;
@@ -285,6 +311,25 @@ impl ApiCommand {
                     .await
                     .map_err(command_error)?;
                 Ok(json!({"bytes": sent.bytes, "duplicate": sent.duplicate}))
+            }
+            ApiCommand::RpcReply(t, a) => {
+                let result = match (a.data, a.error) {
+                    (data, None) => Ok(data.map_or_else(Bytes::new, |d| {
+                        Bytes::from(String::from(Box::<str>::from(d)))
+                    })),
+                    (None, Some(e)) => Err(wse_shards::centrifuge::RpcError {
+                        code: e.code,
+                        message: e.message,
+                    }),
+                    (Some(_), Some(_)) => {
+                        return Err(invalid_request("give `data` or `error`, not both"));
+                    }
+                };
+                server
+                    .rpc_reply(t.conn()?, a.request, result)
+                    .await
+                    .map_err(command_error)?;
+                Ok(json!({"replied": true}))
             }
             ApiCommand::SendUser(a) => {
                 let payload = match (&a.event, a.text, a.binary) {
@@ -538,6 +583,7 @@ pub(super) fn invalid_request(message: impl Into<String>) -> ApiError {
 pub(super) fn command_error(e: CommandError) -> ApiError {
     let (status, code) = match &e {
         CommandError::UnknownConnection => (StatusCode::NOT_FOUND, ApiErrorCode::UnknownConnection),
+        CommandError::UnknownRequest => (StatusCode::NOT_FOUND, ApiErrorCode::UnknownRequest),
         CommandError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, ApiErrorCode::InvalidTopic),
         CommandError::InvalidEvent(_) => (StatusCode::BAD_REQUEST, ApiErrorCode::InvalidEvent),
         CommandError::InvalidCloseCode(_) => {
@@ -602,6 +648,7 @@ mod tests {
             json!({"op":"presence_stats","topic":"t"}),
             json!({"op":"health"}),
             json!({"op":"drain","close_code":4300,"timeout":2.5}),
+            json!({"op":"rpc_reply","connection_id":"0000000000000001","request":1,"data":{"x":1}}),
         ];
         assert_eq!(cases.len(), OPS.len());
         for case in cases {

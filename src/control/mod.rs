@@ -234,6 +234,10 @@ fn router(
             post_op("send_event", conn),
         )
         .route(
+            "/api/v1/connections/{id}/rpc_reply",
+            post_op("rpc_reply", conn),
+        )
+        .route(
             "/api/v1/connections/{id}/disconnect",
             post_op("disconnect", conn),
         )
@@ -388,6 +392,8 @@ pub(crate) enum ApiErrorCode {
     ApiDisabled,
     /// 404: no such connection (it may have just left).
     UnknownConnection,
+    /// 404: no `rpc` with this `request` waits on the connection (answered already, timed out).
+    UnknownRequest,
     /// 404: a presence query with `presence.enabled = false`.
     PresenceDisabled,
     /// 404: no such route.
@@ -425,6 +431,7 @@ impl ApiErrorCode {
             Self::Unauthorized => "UNAUTHORIZED",
             Self::ApiDisabled => "API_DISABLED",
             Self::UnknownConnection => "UNKNOWN_CONNECTION",
+            Self::UnknownRequest => "UNKNOWN_REQUEST",
             Self::PresenceDisabled => "PRESENCE_DISABLED",
             Self::NotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",

@@ -25,7 +25,7 @@ pub use codec::Format;
 pub use codes::{DisconnectCode, ErrorCode, UnsubscribeCode};
 pub use config::{CentrifugeConfig, NamespaceConfig};
 pub use requests::{
-    Answer, Request, Ticket, encode_join_leave, encode_publication, encode_subscribe,
+    Answer, Request, RpcError, Ticket, encode_join_leave, encode_publication, encode_subscribe,
     encode_unsubscribe,
 };
 pub use session::{Cx, Session, Settings};

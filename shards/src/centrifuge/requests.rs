@@ -85,6 +85,16 @@ pub enum Request {
         /// Newest first.
         reverse: bool,
     },
+    /// A call to the application's backend (an `rpc` application event); answer
+    /// [`Answer::Rpc`] with the backend's reply, or [`Answer::Failed`] (no backend: 108).
+    Rpc {
+        /// For the answer; also the request number the backend replies to.
+        ticket: Ticket,
+        /// The method the client named.
+        method: String,
+        /// The payload, JSON text (empty: none).
+        data: Bytes,
+    },
     /// An asynchronous message to the application (no answer).
     Send {
         /// The payload, JSON text.
@@ -136,6 +146,13 @@ pub enum Answer {
         /// The stream's top.
         top: StreamPosition,
     },
+    /// The backend's reply to an [`Request::Rpc`].
+    Rpc {
+        /// The request's.
+        ticket: Ticket,
+        /// The result's data (JSON text; empty: none), or the backend's error.
+        result: Result<Bytes, RpcError>,
+    },
     /// The operation failed with this reply error.
     Failed {
         /// The request's.
@@ -143,6 +160,15 @@ pub enum Answer {
         /// The error.
         code: ErrorCode,
     },
+}
+
+/// An error the application's backend answered an `rpc` with, sent to the client as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RpcError {
+    /// The code (Centrifugo advises 400..=1999 for application errors).
+    pub code: u32,
+    /// What it means, in words.
+    pub message: String,
 }
 
 /// Encodes a publication push once for every subscriber of that format.

@@ -41,10 +41,11 @@ use super::config::CentrifugeConfig;
 use super::proto::{
     ClientInfo, Command, ConnectRequest, ConnectResult, Empty, Error, HistoryRequest,
     HistoryResult, PresenceRequest, PresenceResult, PresenceStatsResult, PublishRequest,
-    RefreshResult, Reply, StreamPosition, SubRefreshResult, SubscribeRequest, SubscribeResult,
+    RefreshResult, Reply, RpcRequest, RpcResult, StreamPosition, SubRefreshResult,
+    SubscribeRequest, SubscribeResult,
 };
 use super::requests::encode_unsubscribe;
-pub use super::requests::{Answer, Request, Ticket, encode_publication};
+pub use super::requests::{Answer, Request, RpcError, Ticket, encode_publication};
 use crate::auth::{AuthError, Authenticator};
 use crate::protocol::{JSON_DEPTH_MAX, SERVER_VERSION, nests_deeper_than};
 
@@ -59,6 +60,9 @@ pub const PENDING_MAX: usize = 4096;
 /// connection is closed with 3013 (too many requests). Holds a connect and a full channel
 /// limit's subscribes, which centrifuge-js sends in one message, many times over.
 pub const HELD_COMMANDS_MAX: usize = 4096;
+/// `rpc` calls one connection may have waiting for the application's backend; past it an
+/// `rpc` gets error 106 (limit exceeded).
+pub const RPC_PENDING_MAX: usize = 64;
 /// Subscribe request flag: reject an unrecovered subscription with error 112.
 pub const FLAG_REJECT_UNRECOVERED: i64 = 2;
 
@@ -80,6 +84,9 @@ pub struct Settings {
     pub queued_bytes_max: usize,
     /// The namespaces.
     pub namespaces: Namespaces,
+    /// Time the application's backend has to answer an `rpc`; past it the client gets error
+    /// 100 (temporary).
+    pub rpc_timeout: Duration,
 }
 
 impl Settings {
@@ -93,6 +100,7 @@ impl Settings {
             history_limit_max: cfg.history_limit_max,
             queued_bytes_max,
             namespaces: Namespaces::new(cfg),
+            rpc_timeout: cfg.rpc_timeout,
         }
     }
 }
@@ -127,6 +135,11 @@ pub struct Session {
     /// in order; at most [`HELD_COMMANDS_MAX`].
     held: VecDeque<Result<Command, DisconnectCode>>,
     next_ticket: u64,
+    /// `rpc` calls waiting for the backend, oldest first (their deadlines in that order too):
+    /// (ticket, command id, deadline); at most [`RPC_PENDING_MAX`]. They hold no slot in
+    /// `out`: an rpc reply goes out when it comes (the clients match replies by id), so a slow
+    /// backend never holds back the connection's other replies and publications.
+    rpcs: VecDeque<(Ticket, u32, Instant)>,
     requests: VecDeque<Request>,
     /// Replies and pushes in order; a `Waiting` slot holds back everything after it.
     out: VecDeque<Slot>,
@@ -271,6 +284,7 @@ impl Session {
             subscribing: 0,
             held: VecDeque::new(),
             next_ticket: 1,
+            rpcs: VecDeque::new(),
             requests: VecDeque::new(),
             out: VecDeque::new(),
             waiting: 0,
@@ -355,6 +369,13 @@ impl Session {
                 UnsubscribeCode::Expired,
             )))?;
         }
+        // Calls the backend did not answer in time: Centrifugo's answer to a proxy that failed.
+        while let Some(&(_, id, at)) = self.rpcs.front()
+            && now >= at
+        {
+            self.rpcs.pop_front();
+            self.reply(error_reply(id, ErrorCode::Internal))?;
+        }
         if let Some(at) = self.next_ping
             && now >= at
         {
@@ -380,6 +401,7 @@ impl Session {
             self.expiry_close,
             self.next_ping,
             self.sub_deadlines.first().map(|(at, _)| *at),
+            self.rpcs.front().map(|(_, _, at)| *at),
         ]
         .into_iter()
         .flatten()
@@ -436,6 +458,42 @@ impl Session {
         Ok(())
     }
 
+    /// Whether `ticket` is an `rpc` still waiting for the backend (not answered, not timed out).
+    pub fn rpc_pending(&self, ticket: Ticket) -> bool {
+        self.rpcs.iter().any(|(t, _, _)| *t == ticket)
+    }
+
+    /// The answer to a waiting `rpc`: its reply goes out now, behind what is queued.
+    fn answer_rpc(&mut self, at: usize, answer: Answer) -> Result<(), DisconnectCode> {
+        let Some((_, id, _)) = self.rpcs.remove(at) else {
+            return Ok(());
+        };
+        let reply = match answer {
+            Answer::Rpc {
+                result: Ok(data), ..
+            } => Reply {
+                id,
+                rpc: Some(RpcResult { data }),
+                ..Default::default()
+            },
+            Answer::Rpc { result: Err(e), .. } => Reply {
+                id,
+                error: Some(Error {
+                    code: e.code,
+                    message: e.message,
+                    temporary: false,
+                }),
+                ..Default::default()
+            },
+            Answer::Failed { code, .. } => error_reply(id, code),
+            _ => {
+                debug_assert!(false, "answer of the wrong kind for an rpc");
+                error_reply(id, ErrorCode::Internal)
+            }
+        };
+        self.reply(reply)
+    }
+
     fn apply(&mut self, answer: Answer) -> Result<(), DisconnectCode> {
         let ticket = match &answer {
             Answer::Subscribed { ticket, .. }
@@ -443,8 +501,16 @@ impl Session {
             | Answer::Presence { ticket, .. }
             | Answer::PresenceStats { ticket, .. }
             | Answer::History { ticket, .. }
+            | Answer::Rpc { ticket, .. }
             | Answer::Failed { ticket, .. } => *ticket,
         };
+        if let Some(at) = self.rpcs.iter().position(|(t, _, _)| *t == ticket) {
+            return self.answer_rpc(at, answer);
+        }
+        if matches!(answer, Answer::Rpc { .. }) {
+            // Timed out meanwhile (the client already has its error), or not ours.
+            return Ok(());
+        }
         let Some(pending) = self.pending.remove(&ticket) else {
             // Not ours (a bug in the caller); nothing to reply to.
             debug_assert!(false, "answer to an unknown ticket {ticket:?}");

@@ -134,6 +134,41 @@ impl Server {
         Ok(counts.into_iter().sum())
     }
 
+    /// Answers Centrifuge connection `conn`'s `rpc` number `request` (an `rpc` event's
+    /// `request`) with `result`: the result's data (JSON text; empty: none) or an error, which
+    /// the client gets as its reply.
+    ///
+    /// # Errors
+    /// `UnknownConnection`; `UnknownRequest` when no such call waits (answered already, timed
+    /// out); `Overloaded`, `NotRunning`.
+    pub async fn rpc_reply(
+        &self,
+        conn: ConnId,
+        request: u64,
+        result: Result<Bytes, crate::centrifuge::RpcError>,
+    ) -> Result<(), CommandError> {
+        let (reply, answer) = Responder::pair();
+        self.to_connection(
+            conn,
+            Command::RpcReply {
+                conn,
+                request,
+                result,
+                reply,
+            },
+        )?;
+        answer.await.ok_or(CommandError::NotRunning)?
+    }
+
+    /// Says whether an application answers Centrifuge `rpc`s (it consumes the event stream, or
+    /// a webhook is set). While none does, an `rpc` is answered with error 108 at once rather
+    /// than becoming an event nobody will answer.
+    pub fn set_rpc_handler(&self, present: bool) {
+        self.shared
+            .app_rpc
+            .store(present, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Closes `conn` with `code` (1000 or 3000..=4999; the clients reconnect on 4xxx, and treat
     /// 1000 as final) and `reason` (at most 123 bytes; longer is cut).
     ///

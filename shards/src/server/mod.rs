@@ -224,6 +224,7 @@ impl Server {
             cfg: cfg.clone(),
             auth,
             shutdown: Default::default(),
+            app_rpc: Default::default(),
             shards,
             metrics: metrics.clone(),
         });

@@ -35,6 +35,28 @@ impl<T: Transport> Shard<T> {
                 };
                 reply.send(sent);
             }
+            Command::RpcReply {
+                conn,
+                request,
+                result,
+                reply,
+            } => {
+                let done = match self.session_key(conn) {
+                    Some(key) => {
+                        let mut known = false;
+                        self.with_conn(key, clock, |c, cx| {
+                            known = c.rpc_reply(request, result, cx);
+                        });
+                        if known {
+                            Ok(())
+                        } else {
+                            Err(CommandError::UnknownRequest)
+                        }
+                    }
+                    None => Err(CommandError::UnknownConnection),
+                };
+                reply.send(done);
+            }
             Command::SendUser {
                 user,
                 payload,

@@ -47,7 +47,7 @@ use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -96,6 +96,9 @@ pub struct Shared {
     pub admission: Admission,
     /// Set once by a shutdown request; every shard then drains.
     pub shutdown: AtomicBool,
+    /// An application answers Centrifuge `rpc`s: it consumes the event stream or a webhook is
+    /// set ([`crate::Server::set_rpc_handler`]); otherwise they are answered 108.
+    pub app_rpc: AtomicBool,
     /// How many shards run.
     pub shards: usize,
     /// Every shard's metrics, in shard order; a shard reads the others' socket gauges to
@@ -635,6 +638,7 @@ impl<T: Transport> Shard<T> {
             centrifuge: self.run.centrifuge(),
             admission: &self.shared.admission,
             metrics: &self.metrics,
+            app_rpc: self.shared.app_rpc.load(Ordering::Relaxed),
             events: &mut self.scratch.events,
             ping: &mut self.scratch.ping,
             refused_lingering: self.slots.refused_lingering,
@@ -749,6 +753,15 @@ impl<T: Transport> Shard<T> {
             }
             ConnEvent::App { user, payload } => {
                 self.conn_event(key, AppEventKind::Msg, &user, payload);
+            }
+            ConnEvent::Rpc {
+                user,
+                request,
+                method,
+                data,
+            } => {
+                let payload = rpc_event_payload(request, &method, &data);
+                self.conn_event(key, AppEventKind::Rpc, &user, payload);
             }
             ConnEvent::Unparsed {
                 user,
@@ -1071,4 +1084,24 @@ impl<T: Transport> Slot<T> {
         }
         Ok(())
     }
+}
+
+/// An `rpc` event's payload: `{"request":n,"method":"..","data":..}` (`data` `null` when the
+/// client sent none).
+fn rpc_event_payload(request: u64, method: &str, data: &[u8]) -> Bytes {
+    let data = std::str::from_utf8(data)
+        .ok()
+        .and_then(|s| serde_json::from_str::<&serde_json::value::RawValue>(s).ok());
+    #[derive(serde::Serialize)]
+    struct Payload<'a> {
+        request: u64,
+        method: &'a str,
+        data: Option<&'a serde_json::value::RawValue>,
+    }
+    let payload = Payload {
+        request,
+        method,
+        data,
+    };
+    Bytes::from(serde_json::to_vec(&payload).expect("an rpc event serialises"))
 }

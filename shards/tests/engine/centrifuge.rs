@@ -6,14 +6,18 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use prost::Message as _;
 use serde_json::{Value, json};
-use wse_shards::Config;
 use wse_shards::centrifuge::NamespaceConfig;
+use wse_shards::centrifuge::RpcError;
 use wse_shards::centrifuge::proto::Reply;
+use wse_shards::centrifuge::session::RPC_PENDING_MAX;
 use wse_shards::codec::OpCode;
+use wse_shards::command::{Command, CommandError};
 use wse_shards::metrics::DropReason;
 use wse_shards::protocol::SERVER_VERSION;
+use wse_shards::{AppEventKind, Config, ConnId};
 
 use crate::harness::{Client, Engine, Frame, SECRET, WALL_START_MS, config, topic_owned_by};
 
@@ -874,4 +878,163 @@ fn join_and_leave_pushes_reach_the_subscribers_that_asked_for_them() {
     e.disconnect(w);
     e.settle();
     assert_eq!(e.recv(a), [push(false, &carol)]);
+}
+
+/// The backend's reply to `c`'s rpc number `request` through the control plane's command.
+fn rpc_reply(
+    e: &mut Engine,
+    client: &str,
+    request: u64,
+    result: Result<&str, (u32, &str)>,
+) -> Result<(), CommandError> {
+    let conn = ConnId::parse(client).unwrap();
+    let result = result
+        .map(|data| Bytes::from(data.to_owned()))
+        .map_err(|(code, message)| RpcError {
+            code,
+            message: message.to_owned(),
+        });
+    e.command(0, |reply| Command::RpcReply {
+        conn,
+        request,
+        result,
+        reply,
+    })
+}
+
+/// The last application event of shard 0, as the event stream sends it.
+fn last_event(e: &Engine) -> Value {
+    serde_json::from_str(&e.shard(0).app_events().back().unwrap().to_json()).unwrap()
+}
+
+#[test]
+fn an_rpc_goes_to_the_backend_as_an_event_and_its_reply_to_the_client() {
+    let mut e = Engine::new(centrifuge_config(1));
+    let (c, client) = connect_json(&mut e, 0, "alice");
+    // No application reads the events: Centrifugo's answer without an RPC proxy.
+    e.send(c, r#"{"id":2,"rpc":{"method":"sum","data":{"a":1}}}"#);
+    e.settle();
+    let frames: Vec<String> = e.recv(c).iter().map(|f| f.text().to_owned()).collect();
+    assert_eq!(
+        frames,
+        [r#"{"id":2,"error":{"code":108,"message":"not available"}}"#]
+    );
+
+    e.set_rpc_handler(true);
+    e.send(c, r#"{"id":3,"rpc":{"method":"sum","data":{"a":1,"b":2}}}"#);
+    e.settle();
+    assert!(e.recv(c).is_empty(), "the reply waits for the backend");
+    let event = last_event(&e);
+    assert_eq!(
+        event,
+        json!({"type": "rpc", "shard": 0, "connection_id": client, "user_id": "alice",
+            "payload": {"request": event["payload"]["request"], "method": "sum",
+                "data": {"a": 1, "b": 2}}})
+    );
+    let request = event["payload"]["request"].as_u64().unwrap();
+    // A reply for a call that does not wait is the backend's error, not the client's.
+    assert_eq!(
+        rpc_reply(&mut e, &client, request + 100, Ok("{}")),
+        Err(CommandError::UnknownRequest)
+    );
+    assert_eq!(
+        rpc_reply(&mut e, &client, request, Ok(r#"{"sum":3}"#)),
+        Ok(())
+    );
+    let frames: Vec<String> = e.recv(c).iter().map(|f| f.text().to_owned()).collect();
+    assert_eq!(frames, [r#"{"id":3,"rpc":{"data":{"sum":3}}}"#]);
+    assert_eq!(
+        rpc_reply(&mut e, &client, request, Ok("{}")),
+        Err(CommandError::UnknownRequest),
+        "answered once"
+    );
+
+    // The backend's error reaches the client as it is; a call without data has `null`.
+    e.send(c, r#"{"id":4,"rpc":{"method":"fail"}}"#);
+    e.settle();
+    let event = last_event(&e);
+    assert_eq!(event["payload"]["method"], "fail");
+    assert_eq!(event["payload"]["data"], Value::Null);
+    let request = event["payload"]["request"].as_u64().unwrap();
+    assert_eq!(
+        rpc_reply(&mut e, &client, request, Err((1001, "no such thing"))),
+        Ok(())
+    );
+    let frames: Vec<String> = e.recv(c).iter().map(|f| f.text().to_owned()).collect();
+    assert_eq!(
+        frames,
+        [r#"{"id":4,"error":{"code":1001,"message":"no such thing"}}"#]
+    );
+}
+
+#[test]
+fn an_rpc_the_backend_does_not_answer_in_time_gets_error_100() {
+    let mut e = Engine::new(centrifuge_config(1));
+    e.set_rpc_handler(true);
+    let (c, client) = connect_json(&mut e, 0, "alice");
+    e.send(c, r#"{"id":2,"rpc":{"method":"slow","data":{}}}"#);
+    e.settle();
+    let request = last_event(&e)["payload"]["request"].as_u64().unwrap();
+    // Other replies are not held back behind the waiting call.
+    e.send(c, r#"{"id":3,"ping":{}}"#);
+    e.settle();
+    let frames: Vec<String> = e.recv(c).iter().map(|f| f.text().to_owned()).collect();
+    assert_eq!(frames, [r#"{"id":3,"ping":{}}"#]);
+    let timeout = centrifuge_config(1).centrifuge.rpc_timeout;
+    e.advance(timeout - Duration::from_millis(100));
+    assert!(e.recv(c).is_empty(), "not yet");
+    e.advance(Duration::from_millis(200));
+    let frames: Vec<String> = e.recv(c).iter().map(|f| f.text().to_owned()).collect();
+    assert_eq!(
+        frames,
+        [r#"{"id":2,"error":{"code":100,"message":"internal server error","temporary":true}}"#]
+    );
+    assert_eq!(
+        rpc_reply(&mut e, &client, request, Ok("{}")),
+        Err(CommandError::UnknownRequest),
+        "too late"
+    );
+    assert!(e.recv(c).is_empty());
+}
+
+#[test]
+fn past_rpc_pending_max_an_rpc_gets_error_106() {
+    let mut e = Engine::new(centrifuge_config(1));
+    e.set_rpc_handler(true);
+    let (c, client) = connect_json(&mut e, 0, "alice");
+    let commands: Vec<String> = (0..=RPC_PENDING_MAX as u32)
+        .map(|i| format!(r#"{{"id":{},"rpc":{{"method":"m"}}}}"#, i + 2))
+        .collect();
+    e.send(c, &commands.join("\n"));
+    e.settle();
+    let over = RPC_PENDING_MAX + 2;
+    let frames: Vec<String> = e.recv(c).iter().map(|f| f.text().to_owned()).collect();
+    assert_eq!(
+        frames,
+        [format!(
+            r#"{{"id":{over},"error":{{"code":106,"message":"limit exceeded"}}}}"#
+        )]
+    );
+    let rpcs: Vec<u64> = e
+        .shard(0)
+        .app_events()
+        .iter()
+        .filter(|ev| ev.kind == AppEventKind::Rpc)
+        .map(|ev| {
+            serde_json::from_slice::<Value>(&ev.payload).unwrap()["request"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rpcs.len(), RPC_PENDING_MAX);
+    // One answered makes room for one more.
+    assert_eq!(rpc_reply(&mut e, &client, rpcs[0], Ok("1")), Ok(()));
+    e.send(c, r#"{"id":9999,"rpc":{"method":"m"}}"#);
+    e.settle();
+    let frames: Vec<String> = e.recv(c).iter().map(|f| f.text().to_owned()).collect();
+    assert_eq!(frames, [r#"{"id":2,"rpc":{"data":1}}"#]);
+    assert_eq!(
+        e.shard(0).app_events().back().unwrap().kind,
+        AppEventKind::Rpc
+    );
 }

@@ -229,7 +229,7 @@ pub struct Engine {
     /// Per shard: keys whose socket answered `WouldBlock` (the runtime's `wait_writable` tasks).
     blocked: Vec<Vec<ConnKey>>,
     /// The control plane's end of the fabric, unused.
-    _control: Endpoint,
+    control: Endpoint,
     /// The cluster core's end: tests play the core ([`Engine::cluster_receive`],
     /// [`Engine::cluster_send`]).
     cluster: Endpoint,
@@ -264,6 +264,7 @@ impl Engine {
             cfg: Arc::new(cfg),
             auth,
             shutdown: Default::default(),
+            app_rpc: Default::default(),
             shards,
             metrics: metrics.clone(),
         });
@@ -278,7 +279,7 @@ impl Engine {
         Engine {
             blocked: vec![Vec::new(); shards.len()],
             shards,
-            _control: control,
+            control,
             cluster,
             shared,
             clock,
@@ -504,6 +505,26 @@ impl Engine {
         }
         self.set_time(until);
         self.settle();
+    }
+
+    /// Runs `command` on shard `to` as the control plane sends it, then settles; returns its
+    /// answer.
+    pub fn command<T>(
+        &mut self,
+        to: usize,
+        make: impl FnOnce(wse_shards::reply::Responder<T>) -> wse_shards::command::Command,
+    ) -> T {
+        let (reply, answer) = wse_shards::reply::Responder::pair();
+        let m = FabricMsg::Command(Box::new(make(reply)));
+        assert_eq!(self.control.send(to, m), Sent::Queued);
+        self.control.flush();
+        self.settle();
+        wse_shards::block_on(answer).expect("the shard answered")
+    }
+
+    /// Says whether an application answers Centrifuge `rpc`s (`Server::set_rpc_handler`).
+    pub fn set_rpc_handler(&mut self, present: bool) {
+        self.shared.app_rpc.store(present, Ordering::Relaxed);
     }
 
     /// Asks every shard to drain (what `Server::shutdown` does), then settles.

@@ -94,6 +94,7 @@ impl Harness {
             centrifuge: &self.centrifuge,
             admission: &self.admission,
             metrics: &self.metrics,
+            app_rpc: false,
             events: &mut self.events,
             ping: &mut self.ping,
             refused_lingering: 0,

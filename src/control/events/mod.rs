@@ -248,6 +248,10 @@ impl Hub {
         self.metrics.consumers.fetch_sub(1, Ordering::Relaxed);
         let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         t.consumers.retain(|c| c.id != consumer.id);
+        if t.consumers.is_empty() {
+            // An `rpc` would wait for an answer nobody will give: 108 at once, as before.
+            self.server.set_rpc_handler(false);
+        }
         let left = consumer.lock().take_all();
         for (key, json) in left {
             self.place(&mut t, key, json);
@@ -282,6 +286,8 @@ impl Hub {
     fn add(&self, consumer: Arc<Consumer>) {
         let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         t.consumers.push(consumer);
+        // Someone now reads the `rpc` events and may answer them.
+        self.server.set_rpc_handler(true);
         let held = t.held.take_all();
         for (key, json) in held {
             self.place(&mut t, key, json);

@@ -80,14 +80,35 @@ impl Session {
             Ok(())
         } else if let Some(req) = cmd.sub_refresh {
             self.sub_refresh(cx, id, &req.channel, &req.token)
-        } else if cmd.rpc.is_some() {
-            // Not served yet (docs/CENTRIFUGO.md): Centrifugo's answer without an RPC proxy.
-            self.reply(error_reply(id, ErrorCode::NotAvailable))
+        } else if let Some(req) = cmd.rpc {
+            self.rpc(now, id, req)
         } else if let Some(req) = cmd.refresh {
             self.refresh(now, wall_s, auth, id, &req.token)
         } else {
             Err(DisconnectCode::BadRequest)
         }
+    }
+
+    /// An `rpc`: to the application's backend (which the shard may find absent: 108), its
+    /// reply when the backend answers, error 100 past `rpc_timeout`, 106 past
+    /// [`RPC_PENDING_MAX`] calls waiting.
+    fn rpc(&mut self, now: Instant, id: u32, req: RpcRequest) -> Result<(), DisconnectCode> {
+        if !req.data.is_empty() && !self.is_json(&req.data) {
+            // The application's events are JSON, as publications are.
+            return self.reply(error_reply(id, ErrorCode::BadRequest));
+        }
+        if self.rpcs.len() >= RPC_PENDING_MAX {
+            return self.reply(error_reply(id, ErrorCode::LimitExceeded));
+        }
+        let ticket = self.ticket();
+        self.rpcs
+            .push_back((ticket, id, now + self.settings.rpc_timeout));
+        self.requests.push_back(Request::Rpc {
+            ticket,
+            method: req.method,
+            data: req.data,
+        });
+        Ok(())
     }
 
     pub(super) fn connect(
