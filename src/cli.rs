@@ -2507,7 +2507,7 @@ mod tests {
     }
 
     #[test]
-    fn cluster_flags_reach_the_config_and_enabling_is_refused_for_now() {
+    fn cluster_flags_reach_the_config_and_bad_ones_are_refused() {
         let c = config(&[
             "--cores",
             "16",
@@ -2542,7 +2542,7 @@ mod tests {
         assert!(e.starts_with("cluster.security: "), "{e}");
         let e = error(&["--cluster-enabled", "true", "--cluster-security", "tls"]);
         assert!(
-            e.starts_with("cluster.security: tls is not available yet"),
+            e.starts_with("cluster.tls_ca: required with security = tls"),
             "{e}"
         );
         let e = error(&["--cluster-core", "x"]);
