@@ -1006,21 +1006,7 @@ async fn dial(
                 None => serve(conn, stream, writes, tx).await,
                 Some(tls) => {
                     let shake = tls.connect(&addr, stream);
-                    match tokio::time::timeout(transport.handshake_timeout, shake).await {
-                        Ok(Ok((s, names))) => {
-                            if tx.send(SockEvent::Certified(conn, names)).await.is_ok() {
-                                serve(conn, s, writes, tx).await;
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            let _ = tx.send(SockEvent::TlsFailed(conn, e.to_string())).await;
-                        }
-                        Err(_) => {
-                            let _ = tx
-                                .send(SockEvent::TlsFailed(conn, "timed out".to_owned()))
-                                .await;
-                        }
-                    }
+                    serve_after_tls(conn, shake, transport.handshake_timeout, writes, tx).await;
                 }
             }
         }
@@ -1048,7 +1034,20 @@ async fn serve_accepted(
     let Some(tls) = transport.current_tls() else {
         return serve(conn, stream, writes, tx).await;
     };
-    match tokio::time::timeout(transport.handshake_timeout, tls.accept(stream)).await {
+    let shake = tls.accept(stream);
+    serve_after_tls(conn, shake, transport.handshake_timeout, writes, tx).await;
+}
+
+/// Either side's TLS handshake (`shake`), bounded by `deadline`: reports the names the peer's
+/// certificate holds, then moves the bytes; a failed or late handshake is reported instead.
+async fn serve_after_tls<S: AsyncRead + AsyncWrite>(
+    conn: ConnId,
+    shake: impl Future<Output = io::Result<(S, CertifiedNames)>>,
+    deadline: Duration,
+    writes: mpsc::UnboundedReceiver<WriteCmd>,
+    tx: mpsc::Sender<SockEvent>,
+) {
+    match tokio::time::timeout(deadline, shake).await {
         Ok(Ok((s, names))) => {
             if tx.send(SockEvent::Certified(conn, names)).await.is_ok() {
                 serve(conn, s, writes, tx).await;

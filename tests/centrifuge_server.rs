@@ -454,6 +454,21 @@ async fn centrifuge_python_protobuf_and_a_wse_client_share_a_topic() {
     python_and_wse_share_a_topic("protobuf").await;
 }
 
+/// Python from the test venv running `script` on loopback: unbuffered, no proxy from the
+/// environment (httpx and requests honour proxy variables), output piped.
+fn loopback_python(python: &std::path::Path, script: PathBuf) -> Command {
+    let mut c = Command::new(python);
+    c.arg(script)
+        .env("PYTHONUNBUFFERED", "1")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
 #[tokio::test]
 async fn token_bowl_chat_room_and_direct_messages() {
     let python = venv_python();
@@ -467,8 +482,7 @@ async fn token_bowl_chat_room_and_direct_messages() {
     // claim makes server-side subscriptions; it publishes with `cent` through Centrifugo's HTTP
     // API, as the real backend does.
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut backend = Command::new(&python)
-        .arg(root.join("examples/token-bowl/backend.py"))
+    let mut backend = loopback_python(&python, root.join("examples/token-bowl/backend.py"))
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -481,13 +495,6 @@ async fn token_bowl_chat_room_and_direct_messages() {
         .arg(format!("ws://{}/connection/websocket", wse.ws))
         .arg("--api-url")
         .arg(format!("http://{}/api", wse.control.unwrap()))
-        .env("PYTHONUNBUFFERED", "1")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("start examples/token-bowl/backend.py");
     let backend_errors = collect_stderr(&mut backend);
@@ -509,17 +516,8 @@ async fn token_bowl_chat_room_and_direct_messages() {
     let _backend = KillOnDrop(backend);
 
     let script = root.join("tests/python/token_bowl_client.py");
-    let mut child = Command::new(python)
-        .arg(script)
+    let mut child = loopback_python(&python, script)
         .arg(&base)
-        .env("PYTHONUNBUFFERED", "1")
-        // httpx honours proxy variables; the backend is on loopback.
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("start token_bowl_client.py");
     let errors = collect_stderr(&mut child);
