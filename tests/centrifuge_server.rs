@@ -64,15 +64,11 @@ async fn python_and_wse_share_a_topic(encoding: &str) {
 
     let url = format!("ws://{}/connection/websocket", wse.ws);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_real.py");
-    let mut child = Command::new(python)
-        .arg(script)
+    let mut child = loopback_python(&python, script)
         .arg(&url)
         .arg(token("alice", json!({"info": {"name": "Alice"}})))
         .arg(encoding)
         .arg(CHANNEL)
-        .env("PYTHONUNBUFFERED", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("run tests/python/centrifuge_real.py");
     let stderr = collect_stderr(&mut child);
@@ -399,15 +395,15 @@ fn tokens(encoding: &str) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let output = Command::new(venv_python())
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_tokens.py"))
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_tokens.py");
+    let output = loopback_python(&venv_python(), script)
         .arg(format!("ws://{}/connection/websocket", wse.ws))
         .arg(token_signed("not-the-servers-secret-0123456789", "alice"))
         .arg(token("alice", json!({"exp": now + SHORT_TOKEN_S})))
         .arg(token("alice", json!({})))
         .arg(encoding)
         .arg("room:tokens")
-        .env("PYTHONUNBUFFERED", "1")
         .output()
         .expect("run python");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -626,14 +622,10 @@ async fn python_rpc_answered_by_the_backend(encoding: &str) {
 
     let url = format!("ws://{}/connection/websocket", wse.ws);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/centrifuge_rpc.py");
-    let mut child = Command::new(python)
-        .arg(script)
+    let mut child = loopback_python(&python, script)
         .arg(&url)
         .arg(token("alice", json!({})))
         .arg(encoding)
-        .env("PYTHONUNBUFFERED", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("run tests/python/centrifuge_rpc.py");
     let stderr = collect_stderr(&mut child);

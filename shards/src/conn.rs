@@ -1605,22 +1605,10 @@ impl CentrifugeSession {
     }
 
     fn handle(&mut self, m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
-        let payload: &[u8] = match m {
-            Message::Ping(p) => {
-                out.push_pong(p, cx.cfg.limits.max_outbound_queue_bytes);
-                return Next::Continue;
-            }
-            Message::Pong(_) => return Next::Continue,
-            Message::Close(c) => {
-                cx.metrics
-                    .closed_with(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
-                return reply_close(c, out);
-            }
-            Message::Text(t) => t.as_bytes(),
-            Message::Binary(b) => b,
+        let payload = match data_message(m, out, cx) {
+            Ok(payload) => payload,
+            Err(next) => return next,
         };
-        cx.metrics.messages_in_total.inc();
-        cx.metrics.bytes_in_total.add(payload.len() as u64);
         match self.rate.check(cx.rate, cx.clock.mono_ms()) {
             Verdict::Allow | Verdict::AllowAndWarn { .. } => {}
             // Centrifuge has no warning and a dropped command would leave its reply missing:
@@ -1895,6 +1883,29 @@ fn echo(m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
     Next::Continue
 }
 
+/// The step every dialect takes first with a message of a live connection: control frames
+/// answered per the RFC (a Ping's Pong counted against the outbound cap, a Close echoed), a
+/// data message's payload counted and handed back.
+fn data_message<'m>(m: Message<'m>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Result<&'m [u8], Next> {
+    let payload: &[u8] = match m {
+        Message::Ping(p) => {
+            out.push_pong(p, cx.cfg.limits.max_outbound_queue_bytes);
+            return Err(Next::Continue);
+        }
+        Message::Pong(_) => return Err(Next::Continue),
+        Message::Close(c) => {
+            cx.metrics
+                .closed_with(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
+            return Err(reply_close(c, out));
+        }
+        Message::Text(t) => t.as_bytes(),
+        Message::Binary(b) => b,
+    };
+    cx.metrics.messages_in_total.inc();
+    cx.metrics.bytes_in_total.add(payload.len() as u64);
+    Ok(payload)
+}
+
 /// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
 fn reply_close(c: Option<codec::CloseFrame<'_>>, out: &mut OutQueue) -> Next {
     let code = c.as_ref().map_or(CloseCode::NoStatus.code(), |c| c.code);
@@ -1910,22 +1921,10 @@ impl Session {
     /// One complete message of a live connection.
     fn handle(&mut self, id: ConnId, m: Message<'_>, out: &mut OutQueue, cx: &mut Cx<'_>) -> Next {
         let binary_frame = matches!(m, Message::Binary(_));
-        let payload: &[u8] = match m {
-            Message::Ping(p) => {
-                out.push_pong(p, cx.cfg.limits.max_outbound_queue_bytes);
-                return Next::Continue;
-            }
-            Message::Pong(_) => return Next::Continue,
-            Message::Close(c) => {
-                cx.metrics
-                    .closed_with(c.map_or(CloseCode::NoStatus.code(), |c| c.code));
-                return reply_close(c, out);
-            }
-            Message::Text(t) => t.as_bytes(),
-            Message::Binary(b) => b,
+        let payload = match data_message(m, out, cx) {
+            Ok(payload) => payload,
+            Err(next) => return next,
         };
-        cx.metrics.messages_in_total.inc();
-        cx.metrics.bytes_in_total.add(payload.len() as u64);
         let mut s = SessionOut {
             id,
             session: self,
